@@ -1,0 +1,534 @@
+"""Typed configuration tree for effdist.
+
+A run is described by one `Config`: dataclass sections loaded from YAML, overridden with dotted
+``--set a.b=c`` strings, and validated *before* any process group starts, so that a bad value is
+reported once, with the field name, the value and what would be valid, instead of as a stack trace
+from eight ranks.
+
+Key names are a contract (scripts outside the package read them): see ../shared/DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is invalid. The message names the field, the value and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    num_layers: int = 4
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    # GQA: number of key/value heads; None means multi-head attention (= num_attention_heads).
+    num_query_groups: int | None = 2
+    ffn_hidden_size: int = 176
+    vocab_size: int = 512
+    # Longest sequence the model supports (RoPE tables are built for it).
+    max_position_embeddings: int = 256
+    rotary_base: float = 10000.0
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    # Round the embedding table up to a multiple of this (times tp) so it shards evenly.
+    make_vocab_size_divisible_by: int = 64
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    # "auto" picks cuda+nccl when a GPU is visible, else cpu+gloo.
+    device: str = "auto"
+    backend: str = "auto"
+    # Process-group timeout: a dead peer turns into an error on every rank after this long.
+    timeout_s: float = 600.0
+
+
+@dataclass
+class DataConfig:
+    # "sample": generate the built-in sample corpus, train a tokenizer on it and index it (no downloads).
+    # "indexed": read megatron .bin/.idx datasets listed in `paths` (optionally blended by `weights`).
+    # "mock": megatron's MockGPTDataset (random tokens; for throughput benchmarks).
+    kind: str = "sample"
+    paths: list[str] = field(default_factory=list)
+    weights: list[float] | None = None
+    tokenizer: str | None = None  # path to a tokenizer.json (HF tokenizers)
+    seq_length: int = 128
+    split: str = "98,2,0"
+    # Where index caches, sample corpus and its tokenizer go; default: <run_dir>/data
+    cache_dir: str | None = None
+    sample_documents: int = 2000
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 60
+    global_batch: int = 16
+    micro_batch: int = 4
+    seed: int = 1234
+    # "auto": bf16 on GPU, fp32 on CPU.
+    dtype: str = "auto"
+    engine: str = "megatron"
+    # Full activation recompute of every layer (trades compute for memory).
+    recompute: bool = False
+    eval_interval: int = 0
+    eval_steps: int = 4
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 10
+    # "cosine" | "linear" | "constant"
+    decay: str = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    # megatron's distributed optimizer (shards optimizer state over data-parallel ranks); GPU only.
+    distributed_optimizer: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # 0: only at the end of the run
+    dir: str | None = None  # default <run_dir>/checkpoints
+    async_save: bool = False
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every k-th step's checkpoint (0: none)
+    save_at_end: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 1
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class PipelineConfig:
+    # 1f1b | interleaved | zb-h1 | v-min | v-half | v-zb
+    schedule: str = "1f1b"
+    # Microbatches per optimizer step on each pipeline; None = global_batch / (micro_batch * dp).
+    microbatches: int | None = None
+    # Model chunks per rank for the interleaved schedule.
+    chunks_per_rank: int = 2
+
+
+@dataclass
+class EpasConfig:
+    enabled: bool = False
+    # "progressive": grow the region by group_size layers every `interval` steps from start_step.
+    # "fixed": the final region from step 0 (ablation). "adaptive": decide from measured Q/K similarity.
+    mode: str = "progressive"
+    start_step: int = 0
+    interval: int = 100
+    group_size: int = 1
+    # Final number of sharing layers (int) or a fraction of num_layers (float in (0, 1)).
+    final_region: float = 0.5
+    # "deep_to_shallow" (default, as in the paper) or "shallow_to_deep" (ablation).
+    direction: str = "deep_to_shallow"
+    # Region used at inference when none is given on the command line (None: the trained final region).
+    inference_region: int | None = None
+
+
+@dataclass
+class FFNConfig:
+    # swiglu | relu2 | topk | moc | elas
+    kind: str = "swiglu"
+    # Layers (0-based) that use `kind`; None = all layers. Others keep swiglu.
+    layers: list[int] | None = None
+    # top-k ReLU: k as a count (>=1) or a fraction of ffn_hidden_size (<1).
+    topk_k: float = 0.1
+    topk_activation: str = "relu"  # relu | relu2
+    # Mixture-of-Channels: top-K gate channels per token, count or fraction.
+    moc_k: float = 0.1875
+    moc_structured: bool = False  # "2:8": top-2 of every 8 channels
+    # ELAS: ReLU^2 width = elas_expand * ffn_hidden_size (1.5 keeps the SwiGLU parameter count).
+    elas_expand: float = 1.5
+    elas_warmup_steps: int = 0
+    elas_rank: int | None = None  # low-rank factorised up/down projections; None = full rank
+    elas_sparse_kernels: bool = True  # use cuSPARSELt 2:4 GEMMs on GPU where they pay
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    epas: EpasConfig = field(default_factory=EpasConfig)
+    ffn: FFNConfig = field(default_factory=FFNConfig)
+    # Free-form name; defaults to the YAML file's stem. The run directory defaults to runs/<name>.
+    name: str = "run"
+
+    # ------------------------------------------------------------------ conversions
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.parallel.tp * self.parallel.pp
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // self.model_parallel_size
+
+    def microbatches_per_step(self, world_size: int) -> int:
+        dp = self.data_parallel_size(world_size)
+        return self.train.global_batch // (self.train.micro_batch * dp)
+
+
+# ---------------------------------------------------------------------- loading
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML or command-line value to the annotated type, or raise ConfigError."""
+    origin = get_origin(tp)
+    if origin is Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in get_args(tp):
+                return None
+        last: Exception | None = None
+        for a in args:
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                last = e
+        raise last if last else ConfigError(f"{where}: cannot interpret {value!r}")
+    if origin is list:
+        (elem,) = get_args(tp) or (Any,)
+        if isinstance(value, str):
+            s = value.strip()
+            if s.startswith("["):
+                value = yaml.safe_load(s)
+            else:
+                value = [v for v in s.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} = {value!r}: expected a list, e.g. [1, 2] or 1,2")
+        return [_coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{where} = {value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r}: expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} = {value!r}: expected an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r}: expected a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} = {value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where} = {value!r}: expected a string")
+        return str(value)
+    return value
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _apply(obj: Any, data: dict[str, Any], prefix: str) -> None:
+    hints = _section_types(type(obj))
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in hints:
+            valid = ", ".join(f.name for f in dataclasses.fields(obj))
+            raise ConfigError(f"unknown config key '{where}'. Valid keys here: {valid}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{where}' is a section; give it as a mapping, e.g. {where}: {{...}}")
+            _apply(current, value, f"{where}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], where))
+
+
+def _set_dotted(cfg: Config, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set train.steps=100")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    value: Any = yaml.safe_load(raw) if raw.strip() != "" else ""
+    nested: Any = value
+    for p in reversed(parts):
+        nested = {p: nested}
+    _apply(cfg, nested, "")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults), apply --set overrides, and validate the result."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist. Shipped configs live in configs/, e.g. configs/tiny-cpu.yaml")
+        with open(p) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping of sections (model:, train:, ...)")
+        data = dict(data)
+        cfg.name = str(data.pop("name", p.stem))
+        _apply(cfg, data, "")
+    for a in overrides or []:
+        _set_dotted(cfg, a)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    data = dict(data)
+    if "name" in data:
+        cfg.name = str(data.pop("name"))
+    _apply(cfg, data, "")
+    return cfg
+
+
+# ---------------------------------------------------------------------- validation
+
+SCHEDULES = ("1f1b", "interleaved", "zb-h1", "v-min", "v-half", "v-zb")
+FFN_KINDS = ("swiglu", "relu2", "topk", "moc", "elas")
+
+
+def _fail(field_name: str, value: Any, fix: str) -> None:
+    raise ConfigError(f"{field_name} = {value!r}: {fix}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if value is None or value <= 0:
+        _fail(name, value, "must be a positive number")
+
+
+def resolve_count(value: float, total: int) -> int:
+    """A count given either as an integer >= 1 or as a fraction of `total` in (0, 1)."""
+    if value >= 1:
+        return int(value)
+    return max(1, int(round(value * total)))
+
+
+def epas_final_region(cfg: Config) -> int:
+    return resolve_count(cfg.epas.final_region, cfg.model.num_layers) if cfg.epas.final_region >= 1 else int(
+        math.floor(cfg.epas.final_region * cfg.model.num_layers)
+    )
+
+
+def ffn_width(cfg: Config) -> int:
+    """Intermediate width of the FFN of the configured kind (ELAS widens its non-gated FFN)."""
+    if cfg.ffn.kind == "elas":
+        return int(round(cfg.ffn.elas_expand * cfg.model.ffn_hidden_size))
+    return cfg.model.ffn_hidden_size
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Check every value; raise ConfigError naming the first invalid field.
+
+    `world_size` adds the checks that need it (data-parallel divisibility); they run again once the
+    launcher's WORLD_SIZE is known, still before any process group is created.
+    """
+    m, par, tr, d = cfg.model, cfg.parallel, cfg.train, cfg.data
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
+        _positive(f"model.{name}", getattr(m, name))
+    if m.hidden_size % m.num_attention_heads:
+        _fail("model.hidden_size", m.hidden_size, f"must be divisible by model.num_attention_heads={m.num_attention_heads}")
+    groups = m.num_query_groups or m.num_attention_heads
+    if groups <= 0 or m.num_attention_heads % groups:
+        _fail("model.num_query_groups", m.num_query_groups, f"must divide model.num_attention_heads={m.num_attention_heads}")
+    if (m.hidden_size // m.num_attention_heads) % 2:
+        _fail("model.hidden_size", m.hidden_size, "head dim (hidden_size / num_attention_heads) must be even for RoPE")
+
+    _positive("parallel.tp", par.tp)
+    _positive("parallel.pp", par.pp)
+    if m.num_attention_heads % par.tp:
+        _fail("parallel.tp", par.tp, f"must divide model.num_attention_heads={m.num_attention_heads}")
+    if groups % par.tp:
+        _fail("parallel.tp", par.tp, f"must divide the number of key/value heads model.num_query_groups={groups}")
+    if ffn_width(cfg) % par.tp:
+        _fail("parallel.tp", par.tp, f"must divide the FFN width {ffn_width(cfg)}")
+    if par.device not in ("auto", "cuda", "cpu"):
+        _fail("parallel.device", par.device, "valid: auto, cuda, cpu")
+    if par.backend not in ("auto", "nccl", "gloo"):
+        _fail("parallel.backend", par.backend, "valid: auto, nccl, gloo")
+    if par.device == "cpu" and par.backend == "nccl":
+        _fail("parallel.backend", par.backend, "nccl needs GPUs; use gloo (or auto) with parallel.device=cpu")
+    _positive("parallel.timeout_s", par.timeout_s)
+    if par.sequence_parallel and par.tp == 1:
+        _fail("parallel.sequence_parallel", True, "needs parallel.tp > 1")
+
+    _positive("data.seq_length", d.seq_length)
+    if d.seq_length > m.max_position_embeddings:
+        _fail("data.seq_length", d.seq_length, f"is longer than model.max_position_embeddings={m.max_position_embeddings}; "
+              "shorten it or raise the model's maximum")
+    if d.kind not in ("sample", "indexed", "mock"):
+        _fail("data.kind", d.kind, "valid: sample, indexed, mock")
+    if d.kind == "indexed" and not d.paths:
+        _fail("data.paths", d.paths, "data.kind=indexed needs at least one dataset prefix (path without .bin/.idx)")
+    if d.weights is not None and len(d.weights) != len(d.paths):
+        _fail("data.weights", d.weights, f"needs one weight per entry of data.paths ({len(d.paths)})")
+    if d.weights is not None and any(w < 0 for w in d.weights):
+        _fail("data.weights", d.weights, "weights must be non-negative")
+    try:
+        parts = [float(x) for x in d.split.split(",")]
+        assert len(parts) == 3 and sum(parts) > 0 and parts[0] > 0
+    except (ValueError, AssertionError):
+        _fail("data.split", d.split, "give three comma-separated train,valid,test weights, e.g. 98,2,0")
+
+    _positive("train.steps", tr.steps)
+    _positive("train.global_batch", tr.global_batch)
+    _positive("train.micro_batch", tr.micro_batch)
+    if tr.global_batch % tr.micro_batch:
+        _fail("train.global_batch", tr.global_batch, f"must be a multiple of train.micro_batch={tr.micro_batch}")
+    if tr.dtype not in ("auto", "fp32", "bf16", "fp16"):
+        _fail("train.dtype", tr.dtype, "valid: auto, fp32, bf16, fp16")
+    if tr.engine not in ("megatron", "deepspeed"):
+        _fail("train.engine", tr.engine, "valid: megatron, deepspeed")
+
+    o = cfg.optim
+    if o.lr <= 0:
+        _fail("optim.lr", o.lr, "must be positive")
+    if o.min_lr < 0 or o.min_lr > o.lr:
+        _fail("optim.min_lr", o.min_lr, f"must lie in [0, optim.lr={o.lr}]")
+    if o.warmup_steps < 0:
+        _fail("optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    if o.decay not in ("cosine", "linear", "constant"):
+        _fail("optim.decay", o.decay, "valid: cosine, linear, constant")
+    if not (0 <= o.beta1 < 1):
+        _fail("optim.beta1", o.beta1, "must lie in [0, 1)")
+    if not (0 <= o.beta2 < 1):
+        _fail("optim.beta2", o.beta2, "must lie in [0, 1)")
+    if o.clip_grad < 0:
+        _fail("optim.clip_grad", o.clip_grad, "must be >= 0 (0 disables clipping)")
+
+    c = cfg.checkpoint
+    if c.interval < 0:
+        _fail("checkpoint.interval", c.interval, "must be >= 0 (0: save only at the end)")
+    if c.keep_last < 1:
+        _fail("checkpoint.keep_last", c.keep_last, "must be >= 1 so the newest checkpoint is never deleted")
+    if c.keep_every < 0:
+        _fail("checkpoint.keep_every", c.keep_every, "must be >= 0")
+    _positive("logging.interval", cfg.logging.interval)
+
+    pl = cfg.pipeline
+    if pl.schedule not in SCHEDULES:
+        _fail("pipeline.schedule", pl.schedule, "valid: " + ", ".join(SCHEDULES))
+    if pl.microbatches is not None and pl.microbatches <= 0:
+        _fail("pipeline.microbatches", pl.microbatches, "must be positive")
+    if par.pp > 1:
+        chunks = par.pp * (2 if pl.schedule.startswith("v-") else pl.chunks_per_rank if pl.schedule == "interleaved" else 1)
+        if m.num_layers < chunks:
+            _fail("model.num_layers", m.num_layers, f"pipeline.schedule={pl.schedule} with parallel.pp={par.pp} splits the "
+                  f"model into {chunks} chunks; it needs at least that many layers")
+        try:
+            import effdist.pipeline.executor  # noqa: F401
+        except ImportError:
+            _fail("parallel.pp", par.pp, "pipeline parallelism is not available in this build (effdist.pipeline.executor "
+                  "is missing); use parallel.pp=1")
+
+    e = cfg.epas
+    if e.mode not in ("progressive", "fixed", "adaptive"):
+        _fail("epas.mode", e.mode, "valid: progressive, fixed, adaptive")
+    if e.direction not in ("deep_to_shallow", "shallow_to_deep"):
+        _fail("epas.direction", e.direction, "valid: deep_to_shallow, shallow_to_deep")
+    if e.enabled:
+        if e.interval <= 0:
+            _fail("epas.interval", e.interval, "must be a positive number of steps between region growths")
+        if e.group_size <= 0:
+            _fail("epas.group_size", e.group_size, "must be a positive number of layers switched at a time")
+        if e.start_step < 0:
+            _fail("epas.start_step", e.start_step, "must be >= 0")
+        if e.final_region <= 0:
+            _fail("epas.final_region", e.final_region, "must be a layer count >= 1 or a fraction in (0, 1)")
+        region = epas_final_region(cfg)
+        if region > m.num_layers - 1:
+            _fail("epas.final_region", e.final_region, f"= {region} sharing layers; at most num_layers-1 = {m.num_layers - 1} "
+                  "(the first layer has no previous layer to share Q/K with)")
+        if e.inference_region is not None and not (0 <= e.inference_region <= m.num_layers - 1):
+            _fail("epas.inference_region", e.inference_region, f"must lie in [0, {m.num_layers - 1}]")
+
+    f = cfg.ffn
+    if f.kind not in FFN_KINDS:
+        _fail("ffn.kind", f.kind, "valid: " + ", ".join(FFN_KINDS))
+    if f.layers is not None:
+        bad = [i for i in f.layers if not 0 <= i < m.num_layers]
+        if bad:
+            _fail("ffn.layers", f.layers, f"layer indices must lie in [0, {m.num_layers - 1}]")
+    width = ffn_width(cfg)
+    if f.kind == "topk":
+        if f.topk_k <= 0 or resolve_count(f.topk_k, width) > width:
+            _fail("ffn.topk_k", f.topk_k, f"must be a count in [1, {width}] or a fraction in (0, 1)")
+        if f.topk_activation not in ("relu", "relu2"):
+            _fail("ffn.topk_activation", f.topk_activation, "valid: relu, relu2")
+    if f.kind == "moc":
+        if f.moc_k <= 0 or resolve_count(f.moc_k, width) > width:
+            _fail("ffn.moc_k", f.moc_k, f"must be a count in [1, ffn width {width}] or a fraction in (0, 1)")
+        if f.moc_structured and (width // par.tp) % 8:
+            _fail("ffn.moc_structured", True, f"2:8 selection needs the per-rank FFN width ({width // par.tp}) divisible by 8")
+    if f.kind == "elas":
+        if f.elas_expand <= 0:
+            _fail("ffn.elas_expand", f.elas_expand, "must be positive (1.5 keeps the SwiGLU parameter count)")
+        if (width // par.tp) % 4:
+            _fail("ffn.elas_expand", f.elas_expand, f"2:4 sparsity needs the per-rank FFN width ({width // par.tp}) divisible by 4")
+        if f.elas_warmup_steps < 0:
+            _fail("ffn.elas_warmup_steps", f.elas_warmup_steps, "must be >= 0")
+        if f.elas_rank is not None and not (0 < f.elas_rank <= min(m.hidden_size, width)):
+            _fail("ffn.elas_rank", f.elas_rank, f"must lie in [1, min(hidden_size, ffn width) = {min(m.hidden_size, width)}]")
+
+    if world_size is not None:
+        if world_size % cfg.model_parallel_size:
+            _fail("parallel.tp", par.tp, f"tp*pp = {cfg.model_parallel_size} must divide the number of processes ({world_size})")
+        dp = cfg.data_parallel_size(world_size)
+        if tr.global_batch % (tr.micro_batch * dp):
+            _fail("train.global_batch", tr.global_batch, f"must be a multiple of micro_batch*data_parallel = {tr.micro_batch}*{dp}")
+        if pl.microbatches is not None and pl.microbatches != cfg.microbatches_per_step(world_size):
+            _fail("pipeline.microbatches", pl.microbatches, f"must equal global_batch/(micro_batch*dp) = "
+                  f"{cfg.microbatches_per_step(world_size)}, or be left unset")
