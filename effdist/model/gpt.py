@@ -1,0 +1,90 @@
+"""Build the megatron-core GPTModel (chunk) a rank owns from effdist's per-layer specs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from effdist.config import Config, ffn_width
+from effdist.model.spec import DEFAULT_LINEARS, LinearImpl, block_spec
+
+
+def padded_vocab_size(cfg: Config) -> int:
+    """Round the vocab up so the embedding shards evenly over TP (as Megatron-LM does)."""
+    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tp
+    return ((cfg.model.vocab_size + multiple - 1) // multiple) * multiple
+
+
+def transformer_config(cfg: Config, dtype: torch.dtype, device: torch.device, num_layers: int | None = None) -> TransformerConfig:
+    m = cfg.model
+    on_cpu = device.type == "cpu"
+    recompute = cfg.train.recompute
+    return TransformerConfig(
+        num_layers=num_layers if num_layers is not None else m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups or m.num_attention_heads,
+        ffn_hidden_size=ffn_width(cfg),
+        kv_channels=m.hidden_size // m.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_std,
+        tensor_model_parallel_size=cfg.parallel.tp,
+        # effdist's own executor runs the pipeline: each chunk is built as a standalone model.
+        pipeline_model_parallel_size=1,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        pipeline_dtype=dtype,
+        # CPU init builds each full weight from the seeded CPU generator and then slices it, so
+        # every TP layout starts from the same model (what makes TP=1 and TP=2 runs comparable).
+        use_cpu_initialization=on_cpu,
+        perform_initialization=True,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+    )
+
+
+def build_gpt(cfg: Config, dtype: torch.dtype, device: torch.device, layer_indices: list[int] | None = None,
+              pre_process: bool = True, post_process: bool = True,
+              linears: LinearImpl = DEFAULT_LINEARS) -> GPTModel:
+    """A GPTModel holding `layer_indices` (default: all layers), with or without embedding / LM head."""
+    if layer_indices is None:
+        layer_indices = list(range(cfg.model.num_layers))
+    tcfg = transformer_config(cfg, dtype, device, num_layers=len(layer_indices))
+    model = GPTModel(
+        config=tcfg,
+        transformer_layer_spec=block_spec(cfg, layer_indices, linears),
+        vocab_size=padded_vocab_size(cfg),
+        max_sequence_length=cfg.model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.model.rotary_base),
+        parallel_output=True,
+    )
+    # Global layer index of every decoder layer, for per-layer features and readable errors.
+    for layer, idx in zip(model.decoder.layers, layer_indices):
+        layer.effdist_layer_index = idx
+    return model.to(device)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

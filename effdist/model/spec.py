@@ -1,0 +1,71 @@
+"""Per-layer megatron-core ModuleSpecs: attention kind x FFN kind, one spec per decoder layer.
+
+Layers are described, not subclassed: each feature (EPAS shared-QK attention, sparse FFNs, the
+pipeline executor's B/W-split linears) swaps a submodule of the layer it applies to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from effdist.config import Config
+from effdist.model.attention import SDPAttention
+from effdist.model.ffn import build_mlp_spec
+from effdist.model.norm import RMSNorm
+
+
+@dataclass(frozen=True)
+class LinearImpl:
+    """The linear classes the specs use; the pipeline executor substitutes B/W-split ones."""
+
+    column: type = ColumnParallelLinear
+    row: type = RowParallelLinear
+
+
+DEFAULT_LINEARS = LinearImpl()
+
+
+def self_attention_spec(cfg: Config, layer_idx: int, linears: LinearImpl = DEFAULT_LINEARS) -> ModuleSpec:
+    return ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=linears.column,
+            core_attention=SDPAttention,
+            linear_proj=linears.row,
+            q_layernorm=IdentityOp,
+            k_layernorm=IdentityOp,
+        ),
+    )
+
+
+def layer_spec(cfg: Config, layer_idx: int, linears: LinearImpl = DEFAULT_LINEARS) -> ModuleSpec:
+    """The spec of global decoder layer `layer_idx` (0-based)."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=self_attention_spec(cfg, layer_idx, linears),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=build_mlp_spec(cfg, layer_idx, linears.column, linears.row),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def block_spec(cfg: Config, layer_indices: list[int], linears: LinearImpl = DEFAULT_LINEARS) -> TransformerBlockSubmodules:
+    """Specs for the decoder layers one model chunk owns, in forward order, plus the final norm."""
+    return TransformerBlockSubmodules(
+        layer_specs=[layer_spec(cfg, i, linears) for i in layer_indices],
+        layer_norm=RMSNorm,
+    )

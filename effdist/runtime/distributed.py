@@ -1,0 +1,152 @@
+"""Device and backend choice, process groups, and megatron parallel_state for TP x PP x DP."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from effdist.config import Config, ConfigError
+from effdist.runtime import cpu_compat
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    backend: str
+    dtype: torch.dtype
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """Global rank 0 logs, shows progress and writes metrics."""
+        return self.rank == 0
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def choose_device(cfg: Config) -> tuple[torch.device, str]:
+    """cuda+nccl when a GPU is visible (and not overridden), else cpu+gloo."""
+    want = cfg.parallel.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("parallel.device = 'cuda': no CUDA GPU is visible; use parallel.device=cpu (or auto)")
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if want == "cuda" else "gloo"
+    return torch.device(want), backend
+
+
+def choose_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    name = cfg.train.dtype
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def world_size_from_env() -> int:
+    from effdist.runtime.launch_env import resolve_dist_env
+
+    return resolve_dist_env(os.environ).world_size
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def setup(cfg: Config) -> Runtime:
+    """Start the process group and megatron's parallel state for this process.
+
+    The config must already be validated (including against the world size): nothing here should
+    fail on a user's value after processes have started talking to each other.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    from effdist.runtime.launch_env import resolve_dist_env
+
+    env = resolve_dist_env(os.environ)
+    device, backend = choose_device(cfg)
+    timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
+    if device.type == "cuda":
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        cpu_compat.install()
+
+    if not dist.is_initialized():
+        if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
+            # A lone process needs no rendezvous: an in-memory store avoids picking a port.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            os.environ.setdefault("MASTER_ADDR", env.master_addr)
+            os.environ.setdefault("MASTER_PORT", str(env.master_port))
+            dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                                    init_method="env://")
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.parallel.tp,
+            pipeline_model_parallel_size=cfg.parallel.pp,
+            distributed_timeout_minutes=max(1, int(round(cfg.parallel.timeout_s / 60))),
+            create_gloo_process_groups=device.type == "cuda",
+        )
+    seed_everything(cfg.train.seed)
+    if device.type == "cuda":
+        tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+    else:
+        _seed_cpu_tracker(cfg.train.seed)
+
+    return Runtime(
+        device=device,
+        backend=backend,
+        dtype=choose_dtype(cfg, device),
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=env.local_rank,
+        tp=cfg.parallel.tp,
+        pp=cfg.parallel.pp,
+        dp=parallel_state.get_data_parallel_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+    )
+
+
+def _seed_cpu_tracker(seed: int) -> None:
+    """Same named streams as megatron's model_parallel_cuda_manual_seed, on the CPU tracker."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as mrandom
+
+    tracker = mrandom.get_cuda_rng_tracker()
+    tracker.reset()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * tp_rank)
+
+
+def teardown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
