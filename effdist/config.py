@@ -85,6 +85,8 @@ class TrainConfig:
     recompute: bool = False
     eval_interval: int = 0
     eval_steps: int = 4
+    # A non-finite loss or gradient norm skips the update; this many in a row stop the run.
+    max_consecutive_nonfinite: int = 5
 
 
 @dataclass
@@ -430,6 +432,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _fail("train.global_batch", tr.global_batch, f"must be a multiple of train.micro_batch={tr.micro_batch}")
     if tr.dtype not in ("auto", "fp32", "bf16", "fp16"):
         _fail("train.dtype", tr.dtype, "valid: auto, fp32, bf16, fp16")
+    if tr.max_consecutive_nonfinite < 1:
+        _fail("train.max_consecutive_nonfinite", tr.max_consecutive_nonfinite, "must be >= 1")
     if tr.engine not in ("megatron", "deepspeed"):
         _fail("train.engine", tr.engine, "valid: megatron, deepspeed")
 

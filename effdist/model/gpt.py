@@ -55,6 +55,9 @@ def transformer_config(cfg: Config, dtype: torch.dtype, device: torch.device, nu
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        # Gradients are summed over data-parallel ranks (not averaged): the loss of every microbatch
+        # is already divided by the token count of the whole global batch.
+        calculate_per_token_loss=True,
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,

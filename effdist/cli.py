@@ -1,0 +1,50 @@
+"""`effdist <command> ...`: one entry point, each command implemented by its own module's main(argv)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("effdist.train.trainer", "pretrain a model (also: torchrun ... -m effdist.train)"),
+    "simulate": ("effdist.pipeline.simulate_cli", "predict memory and bubbles of a pipeline schedule"),
+    "preprocess": ("effdist.data.preprocess", "tokenize text into megatron .bin/.idx datasets"),
+    "tokenizer": ("effdist.data.tokenizer", "train a byte-level BPE tokenizer on local text"),
+    "generate": ("effdist.infer.generate", "generate text from a checkpoint (KV cache, EPAS region)"),
+    "convert": ("effdist.model.hf_convert", "convert between HF LLaMA checkpoints and effdist"),
+    "plot": ("effdist.train.plot", "plot loss curves of one or more run directories"),
+    "bench": ("effdist.bench", "run a benchmark from tools/"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: effdist <command> [args...]", "", "commands:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `effdist <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"effdist: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name = COMMANDS[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            print(f"effdist: the {name!r} command is not available in this build ({module_name} is missing)",
+                  file=sys.stderr)
+            return 2
+        raise
+    rc = module.main(rest)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

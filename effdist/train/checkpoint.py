@@ -1,0 +1,185 @@
+"""Checkpoints through megatron dist_checkpointing: model + optimizer + scheduler + data + RNG.
+
+Layout of ``RUN_DIR/checkpoints``::
+
+    iter_0000100/          a complete checkpoint (dist_checkpointing files + effdist.json)
+    iter_0000200.tmp/      a save in progress: never read
+    latest                 the name of the newest complete checkpoint (written atomically)
+
+A checkpoint is written under a ``.tmp`` name and renamed only after every rank finished and the
+completion marker ``effdist.json`` exists, so a crash mid-write never leaves one that looks complete.
+Model and optimizer tensors are saved as ShardedTensors, so a checkpoint written with one TP size
+loads with another (megatron reshards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+MARKER = "effdist.json"
+_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt, or does not fit this run."""
+
+
+def iter_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def list_complete(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in `ckpt_dir`, oldest first."""
+    out = []
+    if not ckpt_dir.is_dir():
+        return out
+    for p in ckpt_dir.iterdir():
+        m = _ITER_RE.match(p.name)
+        if m and p.is_dir() and (p / MARKER).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / MARKER).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} has no readable {MARKER} ({e}); it is incomplete or corrupt") from None
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state(runtime) -> dict:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    state = {
+        "python": __import__("random").getstate(),
+        "numpy": __import__("numpy").random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": mrandom.get_cuda_rng_tracker().get_states(),
+    }
+    if runtime.is_cuda:
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict, runtime) -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    __import__("random").setstate(state["python"])
+    __import__("numpy").random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    mrandom.get_cuda_rng_tracker().set_states(state["tracker"])
+    if runtime.is_cuda and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def build_state_dict(model_chunks, optimizer, runtime, common: dict[str, Any]) -> dict[str, Any]:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    model_sd: dict[str, Any] = {}
+    for i, chunk in enumerate(model_chunks):
+        model_sd.update(unwrap(chunk).sharded_state_dict(prefix=f"model{i}." if len(model_chunks) > 1 else "model."))
+    rng = ShardedObject(
+        "rng_state", _rng_state(runtime), (runtime.pp, runtime.tp, runtime.dp),
+        (runtime.pp_rank, runtime.tp_rank, runtime.dp_rank), replica_id=0,
+    )
+    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd), "rng_state": rng,
+            "common": common}
+
+
+def unwrap(module):
+    """The GPTModel inside megatron's DDP wrapper."""
+    return getattr(module, "module", module)
+
+
+def save(ckpt_dir: Path, step: int, model_chunks, optimizer, runtime, common: dict[str, Any],
+         marker: dict[str, Any]) -> Path:
+    """Write a complete checkpoint for `step` and make it visible atomically. Collective."""
+    from megatron.core import dist_checkpointing
+
+    final = ckpt_dir / iter_name(step)
+    tmp = ckpt_dir / (iter_name(step) + ".tmp")
+    if runtime.is_logging_rank:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    optimizer.ensure_state()
+    sd = build_state_dict(model_chunks, optimizer, runtime, common)
+    dist_checkpointing.save(sd, str(tmp))
+    _barrier()
+    if runtime.is_logging_rank:
+        marker = dict(marker, step=step, saved_at=time.time())
+        _write_atomic(tmp / MARKER, json.dumps(marker, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(ckpt_dir / "latest", final.name)
+    _barrier()
+    return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: Path, model_chunks, optimizer, runtime, restore_rng: bool = True) -> dict[str, Any]:
+    """Load `path` into the model, optimizer and RNG; return the common state (step, data position, ...)."""
+    from megatron.core import dist_checkpointing
+
+    if not (path / MARKER).is_file():
+        raise CheckpointError(f"{path} is not a complete effdist checkpoint (no {MARKER})")
+    optimizer.ensure_state()
+    sd = build_state_dict(model_chunks, optimizer, runtime, common={})
+    del sd["common"]
+    if not restore_rng:
+        del sd["rng_state"]
+    loaded = dist_checkpointing.load(sd, str(path))
+    prefix_sd: dict[str, torch.Tensor] = loaded["model"]
+    for i, chunk in enumerate(model_chunks):
+        prefix = f"model{i}." if len(model_chunks) > 1 else "model."
+        own = {k[len(prefix):]: v for k, v in prefix_sd.items() if k.startswith(prefix)}
+        unwrap(chunk).load_state_dict(own, strict=True)
+    optimizer.load_sharded_state_dict(loaded["optimizer"])
+    if restore_rng and "rng_state" in loaded:
+        _set_rng_state(loaded["rng_state"], runtime)
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    return common.get("common", {}) if isinstance(common, dict) else {}
+
+
+def apply_retention(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete complete checkpoints beyond the newest `keep_last`, except every `keep_every`-th step.
+
+    Never deletes the newest complete checkpoint. Returns the deleted paths.
+    """
+    complete = list_complete(ckpt_dir)
+    if not complete:
+        return []
+    keep = {p for _, p in complete[-max(1, keep_last):]}
+    if keep_every > 0:
+        keep |= {p for s, p in complete if s % keep_every == 0}
+    deleted = []
+    for _, p in complete:
+        if p not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+            deleted.append(p)
+    return deleted

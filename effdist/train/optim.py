@@ -1,0 +1,167 @@
+"""AdamW with fp32 master weights, the LR schedule, and the global gradient norm.
+
+Gradients arrive in megatron DDP's fp32 ``main_grad`` buffers (already reduced over data-parallel
+ranks). The optimizer keeps fp32 master copies of bf16 model weights, runs torch AdamW on them
+(fused kernel on GPU), and copies the result back into the model. On CPU the model is fp32 and the
+master copy *is* the model parameter.
+
+The gradient norm is written here rather than taken from megatron because megatron's clip_grads
+allocates on "cuda" unconditionally; a weight replicated over tensor-parallel ranks (norms) is
+counted once, a sharded one on every rank, and the sum of squares is reduced over the
+model-parallel group, so every rank sees the same norm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from effdist.config import OptimConfig
+
+
+def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine/linear decay."""
+    if optim.warmup_steps > 0 and step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.decay == "constant":
+        return optim.lr
+    decay_steps = max(1, total_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / decay_steps)
+    if optim.decay == "linear":
+        coeff = 1.0 - progress
+    else:
+        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return optim.min_lr + coeff * (optim.lr - optim.min_lr)
+
+
+def _is_replica_on_this_tp_rank(param: torch.nn.Parameter, tp_rank: int) -> bool:
+    """True where this rank's copy of `param` must be counted in the global norm."""
+    return bool(getattr(param, "tensor_model_parallel", False)) or tp_rank == 0
+
+
+class MasterWeightAdamW:
+    """torch AdamW over fp32 master weights of one rank's model chunks."""
+
+    def __init__(self, model_params: list[torch.nn.Parameter], optim: OptimConfig, *, fused: bool,
+                 tp_rank: int, model_parallel_group=None):
+        self.cfg = optim
+        self.model_params = list(model_params)
+        self.master_params: list[torch.nn.Parameter] = []
+        for p in self.model_params:
+            if p.dtype == torch.float32:
+                self.master_params.append(p)
+            else:
+                self.master_params.append(torch.nn.Parameter(p.detach().float().clone()))
+        self.tp_rank = tp_rank
+        self.model_parallel_group = model_parallel_group
+        # Norm and bias vectors are not decayed (as in Megatron-LM and torchtitan).
+        decay = [m for m, p in zip(self.master_params, self.model_params) if p.ndim >= 2]
+        no_decay = [m for m, p in zip(self.master_params, self.model_params) if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": optim.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        self.inner = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                                       fused=fused)
+        self._master_of = {id(p): m for p, m in zip(self.model_params, self.master_params)}
+
+    # ------------------------------------------------------------------ helpers for features
+    def master_of(self, model_param: torch.nn.Parameter) -> torch.nn.Parameter:
+        """The fp32 tensor the optimizer updates for `model_param` (itself when fp32)."""
+        return self._master_of[id(model_param)]
+
+    def state_of(self, model_param: torch.nn.Parameter) -> dict:
+        return self.inner.state.get(self.master_of(model_param), {})
+
+    # ------------------------------------------------------------------ the step
+    def collect_grads(self) -> None:
+        """Point each master weight's .grad at the reduced fp32 gradient of its model weight."""
+        for p, m in zip(self.model_params, self.master_params):
+            g = getattr(p, "main_grad", None)
+            if g is None:
+                g = p.grad
+            m.grad = None if g is None else (g if g.dtype == torch.float32 else g.float())
+
+    def grad_norm(self) -> float:
+        sq = torch.zeros((), dtype=torch.float64)
+        dev = None
+        for p, m in zip(self.model_params, self.master_params):
+            if m.grad is None or not _is_replica_on_this_tp_rank(p, self.tp_rank):
+                continue
+            dev = m.grad.device
+            sq = sq.to(dev) + m.grad.detach().double().pow(2).sum()
+        if dev is None:
+            sq = sq.to(self.model_params[0].device if self.model_params else "cpu")
+        if self.model_parallel_group is not None and dist.get_world_size(self.model_parallel_group) > 1:
+            dist.all_reduce(sq, group=self.model_parallel_group)
+        return float(sq.sqrt())
+
+    def clip(self, norm: float) -> None:
+        if self.cfg.clip_grad > 0 and norm > self.cfg.clip_grad:
+            scale = self.cfg.clip_grad / (norm + 1e-6)
+            for m in self.master_params:
+                if m.grad is not None:
+                    m.grad.mul_(scale)
+
+    def step(self, lr: float) -> None:
+        for group in self.inner.param_groups:
+            group["lr"] = lr
+        self.inner.step()
+        with torch.no_grad():
+            for p, m in zip(self.model_params, self.master_params):
+                if p is not m:
+                    p.copy_(m)
+        for m in self.master_params:
+            m.grad = None
+
+    # ------------------------------------------------------------------ checkpointing
+    def sharded_state_dict(self, model_sharded_sd: dict) -> dict:
+        """Optimizer tensors sharded exactly like their model weights, so they reshard with them."""
+        from megatron.core.dist_checkpointing.optimizer import (
+            get_param_id_to_sharded_param_map,
+            make_sharded_optimizer_tensor,
+        )
+
+        id_map = get_param_id_to_sharded_param_map(model_sharded_sd, self.model_params)
+        out: dict = {"param_state": {}, "step_count": self._step_count()}
+        for i, (p, m) in enumerate(zip(self.model_params, self.master_params)):
+            sharded = id_map[i]
+            entry = {}
+            state = self.inner.state.get(m, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    entry[key] = make_sharded_optimizer_tensor(sharded, state[key], prefix=f"optimizer.state.{key}")
+            if m is not p:
+                entry["master"] = make_sharded_optimizer_tensor(sharded, m.data, prefix="optimizer.state.master")
+            out["param_state"][i] = entry
+        return out
+
+    def _step_count(self) -> int:
+        for state in self.inner.state.values():
+            if "step" in state:
+                return int(state["step"])
+        return 0
+
+    def ensure_state(self) -> None:
+        """Create zeroed Adam state so a checkpoint can be loaded into it in place."""
+        for m in self.master_params:
+            state = self.inner.state[m]
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(m, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(m, memory_format=torch.preserve_format)
+                state["step"] = torch.zeros((), dtype=torch.float32,
+                                            device=m.device if self.inner.defaults.get("fused") else "cpu")
+
+    def load_sharded_state_dict(self, loaded: dict) -> None:
+        steps = int(loaded["step_count"])
+        for i, (p, m) in enumerate(zip(self.model_params, self.master_params)):
+            entry = loaded["param_state"][i]
+            state = self.inner.state[m]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in entry:
+                    state[key].copy_(entry[key])
+            state["step"].fill_(steps)
+            with torch.no_grad():
+                if "master" in entry:
+                    m.data.copy_(entry["master"])
+                    p.copy_(m)

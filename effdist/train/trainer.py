@@ -1,0 +1,413 @@
+"""The training loop: config -> runtime -> model -> data -> steps -> metrics -> checkpoints.
+
+One optimizer step = every microbatch of this rank's slice of the global batch, forward and backward
+(through the pipeline executor when parallel.pp > 1), gradients summed over data-parallel ranks by
+megatron DDP, then clip + AdamW. Each microbatch's loss is divided by the token count of the whole
+global batch, so the result does not depend on how the batch is split over ranks and microbatches:
+a TP=2 or DP=2 run follows a single-process run of the same global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from effdist.config import Config, ConfigError, load_config, validate
+from effdist.train import checkpoint as ckpt
+from effdist.train.optim import MasterWeightAdamW, lr_at
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite losses or gradient norms."""
+
+
+def default_run_dir(cfg: Config) -> Path:
+    return Path("runs") / cfg.name
+
+
+def log(runtime, msg: str) -> None:
+    if runtime is None or runtime.is_logging_rank:
+        print(f"[effdist] {msg}", file=sys.stderr, flush=True)
+
+
+def _peak_memory_gib(runtime) -> float:
+    if runtime.is_cuda:
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    # ru_maxrss is in KiB on Linux: the process's peak resident memory.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, resume: str = "auto"):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.skipped_steps = 0
+        self._preempt_requested = False
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from effdist.runtime.distributed import setup
+
+        cfg = self.cfg
+        self.runtime = rt = setup(cfg)
+        self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        if rt.is_logging_rank:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        log(rt, f"{rt.world_size} process(es) on {rt.device.type}/{rt.backend}: tp={rt.tp} pp={rt.pp} dp={rt.dp}, "
+                f"dtype={str(rt.dtype).replace('torch.', '')}, run dir {self.run_dir}")
+
+        self._build_data()
+        self._build_model()
+        self._build_features()
+        self._maybe_resume()
+        self._build_metrics()
+
+    def _build_data(self) -> None:
+        from effdist.data.loader import MicrobatchLoader, build_train_valid_datasets, prepare_data
+
+        cfg, rt = self.cfg, self.runtime
+        # One process builds corpus, tokenizer, index caches; the others wait and then read them.
+        if rt.is_logging_rank:
+            paths = prepare_data(cfg, self.run_dir)
+        dist.barrier()
+        if not rt.is_logging_rank:
+            paths = prepare_data(cfg, self.run_dir, build=False)
+        num_train = cfg.train.steps * cfg.train.global_batch
+        num_valid = max(1, cfg.train.eval_steps * cfg.train.global_batch) if cfg.train.eval_interval else 0
+        if rt.is_logging_rank:
+            self.train_ds, self.valid_ds = build_train_valid_datasets(cfg, paths, num_train, num_valid)
+        dist.barrier()
+        if not rt.is_logging_rank:
+            self.train_ds, self.valid_ds = build_train_valid_datasets(cfg, paths, num_train, num_valid)
+        self.loader = MicrobatchLoader(self.train_ds, global_batch=cfg.train.global_batch,
+                                       micro_batch=cfg.train.micro_batch, dp_rank=rt.dp_rank, dp_size=rt.dp)
+
+    def _build_model(self) -> None:
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        cfg, rt = self.cfg, self.runtime
+        if rt.pp > 1:
+            from effdist.pipeline.executor import build_pipeline
+
+            self.pipeline = build_pipeline(cfg, rt)
+            chunks = self.pipeline.model_chunks
+        else:
+            from effdist.model.gpt import build_gpt
+
+            self.pipeline = None
+            chunks = [build_gpt(cfg, rt.dtype, rt.device)]
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                use_distributed_optimizer=False)
+        self.model_chunks = [
+            DistributedDataParallel(config=c.config, ddp_config=ddp_cfg, module=c,
+                                    disable_bucketing=True if len(chunks) > 1 and i > 0 else False)
+            for i, c in enumerate(chunks)
+        ]
+        if self.pipeline is not None:
+            self.pipeline.set_wrapped_chunks(self.model_chunks)
+        params = [p for c in self.model_chunks for p in c.parameters() if p.requires_grad]
+        self.optimizer = MasterWeightAdamW(
+            params, cfg.optim, fused=rt.is_cuda, tp_rank=rt.tp_rank,
+            model_parallel_group=parallel_state.get_model_parallel_group(),
+        )
+        n_local = sum(p.numel() for p in params)
+        log(rt, f"model {cfg.model.name}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
+                f"{n_local / 1e6:.2f}M parameters on rank 0, ffn={cfg.ffn.kind}")
+
+    def _build_features(self) -> None:
+        self.epas = None
+        if self.cfg.epas.enabled:
+            from effdist.epas.controller import EpasController
+
+            self.epas = EpasController(self.cfg, [ckpt.unwrap(c) for c in self.model_chunks])
+
+    # ------------------------------------------------------------------ resume
+    def _maybe_resume(self) -> None:
+        rt = self.runtime
+        path: Path | None = None
+        if self.resume == "auto":
+            path = self._newest_loadable()
+        elif self.resume not in ("none", "", None):
+            path = Path(self.resume)
+            if not (path / ckpt.MARKER).is_file():
+                raise ckpt.CheckpointError(f"--resume {path}: not a complete effdist checkpoint directory")
+        if path is None:
+            return
+        marker = ckpt.read_marker(path)
+        self._check_compatible(marker, path)
+        same_layout = marker.get("tp") == rt.tp and marker.get("pp") == rt.pp and marker.get("dp") == rt.dp
+        common = ckpt.load(path, self.model_chunks, self.optimizer, rt, restore_rng=same_layout)
+        self.step = int(common["step"])
+        self.loader.load_state_dict(common["data"])
+        self.nonfinite_in_a_row = int(common.get("nonfinite_in_a_row", 0))
+        self.skipped_steps = int(common.get("skipped_steps", 0))
+        if self.epas is not None and "epas" in common:
+            self.epas.load_state_dict(common["epas"])
+        log(rt, f"resumed from {path} at step {self.step}" + ("" if same_layout else
+            f" (resharded from tp={marker.get('tp')} pp={marker.get('pp')} dp={marker.get('dp')})"))
+
+    def _newest_loadable(self) -> Path | None:
+        """The newest complete checkpoint; a corrupt newer one is reported and skipped."""
+        for step, path in reversed(ckpt.list_complete(self.ckpt_dir)):
+            try:
+                ckpt.read_marker(path)
+                from megatron.core import dist_checkpointing
+
+                if not dist_checkpointing.check_is_distributed_checkpoint(str(path)):
+                    raise ckpt.CheckpointError(f"{path} lacks dist_checkpointing metadata")
+                return path
+            except ckpt.CheckpointError as e:
+                log(self.runtime, f"WARNING: skipping checkpoint {path.name}: {e}; falling back to an older one")
+        return None
+
+    def _model_signature(self) -> dict[str, Any]:
+        m = self.cfg.model
+        return {"num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_attention_heads": m.num_attention_heads,
+                "num_query_groups": m.num_query_groups, "ffn_hidden_size": m.ffn_hidden_size,
+                "vocab_size": m.vocab_size, "tie_embeddings": m.tie_embeddings, "ffn_kind": self.cfg.ffn.kind}
+
+    def _check_compatible(self, marker: dict[str, Any], path: Path) -> None:
+        saved = marker.get("model", {})
+        now = self._model_signature()
+        diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        if diff:
+            what = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+            raise ckpt.CheckpointError(f"checkpoint {path} was written for a different model ({what}); "
+                                       "use the config it was trained with, or a new run directory")
+        saved_optim = marker.get("lr_schedule", {})
+        now_optim = self._lr_signature()
+        if saved_optim and saved_optim != now_optim:
+            log(self.runtime, f"WARNING: the LR schedule changed since {path.name}: {saved_optim} -> {now_optim}")
+
+    def _lr_signature(self) -> dict[str, Any]:
+        o = self.cfg.optim
+        return {"lr": o.lr, "min_lr": o.min_lr, "warmup_steps": o.warmup_steps, "decay": o.decay,
+                "steps": self.cfg.train.steps}
+
+    # ------------------------------------------------------------------ metrics
+    def _build_metrics(self) -> None:
+        from effdist.train.metrics import MetricsLogger, model_flops_per_token
+
+        cfg, rt = self.cfg, self.runtime
+        m = cfg.model
+        from effdist.config import ffn_width
+
+        self.flops_per_token = model_flops_per_token(
+            num_layers=m.num_layers, hidden=m.hidden_size, ffn_hidden=ffn_width(cfg),
+            num_heads=m.num_attention_heads, num_query_groups=m.num_query_groups or m.num_attention_heads,
+            vocab=m.vocab_size, seq=cfg.data.seq_length, gated=cfg.ffn.kind in ("swiglu", "moc"))
+        self.metrics = MetricsLogger(self.run_dir, enabled=rt.is_logging_rank, tensorboard=cfg.logging.tensorboard,
+                                     total_steps=cfg.train.steps, progress_bar=cfg.logging.progress_bar,
+                                     resume_step=self.step)
+
+    # ------------------------------------------------------------------ one step
+    def _forward_backward(self, microbatches: list[dict[str, torch.Tensor]], tokens_in_global_batch: float) -> torch.Tensor:
+        """Forward + backward of this rank's microbatches; returns the summed (unnormalised) loss."""
+        if self.pipeline is not None:
+            return self.pipeline.forward_backward(microbatches, tokens_in_global_batch)
+        model = self.model_chunks[0]
+        dev = self.runtime.device
+        total = torch.zeros((), dtype=torch.float32, device=dev)
+        for mb in microbatches:
+            tokens = mb["tokens"].to(dev, non_blocking=True)
+            labels = mb["labels"].to(dev, non_blocking=True)
+            mask = mb["loss_mask"].to(dev, non_blocking=True).float()
+            position_ids = mb["position_ids"].to(dev, non_blocking=True)
+            per_token = model(tokens, position_ids, None, labels=labels)
+            loss_sum = (per_token.float() * mask).sum()
+            (loss_sum / tokens_in_global_batch).backward()
+            total += loss_sum.detach()
+        return total
+
+    def train_step(self) -> dict[str, Any]:
+        from megatron.core import parallel_state
+
+        cfg, rt = self.cfg, self.runtime
+        for chunk in self.model_chunks:
+            for mod in chunk.modules():
+                if hasattr(mod, "on_train_step"):
+                    mod.on_train_step(self.step)
+        region = self.epas.begin_step(self.step) if self.epas is not None else 0
+
+        microbatches = self.loader.next_step()
+        local_tokens = sum(float(mb["loss_mask"].sum()) for mb in microbatches)
+        counts = torch.tensor([local_tokens], dtype=torch.float64, device=rt.device)
+        dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        tokens_in_global_batch = float(counts.item())
+
+        for chunk in self.model_chunks:
+            chunk.zero_grad_buffer()
+        loss_sum = self._forward_backward(microbatches, tokens_in_global_batch)
+        for chunk in self.model_chunks:
+            chunk.finish_grad_sync()
+        # Only the rank holding the loss has it; the sum over DP (and PP, where others hold 0) gives
+        # the global loss on every rank.
+        loss_t = loss_sum.detach().double().reshape(1)
+        dist.all_reduce(loss_t, group=parallel_state.get_data_parallel_group())
+        if rt.pp > 1:
+            dist.all_reduce(loss_t, group=parallel_state.get_pipeline_model_parallel_group())
+        loss = float(loss_t.item()) / tokens_in_global_batch
+
+        self.optimizer.collect_grads()
+        grad_norm = self.optimizer.grad_norm()
+        lr = lr_at(self.step, cfg.optim, cfg.train.steps)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.clip(grad_norm)
+            self.optimizer.step(lr)
+            if self.epas is not None:
+                self.epas.after_optimizer_step(self.optimizer)
+            self.nonfinite_in_a_row = 0
+        else:
+            self.optimizer.inner.zero_grad(set_to_none=True)
+            for m in self.optimizer.master_params:
+                m.grad = None
+            self.nonfinite_in_a_row += 1
+            self.skipped_steps += 1
+            log(rt, f"WARNING: step {self.step}: non-finite loss={loss} or grad_norm={grad_norm}; update skipped "
+                    f"({self.nonfinite_in_a_row} in a row, limit {cfg.train.max_consecutive_nonfinite})")
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "epas_region": region, "finite": finite,
+                "skipped_steps": self.skipped_steps}
+
+    # ------------------------------------------------------------------ loop
+    def _install_signal_handlers(self) -> None:
+        def request(signum, _frame):
+            self._preempt_requested = True
+            log(self.runtime, f"received signal {signum}: will save a checkpoint after this step and exit")
+
+        for s in PREEMPT_SIGNALS:
+            with contextlib.suppress(ValueError):  # not in the main thread (tests)
+                signal.signal(s, request)
+
+    def _preempt_agreed(self) -> bool:
+        """All ranks stop together if any was signalled (Slurm signals every task, but not atomically)."""
+        flag = torch.tensor([1.0 if self._preempt_requested else 0.0], device=self.runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def save(self) -> Path:
+        common = {"step": self.step, "data": self.loader.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                  "skipped_steps": self.skipped_steps}
+        if self.epas is not None:
+            common["epas"] = self.epas.state_dict()
+        rt = self.runtime
+        marker = {"model": self._model_signature(), "lr_schedule": self._lr_signature(), "tp": rt.tp, "pp": rt.pp,
+                  "dp": rt.dp, "config": self.cfg.to_dict()}
+        path = ckpt.save(self.ckpt_dir, self.step, self.model_chunks, self.optimizer, rt, common, marker)
+        if rt.is_logging_rank:
+            ckpt.apply_retention(self.ckpt_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
+        log(rt, f"saved checkpoint {path}")
+        return path
+
+    def fit(self) -> int:
+        """Train until train.steps; returns the process exit code."""
+        cfg, rt = self.cfg, self.runtime
+        self._install_signal_handlers()
+        if self.step >= cfg.train.steps:
+            log(rt, f"nothing to do: the run in {self.run_dir} is already at step {self.step} of {cfg.train.steps} "
+                    "(raise train.steps, or start over with --resume none or another --run-dir)")
+            return 0
+        tokens_per_step = cfg.train.global_batch * cfg.data.seq_length
+        last_saved = self.step
+        if rt.is_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        while self.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            out = self.train_step()
+            if rt.is_cuda:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            if not out.pop("finite") and self.nonfinite_in_a_row >= cfg.train.max_consecutive_nonfinite:
+                raise NonFiniteError(
+                    f"{self.nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient norm (last at "
+                    f"step {self.step}); stopping without saving. Likely causes: learning rate too high "
+                    f"(optim.lr={cfg.optim.lr}), fp16 overflow, or corrupt data. Resume from the last good checkpoint "
+                    "with a lower optim.lr.")
+            self.step += 1
+            tokens_per_s = tokens_per_step / dt
+            tflops = self.flops_per_token * tokens_per_s / rt.world_size / 1e12
+            record = dict(out, step=self.step, tokens_per_s=tokens_per_s, tflops=tflops,
+                          mfu=_mfu(tflops, rt), peak_mem_gib=_peak_memory_gib(rt), step_time_s=dt)
+            if self.pipeline is not None:
+                record.update(self.pipeline.memory_metrics())
+            if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
+                self.metrics.log(record)
+            due = cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0
+            if self._preempt_agreed():
+                if self.nonfinite_in_a_row == 0:
+                    self.save()
+                log(rt, f"preempted at step {self.step}: exiting with code {PREEMPTED_EXIT_CODE} for a requeue")
+                self.metrics.close()
+                return PREEMPTED_EXIT_CODE
+            if due and self.nonfinite_in_a_row == 0:
+                self.save()
+                last_saved = self.step
+        if cfg.checkpoint.save_at_end and last_saved != self.step and self.nonfinite_in_a_row == 0:
+            self.save()
+        self.metrics.close()
+        log(rt, f"done: {self.step} steps, final loss {out['loss']:.4f}")
+        return 0
+
+
+def _mfu(tflops: float, rt) -> float | None:
+    if not rt.is_cuda:
+        return None
+    from effdist.train.metrics import peak_bf16_tflops
+
+    peak = peak_bf16_tflops(torch.cuda.get_device_name())
+    return tflops / peak if peak else None
+
+
+from effdist.runtime.launch_env import PREEMPTED_EXIT_CODE  # noqa: E402
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="effdist train", description="Pretrain a LLaMA-style model with effdist.")
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny-cpu.yaml")
+    p.add_argument("--run-dir", default=None, help="where config.yaml, metrics.jsonl, tb/ and checkpoints/ go "
+                                                   "(default: runs/<config name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument("--resume", default="auto",
+                   help="auto: continue from the newest complete checkpoint in the run dir, if any (default); "
+                        "none: start from scratch; or a checkpoint directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from effdist.runtime.distributed import teardown, world_size_from_env
+
+    args = build_arg_parser().parse_args(argv)
+    overrides = [o for group in args.overrides for o in ([group] if isinstance(group, str) else group)]
+    try:
+        cfg = load_config(args.config, overrides)
+        validate(cfg, world_size=world_size_from_env())
+    except ConfigError as e:
+        print(f"effdist: config error: {e}", file=sys.stderr)
+        return 2
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+    trainer = Trainer(cfg, run_dir, resume=args.resume)
+    try:
+        trainer.setup()
+        return trainer.fit()
+    finally:
+        teardown()
