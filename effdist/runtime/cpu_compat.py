@@ -5,7 +5,8 @@ megatron-core 0.16 is written for GPUs: many modules allocate with
 Everything else it does (TP layers, parallel_state, dist_checkpointing) works on CPU with gloo.
 This module neutralises exactly those two assumptions, and nothing more:
 
-1. ``torch.cuda.current_device()`` returns ``torch.device("cpu")``, so allocations land on the CPU;
+1. ``torch.cuda.current_device()`` returns ``torch.device("cpu")``, so allocations land on the CPU,
+   and ``torch.cuda.synchronize()`` (called by dist_checkpointing before host copies) does nothing;
 2. the RNG tracker forks the CPU generator instead of the CUDA one (dropout inside TP regions and
    activation recompute then stay reproducible on CPU).
 
@@ -79,6 +80,8 @@ def install() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
     _patch(torch.cuda, "current_device", _cpu_current_device)
+    # dist_checkpointing synchronises the device before copying tensors to host; nothing to wait for.
+    _patch(torch.cuda, "synchronize", lambda *a, **k: None)
     tracker_cls = _make_cpu_tracker_class()
     _patch(mrandom, "_CUDA_RNG_STATE_TRACKER", tracker_cls())
     _patch(mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)

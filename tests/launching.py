@@ -1,0 +1,46 @@
+"""Helpers for tests that run effdist in real processes (torchrun + gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny-cpu.yaml"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_",
+                                                                    "SLURM_", "TORCHELASTIC", "GROUP_RANK"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    env.update(extra)
+    return env
+
+
+def run_train(run_dir: Path, overrides: list[str], nproc: int = 1, resume: str = "auto", timeout: int = 300,
+              check: bool = True, config: Path = TINY) -> subprocess.CompletedProcess:
+    """Run `effdist train` in `nproc` processes and return the finished process."""
+    args = ["--config", str(config), "--run-dir", str(run_dir), "--resume", resume]
+    for o in overrides:
+        args += ["--set", o]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "effdist.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "effdist.train", *args]
+    proc = subprocess.run(cmd, env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed with {proc.returncode}:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    with open(run_dir / "metrics.jsonl") as f:
+        for line in f:
+            rec = json.loads(line)
+            out[rec["step"]] = rec["loss"]
+    return out

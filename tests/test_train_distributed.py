@@ -1,0 +1,76 @@
+"""The trunk end to end in real processes: TP=2 and DP=2 follow a single-process run of the same
+global batch, resume continues exactly, and a TP=1 checkpoint loads into TP=2 (resharding)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.launching import losses, run_train
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+COMMON = [f"train.steps={STEPS}", "train.global_batch=8", "train.micro_batch=2", "data.seq_length=64",
+          "logging.tensorboard=false", "checkpoint.interval=3", "optim.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+def _common(data_cache):
+    return COMMON + [f"data.cache_dir={data_cache}"]
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, data_cache):
+    run = tmp_path_factory.mktemp("single")
+    run_train(run, _common(data_cache))
+    return run
+
+
+def _assert_same(a: dict[int, float], b: dict[int, float], steps, rel=2e-5):
+    for s in steps:
+        assert a[s] == pytest.approx(b[s], rel=rel), f"step {s}: {a[s]} vs {b[s]}"
+
+
+def test_single_process_trains_and_checkpoints(single_run):
+    ls = losses(single_run)
+    assert sorted(ls) == list(range(1, STEPS + 1))
+    assert ls[STEPS] < ls[1], "loss did not fall"
+    assert (single_run / "config.yaml").is_file()
+    names = sorted(p.name for p in (single_run / "checkpoints").iterdir())
+    assert "iter_0000003" in names and "iter_0000006" in names and "latest" in names
+    assert not any(n.endswith(".tmp") for n in names)
+
+
+def test_resume_continues_exactly(single_run, tmp_path, data_cache):
+    # Copy the run as it was after step 3 (its metrics and its step-3 checkpoint), then resume.
+    run = tmp_path / "resumed"
+    shutil.copytree(single_run, run)
+    shutil.rmtree(run / "checkpoints" / "iter_0000006")
+    (run / "checkpoints" / "latest").write_text("iter_0000003")
+    run_train(run, _common(data_cache))
+    _assert_same(losses(run), losses(single_run), range(1, STEPS + 1), rel=1e-6)
+
+
+def test_tp2_and_dp2_match_single_process(single_run, tmp_path, data_cache):
+    tp2 = tmp_path / "tp2"
+    run_train(tp2, _common(data_cache) + ["parallel.tp=2"], nproc=2)
+    _assert_same(losses(tp2), losses(single_run), range(1, STEPS + 1))
+
+    dp2 = tmp_path / "dp2"
+    run_train(dp2, _common(data_cache), nproc=2)
+    _assert_same(losses(dp2), losses(single_run), range(1, STEPS + 1))
+
+
+def test_tp1_checkpoint_loads_into_tp2(single_run, tmp_path, data_cache):
+    run = tmp_path / "resharded"
+    proc = run_train(run, _common(data_cache) + ["parallel.tp=2"], nproc=2,
+                     resume=str(single_run / "checkpoints" / "iter_0000003"))
+    assert "resharded from tp=1" in proc.stderr
+    ls = losses(run)
+    _assert_same(ls, losses(single_run), range(4, STEPS + 1))
