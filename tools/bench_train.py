@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Training throughput of effdist's dense LLaMA presets: the full step (forward, backward, gradient
+reduction, clip, AdamW) on random tokens, against the bf16 matmul ceiling measured in the same run.
+
+    python tools/bench_train.py --models llama-125m,llama-350m,llama-1b --steps 10 --json out.json
+    python tools/bench_train.py --tiny            # CPU smoke test
+
+Prints a table (tokens/s, model TFLOP/s, fraction of the in-run ceiling, peak memory) and writes JSON.
+Model FLOPs per token = 6 x non-embedding matmul parameters + 6 x L x h x S (causal attention
+counted once) + the LM head, as in effdist.train.metrics.model_flops_per_token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def matmul_ceiling_tflops(device: torch.device, n: int = 8192, reps: int = 20) -> float:
+    """bf16 n^3 matmul rate on random data (the ceiling every model TFLOP/s is compared with)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+class RandomTokens:
+    """Microbatches of random tokens in the loader's format (data loading is not what is measured)."""
+
+    def __init__(self, cfg, dp_size: int):
+        self.cfg = cfg
+        self.per_rank = cfg.train.global_batch // dp_size
+        self.gen = torch.Generator().manual_seed(0)
+
+    def next_step(self):
+        cfg = self.cfg
+        mb, s = cfg.train.micro_batch, cfg.data.seq_length
+        out = []
+        for _ in range(self.per_rank // mb):
+            t = torch.randint(0, cfg.model.vocab_size, (mb, s + 1), generator=self.gen)
+            out.append({"tokens": t[:, :-1].pin_memory() if torch.cuda.is_available() else t[:, :-1],
+                        "labels": t[:, 1:], "loss_mask": torch.ones(mb, s),
+                        "position_ids": torch.arange(s).expand(mb, s)})
+        return out
+
+
+def bench_one(name: str, overrides: list[str], steps: int, warmup: int) -> dict:
+    from effdist.config import ffn_width, load_config
+    from effdist.runtime.distributed import setup, teardown
+    from effdist.train.metrics import model_flops_per_token
+    from effdist.train.trainer import Trainer
+
+    cfg_path = ROOT / "configs" / f"{name}.yaml"
+    cfg = load_config(cfg_path, overrides)
+    trainer = Trainer(cfg, Path("/tmp/effdist-bench") / name, resume="none")
+    trainer.runtime = setup(cfg)
+    rt = trainer.runtime
+    try:
+        trainer._build_model()
+        trainer._build_features()
+        trainer.loader = RandomTokens(cfg, rt.dp)
+        m = cfg.model
+        fpt = model_flops_per_token(num_layers=m.num_layers, hidden=m.hidden_size, ffn_hidden=ffn_width(cfg),
+                                    num_heads=m.num_attention_heads,
+                                    num_query_groups=m.num_query_groups or m.num_attention_heads,
+                                    vocab=m.vocab_size, seq=cfg.data.seq_length, gated=cfg.ffn.kind in ("swiglu", "moc"))
+        if rt.is_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(warmup + steps):
+            if rt.is_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = trainer.train_step()
+            trainer.step += 1
+            if rt.is_cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        dt = statistics.median(times)
+        tokens = cfg.train.global_batch * cfg.data.seq_length
+        tps = tokens / dt
+        return {"model": name, "overrides": overrides, "micro_batch": cfg.train.micro_batch,
+                "global_batch": cfg.train.global_batch, "seq": cfg.data.seq_length, "step_s": dt,
+                "tokens_per_s": tps, "tflops": fpt * tps / rt.world_size / 1e12, "flops_per_token": fpt,
+                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if rt.is_cuda else None,
+                "final_loss": out["loss"]}
+    finally:
+        del trainer
+        teardown()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="llama-125m,llama-350m,llama-1b")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--micro-batch", default="llama-125m=16,llama-350m=8,llama-1b=4",
+                   help="per-model micro batch, name=mbs,...")
+    p.add_argument("--accum", type=int, default=2, help="microbatches per optimizer step")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override (all models)")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny config")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "runs": []}
+    if args.tiny:
+        models = ["tiny-cpu"]
+        mbs = {"tiny-cpu": 4}
+    else:
+        models = args.models.split(",")
+        mbs = dict(kv.split("=") for kv in args.micro_batch.split(","))
+    if torch.cuda.is_available():
+        results["matmul_ceiling_tflops"] = matmul_ceiling_tflops(torch.device("cuda"))
+    for name in models:
+        mb = int(mbs.get(name, 4))
+        overrides = ["data.kind=mock", f"train.micro_batch={mb}", f"train.global_batch={mb * args.accum}",
+                     "logging.tensorboard=false", *args.overrides]
+        if args.tiny:
+            overrides += ["data.seq_length=64"]
+        try:
+            r = bench_one(name, overrides, args.steps, args.warmup)
+        except Exception as e:  # report and go on: one model out of memory should not lose the table
+            r = {"model": name, "overrides": overrides, "error": f"{type(e).__name__}: {e}"}
+        if "matmul_ceiling_tflops" in results and "tflops" in r:
+            r["fraction_of_ceiling"] = r["tflops"] / results["matmul_ceiling_tflops"]
+        results["runs"].append(r)
+        print(json.dumps(r), flush=True)
+
+    print(f"\ndevice: {results['device']}  matmul ceiling: {results.get('matmul_ceiling_tflops', float('nan')):.0f} TFLOP/s")
+    print(f"{'model':<12} {'mbs x seq':>10} {'tok/s':>10} {'TFLOP/s':>8} {'of ceil':>8} {'peak GiB':>9}")
+    for r in results["runs"]:
+        if "error" in r:
+            print(f"{r['model']:<12} ERROR {r['error'][:80]}")
+            continue
+        frac = r.get("fraction_of_ceiling")
+        print(f"{r['model']:<12} {r['micro_batch']:>4} x {r['seq']:<4} {r['tokens_per_s']:>10.0f} {r['tflops']:>8.1f} "
+              f"{(frac * 100 if frac else float('nan')):>7.1f}% {r['peak_mem_gib'] or float('nan'):>9.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0 if all("error" not in r for r in results["runs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
