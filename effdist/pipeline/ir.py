@@ -311,20 +311,28 @@ class Schedule:
                 raise ScheduleError(self._describe_deadlock(heads, kinds, done))
 
     def _describe_deadlock(self, heads: list[int], kinds, done: set[Action]) -> str:
+        """Name the root cause: an action placed before its own producer on the same rank, or else the cycle of
+        ranks each waiting at its head for a result another one has not produced yet."""
         positions = {a: (r, i) for r, acts in enumerate(self.actions) for i, a in enumerate(acts)}
-        for rank, rank_actions in enumerate(self.actions):
-            if heads[rank] >= len(rank_actions):
-                continue
-            a = rank_actions[heads[rank]]
-            waiting = [p for p in self.producers(a, kinds) if p not in done][0]
-            r, i = positions[waiting]
-            if r == rank:
-                return (f"deadlock: rank {rank} position {heads[rank]} runs {a} before the {waiting} it needs "
-                        f"(same rank, position {i}); move {waiting} earlier")
-            return (f"deadlock: rank {rank} is stuck at position {heads[rank]} ({a}) waiting for {waiting} "
-                    f"(rank {r} position {i}), and rank {r} is stuck at position {heads[r]} "
-                    f"({self.actions[r][heads[r]]}); no rank can proceed")
-        raise AssertionError("no stuck rank found")  # unreachable: called only when some list is unfinished
+
+        def blocker(rank: int) -> Action:
+            head = self.actions[rank][heads[rank]]
+            return next(p for p in self.producers(head, kinds) if p not in done)
+
+        stuck = [r for r in range(self.pp) if heads[r] < len(self.actions[r])]
+        for rank in stuck:
+            waiting = blocker(rank)
+            if positions[waiting][0] == rank:
+                return (f"deadlock: rank {rank} position {heads[rank]} runs {self.actions[rank][heads[rank]]} before the "
+                        f"{waiting} it needs (same rank, position {positions[waiting][1]}); move {waiting} earlier")
+        chain, rank = [], stuck[0]
+        while rank not in chain:  # every stuck rank waits on another stuck rank, so this walk closes a cycle
+            chain.append(rank)
+            rank = positions[blocker(rank)][0]
+        cycle = chain[chain.index(rank):]
+        steps = [f"rank {r} is stuck at position {heads[r]} ({self.actions[r][heads[r]]}) waiting for {blocker(r)} "
+                 f"(rank {positions[blocker(r)][0]} position {positions[blocker(r)][1]})" for r in cycle]
+        return "deadlock: " + "; ".join(steps) + "; no rank in this cycle can proceed"
 
     # ------------------------------------------------------------------ torch.distributed.pipelining form
     def to_torch_order(self) -> dict[int, list[str]]:

@@ -91,13 +91,16 @@ def zb_h1_block(pp: int) -> BuildingBlock:
                                   for r in range(pp)))
 
 
-def v_min_block(pp: int) -> BuildingBlock:
-    d = 2 if pp % 3 == 0 else 0
+def v_min_block(pp: int, offset: int | None = None) -> BuildingBlock:
+    """The V-Min stable pattern; `offset` (the paper's d) defaults to 2 when p % 3 == 0, where the undelayed
+    pattern would put two ops of a rank into the same slot of the period, else 0."""
+    d = (2 if pp % 3 == 0 else 0) if offset is None else offset
     return _v_block(pp, lambda i: (i, 2 * pp - 1 - i, 2 * pp + d + i, 4 * pp + d - 1 - i))
 
 
-def v_half_block(pp: int) -> BuildingBlock:
-    d = 3 if pp % 2 == 0 else 0
+def v_half_block(pp: int, offset: int | None = None) -> BuildingBlock:
+    """The V-Half stable pattern; `offset` (d) defaults to 3 for even p (where the undelayed pattern collides)."""
+    d = (3 if pp % 2 == 0 else 0) if offset is None else offset
     return _v_block(pp, lambda i: (2 * i, 3 * pp - 2 - i, 3 * pp + d + 2 * i - 1, 6 * pp + d - i - 2))
 
 

@@ -1,0 +1,96 @@
+"""Activation bytes per microbatch, per layer and per pipeline chunk, from a model config.
+
+Formula: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", for one
+transformer layer, 16-bit activations, no recompute (s = sequence, b = micro-batch, h = hidden, a = heads,
+t = tensor-parallel size):
+
+    no tensor parallel:        s*b*h * (34 + 5*a*s/h)                 bytes
+    tensor parallel:           s*b*h * (10 + 24/t + 5*a*s/(h*t))
+    tensor + sequence parallel: s*b*h * (34 + 5*a*s/h) / t
+
+The 5*a*s/h term is the attention score matrix, its softmax, dropout mask and dropout output. With flash/SDPA
+attention (what effdist uses) none of those are stored, so `flash_attention=True` (the default) drops the term.
+The 34 counts GeLU-MLP (4h) tensors and dropout masks as in GPT; for a LLaMA layer it is an approximation that
+keeps the comparison between schedules exact (every schedule uses the same per-layer number). fp32 activations
+double everything. Embedding, final norm, logits and loss are not counted.
+
+Hooks: every function that sums layers takes `layer_bytes(layer_index) -> bytes`, so variants can count their own
+layers, e.g. EPAS sharing layers that keep no Q/K projections, or sparse FFNs that store a compressed activation:
+
+    base = megatron_layer_bytes(shape)
+    chunk_activation_bytes(shape.num_layers, num_chunks, lambda i: base - saved if i in region else base)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+LayerBytes = Callable[[int], float]
+
+
+@dataclass(frozen=True)
+class ActivationShape:
+    seq_length: int
+    micro_batch: int
+    hidden_size: int
+    num_attention_heads: int
+    num_layers: int
+    tp: int = 1
+    sequence_parallel: bool = False
+    bytes_per_element: int = 2
+    flash_attention: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("seq_length", "micro_batch", "hidden_size", "num_attention_heads", "num_layers", "tp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ActivationShape.{name} = {value!r}: must be a positive integer")
+        if self.bytes_per_element not in (2, 4):
+            raise ValueError(f"ActivationShape.bytes_per_element = {self.bytes_per_element}: use 2 (bf16/fp16) or 4 (fp32)")
+
+
+def megatron_layer_bytes(shape: ActivationShape) -> float:
+    """Bytes one transformer layer stores for one microbatch (see the module docstring)."""
+    s, b, h, a, t = shape.seq_length, shape.micro_batch, shape.hidden_size, shape.num_attention_heads, shape.tp
+    scores = 0.0 if shape.flash_attention else 5.0 * a * s / h
+    if shape.sequence_parallel or t == 1:
+        per_element = (34.0 + scores) / t
+    else:
+        per_element = 10.0 + 24.0 / t + scores / t
+    return s * b * h * per_element * (shape.bytes_per_element / 2)
+
+
+def layer_partition(num_layers: int, num_chunks: int) -> list[range]:
+    """Contiguous layer ranges of each chunk, as even as possible; earlier chunks take the remainder."""
+    if num_chunks < 1 or num_layers < num_chunks:
+        raise ValueError(f"cannot split {num_layers} layers into {num_chunks} chunks: every chunk needs at least one layer "
+                         "(use fewer pipeline ranks or chunks, or more layers)")
+    base, extra = divmod(num_layers, num_chunks)
+    out, start = [], 0
+    for c in range(num_chunks):
+        size = base + (1 if c < extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def chunk_activation_bytes(num_layers: int, num_chunks: int, layer_bytes: LayerBytes) -> list[float]:
+    """Bytes per microbatch that each chunk stores: the sum of its layers' `layer_bytes`."""
+    return [float(sum(layer_bytes(i) for i in layers)) for layers in layer_partition(num_layers, num_chunks)]
+
+
+def shape_from_config(cfg: Any, flash_attention: bool = True) -> ActivationShape:
+    """ActivationShape of an effdist Config: model.hidden_size, data.seq_length, train.micro_batch,
+    model.num_layers, parallel.tp/sequence_parallel; train.dtype fp32 -> 4 bytes, else (bf16, fp16, auto on GPU) 2."""
+    return ActivationShape(
+        seq_length=cfg.data.seq_length,
+        micro_batch=cfg.train.micro_batch,
+        hidden_size=cfg.model.hidden_size,
+        num_attention_heads=cfg.model.num_attention_heads,
+        num_layers=cfg.model.num_layers,
+        tp=cfg.parallel.tp,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        bytes_per_element=4 if cfg.train.dtype == "fp32" else 2,
+        flash_attention=flash_attention,
+    )
