@@ -109,7 +109,7 @@ class RankResult:
     busy: float
     bubble_rate: float
     peak_activation_units: float
-    # [(time, activation units held from this time on)], starting at (0, 0)
+    # step curve [(time, activation units held from this time on)], beginning at time 0
     memory_units: list[tuple[float, float]]
     peak_activation_bytes: float | None = None
     memory_bytes: list[tuple[float, float]] | None = None
