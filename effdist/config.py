@@ -112,6 +112,8 @@ class CheckpointConfig:
     async_save: bool = False
     keep_last: int = 3
     keep_every: int = 0  # also keep every k-th step's checkpoint (0: none)
+    # On resume, check each file's CRC32 as well as its size (reads the whole checkpoint once).
+    verify_crc: bool = True
     save_at_end: bool = True
 
 

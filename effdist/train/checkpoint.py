@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -123,14 +124,146 @@ def save(ckpt_dir: Path, step: int, model_chunks, optimizer, runtime, common: di
     dist_checkpointing.save(sd, str(tmp))
     _barrier()
     if runtime.is_logging_rank:
-        marker = dict(marker, step=step, saved_at=time.time())
-        _write_atomic(tmp / MARKER, json.dumps(marker, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(ckpt_dir / "latest", final.name)
+        _finalize(ckpt_dir, tmp, final, step, marker)
     _barrier()
     return final
+
+
+class HostStaging:
+    """Pinned host buffers, allocated once and reused by every save (DataStates-LLM style).
+
+    The saving step only copies device tensors into these buffers; the files are written from them
+    in the background while training goes on.
+    """
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def stage(self, sharded_sd: dict) -> None:
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        copies = []
+        for v in nested_values(sharded_sd):
+            if not isinstance(v, ShardedTensor) or v.data is None or v.data.device.type == "cpu":
+                continue
+            key = (v.key, v.global_offset, tuple(v.data.shape), v.data.dtype)
+            buf = self.buffers.get(key)
+            if buf is None:
+                buf = torch.empty(v.data.shape, dtype=v.data.dtype, pin_memory=True)
+                self.buffers[key] = buf
+            buf.copy_(v.data.detach(), non_blocking=True)
+            copies.append((v, buf))
+        if copies:
+            torch.cuda.synchronize()
+        for v, buf in copies:
+            v.data = buf
+
+
+class AsyncSaver:
+    """At most one checkpoint written in the background; visible only once every rank finished."""
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue(persistent=False)
+        self.staging = HostStaging()
+        self.in_flight: Path | None = None
+
+    def save(self, ckpt_dir: Path, step: int, model_chunks, optimizer, runtime, common: dict[str, Any],
+             marker: dict[str, Any], after_finalize=None) -> Path:
+        from megatron.core import dist_checkpointing
+
+        self.wait()  # at most one save in flight: the staging buffers are about to be overwritten
+        final = ckpt_dir / iter_name(step)
+        tmp = ckpt_dir / (iter_name(step) + ".tmp")
+        if runtime.is_logging_rank:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        _barrier()
+        optimizer.ensure_state()
+        sd = build_state_dict(model_chunks, optimizer, runtime, common)
+        self.staging.stage(sd)
+        request = dist_checkpointing.save(sd, str(tmp), async_sharded_save=True)
+
+        def finalize():
+            if runtime.is_logging_rank:
+                _finalize(ckpt_dir, tmp, final, step, marker)
+                if after_finalize is not None:
+                    after_finalize()
+            _barrier()
+
+        request.finalize_fns.append(finalize)
+        self.queue.schedule_async_request(request)
+        self.in_flight = final
+        return final
+
+    def poll(self) -> list[Path]:
+        """Finalize a finished save, if any (collective: call at the same point on every rank)."""
+        done = self.queue.maybe_finalize_async_calls(blocking=False, no_dist=False)
+        if done and self.in_flight is not None:
+            path, self.in_flight = self.in_flight, None
+            return [path]
+        return []
+
+    def wait(self) -> list[Path]:
+        """Block until the save in flight is written and visible."""
+        if self.in_flight is None:
+            return []
+        self.queue.maybe_finalize_async_calls(blocking=True, no_dist=False)
+        path, self.in_flight = self.in_flight, None
+        return [path]
+
+    def close(self) -> None:
+        self.wait()
+        self.queue.close()
+
+
+def manifest(path: Path) -> dict[str, list[int]]:
+    """Size and CRC32 of every file of a checkpoint, recorded in its marker to detect corruption."""
+    out = {}
+    for f in sorted(path.rglob("*")):
+        if f.is_file() and f.name != MARKER:
+            crc = 0
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    crc = zlib.crc32(chunk, crc)
+            out[str(f.relative_to(path))] = [f.stat().st_size, crc]
+    return out
+
+
+def verify(path: Path, check_crc: bool = True) -> None:
+    """Raise CheckpointError if any file of `path` is missing, truncated or altered since it was saved."""
+    marker = read_marker(path)
+    expected = marker.get("files")
+    if not expected:
+        raise CheckpointError(f"checkpoint {path} records no file manifest; it was not completed by effdist")
+    for rel, (size, crc) in expected.items():
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {rel}")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"checkpoint {path}: {rel} has {f.stat().st_size} bytes, {size} were written "
+                                  "(truncated or overwritten)")
+        if check_crc:
+            got = 0
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    got = zlib.crc32(chunk, got)
+            if got != crc:
+                raise CheckpointError(f"checkpoint {path}: {rel} fails its CRC32 check (corrupted on disk)")
+
+
+def _finalize(ckpt_dir: Path, tmp: Path, final: Path, step: int, marker: dict[str, Any]) -> None:
+    """Rank 0: record the manifest, then make the checkpoint visible under its final name."""
+    marker = dict(marker, step=step, saved_at=time.time(), files=manifest(tmp))
+    _write_atomic(tmp / MARKER, json.dumps(marker, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_atomic(ckpt_dir / "latest", final.name)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -60,6 +60,8 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
         self._preempt_requested = False
+        # Fault injection for tests and drills: steps (1-based) whose loss is made NaN.
+        self._nan_steps = {int(x) for x in os.environ.get("EFFDIST_FAULT_NAN_STEPS", "").split(",") if x.strip()}
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -150,6 +152,7 @@ class Trainer:
             path = Path(self.resume)
             if not (path / ckpt.MARKER).is_file():
                 raise ckpt.CheckpointError(f"--resume {path}: not a complete effdist checkpoint directory")
+            ckpt.verify(path, check_crc=self.cfg.checkpoint.verify_crc)
         if path is None:
             return
         marker = ckpt.read_marker(path)
@@ -166,18 +169,19 @@ class Trainer:
             f" (resharded from tp={marker.get('tp')} pp={marker.get('pp')} dp={marker.get('dp')})"))
 
     def _newest_loadable(self) -> Path | None:
-        """The newest complete checkpoint; a corrupt newer one is reported and skipped."""
-        for step, path in reversed(ckpt.list_complete(self.ckpt_dir)):
-            try:
-                ckpt.read_marker(path)
-                from megatron.core import dist_checkpointing
-
-                if not dist_checkpointing.check_is_distributed_checkpoint(str(path)):
-                    raise ckpt.CheckpointError(f"{path} lacks dist_checkpointing metadata")
-                return path
-            except ckpt.CheckpointError as e:
-                log(self.runtime, f"WARNING: skipping checkpoint {path.name}: {e}; falling back to an older one")
-        return None
+        """The newest complete checkpoint that passes verification; a corrupt newer one is reported and
+        skipped. Rank 0 decides and tells the others, so every rank loads the same one."""
+        choice: list[str | None] = [None]
+        if self.runtime.is_logging_rank:
+            for _, path in reversed(ckpt.list_complete(self.ckpt_dir)):
+                try:
+                    ckpt.verify(path, check_crc=self.cfg.checkpoint.verify_crc)
+                    choice[0] = str(path)
+                    break
+                except ckpt.CheckpointError as e:
+                    log(self.runtime, f"WARNING: {e}; falling back to the previous checkpoint")
+        dist.broadcast_object_list(choice, src=0)
+        return Path(choice[0]) if choice[0] else None
 
     def _model_signature(self) -> dict[str, Any]:
         m = self.cfg.model
@@ -256,6 +260,8 @@ class Trainer:
 
         for chunk in self.model_chunks:
             chunk.zero_grad_buffer()
+        if self.step + 1 in self._nan_steps:
+            tokens_in_global_batch = float("nan")  # poisons the loss and every gradient of this step
         loss_sum = self._forward_backward(microbatches, tokens_in_global_batch)
         for chunk in self.model_chunks:
             chunk.finish_grad_sync()
@@ -305,23 +311,40 @@ class Trainer:
         return bool(flag.item() > 0)
 
     def save(self) -> Path:
+        """Checkpoint the state after `self.step` steps (in the background with checkpoint.async_save)."""
         common = {"step": self.step, "data": self.loader.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row,
                   "skipped_steps": self.skipped_steps}
         if self.epas is not None:
             common["epas"] = self.epas.state_dict()
-        rt = self.runtime
+        rt, cc = self.runtime, self.cfg.checkpoint
+        self._finish_saves()
         marker = {"model": self._model_signature(), "lr_schedule": self._lr_signature(), "tp": rt.tp, "pp": rt.pp,
                   "dp": rt.dp, "config": self.cfg.to_dict()}
+
+        def retain():
+            ckpt.apply_retention(self.ckpt_dir, cc.keep_last, cc.keep_every)
+
+        if self.saver is not None:
+            path = self.saver.save(self.ckpt_dir, self.step, self.model_chunks, self.optimizer, rt, common, marker,
+                                   after_finalize=retain)
+            log(rt, f"saving checkpoint {path.name} in the background")
+            return path
         path = ckpt.save(self.ckpt_dir, self.step, self.model_chunks, self.optimizer, rt, common, marker)
         if rt.is_logging_rank:
-            ckpt.apply_retention(self.ckpt_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
+            retain()
         log(rt, f"saved checkpoint {path}")
         return path
+
+    def _finish_saves(self) -> None:
+        if getattr(self, "saver", None) is not None:
+            for p in self.saver.wait():
+                log(self.runtime, f"saved checkpoint {p}")
 
     def fit(self) -> int:
         """Train until train.steps; returns the process exit code."""
         cfg, rt = self.cfg, self.runtime
         self._install_signal_handlers()
+        self.saver = ckpt.AsyncSaver() if cfg.checkpoint.async_save else None
         if self.step >= cfg.train.steps:
             log(rt, f"nothing to do: the run in {self.run_dir} is already at step {self.step} of {cfg.train.steps} "
                     "(raise train.steps, or start over with --resume none or another --run-dir)")
@@ -349,12 +372,16 @@ class Trainer:
                           mfu=_mfu(tflops, rt), peak_mem_gib=_peak_memory_gib(rt), step_time_s=dt)
             if self.pipeline is not None:
                 record.update(self.pipeline.memory_metrics())
+            if self.saver is not None:
+                for p in self.saver.poll():
+                    log(rt, f"saved checkpoint {p}")
             if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
                 self.metrics.log(record)
             due = cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0
             if self._preempt_agreed():
                 if self.nonfinite_in_a_row == 0:
                     self.save()
+                self._finish_saves()
                 log(rt, f"preempted at step {self.step}: exiting with code {PREEMPTED_EXIT_CODE} for a requeue")
                 self.metrics.close()
                 return PREEMPTED_EXIT_CODE
@@ -363,6 +390,7 @@ class Trainer:
                 last_saved = self.step
         if cfg.checkpoint.save_at_end and last_saved != self.step and self.nonfinite_in_a_row == 0:
             self.save()
+        self._finish_saves()
         self.metrics.close()
         log(rt, f"done: {self.step} steps, final loss {out['loss']:.4f}")
         return 0
@@ -409,5 +437,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer.setup()
         return trainer.fit()
+    except (ConfigError, ckpt.CheckpointError, NonFiniteError, _data_error()) as e:
+        # Errors the user can act on: one clear line per rank instead of a traceback.
+        rank = os.environ.get("RANK", "0")
+        print(f"effdist: error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        return 1
     finally:
         teardown()
+
+
+def _data_error() -> type[Exception]:
+    try:
+        from effdist.data.verify import DataError
+    except ImportError:  # pragma: no cover - data package always ships
+        return ConfigError
+    return DataError
