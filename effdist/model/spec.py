@@ -21,6 +21,7 @@ from effdist.config import Config
 from effdist.model.attention import SDPAttention
 from effdist.model.ffn import build_mlp_spec
 from effdist.model.norm import RMSNorm
+from effdist.model.shared_qk import EpasSelfAttention, EpasTransformerLayer
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,9 @@ DEFAULT_LINEARS = LinearImpl()
 
 
 def self_attention_spec(cfg: Config, layer_idx: int, linears: LinearImpl = DEFAULT_LINEARS) -> ModuleSpec:
+    # With EPAS every layer gets the switchable attention (layer 0 too: it may export its Q/K).
     return ModuleSpec(
-        module=SelfAttention,
+        module=EpasSelfAttention if cfg.epas.enabled else SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
             linear_qkv=linears.column,
@@ -50,8 +52,10 @@ def self_attention_spec(cfg: Config, layer_idx: int, linears: LinearImpl = DEFAU
 
 def layer_spec(cfg: Config, layer_idx: int, linears: LinearImpl = DEFAULT_LINEARS) -> ModuleSpec:
     """The spec of global decoder layer `layer_idx` (0-based)."""
+    epas = cfg.epas.enabled
     return ModuleSpec(
-        module=TransformerLayer,
+        module=EpasTransformerLayer if epas else TransformerLayer,
+        params={"epas_layer_index": layer_idx} if epas else {},
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
             self_attention=self_attention_spec(cfg, layer_idx, linears),

@@ -1,0 +1,246 @@
+"""The EPAS controller: switches this rank's layers to the scheduled region at each optimizer step
+and keeps the Wq/Wk rows of sharing layers, and their optimizer state, exactly as they were.
+
+Why rows need keeping: a sharing layer's Wq/Wk live inside the fused ``linear_qkv`` weight, whose
+V rows still train. Their gradient is exactly zero, but AdamW would still move them (weight decay,
+and the momentum they had before switching) and decay their moments. The controller takes one
+snapshot of those rows when a layer joins the region (model weight, fp32 master weight,
+exp_avg, exp_avg_sq, ...) and copies it back after every optimizer step. The snapshot is taken once,
+not before every step, so the per-step cost is one row copy per tensor; its memory is that of the
+frozen rows (about 2/3 of a layer's linear_qkv, per tensor kept). Adam's per-tensor ``step``
+counter still advances: it is shared with the V rows of the same tensor.
+
+Call protocol (the trainer): ``begin_step(step)`` before the step's microbatches,
+``after_optimizer_step(optimizer)`` right after the optimizer step, ``state_dict()`` into
+checkpoints and ``load_state_dict()`` after the checkpoint (model + optimizer) has been loaded.
+Give the optimizer to the constructor (or ``attach_optimizer``) so the snapshot includes its state;
+without it, only a fresh run's first step can be reconstructed and a resumed run raises.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from effdist.config import Config
+from effdist.epas.schedule import check_schedule, layers_of_region, sharing_layers
+from effdist.model.shared_qk import EpasError, apply_region, epas_layers, qkv_row_blocks
+
+STATE_VERSION = 1
+
+
+def _qk_rows_view(layer) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function giving the Q and K rows (a view) of a tensor shaped like the layer's linear_qkv weight."""
+    attention = layer.self_attention
+    groups = attention.num_query_groups_per_partition
+    heads_per_group = attention.num_attention_heads_per_partition // groups
+    head_dim = attention.hidden_size_per_attention_head
+    return lambda t: qkv_row_blocks(t, groups, heads_per_group, head_dim)[:, : heads_per_group + 1]
+
+
+def _optimizer_tensors(optimizer, param: torch.nn.Parameter) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+    """(the fp32 tensor the optimizer updates for `param`, its state tensors shaped like it, its step)."""
+    if hasattr(optimizer, "master_of") and hasattr(optimizer, "inner"):  # effdist.train.optim.MasterWeightAdamW
+        master = optimizer.master_of(param)
+        state = optimizer.inner.state.get(master, {})
+    elif isinstance(optimizer, torch.optim.Optimizer):
+        master = param
+        state = optimizer.state.get(param, {})
+    else:
+        raise EpasError(f"EpasController cannot keep the optimizer state of a {type(optimizer).__name__}: use a "
+                        "torch.optim optimizer or effdist.train.optim.MasterWeightAdamW")
+    tensors = {k: v for k, v in state.items() if torch.is_tensor(v) and v.shape == param.shape}
+    step = float(state["step"]) if "step" in state else 0.0
+    return master, tensors, step
+
+
+class _FrozenRows:
+    """The Wq/Wk rows of one sharing layer's linear_qkv weight, kept as they were when it switched."""
+
+    def __init__(self, layer_index: int, layer):
+        self.layer_index = layer_index
+        self.param: torch.nn.Parameter = layer.self_attention.linear_qkv.weight
+        self.rows = _qk_rows_view(layer)
+        self.param_rows = self.rows(self.param.detach()).clone()
+        self.optimizer_rows: Optional[dict[str, Optional[torch.Tensor]]] = None
+        self.master_rows: Optional[torch.Tensor] = None
+
+    def snapshot_optimizer(self, optimizer) -> None:
+        master, state, _ = _optimizer_tensors(optimizer, self.param)
+        self.master_rows = None if master is self.param else self.rows(master.detach()).clone()
+        # No state yet: the rows' state will be created as zeros, and with their zero gradient it stays so.
+        self.optimizer_rows = {k: self.rows(v).clone() for k, v in state.items()}
+
+    def reconstruct_fresh_optimizer(self, optimizer) -> None:
+        """For an optimizer seen only after its first step: the pre-step state was no state at all and
+        the master copy was made from the model weight (what MasterWeightAdamW and torch.optim do)."""
+        master, _, step = _optimizer_tensors(optimizer, self.param)
+        if step > 1:
+            raise EpasError(
+                f"layer {self.layer_index} shared Q/K during a step of an optimizer whose state existed before "
+                "that step, and the controller had no snapshot of it, so its Wq/Wk rows cannot be restored "
+                "exactly. Give the optimizer to the controller before the first step: "
+                "EpasController(cfg, model_chunks, optimizer=optimizer) or controller.attach_optimizer(optimizer)")
+        self.master_rows = None if master is self.param else self.param_rows.to(master.dtype)
+        self.optimizer_rows = {}
+
+    @torch.no_grad()
+    def restore(self, optimizer) -> None:
+        master, state, _ = _optimizer_tensors(optimizer, self.param)
+        self.rows(self.param).copy_(self.param_rows)
+        if master is not self.param:
+            self.rows(master).copy_(self.master_rows)
+        for name, tensor in state.items():
+            saved = self.optimizer_rows.get(name)
+            if saved is None:
+                self.rows(tensor).zero_()
+            else:
+                self.rows(tensor).copy_(saved)
+
+
+class EpasController:
+    """One EPAS decision per optimizer step, identical on all ranks (a pure function of the step)."""
+
+    def __init__(self, cfg: Config, model_chunks: list[torch.nn.Module], optimizer=None):
+        if not cfg.epas.enabled:
+            raise EpasError("EpasController needs epas.enabled = true (and the model built with it)")
+        check_schedule(cfg.epas, cfg.model.num_layers)
+        self.cfg = cfg
+        self.num_layers = cfg.model.num_layers
+        self.model_chunks = list(model_chunks)
+        self._layers = epas_layers(self.model_chunks)
+        if not self._layers:
+            raise EpasError("the model chunks have no EPAS layers: build them with epas.enabled = true")
+        bad = [i for i in self._layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise EpasError(f"layer indices {bad} lie outside model.num_layers = {self.num_layers}")
+        self._optimizer = None
+        self._frozen: dict[int, _FrozenRows] = {}
+        self._region: frozenset[int] = frozenset()
+        self._step: Optional[int] = None
+        self._switched = False
+        self._first_step_of_process = True
+        apply_region(self.model_chunks, self._region)
+        if optimizer is not None:
+            self.attach_optimizer(optimizer)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def region(self) -> int:
+        """Number of sharing layers in the whole model (all ranks) at the current step."""
+        return len(self._region)
+
+    @property
+    def sharing_layers(self) -> frozenset[int]:
+        """Global indices of the sharing layers in the whole model at the current step."""
+        return self._region
+
+    @property
+    def switched_this_step(self) -> bool:
+        """The region differs from the previous step's (always true at the first step of a process),
+        so e.g. the pipeline executor must redo which boundaries carry Q/K."""
+        return self._switched
+
+    @property
+    def step(self) -> Optional[int]:
+        return self._step
+
+    # ------------------------------------------------------------------ the step protocol
+    def attach_optimizer(self, optimizer) -> None:
+        """Snapshot the optimizer rows of the layers already sharing; later switches snapshot them too."""
+        if self._optimizer is not None and optimizer is not self._optimizer:
+            raise EpasError("EpasController already keeps the rows of another optimizer")
+        self._optimizer = optimizer
+        for frozen in self._frozen.values():
+            if frozen.optimizer_rows is None:
+                frozen.snapshot_optimizer(optimizer)
+
+    def begin_step(self, step: int) -> int:
+        """Switch this rank's layers to the region of optimizer step `step`; returns the region size.
+
+        Call only between optimizer steps (never between microbatches of one step).
+        """
+        region = sharing_layers(self.cfg.epas, self.num_layers, step)
+        self._switched = region != self._region or self._first_step_of_process
+        self._first_step_of_process = False
+        if region != self._region:
+            self._switch(region)
+        self._step = step
+        return len(region)
+
+    def after_optimizer_step(self, optimizer) -> None:
+        """Put back the Wq/Wk rows (weight, master weight, optimizer state) of the sharing layers."""
+        if self._optimizer is None:
+            self._optimizer = optimizer
+            for frozen in self._frozen.values():
+                if frozen.optimizer_rows is None:
+                    frozen.reconstruct_fresh_optimizer(optimizer)
+        elif optimizer is not self._optimizer:
+            raise EpasError("after_optimizer_step got a different optimizer than the one attached")
+        for frozen in self._frozen.values():
+            frozen.restore(optimizer)
+
+    def _switch(self, region: frozenset[int]) -> None:
+        apply_region(self.model_chunks, region)
+        for index in list(self._frozen):
+            if index not in region:
+                del self._frozen[index]
+        for index in sorted(region):
+            if index in self._layers and index not in self._frozen:
+                frozen = _FrozenRows(index, self._layers[index])
+                if self._optimizer is not None:
+                    frozen.snapshot_optimizer(self._optimizer)
+                self._frozen[index] = frozen
+        self._region = region
+
+    # ------------------------------------------------------------------ checkpointing
+    def _schedule_signature(self) -> dict[str, Any]:
+        e = self.cfg.epas
+        return {"mode": e.mode, "start_step": e.start_step, "interval": e.interval, "group_size": e.group_size,
+                "final_region": e.final_region, "direction": e.direction}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "step": self._step, "region": len(self._region),
+                "sharing_layers": sorted(self._region), "num_layers": self.num_layers,
+                "schedule": self._schedule_signature()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the region of a checkpoint; call after the model and optimizer were loaded.
+
+        The saved region must be what this config's schedule gives at the saved step: a resumed run
+        with another schedule would switch layers the checkpoint never trained that way.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise EpasError(f"EPAS controller state version {state.get('version')!r} is not {STATE_VERSION}")
+        if state["num_layers"] != self.num_layers:
+            raise EpasError(f"the EPAS state was saved for {state['num_layers']} layers, this model has {self.num_layers}")
+        saved = frozenset(state["sharing_layers"])
+        step = state["step"]
+        expected = frozenset() if step is None else sharing_layers(self.cfg.epas, self.num_layers, step)
+        if saved != expected:
+            raise EpasError(
+                f"checkpoint EPAS region at step {step} is {sorted(saved)} (schedule {state.get('schedule')}), but "
+                f"this config's schedule {self._schedule_signature()} gives {sorted(expected)} at that step. Resume "
+                "with the epas settings the run was trained with, or start a new run from the weights")
+        self._switch(saved)
+        self._step = step
+        self._first_step_of_process = True
+
+
+def set_region(model_chunks: Iterable[torch.nn.Module], num_sharing_layers: int, *, num_layers: Optional[int] = None,
+               direction: str = "deep_to_shallow") -> frozenset[int]:
+    """Run a trained EPAS model with any region length 0..num_layers-1 (inference, evaluation).
+
+    `num_layers` defaults to the layers found in `model_chunks`, which must then be the whole model.
+    Returns the sharing layers.
+    """
+    chunks = list(model_chunks)
+    if num_layers is None:
+        found = sorted(epas_layers(chunks))
+        if not found or found != list(range(found[-1] + 1)):
+            raise EpasError("set_region: these chunks do not hold a whole model; pass num_layers=")
+        num_layers = len(found)
+    layers = layers_of_region(num_sharing_layers, num_layers, direction)
+    apply_region(chunks, layers)
+    return layers

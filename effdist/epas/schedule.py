@@ -1,0 +1,106 @@
+"""Which decoder layers share Q/K at a given optimizer step: a pure function of the step.
+
+Progressive (the paper's method): dense until ``start_step``; then ``group_size`` layers switch to
+sharing at ``start_step`` and another group every ``interval`` steps, until the region holds
+``final_region`` layers. The region grows from the deep end (deep_to_shallow, default: the last
+layers share first) or, as an ablation, from layer 1 upward (shallow_to_deep). "fixed" holds the
+final region from ``start_step`` on. Layer 0 never shares: it has no previous layer.
+
+Being a pure function of (config, step), every rank computes the same region with no
+communication, and a resumed run recomputes it from its step.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+from effdist.config import ConfigError, EpasConfig, epas_final_region
+
+MODES = ("progressive", "fixed")
+
+
+def final_region_size(epas: EpasConfig, num_layers: int) -> int:
+    """epas.final_region as a layer count (it may be given as a fraction of num_layers)."""
+    # One definition of the count, shared with config validation.
+    return epas_final_region(SimpleNamespace(epas=epas, model=SimpleNamespace(num_layers=num_layers)))
+
+
+def check_schedule(epas: EpasConfig, num_layers: int) -> None:
+    """Raise ConfigError naming the field if this schedule cannot run on `num_layers` layers."""
+    if epas.mode == "adaptive":
+        raise ConfigError("epas.mode = 'adaptive': deciding the region from measured Q/K similarity is not "
+                          "implemented; use 'progressive' (tools/layer_redundancy.py suggests a final_region "
+                          "from measured similarity) or 'fixed'")
+    if epas.mode not in MODES:
+        raise ConfigError(f"epas.mode = {epas.mode!r}: valid: progressive, fixed")
+    if epas.direction not in ("deep_to_shallow", "shallow_to_deep"):
+        raise ConfigError(f"epas.direction = {epas.direction!r}: valid: deep_to_shallow, shallow_to_deep")
+    if epas.interval <= 0:
+        raise ConfigError(f"epas.interval = {epas.interval!r}: must be a positive number of steps between growths")
+    if epas.group_size <= 0:
+        raise ConfigError(f"epas.group_size = {epas.group_size!r}: must be a positive number of layers")
+    if epas.start_step < 0:
+        raise ConfigError(f"epas.start_step = {epas.start_step!r}: must be >= 0")
+    if epas.final_region <= 0:
+        raise ConfigError(f"epas.final_region = {epas.final_region!r}: must be a layer count >= 1 or a fraction "
+                          "in (0, 1)")
+    if epas.final_region >= 1 and not float(epas.final_region).is_integer():
+        raise ConfigError(f"epas.final_region = {epas.final_region!r}: a count must be a whole number of layers "
+                          "(or give a fraction in (0, 1))")
+    final = final_region_size(epas, num_layers)
+    if final == 0:
+        raise ConfigError(f"epas.final_region = {epas.final_region!r} of {num_layers} layers rounds down to 0 "
+                          "sharing layers; raise the fraction or give a count")
+    if final > num_layers - 1:
+        raise ConfigError(f"epas.final_region = {epas.final_region!r} = {final} sharing layers; at most "
+                          f"num_layers-1 = {num_layers - 1} (layer 0 has no previous layer to share Q/K with)")
+
+
+def region_size(epas: EpasConfig, num_layers: int, step: int) -> int:
+    """Number of sharing layers during optimizer step `step` (0-based)."""
+    if step < 0:
+        raise ValueError(f"step = {step}: optimizer steps are counted from 0")
+    final = final_region_size(epas, num_layers)
+    if step < epas.start_step:
+        return 0
+    if epas.mode == "fixed":
+        return final
+    groups = (step - epas.start_step) // epas.interval + 1
+    return min(final, groups * epas.group_size)
+
+
+def layers_of_region(size: int, num_layers: int, direction: str = "deep_to_shallow") -> frozenset[int]:
+    """The `size` sharing layers: the deepest ones (deep_to_shallow) or layers 1..size (shallow_to_deep)."""
+    if not 0 <= size <= num_layers - 1:
+        raise ValueError(f"region size {size}: must lie in [0, num_layers-1 = {num_layers - 1}] (layer 0 never shares)")
+    if direction == "deep_to_shallow":
+        return frozenset(range(num_layers - size, num_layers))
+    if direction == "shallow_to_deep":
+        return frozenset(range(1, size + 1))
+    raise ValueError(f"direction = {direction!r}: valid: deep_to_shallow, shallow_to_deep")
+
+
+def sharing_layers(cfg_epas: EpasConfig, num_layers: int, step: int) -> frozenset[int]:
+    """Global indices (0-based) of the layers that share Q/K during optimizer step `step`."""
+    if not cfg_epas.enabled:
+        return frozenset()
+    check_schedule(cfg_epas, num_layers)
+    return layers_of_region(region_size(cfg_epas, num_layers, step), num_layers, cfg_epas.direction)
+
+
+def steps_to_final_region(epas: EpasConfig, num_layers: int) -> int:
+    """The first step at which the region reaches its final size."""
+    final = final_region_size(epas, num_layers)
+    if epas.mode == "fixed":
+        return epas.start_step
+    return epas.start_step + (math.ceil(final / epas.group_size) - 1) * epas.interval
+
+
+def boundary_needs_qk(region_layers: frozenset[int] | set[int], first_layer_of_next_chunk: int) -> bool:
+    """Whether the Q/K of the layer before a pipeline-chunk boundary must cross it.
+
+    It must exactly when the next chunk's first layer shares: that layer reuses the Q/K of the layer
+    before it (which the previous chunk exported, or passed on from its own anchor).
+    """
+    return first_layer_of_next_chunk in region_layers

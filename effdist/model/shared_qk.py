@@ -1,0 +1,301 @@
+"""EPAS shared-QK attention: a decoder layer that can reuse the Q and K of the layer above it.
+
+A *sharing* layer i computes ``Attn(Q_a, K_a, V_i)`` where ``Q_a, K_a`` are the post-RoPE query
+and key of its anchor (the last non-sharing layer before it): it runs neither the Q/K part of its
+fused ``linear_qkv`` GEMM nor RoPE. Its Wq/Wk rows stay in the fused weight (a dense checkpoint
+converts, the region can shrink at inference) and receive an exactly-zero gradient.
+
+How the anchor's Q/K reaches the sharing layers: megatron's TransformerBlock threads a ``context``
+value from layer to layer (and through its full-recompute checkpoint functions). Every EPAS layer
+returns as its context the Q/K the next layer needs, packed into ONE tensor
+``[s, b, heads + kv_heads, head_dim]`` (query heads first, then the grouped key heads), because
+the checkpoint functions only track tensors. Nothing is packed unless the next layer shares
+(``exports_qk``), so a layer outside the region costs exactly what a dense layer costs.
+
+Whether a layer shares is switched at run time (`apply_region`): the region grows during training.
+
+Pipeline boundaries: TransformerBlock does not return the final context. Seed the first layer of a
+chunk with ``model(..., extra_block_kwargs={"context": qk})`` and, right after a chunk's forward,
+take the Q/K its last layer exported with `pop_exported_qk(model)` (it carries autograd: back-
+propagate it together with the chunk's output). See docs/epas.md.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+    _yarn_get_concentration_factor_from_config,
+)
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    linear_with_grad_accumulation_and_async_allreduce,
+)
+from megatron.core.tensor_parallel.layers import linear_with_frozen_weight
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+
+class EpasError(RuntimeError):
+    """An EPAS region or Q/K hand-over is inconsistent (e.g. a sharing layer received no Q/K)."""
+
+
+# Sentinel: "not inside an EPAS forward", so get_query_key_value_tensors behaves like megatron's.
+_OUTSIDE_EPAS_FORWARD = object()
+
+
+def pack_qk(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """[s, b, heads, d] + [s, b, kv_heads, d] -> one [s, b, heads + kv_heads, d] tensor."""
+    return torch.cat([query, key], dim=2)
+
+
+def unpack_qk(qk: torch.Tensor, num_query_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return qk[:, :, :num_query_heads], qk[:, :, num_query_heads:]
+
+
+def qkv_row_blocks(weight_or_bias: torch.Tensor, num_groups: int, heads_per_group: int, head_dim: int) -> torch.Tensor:
+    """View a (per-rank) fused linear_qkv weight/bias as [groups, heads_per_group + 2, head_dim, ...].
+
+    megatron interleaves the fused rows per query group: [q heads of the group, k, v]; so along
+    dim 1, indices ``:heads_per_group`` are Q, ``heads_per_group`` is K, ``heads_per_group + 1`` is V.
+    """
+    return weight_or_bias.view(num_groups, heads_per_group + 2, head_dim, *weight_or_bias.shape[1:])
+
+
+class EpasSelfAttention(SelfAttention):
+    """megatron SelfAttention whose Q/K source is chosen per layer at run time.
+
+    * ``sharing = False, exports_qk = False``: exactly megatron's SelfAttention.
+    * ``exports_qk = True``: as above, and the post-RoPE Q/K are packed into ``exported_qk``.
+    * ``sharing = True``: Q/K come from ``incoming_qk`` (set by EpasTransformerLayer); only the V
+      rows of ``linear_qkv`` are multiplied; no RoPE.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sharing = False
+        self.exports_qk = False
+        self.incoming_qk: Optional[torch.Tensor] = None
+        self.exported_qk: Optional[torch.Tensor] = None
+        self._rope = _OUTSIDE_EPAS_FORWARD
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None,
+                rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
+                attention_bias=None, packed_seq_params=None, sequence_len_offset=None, *, inference_params=None):
+        self.exported_qk = None
+        if not (self.sharing or self.exports_qk):
+            return super().forward(hidden_states, attention_mask, key_value_states, inference_context, rotary_pos_emb,
+                                   rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin, attention_bias,
+                                   packed_seq_params, sequence_len_offset, inference_params=inference_params)
+        self._check_supported(inference_context or inference_params, packed_seq_params)
+        if rotary_pos_emb is not None and not isinstance(rotary_pos_emb, tuple):
+            rotary_pos_emb = (rotary_pos_emb,) * 2
+        # RoPE moves into get_query_key_value_tensors (same function, same arguments as megatron's
+        # forward uses), so that the Q/K exported are post-RoPE and a sharing layer can skip it.
+        self._rope = rotary_pos_emb
+        try:
+            return super().forward(hidden_states, attention_mask, key_value_states, None, None, rotary_pos_cos,
+                                   rotary_pos_sin, rotary_pos_cos_sin, attention_bias, None, sequence_len_offset)
+        finally:
+            self._rope = _OUTSIDE_EPAS_FORWARD
+
+    def _check_supported(self, inference_context, packed_seq_params) -> None:
+        where = f"EPAS layer {self.layer_number - 1} (local index)"
+        if inference_context is not None:
+            raise NotImplementedError(f"{where}: Q/K sharing does not use megatron's inference_context KV cache; "
+                                      "effdist.infer keeps its own cache (shared K for sharing layers)")
+        if packed_seq_params is not None:
+            raise NotImplementedError(f"{where}: Q/K sharing does not support packed sequences")
+        if self.config.attention_output_gate or self.config.fused_single_qkv_rope or self.config.flash_decode:
+            raise NotImplementedError(f"{where}: Q/K sharing needs attention_output_gate, fused_single_qkv_rope "
+                                      "and flash_decode off")
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
+        if self._rope is _OUTSIDE_EPAS_FORWARD:
+            return super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate=output_gate,
+                                                       split_qkv=split_qkv)
+        if self.sharing:
+            qk = self._expected_incoming(hidden_states)
+            query, key = unpack_qk(qk, self.num_attention_heads_per_partition)
+            value = self._value_projection(hidden_states)
+            self.exported_qk = qk if self.exports_qk else None
+            return query, key, value
+        query, key, value = super().get_query_key_value_tensors(hidden_states, key_value_states)
+        if self._rope is not None:
+            q_pos_emb, k_pos_emb = self._rope
+            mscale = _yarn_get_concentration_factor_from_config(self.config)
+            if q_pos_emb is not None:
+                query = apply_rotary_pos_emb(query, q_pos_emb, config=self.config, cu_seqlens=None, mscale=mscale,
+                                             cp_group=self.pg_collection.cp)
+            if k_pos_emb is not None:
+                key = apply_rotary_pos_emb(key, k_pos_emb, config=self.config, cu_seqlens=None, mscale=mscale,
+                                           cp_group=self.pg_collection.cp)
+        self.exported_qk = pack_qk(query, key)
+        return query, key, value
+
+    # ------------------------------------------------------------------ sharing path
+    def _expected_incoming(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        qk = self.incoming_qk
+        seq = hidden_states.shape[0] * (self.linear_qkv.tp_group.size() if self.config.sequence_parallel else 1)
+        want = (seq, hidden_states.shape[1],
+                self.num_attention_heads_per_partition + self.num_query_groups_per_partition,
+                self.hidden_size_per_attention_head)
+        if qk is None:
+            raise EpasError(f"layer {self.layer_number - 1} of this chunk shares Q/K but received none: the layer "
+                            "before it must export its Q/K (apply_region sets that), and the first layer of a "
+                            "pipeline chunk needs model(..., extra_block_kwargs={'context': qk})")
+        if tuple(qk.shape) != want:
+            raise EpasError(f"layer {self.layer_number - 1} of this chunk received Q/K of shape {tuple(qk.shape)}, "
+                            f"expected [seq, batch, heads + kv_heads, head_dim] = {list(want)}")
+        return qk
+
+    def _value_projection(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """V = hidden @ Wv^T with only the V rows of the fused weight (this rank's TP slice)."""
+        groups = self.num_query_groups_per_partition
+        heads_per_group = self.num_attention_heads_per_partition // groups
+        head_dim = self.hidden_size_per_attention_head
+        linear = self.linear_qkv
+
+        def value_rows(t: torch.Tensor) -> torch.Tensor:
+            return qkv_row_blocks(t, groups, heads_per_group, head_dim)[:, heads_per_group + 1].reshape(
+                groups * head_dim, *t.shape[1:])
+
+        # A linear class substituted through spec.LinearImpl (e.g. the pipeline executor's B/W-split
+        # linear) may run the row subset itself, keeping its own weight-gradient handling.
+        forward_rows = getattr(linear, "forward_rows", None)
+        if forward_rows is not None:
+            out, _ = forward_rows(hidden_states, value_rows)
+        else:
+            out = _column_parallel_forward(linear, hidden_states, value_rows(linear.weight),
+                                           value_rows(linear.bias) if linear.bias is not None else None)
+        return out.view(out.shape[0], out.shape[1], groups, head_dim)
+
+
+def _column_parallel_forward(linear, input_: torch.Tensor, weight: torch.Tensor,
+                             bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """ColumnParallelLinear.forward with a row subset of its weight (which forward's shape check forbids).
+
+    Same communication as the layer (TP input copy / sequence-parallel all-gather, dgrad all-reduce);
+    gradient-accumulation fusion is off because it would write into ``weight.main_grad``, which a
+    row subset does not have: the rows' gradient reaches the fused weight through autograd instead.
+    """
+    if linear.skip_bias_add:
+        bias = None
+    if linear.allreduce_dgrad or linear.sequence_parallel:
+        input_parallel = input_
+    else:
+        input_parallel = copy_to_tensor_model_parallel_region(input_, group=linear.tp_group)
+    fn = linear_with_grad_accumulation_and_async_allreduce if weight.requires_grad else linear_with_frozen_weight
+    return fn(input=input_parallel, weight=weight, bias=bias, gradient_accumulation_fusion=False,
+              allreduce_dgrad=linear.allreduce_dgrad, sequence_parallel=linear.sequence_parallel,
+              tp_group=linear.tp_group)
+
+
+class EpasTransformerLayer(TransformerLayer):
+    """TransformerLayer that takes the anchor's packed Q/K as ``context`` and returns the Q/K the
+    next layer needs (or None) as its new context."""
+
+    def __init__(self, config, submodules, layer_number: int = 1, hidden_dropout=None, pg_collection=None,
+                 vp_stage=None, epas_layer_index: Optional[int] = None):
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                         hidden_dropout=hidden_dropout, pg_collection=pg_collection, vp_stage=vp_stage)
+        if not isinstance(self.self_attention, EpasSelfAttention):
+            raise TypeError(f"EpasTransformerLayer needs EpasSelfAttention as self_attention, got "
+                            f"{type(self.self_attention).__name__} (see effdist.model.spec)")
+        # Global 0-based index (build_gpt also sets effdist_layer_index; both must agree).
+        self.epas_layer_index = epas_layer_index
+        # The Q/K this layer exported in its latest forward (what crosses a pipeline boundary).
+        self.exported_qk: Optional[torch.Tensor] = None
+
+    @property
+    def sharing(self) -> bool:
+        return self.self_attention.sharing
+
+    def forward(self, *args, **kwargs):
+        if len(args) > 2:
+            raise TypeError("EpasTransformerLayer: pass context (and everything after attention_mask) by keyword, "
+                            "as megatron's TransformerBlock does")
+        incoming = kwargs.pop("context", None)
+        attention = self.self_attention
+        attention.incoming_qk = incoming
+        try:
+            output, _ = super().forward(*args, context=None, **kwargs)
+            exported = attention.exported_qk
+        finally:
+            attention.incoming_qk = None
+            attention.exported_qk = None
+        self.exported_qk = exported
+        return output, exported
+
+
+# ---------------------------------------------------------------------- region switching on modules
+
+def epas_layers(model_chunks: Iterable[torch.nn.Module]) -> dict[int, EpasTransformerLayer]:
+    """Global layer index -> EPAS decoder layer, over this rank's model chunks (DDP-wrapped or not)."""
+    out: dict[int, EpasTransformerLayer] = {}
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            if isinstance(module, EpasTransformerLayer):
+                index = layer_index(module)
+                if index in out:
+                    raise EpasError(f"global layer index {index} appears twice in these model chunks")
+                out[index] = module
+    return out
+
+
+def layer_index(layer: EpasTransformerLayer) -> int:
+    from_spec = layer.epas_layer_index
+    from_builder = getattr(layer, "effdist_layer_index", None)
+    if from_spec is None and from_builder is None:
+        raise EpasError("an EPAS layer has no global index: build the model with effdist.model.gpt.build_gpt")
+    if from_spec is not None and from_builder is not None and from_spec != from_builder:
+        raise EpasError(f"layer built for global index {from_spec} sits at index {from_builder} of the model")
+    return from_builder if from_builder is not None else from_spec
+
+
+def apply_region(model_chunks: Iterable[torch.nn.Module], sharing: Iterable[int]) -> None:
+    """Switch every EPAS layer of these chunks: layer i shares iff i is in `sharing`; layer i exports
+    its Q/K iff layer i + 1 shares (possibly in the next pipeline chunk)."""
+    region = frozenset(int(i) for i in sharing)
+    if 0 in region:
+        raise EpasError("layer 0 cannot share Q/K: it has no previous layer")
+    layers = epas_layers(model_chunks)
+    if not layers:
+        raise EpasError("these model chunks have no EPAS layers: build them with epas.enabled=true")
+    for index, layer in layers.items():
+        layer.self_attention.sharing = index in region
+        layer.self_attention.exports_qk = (index + 1) in region
+
+
+def current_region(model_chunks: Iterable[torch.nn.Module]) -> frozenset[int]:
+    """The sharing layers among these chunks' layers, as switched now."""
+    return frozenset(i for i, layer in epas_layers(model_chunks).items() if layer.sharing)
+
+
+def pop_exported_qk(model_chunk: torch.nn.Module) -> Optional[torch.Tensor]:
+    """The packed Q/K the chunk's last decoder layer exported in its latest forward, and forget it.
+
+    Call right after the chunk's forward. It is None unless the next chunk's first layer shares. It
+    carries autograd (also under full recompute, where it is an output of the checkpoint function):
+    backpropagate the gradient received for it together with the chunk output's gradient, e.g.
+    ``torch.autograd.backward([output, qk], [grad_output, grad_qk])``.
+    """
+    layers = [m for m in model_chunk.modules() if isinstance(m, EpasTransformerLayer)]
+    if not layers:
+        return None
+    qk = layers[-1].exported_qk
+    for layer in layers:
+        layer.exported_qk = None
+    return qk
+
+
+def qk_context_shape(config, seq_length: int, micro_batch: int) -> tuple[int, int, int, int]:
+    """Shape of the packed Q/K on one TP rank (megatron TransformerConfig `config`): what a pipeline
+    stage sends next to its output when the next stage's first layer shares."""
+    tp = config.tensor_model_parallel_size
+    heads = config.num_attention_heads // tp
+    groups = (config.num_query_groups or config.num_attention_heads) // tp
+    return (seq_length, micro_batch, heads + groups, config.kv_channels)

@@ -1,0 +1,317 @@
+"""EPAS schedule (pure function of the step), named errors for invalid settings, and the controller:
+region switching, frozen Wq/Wk rows under AdamW (weights, master weights, Adam moments), checkpoint
+state and inference regions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from effdist.config import ConfigError, EpasConfig, load_config
+from effdist.epas import (
+    EpasController,
+    EpasError,
+    boundary_needs_qk,
+    check_schedule,
+    current_region,
+    region_size,
+    set_region,
+    sharing_layers,
+    steps_to_final_region,
+)
+from effdist.model.gpt import build_gpt
+
+
+@pytest.fixture(scope="module", autouse=True)
+def megatron_one_process():
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from effdist.runtime import cpu_compat
+
+    installed = not cpu_compat.is_installed()
+    cpu_compat.install()
+    started_pg = not dist.is_initialized()
+    if started_pg:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    started_mp = not parallel_state.model_parallel_is_initialized()
+    if started_mp:
+        parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
+    yield
+    if started_mp:
+        parallel_state.destroy_model_parallel()
+    if started_pg:
+        dist.destroy_process_group()
+    if installed:
+        cpu_compat.uninstall()
+
+
+def epas(**kw) -> EpasConfig:
+    return EpasConfig(enabled=True, **kw)
+
+
+# ---------------------------------------------------------------------- schedule
+
+def test_progressive_deep_to_shallow_grows_by_groups():
+    e = epas(start_step=10, interval=5, group_size=2, final_region=5)
+    got = {s: sorted(sharing_layers(e, 8, s)) for s in (0, 9, 10, 14, 15, 19, 20, 100)}
+    assert got == {0: [], 9: [], 10: [6, 7], 14: [6, 7], 15: [4, 5, 6, 7], 19: [4, 5, 6, 7],
+                   20: [3, 4, 5, 6, 7], 100: [3, 4, 5, 6, 7]}
+    assert steps_to_final_region(e, 8) == 20
+
+
+def test_shallow_to_deep_starts_at_layer_one():
+    e = epas(start_step=0, interval=1, group_size=1, final_region=3, direction="shallow_to_deep")
+    assert [sorted(sharing_layers(e, 6, s)) for s in range(4)] == [[1], [1, 2], [1, 2, 3], [1, 2, 3]]
+
+
+def test_fixed_region_and_fractions():
+    e = epas(mode="fixed", final_region=0.5)
+    assert sharing_layers(e, 24, 0) == frozenset(range(12, 24))
+    assert sharing_layers(epas(mode="fixed", final_region=0.75, start_step=3), 16, 2) == frozenset()
+    assert sharing_layers(epas(mode="fixed", final_region=0.75, start_step=3), 16, 3) == frozenset(range(4, 16))
+    assert sharing_layers(EpasConfig(enabled=False), 16, 1000) == frozenset()
+
+
+@settings(max_examples=200, deadline=None)
+@given(num_layers=st.integers(2, 40), start=st.integers(0, 50), interval=st.integers(1, 20),
+       group=st.integers(1, 8), final=st.integers(1, 39), direction=st.sampled_from(["deep_to_shallow", "shallow_to_deep"]),
+       steps=st.lists(st.integers(0, 500), min_size=2, max_size=6))
+def test_schedule_properties(num_layers, start, interval, group, final, direction, steps):
+    final = min(final, num_layers - 1)
+    e = epas(start_step=start, interval=interval, group_size=group, final_region=final, direction=direction)
+    previous = frozenset()
+    for s in sorted(steps):
+        region = sharing_layers(e, num_layers, s)
+        assert 0 not in region
+        assert len(region) <= final and len(region) == region_size(e, num_layers, s)
+        assert region >= previous, "the region only grows"
+        if region:
+            assert sorted(region) == list(range(min(region), max(region) + 1)), "contiguous"
+            assert (max(region) == num_layers - 1) if direction == "deep_to_shallow" else (min(region) == 1)
+        assert (len(region) == 0) == (s < start)
+        previous = region
+    assert len(sharing_layers(e, num_layers, steps_to_final_region(e, num_layers))) == final
+    assert region_size(e, num_layers, max(0, steps_to_final_region(e, num_layers) - 1)) < final or \
+        steps_to_final_region(e, num_layers) == start
+
+
+def test_boundary_needs_qk():
+    region = frozenset({5, 6, 7})
+    assert boundary_needs_qk(region, 5) and boundary_needs_qk(region, 6)
+    assert not boundary_needs_qk(region, 4) and not boundary_needs_qk(frozenset(), 4)
+
+
+# ---------------------------------------------------------------------- invalid settings
+
+@pytest.mark.parametrize("override, field", [
+    ("epas.interval=0", "epas.interval"),
+    ("epas.group_size=0", "epas.group_size"),
+    ("epas.start_step=-1", "epas.start_step"),
+    ("epas.final_region=4", "epas.final_region"),      # 4 layers: at most 3 can share
+    ("epas.final_region=0", "epas.final_region"),
+    ("epas.mode=sometimes", "epas.mode"),
+    ("epas.direction=sideways", "epas.direction"),
+    ("epas.inference_region=4", "epas.inference_region"),
+])
+def test_config_validation_names_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, ["epas.enabled=true", "model.num_layers=4", override])
+
+
+@pytest.mark.parametrize("kw, field", [
+    ({"mode": "adaptive"}, "epas.mode"),
+    ({"final_region": 0.1}, "epas.final_region"),     # 10% of 4 layers rounds to 0
+    ({"final_region": 2.5}, "epas.final_region"),     # a count must be whole
+    ({"final_region": 4}, "epas.final_region"),
+    ({"interval": 0}, "epas.interval"),
+    ({"group_size": 0}, "epas.group_size"),
+])
+def test_schedule_check_names_the_field(kw, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        check_schedule(epas(**kw), 4)
+
+
+# ---------------------------------------------------------------------- controller
+
+def make_cfg(*overrides: str):
+    base = ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
+            "model.ffn_hidden_size=96", "model.vocab_size=128", "epas.enabled=true", "epas.start_step=1",
+            "epas.interval=2", "epas.group_size=1", "epas.final_region=3", "optim.weight_decay=0.1"]
+    return load_config(None, base + list(overrides))
+
+
+def build(cfg, dtype=torch.float32, seed=5):
+    from effdist.runtime.distributed import _seed_cpu_tracker
+
+    torch.manual_seed(seed)
+    _seed_cpu_tracker(seed)
+    return build_gpt(cfg, dtype, torch.device("cpu"))
+
+
+def qk_rows(t: torch.Tensor, cfg) -> torch.Tensor:
+    m = cfg.model
+    qpg = m.num_attention_heads // m.num_query_groups
+    return t.view(m.num_query_groups, qpg + 2, m.hidden_size // m.num_attention_heads, -1)[:, : qpg + 1]
+
+
+def v_rows(t: torch.Tensor, cfg) -> torch.Tensor:
+    m = cfg.model
+    qpg = m.num_attention_heads // m.num_query_groups
+    return t.view(m.num_query_groups, qpg + 2, m.hidden_size // m.num_attention_heads, -1)[:, qpg + 1]
+
+
+def train_step(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 128, (2, 16), generator=g)
+    positions = torch.arange(16).unsqueeze(0).expand(2, 16)
+    model.zero_grad(set_to_none=True)
+    loss = model(tokens, positions, None, labels=torch.roll(tokens, -1, 1)).float().mean()
+    loss.backward()
+
+
+def snapshot(model, state_of, cfg):
+    """Per layer: the Q/K rows and V rows of the fused weight (and of its master + Adam moments)."""
+    out = {}
+    for i, layer in enumerate(model.decoder.layers):
+        w = layer.self_attention.linear_qkv.weight
+        tensors = {"weight": w.detach()}
+        master, state = state_of(w)
+        if master is not w:
+            tensors["master"] = master.detach()
+        tensors.update({k: v for k, v in state.items() if k in ("exp_avg", "exp_avg_sq")})
+        out[i] = {k: (qk_rows(t, cfg).clone(), v_rows(t, cfg).clone()) for k, t in tensors.items()}
+    return out
+
+
+def check_frozen_rows(model, optimizer, state_of, step_fn, cfg, controller, steps=7, expect_state_keys=2):
+    sharing_steps = {}
+    for step in range(steps):
+        region = controller.begin_step(step)
+        assert region == len(sharing_layers(cfg.epas, 4, step))
+        before = snapshot(model, state_of, cfg)
+        step_fn(step)
+        controller.after_optimizer_step(optimizer)
+        after = snapshot(model, state_of, cfg)
+        for i in range(4):
+            if step > 0:
+                assert len([k for k in after[i] if k.startswith("exp_")]) == expect_state_keys
+            for name, (qk_after, v_after) in after[i].items():
+                qk_before, v_before = before[i].get(name, (torch.zeros_like(qk_after), None))
+                if i in controller.sharing_layers:
+                    assert torch.equal(qk_after, qk_before), f"step {step} layer {i} {name}: Q/K rows moved"
+                    sharing_steps.setdefault(i, 0)
+                else:
+                    assert not torch.equal(qk_after, qk_before), f"step {step} layer {i} {name}: Q/K rows frozen"
+                if v_before is not None:
+                    assert not torch.equal(v_after, v_before), f"step {step} layer {i} {name}: V rows did not train"
+        for i in controller.sharing_layers:
+            sharing_steps[i] += 1
+    assert sharing_steps == {3: 6, 2: 4, 1: 2}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("optimizer_known_from_start", [True, False])
+def test_controller_keeps_wq_wk_rows_and_adam_state_bit_identical(fused, optimizer_known_from_start):
+    cfg = make_cfg()
+    model = build(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=fused)
+    controller = EpasController(cfg, [model], optimizer=optimizer if optimizer_known_from_start else None)
+
+    def state_of(w):
+        return w, optimizer.state.get(w, {})
+
+    def step_fn(step):
+        train_step(model, step)
+        optimizer.step()
+
+    check_frozen_rows(model, optimizer, state_of, step_fn, cfg, controller)
+
+
+def test_controller_with_master_weight_adamw_on_a_bf16_model():
+    from effdist.train.optim import MasterWeightAdamW
+
+    cfg = make_cfg("epas.start_step=0")
+    model = build(cfg, dtype=torch.bfloat16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = MasterWeightAdamW(params, cfg.optim, fused=False, tp_rank=0)
+    # As the trainer builds it today: no optimizer given; the region is non-empty at step 0.
+    controller = EpasController(cfg, [model])
+
+    def state_of(w):
+        return optimizer.master_of(w), optimizer.state_of(w)
+
+    def step_fn(step):
+        train_step(model, step)
+        optimizer.collect_grads()
+        optimizer.step(lr=1e-2)
+
+    sharing_steps = {}
+    for step in range(6):
+        controller.begin_step(step)
+        before = snapshot(model, state_of, cfg)
+        step_fn(step)
+        controller.after_optimizer_step(optimizer)
+        after = snapshot(model, state_of, cfg)
+        for i in controller.sharing_layers:
+            for name, (qk_after, _) in after[i].items():
+                qk_before = before[i][name][0] if name in before[i] else torch.zeros_like(qk_after)
+                assert torch.equal(qk_after, qk_before), f"step {step} layer {i} {name}"
+            sharing_steps[i] = sharing_steps.get(i, 0) + 1
+        for i in set(range(4)) - controller.sharing_layers:
+            assert not torch.equal(after[i]["master"][0], before[i]["master"][0])
+    assert sharing_steps == {3: 6, 2: 4, 1: 2}
+
+
+def test_controller_without_optimizer_snapshot_refuses_an_inexact_restore():
+    """A controller that first meets a used optimizer after a sharing step cannot restore exactly."""
+    cfg = make_cfg("epas.start_step=2")
+    model = build(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(2):
+        train_step(model, step)
+        optimizer.step()
+    controller = EpasController(cfg, [model])  # e.g. rebuilt on resume without the optimizer
+    assert controller.begin_step(2) == 1
+    train_step(model, 2)
+    optimizer.step()
+    with pytest.raises(EpasError, match="optimizer=optimizer"):
+        controller.after_optimizer_step(optimizer)
+
+
+def test_switched_this_step_and_state_dict_round_trip():
+    cfg = make_cfg()
+    model = build(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    controller = EpasController(cfg, [model], optimizer=optimizer)
+    switched = []
+    for step in range(6):
+        controller.begin_step(step)
+        switched.append(controller.switched_this_step)
+        assert current_region([model]) == controller.sharing_layers
+    assert switched == [True, True, False, True, False, True]
+    state = controller.state_dict()
+    assert state["step"] == 5 and state["region"] == 3 and state["sharing_layers"] == [1, 2, 3]
+
+    resumed_model = build(cfg)
+    resumed = EpasController(cfg, [resumed_model], optimizer=torch.optim.AdamW(resumed_model.parameters()))
+    resumed.load_state_dict(state)
+    assert resumed.sharing_layers == frozenset({1, 2, 3}) and current_region([resumed_model]) == {1, 2, 3}
+    assert resumed.begin_step(6) == 3 and resumed.switched_this_step  # first step of the process
+
+    other = EpasController(make_cfg("epas.interval=10"), [build(cfg)])
+    with pytest.raises(EpasError, match="schedule"):
+        other.load_state_dict(state)
+
+
+def test_set_region_for_inference():
+    cfg = make_cfg()
+    model = build(cfg)
+    for n in range(4):
+        assert set_region([model], n) == frozenset(range(4 - n, 4))
+        assert current_region([model]) == frozenset(range(4 - n, 4))
+    with pytest.raises(ValueError, match="num_layers-1"):
+        set_region([model], 4)
+    assert set_region([model], 2, direction="shallow_to_deep") == {1, 2}

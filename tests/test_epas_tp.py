@@ -1,0 +1,115 @@
+"""EPAS under tensor parallelism: TP=2 (with and without sequence parallelism) follows a single-process
+run step for step while the region grows, in real gloo processes launched with torchrun.
+
+This file is also the worker: ``torchrun --nproc_per_node=N tests/test_epas_tp.py --tp N --out F``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 5
+# The region grows by one layer per step from step 1: sizes 0, 1, 2, 3, 3.
+EPAS = ["epas.enabled=true", "epas.start_step=1", "epas.interval=1", "epas.group_size=1", "epas.final_region=3"]
+
+
+def worker(tp: int, sequence_parallel: bool, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from effdist.config import load_config
+    from effdist.epas import EpasController
+    from effdist.model.gpt import build_gpt
+    from effdist.runtime import cpu_compat
+    from effdist.runtime.distributed import _seed_cpu_tracker
+
+    cpu_compat.install()
+    dist.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(tp, 1, create_gloo_process_groups=False)
+    cfg = load_config(None, ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
+                             "model.num_query_groups=2", "model.ffn_hidden_size=96", "model.vocab_size=128",
+                             f"parallel.tp={tp}", f"parallel.sequence_parallel={str(sequence_parallel).lower()}",
+                             *EPAS])
+    torch.manual_seed(11)
+    _seed_cpu_tracker(11)
+    model = build_gpt(cfg, torch.float32, torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    controller = EpasController(cfg, [model], optimizer=optimizer)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+
+    qkv = model.decoder.layers[3].self_attention.linear_qkv.weight
+    heads, groups = 4 // tp, 2 // tp
+    blocks = lambda t: t.detach().view(groups, heads // groups + 2, 16, 64)  # noqa: E731
+    losses, regions, frozen_at_switch = [], [], None
+    for step in range(STEPS):
+        regions.append(controller.begin_step(step))
+        g = torch.Generator().manual_seed(100)  # one batch, so the loss must fall
+        tokens = torch.randint(0, 128, (2, 32), generator=g)
+        positions = torch.arange(32).unsqueeze(0).expand(2, 32)
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(tokens, positions, None, labels=torch.roll(tokens, -1, 1)).mean()
+        loss.backward()
+        if sequence_parallel:
+            # What megatron's finalize_model_grads does: norm weights see only this rank's tokens.
+            for p in model.parameters():
+                if getattr(p, "sequence_parallel", False):
+                    dist.all_reduce(p.grad, group=tp_group)
+        if step == 1:
+            frozen_at_switch = blocks(qkv)[:, : heads // groups + 1].clone()
+            v_at_switch = blocks(qkv)[:, heads // groups + 1].clone()
+        optimizer.step()
+        controller.after_optimizer_step(optimizer)
+        losses.append(loss.item())
+    # Layer 3 shared from step 1 on: this rank's slice of its Wq/Wk rows never moved, its V rows did.
+    assert torch.equal(blocks(qkv)[:, : heads // groups + 1], frozen_at_switch)
+    assert not torch.equal(blocks(qkv)[:, heads // groups + 1], v_at_switch)
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps({"losses": losses, "regions": regions}))
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def _launch(tp: int, sequence_parallel: bool, out: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}",
+           str(Path(__file__).resolve()), "--tp", str(tp), "--out", str(out)]
+    if sequence_parallel:
+        cmd.append("--sequence-parallel")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_tp2_follows_tp1_while_the_region_grows(tmp_path):
+    runs = {"tp1": (1, False), "tp2": (2, False), "tp2_sp": (2, True)}
+    procs = {name: _launch(tp, sp, tmp_path / f"{name}.json") for name, (tp, sp) in runs.items()}
+    results = {}
+    for name, proc in procs.items():
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{name} failed:\n{output[-6000:]}"
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    reference = results["tp1"]
+    assert reference["regions"] == [0, 1, 2, 3, 3]
+    assert reference["losses"][-1] < reference["losses"][0]
+    for name in ("tp2", "tp2_sp"):
+        assert results[name]["regions"] == reference["regions"]
+        for step, (a, b) in enumerate(zip(results[name]["losses"], reference["losses"])):
+            assert a == pytest.approx(b, rel=1e-5), f"{name} step {step}: {a} vs {b}"
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tp", type=int, required=True)
+    parser.add_argument("--sequence-parallel", action="store_true")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    worker(args.tp, args.sequence_parallel, args.out)
