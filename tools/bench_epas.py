@@ -1,0 +1,258 @@
+#!/usr/bin/env python
+"""EPAS training throughput: one full step (forward, backward, gradient reduction, clip, AdamW over
+fp32 master weights, EPAS row restore) at several sharing-region lengths against the dense model,
+all in ONE process so every variant runs on the same GPU state.
+
+    python tools/bench_epas.py --json epas.json                 # llama-350m and llama-1b shapes, bf16, GPU
+    python tools/bench_epas.py --tiny                           # CPU smoke test, seconds
+
+Variants per model: the dense model (epas disabled), the EPAS model at region 0 (must match dense),
+and the EPAS model with the deepest L/2 and 3L/4 layers sharing Q/K (``--regions``, fractions of L).
+Each variant: warm-up steps, then the median of ``--steps`` timed steps. The table gives tokens/s,
+the speed-up over region 0, and the "ideal" speed-up if step time were proportional to model FLOPs
+(a sharing layer skips the Q and K projections: 6·h·(h + kv_dim) FLOPs per token, forward+backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {
+    # name: (layers, hidden, heads, kv heads, ffn, seq, micro batch)
+    "llama-350m": (24, 1024, 16, 16, 2816, 2048, 8),
+    "llama-1b": (16, 2048, 32, 32, 5632, 2048, 4),
+    "tiny": (4, 64, 4, 2, 176, 64, 2),
+}
+VOCAB = 32000
+
+
+def init_megatron(cuda: bool, seed: int = 1234) -> None:
+    """One process, world size 1, TP = PP = 1 (nccl on GPU, gloo + the CPU compatibility layer on CPU)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if cuda:
+        torch.cuda.set_device(0)
+    else:
+        from effdist.runtime import cpu_compat
+
+        cpu_compat.install()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
+    reseed(cuda, seed)
+
+
+def reseed(cuda: bool, seed: int = 1234) -> None:
+    """Same generators before each build: the dense and the EPAS model start from the same weights."""
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    if cuda:
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        from effdist.runtime.distributed import _seed_cpu_tracker
+
+        _seed_cpu_tracker(seed)
+
+
+def make_config(shape: str, epas: bool, region: int = 0):
+    from effdist.config import load_config
+
+    layers, hidden, heads, groups, ffn, seq, mbs = SHAPES[shape]
+    overrides = [f"model.num_layers={layers}", f"model.hidden_size={hidden}", f"model.num_attention_heads={heads}",
+                 f"model.num_query_groups={groups}", f"model.ffn_hidden_size={ffn}",
+                 f"model.vocab_size={512 if shape == 'tiny' else VOCAB}", f"model.max_position_embeddings={seq}",
+                 f"data.seq_length={seq}", f"train.micro_batch={mbs}", f"train.global_batch={mbs}",
+                 "optim.weight_decay=0.1", f"epas.enabled={str(epas).lower()}"]
+    if epas and region > 0:
+        overrides += ["epas.mode=fixed", f"epas.final_region={region}", "epas.start_step=0"]
+    return load_config(None, overrides)
+
+
+def flops_per_token(cfg, region: int) -> float:
+    """Forward+backward matmul FLOPs per token (causal attention counted once), minus what sharing skips."""
+    m = cfg.model
+    h, f, s, layers = m.hidden_size, m.ffn_hidden_size, cfg.data.seq_length, m.num_layers
+    kv = h // m.num_attention_heads * (m.num_query_groups or m.num_attention_heads)
+    per_layer = 6 * (h * (h + 2 * kv) + h * h + 3 * h * f) + 6 * s * h
+    return layers * per_layer + 6 * h * m.vocab_size - region * 6 * h * (h + kv)
+
+
+class Trainee:
+    """A model + megatron DDP + master-weight AdamW stepping on fixed random tokens, as the trainer does.
+
+    Built once per model: wrapping a module in DDP again would add a second set of gradient hooks.
+    An EPAS region is switched by giving `step` another controller.
+    """
+
+    def __init__(self, cfg, model, device: torch.device):
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        from effdist.train.optim import MasterWeightAdamW
+
+        self.cfg, self.module = cfg, model
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                use_distributed_optimizer=False)
+        self.model = DistributedDataParallel(config=model.config, ddp_config=ddp_cfg, module=model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = MasterWeightAdamW(params, cfg.optim, fused=device.type == "cuda", tp_rank=0,
+                                           model_parallel_group=parallel_state.get_model_parallel_group())
+        mbs, seq = cfg.train.micro_batch, cfg.data.seq_length
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, cfg.model.vocab_size, (mbs, seq + 1), generator=g)
+        self.tokens, self.labels = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+        self.positions = torch.arange(seq, device=device).expand(mbs, seq)
+        self.step_index = 0
+
+    def step(self, controller=None) -> float:
+        if controller is not None:
+            controller.begin_step(self.step_index)
+        self.model.zero_grad_buffer()
+        loss = self.model(self.tokens, self.positions, None, labels=self.labels).float().mean()
+        loss.backward()
+        self.model.finish_grad_sync()
+        self.optimizer.collect_grads()
+        self.optimizer.clip(self.optimizer.grad_norm())
+        self.optimizer.step(lr=1e-4)
+        if controller is not None:
+            controller.after_optimizer_step(self.optimizer)
+        self.step_index += 1
+        return float(loss.detach())
+
+
+def time_steps(trainee: Trainee, controller, warmup: int, steps: int, cuda: bool) -> tuple[float, list[float]]:
+    losses, times = [], []
+    for i in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        losses.append(trainee.step(controller))
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), losses
+
+
+def bench_shape(shape: str, fractions: list[float], warmup: int, steps: int, device: torch.device,
+                dtype: torch.dtype) -> list[dict]:
+    from effdist.epas import EpasController, apply_region, current_region
+    from effdist.model.gpt import build_gpt
+
+    cuda = device.type == "cuda"
+    layers = SHAPES[shape][0]
+    regions = sorted({min(layers - 1, int(round(f * layers))) for f in fractions} | {0})
+    plans = [("dense", 0)] + [(f"epas r={r}", r) for r in regions]
+    rows = []
+    trainee = None
+    for name, region in plans:
+        row = {"model": shape, "variant": name, "region": region}
+        try:
+            if name == "dense" or trainee is None:
+                trainee = None
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
+                cfg = make_config(shape, epas=name != "dense")
+                reseed(cuda)
+                trainee = Trainee(cfg, build_gpt(cfg, dtype, device), device)
+            controller = None
+            if name != "dense":
+                apply_region([trainee.module], set())
+                if region > 0:
+                    controller = EpasController(make_config(shape, epas=True, region=region), [trainee.module],
+                                                optimizer=trainee.optimizer)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            step_s, losses = time_steps(trainee, controller, warmup, steps, cuda)
+            if name != "dense":
+                assert len(current_region([trainee.module])) == region
+            cfg = trainee.cfg
+            tokens = cfg.train.micro_batch * cfg.data.seq_length
+            # dense and "epas r=0" start from the same weights: their first losses must be equal.
+            row.update(step_s=step_s, tokens_per_s=tokens / step_s, first_loss=losses[0], final_loss=losses[-1],
+                       flops_per_token=flops_per_token(cfg, region),
+                       peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+        except Exception as e:  # one variant out of memory should not lose the table
+            row["error"] = f"{type(e).__name__}: {e}"
+            trainee = None
+        if name == "dense":
+            trainee = None
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    del trainee
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    base = next((r for r in rows if r["variant"] == "epas r=0" and "error" not in r), None)
+    for r in rows:
+        if base is not None and "error" not in r:
+            r["speedup_vs_region0"] = r["tokens_per_s"] / base["tokens_per_s"]
+            r["ideal_speedup_vs_region0"] = base["flops_per_token"] / r["flops_per_token"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="llama-350m,llama-1b", help=f"comma-separated, from {', '.join(SHAPES)}")
+    p.add_argument("--regions", default="0,0.5,0.75", help="sharing regions as fractions of the layers")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant (the median is reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test on a tiny model (fp32)")
+    p.add_argument("--json", default=None, help="write all results here")
+    args = p.parse_args(argv)
+
+    cuda = torch.cuda.is_available() and not args.tiny
+    if not cuda and not args.tiny:
+        print("bench_epas: no CUDA GPU; run with --tiny for the CPU smoke test", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    models = ["tiny"] if args.tiny else args.models.split(",")
+    unknown = [m for m in models if m not in SHAPES]
+    if unknown:
+        print(f"bench_epas: unknown model(s) {unknown}; known: {', '.join(SHAPES)}", file=sys.stderr)
+        return 2
+    fractions = [float(x) for x in args.regions.split(",")]
+    if args.tiny:
+        args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
+    init_megatron(cuda)
+
+    results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype).replace("torch.", ""),
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "steps": args.steps,
+               "warmup": args.warmup, "runs": []}
+    for shape in models:
+        results["runs"] += bench_shape(shape, fractions, args.warmup, args.steps, device, dtype)
+
+    print(f"\ndevice: {results['device']}  dtype: {results['dtype']}  median of {args.steps} steps after "
+          f"{args.warmup} warm-up")
+    print(f"{'model':<11} {'variant':<10} {'tok/s':>10} {'step ms':>8} {'vs r=0':>7} {'ideal':>6} {'peak GiB':>9}")
+    for r in results["runs"]:
+        if "error" in r:
+            print(f"{r['model']:<11} {r['variant']:<10} ERROR {r['error'][:90]}")
+            continue
+        peak = r["peak_mem_gib"]
+        print(f"{r['model']:<11} {r['variant']:<10} {r['tokens_per_s']:>10.0f} {r['step_s'] * 1e3:>8.1f} "
+              f"{r.get('speedup_vs_region0', float('nan')):>7.3f} {r.get('ideal_speedup_vs_region0', float('nan')):>6.3f} "
+              f"{peak if peak is not None else float('nan'):>9.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0 if all("error" not in r for r in results["runs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
