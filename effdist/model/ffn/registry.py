@@ -1,4 +1,16 @@
-"""Which FFN a layer gets: ``ffn.kind`` on the layers listed in ``ffn.layers`` (all by default)."""
+"""Which FFN a layer gets: ``ffn.kind`` on the layers listed in ``ffn.layers`` (all by default).
+
+Every kind is a megatron-core module for a TransformerLayer's ``mlp`` slot, built from the linear
+classes the caller passes (megatron's ColumnParallel/RowParallel linears by default; the pipeline
+executor passes B/W-split ones):
+  swiglu  megatron's MLP (gated SiLU)                       width ffn_hidden_size
+  relu2   non-gated ReLU² (ReLU2MLP)                          width ffn_width(cfg)
+  topk    ReLU / ReLU² keeping the top-k per token (TopKMLP)  width ffn_width(cfg)
+  moc     Mixture-of-Channels SwiGLU (MixtureOfChannelsMLP)   width ffn_width(cfg)
+  elas    ReLU² + 2:4 activation sparsity (ElasMLP), fc1/fc2 low-rank with ffn.elas_rank
+Layers outside ``ffn.layers`` are SwiGLU at model.ffn_hidden_size, also when the model's
+TransformerConfig carries the (wider) ELAS width.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +18,11 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from effdist.config import Config
+from effdist.config import Config, ffn_width, resolve_count
+from effdist.model.ffn.channel import MixtureOfChannelsMLP, TopKMLP
+from effdist.model.ffn.dense import ReLU2MLP, SwiGLUMLP
+from effdist.model.ffn.elas import ElasMLP
+from effdist.model.lowrank import LowRankColumnParallelLinear, LowRankRowParallelLinear
 
 
 def ffn_kind_of_layer(cfg: Config, layer_idx: int) -> str:
@@ -15,14 +31,49 @@ def ffn_kind_of_layer(cfg: Config, layer_idx: int) -> str:
     return "swiglu"
 
 
+def ffn_width_of_layer(cfg: Config, layer_idx: int) -> int:
+    """Intermediate width of the FFN of global layer `layer_idx` (all TP ranks together)."""
+    if ffn_kind_of_layer(cfg, layer_idx) == cfg.ffn.kind:
+        return ffn_width(cfg)
+    return cfg.model.ffn_hidden_size
+
+
 def swiglu_spec(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear) -> ModuleSpec:
     """megatron's own MLP: SwiGLU when the TransformerConfig says gated_linear_unit + silu."""
     return ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=linear_fc1, linear_fc2=linear_fc2))
 
 
+def elas_linears(rank: int | None, linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear) -> MLPSubmodules:
+    """fc1/fc2 of an ELAS FFN: the given linears, or their low-rank factorisations of `rank`."""
+    if rank is None:
+        return MLPSubmodules(linear_fc1=linear_fc1, linear_fc2=linear_fc2)
+    return MLPSubmodules(
+        linear_fc1=ModuleSpec(LowRankColumnParallelLinear, params={"rank": rank, "sharded_linear": linear_fc1}),
+        linear_fc2=ModuleSpec(LowRankRowParallelLinear, params={"rank": rank, "sharded_linear": linear_fc2}),
+    )
+
+
 def build_mlp_spec(cfg: Config, layer_idx: int, linear_fc1=ColumnParallelLinear,
                    linear_fc2=RowParallelLinear) -> ModuleSpec:
     kind = ffn_kind_of_layer(cfg, layer_idx)
+    width = ffn_width_of_layer(cfg, layer_idx)
+    f = cfg.ffn
+    plain = MLPSubmodules(linear_fc1=linear_fc1, linear_fc2=linear_fc2)
     if kind == "swiglu":
-        return swiglu_spec(linear_fc1, linear_fc2)
+        if width == ffn_width(cfg):
+            return swiglu_spec(linear_fc1, linear_fc2)
+        return ModuleSpec(module=SwiGLUMLP, params={"ffn_hidden_size": width}, submodules=plain)
+    if kind == "relu2":
+        return ModuleSpec(module=ReLU2MLP, params={"ffn_hidden_size": width}, submodules=plain)
+    if kind == "topk":
+        return ModuleSpec(module=TopKMLP, submodules=plain, params={
+            "ffn_hidden_size": width, "k": resolve_count(f.topk_k, width), "activation": f.topk_activation})
+    if kind == "moc":
+        return ModuleSpec(module=MixtureOfChannelsMLP, submodules=plain, params={
+            "ffn_hidden_size": width, "k": resolve_count(f.moc_k, width), "structured": f.moc_structured})
+    if kind == "elas":
+        return ModuleSpec(module=ElasMLP, submodules=elas_linears(f.elas_rank, linear_fc1, linear_fc2), params={
+            "ffn_hidden_size": width, "warmup_steps": f.elas_warmup_steps,
+            # Straight-through mode: "identity" (the ELAS draft) until config.py grows ffn.elas_ste.
+            "ste": getattr(f, "elas_ste", "identity"), "sparse_kernels": f.elas_sparse_kernels})
     raise NotImplementedError(f"ffn.kind = {kind!r} is not available in this build")

@@ -1,0 +1,255 @@
+"""Per-token channel selection: gather the selected channels, apply the activation there, scatter.
+
+Used by Mixture-of-Channels (SwiGLU: keep SiLU(G)⊙U on the top-K gate channels) and by top-k ReLU
+FFNs (keep act(H) on the k largest channels). Every row (token) has the same number of slots
+K; ``idx[n, j]`` is the channel of slot j of row n, or -1 for an unused slot (under tensor
+parallelism a rank only owns some of a token's global top-K, see effdist.model.ffn.selection).
+Channels within a row are distinct, so scatters need no atomics.
+
+Activations (``act``):
+  "swiglu": src is [N, 2W] = [gate | up] (megatron's fused fc1 layout per TP rank);
+            z = SiLU(g)·u,  sel_a = g, sel_b = u;
+  "relu":   src is [N, W];  z = relu(h),  sel_a = h;
+  "relu2":  src is [N, W];  z = relu(h)², sel_a = h.
+Three operations, each a Triton kernel beside a torch reference:
+  select_activate     src, idx -> (dense z [N, W], sel_a [N, K], sel_b [N, K] | None)
+  scatter_activated   sel_a, sel_b, idx -> dense z (rebuilds the forward output for backward)
+  select_activate_backward  dz, sel_a, sel_b, idx -> dsrc (zero outside the selected channels)
+Math runs in fp32 and is rounded to the tensor dtype once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover
+    HAVE_TRITON = False
+
+ACTIVATIONS = {"swiglu": 0, "relu": 1, "relu2": 2}
+
+
+def _act_code(act: str) -> int:
+    try:
+        return ACTIVATIONS[act]
+    except KeyError:
+        raise ValueError(f"unknown activation {act!r}; valid: {', '.join(ACTIVATIONS)}") from None
+
+
+def _src_width(act: str, width: int) -> int:
+    return 2 * width if act == "swiglu" else width
+
+
+# ---------------------------------------------------------------------------------------- reference
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic runs in fp32, or fp64 for fp64 inputs (used by gradient checks)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _activate_reference(a: torch.Tensor, b: torch.Tensor | None, act: str) -> torch.Tensor:
+    a = a.to(compute_dtype(a.dtype))
+    if act == "swiglu":
+        return a * torch.sigmoid(a) * b.to(a.dtype)
+    if act == "relu":
+        return a.clamp_min(0)
+    return a.clamp_min(0).square()
+
+
+def select_activate_reference(src: torch.Tensor, idx: torch.Tensor, width: int, act: str):
+    _act_code(act)
+    valid = idx >= 0
+    safe = idx.long().clamp_min(0)
+    a = torch.where(valid, torch.gather(src, 1, safe), torch.zeros((), dtype=src.dtype))
+    b = None
+    if act == "swiglu":
+        b = torch.where(valid, torch.gather(src, 1, safe + width), torch.zeros((), dtype=src.dtype))
+    z = scatter_activated_reference(a, b, idx, width, act)
+    return z, a, b
+
+
+def scatter_activated_reference(sel_a: torch.Tensor, sel_b: torch.Tensor | None, idx: torch.Tensor, width: int,
+                                act: str) -> torch.Tensor:
+    valid = idx >= 0
+    z = torch.where(valid, _activate_reference(sel_a, sel_b, act), 0.0).to(sel_a.dtype)
+    # Unused slots write a zero into an extra column that is cut off afterwards.
+    target = torch.where(valid, idx.long(), width)
+    out = torch.zeros(sel_a.shape[0], width + 1, dtype=sel_a.dtype, device=sel_a.device)
+    return out.scatter_(1, target, z)[:, :width]
+
+
+def select_activate_backward_reference(dz: torch.Tensor, sel_a: torch.Tensor, sel_b: torch.Tensor | None,
+                                       idx: torch.Tensor, width: int, act: str) -> torch.Tensor:
+    valid = idx >= 0
+    safe = idx.long().clamp_min(0)
+    ct = compute_dtype(dz.dtype)
+    g = torch.where(valid, torch.gather(dz, 1, safe), torch.zeros((), dtype=dz.dtype)).to(ct)
+    a = sel_a.to(ct)
+    target = torch.where(valid, idx.long(), _src_width(act, width))
+    out = torch.zeros(dz.shape[0], _src_width(act, width) + 1, dtype=dz.dtype, device=dz.device)
+    if act == "swiglu":
+        s = torch.sigmoid(a)
+        da = g * sel_b.to(ct) * s * (1 + a * (1 - s))
+        db = g * a * s
+        out.scatter_(1, target, da.to(dz.dtype))
+        out.scatter_(1, torch.where(valid, target + width, 2 * width), db.to(dz.dtype))
+    elif act == "relu":
+        out.scatter_(1, target, (g * (a > 0)).to(dz.dtype))
+    else:
+        out.scatter_(1, target, (2 * g * a.clamp_min(0)).to(dz.dtype))
+    return out[:, :-1]
+
+
+# ---------------------------------------------------------------------------------------- triton
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _upcast(x):
+        if x.dtype != tl.float64:
+            x = x.to(tl.float32)
+        return x
+
+    @triton.jit
+    def _activate(a, b, ACT: tl.constexpr):
+        if ACT == 0:
+            z = a * tl.sigmoid(a) * b
+        elif ACT == 1:
+            z = tl.maximum(a, 0.0)
+        else:
+            r = tl.maximum(a, 0.0)
+            z = r * r
+        return z
+
+    @triton.jit
+    def _select_activate_kernel(src_ptr, idx_ptr, z_ptr, a_ptr, b_ptr, n_rows, n_slots, width,
+                                stride_src, stride_idx, stride_z, stride_sel,
+                                ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
+        slots = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K))[None, :]
+        in_range = (rows < n_rows) & (slots < n_slots)
+        ch = tl.load(idx_ptr + rows * stride_idx + slots, mask=in_range, other=-1).to(tl.int64)
+        valid = in_range & (ch >= 0)
+        a = tl.load(src_ptr + rows * stride_src + ch, mask=valid, other=0.0)
+        tl.store(a_ptr + rows * stride_sel + slots, a, mask=in_range)
+        b = a
+        if ACT == 0:
+            b = tl.load(src_ptr + rows * stride_src + width + ch, mask=valid, other=0.0)
+            tl.store(b_ptr + rows * stride_sel + slots, b, mask=in_range)
+        z = _activate(_upcast(a), _upcast(b), ACT)
+        tl.store(z_ptr + rows * stride_z + ch, z.to(z_ptr.dtype.element_ty), mask=valid)
+
+    @triton.jit
+    def _scatter_activated_kernel(a_ptr, b_ptr, idx_ptr, z_ptr, n_rows, n_slots,
+                                  stride_sel, stride_idx, stride_z,
+                                  ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
+        slots = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K))[None, :]
+        in_range = (rows < n_rows) & (slots < n_slots)
+        ch = tl.load(idx_ptr + rows * stride_idx + slots, mask=in_range, other=-1).to(tl.int64)
+        valid = in_range & (ch >= 0)
+        a = _upcast(tl.load(a_ptr + rows * stride_sel + slots, mask=valid, other=0.0))
+        b = a
+        if ACT == 0:
+            b = _upcast(tl.load(b_ptr + rows * stride_sel + slots, mask=valid, other=0.0))
+        z = _activate(a, b, ACT)
+        tl.store(z_ptr + rows * stride_z + ch, z.to(z_ptr.dtype.element_ty), mask=valid)
+
+    @triton.jit
+    def _select_activate_backward_kernel(dz_ptr, a_ptr, b_ptr, idx_ptr, dsrc_ptr, n_rows, n_slots, width,
+                                         stride_dz, stride_sel, stride_idx, stride_dsrc,
+                                         ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
+        slots = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K))[None, :]
+        in_range = (rows < n_rows) & (slots < n_slots)
+        ch = tl.load(idx_ptr + rows * stride_idx + slots, mask=in_range, other=-1).to(tl.int64)
+        valid = in_range & (ch >= 0)
+        g = _upcast(tl.load(dz_ptr + rows * stride_dz + ch, mask=valid, other=0.0))
+        a = _upcast(tl.load(a_ptr + rows * stride_sel + slots, mask=valid, other=0.0))
+        ty = dsrc_ptr.dtype.element_ty
+        dst = dsrc_ptr + rows * stride_dsrc + ch
+        if ACT == 0:
+            b = _upcast(tl.load(b_ptr + rows * stride_sel + slots, mask=valid, other=0.0))
+            s = tl.sigmoid(a)
+            tl.store(dst, (g * b * s * (1.0 + a * (1.0 - s))).to(ty), mask=valid)
+            tl.store(dst + width, (g * a * s).to(ty), mask=valid)
+        elif ACT == 1:
+            tl.store(dst, tl.where(a > 0.0, g, 0.0).to(ty), mask=valid)
+        else:
+            tl.store(dst, (2.0 * g * tl.maximum(a, 0.0)).to(ty), mask=valid)
+
+
+_BLOCK_R = 8
+_BLOCK_K = 128
+
+
+def _grid(n_rows: int, n_slots: int):
+    return (triton.cdiv(n_rows, _BLOCK_R), triton.cdiv(max(n_slots, 1), _BLOCK_K))
+
+
+def _rowmajor(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def select_activate_triton(src: torch.Tensor, idx: torch.Tensor, width: int, act: str):
+    code = _act_code(act)
+    src, idx = _rowmajor(src), _rowmajor(idx)
+    n, k = idx.shape
+    z = torch.zeros(n, width, dtype=src.dtype, device=src.device)
+    a = torch.empty(n, k, dtype=src.dtype, device=src.device)
+    b = torch.empty(n, k, dtype=src.dtype, device=src.device) if act == "swiglu" else None
+    if n and k:
+        _select_activate_kernel[_grid(n, k)](src, idx, z, a, b if b is not None else a, n, k, width,
+                                             src.stride(0), idx.stride(0), z.stride(0), a.stride(0),
+                                             ACT=code, BLOCK_R=_BLOCK_R, BLOCK_K=_BLOCK_K)
+    return z, a, b
+
+
+def scatter_activated_triton(sel_a: torch.Tensor, sel_b: torch.Tensor | None, idx: torch.Tensor, width: int,
+                             act: str) -> torch.Tensor:
+    code = _act_code(act)
+    sel_a, idx = _rowmajor(sel_a), _rowmajor(idx)
+    sel_b = _rowmajor(sel_b) if sel_b is not None else sel_a
+    n, k = idx.shape
+    z = torch.zeros(n, width, dtype=sel_a.dtype, device=sel_a.device)
+    if n and k:
+        _scatter_activated_kernel[_grid(n, k)](sel_a, sel_b, idx, z, n, k, sel_a.stride(0), idx.stride(0), z.stride(0),
+                                               ACT=code, BLOCK_R=_BLOCK_R, BLOCK_K=_BLOCK_K)
+    return z
+
+
+def select_activate_backward_triton(dz: torch.Tensor, sel_a: torch.Tensor, sel_b: torch.Tensor | None,
+                                    idx: torch.Tensor, width: int, act: str) -> torch.Tensor:
+    code = _act_code(act)
+    dz, sel_a, idx = _rowmajor(dz), _rowmajor(sel_a), _rowmajor(idx)
+    sel_b = _rowmajor(sel_b) if sel_b is not None else sel_a
+    n, k = idx.shape
+    dsrc = torch.zeros(n, _src_width(act, width), dtype=dz.dtype, device=dz.device)
+    if n and k:
+        _select_activate_backward_kernel[_grid(n, k)](dz, sel_a, sel_b, idx, dsrc, n, k, width, dz.stride(0),
+                                                      sel_a.stride(0), idx.stride(0), dsrc.stride(0),
+                                                      ACT=code, BLOCK_R=_BLOCK_R, BLOCK_K=_BLOCK_K)
+    return dsrc
+
+
+# ---------------------------------------------------------------------------------------- dispatch
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return HAVE_TRITON and t.is_cuda
+
+
+def select_activate(src, idx, width, act):
+    return (select_activate_triton if _use_triton(src) else select_activate_reference)(src, idx, width, act)
+
+
+def scatter_activated(sel_a, sel_b, idx, width, act):
+    return (scatter_activated_triton if _use_triton(sel_a) else scatter_activated_reference)(sel_a, sel_b, idx, width, act)
+
+
+def select_activate_backward(dz, sel_a, sel_b, idx, width, act):
+    fn = select_activate_backward_triton if _use_triton(dz) else select_activate_backward_reference
+    return fn(dz, sel_a, sel_b, idx, width, act)

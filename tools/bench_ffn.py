@@ -1,0 +1,381 @@
+#!/usr/bin/env python
+"""Sparse FFN blocks against their dense baselines: forward+backward time and saved activations.
+
+    python tools/bench_ffn.py --json ffn.json        # llama-350m and llama-1b FFN shapes, 16k and 64k tokens, bf16, GPU
+    python tools/bench_ffn.py --tiny                  # CPU smoke test (tiny shapes, fp32), seconds
+
+One FFN block (the module that sits in a decoder layer's mlp slot, TP = 1) per variant, on input
+[tokens, 1, hidden]. For each: the median time of forward + backward (weights' and input's
+gradients) over --reps runs after --warmup, the bytes the block keeps for backward (unique storages
+reached by saved-tensor hooks, parameters excluded: its input x is counted, as every variant saves
+it), and on GPU the peak memory allocated during forward + backward above what was allocated before.
+Ratios are against the variant's dense baseline: SwiGLU for MoC and top-k, ReLU² at the ELAS width
+(1.5 x ffn) for ELAS, low-rank ReLU² for low-rank ELAS. A variant that fails (out of memory, a
+kernel that does not compile, ...) is reported with its error and the table goes on.
+A second table times the Triton kernels against their torch references on the same shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {
+    # name: (hidden, heads, ffn_hidden_size, low rank used by ELAS at that size)
+    "llama-350m": (1024, 16, 2816, 256),
+    "llama-1b": (2048, 32, 5632, 512),
+    "tiny": (64, 4, 176, 16),
+}
+MOC_K = 0.1875  # K = d_model/2-ish, the MoC presets
+TOPK_K = 0.1
+ELAS_EXPAND = 1.5
+
+
+@dataclass
+class Variant:
+    name: str
+    baseline: str | None
+    what: str
+    build: Callable  # (shape) -> ModuleSpec
+    cuda_only: bool = False
+
+
+def init_megatron(cuda: bool, seed: int = 1234) -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+
+    if cuda:
+        torch.cuda.set_device(0)
+    else:
+        from effdist.runtime import cpu_compat
+
+        cpu_compat.install()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
+    torch.manual_seed(seed)
+    if cuda:
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        from effdist.runtime.distributed import _seed_cpu_tracker
+
+        _seed_cpu_tracker(seed)
+
+
+def variants() -> list[Variant]:
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from effdist.config import resolve_count
+    from effdist.model.ffn.channel import MixtureOfChannelsMLP, TopKMLP
+    from effdist.model.ffn.dense import ReLU2MLP
+    from effdist.model.ffn.elas import ElasMLP
+    from effdist.model.ffn.registry import elas_linears
+
+    plain = elas_linears(None)
+
+    def elas_width(shape):
+        return int(round(ELAS_EXPAND * SHAPES[shape][2]))
+
+    def swiglu(shape):
+        return ModuleSpec(MLP, params={"ffn_hidden_size": SHAPES[shape][2]}, submodules=MLPSubmodules(
+            linear_fc1=plain.linear_fc1, linear_fc2=plain.linear_fc2))
+
+    def moc(structured):
+        def build(shape):
+            f = SHAPES[shape][2]
+            return ModuleSpec(MixtureOfChannelsMLP, submodules=plain, params={
+                "ffn_hidden_size": f, "k": resolve_count(MOC_K, f), "structured": structured})
+        return build
+
+    def topk(shape):
+        f = SHAPES[shape][2]
+        return ModuleSpec(TopKMLP, submodules=plain, params={"ffn_hidden_size": f, "k": resolve_count(TOPK_K, f),
+                                                             "activation": "relu"})
+
+    def relu2(low_rank):
+        def build(shape):
+            subs = elas_linears(SHAPES[shape][3] if low_rank else None)
+            return ModuleSpec(ReLU2MLP, submodules=subs, params={"ffn_hidden_size": elas_width(shape)})
+        return build
+
+    def elas(ste, cslt, low_rank=False):
+        def build(shape):
+            subs = elas_linears(SHAPES[shape][3] if low_rank else None)
+            return ModuleSpec(ElasMLP, submodules=subs, params={
+                "ffn_hidden_size": elas_width(shape), "ste": ste, "sparse_kernels": cslt, "sparse_min_tokens": 0})
+        return build
+
+    return [
+        Variant("swiglu", None, "megatron SwiGLU, width f", swiglu),
+        Variant("moc", "swiglu", f"MoC, top-K gate channels, K = {MOC_K} f", moc(False)),
+        Variant("moc-2:8", "swiglu", "MoC, top 2 of every 8 gate channels", moc(True)),
+        Variant("topk-relu", "swiglu", f"non-gated ReLU keeping the top {TOPK_K:.0%} (width f)", topk),
+        Variant("relu2", None, f"non-gated ReLU², width {ELAS_EXPAND} f (ELAS dense reference)", relu2(False)),
+        Variant("elas", "relu2", "2:4 ReLU², identity STE (saves h), dense GEMMs", elas("identity", False)),
+        Variant("elas-masked", "relu2", "2:4 ReLU², masked STE (saves 2:4-compressed relu(h)), dense GEMMs",
+                elas("masked", False)),
+        Variant("elas-cslt", "relu2", "as elas, fc2 forward on cuSPARSELt", elas("identity", True), cuda_only=True),
+        Variant("elas-masked-cslt", "relu2", "as elas-masked, fc2 forward on cuSPARSELt", elas("masked", True),
+                cuda_only=True),
+        Variant("relu2-lowrank", None, "ReLU² width 1.5 f, fc1/fc2 low-rank (r = h/4)", relu2(True)),
+        Variant("elas-lowrank", "relu2-lowrank", "2:4 ReLU², identity STE, low-rank fc1/fc2", elas("identity", False, True)),
+    ]
+
+
+def transformer_config(shape: str, dtype: torch.dtype, device: torch.device):
+    from effdist.config import load_config
+    from effdist.model.gpt import transformer_config as make
+
+    hidden, heads, ffn, _ = SHAPES[shape]
+    cfg = load_config(None, [f"model.hidden_size={hidden}", f"model.num_attention_heads={heads}",
+                             f"model.num_query_groups={heads}", f"model.ffn_hidden_size={ffn}", "model.num_layers=1"])
+    return make(cfg, dtype, device, num_layers=1)
+
+
+def saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = module(x)
+    del out
+    return sum(storages.values())
+
+
+def _sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def fwd_bwd_ms(module, x, dout, reps: int, warmup: int, cuda: bool) -> float:
+    times = []
+    for i in range(warmup + reps):
+        _sync(cuda)
+        t0 = time.perf_counter()
+        out, _ = module(x)
+        out.backward(dout)
+        _sync(cuda)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+    return statistics.median(times)
+
+
+def peak_mib(module, x, dout, cuda: bool) -> float | None:
+    if not cuda:
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out, _ = module(x)
+    out.backward(dout)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    return peak / 2**20
+
+
+def bench_variant(v: Variant, shape: str, tokens: int, tcfg, dtype, device, reps, warmup) -> dict:
+    from megatron.core.transformer.spec_utils import build_module
+
+    cuda = device.type == "cuda"
+    row = {"shape": shape, "tokens": tokens, "variant": v.name, "baseline": v.baseline, "what": v.what}
+    if v.cuda_only and not cuda:
+        row["skipped"] = "needs CUDA (cuSPARSELt)"
+        return row
+    module = None
+    try:
+        torch.manual_seed(0)
+        module = build_module(v.build(shape), config=tcfg).to(device)
+        hidden = SHAPES[shape][0]
+        g = torch.Generator(device=device).manual_seed(1)
+        x = torch.randn(tokens, 1, hidden, device=device, dtype=dtype, generator=g).requires_grad_(True)
+        dout = torch.randn(tokens, 1, hidden, device=device, dtype=dtype, generator=g)
+        row["saved_bytes"] = saved_bytes(module, x)
+        row["saved_bytes_per_token"] = row["saved_bytes"] / tokens
+        row["ms"] = fwd_bwd_ms(module, x, dout, reps, warmup, cuda)
+        row["tokens_per_s"] = tokens / row["ms"] * 1e3
+        row["peak_mib"] = peak_mib(module, x, dout, cuda)
+        if hasattr(module, "used_sparse_gemm"):
+            row["sparse_gemm_used"] = bool(module.used_sparse_gemm)
+    except Exception as e:  # noqa: BLE001 - one failing variant must not abort the table
+        row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        row["traceback"] = traceback.format_exc(limit=4)
+    finally:
+        del module
+        if cuda:
+            torch.cuda.empty_cache()
+    return row
+
+
+def bench_kernels(shape: str, tokens: int, dtype, device, reps: int, warmup: int) -> list[dict]:
+    """Triton kernels against their torch references (on CPU both run the reference: GPU only)."""
+    from effdist.config import resolve_count
+    from effdist.kernels import channel_select as cs
+    from effdist.kernels import sparse24
+    from effdist.model.ffn.selection import topk_channels
+
+    cuda = device.type == "cuda"
+    if not cuda:
+        return []
+    hidden, _, f, _ = SHAPES[shape]
+    w = int(round(ELAS_EXPAND * f))
+    rows = []
+
+    def timed(fn) -> float:
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    h = torch.randn(tokens, w, device=device, dtype=dtype)
+    gu = torch.randn(tokens, 2 * f, device=device, dtype=dtype)
+    idx = topk_channels(gu[:, :f], resolve_count(MOC_K, f))
+    dz = torch.randn(tokens, f, device=device, dtype=dtype)
+    _, a, b = cs.select_activate_reference(gu, idx, f, "swiglu")
+    cases = [
+        ("relu2+2:4 sparsify, dense+compressed", lambda: sparse24.sparsify24_triton(h, relu2=True),
+         lambda: sparse24.sparsify24_reference(h, relu2=True)),
+        ("MoC gather+SwiGLU+scatter", lambda: cs.select_activate_triton(gu, idx, f, "swiglu"),
+         lambda: cs.select_activate_reference(gu, idx, f, "swiglu")),
+        ("MoC backward gather+scatter", lambda: cs.select_activate_backward_triton(dz, a, b, idx, f, "swiglu"),
+         lambda: cs.select_activate_backward_reference(dz, a, b, idx, f, "swiglu")),
+        ("MoC top-K selection (torch.topk)", lambda: topk_channels(gu[:, :f], resolve_count(MOC_K, f)), None),
+    ]
+    try:
+        packed = torch._cslt_compress(sparse24.sparsify24_triton(h, relu2=True, write_compressed=False)[0])
+        cases.append(("cuSPARSELt compress (torch._cslt_compress)", lambda: torch._cslt_compress(h), None))
+        del packed
+    except Exception:  # noqa: BLE001 - cuSPARSELt missing: just no row
+        pass
+    for name, triton_fn, ref_fn in cases:
+        row = {"shape": shape, "tokens": tokens, "kernel": name}
+        try:
+            row["triton_ms"] = timed(triton_fn)
+            row["torch_ms"] = timed(ref_fn) if ref_fn is not None else None
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        rows.append(row)
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    index = {(r["shape"], r["tokens"], r["variant"]): r for r in rows}
+    for r in rows:
+        base = index.get((r["shape"], r["tokens"], r["baseline"])) if r["baseline"] else None
+        if base and "ms" in base and "ms" in r:
+            r["time_vs_baseline"] = r["ms"] / base["ms"]
+            r["bytes_vs_baseline"] = r["saved_bytes"] / base["saved_bytes"]
+
+
+def print_tables(rows: list[dict], kernel_rows: list[dict], header: str) -> None:
+    print(header)
+    print(f"{'shape':<11} {'tokens':>6} {'variant':<17} {'ms':>9} {'x base':>7} {'saved MiB':>10} {'x base':>7} "
+          f"{'B/token':>8} {'peak MiB':>9}  note")
+    for r in rows:
+        if "ms" not in r:
+            note = r.get("error") or r.get("skipped", "")
+            print(f"{r['shape']:<11} {r['tokens']:>6} {r['variant']:<17} {'-':>9} {'':>7} {'':>10} {'':>7} {'':>8} {'':>9}  {note}")
+            continue
+        tb = f"{r['time_vs_baseline']:.2f}" if "time_vs_baseline" in r else ""
+        bb = f"{r['bytes_vs_baseline']:.3f}" if "bytes_vs_baseline" in r else ""
+        peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") is not None else "-"
+        note = "cuSPARSELt used" if r.get("sparse_gemm_used") else ""
+        print(f"{r['shape']:<11} {r['tokens']:>6} {r['variant']:<17} {r['ms']:>9.3f} {tb:>7} "
+              f"{r['saved_bytes'] / 2**20:>10.1f} {bb:>7} {r['saved_bytes_per_token']:>8.0f} {peak:>9}  {note}")
+    if kernel_rows:
+        print("\nkernels (Triton vs torch reference)")
+        print(f"{'shape':<11} {'tokens':>6} {'kernel':<44} {'triton ms':>9} {'torch ms':>9}")
+        for r in kernel_rows:
+            if "error" in r:
+                print(f"{r['shape']:<11} {r['tokens']:>6} {r['kernel']:<44} {r['error']}")
+                continue
+            ref = f"{r['torch_ms']:.3f}" if r.get("torch_ms") is not None else "-"
+            print(f"{r['shape']:<11} {r['tokens']:>6} {r['kernel']:<44} {r['triton_ms']:>9.3f} {ref:>9}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="CPU-sized smoke test: tiny shape, 256 tokens, fp32")
+    p.add_argument("--shapes", nargs="+", default=None, choices=sorted(SHAPES), help="default: llama-350m llama-1b")
+    p.add_argument("--tokens", nargs="+", type=int, default=None, help="tokens per block call (default: 16384 65536)")
+    p.add_argument("--variants", nargs="+", default=None, help="subset of variant names (baselines are added)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (median reported)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--no-kernels", action="store_true", help="skip the kernel table")
+    p.add_argument("--json", type=Path, default=None, help="write all rows to this JSON file")
+    args = p.parse_args(argv)
+
+    cuda = torch.cuda.is_available() and not args.tiny
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    shapes = args.shapes or (["tiny"] if args.tiny else ["llama-350m", "llama-1b"])
+    token_counts = args.tokens or ([256] if args.tiny else [16384, 65536])
+    reps = args.reps or (2 if args.tiny else 10)
+    warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    dtype_name = args.dtype or ("bf16" if cuda else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+
+    init_megatron(cuda)
+    all_variants = variants()
+    if args.variants:
+        unknown = set(args.variants) - {v.name for v in all_variants}
+        if unknown:
+            p.error(f"unknown variants {sorted(unknown)}; valid: {', '.join(v.name for v in all_variants)}")
+        wanted = set(args.variants)
+        wanted |= {v.baseline for v in all_variants if v.name in wanted and v.baseline}
+        all_variants = [v for v in all_variants if v.name in wanted]
+
+    rows, kernel_rows = [], []
+    started = time.perf_counter()
+    for shape in shapes:
+        tcfg = transformer_config(shape, dtype, device)
+        for tokens in token_counts:
+            for v in all_variants:
+                rows.append(bench_variant(v, shape, tokens, tcfg, dtype, device, reps, warmup))
+            if not args.no_kernels:
+                kernel_rows += bench_kernels(shape, tokens, dtype, device, reps, warmup)
+    add_ratios(rows)
+    device_name = torch.cuda.get_device_name(0) if cuda else "cpu"
+    header = (f"FFN block forward+backward, TP=1, {dtype_name}, {device_name}, torch {torch.__version__}, "
+              f"median of {reps} after {warmup} warm-up ({time.perf_counter() - started:.0f} s)")
+    print_tables(rows, kernel_rows, header)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"device": device_name, "dtype": dtype_name, "torch": torch.__version__,
+                                         "reps": reps, "warmup": warmup, "results": rows, "kernels": kernel_rows},
+                                        indent=1))
+    failed = [r for r in rows if "error" in r]
+    return 1 if failed and len(failed) == len(rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
