@@ -8,7 +8,8 @@ all in ONE process so every variant runs on the same GPU state.
 
 Variants per model: the dense model (epas disabled), the EPAS model at region 0 (must match dense),
 and the EPAS model with the deepest L/2 and 3L/4 layers sharing Q/K (``--regions``, fractions of L).
-Each variant: warm-up steps, then the median of ``--steps`` timed steps. The table gives tokens/s,
+Both models stay resident and the variants take turns (``--rounds`` x ``--steps`` timed steps each,
+after warm-up), so that clock or allocator drift hits all alike; the median is reported. The table gives tokens/s,
 the speed-up over region 0, and the "ideal" speed-up if step time were proportional to model FLOPs
 (a sharing layer skips the Q and K projections: 6·h·(h + kv_dim) FLOPs per token, forward+backward).
 """
@@ -134,7 +135,7 @@ class Trainee:
         return float(loss.detach())
 
 
-def time_steps(trainee: Trainee, controller, warmup: int, steps: int, cuda: bool) -> tuple[float, list[float]]:
+def time_steps(trainee: Trainee, controller, warmup: int, steps: int, cuda: bool) -> tuple[list[float], list[float]]:
     losses, times = [], []
     for i in range(warmup + steps):
         if cuda:
@@ -145,73 +146,92 @@ def time_steps(trainee: Trainee, controller, warmup: int, steps: int, cuda: bool
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times), losses
+    return times, losses
 
 
-def bench_shape(shape: str, fractions: list[float], warmup: int, steps: int, device: torch.device,
+def bench_shape(shape: str, fractions: list[float], warmup: int, steps: int, rounds: int, device: torch.device,
                 dtype: torch.dtype) -> list[dict]:
+    """Both models stay resident and the variants take turns, `rounds` times `steps` timed steps each, so
+    that drifts of the GPU's clocks or allocator affect every variant alike."""
     from effdist.epas import EpasController, apply_region, current_region
     from effdist.model.gpt import build_gpt
 
     cuda = device.type == "cuda"
     layers = SHAPES[shape][0]
     regions = sorted({min(layers - 1, int(round(f * layers))) for f in fractions} | {0})
-    plans = [("dense", 0)] + [(f"epas r={r}", r) for r in regions]
-    rows = []
-    trainee = None
-    for name, region in plans:
-        row = {"model": shape, "variant": name, "region": region}
-        try:
-            if name == "dense" or trainee is None:
-                trainee = None
-                gc.collect()
-                if cuda:
-                    torch.cuda.empty_cache()
-                cfg = make_config(shape, epas=name != "dense")
-                reseed(cuda)
-                trainee = Trainee(cfg, build_gpt(cfg, dtype, device), device)
-            controller = None
-            if name != "dense":
-                apply_region([trainee.module], set())
-                if region > 0:
-                    controller = EpasController(make_config(shape, epas=True, region=region), [trainee.module],
-                                                optimizer=trainee.optimizer)
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            step_s, losses = time_steps(trainee, controller, warmup, steps, cuda)
-            if name != "dense":
-                assert len(current_region([trainee.module])) == region
-            cfg = trainee.cfg
-            tokens = cfg.train.micro_batch * cfg.data.seq_length
-            # dense and "epas r=0" start from the same weights: their first losses must be equal.
-            row.update(step_s=step_s, tokens_per_s=tokens / step_s, first_loss=losses[0], final_loss=losses[-1],
-                       flops_per_token=flops_per_token(cfg, region),
-                       peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
-        except Exception as e:  # one variant out of memory should not lose the table
+    variants = [("dense", 0)] + [(f"epas r={r}", r) for r in regions]
+    rows = {name: {"model": shape, "variant": name, "region": region} for name, region in variants}
+    times: dict[str, list[float]] = {name: [] for name, _ in variants}
+    losses: dict[str, list[float]] = {name: [] for name, _ in variants}
+    try:
+        trainees = {}
+        for kind in ("dense", "epas"):
+            cfg = make_config(shape, epas=kind == "epas")
+            reseed(cuda)  # both start from the same weights
+            trainees[kind] = Trainee(cfg, build_gpt(cfg, dtype, device), device)
+    except Exception as e:  # e.g. out of memory: report it for every variant
+        for row in rows.values():
             row["error"] = f"{type(e).__name__}: {e}"
-            trainee = None
-        if name == "dense":
-            trainee = None
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    del trainee
+        trainees = {}
+    for round_index in range(rounds if trainees else 0):
+        for name, region in variants:
+            row = rows[name]
+            if "error" in row:
+                continue
+            try:
+                trainee = trainees["dense" if name == "dense" else "epas"]
+                controller = None
+                if name != "dense":
+                    apply_region([trainee.module], set())
+                    if region > 0:
+                        controller = EpasController(make_config(shape, epas=True, region=region), [trainee.module],
+                                                    optimizer=trainee.optimizer)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                t, l = time_steps(trainee, controller, warmup if round_index == 0 else 1, steps, cuda)
+                if name != "dense":
+                    assert len(current_region([trainee.module])) == region
+                times[name] += t
+                losses[name] += l
+                if cuda:
+                    row["peak_mem_gib"] = max(row.get("peak_mem_gib", 0.0), torch.cuda.max_memory_allocated() / 2**30)
+            except Exception as e:  # one variant failing should not lose the table
+                row["error"] = f"{type(e).__name__}: {e}"
+    for name, region in variants:
+        row = rows[name]
+        if "error" in row:
+            continue
+        cfg = trainees["dense" if name == "dense" else "epas"].cfg
+        step_s = statistics.median(times[name])
+        tokens = cfg.train.micro_batch * cfg.data.seq_length
+        # dense and "epas r=0" start from the same weights: their first losses must be equal.
+        row.update(step_s=step_s, step_s_min=min(times[name]), step_s_max=max(times[name]), timed_steps=len(times[name]),
+                   tokens_per_s=tokens / step_s, first_loss=losses[name][0], final_loss=losses[name][-1],
+                   flops_per_token=flops_per_token(cfg, region))
+        row.setdefault("peak_mem_gib", None)
+    del trainees
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    base = next((r for r in rows if r["variant"] == "epas r=0" and "error" not in r), None)
-    for r in rows:
-        if base is not None and "error" not in r:
+    out = list(rows.values())
+    base = rows.get("epas r=0")
+    for r in out:
+        if base is not None and "error" not in base and "error" not in r:
             r["speedup_vs_region0"] = r["tokens_per_s"] / base["tokens_per_s"]
             r["ideal_speedup_vs_region0"] = base["flops_per_token"] / r["flops_per_token"]
-    return rows
+        print(json.dumps(r), flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="llama-350m,llama-1b", help=f"comma-separated, from {', '.join(SHAPES)}")
     p.add_argument("--regions", default="0,0.5,0.75", help="sharing regions as fractions of the layers")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per variant (the median is reported)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant and round")
+    p.add_argument("--rounds", type=int, default=4, help="the variants take turns this many times; the median "
+                                                         "over all their timed steps is reported")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each variant in the first round "
+                                                         "(later rounds: 1, after the region switch)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test on a tiny model (fp32)")
     p.add_argument("--json", default=None, help="write all results here")
     args = p.parse_args(argv)
@@ -229,17 +249,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     fractions = [float(x) for x in args.regions.split(",")]
     if args.tiny:
-        args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
+        args.steps, args.warmup, args.rounds = min(args.steps, 2), min(args.warmup, 1), min(args.rounds, 2)
     init_megatron(cuda)
 
     results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype).replace("torch.", ""),
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "steps": args.steps,
-               "warmup": args.warmup, "runs": []}
+               "rounds": args.rounds, "warmup": args.warmup,
+               "note": "peak_mem_gib is with the dense and the EPAS model both resident", "runs": []}
     for shape in models:
-        results["runs"] += bench_shape(shape, fractions, args.warmup, args.steps, device, dtype)
+        results["runs"] += bench_shape(shape, fractions, args.warmup, args.steps, args.rounds, device, dtype)
 
-    print(f"\ndevice: {results['device']}  dtype: {results['dtype']}  median of {args.steps} steps after "
-          f"{args.warmup} warm-up")
+    print(f"\ndevice: {results['device']}  dtype: {results['dtype']}  median of {args.rounds} rounds x {args.steps} "
+          f"steps per variant (variants interleaved; peak memory with both models resident)")
     print(f"{'model':<11} {'variant':<10} {'tok/s':>10} {'step ms':>8} {'vs r=0':>7} {'ideal':>6} {'peak GiB':>9}")
     for r in results["runs"]:
         if "error" in r:
