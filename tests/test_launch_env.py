@@ -1,0 +1,474 @@
+"""Launchers: env -> rank mapping (fake env dicts), host lists, hostfiles, launch/run.sh, launch/torchrun.py's
+exit code and signal forwarding, and slurm/train.sbatch's requeue logic with fake srun/scontrol."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from effdist.runtime.launch_env import (
+    PREEMPTED_EXIT_CODE,
+    DistEnv,
+    LaunchEnvError,
+    expand_hostlist,
+    parse_tasks_per_node,
+    resolve_dist_env,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SBATCH = ROOT / "slurm" / "train.sbatch"
+RUN_SH = ROOT / "launch" / "run.sh"
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(f"launch_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+hostfile = _load(ROOT / "launch" / "hostfile.py")
+torchrun_wrapper = _load(ROOT / "launch" / "torchrun.py")
+
+
+# ------------------------------------------------------------------------------------------ env mapping
+def test_preempted_exit_code_is_ex_tempfail():
+    assert PREEMPTED_EXIT_CODE == 75
+
+
+def test_single_process_without_variables():
+    assert resolve_dist_env({}) == DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0,
+                                           nnodes=1, master_addr="127.0.0.1", master_port=29500, launcher="single")
+    env = resolve_dist_env({"MASTER_PORT": "1234", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    assert (env.world_size, env.master_port, env.launcher) == (1, 1234, "single")
+
+
+def test_torchrun_multi_node():
+    env = resolve_dist_env({"RANK": "13", "WORLD_SIZE": "16", "LOCAL_RANK": "5", "LOCAL_WORLD_SIZE": "8",
+                            "GROUP_RANK": "1", "GROUP_WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1",
+                            "MASTER_PORT": "29401"})
+    assert env == DistEnv(rank=13, world_size=16, local_rank=5, local_world_size=8, node_rank=1, nnodes=2,
+                          master_addr="10.0.0.1", master_port=29401, launcher="torchrun")
+    assert env.as_torch_env()["RANK"] == "13" and env.as_torch_env()["MASTER_ADDR"] == "10.0.0.1"
+
+
+def test_torchrun_without_local_variables_means_one_node():
+    env = resolve_dist_env({"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+    assert (env.local_rank, env.local_world_size, env.node_rank, env.nnodes) == (3, 4, 0, 1)
+    # Without GROUP_* the node rank and count follow from the local world size.
+    env = resolve_dist_env({"RANK": "6", "WORLD_SIZE": "8", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "4",
+                            "MASTER_ADDR": "h"})
+    assert (env.node_rank, env.nnodes, env.master_port) == (1, 2, 29500)
+
+
+def test_torchrun_wins_over_slurm_variables():
+    # torchrun started by srun (slurm/train.sbatch): each worker sees both sets.
+    env = resolve_dist_env({"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8",
+                            "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29500",
+                            "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "77"})
+    assert (env.launcher, env.rank, env.world_size, env.master_port) == ("torchrun", 9, 16, 29500)
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"RANK": "0"}, "WORLD_SIZE"),
+    ({"RANK": "4", "WORLD_SIZE": "4", "MASTER_ADDR": "h"}, "RANK=4"),
+    ({"RANK": "-1", "WORLD_SIZE": "4", "MASTER_ADDR": "h"}, "RANK=-1"),
+    ({"RANK": "x", "WORLD_SIZE": "4"}, "RANK='x'"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=0"),
+    ({"RANK": "1", "WORLD_SIZE": "2"}, "MASTER_ADDR"),
+    ({"WORLD_SIZE": "2"}, "RANK"),
+    ({"LOCAL_RANK": "1"}, "RANK"),
+    ({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "4", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "h"}, "LOCAL_RANK=4"),
+    ({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "h"}, "LOCAL_WORLD_SIZE=8"),
+    ({"RANK": "0", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "GROUP_RANK": "2", "GROUP_WORLD_SIZE": "2"}, "GROUP_RANK"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "70000"}, "MASTER_PORT=70000"),
+    ({"EFFDIST_LAUNCHER": "mpi"}, "EFFDIST_LAUNCHER"),
+    ({"EFFDIST_LAUNCHER": "torchrun"}, "RANK"),
+])
+def test_torchrun_inconsistent_env_names_the_variables(env, needle):
+    with pytest.raises(LaunchEnvError, match=needle.replace("(", r"\(")):
+        resolve_dist_env(env)
+
+
+def _slurm(**extra: str) -> dict[str, str]:
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+           "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "4", "SLURM_JOB_NODELIST": "gpu[07-08]",
+           "SLURM_JOB_ID": "123456"}
+    env.update(extra)
+    return env
+
+
+def test_slurm_direct_srun():
+    env = resolve_dist_env(_slurm())
+    assert env == DistEnv(rank=5, world_size=8, local_rank=1, local_world_size=4, node_rank=1, nnodes=2,
+                          master_addr="gpu07", master_port=29500 + 123456 % 10000, launcher="slurm")
+
+
+def test_slurm_overrides_and_uneven_tasks():
+    env = resolve_dist_env(_slurm(MASTER_ADDR="10.1.1.1", MASTER_PORT="31000"))
+    assert (env.master_addr, env.master_port) == ("10.1.1.1", 31000)
+    # 3 nodes with 4, 4 and 2 tasks: the last node's local world is 2.
+    env = resolve_dist_env(_slurm(SLURM_PROCID="9", SLURM_NTASKS="10", SLURM_LOCALID="1", SLURM_NODEID="2",
+                                  SLURM_NNODES="3", SLURM_TASKS_PER_NODE="4(x2),2",
+                                  SLURM_JOB_NODELIST="a[1-2],b9"))
+    assert (env.local_world_size, env.node_rank, env.nnodes, env.master_addr) == (2, 2, 3, "a1")
+    # The step's layout wins over the job's.
+    env = resolve_dist_env(_slurm(SLURM_STEP_TASKS_PER_NODE="4(x2)", SLURM_TASKS_PER_NODE="1(x2)"))
+    assert env.local_world_size == 4
+    # Without any tasks-per-node variable: an even split of SLURM_NTASKS.
+    base = _slurm()
+    del base["SLURM_NTASKS_PER_NODE"]
+    assert resolve_dist_env(base).local_world_size == 4
+
+
+def test_slurm_single_task_and_no_job_id():
+    env = resolve_dist_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"})
+    assert (env.world_size, env.master_addr, env.master_port, env.launcher) == (1, "127.0.0.1", 29500, "slurm")
+
+
+def test_forced_single_ignores_an_allocation():
+    env = resolve_dist_env(_slurm(EFFDIST_LAUNCHER="single"))
+    assert (env.rank, env.world_size, env.launcher, env.master_port) == (0, 1, "single", 29500 + 3456)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"SLURM_PROCID": "8"}, "SLURM_PROCID=8"),
+    ({"SLURM_NTASKS": "nine"}, "SLURM_NTASKS='nine'"),
+    ({"SLURM_LOCALID": "4"}, "SLURM_LOCALID=4"),
+    ({"SLURM_NODEID": "2"}, "SLURM_NODEID=2"),
+    ({"SLURM_NTASKS_PER_NODE": "4(x3)"}, "3 nodes"),
+    ({"SLURM_NTASKS_PER_NODE": "3,4"}, "adds up to 7"),
+    ({"SLURM_NTASKS_PER_NODE": "4(y2)"}, "cannot read"),
+    ({"SLURM_JOB_NODELIST": "gpu[07-08"}, "without"),
+])
+def test_slurm_inconsistent_env_names_the_variables(extra, needle):
+    with pytest.raises(LaunchEnvError, match=needle.replace("(", r"\(")):
+        resolve_dist_env(_slurm(**extra))
+
+
+def test_slurm_missing_variables():
+    env = _slurm()
+    del env["SLURM_NTASKS"]
+    with pytest.raises(LaunchEnvError, match="SLURM_NTASKS"):
+        resolve_dist_env(env)
+    env = _slurm()
+    del env["SLURM_LOCALID"]
+    with pytest.raises(LaunchEnvError, match="SLURM_LOCALID"):
+        resolve_dist_env(env)
+    env = _slurm()
+    del env["SLURM_JOB_NODELIST"]
+    with pytest.raises(LaunchEnvError, match="MASTER_ADDR"):
+        resolve_dist_env(env)
+
+
+@pytest.mark.parametrize("hostlist, hosts", [
+    ("node[01-03,07],gpu5", ["node01", "node02", "node03", "node07", "gpu5"]),
+    ("gpu5", ["gpu5"]),
+    ("a,b , c", ["a", "b", "c"]),
+    ("n[8-11]", ["n8", "n9", "n10", "n11"]),
+    ("n[098-101]", ["n098", "n099", "n100", "n101"]),
+    ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
+    ("x[3]-ib", ["x3-ib"]),
+])
+def test_expand_hostlist(hostlist, hosts):
+    assert expand_hostlist(hostlist) == hosts
+
+
+@pytest.mark.parametrize("bad", ["n[1-2", "n1-2]", "n[2-1]", "n[a-b]", "n[[1]]", "a,,b", "n[1-]"])
+def test_expand_hostlist_rejects_malformed(bad):
+    with pytest.raises(LaunchEnvError, match="host list"):
+        expand_hostlist(bad)
+
+
+def test_parse_tasks_per_node():
+    assert parse_tasks_per_node("4(x2),3") == [4, 4, 3]
+    assert parse_tasks_per_node("8") == [8]
+    with pytest.raises(LaunchEnvError, match="positive"):
+        parse_tasks_per_node("0")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_torchrun_environment_of_two_uneven_nodes(tmp_path):
+    """The variables a real torchrun sets (two agents on this machine: 2 + 1 workers) resolve as expected."""
+    worker = tmp_path / "worker.py"
+    worker.write_text("import os, json\nfrom effdist.runtime.launch_env import resolve_dist_env\n"
+                      f"e = resolve_dist_env(os.environ)\nopen(r'{tmp_path}/rank' + str(e.rank), 'w')"
+                      ".write(json.dumps(e.__dict__))\n")
+    port = _free_port()
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                                f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                                "--monitor-interval=0.1", str(worker)], env=_worker_env(), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+              for node, nproc in ((0, 2), (1, 1))]
+    for agent in agents:
+        _, err = agent.communicate(timeout=120)
+        assert agent.returncode == 0, err[-2000:]
+    got = {r: json.loads((tmp_path / f"rank{r}").read_text()) for r in range(3)}
+    assert [(g["world_size"], g["local_rank"], g["local_world_size"], g["node_rank"], g["nnodes"])
+            for g in got.values()] == [(3, 0, 2, 0, 2), (3, 1, 2, 0, 2), (3, 0, 1, 1, 2)]
+    assert {(g["master_addr"], g["master_port"], g["launcher"]) for g in got.values()} == {
+        ("127.0.0.1", port, "torchrun")}
+
+
+# ------------------------------------------------------------------------------------------ hostfiles
+def test_parse_hostfile_and_commands():
+    hosts = hostfile.parse_hostfile("# cluster\nworker-1 slots=8\n\nworker-2   slots=4  # smaller\n")
+    assert hosts == [hostfile.Host("worker-1", 8), hostfile.Host("worker-2", 4)]
+    cmds = hostfile.torchrun_commands(hosts, ["--config", "c.yaml"], master_port=29600)
+    assert cmds[0] == ["torchrun", "--nnodes=2", "--node_rank=0", "--nproc_per_node=8", "--master_addr=worker-1",
+                       "--master_port=29600", "-m", "effdist.train", "--config", "c.yaml"]
+    assert cmds[1][2:4] == ["--node_rank=1", "--nproc_per_node=4"] and "--master_addr=worker-1" in cmds[1]
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("worker-1\n", "hostfile:1"),
+    ("w1 slots=8\nw2 slots=zero\n", "hostfile:2"),
+    ("w1 slots=0\n", "positive"),
+    ("w1 slots=8\nw1 slots=8\n", "listed twice"),
+    ("# nothing\n", "no hosts"),
+])
+def test_parse_hostfile_errors(text, needle):
+    with pytest.raises(hostfile.HostfileError, match=needle):
+        hostfile.parse_hostfile(text)
+
+
+def test_hostfile_cli(tmp_path, capsys):
+    hf = tmp_path / "hosts"
+    hf.write_text("a slots=2\nb slots=2\n")
+    assert hostfile.main([str(hf), "--config", "configs/x.yaml", "--set", "train.steps=5", "--ssh",
+                          "--workdir", "/w d"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("ssh b 'cd '\"'\"'/w d'\"'\"' && ")
+    assert "--node_rank=1" in lines[1] and "--set train.steps=5" in lines[1]
+    assert hostfile.main([str(tmp_path / "missing"), "--config", "c"]) == 2
+
+
+# ------------------------------------------------------------------------------------------ launch/run.sh
+def _fake_command(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+def test_run_sh_builds_the_torchrun_command(tmp_path):
+    record = tmp_path / "args"
+    fake = _fake_command(tmp_path / "faketorchrun", f'printf "%s\\n" "$@" > {record}\nexit 75\n')
+    env = dict(os.environ, TORCHRUN=str(fake))
+    proc = subprocess.run(["bash", str(RUN_SH), "2", "configs/tiny-cpu.yaml", "--set", "train.steps=3"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 75, proc.stderr  # the launcher's exit code comes through
+    assert record.read_text().splitlines() == ["--standalone", "--nproc_per_node", "2", "-m", "effdist.train",
+                                               "--config", "configs/tiny-cpu.yaml", "--set", "train.steps=3"]
+    bad = subprocess.run(["bash", str(RUN_SH), "two", "configs/tiny-cpu.yaml"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "NPROC" in bad.stderr
+    missing = subprocess.run(["bash", str(RUN_SH), "1", "nope.yaml"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "nope.yaml" in missing.stderr
+
+
+# ------------------------------------------------------------------------------------------ launch/torchrun.py
+def test_all_preempted_rule():
+    assert torchrun_wrapper.all_preempted([75, 75], 75)
+    assert torchrun_wrapper.all_preempted([75, -15], 75)  # the second was stopped by torchrun
+    assert not torchrun_wrapper.all_preempted([75, 1], 75)
+    assert not torchrun_wrapper.all_preempted([-9, -15], 75)
+    assert not torchrun_wrapper.all_preempted([], 75)
+
+
+def _wrapper_cmd(script: Path, nproc: int = 2) -> list[str]:
+    return [sys.executable, str(ROOT / "launch" / "torchrun.py"), "--standalone", f"--nproc_per_node={nproc}",
+            "--monitor-interval=0.1", str(script)]
+
+
+def _worker_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_",
+                                                                      "SLURM_", "TORCHELASTIC", "GROUP_"))}
+
+
+def test_torchrun_wrapper_passes_75_through_and_maps_other_failures_to_1(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text("import os, sys, time\nrank = os.environ['RANK']\n"
+                      "time.sleep(float(os.environ.get('DELAY_OF_RANK_' + rank, '0')))\n"
+                      "sys.exit(int(os.environ['CODE_OF_RANK_' + rank]))\n")
+    env = dict(_worker_env(), CODE_OF_RANK_0="75", CODE_OF_RANK_1="75")
+    proc = subprocess.run(_wrapper_cmd(worker), env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stderr[-2000:]
+    # A crash seen first is a crash (torchrun then stops the other workers before they exit on their own).
+    env.update(CODE_OF_RANK_1="3", DELAY_OF_RANK_0="3")
+    proc = subprocess.run(_wrapper_cmd(worker), env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+
+
+def test_torchrun_wrapper_forwards_sigusr1_to_workers(tmp_path):
+    worker = tmp_path / "worker.py"
+    ready = tmp_path / "ready"
+    worker.write_text(
+        "import os, signal, sys, time\n"
+        "got = []\n"
+        "signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))\n"
+        f"open(r'{ready}' + os.environ['RANK'], 'w').close()\n"
+        "deadline = time.time() + 60\n"
+        "while not got and time.time() < deadline:\n"
+        "    time.sleep(0.02)\n"
+        "sys.exit(75 if got else 4)\n")
+    proc = subprocess.Popen(_wrapper_cmd(worker), env=_worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 60
+        while not all(Path(f"{ready}{r}").exists() for r in (0, 1)) and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-2000:]
+    assert "forwarding to 2 worker(s)" in err
+
+
+# ------------------------------------------------------------------------------------------ slurm/train.sbatch
+def test_sbatch_script_parses():
+    assert shutil.which("bash")
+    proc = subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = SBATCH.read_text()
+    for directive in ("#SBATCH --signal=B:USR1@120", "#SBATCH --requeue", "#SBATCH --ntasks-per-node=1"):
+        assert directive in text
+    assert f"PREEMPTED_EXIT_CODE={PREEMPTED_EXIT_CODE}" in text
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    """A PATH with fake `srun` and `scontrol` that record their calls under tmp_path."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_command(bin_dir / "scontrol", f"""
+echo "$*" >> {tmp_path}/scontrol.calls
+case "$1" in
+  show) echo node07; echo node08 ;;
+  requeue) exit "${{FAKE_REQUEUE_RC:-0}}" ;;
+esac
+""")
+    _fake_command(bin_dir / "srun", f"""
+if [[ " $* " == *" hostname "* ]]; then echo "$*" > {tmp_path}/srun.hostname; echo "10.9.8.7 fe80::1"; exit 0; fi
+printf "%s\\n" "$@" > {tmp_path}/srun.args
+printenv CUDA_DEVICE_MAX_CONNECTIONS NCCL_NVLS_ENABLE > {tmp_path}/srun.env
+if [[ ${{FAKE_STEP}} == wait ]]; then
+  # a training step that saves and exits 75 on USR1 or TERM, like the trainer
+  trap 'echo USR1 >> {tmp_path}/srun.signals; exit 75' USR1
+  trap 'echo TERM >> {tmp_path}/srun.signals; exit 75' TERM
+  touch {tmp_path}/srun.started
+  for _ in $(seq 600); do sleep 0.05; done
+  exit 9
+fi
+exit "$FAKE_STEP"
+""")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_ID="4242", SLURM_NNODES="2",
+               SLURM_JOB_NODELIST="node[07-08]", SLURM_GPUS_ON_NODE="4", EFFDIST_DIR=str(ROOT),
+               CONFIG="configs/tiny-cpu.yaml", RUN_DIR=str(tmp_path / "run"), TRAIN_ARGS="--set train.steps=7")
+    return tmp_path, env
+
+
+def _sbatch(env: dict[str, str], **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SBATCH)], env=dict(env, **extra), capture_output=True, text=True, timeout=60)
+
+
+def _requeues(tmp: Path) -> list[str]:
+    calls = tmp / "scontrol.calls"
+    return [c for c in calls.read_text().splitlines() if c.startswith("requeue")] if calls.exists() else []
+
+
+def test_sbatch_launches_torchrun_per_node(fake_slurm):
+    tmp, env = fake_slurm
+    proc = _sbatch(env, FAKE_STEP="0")
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp / "srun.args").read_text().splitlines()
+    assert args[:4] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert args[5:7] == ["launch/torchrun.py", "--nnodes=2"] and "--nproc_per_node=4" in args
+    assert f"--rdzv_endpoint=10.9.8.7:{29500 + 4242}" in args and "--rdzv_id=4242" in args
+    tail = args[args.index("-m"):]
+    assert tail == ["-m", "effdist.train", "--config", "configs/tiny-cpu.yaml", "--run-dir", str(tmp / "run"),
+                    "--resume", "auto", "--set", "train.steps=7"]
+    assert "--nodelist=node07" in (tmp / "srun.hostname").read_text()
+    assert (tmp / "srun.env").read_text().split() == ["1", "0"]
+    assert _requeues(tmp) == []
+
+
+def test_sbatch_requeues_on_exit_75(fake_slurm):
+    tmp, env = fake_slurm
+    proc = _sbatch(env, FAKE_STEP="75")
+    assert proc.returncode == 0, proc.stderr
+    assert _requeues(tmp) == ["requeue 4242"]
+    assert "requeued" in proc.stderr
+
+
+def test_sbatch_does_not_requeue_a_crash(fake_slurm):
+    tmp, env = fake_slurm
+    proc = _sbatch(env, FAKE_STEP="3")
+    assert proc.returncode == 3
+    assert _requeues(tmp) == []
+
+
+def test_sbatch_stops_requeueing_after_max_and_reports_a_failed_requeue(fake_slurm):
+    tmp, env = fake_slurm
+    proc = _sbatch(env, FAKE_STEP="75", SLURM_RESTART_COUNT="5", MAX_REQUEUES="5")
+    assert proc.returncode == 75 and _requeues(tmp) == [] and "MAX_REQUEUES=5" in proc.stderr
+    proc = _sbatch(env, FAKE_STEP="75", FAKE_REQUEUE_RC="1")
+    assert proc.returncode == 75 and "failed" in proc.stderr
+
+
+def _signal_sbatch(tmp: Path, env: dict[str, str], sig: int) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen(["bash", str(SBATCH)], env=dict(env, FAKE_STEP="wait"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 30
+        while not (tmp / "srun.started").exists() and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_sbatch_forwards_the_time_limit_warning_and_requeues(fake_slurm):
+    tmp, env = fake_slurm
+    proc = _signal_sbatch(tmp, env, signal.SIGUSR1)
+    assert (tmp / "srun.signals").read_text().split() == ["USR1"]
+    assert proc.returncode == 0, proc.stderr
+    assert _requeues(tmp) == ["requeue 4242"]
+
+
+def test_sbatch_saves_but_does_not_requeue_on_sigterm(fake_slurm):
+    tmp, env = fake_slurm
+    proc = _signal_sbatch(tmp, env, signal.SIGTERM)
+    assert (tmp / "srun.signals").read_text().split() == ["TERM"]
+    assert proc.returncode == 75, proc.stderr
+    assert _requeues(tmp) == [] and "not requeueing" in proc.stderr
+
+
+def test_sbatch_refuses_to_run_outside_slurm(fake_slurm):
+    _, env = fake_slurm
+    env = {k: v for k, v in env.items() if k != "SLURM_JOB_ID"}
+    proc = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "SLURM_JOB_ID" in proc.stderr
