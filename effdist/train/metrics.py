@@ -1,0 +1,290 @@
+"""What a run reports: RUN_DIR/metrics.jsonl, tensorboard scalars under RUN_DIR/tb/, a progress line.
+
+metrics.jsonl holds one JSON object per logged step, written by global rank 0 only and flushed at
+once, so another process (a plot, a test, a dashboard) can read it while the run goes on. Fields:
+``step, loss, lr, grad_norm, tokens_per_s, tflops, mfu, peak_mem_gib, epas_region`` (always present,
+null when not measured, e.g. ``mfu`` on CPU) followed by any extra keys the trainer passes.
+
+Number format:
+- Non-finite floats (NaN, +-inf) are written as JSON ``null``: strict JSON has no NaN, and every
+  reader (jq, pandas, browsers) accepts null. A skipped step therefore shows ``"loss": null``.
+- Quantities compared between runs (loss, lr, grad_norm and any key not listed below) keep full float
+  precision, so a resumed or resharded run can be checked against a reference bit for bit.
+- Measurements whose run-to-run noise is far above 1e-4 (timings, throughput, memory, MFU) are rounded
+  to 4 significant digits, which keeps the file readable.
+
+Resuming: ``MetricsLogger(..., resume_step=k)`` drops the entries with step > k (written after the
+checkpoint the run resumes from) so the file continues exactly, without duplicates; tensorboard events
+after step k are purged the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+CORE_FIELDS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "peak_mem_gib", "epas_region")
+ROUNDED_FIELDS = frozenset({"tokens_per_s", "tflops", "mfu", "peak_mem_gib", "step_time_s"})
+ROUND_DIGITS = 4
+
+
+def _round_significant(x: float, digits: int = ROUND_DIGITS) -> float:
+    if x == 0:
+        return 0.0
+    return round(x, digits - 1 - int(math.floor(math.log10(abs(x)))))
+
+
+def _json_value(key: str, value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):  # 0-d tensors and numpy scalars
+        value = value.item()
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        return _round_significant(value) if key in ROUNDED_FIELDS else value
+    if isinstance(value, Mapping):
+        return {str(k): _json_value(str(k), v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(key, v) for v in value]
+    return str(value)
+
+
+def format_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON object written for one step: core fields first (None when absent), then the rest."""
+    if "step" not in record:
+        raise ValueError(f"a metrics record needs a 'step' field; got keys {sorted(record)}")
+    out = {k: _json_value(k, record.get(k)) for k in CORE_FIELDS}
+    for k, v in record.items():
+        if k not in out:
+            out[k] = _json_value(k, v)
+    return out
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record of RUN_DIR/metrics.jsonl, in file order. A torn last line (the writer was killed
+    mid-write) is ignored; a malformed line elsewhere is an error naming the line."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{i + 1}: not a JSON object ({e})") from None
+    return records
+
+
+def model_flops_per_token(num_layers: int, hidden: int, ffn_hidden: int, num_heads: int, num_query_groups: int,
+                          vocab: int, seq: int, gated: bool = True) -> float:
+    """Training FLOPs (forward + backward) per token of a LLaMA-style decoder, the MFU numerator.
+
+    = 6 x (matmul parameters of the transformer layers + LM head) + 6 x L x h x S.
+
+    - Per layer: Q and O projections h x h each, K and V h x (h / heads x query_groups) each (GQA),
+      FFN 3 x h x ffn (SwiGLU: gate, up, down) or 2 x h x ffn when not gated.
+    - LM head: h x vocab. The input embedding is a lookup, not a matmul, so it is not counted; norms
+      and biases are negligible.
+    - 6 = 2 FLOPs per multiply-add x (1 forward + 2 backward).
+    - Attention scores and the weighted sum cost 2 x 2 x S x h per token per layer forward for full
+      attention; causal attention needs half, so with backward: 3 x 2 x S x h = 6 x h x S per layer
+      (the convention of platform-notes.md; PaLM's 12 x L x h x S counts the masked half too).
+    Recomputation (activation checkpointing) is not counted: this is model FLOPs, not hardware FLOPs.
+    """
+    for name, value in (("num_layers", num_layers), ("hidden", hidden), ("ffn_hidden", ffn_hidden),
+                        ("num_heads", num_heads), ("num_query_groups", num_query_groups), ("vocab", vocab),
+                        ("seq", seq)):
+        if value < 1:
+            raise ValueError(f"model_flops_per_token: {name}={value} must be positive")
+    if hidden % num_heads or num_heads % num_query_groups:
+        raise ValueError(f"model_flops_per_token: hidden={hidden}, num_heads={num_heads}, "
+                         f"num_query_groups={num_query_groups} must divide evenly")
+    kv_width = hidden // num_heads * num_query_groups
+    attention_params = 2 * hidden * hidden + 2 * hidden * kv_width
+    ffn_params = (3 if gated else 2) * hidden * ffn_hidden
+    matmul_params = num_layers * (attention_params + ffn_params) + hidden * vocab
+    return 6.0 * matmul_params + 6.0 * num_layers * hidden * seq
+
+
+# Dense bf16 tensor-core peaks from the vendor datasheets, TFLOP/s (no 2:4 sparsity). Matched against
+# torch.cuda.get_device_name() by substring, most specific first.
+_PEAK_BF16_TFLOPS = (
+    ("GH200", 989.0), ("H200", 989.0), ("H100 PCIE", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+    ("H800", 989.0), ("H20", 148.0), ("B200", 2250.0), ("B100", 1750.0), ("GB200", 2500.0),
+    ("A100", 312.0), ("A800", 312.0), ("A30", 165.0), ("A10G", 70.0), ("A10", 125.0), ("L40S", 362.0),
+    ("L40", 181.0), ("L4", 121.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("MI300X", 1307.0),
+    ("MI250X", 383.0),
+)
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """Datasheet dense bf16 peak of a GPU by name, or None if unknown (then MFU is not reported)."""
+    name = device_name.upper()
+    for key, tflops in sorted(_PEAK_BF16_TFLOPS, key=lambda kv: -len(kv[0])):
+        if key in name:
+            return tflops
+    return None
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class ProgressBar:
+    """One line on stderr: step/total, a bar, loss, throughput, ETA.
+
+    On a terminal the line is rewritten in place with ``\\r``; in a log file (Slurm output) a plain line
+    is printed at the first update and then every `every` steps, so the file stays readable. The ETA uses the mean time per
+    step since the first update, which leaves out the slow first step (compilation, warm-up).
+    """
+
+    def __init__(self, total_steps: int, stream: TextIO | None = None, every: int | None = None,
+                 clock=time.monotonic):
+        self.total = max(1, int(total_steps))
+        self.stream = stream if stream is not None else sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        self.interactive = bool(isatty and isatty())
+        self.every = every or max(1, self.total // 20)
+        self.clock = clock
+        self._first: tuple[int, float] | None = None
+        self._last_printed: int | None = None
+        self._dirty = False
+
+    def eta_s(self, step: int) -> float | None:
+        now = self.clock()
+        if self._first is None or step <= self._first[0]:
+            return None
+        per_step = (now - self._first[1]) / (step - self._first[0])
+        return per_step * max(0, self.total - step)
+
+    def line(self, step: int, record: Mapping[str, Any]) -> str:
+        width = 20
+        filled = min(width, int(width * step / self.total))
+        parts = [f"step {step}/{self.total} [{'#' * filled}{'.' * (width - filled)}] {100 * step / self.total:3.0f}%"]
+        loss = record.get("loss")
+        if isinstance(loss, (int, float)):
+            parts.append(f"loss {loss:.4f}")
+        lr = record.get("lr")
+        if isinstance(lr, (int, float)):
+            parts.append(f"lr {lr:.2e}")
+        tps = record.get("tokens_per_s")
+        if isinstance(tps, (int, float)) and math.isfinite(tps):
+            parts.append(f"{tps:,.0f} tok/s")
+        tflops = record.get("tflops")
+        if isinstance(tflops, (int, float)) and math.isfinite(tflops):
+            parts.append(f"{tflops:.1f} TFLOP/s")
+        eta = self.eta_s(step)
+        parts.append(f"eta {_format_duration(eta)}" if eta is not None else "eta ?")
+        return "  ".join(parts)
+
+    def update(self, step: int, record: Mapping[str, Any]) -> None:
+        if self._first is None:
+            self._first = (step, self.clock())
+        if self.interactive:
+            self.stream.write("\r\x1b[K" + self.line(step, record))
+            self._dirty = True
+        elif self._last_printed is None or step - self._last_printed >= self.every or step >= self.total:
+            # By distance, not `step % every`: the trainer may log every k steps with k not dividing `every`.
+            self.stream.write(self.line(step, record) + "\n")
+            self._last_printed = step
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._dirty:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._dirty = False
+
+
+class MetricsLogger:
+    """Rank 0 writes; on other ranks (enabled=False) every method is a no-op, so callers need no `if`."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True,
+                 total_steps: int = 0, progress_bar: bool = True, resume_step: int = 0,
+                 progress_stream: TextIO | None = None, progress_every: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.path = self.run_dir / METRICS_FILE
+        self._file: TextIO | None = None
+        self._tb = None
+        self.progress: ProgressBar | None = None
+        if not enabled:
+            return
+        if resume_step < 0:
+            raise ValueError(f"resume_step={resume_step} must be >= 0")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(resume_step)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            self._tb = _open_tensorboard(self.run_dir / TB_DIR, purge_step=resume_step + 1)
+        if progress_bar:
+            self.progress = ProgressBar(total_steps, stream=progress_stream, every=progress_every)
+
+    def _truncate_after(self, resume_step: int) -> None:
+        """Keep the records of steps 1..resume_step; rewrite atomically so a crash here loses nothing."""
+        if not self.path.exists():
+            return
+        kept = [r for r in read_metrics(self.run_dir) if isinstance(r.get("step"), int) and r["step"] <= resume_step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in kept:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, self.path)
+
+    def log(self, record: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Append one step's record (must contain 'step'); returns what was written."""
+        if not self.enabled or self._file is None:
+            return None
+        row = format_record(record)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"train/{key}", value, global_step=row["step"])
+            self._tb.flush()
+        if self.progress is not None:
+            self.progress.update(row["step"], row)
+        return row
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _open_tensorboard(log_dir: Path, purge_step: int):
+    """A SummaryWriter, or None with one warning when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # tensorboard is optional at run time: metrics.jsonl has everything
+        print(f"[effdist] tensorboard logging off ({e}); metrics.jsonl is still written", file=sys.stderr)
+        return None
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)

@@ -1,0 +1,88 @@
+"""`effdist plot RUN_DIR [RUN_DIR ...] [--out loss.png] [--key loss]`: curves of runs in one PNG.
+
+Each run is read from its metrics.jsonl and labelled by its directory name. Steps where the value is
+null (a skipped non-finite step) leave a gap instead of a spike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from effdist.train.metrics import METRICS_FILE, read_metrics
+
+
+def series(run_dir: str | Path, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric; null values become NaN, i.e. gaps in the plot."""
+    steps, values = [], []
+    for rec in read_metrics(run_dir):
+        if "step" not in rec or key not in rec:
+            continue
+        value = rec[key]
+        steps.append(rec["step"])
+        values.append(float(value) if isinstance(value, (int, float)) else float("nan"))
+    return steps, values
+
+
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """Directory names; the paths as given where two runs share a name (a/run vs b/run)."""
+    names = [Path(d).resolve().name for d in run_dirs]
+    return [name if names.count(name) == 1 else str(d) for name, d in zip(names, run_dirs)]
+
+
+def plot_runs(run_dirs: list[Path], out: Path, key: str = "loss", log_y: bool = False, title: str | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on clusters and CI
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    try:
+        for run_dir, label in zip(run_dirs, run_labels(run_dirs)):
+            steps, values = series(run_dir, key)
+            ax.plot(steps, values, label=label, linewidth=1.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_title(title or f"{key} per step")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, format="png", bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return out
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="effdist plot", description="Plot a metric of one or more runs into one PNG.")
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help=f"run directories (with {METRICS_FILE})")
+    p.add_argument("--out", type=Path, default=Path("loss.png"), help="PNG file to write (default: loss.png)")
+    p.add_argument("--key", default="loss", help="metrics.jsonl field to plot (default: loss), e.g. grad_norm, "
+                                                 "tokens_per_s, epas_region")
+    p.add_argument("--log-y", action="store_true", help="logarithmic y axis")
+    p.add_argument("--title", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    problems = []
+    for run_dir in args.run_dirs:
+        steps, _ = series(run_dir, args.key)
+        if not (run_dir / METRICS_FILE).is_file():
+            problems.append(f"{run_dir}: no {METRICS_FILE}")
+        elif not steps:
+            problems.append(f"{run_dir}: no record has the field {args.key!r}")
+    if problems:
+        print("effdist plot: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    out = plot_runs(args.run_dirs, args.out, key=args.key, log_y=args.log_y, title=args.title)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
