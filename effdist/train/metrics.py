@@ -188,7 +188,7 @@ class ProgressBar:
             parts.append(f"{tps:,.0f} tok/s")
         tflops = record.get("tflops")
         if isinstance(tflops, (int, float)) and math.isfinite(tflops):
-            parts.append(f"{tflops:.1f} TFLOP/s")
+            parts.append(f"{tflops:.3g} TFLOP/s")
         eta = self.eta_s(step)
         parts.append(f"eta {_format_duration(eta)}" if eta is not None else "eta ?")
         return "  ".join(parts)
