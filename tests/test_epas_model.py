@@ -309,6 +309,8 @@ def test_pipeline_chunks_hand_over_qk(region, recompute):
         outputs.append(qk)
         output_grads.append(qk_in.grad)
     torch.autograd.backward(outputs, output_grads)
+    # The backward's re-forward (recompute) does not stash its internal Q/K on the module.
+    assert first.decoder.layers[-1].exported_qk is None
 
     torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
     full_grads = grads(full)

@@ -31,7 +31,7 @@ def _tool(name: str):
 
 def test_bench_epas_tiny(tmp_path):
     out = tmp_path / "bench.json"
-    proc = _run(["tools/bench_epas.py", "--tiny", "--steps", "2", "--json", str(out)])
+    proc = _run(["tools/bench_epas.py", "--tiny", "--steps", "1", "--rounds", "1", "--json", str(out)])
     runs = json.loads(out.read_text())["runs"]
     assert [(r["variant"], r["region"]) for r in runs] == [("dense", 0), ("epas r=0", 0), ("epas r=2", 2),
                                                              ("epas r=3", 3)]
@@ -42,10 +42,10 @@ def test_bench_epas_tiny(tmp_path):
     assert runs[0]["first_loss"] == runs[1]["first_loss"], "dense and region 0 start from the same model"
 
 
-def test_layer_redundancy_smoke(tmp_path):
+def test_layer_redundancy_smoke(tmp_path, megatron_one_process):
     png, out = tmp_path / "red.png", tmp_path / "red.json"
-    _run(["tools/layer_redundancy.py", "--random-init", "--config", "configs/tiny-cpu.yaml", "--seq", "32",
-          "--batches", "1", "--png", str(png), "--json", str(out)])
+    assert _tool("layer_redundancy").main(["--random-init", "--config", str(ROOT / "configs" / "tiny-cpu.yaml"), "--seq", "32",
+                                           "--batches", "1", "--png", str(png), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     n = result["num_layers"]
     assert n == 4 and png.stat().st_size > 1000

@@ -40,9 +40,11 @@ def capture_qk(model, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Te
     layers = epas_layers([model])
     if not layers:
         raise ValueError("the model has no EPAS layers: build it with epas.enabled = true")
+    kept = {i: layer.keeps_export for i, layer in layers.items()}
     for layer in layers.values():
         layer.self_attention.sharing = False
         layer.self_attention.exports_qk = True
+        layer.keeps_export = True
     positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     out = []
     try:
@@ -53,8 +55,9 @@ def capture_qk(model, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Te
             q, k = unpack_qk(layer.exported_qk, layer.self_attention.num_attention_heads_per_partition)
             out.append((q.float().permute(1, 2, 0, 3).contiguous(), k.float().permute(1, 2, 0, 3).contiguous()))
     finally:
-        for layer in layers.values():
+        for i, layer in layers.items():
             layer.self_attention.exports_qk = False
+            layer.keeps_export = kept[i]
             layer.exported_qk = None
     return out
 

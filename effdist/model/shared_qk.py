@@ -34,6 +34,7 @@ from megatron.core.tensor_parallel import (
     linear_with_grad_accumulation_and_async_allreduce,
 )
 from megatron.core.tensor_parallel.layers import linear_with_frozen_weight
+from megatron.core.tensor_parallel.random import is_checkpointing
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -207,7 +208,9 @@ class EpasTransformerLayer(TransformerLayer):
                             f"{type(self.self_attention).__name__} (see effdist.model.spec)")
         # Global 0-based index (build_gpt also sets effdist_layer_index; both must agree).
         self.epas_layer_index = epas_layer_index
-        # The Q/K this layer exported in its latest forward (what crosses a pipeline boundary).
+        # The last layer of a chunk keeps the Q/K it exported in its latest forward: what crosses a
+        # pipeline boundary (pop_exported_qk). apply_region marks it.
+        self.keeps_export = False
         self.exported_qk: Optional[torch.Tensor] = None
 
     @property
@@ -227,7 +230,10 @@ class EpasTransformerLayer(TransformerLayer):
         finally:
             attention.incoming_qk = None
             attention.exported_qk = None
-        self.exported_qk = exported
+        # Not during the backward's re-forward of a full-recompute checkpoint: that tensor is internal to
+        # the recomputation (and holding it would keep the recomputed layer's graph alive).
+        if self.keeps_export and not (is_checkpointing() and torch.is_grad_enabled()):
+            self.exported_qk = exported
         return output, exported
 
 
@@ -262,12 +268,19 @@ def apply_region(model_chunks: Iterable[torch.nn.Module], sharing: Iterable[int]
     region = frozenset(int(i) for i in sharing)
     if 0 in region:
         raise EpasError("layer 0 cannot share Q/K: it has no previous layer")
-    layers = epas_layers(model_chunks)
+    chunks = list(model_chunks)
+    layers = epas_layers(chunks)
     if not layers:
         raise EpasError("these model chunks have no EPAS layers: build them with epas.enabled=true")
     for index, layer in layers.items():
         layer.self_attention.sharing = index in region
         layer.self_attention.exports_qk = (index + 1) in region
+        layer.keeps_export = False
+        layer.exported_qk = None
+    for chunk in chunks:
+        in_chunk = [m for m in chunk.modules() if isinstance(m, EpasTransformerLayer)]
+        if in_chunk:
+            in_chunk[-1].keeps_export = True
 
 
 def current_region(model_chunks: Iterable[torch.nn.Module]) -> frozenset[int]:
