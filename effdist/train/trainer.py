@@ -397,7 +397,8 @@ class Trainer:
 
 
 def _mfu(tflops: float, rt) -> float | None:
-    if not rt.is_cuda:
+    """Model FLOPs utilisation against the device's dense bf16 peak (None on CPU or for fp32 runs)."""
+    if not rt.is_cuda or rt.dtype not in (torch.bfloat16, torch.float16):
         return None
     from effdist.train.metrics import peak_bf16_tflops
 
@@ -439,8 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         return trainer.fit()
     except (ConfigError, ckpt.CheckpointError, NonFiniteError, _data_error()) as e:
         # Errors the user can act on: one clear line per rank instead of a traceback.
-        rank = os.environ.get("RANK", "0")
-        print(f"effdist: error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        from effdist.runtime.launch_env import resolve_dist_env
+
+        print(f"effdist: error (rank {resolve_dist_env(os.environ).rank}): {e}", file=sys.stderr, flush=True)
         return 1
     finally:
         teardown()
