@@ -114,6 +114,10 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every k-th step's checkpoint (0: none)
     # On resume, check each file's CRC32 as well as its size (reads the whole checkpoint once).
     verify_crc: bool = True
+    # Start a fresh run from these model weights (a dist checkpoint directory: a training checkpoint, or
+    # `effdist convert hf-to-effdist --format dist` output), e.g. for continual pretraining. Ignored when
+    # the run resumes from its own checkpoint.
+    init_from: str | None = None
     save_at_end: bool = True
 
 
@@ -483,21 +487,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     e = cfg.epas
     if e.mode not in ("progressive", "fixed", "adaptive"):
         _fail("epas.mode", e.mode, "valid: progressive, fixed, adaptive")
-    if e.direction not in ("deep_to_shallow", "shallow_to_deep"):
-        _fail("epas.direction", e.direction, "valid: deep_to_shallow, shallow_to_deep")
     if e.enabled:
-        if e.interval <= 0:
-            _fail("epas.interval", e.interval, "must be a positive number of steps between region growths")
-        if e.group_size <= 0:
-            _fail("epas.group_size", e.group_size, "must be a positive number of layers switched at a time")
-        if e.start_step < 0:
-            _fail("epas.start_step", e.start_step, "must be >= 0")
-        if e.final_region <= 0:
-            _fail("epas.final_region", e.final_region, "must be a layer count >= 1 or a fraction in (0, 1)")
-        region = epas_final_region(cfg)
-        if region > m.num_layers - 1:
-            _fail("epas.final_region", e.final_region, f"= {region} sharing layers; at most num_layers-1 = {m.num_layers - 1} "
-                  "(the first layer has no previous layer to share Q/K with)")
+        from effdist.epas.schedule import check_schedule
+
+        check_schedule(e, m.num_layers)
         if e.inference_region is not None and not (0 <= e.inference_region <= m.num_layers - 1):
             _fail("epas.inference_region", e.inference_region, f"must lie in [0, {m.num_layers - 1}]")
 

@@ -299,6 +299,23 @@ def load(path: Path, model_chunks, optimizer, runtime, restore_rng: bool = True)
     return common.get("common", {}) if isinstance(common, dict) else {}
 
 
+def load_model_only(path: Path, model_chunks) -> None:
+    """Load model weights (keys ``model.*``) from a dist checkpoint into this rank's chunks, resharding."""
+    from megatron.core import dist_checkpointing
+
+    if not dist_checkpointing.check_is_distributed_checkpoint(str(path)):
+        raise CheckpointError(f"checkpoint.init_from = {str(path)!r} is not a dist checkpoint directory; convert HF "
+                              "weights with `effdist convert hf-to-effdist --format dist`")
+    model_sd: dict[str, Any] = {}
+    for i, chunk in enumerate(model_chunks):
+        model_sd.update(unwrap(chunk).sharded_state_dict(prefix=f"model{i}." if len(model_chunks) > 1 else "model."))
+    loaded = dist_checkpointing.load({"model": model_sd}, str(path))["model"]
+    for i, chunk in enumerate(model_chunks):
+        prefix = f"model{i}." if len(model_chunks) > 1 else "model."
+        unwrap(chunk).load_state_dict({k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)},
+                                      strict=True)
+
+
 def apply_retention(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
     """Delete complete checkpoints beyond the newest `keep_last`, except every `keep_every`-th step.
 

@@ -73,6 +73,13 @@ class MasterWeightAdamW:
     def state_of(self, model_param: torch.nn.Parameter) -> dict:
         return self.inner.state.get(self.master_of(model_param), {})
 
+    def reload_master_from_model(self) -> None:
+        """After model weights were replaced (init_from), make the fp32 masters match them again."""
+        with torch.no_grad():
+            for p, m in zip(self.model_params, self.master_params):
+                if p is not m:
+                    m.copy_(p)
+
     # ------------------------------------------------------------------ the step
     def collect_grads(self) -> None:
         """Point each master weight's .grad at the reduced fp32 gradient of its model weight."""

@@ -140,7 +140,7 @@ class Trainer:
         if self.cfg.epas.enabled:
             from effdist.epas.controller import EpasController
 
-            self.epas = EpasController(self.cfg, [ckpt.unwrap(c) for c in self.model_chunks])
+            self.epas = EpasController(self.cfg, [ckpt.unwrap(c) for c in self.model_chunks], optimizer=self.optimizer)
 
     # ------------------------------------------------------------------ resume
     def _maybe_resume(self) -> None:
@@ -154,6 +154,10 @@ class Trainer:
                 raise ckpt.CheckpointError(f"--resume {path}: not a complete effdist checkpoint directory")
             ckpt.verify(path, check_crc=self.cfg.checkpoint.verify_crc)
         if path is None:
+            if self.cfg.checkpoint.init_from:
+                ckpt.load_model_only(Path(self.cfg.checkpoint.init_from), self.model_chunks)
+                self.optimizer.reload_master_from_model()
+                log(rt, f"initialised the model from {self.cfg.checkpoint.init_from}")
             return
         marker = ckpt.read_marker(path)
         self._check_compatible(marker, path)
