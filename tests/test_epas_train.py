@@ -1,0 +1,99 @@
+"""EPAS through the real trainer and real processes: a region that grows during the run gives the same
+losses with TP=1 and TP=2, a run killed after a switch resumes with the same region and losses, and a
+fresh run can start from converted/pretrained weights (checkpoint.init_from)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.launching import ROOT, clean_env, losses, run_train
+
+pytestmark = pytest.mark.slow
+
+STEPS = 7
+EPAS = [f"train.steps={STEPS}", "train.global_batch=8", "train.micro_batch=2", "data.seq_length=64",
+        "logging.tensorboard=false", "checkpoint.interval=3", "optim.warmup_steps=2", "epas.enabled=true",
+        "epas.start_step=1", "epas.interval=2", "epas.group_size=1", "epas.final_region=3"]
+
+
+def _regions(run_dir):
+    return {json.loads(line)["step"]: json.loads(line)["epas_region"]
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, data_cache):
+    run = tmp_path_factory.mktemp("epas_single")
+    run_train(run, EPAS + [f"data.cache_dir={data_cache}"])
+    return run
+
+
+def test_region_grows_deep_to_shallow_on_schedule(single):
+    # start 1, every 2 steps one more layer, up to 3 of 4 layers: steps are logged 1-based after running.
+    assert _regions(single) == {1: 0, 2: 1, 3: 1, 4: 2, 5: 2, 6: 3, 7: 3}
+    ls = losses(single)
+    assert ls[STEPS] < ls[1]
+
+
+def test_tp2_matches_tp1_while_region_grows(single, tmp_path, data_cache):
+    run = tmp_path / "tp2"
+    run_train(run, EPAS + [f"data.cache_dir={data_cache}", "parallel.tp=2"], nproc=2)
+    assert _regions(run) == _regions(single)
+    for s, v in losses(single).items():
+        assert losses(run)[s] == pytest.approx(v, rel=2e-5), s
+
+
+def test_resume_after_a_switch_continues_region_and_losses(single, tmp_path, data_cache):
+    run = tmp_path / "resumed"
+    shutil.copytree(single, run)
+    # As if killed at step 5 (after the switches at steps 2 and 4): only the step-3 checkpoint survives.
+    shutil.rmtree(run / "checkpoints" / f"iter_{STEPS:07d}")
+    shutil.rmtree(run / "checkpoints" / "iter_0000006")
+    (run / "checkpoints" / "latest").write_text("iter_0000003")
+    proc = run_train(run, EPAS + [f"data.cache_dir={data_cache}"])
+    assert "resumed from" in proc.stderr
+    assert _regions(run) == _regions(single)
+    for s, v in losses(single).items():
+        assert losses(run)[s] == pytest.approx(v, rel=1e-6, abs=0), s
+
+
+def test_init_from_loads_weights_into_a_fresh_run(single, tmp_path, data_cache):
+    """checkpoint.init_from puts a checkpoint's weights into a new run (continual pretraining)."""
+    source = single / "checkpoints" / "iter_0000003"
+    script = textwrap.dedent(f"""
+        import torch
+        from pathlib import Path
+        from effdist.config import load_config
+        from effdist.train.trainer import Trainer
+        from effdist.model.hf_convert import load_effdist_model
+        overrides = {EPAS + [f"data.cache_dir={data_cache}"]!r} + ["checkpoint.init_from={source}"]
+        cfg = load_config("{ROOT / 'configs/tiny-cpu.yaml'}", overrides)
+        t = Trainer(cfg, Path("{tmp_path / 'fresh'}"), resume="none")
+        t.setup()
+        _, want = load_effdist_model("{source}", cfg)
+        got = t.model_chunks[0].module.state_dict()
+        n = 0
+        for k, v in want.items():
+            if k in got and torch.is_tensor(v):
+                assert torch.equal(got[k], v), k
+                n += 1
+        assert n > 20, n
+        assert t.step == 0
+        print("OK", n)
+    """)
+    if __name__ != "__main__":
+        proc = subprocess.run([sys.executable, "-c", script], env=clean_env(), cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
