@@ -1,0 +1,201 @@
+"""The model chunks a pipeline rank owns, built from a Schedule's placement.
+
+Chunk c holds a contiguous run of decoder layers (`layer_partition`, the split the simulator's memory model
+uses: as even as possible, earlier chunks take the remainder); chunk 0 also holds the embedding and the last
+chunk the final norm, the output layer and the loss. The placement decides the rank of each chunk: plain (one
+per rank), interleaved (chunk c on rank c % p) or V (rank r holds chunks r and 2p-1-r, so embedding and loss
+both live on rank 0). Every chunk is a standalone megatron GPTModel (TransformerConfig with
+pipeline_model_parallel_size=1), because megatron's own layer layout is round-robin and cannot express V.
+
+Global layer numbers. megatron derives a layer's ``layer_number`` and its checkpoint offset from
+``get_transformer_layer_offset(config)``, which for a pp=1 config is 0. Each chunk's config therefore carries
+``effdist_layer_offset`` (its first global layer index) and ``num_layers`` = the model's layer count, and this
+module wraps megatron's function to honour that attribute (configs without it are unaffected). So layer
+numbers and sharded_state_dict keys are global (``decoder.layers`` with the layer's global offset), the
+output-layer init scale is the full model's, and checkpoints compare across pipeline layouts.
+
+Initial weights. On CPU the chunks are copied from the full model built exactly as a pp=1 run builds it (same
+seed, same generator stream), so a pipelined run starts from the pp=1 model. On GPU building the full model on
+every rank would not fit large models; each chunk is initialised from its own seed (train.seed + 100 * chunk,
+as Megatron-LM offsets seeds per pipeline stage) and the RNG is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from megatron.core.models.gpt import GPTModel
+
+from effdist.config import Config, ConfigError
+from effdist.model.gpt import build_gpt, padded_vocab_size, transformer_config
+from effdist.model.spec import DEFAULT_LINEARS, LinearImpl, block_spec
+from effdist.pipeline.ir import Placement
+from effdist.pipeline.memory_model import layer_partition
+
+_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def _install_layer_offset() -> None:
+    """Make megatron's layer-offset function return a chunk config's ``effdist_layer_offset``. Idempotent."""
+    from megatron.core.transformer import transformer_block, transformer_layer
+
+    original = transformer_layer.get_transformer_layer_offset
+    if getattr(original, "effdist_wrapped", False):
+        return
+
+    def get_transformer_layer_offset(config, vp_stage=None, pp_rank=None):
+        offset = getattr(config, "effdist_layer_offset", None)
+        if offset is not None:
+            return offset
+        return original(config, vp_stage, pp_rank)
+
+    get_transformer_layer_offset.effdist_wrapped = True
+    get_transformer_layer_offset.__doc__ = original.__doc__
+    transformer_layer.get_transformer_layer_offset = get_transformer_layer_offset
+    transformer_block.get_transformer_layer_offset = get_transformer_layer_offset
+
+
+_install_layer_offset()
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Which layers each chunk holds and which rank holds each chunk."""
+
+    placement: Placement
+    layers: tuple[range, ...]
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.layers)
+
+    def is_first(self, chunk: int) -> bool:
+        return chunk == 0
+
+    def is_last(self, chunk: int) -> bool:
+        return chunk == self.num_chunks - 1
+
+    def chunks_of(self, rank: int) -> tuple[int, ...]:
+        return self.placement.chunks_of(rank)
+
+    def describe(self) -> str:
+        """One line per chunk, e.g. ``chunk 0 on rank 0: layers 0-2 (3) + embedding``."""
+        lines = []
+        for c, layers in enumerate(self.layers):
+            span = f"{layers.start}-{layers.stop - 1}" if len(layers) > 1 else f"{layers.start}"
+            extra = (" + embedding" if self.is_first(c) else "") + (" + final norm, output layer, loss" if self.is_last(c) else "")
+            lines.append(f"chunk {c} on rank {self.placement.rank_of(c)}: layers {span} ({len(layers)}){extra}")
+        sizes = sorted({len(r) for r in self.layers})
+        if len(sizes) > 1:
+            lines.append(f"uneven split: {sum(len(r) for r in self.layers)} layers over {self.num_chunks} chunks "
+                         f"({'/'.join(str(len(r)) for r in self.layers)})")
+        return "\n".join(lines)
+
+
+def chunk_layout(num_layers: int, placement: Placement) -> ChunkLayout:
+    try:
+        parts = layer_partition(num_layers, placement.num_chunks)
+    except ValueError as e:
+        raise ConfigError(f"model.num_layers = {num_layers}: {e}") from None
+    return ChunkLayout(placement, tuple(parts))
+
+
+def check_pipeline_model(cfg: Config) -> None:
+    """The model features the executor supports (the same check belongs in config validation)."""
+    if cfg.model.tie_embeddings:
+        raise ConfigError("model.tie_embeddings = True: with parallel.pp > 1 the embedding and the output layer live "
+                          "in different model chunks and effdist's pipeline does not synchronise them; set "
+                          "model.tie_embeddings=false or parallel.pp=1")
+
+
+def build_chunk(cfg: Config, layout: ChunkLayout, chunk: int, dtype: torch.dtype, device: torch.device,
+                linears: LinearImpl = DEFAULT_LINEARS) -> GPTModel:
+    """The GPTModel of one chunk, with global layer numbers (see the module docstring)."""
+    check_pipeline_model(cfg)
+    layers = list(layout.layers[chunk])
+    tcfg = transformer_config(cfg, dtype, device)  # num_layers = the whole model's
+    tcfg.effdist_layer_offset = layers[0]
+    model = GPTModel(
+        config=tcfg,
+        transformer_layer_spec=block_spec(cfg, layers, linears),
+        vocab_size=padded_vocab_size(cfg),
+        max_sequence_length=cfg.model.max_position_embeddings,
+        pre_process=layout.is_first(chunk),
+        post_process=layout.is_last(chunk),
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.model.rotary_base),
+        parallel_output=True,
+    )
+    for layer, idx in zip(model.decoder.layers, layers):
+        if layer.layer_number != idx + 1:
+            raise RuntimeError(f"chunk {chunk}: megatron numbered global layer {idx} as {layer.layer_number - 1}; the "
+                               "layer-offset wrapper in effdist.pipeline.chunks is not in effect")
+        layer.effdist_layer_index = idx
+    model.effdist_chunk = chunk
+    return model.to(device)
+
+
+def full_model_name(layout: ChunkLayout, chunk: int, name: str) -> str:
+    """The name in the pp=1 model of parameter `name` of chunk `chunk` (decoder layer indices become global)."""
+    match = _LAYER_KEY.match(name)
+    if not match:
+        return name
+    return f"decoder.layers.{layout.layers[chunk][int(match.group(1))]}.{name[match.end():]}"
+
+
+def copy_from_full_model(chunk_models: Sequence[torch.nn.Module], chunk_ids: Sequence[int], layout: ChunkLayout,
+                         full: torch.nn.Module) -> None:
+    source = dict(full.named_parameters())
+    with torch.no_grad():
+        for model, chunk in zip(chunk_models, chunk_ids):
+            for name, p in model.named_parameters():
+                src = source[full_model_name(layout, chunk, name)]
+                if src.shape != p.shape:
+                    raise RuntimeError(f"chunk {chunk} parameter {name}: shape {tuple(p.shape)} vs {tuple(src.shape)} in "
+                                       "the full model")
+                p.copy_(src)
+
+
+def build_model_chunks(cfg: Config, layout: ChunkLayout, rank: int, dtype: torch.dtype, device: torch.device,
+                       linears: LinearImpl = DEFAULT_LINEARS, init: str = "auto") -> list[GPTModel]:
+    """The chunks pipeline rank `rank` owns, in forward order.
+
+    init: "full-model" copies every chunk from the pp=1 model built here (exactly a pp=1 run's initial weights),
+    "per-chunk" seeds each chunk on its own, "auto" picks full-model on CPU and per-chunk on GPU.
+    """
+    if init == "auto":
+        init = "full-model" if device.type == "cpu" else "per-chunk"
+    if init not in ("full-model", "per-chunk"):
+        raise ValueError(f"init = {init!r}: use 'full-model', 'per-chunk' or 'auto'")
+    chunk_ids = layout.chunks_of(rank)
+    if init == "full-model":
+        full = build_gpt(cfg, dtype, device)
+        after_full = torch.get_rng_state()
+        models = [build_chunk(cfg, layout, c, dtype, device, linears) for c in chunk_ids]
+        copy_from_full_model(models, chunk_ids, layout, full)
+        # Leave the generator where a pp=1 run leaves it after building its model.
+        torch.set_rng_state(after_full)
+        del full
+        return models
+    return _build_seeded_per_chunk(cfg, layout, chunk_ids, dtype, device, linears)
+
+
+def _build_seeded_per_chunk(cfg, layout, chunk_ids, dtype, device, linears) -> list[GPTModel]:
+    from megatron.core import tensor_parallel
+
+    seed = cfg.train.seed
+    devices = [device] if device.type == "cuda" else []
+    models = []
+    with torch.random.fork_rng(devices=devices):
+        for c in chunk_ids:
+            torch.manual_seed(seed + 100 * c)
+            if device.type == "cuda":
+                tensor_parallel.model_parallel_cuda_manual_seed(seed + 100 * c)
+            models.append(build_chunk(cfg, layout, c, dtype, device, linears))
+    if device.type == "cuda":
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)  # back to the runtime's RNG streams
+    return models
