@@ -1,0 +1,106 @@
+"""Text documents from local files or a hub dataset, as one HF `datasets.Dataset` with a "text" column.
+
+Shared by tokenizer training and preprocessing so both read inputs the same way. Local formats:
+JSON / JSON lines (one document per record, text under `text_key`), Parquet (same), and plain text
+(one document per file by default; per line or per blank-line-separated paragraph on request).
+Compressed files (.gz, .bz2, .xz, .zst) are read transparently. An input that is not a local path
+is taken as a hub dataset name, which needs network access.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+from effdist.data.verify import DataError
+
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
+FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
+TEXT_SAMPLE_BY = ("document", "paragraph", "line")
+
+
+def file_format(path: str) -> str | None:
+    """The `datasets` builder for a file name ("json", "parquet", "text"), or None if not supported."""
+    name = path.lower()
+    for suffix in COMPRESSION_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return FORMATS.get(os.path.splitext(name)[1])
+
+
+def _looks_like_path(spec: str) -> bool:
+    return os.sep in spec or spec.startswith(".") or file_format(spec) is not None or any(c in spec for c in "*?[")
+
+
+def expand_inputs(inputs: list[str]) -> list[tuple[str, list[str]]]:
+    """Group inputs into consecutive (format, files) runs, preserving order; hub names become ("hub", [name])."""
+    groups: list[tuple[str, list[str]]] = []
+
+    def add(fmt: str, item: str) -> None:
+        if groups and groups[-1][0] == fmt and fmt != "hub":
+            groups[-1][1].append(item)
+        else:
+            groups.append((fmt, [item]))
+
+    for spec in inputs:
+        if os.path.isdir(spec):
+            files = sorted(str(p) for p in Path(spec).rglob("*") if p.is_file() and file_format(str(p)))
+            if not files:
+                raise DataError(f"input directory '{spec}' holds no supported files "
+                                f"({', '.join(sorted(FORMATS))}, optionally compressed)")
+        elif os.path.isfile(spec):
+            files = [spec]
+        elif any(c in spec for c in "*?["):
+            files = sorted(glob.glob(spec, recursive=True))
+            if not files:
+                raise DataError(f"input pattern '{spec}' matches no files")
+        elif _looks_like_path(spec):
+            raise DataError(f"input file '{spec}' does not exist")
+        else:
+            add("hub", spec)
+            continue
+        for f in files:
+            fmt = file_format(f)
+            if fmt is None:
+                raise DataError(f"input file '{f}': unsupported format; use one of "
+                                f"{', '.join(sorted(FORMATS))} (optionally {'/'.join(COMPRESSION_SUFFIXES)})")
+            add(fmt, f)
+    if not groups:
+        raise DataError("no input given: pass local text/json/jsonl/parquet files or a hub dataset name")
+    return groups
+
+
+def load_documents(inputs: list[str], text_key: str = "text", *, txt_sample_by: str = "document",
+                   hub_split: str = "train", hub_subset: str | None = None, cache_dir: str | None = None):
+    """Load every input into one Dataset with a single "text" column, in input order."""
+    import datasets
+
+    if txt_sample_by not in TEXT_SAMPLE_BY:
+        raise DataError(f"txt_sample_by = {txt_sample_by!r}: valid values are {', '.join(TEXT_SAMPLE_BY)}")
+    parts = []
+    for fmt, items in expand_inputs(inputs):
+        if fmt == "hub":
+            try:
+                ds = datasets.load_dataset(items[0], hub_subset, split=hub_split, cache_dir=cache_dir)
+            except Exception as e:  # network, auth or name errors all mean the same to the user
+                raise DataError(f"could not load hub dataset '{items[0]}' (split {hub_split!r}): {e}. Without "
+                                "network access pass local files instead") from None
+            source = items[0]
+        else:
+            kwargs = {"sample_by": txt_sample_by} if fmt == "text" else {}
+            try:
+                ds = datasets.load_dataset(fmt, data_files=items, split="train", cache_dir=cache_dir, **kwargs)
+            except Exception as e:
+                raise DataError(f"could not read {fmt} input(s) {items[:3]}{' ...' if len(items) > 3 else ''}: {e}") from None
+            source = items[0] if len(items) == 1 else f"{items[0]} (+{len(items) - 1} more)"
+        column = "text" if fmt == "text" else text_key
+        if column not in ds.column_names:
+            raise DataError(f"input {source} has no column {column!r} (columns: {', '.join(ds.column_names)}); "
+                            "pass --text-key with the column that holds the text")
+        ds = ds.select_columns([column])
+        if column != "text":
+            ds = ds.rename_column(column, "text")
+        parts.append(ds)
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
