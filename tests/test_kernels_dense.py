@@ -344,22 +344,28 @@ def tiny_cfg(*overrides: str):
                               *overrides])
 
 
-def build_model(cfg, fused, seed: int = 7):
+def build_model(cfg, fused, seed: int = 7, device: torch.device = torch.device("cpu"), dtype=torch.float32):
     """build_gpt with the integration steps of docs/dense_speed.md for ``train.fused_kernels = fused``."""
     from megatron.core.models.gpt import GPTModel
 
     from effdist.model.fused import FusedLossGPTModel, fused_block_spec, fused_kernel_set, install_fused_rope
     from effdist.model.gpt import padded_vocab_size, transformer_config
     from effdist.model.spec import block_spec
-    from effdist.runtime.distributed import _seed_cpu_tracker
 
     torch.manual_seed(seed)
-    _seed_cpu_tracker(seed)
+    if device.type == "cuda":
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+    else:
+        from effdist.runtime.distributed import _seed_cpu_tracker
+
+        _seed_cpu_tracker(seed)
     layers = list(range(cfg.model.num_layers))
     kernels = fused_kernel_set(fused)
     if "rope" in kernels:
         install_fused_rope()
-    tcfg = transformer_config(cfg, torch.float32, torch.device("cpu"))
+    tcfg = transformer_config(cfg, dtype, device)
     tcfg.apply_rope_fusion = "rope" in kernels  # (the lead passes it to TransformerConfig itself)
     spec = fused_block_spec(block_spec(cfg, layers), kernels)
     model = (FusedLossGPTModel if "loss" in kernels else GPTModel)(
@@ -369,25 +375,28 @@ def build_model(cfg, fused, seed: int = 7):
         rotary_base=int(cfg.model.rotary_base), parallel_output=True)
     for layer, idx in zip(model.decoder.layers, layers):
         layer.effdist_layer_index = idx
-    return model
+    return model.to(device)
 
 
-def loss_and_grads(model, seed: int = 3):
+def loss_and_grads(model, seed: int = 3, seq: int = SEQ, batch: int = BATCH):
+    device = next(model.parameters()).device
+    vocab = model.vocab_size
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 128, (BATCH, SEQ), generator=g)
-    labels = torch.randint(0, 128, (BATCH, SEQ), generator=g)
-    positions = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+    tokens = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+    labels = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+    positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
     model.zero_grad(set_to_none=True)
     per_token = model(tokens, positions, None, labels=labels)
-    assert per_token.shape == (BATCH, SEQ)
-    weights = torch.rand(BATCH, SEQ, generator=g)  # a loss mask / token weighting, as the trainer applies
-    (per_token * weights).sum().backward()
-    return per_token.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert per_token.shape == (batch, seq)
+    # A loss mask / token weighting, as the trainer applies.
+    weights = torch.rand(batch, seq, generator=g).to(device)
+    (per_token.float() * weights).sum().backward()
+    return per_token.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
 
 
-def assert_models_agree(fused_model, stock_model, tol: float) -> None:
-    loss, grads = loss_and_grads(fused_model)
-    loss_ref, grads_ref = loss_and_grads(stock_model)
+def assert_models_agree(fused_model, stock_model, tol: float, **batch) -> None:
+    loss, grads = loss_and_grads(fused_model, **batch)
+    loss_ref, grads_ref = loss_and_grads(stock_model, **batch)
     assert (loss - loss_ref).abs().max() <= tol * loss_ref.abs().max()
     assert grads.keys() == grads_ref.keys()
     for name, g in grads.items():
@@ -437,6 +446,20 @@ def test_fused_model_is_assembled_from_the_chosen_pieces(megatron_one_process, s
         assert (layer.mlp.config is model.config) == ("swiglu" not in kernels)  # the fused MLP has a private copy
 
 
+def test_switched_off_it_is_todays_model_bit_for_bit(megatron_one_process):
+    from effdist.model.gpt import build_gpt
+    from effdist.runtime.distributed import _seed_cpu_tracker
+
+    cfg = tiny_cfg()
+    torch.manual_seed(7)
+    _seed_cpu_tracker(7)
+    today = build_gpt(cfg, torch.float32, torch.device("cpu"))
+    loss, grads = loss_and_grads(build_model(cfg, fused=False))
+    loss_today, grads_today = loss_and_grads(today)
+    assert torch.equal(loss, loss_today)
+    assert all(torch.equal(grads[name], g) for name, g in grads_today.items())
+
+
 def test_fused_kernel_setting_is_validated():
     from effdist.model.fused import FUSED_KERNELS, fused_kernel_set
 
@@ -452,6 +475,11 @@ def test_fused_model_on_cpu_matches_the_stock_model(megatron_one_process):
     assert_models_agree(build_model(cfg, fused=True), build_model(cfg, fused=False), tol=1e-5)
 
 
+needs_interpreter = pytest.mark.skipif(HAVE_CUDA, reason="Triton on CPU tensors needs the interpreter; on a GPU "
+                                       "test_fused_model_on_gpu_matches_the_stock_model covers the compiled kernels")
+
+
+@needs_interpreter
 def test_fused_model_with_triton_kernels_matches_the_stock_model(megatron_one_process, force_triton_on_cpu):
     cfg = tiny_cfg()
     assert_models_agree(build_model(cfg, fused=True), build_model(cfg, fused=False), tol=1e-5)
@@ -459,6 +487,7 @@ def test_fused_model_with_triton_kernels_matches_the_stock_model(megatron_one_pr
     assert force_triton_on_cpu == {"rmsnorm": 2 * layers + 1, "rope": 2 * layers, "swiglu": layers, "loss": 1}
 
 
+@needs_interpreter
 def test_fused_rope_serves_epas_shared_qk_layers(megatron_one_process, force_triton_on_cpu):
     from effdist.epas import apply_region
 
@@ -580,13 +609,51 @@ def test_kernels_at_llama_1b_shapes_on_gpu(dtype):
         assert_close(g, r, dtype, name)
 
 
+def gpu_model_check() -> None:
+    """Stock vs fused model on one GPU in bf16 (compiled kernels), in a process of its own (NCCL world)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    device = torch.device("cuda")
+    for extra in ([], ["epas.enabled=true", "epas.final_region=1"]):
+        cfg = tiny_cfg("model.hidden_size=256", "model.ffn_hidden_size=688", "model.vocab_size=1000",
+                       "model.max_position_embeddings=512", *extra)
+        fused = build_model(cfg, fused=True, device=device, dtype=torch.bfloat16)
+        stock = build_model(cfg, fused=False, device=device, dtype=torch.bfloat16)
+        if extra:
+            from effdist.epas import apply_region
+
+            for model in (fused, stock):
+                apply_region([model], [2])
+        assert_models_agree(fused, stock, tol=5e-2, seq=256, batch=2)  # bf16: two roundings of the same math
+        print("agree", extra)
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU")
+def test_fused_model_on_gpu_matches_the_stock_model():
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, __file__, "--gpu-model-check"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.stdout.count("agree") == 2
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", help="TP worker: output path prefix (one JSON file per rank)")
     parser.add_argument("--compile-check", action="store_true", help="compile every kernel for sm_90")
+    parser.add_argument("--gpu-model-check", action="store_true", help="stock vs fused model on the GPU")
     args = parser.parse_args()
     if args.compile_check:
         sys.exit(compile_check())
+    if args.gpu_model_check:
+        sys.exit(gpu_model_check())
     if not HAVE_CUDA:
         os.environ["TRITON_INTERPRET"] = "1"
     tp_worker(args.worker)

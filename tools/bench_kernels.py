@@ -8,8 +8,8 @@ For each kernel and model shape: the median time of the forward and of forward +
 (triton.testing.do_bench on GPU), the bytes the pass must move at least (every input read once,
 every output written once), the achieved bandwidth for those bytes and its fraction of --peak-gbps
 (about 3 TB/s on an H100 SXM). The torch rows are the code paths effdist runs without
-``train.fused_kernels``: effdist's RMSNorm, megatron's unfused SwiGLU chain and RoPE, megatron's
-vocab_parallel_cross_entropy on the LM head's logits. Their GB/s use the same minimal byte counts
+``train.fused_kernels``: effdist's RMSNorm, megatron's unfused gated activation and RoPE
+(``_apply_rotary_pos_emb_bshd``), megatron's vocab_parallel_cross_entropy on the LM head's logits. Their GB/s use the same minimal byte counts
 (an "effective" bandwidth: what they would need if they moved nothing twice).
 
     rmsnorm      x [T, h] -> y                    fwd: read x, write y;  bwd: read dy, x; write dx
@@ -110,14 +110,20 @@ def case_rmsnorm(shape, tokens, dtype, device):
     return impls, (x, w), dy, {"fwd": 2 * tokens * h * e, "fwd+bwd": 5 * tokens * h * e}, f"[{tokens}, {h}]"
 
 
+def megatron_glu(x: torch.Tensor) -> torch.Tensor:
+    """megatron MLP's unfused gated activation, as it runs (glu_linear_offset 0.0, no clamp)."""
+    x_glu, x_linear = torch.chunk(x, 2, dim=-1)
+    return torch.nn.functional.silu(x_glu) * (x_linear + 0.0)
+
+
 def case_swiglu(shape, tokens, dtype, device):
-    from effdist.kernels.swiglu import swiglu, swiglu_reference
+    from effdist.kernels.swiglu import swiglu
 
     f = shape["ffn"]
     x = torch.randn(tokens, 2 * f, dtype=dtype, device=device, requires_grad=True)
     dy = torch.randn(tokens, f, dtype=dtype, device=device)
     e = x.element_size()
-    impls = {"torch": lambda: swiglu_reference(x), "triton": lambda: swiglu(x, use_triton=True)}
+    impls = {"torch": lambda: megatron_glu(x), "triton": lambda: swiglu(x, use_triton=True)}
     return impls, (x,), dy, {"fwd": 3 * tokens * f * e, "fwd+bwd": 8 * tokens * f * e}, f"[{tokens}, 2x{f}]"
 
 
@@ -128,7 +134,9 @@ def _rope_freqs(seq, head_dim, device):
 
 
 def case_rope_qk(shape, tokens, dtype, device, seq):
-    from effdist.kernels.rope import apply_rope, rope_reference
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from effdist.kernels.rope import apply_rope
 
     heads, groups = shape["heads"], shape["kv_heads"]
     d = shape["hidden"] // heads
@@ -148,7 +156,7 @@ def case_rope_qk(shape, tokens, dtype, device, seq):
     def run(fn):
         return lambda: (fn(q, freqs), fn(k, freqs))
 
-    impls = {"torch": run(rope_reference), "triton": run(lambda t, f: apply_rope(t, f, use_triton=True))}
+    impls = {"torch": run(_apply_rotary_pos_emb_bshd), "triton": run(lambda t, f: apply_rope(t, f, use_triton=True))}
     return impls, (q, k), (dq, dk), {"fwd": moved, "fwd+bwd": 2 * moved}, f"q [{seq}, {batch}, {heads}, {d}] + k"
 
 
