@@ -218,6 +218,23 @@ class Pipeline:
         """What crosses chunk boundaries besides the hidden states, from the next step on (None: nothing)."""
         self.extras = extras or NO_EXTRAS
 
+    def use_epas(self, controller) -> None:
+        """Send the EPAS anchor's packed Q/K across every boundary whose next layer shares, as decided by
+        `controller.sharing_layers` (effdist.epas.controller.EpasController; read again at every step)."""
+        from effdist.epas.schedule import boundary_needs_qk
+        from effdist.model.shared_qk import pop_exported_qk, qk_context_shape
+
+        config = _unwrap(self.model_chunks[0]).config
+
+        def specs(boundary: int, hidden: TensorSpec) -> tuple[TensorSpec, ...]:
+            if not boundary_needs_qk(controller.sharing_layers, self.layout.layers[boundary + 1][0]):
+                return ()
+            # Under sequence parallelism the hidden states are split along the sequence, Q/K are not.
+            seq = hidden.shape[0] * (self.tp if self.sequence_parallel else 1)
+            return (TensorSpec(qk_context_shape(config, seq, hidden.shape[1]), hidden.dtype),)
+
+        self.set_boundary_extras(ContextExtras(specs, pop_exported_qk))
+
     def set_schedule(self, schedule: Optional[Schedule]) -> None:
         """Run this exact Schedule (any microbatch count must then match it); None goes back to generating
         `schedule_name` for each step's microbatch count."""

@@ -88,8 +88,9 @@ class WeightGradStore:
         if works is None:
             raise WeightGradError(f"W for {key!r}: nothing was queued under this key (its B did not run, ran as a fused "
                                   "BW, or its W already ran)")
-        for work in works:
-            work()
+        with torch.no_grad():  # as inside autograd's backward
+            for work in works:
+                work()
         return len(works)
 
     def has(self, key: Hashable) -> bool:
@@ -157,7 +158,10 @@ class _LinearWithDeferrableWgrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input_, weight, bias, target, deferrable, allreduce_dgrad, sequence_parallel, tp_group):
+    def forward(ctx, input_, weight, bias, target, deferrable, allreduce_dgrad, sequence_parallel, tp_group,
+                param=None):
+        # `param`: the parameter a row-subset `weight` was taken from; an input only so that the output requires
+        # grad when the parameter does (its gradient is accumulated by `target`, never returned).
         ctx.save_for_backward(input_, weight)
         ctx.use_bias = bias is not None
         ctx.target = target
@@ -209,7 +213,7 @@ class _LinearWithDeferrableWgrad(torch.autograd.Function):
             handle.wait()
         if ctx.sequence_parallel:
             grad_input = sub_grad_input
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _is_own_leaf(layer: torch.nn.Module, weight: torch.Tensor) -> bool:
@@ -261,7 +265,7 @@ class SplitColumnParallelLinear(ColumnParallelLinear):
             input_parallel, weight_rows, bias, _ManualTarget(self.weight, index) if self.weight.requires_grad else None,
             self.weight.requires_grad, self.allreduce_dgrad,
             False if self.explicit_expert_comm else self.sequence_parallel,
-            get_tensor_model_parallel_group_if_none(self.tp_group))
+            get_tensor_model_parallel_group_if_none(self.tp_group), self.weight)
         if self.gather_output:
             output = gather_from_tensor_model_parallel_region(output, group=self.tp_group)
         output_bias = rows(self.bias.unsqueeze(-1)).reshape(-1) if self.skip_bias_add and self.bias is not None else None
