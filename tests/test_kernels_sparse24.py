@@ -25,6 +25,8 @@ from effdist.kernels.sparse24 import (  # noqa: E402
     DECOMPRESS_VALUES,
     decompress24_reference,
     decompress24_triton,
+    relu2_grad_reference,
+    relu2_grad_triton,
     sparsify24_reference,
     sparsify24_triton,
 )
@@ -96,6 +98,18 @@ def test_decompress_matches_reference(shape, mode):
     assert torch.allclose(out_t, out_r, rtol=1e-12, atol=0)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relu2_grad_matches_reference_and_autograd(dtype):
+    g = torch.Generator().manual_seed(13)
+    h = torch.randn(37, 44, generator=g, dtype=dtype, requires_grad=True)
+    dy = torch.randn(37, 44, generator=g, dtype=dtype)
+    ref = relu2_grad_reference(dy, h.detach())
+    assert torch.allclose(relu2_grad_triton(dy, h.detach()), ref, rtol=1e-6, atol=0)
+    (auto,) = torch.autograd.grad(torch.relu(h) ** 2, h, dy)
+    assert torch.allclose(ref, auto, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_exactly_two_of_every_four_kept_and_they_are_the_largest(shape):
     x = _input(*shape, torch.float64, seed=3)
@@ -158,3 +172,4 @@ def test_cuda_kernels_match_reference(shape, dtype):
         g = grad if mode == DECOMPRESS_RELU2_GRAD else None
         assert torch.equal(decompress24_triton(values, meta, shape[1], mode, g),
                            decompress24_reference(values, meta, shape[1], mode, g))
+    assert torch.equal(relu2_grad_triton(grad, x), relu2_grad_reference(grad, x))

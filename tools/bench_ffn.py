@@ -112,11 +112,11 @@ def variants() -> list[Variant]:
             return ModuleSpec(ReLU2MLP, submodules=subs, params={"ffn_hidden_size": elas_width(shape)})
         return build
 
-    def elas(ste, cslt, low_rank=False):
+    def elas(ste, sparse_gemm, low_rank=False):
         def build(shape):
             subs = elas_linears(SHAPES[shape][3] if low_rank else None)
             return ModuleSpec(ElasMLP, submodules=subs, params={
-                "ffn_hidden_size": elas_width(shape), "ste": ste, "sparse_kernels": cslt, "sparse_min_tokens": 0})
+                "ffn_hidden_size": elas_width(shape), "ste": ste, "sparse_gemm": sparse_gemm})
         return build
 
     return [
@@ -125,14 +125,14 @@ def variants() -> list[Variant]:
         Variant("moc-2:8", "swiglu", "MoC, top 2 of every 8 gate channels", moc(True)),
         Variant("topk-relu", "swiglu", f"non-gated ReLU keeping the top {TOPK_K:.0%} (width f)", topk),
         Variant("relu2", None, f"non-gated ReLU², width {ELAS_EXPAND} f (ELAS dense reference)", relu2(False)),
-        Variant("elas", "relu2", "2:4 ReLU², identity STE (saves h), dense GEMMs", elas("identity", False)),
+        Variant("elas", "relu2", "2:4 ReLU², identity STE (saves h), dense GEMMs", elas("identity", "never")),
         Variant("elas-masked", "relu2", "2:4 ReLU², masked STE (saves 2:4-compressed relu(h)), dense GEMMs",
-                elas("masked", False)),
-        Variant("elas-cslt", "relu2", "as elas, fc2 forward on cuSPARSELt", elas("identity", True), cuda_only=True),
-        Variant("elas-masked-cslt", "relu2", "as elas-masked, fc2 forward on cuSPARSELt", elas("masked", True),
+                elas("masked", "never")),
+        Variant("elas-cslt", "relu2", "as elas, fc2 forward on cuSPARSELt", elas("identity", "always"), cuda_only=True),
+        Variant("elas-masked-cslt", "relu2", "as elas-masked, fc2 forward on cuSPARSELt", elas("masked", "always"),
                 cuda_only=True),
         Variant("relu2-lowrank", None, "ReLU² width 1.5 f, fc1/fc2 low-rank (r = h/4)", relu2(True)),
-        Variant("elas-lowrank", "relu2-lowrank", "2:4 ReLU², identity STE, low-rank fc1/fc2", elas("identity", False, True)),
+        Variant("elas-lowrank", "relu2-lowrank", "2:4 ReLU², identity STE, low-rank fc1/fc2", elas("identity", "never", True)),
     ]
 
 
@@ -234,7 +234,7 @@ def bench_kernels(shape: str, tokens: int, dtype, device, reps: int, warmup: int
     """Triton kernels against their torch references (on CPU both run the reference: GPU only)."""
     from effdist.config import resolve_count
     from effdist.kernels import channel_select as cs
-    from effdist.kernels import sparse24
+    from effdist.kernels import nm_select, sparse24
     from effdist.model.ffn.selection import topk_channels
 
     cuda = device.type == "cuda"
@@ -257,8 +257,11 @@ def bench_kernels(shape: str, tokens: int, dtype, device, reps: int, warmup: int
         return statistics.median(times)
 
     h = torch.randn(tokens, w, device=device, dtype=dtype)
+    dy = torch.randn(tokens, w, device=device, dtype=dtype)
     gu = torch.randn(tokens, 2 * f, device=device, dtype=dtype)
-    idx = topk_channels(gu[:, :f], resolve_count(MOC_K, f))
+    k = resolve_count(MOC_K, f)
+    gate = gu[:, :f]
+    idx = topk_channels(gate, k)
     dz = torch.randn(tokens, f, device=device, dtype=dtype)
     _, a, b = cs.select_activate_reference(gu, idx, f, "swiglu")
     cases = [
@@ -268,7 +271,11 @@ def bench_kernels(shape: str, tokens: int, dtype, device, reps: int, warmup: int
          lambda: cs.select_activate_reference(gu, idx, f, "swiglu")),
         ("MoC backward gather+scatter", lambda: cs.select_activate_backward_triton(dz, a, b, idx, f, "swiglu"),
          lambda: cs.select_activate_backward_reference(dz, a, b, idx, f, "swiglu")),
-        ("MoC top-K selection (torch.topk)", lambda: topk_channels(gu[:, :f], resolve_count(MOC_K, f)), None),
+        ("relu2 backward 2·relu(h)·dy", lambda: sparse24.relu2_grad_triton(dy, h),
+         lambda: sparse24.relu2_grad_reference(dy, h)),
+        ("MoC top-K selection (torch.topk)", lambda: topk_channels(gate, k), None),
+        ("MoC 2:8 selection (argmax x2 | torch.topk)", lambda: nm_select.top_n_of_m_triton(gate, 2, 8, torch.int16),
+         lambda: torch.topk(gate.reshape(tokens, -1, 8), 2, dim=-1, sorted=False)),
     ]
     try:
         packed = torch._cslt_compress(sparse24.sparsify24_triton(h, relu2=True, write_compressed=False)[0])

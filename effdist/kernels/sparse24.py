@@ -104,6 +104,12 @@ def decompress24_reference(values: torch.Tensor, meta: torch.Tensor, width: int,
     return out.view(n, width).to(dtype)
 
 
+def relu2_grad_reference(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """d relu(h)²/dh · grad = 2·relu(h)·grad: the backward of sparsify24(h, relu2) under the identity STE."""
+    ct = compute_dtype(grad.dtype)
+    return (2.0 * h.to(ct).clamp_min(0) * grad.to(ct)).to(grad.dtype)
+
+
 # ---------------------------------------------------------------------------------------- triton
 
 if HAVE_TRITON:
@@ -130,100 +136,111 @@ if HAVE_TRITON:
         return r0 < 2, r1 < 2, r2 < 2, r3 < 2
 
     @triton.jit
+    def _split4(x, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+        """[R, G, 4] -> its four [R, G] columns."""
+        even, odd = tl.split(tl.reshape(x, (BLOCK_R, BLOCK_G, 2, 2)))
+        x0, x2 = tl.split(even)
+        x1, x3 = tl.split(odd)
+        return x0, x1, x2, x3
+
+    @triton.jit
+    def _join4(x0, x1, x2, x3, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+        """Four [R, G] columns -> [R, G, 4] (inverse of _split4)."""
+        return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (BLOCK_R, BLOCK_G, 4))
+
+    @triton.jit
     def _sparsify24_kernel(x_ptr, dense_ptr, val_ptr, meta_ptr, n_rows, n_groups,
                            stride_x, stride_d, stride_v, stride_m,
                            RELU2: tl.constexpr, WRITE_DENSE: tl.constexpr, WRITE_COMPRESSED: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
-        # One program: BLOCK_R rows x BLOCK_P pairs of groups (one meta byte per pair).
-        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
-        pairs = (tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P))[None, :]
-        row_ok = rows < n_rows
-        byte = tl.zeros((BLOCK_R, BLOCK_P), dtype=tl.int32)
-        for half in tl.static_range(2):
-            grp = pairs * 2 + half
-            ok = row_ok & (grp < n_groups)
-            src = x_ptr + rows * stride_x + grp * 4
-            x0 = _upcast(tl.load(src + 0, mask=ok, other=0.0))
-            x1 = _upcast(tl.load(src + 1, mask=ok, other=0.0))
-            x2 = _upcast(tl.load(src + 2, mask=ok, other=0.0))
-            x3 = _upcast(tl.load(src + 3, mask=ok, other=0.0))
+                           BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+        # One program: BLOCK_R rows x BLOCK_G groups, read and written as contiguous [R, G, 4] tiles.
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        grp = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+        r3 = rows[:, None, None]
+        g3 = grp[None, :, None]
+        p3 = tl.arange(0, 4)[None, None, :]
+        ok3 = (r3 < n_rows) & (g3 < n_groups) & (p3 < 4)
+        x = _upcast(tl.load(x_ptr + r3 * stride_x + g3 * 4 + p3, mask=ok3, other=0.0))
+        if RELU2:
+            x = tl.maximum(x, 0.0)
+            mag = x
+        else:
+            mag = tl.abs(x)
+        m0, m1, m2, m3 = _split4(mag, BLOCK_R, BLOCK_G)
+        k0, k1, k2, k3 = _rank_keep(m0, m1, m2, m3)
+        x0, x1, x2, x3 = _split4(x, BLOCK_R, BLOCK_G)
+        if WRITE_DENSE:
             if RELU2:
-                x0 = tl.maximum(x0, 0.0)
-                x1 = tl.maximum(x1, 0.0)
-                x2 = tl.maximum(x2, 0.0)
-                x3 = tl.maximum(x3, 0.0)
-                k0, k1, k2, k3 = _rank_keep(x0, x1, x2, x3)
+                o0, o1, o2, o3 = x0 * x0, x1 * x1, x2 * x2, x3 * x3
             else:
-                k0, k1, k2, k3 = _rank_keep(tl.abs(x0), tl.abs(x1), tl.abs(x2), tl.abs(x3))
-            if WRITE_DENSE:
-                dst = dense_ptr + rows * stride_d + grp * 4
-                if RELU2:
-                    o0 = x0 * x0
-                    o1 = x1 * x1
-                    o2 = x2 * x2
-                    o3 = x3 * x3
-                else:
-                    o0 = x0
-                    o1 = x1
-                    o2 = x2
-                    o3 = x3
-                ty = dense_ptr.dtype.element_ty
-                tl.store(dst + 0, tl.where(k0, o0, 0.0).to(ty), mask=ok)
-                tl.store(dst + 1, tl.where(k1, o1, 0.0).to(ty), mask=ok)
-                tl.store(dst + 2, tl.where(k2, o2, 0.0).to(ty), mask=ok)
-                tl.store(dst + 3, tl.where(k3, o3, 0.0).to(ty), mask=ok)
-            if WRITE_COMPRESSED:
-                # Lowest and highest kept position of the group.
-                i0 = tl.where(k0, 0, tl.where(k1, 1, 2))
-                i1 = tl.where(k3, 3, tl.where(k2, 2, 1))
-                v0 = tl.where(i0 == 0, x0, tl.where(i0 == 1, x1, x2))
-                v1 = tl.where(i1 == 3, x3, tl.where(i1 == 2, x2, x1))
-                vty = val_ptr.dtype.element_ty
-                vdst = val_ptr + rows * stride_v + grp * 2
-                tl.store(vdst + 0, v0.to(vty), mask=ok)
-                tl.store(vdst + 1, v1.to(vty), mask=ok)
-                code = tl.where(ok, i0 | (i1 << 2), 0)
-                byte = byte | (code << (4 * half))
+                o0, o1, o2, o3 = x0, x1, x2, x3
+            out = _join4(tl.where(k0, o0, 0.0), tl.where(k1, o1, 0.0), tl.where(k2, o2, 0.0), tl.where(k3, o3, 0.0),
+                         BLOCK_R, BLOCK_G)
+            tl.store(dense_ptr + r3 * stride_d + g3 * 4 + p3, out.to(dense_ptr.dtype.element_ty), mask=ok3)
         if WRITE_COMPRESSED:
-            tl.store(meta_ptr + rows * stride_m + pairs, byte.to(tl.uint8), mask=row_ok & (pairs * 2 < n_groups))
+            # Lowest and highest kept position of each group, and their values.
+            i0 = tl.where(k0, 0, tl.where(k1, 1, 2))
+            i1 = tl.where(k3, 3, tl.where(k2, 2, 1))
+            v0 = tl.where(i0 == 0, x0, tl.where(i0 == 1, x1, x2))
+            v1 = tl.where(i1 == 3, x3, tl.where(i1 == 2, x2, x1))
+            q3 = tl.arange(0, 2)[None, None, :]
+            okv = (r3 < n_rows) & (g3 < n_groups) & (q3 < 2)
+            vals = tl.join(v0, v1)  # [R, G, 2]
+            tl.store(val_ptr + r3 * stride_v + g3 * 2 + q3, vals.to(val_ptr.dtype.element_ty), mask=okv)
+            ok2 = (rows[:, None] < n_rows) & (grp[None, :] < n_groups)
+            code = tl.where(ok2, i0 | (i1 << 2), 0)
+            lo, hi = tl.split(tl.reshape(code, (BLOCK_R, BLOCK_G // 2, 2)))
+            pair = tl.program_id(1) * (BLOCK_G // 2) + tl.arange(0, BLOCK_G // 2)
+            okm = (rows[:, None] < n_rows) & (pair[None, :] * 2 < n_groups)
+            tl.store(meta_ptr + rows[:, None] * stride_m + pair[None, :], (lo | (hi << 4)).to(tl.uint8), mask=okm)
 
     @triton.jit
     def _decompress24_kernel(val_ptr, meta_ptr, grad_ptr, out_ptr, n_rows, n_groups,
                              stride_v, stride_m, stride_g, stride_o,
-                             MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
-        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
-        pairs = (tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P))[None, :]
-        row_ok = rows < n_rows
-        byte = tl.load(meta_ptr + rows * stride_m + pairs, mask=row_ok & (pairs * 2 < n_groups), other=0).to(tl.int32)
-        for half in tl.static_range(2):
-            grp = pairs * 2 + half
-            ok = row_ok & (grp < n_groups)
-            code = (byte >> (4 * half)) & 15
-            i0 = code & 3
-            i1 = code >> 2
-            vsrc = val_ptr + rows * stride_v + grp * 2
-            v0 = _upcast(tl.load(vsrc + 0, mask=ok, other=0.0))
-            v1 = _upcast(tl.load(vsrc + 1, mask=ok, other=0.0))
-            if MODE == 1:
-                v0 = v0 * v0
-                v1 = v1 * v1
-            if MODE == 2:
-                gsrc = grad_ptr + rows * stride_g + grp * 4
-                v0 = 2.0 * v0 * _upcast(tl.load(gsrc + i0, mask=ok, other=0.0))
-                v1 = 2.0 * v1 * _upcast(tl.load(gsrc + i1, mask=ok, other=0.0))
-            dst = out_ptr + rows * stride_o + grp * 4
-            ty = out_ptr.dtype.element_ty
-            for pos in tl.static_range(4):
-                o = tl.where(i0 == pos, v0, tl.where(i1 == pos, v1, 0.0))
-                tl.store(dst + pos, o.to(ty), mask=ok)
+                             MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        grp = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+        pair = tl.program_id(1) * (BLOCK_G // 2) + tl.arange(0, BLOCK_G // 2)
+        okm = (rows[:, None] < n_rows) & (pair[None, :] * 2 < n_groups)
+        byte = tl.load(meta_ptr + rows[:, None] * stride_m + pair[None, :], mask=okm, other=0).to(tl.int32)
+        code = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_R, BLOCK_G))
+        i0 = code & 3
+        i1 = code >> 2
+        r3 = rows[:, None, None]
+        g3 = grp[None, :, None]
+        q3 = tl.arange(0, 2)[None, None, :]
+        okv = (r3 < n_rows) & (g3 < n_groups) & (q3 < 2)
+        v0, v1 = tl.split(_upcast(tl.load(val_ptr + r3 * stride_v + g3 * 2 + q3, mask=okv, other=0.0)))
+        if MODE == 1:
+            v0 = v0 * v0
+            v1 = v1 * v1
+        o0 = tl.where(i0 == 0, v0, 0.0)
+        o1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, 0.0))
+        o2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, 0.0))
+        o3 = tl.where(i1 == 3, v1, 0.0)
+        p3 = tl.arange(0, 4)[None, None, :]
+        ok3 = (r3 < n_rows) & (g3 < n_groups) & (p3 < 4)
+        out = _join4(o0, o1, o2, o3, BLOCK_R, BLOCK_G)
+        if MODE == 2:
+            g = _upcast(tl.load(grad_ptr + r3 * stride_g + g3 * 4 + p3, mask=ok3, other=0.0))
+            out = 2.0 * out * g
+        tl.store(out_ptr + r3 * stride_o + g3 * 4 + p3, out.to(out_ptr.dtype.element_ty), mask=ok3)
+
+    @triton.jit
+    def _relu2_grad_kernel(g_ptr, h_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        g = _upcast(tl.load(g_ptr + offs, mask=ok, other=0.0))
+        h = _upcast(tl.load(h_ptr + offs, mask=ok, other=0.0))
+        tl.store(out_ptr + offs, (2.0 * tl.maximum(h, 0.0) * g).to(out_ptr.dtype.element_ty), mask=ok)
 
 
-_BLOCK_R = 16
-_BLOCK_P = 32
+_BLOCK_R = 8
+_BLOCK_G = 128  # even: a program writes whole meta bytes
 
 
 def _grid(n_rows: int, n_groups: int):
-    return (triton.cdiv(n_rows, _BLOCK_R), triton.cdiv(max(1, (n_groups + 1) // 2), _BLOCK_P))
+    return (triton.cdiv(n_rows, _BLOCK_R), triton.cdiv(max(1, n_groups), _BLOCK_G))
 
 
 def sparsify24_triton(x: torch.Tensor, relu2: bool = False, write_dense: bool = True,
@@ -245,7 +262,7 @@ def sparsify24_triton(x: torch.Tensor, relu2: bool = False, write_dense: bool = 
         x, dense if write_dense else dummy, values if write_compressed else dummy, meta if write_compressed else dummy,
         n, width // 4, x.stride(0), dense.stride(0) if write_dense else 0,
         values.stride(0) if write_compressed else 0, meta.stride(0) if write_compressed else 0,
-        RELU2=relu2, WRITE_DENSE=write_dense, WRITE_COMPRESSED=write_compressed, BLOCK_R=_BLOCK_R, BLOCK_P=_BLOCK_P)
+        RELU2=relu2, WRITE_DENSE=write_dense, WRITE_COMPRESSED=write_compressed, BLOCK_R=_BLOCK_R, BLOCK_G=_BLOCK_G)
     return dense, values, meta
 
 
@@ -266,7 +283,20 @@ def decompress24_triton(values: torch.Tensor, meta: torch.Tensor, width: int, mo
     g = grad if grad is not None else values
     _decompress24_kernel[_grid(n, width // 4)](
         values, meta, g, out, n, width // 4, values.stride(0), meta.stride(0), g.stride(0), out.stride(0),
-        MODE=mode, BLOCK_R=_BLOCK_R, BLOCK_P=_BLOCK_P)
+        MODE=mode, BLOCK_R=_BLOCK_R, BLOCK_G=_BLOCK_G)
+    return out
+
+
+def relu2_grad_triton(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    if not HAVE_TRITON:
+        raise RuntimeError("triton is not installed; use relu2_grad_reference")
+    if grad.shape != h.shape:
+        raise ValueError(f"grad {tuple(grad.shape)} and h {tuple(h.shape)} must have the same shape")
+    grad, h = grad.contiguous(), h.contiguous()
+    out = torch.empty_like(grad)
+    n = grad.numel()
+    if n:
+        _relu2_grad_kernel[(triton.cdiv(n, 4096),)](grad, h, out, n, BLOCK=4096)
     return out
 
 
@@ -289,3 +319,9 @@ def decompress24(values: torch.Tensor, meta: torch.Tensor, width: int, mode: int
     if _use_triton(values):
         return decompress24_triton(values, meta, width, mode, grad)
     return decompress24_reference(values, meta, width, mode, grad)
+
+
+def relu2_grad(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    if _use_triton(grad):
+        return relu2_grad_triton(grad, h)
+    return relu2_grad_reference(grad, h)

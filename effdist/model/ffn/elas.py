@@ -20,13 +20,15 @@ Dense ReLU² (megatron's MLP) saves relu(h) and y: 2·d_ffn.
 Dense warm-up: for the first `warmup_steps` optimizer steps S is the identity (plain ReLU², saving
 h only); the trainer calls `on_train_step(step)` (0-based, the same on every rank) before each step.
 
-GPU: with `sparse_kernels`, bf16/fp16, enough tokens and cuSPARSELt-compatible shapes, fc2's forward
-GEMM runs on the 2:4 operand through cuSPARSELt (``torch._cslt_sparse_mm`` with an algorithm chosen
-once per shape by ``torch._cslt_sparse_mm_search``); its backward GEMMs are dense. Measured on an H100
-the bf16 sparse GEMM only beats the dense one at large token counts (platform notes: 1.09x at 64k tokens
-of an ELAS-1B down projection, slower at 16k), hence the token threshold; tools/bench_ffn.py measures it.
-That path computes fc2 with its own autograd function on fc2's (or its sharded factor's) weight, so a
-B/W-split linear substituted for fc2 does not defer that weight gradient.
+GPU (`sparse_gemm`): fc2's forward GEMM can take the 2:4 operand through cuSPARSELt
+(``torch._cslt_compress`` + ``torch._cslt_sparse_mm``, algorithm chosen once per shape by
+``torch._cslt_sparse_mm_search``); its backward GEMMs stay dense. "auto" (ffn.elas_sparse_kernels)
+times both ways once per shape, from `sparse_min_tokens` tokens on, and keeps the faster (the same
+choice on every TP rank of the layer); "always" forces it where the shapes allow, "never" disables it.
+On an H100 in bf16 it does not pay: compressing the activation alone costs more than the dense GEMM
+(tools/bench_ffn.py; docs/sparse_ffn.md). That path computes fc2 with its own autograd function on fc2's
+(or its sharded factor's) weight, so a B/W-split linear substituted for fc2 does not defer that weight
+gradient.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from megatron.core.activations import squared_relu
 from megatron.core.tensor_parallel import (
     reduce_from_tensor_model_parallel_region,
@@ -41,15 +44,17 @@ from megatron.core.tensor_parallel import (
 )
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 
-from effdist.kernels.sparse24 import DECOMPRESS_RELU2_GRAD, DECOMPRESS_SQUARE, decompress24, sparsify24
+from effdist.kernels.sparse24 import DECOMPRESS_RELU2_GRAD, DECOMPRESS_SQUARE, decompress24, relu2_grad, sparsify24
 from effdist.model.ffn.dense import mlp_config
 from effdist.model.ffn.saved import save_compactly
 from effdist.model.lowrank import LowRankRowParallelLinear
 
 STE_MODES = ("identity", "masked")
+SPARSE_GEMM_MODES = ("auto", "always", "never")
 
-# Tokens per microbatch (sequence x batch, per rank) from which fc2 uses the cuSPARSELt GEMM.
-SPARSE_GEMM_MIN_TOKENS = 32768
+# Tokens per microbatch (sequence x batch, per rank) below which "auto" does not even try cuSPARSELt:
+# the 2:4 GEMM gain, where there is one, shows only on large GEMMs (platform notes).
+SPARSE_GEMM_MIN_TOKENS = 16384
 
 
 def relu2_dense(h: torch.Tensor) -> torch.Tensor:
@@ -78,7 +83,7 @@ class _Relu2Sparse24(torch.autograd.Function):
     def backward(ctx, dy):
         if not ctx.sparse or ctx.ste == "identity":
             (h,) = ctx.saved_tensors
-            dh = dy * (2 * torch.relu(h))
+            dh = relu2_grad(dy, h)
         else:
             values, meta = ctx.saved_tensors
             dh = decompress24(values, meta, ctx.width, DECOMPRESS_RELU2_GRAD, grad=dy.contiguous())
@@ -96,14 +101,50 @@ def _cslt_alg(packed: torch.Tensor, dense: torch.Tensor) -> int:
     return _ALG_CACHE[key]
 
 
+def _cslt_matmul(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y Wᵀ with y 2:4-sparse along its rows, through cuSPARSELt."""
+    packed = torch._cslt_compress(y)
+    dense = weight.t()
+    return torch._cslt_sparse_mm(packed, dense, alg_id=_cslt_alg(packed, dense))
+
+
+def _median_ms(fn, reps: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+_PAYS_CACHE: dict[tuple, bool] = {}
+
+
+def sparse_gemm_pays(y: torch.Tensor, weight: torch.Tensor, tp_group=None) -> bool:
+    """Whether compress + cuSPARSELt beats the dense GEMM for this shape (timed once, then cached)."""
+    key = (tuple(y.shape), tuple(weight.shape), y.dtype, y.device.index)
+    if key not in _PAYS_CACHE:
+        with torch.no_grad():
+            dense_ms = _median_ms(lambda: y @ weight.t())
+            sparse_ms = _median_ms(lambda: _cslt_matmul(y, weight))
+        flag = torch.tensor([1 if sparse_ms < dense_ms else 0], device=y.device)
+        if tp_group is not None and dist.get_world_size(tp_group) > 1:
+            # Every TP rank of the layer takes the same path.
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=tp_group)
+        _PAYS_CACHE[key] = bool(flag.item())
+    return _PAYS_CACHE[key]
+
+
 class _Sparse24Linear(torch.autograd.Function):
     """out = y Wᵀ with y 2:4-sparse (cuSPARSELt forward, dense backward); y rebuilt from `parts`."""
 
     @staticmethod
     def forward(ctx, y, weight, rebuild, *parts):
-        packed = torch._cslt_compress(y)
-        dense = weight.t()
-        out = torch._cslt_sparse_mm(packed, dense, alg_id=_cslt_alg(packed, dense))
+        out = _cslt_matmul(y, weight)
         ctx.rebuild = rebuild
         ctx.save_for_backward(weight, *parts)
         return out
@@ -121,13 +162,15 @@ class ElasMLP(MLP):
     """ReLU² FFN with 2:4 activation sparsity (ELAS); fc1/fc2 may be low-rank (see registry)."""
 
     def __init__(self, config, submodules: MLPSubmodules, *, warmup_steps: int = 0, ste: str = "identity",
-                 sparse_kernels: bool = True, sparse_min_tokens: int = SPARSE_GEMM_MIN_TOKENS,
+                 sparse_gemm: str = "auto", sparse_min_tokens: int = SPARSE_GEMM_MIN_TOKENS,
                  ffn_hidden_size: Optional[int] = None, tp_group=None, **kwargs):
         width = ffn_hidden_size or config.ffn_hidden_size
         if ste not in STE_MODES:
             raise ValueError(f"ELAS straight-through mode = {ste!r}; valid: {', '.join(STE_MODES)}")
         if warmup_steps < 0:
             raise ValueError(f"ELAS warm-up steps = {warmup_steps} must be >= 0")
+        if sparse_gemm not in SPARSE_GEMM_MODES:
+            raise ValueError(f"ELAS sparse_gemm = {sparse_gemm!r}; valid: {', '.join(SPARSE_GEMM_MODES)}")
         super().__init__(mlp_config(config, width=width, gated=False, activation=squared_relu), submodules,
                          ffn_hidden_size=width, tp_group=tp_group, **kwargs)
         tp = self.tp_group.size() if self.tp_group is not None else 1
@@ -136,7 +179,7 @@ class ElasMLP(MLP):
             raise ValueError(f"ELAS 2:4 sparsity needs the per-rank FFN width ({self.local_width}) divisible by 4")
         self.warmup_steps = warmup_steps
         self.ste = ste
-        self.sparse_kernels = sparse_kernels
+        self.sparse_gemm = sparse_gemm
         self.sparse_min_tokens = sparse_min_tokens
         self.sparsity_active = warmup_steps == 0
         # Whether the last forward ran fc2 through cuSPARSELt (reported by tools/bench_ffn.py).
@@ -183,7 +226,7 @@ class ElasMLP(MLP):
         return fc2.factor_in if isinstance(fc2, LowRankRowParallelLinear) else fc2
 
     def _use_sparse_gemm(self, y: torch.Tensor) -> bool:
-        if not (self.sparse_kernels and y.is_cuda and y.dtype in (torch.float16, torch.bfloat16)):
+        if self.sparse_gemm == "never" or not y.is_cuda or y.dtype not in (torch.float16, torch.bfloat16):
             return False
         if not hasattr(torch, "_cslt_sparse_mm"):
             return False
@@ -192,7 +235,11 @@ class ElasMLP(MLP):
             return False
         n, w = y.shape
         # cuSPARSELt shape rules for a 16-bit sparse operand and its dense partner.
-        return n >= self.sparse_min_tokens and n % 16 == 0 and w % 16 == 0 and weight.shape[0] % 8 == 0
+        if n % 16 or w % 16 or weight.shape[0] % 8:
+            return False
+        if self.sparse_gemm == "always":
+            return True
+        return n >= self.sparse_min_tokens and sparse_gemm_pays(y, weight, self.tp_group)
 
     def _fc2_sparse(self, y, parts, rebuild, lead):
         fc2 = self._sharded_fc2()

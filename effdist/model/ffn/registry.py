@@ -75,5 +75,6 @@ def build_mlp_spec(cfg: Config, layer_idx: int, linear_fc1=ColumnParallelLinear,
         return ModuleSpec(module=ElasMLP, submodules=elas_linears(f.elas_rank, linear_fc1, linear_fc2), params={
             "ffn_hidden_size": width, "warmup_steps": f.elas_warmup_steps,
             # Straight-through mode: "identity" (the ELAS draft) until config.py grows ffn.elas_ste.
-            "ste": getattr(f, "elas_ste", "identity"), "sparse_kernels": f.elas_sparse_kernels})
+            "ste": getattr(f, "elas_ste", "identity"),
+            "sparse_gemm": "auto" if f.elas_sparse_kernels else "never"})
     raise NotImplementedError(f"ffn.kind = {kind!r} is not available in this build")

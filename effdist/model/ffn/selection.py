@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from effdist.kernels.nm_select import top_n_of_m
+
 
 def index_dtype(width: int) -> torch.dtype:
     """Channel indices are stored for backward: int16 where the width allows, else int32."""
@@ -30,6 +32,8 @@ def topk_channels(scores: torch.Tensor, k: int, tp_group=None) -> torch.Tensor:
     n, width = scores.shape
     slots = min(k, width)
     with torch.no_grad():
+        # torch.topk (sorted=False) it is: a Triton radix select (whole rows in registers, 32 counting
+        # passes) measured 0.69-1.2 ms against torch.topk's 0.57 ms for 16k x 2816, K = 528, on an H100.
         values, idx = torch.topk(scores, slots, dim=-1, sorted=False)
         world = dist.get_world_size(tp_group) if tp_group is not None else 1
         if world == 1:
@@ -46,10 +50,5 @@ def topk_channels(scores: torch.Tensor, k: int, tp_group=None) -> torch.Tensor:
 
 def n_of_m_channels(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """The n largest scores of every m consecutive channels: [N, W] -> [N, W / m * n] indices."""
-    rows, width = scores.shape
-    if width % m:
-        raise ValueError(f"{n}:{m} selection needs the per-rank FFN width ({width}) divisible by {m}")
     with torch.no_grad():
-        local = torch.topk(scores.view(rows, width // m, m), n, dim=-1, sorted=False).indices
-        base = torch.arange(0, width, m, device=scores.device).view(1, -1, 1)
-        return (local + base).reshape(rows, -1).to(index_dtype(width))
+        return top_n_of_m(scores, n, m, index_dtype(scores.shape[1]))
