@@ -249,8 +249,8 @@ def _h100_compile_cases():
         cases.append((f"rmsnorm backward {block}", bwd, {"dy_ptr": act, "x_ptr": act, "w_ptr": act, "rstd_ptr": "*fp32",
                                                          "dx_ptr": act, "dw_partial_ptr": "*fp32", **rows},
                        {"BLOCK": block}, warps))
-    cases.append(("swiglu forward", swiglu_fwd, {"x_ptr": act, "y_ptr": act, "x_row_stride": "i32", "y_row_stride": "i32",
-                                                 "width": "i32"}, {"BLOCK": swiglu_mod._BLOCK}, 4))
+    cases.append(("swiglu forward", swiglu_fwd, {"x_ptr": act, "y_ptr": act, "x_row_stride": "i32",
+                                                 "y_row_stride": "i32", "width": "i32"}, {"BLOCK": swiglu_mod._BLOCK}, 4))
     cases.append(("swiglu backward", swiglu_bwd, {"dy_ptr": act, "x_ptr": act, "dx_ptr": act, "dy_row_stride": "i32",
                                                   "x_row_stride": "i32", "dx_row_stride": "i32", "width": "i32"},
                   {"BLOCK": swiglu_mod._BLOCK}, 4))

@@ -9,8 +9,9 @@ For each kernel and model shape: the median time of the forward and of forward +
 every output written once), the achieved bandwidth for those bytes and its fraction of --peak-gbps
 (about 3 TB/s on an H100 SXM). The torch rows are the code paths effdist runs without
 ``train.fused_kernels``: effdist's RMSNorm, megatron's unfused gated activation and RoPE
-(``_apply_rotary_pos_emb_bshd``), megatron's vocab_parallel_cross_entropy on the LM head's logits. Their GB/s use the same minimal byte counts
-(an "effective" bandwidth: what they would need if they moved nothing twice).
+(``_apply_rotary_pos_emb_bshd``), megatron's vocab_parallel_cross_entropy on the LM head's logits.
+Their GB/s use the same minimal byte counts (an "effective" bandwidth: what they would need if they
+moved nothing twice).
 
     rmsnorm      x [T, h] -> y                    fwd: read x, write y;  bwd: read dy, x; write dx
     swiglu       fc1 output [T, 2f] -> [T, f]     fwd: read 2f, write f; bwd: read dy (f), x (2f); write dx (2f)

@@ -102,9 +102,9 @@ class FusedSwiGLUMLP(MLP):
 
     def __init__(self, config, submodules: MLPSubmodules, ffn_hidden_size: Optional[int] = None, **kwargs):
         if config.activation_func_clamp_value is not None or config.glu_linear_offset != 0.0:
-            raise ValueError("FusedSwiGLUMLP computes plain SwiGLU: TransformerConfig.activation_func_clamp_value "
-                             f"= {config.activation_func_clamp_value} and glu_linear_offset = {config.glu_linear_offset} "
-                             "need megatron's MLP (leave train.fused_kernels without swiglu)")
+            raise ValueError("FusedSwiGLUMLP computes plain SwiGLU: TransformerConfig.activation_func_clamp_value = "
+                             f"{config.activation_func_clamp_value} and glu_linear_offset = "
+                             f"{config.glu_linear_offset} need megatron's MLP (leave swiglu out of train.fused_kernels)")
         width = ffn_hidden_size or config.ffn_hidden_size
         local = copy.copy(config)
         local.ffn_hidden_size = width
