@@ -87,6 +87,12 @@ class TrainConfig:
     eval_steps: int = 4
     # A non-finite loss or gradient norm skips the update; this many in a row stop the run.
     max_consecutive_nonfinite: int = 5
+    # Triton kernels for RMSNorm, RoPE, SwiGLU and the LM-head loss on GPU (torch references on CPU):
+    # true = all, false = megatron's code paths exactly, or a list such as [rmsnorm, rope] (one lever at a time).
+    fused_kernels: bool | list[str] = True
+    # The fused loss keeps the LM head's logits for backward unless this is set: then it recomputes them
+    # this many tokens at a time (least memory, one more LM-head GEMM).
+    fused_loss_chunk_tokens: int | None = None
 
 
 @dataclass
@@ -438,6 +444,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _fail("train.global_batch", tr.global_batch, f"must be a multiple of train.micro_batch={tr.micro_batch}")
     if tr.dtype not in ("auto", "fp32", "bf16", "fp16"):
         _fail("train.dtype", tr.dtype, "valid: auto, fp32, bf16, fp16")
+    try:
+        from effdist.model.fused import fused_kernel_set
+
+        fused_kernel_set(tr.fused_kernels)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if tr.fused_loss_chunk_tokens is not None and tr.fused_loss_chunk_tokens <= 0:
+        _fail("train.fused_loss_chunk_tokens", tr.fused_loss_chunk_tokens, "must be a positive token count (or null)")
     if tr.max_consecutive_nonfinite < 1:
         _fail("train.max_consecutive_nonfinite", tr.max_consecutive_nonfinite, "must be >= 1")
     if tr.engine not in ("megatron", "deepspeed"):

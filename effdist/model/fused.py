@@ -89,6 +89,10 @@ class SwiGLUActivation(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return swiglu(x, use_triton=x.is_cuda)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        # megatron's MLP asks every child for its checkpoint entries; an activation has none.
+        return {}
+
 
 class FusedSwiGLUMLP(MLP):
     """megatron's SwiGLU MLP (fc1 -> SwiGLU -> fc2, its checkpoint layout, its linears from the spec)

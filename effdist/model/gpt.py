@@ -8,6 +8,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from effdist.config import Config, ffn_width
+from effdist.model.fused import FusedLossGPTModel, fused_block_spec, fused_kernel_set, install_fused_rope
 from effdist.model.spec import DEFAULT_LINEARS, LinearImpl, block_spec
 
 
@@ -17,7 +18,8 @@ def padded_vocab_size(cfg: Config) -> int:
     return ((cfg.model.vocab_size + multiple - 1) // multiple) * multiple
 
 
-def transformer_config(cfg: Config, dtype: torch.dtype, device: torch.device, num_layers: int | None = None) -> TransformerConfig:
+def transformer_config(cfg: Config, dtype: torch.dtype, device: torch.device, num_layers: int | None = None,
+                       rope_fusion: bool = False) -> TransformerConfig:
     m = cfg.model
     on_cpu = device.type == "cpu"
     recompute = cfg.train.recompute
@@ -53,7 +55,8 @@ def transformer_config(cfg: Config, dtype: torch.dtype, device: torch.device, nu
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         bias_dropout_fusion=False,
-        apply_rope_fusion=False,
+        # effdist's Triton RoPE fills megatron's fused-RoPE slot (install_fused_rope) when fused kernels are on.
+        apply_rope_fusion=rope_fusion,
         gradient_accumulation_fusion=False,
         # Gradients are summed over data-parallel ranks (not averaged): the loss of every microbatch
         # is already divided by the token count of the whole global batch.
@@ -70,10 +73,16 @@ def build_gpt(cfg: Config, dtype: torch.dtype, device: torch.device, layer_indic
     """A GPTModel holding `layer_indices` (default: all layers), with or without embedding / LM head."""
     if layer_indices is None:
         layer_indices = list(range(cfg.model.num_layers))
-    tcfg = transformer_config(cfg, dtype, device, num_layers=len(layer_indices))
-    model = GPTModel(
+    kernels = fused_kernel_set(cfg.train.fused_kernels)
+    if "rope" in kernels:
+        install_fused_rope()  # before the TransformerConfig: its validation checks the slot is filled
+    tcfg = transformer_config(cfg, dtype, device, num_layers=len(layer_indices), rope_fusion="rope" in kernels)
+    model_cls, extra = GPTModel, {}
+    if "loss" in kernels:
+        model_cls, extra = FusedLossGPTModel, {"loss_chunk_tokens": cfg.train.fused_loss_chunk_tokens}
+    model = model_cls(
         config=tcfg,
-        transformer_layer_spec=block_spec(cfg, layer_indices, linears),
+        transformer_layer_spec=fused_block_spec(block_spec(cfg, layer_indices, linears), kernels),
         vocab_size=padded_vocab_size(cfg),
         max_sequence_length=cfg.model.max_position_embeddings,
         pre_process=pre_process,
@@ -82,6 +91,7 @@ def build_gpt(cfg: Config, dtype: torch.dtype, device: torch.device, layer_indic
         position_embedding_type="rope",
         rotary_base=int(cfg.model.rotary_base),
         parallel_output=True,
+        **extra,
     )
     # Global layer index of every decoder layer, for per-layer features and readable errors.
     for layer, idx in zip(model.decoder.layers, layer_indices):

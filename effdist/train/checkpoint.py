@@ -87,12 +87,23 @@ def _set_rng_state(state: dict, runtime) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def model_sharded_state_dict(model_chunks) -> dict[str, Any]:
+    """Every chunk's ShardedTensors under the same global keys (``model.decoder.layers...`` with global
+    layer offsets), so a checkpoint written with one TP/PP layout loads into any other. Chunks sit in
+    separate sub-dicts because their local module paths repeat (two chunks both have decoder.layers.0)."""
+    return {f"chunk{i}": unwrap(chunk).sharded_state_dict(prefix="model.") for i, chunk in enumerate(model_chunks)}
+
+
+def _load_chunks(model_chunks, loaded_model: dict[str, Any]) -> None:
+    for i, chunk in enumerate(model_chunks):
+        own = {k[len("model."):]: v for k, v in loaded_model[f"chunk{i}"].items()}
+        unwrap(chunk).load_state_dict(own, strict=True)
+
+
 def build_state_dict(model_chunks, optimizer, runtime, common: dict[str, Any]) -> dict[str, Any]:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    model_sd: dict[str, Any] = {}
-    for i, chunk in enumerate(model_chunks):
-        model_sd.update(unwrap(chunk).sharded_state_dict(prefix=f"model{i}." if len(model_chunks) > 1 else "model."))
+    model_sd = model_sharded_state_dict(model_chunks)
     rng = ShardedObject(
         "rng_state", _rng_state(runtime), (runtime.pp, runtime.tp, runtime.dp),
         (runtime.pp_rank, runtime.tp_rank, runtime.dp_rank), replica_id=0,
@@ -287,11 +298,7 @@ def load(path: Path, model_chunks, optimizer, runtime, restore_rng: bool = True)
     if not restore_rng:
         del sd["rng_state"]
     loaded = dist_checkpointing.load(sd, str(path))
-    prefix_sd: dict[str, torch.Tensor] = loaded["model"]
-    for i, chunk in enumerate(model_chunks):
-        prefix = f"model{i}." if len(model_chunks) > 1 else "model."
-        own = {k[len(prefix):]: v for k, v in prefix_sd.items() if k.startswith(prefix)}
-        unwrap(chunk).load_state_dict(own, strict=True)
+    _load_chunks(model_chunks, loaded["model"])
     optimizer.load_sharded_state_dict(loaded["optimizer"])
     if restore_rng and "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"], runtime)
@@ -306,14 +313,8 @@ def load_model_only(path: Path, model_chunks) -> None:
     if not dist_checkpointing.check_is_distributed_checkpoint(str(path)):
         raise CheckpointError(f"checkpoint.init_from = {str(path)!r} is not a dist checkpoint directory; convert HF "
                               "weights with `effdist convert hf-to-effdist --format dist`")
-    model_sd: dict[str, Any] = {}
-    for i, chunk in enumerate(model_chunks):
-        model_sd.update(unwrap(chunk).sharded_state_dict(prefix=f"model{i}." if len(model_chunks) > 1 else "model."))
-    loaded = dist_checkpointing.load({"model": model_sd}, str(path))["model"]
-    for i, chunk in enumerate(model_chunks):
-        prefix = f"model{i}." if len(model_chunks) > 1 else "model."
-        unwrap(chunk).load_state_dict({k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)},
-                                      strict=True)
+    loaded = dist_checkpointing.load({"model": model_sharded_state_dict(model_chunks)}, str(path))
+    _load_chunks(model_chunks, loaded["model"])
 
 
 def apply_retention(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
