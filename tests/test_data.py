@@ -160,6 +160,25 @@ def test_preprocess_cli_workers_txt_and_blank_records(tmp_path, built):
                                    str(tmp_path / "bad"), "--cache-dir", built["hf"], "--quiet"]) == 1
 
 
+def test_inputs_are_files_patterns_or_hub_names(tmp_path):
+    from effdist.data.sources import expand_inputs
+
+    for name in ("a.jsonl", "b.jsonl", "c.parquet", "notes.txt.gz"):
+        (tmp_path / name).write_text("")
+    groups = expand_inputs([str(tmp_path / "*.jsonl"), str(tmp_path / "c.parquet"), "owner/name",
+                            str(tmp_path / "notes.txt.gz")])
+    assert groups == [("json", [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]),
+                      ("parquet", [str(tmp_path / "c.parquet")]), ("hub", ["owner/name"]),
+                      ("text", [str(tmp_path / "notes.txt.gz")])]
+    with pytest.raises(DataError, match="does not exist"):
+        expand_inputs([str(tmp_path / "missing.jsonl")])
+    with pytest.raises(DataError, match="matches no files"):
+        expand_inputs([str(tmp_path / "*.csv")])
+    (tmp_path / "table.csv").write_text("")
+    with pytest.raises(DataError, match="unsupported format"):
+        expand_inputs([str(tmp_path / "table.csv")])
+
+
 def test_token_dtype_threshold():
     assert token_dtype(512) is np.uint16 and token_dtype(65499) is np.uint16
     assert token_dtype(65500) is np.int32 and token_dtype(128256) is np.int32

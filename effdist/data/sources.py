@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from pathlib import Path
 
 from effdist.data.verify import DataError
@@ -30,8 +31,12 @@ def file_format(path: str) -> str | None:
     return FORMATS.get(os.path.splitext(name)[1])
 
 
-def _looks_like_path(spec: str) -> bool:
-    return os.sep in spec or spec.startswith(".") or file_format(spec) is not None or any(c in spec for c in "*?[")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _looks_like_hub_name(spec: str) -> bool:
+    """"name" or "owner/name" without a file extension (only asked when no such local path exists)."""
+    return bool(_HUB_NAME.match(spec)) and file_format(spec) is None
 
 
 def expand_inputs(inputs: list[str]) -> list[tuple[str, list[str]]]:
@@ -56,11 +61,11 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, list[str]]]:
             files = sorted(glob.glob(spec, recursive=True))
             if not files:
                 raise DataError(f"input pattern '{spec}' matches no files")
-        elif _looks_like_path(spec):
-            raise DataError(f"input file '{spec}' does not exist")
-        else:
+        elif _looks_like_hub_name(spec):
             add("hub", spec)
             continue
+        else:
+            raise DataError(f"input file '{spec}' does not exist")
         for f in files:
             fmt = file_format(f)
             if fmt is None:
@@ -85,8 +90,8 @@ def load_documents(inputs: list[str], text_key: str = "text", *, txt_sample_by: 
             try:
                 ds = datasets.load_dataset(items[0], hub_subset, split=hub_split, cache_dir=cache_dir)
             except Exception as e:  # network, auth or name errors all mean the same to the user
-                raise DataError(f"could not load hub dataset '{items[0]}' (split {hub_split!r}): {e}. Without "
-                                "network access pass local files instead") from None
+                raise DataError(f"'{items[0]}' is no local file or directory, and loading it as a hub dataset "
+                                f"(split {hub_split!r}) failed: {e}. Without network access pass local files") from None
             source = items[0]
         else:
             kwargs = {"sample_by": txt_sample_by} if fmt == "text" else {}
