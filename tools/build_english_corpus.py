@@ -2,8 +2,8 @@
 """Build an English text corpus (JSON lines, one document per source file) from documentation that
 Debian ships as packages: the Python, Linux kernel, Perl, PostgreSQL, Django, SQLAlchemy, Git,
 Node.js, GIMP, pandas, SciPy, CMake and Sphinx manuals and the Debian Administrator's Handbook.
-About 80M characters of text, roughly 20M tokens with a 32k byte-level BPE. Everything comes from the Debian archive through apt; nothing else
-is downloaded.
+About 80M characters of text, roughly 20M tokens with a 32k byte-level BPE. Everything comes from
+the Debian archive through apt; nothing else is downloaded.
 
 Either install the packages (as root) and read them from /:
 

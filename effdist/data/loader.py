@@ -199,7 +199,8 @@ def _prepare_indexed(cfg, root: Path, build: bool) -> DataPaths:
         meta = read_meta(prefix)
         if meta is None:
             continue
-        _check_vocab_fits(int(meta["vocab_size"]), cfg.model.vocab_size, f"{prefix} (tokenized with {meta['tokenizer']})")
+        _check_vocab_fits(int(meta["vocab_size"]), cfg.model.vocab_size,
+                          f"{prefix} (tokenized with {meta['tokenizer']})")
         if tokenizer_sha is not None and meta.get("tokenizer_sha256") not in (None, tokenizer_sha):
             raise DataError(f"dataset '{prefix}' was tokenized with {meta['tokenizer']}, not with data.tokenizer="
                             f"{cfg.data.tokenizer} (different file contents); preprocess it again with that tokenizer "

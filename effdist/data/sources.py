@@ -98,7 +98,8 @@ def load_documents(inputs: list[str], text_key: str = "text", *, txt_sample_by: 
             try:
                 ds = datasets.load_dataset(fmt, data_files=items, split="train", cache_dir=cache_dir, **kwargs)
             except Exception as e:
-                raise DataError(f"could not read {fmt} input(s) {items[:3]}{' ...' if len(items) > 3 else ''}: {e}") from None
+                shown = f"{items[:3]}{' ...' if len(items) > 3 else ''}"
+                raise DataError(f"could not read {fmt} input(s) {shown}: {e}") from None
             source = items[0] if len(items) == 1 else f"{items[0]} (+{len(items) - 1} more)"
         column = "text" if fmt == "text" else text_key
         if column not in ds.column_names:

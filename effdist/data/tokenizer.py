@@ -88,7 +88,8 @@ def load_tokenizer(path: str | os.PathLike, eod_token: str | None = None) -> Tok
         vocab = backend.get_vocab(with_added_tokens=True)
         eod_token = next((t for t in KNOWN_EOD_TOKENS if t in vocab), None)
         if eod_token is None:
-            raise DataError(f"tokenizer {p} has none of the usual end-of-document tokens ({', '.join(KNOWN_EOD_TOKENS)}); "
+            raise DataError(f"tokenizer {p} has none of the usual end-of-document tokens "
+                            f"({', '.join(KNOWN_EOD_TOKENS)}); "
                             "pass the one it uses explicitly (eod_token= / --eod-token)")
     return Tokenizer(backend, str(p), eod_token)
 
@@ -148,7 +149,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="entries including the 256 bytes and special tokens (use the model's model.vocab_size)")
     t.add_argument("--output", required=True, help="where to write tokenizer.json")
     t.add_argument("--text-key", default="text", help="field holding the text in json/jsonl/parquet (default: text)")
-    t.add_argument("--special-tokens", nargs="*", default=[], help=f"extra special tokens ({EOD_TOKEN} is always added)")
+    t.add_argument("--special-tokens", nargs="*", default=[],
+                   help=f"extra special tokens ({EOD_TOKEN} is always added)")
     t.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge (default 2)")
     t.add_argument("--txt-sample-by", choices=("document", "paragraph", "line"), default="document",
                    help="for .txt inputs: what one document is (default: a whole file)")

@@ -50,6 +50,10 @@ def _rebuild_hint(prefix: str) -> str:
     return f"rebuild it with `effdist preprocess --input ... --tokenizer ... --output-prefix {prefix}`"
 
 
+def _rebuild_sentence(prefix: str) -> str:
+    return _rebuild_hint(prefix).capitalize()
+
+
 def read_index(prefix: str) -> tuple[type[np.number], np.ndarray, np.ndarray, np.ndarray]:
     """Parse and check <prefix>.idx; return (dtype, sequence_lengths, sequence_pointers, document_indices)."""
     idx_path, bin_path = Path(prefix + ".idx"), Path(prefix + ".bin")
@@ -66,23 +70,23 @@ def read_index(prefix: str) -> tuple[type[np.number], np.ndarray, np.ndarray, np
                         f"{_rebuild_hint(prefix)}")
     if header[:9] != INDEX_MAGIC:
         raise DataError(f"{idx_path} is not a megatron index file (bad magic bytes {header[:9]!r}); it may be "
-                        f"corrupt or another format. {_rebuild_hint(prefix).capitalize()}")
+                        f"corrupt or another format. {_rebuild_sentence(prefix)}")
     version, code, num_sequences, num_doc_indices = struct.unpack("<QBQQ", header[9:])
     if version != 1:
         raise DataError(f"{idx_path}: index version {version} is not supported (expected 1); {_rebuild_hint(prefix)}")
     if code not in DTYPE_CODES or DTYPE_CODES[code] not in TOKEN_DTYPES:
         raise DataError(f"{idx_path}: dtype code {code} is not an integer token type; the file is corrupt. "
-                        f"{_rebuild_hint(prefix).capitalize()}")
+                        f"{_rebuild_sentence(prefix)}")
     dtype = DTYPE_CODES[code]
     expected = INDEX_HEADER_BYTES + 12 * num_sequences + 8 * num_doc_indices
     # Multimodal indices carry one extra int8 mode per sequence; training only reads the part before it.
     if size < expected:
         raise DataError(f"{idx_path} is truncated: the header announces {num_sequences} sequences and "
                         f"{max(num_doc_indices - 1, 0)} documents ({expected} bytes) but the file has {size} bytes. "
-                        f"{_rebuild_hint(prefix).capitalize()}")
+                        f"{_rebuild_sentence(prefix)}")
     if size not in (expected, expected + num_sequences):
         raise DataError(f"{idx_path} has {size} bytes but its header describes {expected}; the index is corrupt or "
-                        f"was overwritten while being read. {_rebuild_hint(prefix).capitalize()}")
+                        f"was overwritten while being read. {_rebuild_sentence(prefix)}")
     raw = np.memmap(idx_path, dtype=np.uint8, mode="r")
     offset = INDEX_HEADER_BYTES
     lengths = np.frombuffer(raw, dtype=np.int32, count=num_sequences, offset=offset)
@@ -105,16 +109,16 @@ def verify_indexed_dataset(prefix: str | os.PathLike, vocab_size: int | None = N
 
     if doc_indices.shape[0] == 0 or doc_indices[0] != 0:
         raise DataError(f"{idx_path}: the document index must start at sequence 0; the index is corrupt. "
-                        f"{_rebuild_hint(prefix).capitalize()}")
+                        f"{_rebuild_sentence(prefix)}")
     if doc_indices[-1] != num_sequences or np.any(np.diff(doc_indices) < 0):
         raise DataError(f"{idx_path}: document boundaries do not cover the {num_sequences} sequences in order "
-                        f"(last boundary {int(doc_indices[-1])}); the index is corrupt. {_rebuild_hint(prefix).capitalize()}")
+                        f"(last boundary {int(doc_indices[-1])}); the index is corrupt. {_rebuild_sentence(prefix)}")
     num_documents = int(doc_indices.shape[0]) - 1
     if num_documents == 0 or num_sequences == 0:
         raise DataError(f"dataset '{prefix}' is empty (0 documents): the input had no text under the chosen "
                         "--text-key, or every document was blank. Check the input files and preprocess again")
     if np.any(lengths < 0):
-        raise DataError(f"{idx_path}: negative sequence lengths; the index is corrupt. {_rebuild_hint(prefix).capitalize()}")
+        raise DataError(f"{idx_path}: negative sequence lengths; the index is corrupt. {_rebuild_sentence(prefix)}")
     num_tokens = int(lengths.sum(dtype=np.int64))
     if num_tokens == 0:
         raise DataError(f"dataset '{prefix}' is empty: {num_documents} documents but 0 tokens. Check the input "
@@ -125,7 +129,7 @@ def verify_indexed_dataset(prefix: str | os.PathLike, vocab_size: int | None = N
         first = int(np.flatnonzero(pointers != expected_pointers)[0])
         raise DataError(f"{idx_path}: sequence {first} starts at byte {int(pointers[first])} but the lengths before "
                         f"it put it at {int(expected_pointers[first])}; the index is corrupt. "
-                        f"{_rebuild_hint(prefix).capitalize()}")
+                        f"{_rebuild_sentence(prefix)}")
 
     bin_size = os.path.getsize(bin_path)
     expected_bin = num_tokens * itemsize
@@ -136,7 +140,7 @@ def verify_indexed_dataset(prefix: str | os.PathLike, vocab_size: int | None = N
     if bin_size != expected_bin:
         raise DataError(f"{bin_path} has {bin_size} bytes but {prefix}.idx describes {expected_bin} "
                         f"({num_tokens} tokens of {np.dtype(dtype).name}): .bin and .idx do not belong together "
-                        f"(written by different runs?). {_rebuild_hint(prefix).capitalize()}")
+                        f"(written by different runs?). {_rebuild_sentence(prefix)}")
 
     max_token_id = -1
     if scan_tokens:
@@ -163,11 +167,12 @@ def _scan_token_ids(prefix: str, dtype: type[np.number], num_tokens: int, length
             sequence = int(np.searchsorted(sequence_starts, bad, side="right")) - 1
             document = int(np.searchsorted(doc_indices, sequence, side="right")) - 1
             value = int(tokens[bad])
+            position = bad - int(sequence_starts[sequence])
             if value < 0:
                 raise DataError(f"{prefix}.bin: negative token id {value} in document {document} (token "
-                                f"{bad - int(sequence_starts[sequence])}); the file is corrupt. {_rebuild_hint(prefix).capitalize()}")
+                                f"{position}); the file is corrupt. {_rebuild_sentence(prefix)}")
             raise DataError(
-                f"{prefix}.bin: token id {value} in document {document} (token {bad - int(sequence_starts[sequence])} "
+                f"{prefix}.bin: token id {value} in document {document} (token {position} "
                 f"of it) is >= the vocabulary size {vocab_size} (model.vocab_size). The data was tokenized with a "
                 f"larger tokenizer than this model's: preprocess it again with the model's tokenizer, or raise "
                 f"model.vocab_size to at least {hi + 1}")
