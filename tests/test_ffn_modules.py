@@ -342,3 +342,35 @@ def test_sharded_state_dicts_of_sparse_ffns():
     for key, shape in [("mlp.linear_fc1.factor_in.weight", (16, H)), ("mlp.linear_fc1.factor_out.weight", (264, 16)),
                        ("mlp.linear_fc2.factor_in.weight", (16, 264)), ("mlp.linear_fc2.factor_out.weight", (H, 16))]:
         assert isinstance(sd[key], ShardedTensor) and tuple(sd[key].global_shape) == shape
+
+
+@pytest.mark.parametrize("sets", [["ffn.kind=moc"], ["ffn.kind=topk"], ["ffn.kind=elas"],
+                                  ["ffn.kind=elas", "ffn.elas_rank=16"]])
+def test_sparse_ffns_defer_weight_gradients_with_split_linears(sets):
+    """With the pipeline executor's B/W-split linears, B queues fc1/fc2's weight GEMMs (fc2's from the
+    rebuilt compact input) and W computes the same gradients as a plain backward."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from effdist.model.ffn.registry import build_mlp_spec
+    from effdist.model.gpt import transformer_config
+    from effdist.pipeline.wgrad import WEIGHT_GRAD_STORE, SplitColumnParallelLinear, SplitRowParallelLinear
+
+    cfg = _cfg(*sets)
+    tcfg = transformer_config(cfg, torch.float64, torch.device("cpu"))
+    torch.manual_seed(0)
+    plain = build_module(build_mlp_spec(cfg, 0), config=tcfg)
+    torch.manual_seed(0)
+    split = build_module(build_mlp_spec(cfg, 0, SplitColumnParallelLinear, SplitRowParallelLinear), config=tcfg)
+    x = _input(seed=7, dtype=torch.float64)
+    out, _ = plain(x)
+    out.sum().backward()
+    key = ("ffn", 0)
+    with WEIGHT_GRAD_STORE.deferring(key):
+        out_split, _ = split(x.detach())
+        out_split.sum().backward()
+    deferred = [name for name, p in split.named_parameters() if p.grad is None]
+    assert deferred, "no weight gradient was deferred"
+    assert WEIGHT_GRAD_STORE.run(key) == len(deferred)
+    assert torch.equal(out_split, out)
+    for (name, p), q in zip(plain.named_parameters(), split.parameters()):
+        assert torch.allclose(q.grad, p.grad, rtol=1e-12, atol=1e-15), name

@@ -3,7 +3,9 @@
 One launch of 2 gloo processes runs all kinds: for each, the tiny model (config defaults) takes a few
 AdamW steps on a fixed random batch at TP=2 (both processes one tensor-parallel group), then again at
 TP=1, where each process runs the whole model alone with no collective involved (exactly what a
-single-process run computes). Rank 0 reports both loss curves.
+single-process run computes). Rank 0 reports both loss curves. The "-sp" kinds run TP=2 with sequence
+parallelism; their sequence-sharded replicated weights (norms, low-rank factors) get the TP all-reduce
+of their gradients that megatron's finalize_model_grads gives parameters marked ``sequence_parallel``.
 """
 
 from __future__ import annotations
@@ -32,16 +34,24 @@ KINDS: dict[str, list[str]] = {
     "elas-masked": ["ffn.kind=elas"],
     "elas-lowrank": ["ffn.kind=elas", "ffn.elas_rank=16"],
     "elas-some-layers": ["ffn.kind=elas", "ffn.layers=[1,3]"],
+    "topk-relu-sp": ["ffn.kind=topk", "parallel.sequence_parallel=true"],
+    "moc-sp": ["ffn.kind=moc", "parallel.sequence_parallel=true"],
+    "elas-lowrank-sp": ["ffn.kind=elas", "ffn.elas_rank=16", "ffn.elas_warmup_steps=1", "parallel.sequence_parallel=true"],
 }
 MASKED_STE = {"elas-masked"}
 
 
 def _train(sets: list[str], tp: int, masked_ste: bool) -> list[float]:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
     from effdist.config import load_config
     from effdist.model.ffn.elas import ElasMLP
     from effdist.model.gpt import build_gpt
     from effdist.runtime.distributed import _seed_cpu_tracker
 
+    if tp == 1:
+        sets = [s for s in sets if not s.startswith("parallel.sequence_parallel")]
     cfg = load_config(None, sets + [f"parallel.tp={tp}"])
     torch.manual_seed(SEED)
     _seed_cpu_tracker(SEED)
@@ -63,6 +73,10 @@ def _train(sets: list[str], tp: int, masked_ste: bool) -> list[float]:
         loss = model(inputs, position_ids, None, labels=labels).float().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.parallel.sequence_parallel:
+            for p in model.parameters():
+                if getattr(p, "sequence_parallel", False) and p.grad is not None:
+                    dist.all_reduce(p.grad, group=parallel_state.get_tensor_model_parallel_group())
         opt.step()
         losses.append(loss.item())
     return losses
