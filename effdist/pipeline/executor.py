@@ -193,9 +193,9 @@ class Pipeline:
         self.probe: Optional[ActivationProbe] = None
         if measure_memory:
             self.probe = ActivationProbe()
-            from megatron.core.transformer.transformer_layer import TransformerLayer
+            from megatron.core.transformer.transformer_block import TransformerBlock
 
-            self.probe.watch(self.model_chunks, (TransformerLayer,))
+            self.probe.watch(self.model_chunks, (TransformerBlock,))
         self._metrics: dict[str, Any] = {}
         self.last_schedule: Optional[Schedule] = None
 

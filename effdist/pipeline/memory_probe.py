@@ -7,7 +7,8 @@ probe dies -- i.e. when B releases the graph (input-gradient part) or W runs (we
 and buffers of the model are never counted. Tensors are attributed to the (chunk, microbatch) being run.
 
 Two categories, as the simulator and memory_model.py count them:
-* ``layers``: saved inside a decoder layer (forward pre/post hooks on each megatron TransformerLayer mark that);
+* ``layers``: saved while megatron's TransformerBlock runs (forward pre/post hooks mark that), except inside its
+  final norm -- the decoder layers, and under full recompute the layer inputs its checkpoint function keeps;
 * ``other``: embedding, rotary tables, final norm, output layer, loss.
 
 Units. One unit is the activation of one microbatch on one plain 1F1B stage, i.e. the ``layers`` bytes of one
@@ -58,15 +59,21 @@ class ActivationProbe:
         self._hook_handles: list = []
 
     # ------------------------------------------------------------------ setup
-    def watch(self, modules: Iterable[torch.nn.Module], layer_types: tuple[type, ...]) -> None:
-        """Exclude the modules' parameters and buffers; mark the forward of each `layer_types` module as a layer."""
+    def watch(self, modules: Iterable[torch.nn.Module], block_types: tuple[type, ...],
+              excluded_child: str = "final_layernorm") -> None:
+        """Exclude the modules' parameters and buffers; count what is saved during the forward of each
+        `block_types` module as ``layers``, except inside its child named `excluded_child`."""
         modules = list(modules)
         self.exclude_model_state(modules)
         for module in modules:
             for sub in module.modules():
-                if isinstance(sub, layer_types):
+                if isinstance(sub, block_types):
                     self._hook_handles.append(sub.register_forward_pre_hook(self._enter_layer))
                     self._hook_handles.append(sub.register_forward_hook(self._leave_layer))
+                    child = getattr(sub, excluded_child, None)
+                    if isinstance(child, torch.nn.Module):
+                        self._hook_handles.append(child.register_forward_pre_hook(self._leave_layer))
+                        self._hook_handles.append(child.register_forward_hook(self._enter_layer))
 
     def exclude_model_state(self, modules: Iterable[torch.nn.Module]) -> None:
         """Never count the storages of these modules' parameters, buffers and DDP gradient buffers (main_grad).
@@ -181,7 +188,11 @@ class ActivationProbe:
             if stats.after_b_bytes is not None and stats.forward_bytes[LAYERS] > 0:
                 forward += stats.forward_bytes[LAYERS]
                 left += stats.after_b_bytes[LAYERS]
-        return None if forward == 0 else 1.0 - left / forward
+        if forward == 0 or left > forward:
+            # Nothing split, or B created more than it freed (full recompute re-creates layer activations in B,
+            # and W keeps them): the simulator's fraction model does not apply.
+            return None
+        return 1.0 - left / forward
 
 
 def _unpack(tensor: torch.Tensor) -> torch.Tensor:

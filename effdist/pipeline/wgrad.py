@@ -51,8 +51,8 @@ class WeightGradStore:
     """Deferred weight-gradient GEMMs, grouped by a key (the executor uses (chunk, microbatch)).
 
     The store is process-global (autograd may run backward functions on a device thread, so thread-local state
-    would not be seen there). `on_defer(key, tensors)` is called for the tensors a queued GEMM keeps alive beyond
-    B that were not saved for backward already (its output gradient), so memory accounting can count them.
+    would not be seen there). `on_defer(key, tensors)` is called with the tensors a queued GEMM keeps alive beyond
+    B (its input and output gradient), so memory accounting can count them.
     """
 
     def __init__(self) -> None:
@@ -199,8 +199,9 @@ class _LinearWithDeferrableWgrad(torch.autograd.Function):
             def work(input_=input_, grad_output=grad_output):
                 target.accumulate(_weight_grad(input_, grad_output, sequence_parallel, tp_group))
 
-            # The output gradient is the one tensor the queued GEMM keeps that backward had not saved already.
-            store.put(work, held=(grad_output,))
+            # What the queued GEMM keeps alive until W: the output gradient, and the input (already counted as
+            # saved by the forward, unless full recompute re-created it during this backward).
+            store.put(work, held=(grad_output, input_))
         elif ctx.target is not None:
             ctx.target.accumulate(_weight_grad(input_, grad_output, ctx.sequence_parallel, tp_group))
         elif ctx.needs_input_grad[1]:
