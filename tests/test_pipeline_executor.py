@@ -215,6 +215,23 @@ def test_trainer_pp2_matches_pp1(tmp_path, train_data, pp1_losses, schedule):
         assert len(r["pipeline_peak_activation_bytes"]) == 2
 
 
+def test_bench_tiny_smoke(tmp_path):
+    from tests.launching import clean_env
+
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tools" / "bench_pipeline.py"), "--tiny", "--schedules", "1f1b,zb-h1,v-min", "--json", str(out)]
+    proc = subprocess.run(cmd, env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(out.read_text())
+    assert [r["schedule"] for r in summary["results"]] == ["1f1b", "zb-h1", "v-min"]
+    for r in summary["results"]:
+        assert r["tokens_per_s"] > 0 and len(r["peak_mem_gib"]) == 2
+        for measured, predicted in zip(r["activation_units"], r["simulated_units"]):
+            assert measured == pytest.approx(predicted, rel=0.05), r
+    assert "tokens/s" in proc.stdout and "v-min" in proc.stdout
+
+
 # ---------------------------------------------------------------------------------------------- worker
 
 def _init(tp: int, pp: int, timeout_s: float = 120.0):

@@ -190,12 +190,16 @@ class Pipeline:
         self._schedules: dict[int, Schedule] = {}
         self._fixed_schedule: Optional[Schedule] = None
         self._plans: dict[int, CommPlan] = {}
+        # The probe's saved-tensor hooks cost Python time per saved tensor: switch `measure_memory` off for
+        # timing runs (memory_metrics then keeps the last measured step's values).
+        self.measure_memory = measure_memory
         self.probe: Optional[ActivationProbe] = None
         if measure_memory:
             self.probe = ActivationProbe()
             from megatron.core.transformer.transformer_block import TransformerBlock
 
             self.probe.watch(self.model_chunks, (TransformerBlock,))
+        self._probing = False
         self._metrics: dict[str, Any] = {}
         self.last_schedule: Optional[Schedule] = None
 
@@ -316,7 +320,8 @@ class Pipeline:
         store = WEIGHT_GRAD_STORE
         if store.pending_keys():
             store.clear()  # left over from a step that failed
-        if self.probe is not None:
+        self._probing = self.probe is not None and self.measure_memory
+        if self._probing:
             self.probe.exclude_model_state(self.model_chunks)
             self.probe.reset()
             store.on_defer = self.probe.hold
@@ -348,7 +353,7 @@ class Pipeline:
                                 f"{type(e).__name__}: {e}") from e
         finally:
             store.on_defer = None
-        if self.probe is not None:
+        if self._probing:
             self._collect_memory_metrics(state)
         return state.loss_sum
 
@@ -385,7 +390,7 @@ class Pipeline:
             else:
                 received = state.transfers.take(state.transfers.plan.recv_for[action])
             inputs = tuple(t.requires_grad_(s.requires_grad and t.is_floating_point()) for t, s in zip(received, sig))
-        probe = self.probe.forward((c, m)) if self.probe is not None else contextlib.nullcontext()
+        probe = self.probe.forward((c, m)) if self._probing else contextlib.nullcontext()
         with probe:
             kwargs: dict[str, Any] = {}
             if c == 0:
@@ -435,7 +440,7 @@ class Pipeline:
         with defer:
             _run_backward(tensors, grads, freed=key in state.freed)
         state.freed.discard(key)
-        if action.kind is B and self.probe is not None:
+        if action.kind is B and self._probing:
             self.probe.after_backward_input(key)
         del outputs, tensors, grads
         if c > 0:

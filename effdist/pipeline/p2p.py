@@ -186,8 +186,13 @@ class StepTransfers:
             works = dist.batch_isend_irecv(ops)
         except Exception as e:  # noqa: BLE001 - re-raised with the context a user needs
             raise PipelineCommError(f"pipeline rank {self.plan.rank}: posting {len(ops)} P2P operations failed: {e}") from e
-        for (msg, kind), work in zip(owners, works):
-            (self._sends if kind == "send" else self._recv)[msg][1].append(work)
+        if len(works) == len(ops):
+            for (msg, kind), work in zip(owners, works):
+                (self._sends if kind == "send" else self._recv)[msg][1].append(work)
+        else:
+            # NCCL coalesces a batch into one operation (one work for all): every message of it waits on that.
+            for msg, kind in dict.fromkeys(owners):
+                (self._sends if kind == "send" else self._recv)[msg][1].extend(works)
 
     # ------------------------------------------------------------------ waiting
     def take(self, msg: Message) -> tuple[torch.Tensor, ...]:
