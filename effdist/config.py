@@ -173,11 +173,16 @@ class FFNConfig:
     # Mixture-of-Channels: top-K gate channels per token, count or fraction.
     moc_k: float = 0.1875
     moc_structured: bool = False  # "2:8": top-2 of every 8 channels
-    # ELAS: ReLU^2 width = elas_expand * ffn_hidden_size (1.5 keeps the SwiGLU parameter count).
+    # Non-gated FFNs (elas, and relu2 as ELAS's dense reference) are elas_expand x ffn_hidden_size wide:
+    # 1.5 keeps the SwiGLU parameter count (2 matrices of 1.5x instead of 3).
     elas_expand: float = 1.5
     elas_warmup_steps: int = 0
     elas_rank: int | None = None  # low-rank factorised up/down projections; None = full rank
-    elas_sparse_kernels: bool = True  # use cuSPARSELt 2:4 GEMMs on GPU where they pay
+    # cuSPARSELt 2:4 GEMMs on GPU, auto-timed per shape: used only where they measure faster than dense.
+    elas_sparse_kernels: bool = True
+    # Straight-through gradient of the 2:4 selection: "identity" (dL/dh passes unmasked, as in the ELAS
+    # draft) or "masked" (only the kept entries get gradient).
+    elas_ste: str = "identity"
 
 
 @dataclass
@@ -378,8 +383,8 @@ def epas_final_region(cfg: Config) -> int:
 
 
 def ffn_width(cfg: Config) -> int:
-    """Intermediate width of the FFN of the configured kind (ELAS widens its non-gated FFN)."""
-    if cfg.ffn.kind == "elas":
+    """Intermediate width of the FFN of the configured kind (non-gated FFNs are elas_expand wider)."""
+    if cfg.ffn.kind in ("elas", "relu2"):
         return int(round(cfg.ffn.elas_expand * cfg.model.ffn_hidden_size))
     return cfg.model.ffn_hidden_size
 
@@ -531,6 +536,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             _fail("ffn.elas_expand", f.elas_expand, "must be positive (1.5 keeps the SwiGLU parameter count)")
         if (width // par.tp) % 4:
             _fail("ffn.elas_expand", f.elas_expand, f"2:4 sparsity needs the per-rank FFN width ({width // par.tp}) divisible by 4")
+        if f.elas_ste not in ("identity", "masked"):
+            _fail("ffn.elas_ste", f.elas_ste, "valid: identity, masked")
         if f.elas_warmup_steps < 0:
             _fail("ffn.elas_warmup_steps", f.elas_warmup_steps, "must be >= 0")
         if f.elas_rank is not None and not (0 < f.elas_rank <= min(m.hidden_size, width)):

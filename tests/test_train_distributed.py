@@ -62,6 +62,11 @@ def test_tp2_and_dp2_match_single_process(single_run, tmp_path, data_cache):
     run_train(tp2, _common(data_cache) + ["parallel.tp=2"], nproc=2)
     _assert_same(losses(tp2), losses(single_run), range(1, STEPS + 1))
 
+    # Sequence parallelism: norm-weight gradients are partial per rank and must be summed over TP.
+    sp = tmp_path / "tp2_sp"
+    run_train(sp, _common(data_cache) + ["parallel.tp=2", "parallel.sequence_parallel=true"], nproc=2)
+    _assert_same(losses(sp), losses(single_run), range(1, STEPS + 1))
+
     dp2 = tmp_path / "dp2"
     run_train(dp2, _common(data_cache), nproc=2)
     _assert_same(losses(dp2), losses(single_run), range(1, STEPS + 1))

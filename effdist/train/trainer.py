@@ -94,11 +94,8 @@ class Trainer:
             paths = prepare_data(cfg, self.run_dir, build=False)
         num_train = cfg.train.steps * cfg.train.global_batch
         num_valid = max(1, cfg.train.eval_steps * cfg.train.global_batch) if cfg.train.eval_interval else 0
-        if rt.is_logging_rank:
-            self.train_ds, self.valid_ds = build_train_valid_datasets(cfg, paths, num_train, num_valid)
-        dist.barrier()
-        if not rt.is_logging_rank:
-            self.train_ds, self.valid_ds = build_train_valid_datasets(cfg, paths, num_train, num_valid)
+        # Collective: megatron's builder writes the index caches on rank 0 and the others wait for them.
+        self.train_ds, self.valid_ds = build_train_valid_datasets(cfg, paths, num_train, num_valid)
         self.loader = MicrobatchLoader(self.train_ds, global_batch=cfg.train.global_batch,
                                        micro_batch=cfg.train.micro_batch, dp_rank=rt.dp_rank, dp_size=rt.dp)
 
@@ -246,6 +243,21 @@ class Trainer:
             total += loss_sum.detach()
         return total
 
+    def _allreduce_sequence_parallel_grads(self) -> None:
+        """Weights replicated over TP but fed only this rank's sequence slice (norms, replicated
+        low-rank factors) hold partial gradients: sum them over the TP group, in one flat all-reduce."""
+        from megatron.core import parallel_state
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.main_grad for c in self.model_chunks for p in c.parameters()
+                 if getattr(p, "sequence_parallel", False) and getattr(p, "main_grad", None) is not None]
+        if not grads:
+            return
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
+        for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(reduced)
+
     def train_step(self) -> dict[str, Any]:
         from megatron.core import parallel_state
 
@@ -269,6 +281,8 @@ class Trainer:
         loss_sum = self._forward_backward(microbatches, tokens_in_global_batch)
         for chunk in self.model_chunks:
             chunk.finish_grad_sync()
+        if cfg.parallel.sequence_parallel:
+            self._allreduce_sequence_parallel_grads()
         # Only the rank holding the loss has it; the sum over DP (and PP, where others hold 0) gives
         # the global loss on every rank.
         loss_t = loss_sum.detach().double().reshape(1)
