@@ -51,6 +51,12 @@ class RandomTokens:
         self.per_rank = cfg.train.global_batch // dp_size
         self.gen = torch.Generator().manual_seed(0)
 
+    def state_dict(self):
+        return {"generator": self.gen.get_state()}
+
+    def load_state_dict(self, state):
+        self.gen.set_state(state["generator"])
+
     def next_step(self):
         cfg = self.cfg
         mb, s = cfg.train.micro_batch, cfg.data.seq_length

@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Loss parity: train several variants of one preset on the same data for the same tokens, one after
+another in this process's machine, and compare their final losses with their dense baselines.
+
+    python tools/loss_parity.py --config configs/llama-125m.yaml --steps 200 \\
+        --variant dense= --variant epas=epas.enabled=true,epas.final_region=9,epas.start_step=20,epas.interval=15 \\
+        --baseline epas=dense --out-dir runs/parity --png loss.png --json parity.json
+
+Each variant is `name=key=value,key=value` (config overrides on top of --set). Every run uses the same
+seed and data order, so the curves differ only by the method. The final loss of a run is the mean over
+its last --window logged steps; the ratio is variant / baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, _, rest = text.partition("=")
+    return name, [o for o in rest.split(",") if o]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--variant", action="append", required=True, help="name=k=v,k=v")
+    p.add_argument("--baseline", action="append", default=[], help="variant=its_baseline (default: the first variant)")
+    p.add_argument("--window", type=int, default=20)
+    p.add_argument("--out-dir", default="runs/parity")
+    p.add_argument("--png", default=None)
+    p.add_argument("--json", default=None)
+    p.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    args = p.parse_args(argv)
+
+    from effdist.train.metrics import read_metrics
+
+    from effdist.config import load_config
+
+    base_cfg = load_config(args.config, args.overrides)
+    tokens_per_step = base_cfg.train.global_batch * base_cfg.data.seq_length
+    variants = [parse_variant(v) for v in args.variant]
+    baselines = dict(b.split("=") for b in args.baseline)
+    out = Path(args.out_dir)
+    results = {}
+    for name, extra in variants:
+        run_dir = out / name
+        cmd = [sys.executable, "-m", "effdist.train", "--config", args.config, "--run-dir", str(run_dir),
+               "--resume", "none", "--set", f"train.steps={args.steps}", "--set", "checkpoint.save_at_end=false"]
+        for o in args.overrides + extra:
+            cmd += ["--set", o]
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+        wall = time.time() - t0
+        if proc.returncode != 0:
+            results[name] = {"error": proc.stderr[-2000:], "overrides": extra}
+            print(f"{name}: FAILED\n{proc.stderr[-2000:]}", flush=True)
+            continue
+        recs = read_metrics(run_dir)
+        tail = [r["loss"] for r in recs[-args.window:] if r.get("loss") is not None]
+        tps = [r["tokens_per_s"] for r in recs[len(recs) // 4:] if r.get("tokens_per_s")]
+        results[name] = {"overrides": extra, "final_loss": sum(tail) / len(tail), "wall_s": wall,
+                         "median_tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None,
+                         "curve": [(r["step"], r["loss"]) for r in recs], "tokens": args.steps * tokens_per_step}
+        print(f"{name}: final loss {results[name]['final_loss']:.4f} in {wall:.0f}s", flush=True)
+
+    first = variants[0][0]
+    print(f"\n{'variant':<10} {'baseline':<10} {'final loss':>10} {'vs base':>8} {'tok/s':>10}")
+    for name, _ in variants:
+        r = results[name]
+        if "error" in r:
+            print(f"{name:<10} FAILED")
+            continue
+        base = baselines.get(name, first)
+        b = results.get(base, {})
+        if "final_loss" in b:
+            r["baseline"] = base
+            r["ratio_vs_baseline"] = r["final_loss"] / b["final_loss"]
+        print(f"{name:<10} {base:<10} {r['final_loss']:>10.4f} {r.get('ratio_vs_baseline', float('nan')):>8.4f} "
+              f"{r['median_tokens_per_s'] or 0:>10.0f}")
+    if args.png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for name, r in results.items():
+            if "curve" in r:
+                xs, ys = zip(*[(s, l) for s, l in r["curve"] if l is not None])
+                ax.plot(xs, ys, label=f"{name} ({r['final_loss']:.3f})", linewidth=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_title(f"{Path(args.config).stem}: {args.steps} steps, same data and seed")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=120)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
