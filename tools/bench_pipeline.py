@@ -49,6 +49,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-megatron", action="store_true", help="skip megatron-core's own 1F1B (always skipped on CPU)")
     p.add_argument("--json", default=None, help="also write the JSON record to this file")
     p.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny model, few steps (gloo works too)")
+    p.add_argument("--hang-dump", type=float, default=0.0, metavar="S",
+                   help="print every thread's stack if the run is still going after S seconds (diagnosing hangs)")
     p.add_argument("--check", action="store_true",
                    help="instead of timing: one fp32 step per schedule on a small model, loss and gradients "
                         "compared with the pp=1 model on every rank")
@@ -314,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     schedules = [s for s in args.schedules.split(",") if s]
     cfg0 = make_config(args, schedules[0], world)
     validate(cfg0, world_size=world)
+    if args.hang_dump > 0:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.hang_dump, exit=False)
     rt = setup(cfg0)
     try:
         if args.check:
@@ -340,6 +346,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 Path(args.json).write_text(json.dumps(summary, indent=1))
         return 0
+    except BaseException:
+        # Report now: tearing down NCCL with operations in flight can hang and would swallow the traceback.
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
     finally:
         teardown()
 

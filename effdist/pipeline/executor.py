@@ -200,6 +200,7 @@ class Pipeline:
 
             self.probe.watch(self.model_chunks, (TransformerBlock,))
         self._probing = False
+        self._p2p_warm = False
         self._metrics: dict[str, Any] = {}
         self.last_schedule: Optional[Schedule] = None
 
@@ -316,6 +317,10 @@ class Pipeline:
         hidden = self.hidden_spec(microbatches[0])
         signatures = self._signatures(hidden)
         self._agree_on_signatures(signatures, schedule)
+        plan = self._plan(schedule)
+        if not self._p2p_warm:
+            self._warm_up_p2p(plan, hidden)
+            self._p2p_warm = True
 
         store = WEIGHT_GRAD_STORE
         if store.pending_keys():
@@ -325,7 +330,7 @@ class Pipeline:
             self.probe.exclude_model_state(self.model_chunks)
             self.probe.reset()
             store.on_defer = self.probe.hold
-        transfers = StepTransfers(self._plan(schedule), signatures, self.group, self.global_ranks, self.device,
+        transfers = StepTransfers(plan, signatures, self.group, self.global_ranks, self.device,
                                   self.timeout_s)
         state = _StepState(microbatches, tokens_in_global_batch, signatures, transfers, {}, {}, {}, set(),
                            torch.zeros((), dtype=torch.float32, device=self.device))
@@ -356,6 +361,24 @@ class Pipeline:
         if self._probing:
             self._collect_memory_metrics(state)
         return state.loss_sum
+
+    def _warm_up_p2p(self, plan: CommPlan, hidden: TensorSpec) -> None:
+        """One exchange with every peer, all ranks at once. NCCL connects a pair on its first P2P operation and
+        blocks the caller until the peer joins; with receives posted early, a rank could sit there while its peer
+        computes (seen to hang on H200s). Connecting here, where every rank arrives together, avoids that."""
+        peers = sorted({msg.dst if msg.src == self.pp_rank else msg.src for _, msg in plan.posts})
+        ops, keep = [], []
+        for peer in peers:
+            out = torch.zeros(hidden.shape, dtype=hidden.dtype, device=self.device)
+            into = torch.empty(hidden.shape, dtype=hidden.dtype, device=self.device)
+            keep += [out, into]
+            ops.append(dist.P2POp(dist.isend, out, self.global_ranks[peer], self.group))
+            ops.append(dist.P2POp(dist.irecv, into, self.global_ranks[peer], self.group))
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _abandon(self, state: _StepState) -> None:
         WEIGHT_GRAD_STORE.clear()
