@@ -450,7 +450,7 @@ def test_switched_off_it_is_todays_model_bit_for_bit(megatron_one_process):
     from effdist.model.gpt import build_gpt
     from effdist.runtime.distributed import _seed_cpu_tracker
 
-    cfg = tiny_cfg()
+    cfg = tiny_cfg("train.fused_kernels=false")  # the switch off: megatron's own code paths
     torch.manual_seed(7)
     _seed_cpu_tracker(7)
     today = build_gpt(cfg, torch.float32, torch.device("cpu"))
