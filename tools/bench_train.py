@@ -126,6 +126,11 @@ def main(argv=None) -> int:
                    help="per-model micro batch, name=mbs,...")
     p.add_argument("--accum", type=int, default=2, help="microbatches per optimizer step")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override (all models)")
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME=k=v;k=v: run every model once per variant (e.g. unfused=train.fused_kernels=false); "
+                        "ratios are reported against the first variant")
+    p.add_argument("--variant-models", default=None,
+                   help="models that run every variant (default: all); the others run only the first variant")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny config")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -140,30 +145,42 @@ def main(argv=None) -> int:
         mbs = dict(kv.split("=") for kv in args.micro_batch.split(","))
     if torch.cuda.is_available():
         results["matmul_ceiling_tflops"] = matmul_ceiling_tflops(torch.device("cuda"))
+    variants = [(v.partition("=")[0], [o for o in v.partition("=")[2].split(";") if o]) for v in args.variant]
+    variants = variants or [("default", [])]
+    every = set(args.variant_models.split(",")) if args.variant_models else set(models)
     for name in models:
         mb = int(mbs.get(name, 4))
-        overrides = ["data.kind=mock", f"train.micro_batch={mb}", f"train.global_batch={mb * args.accum}",
-                     "logging.tensorboard=false", *args.overrides]
-        if args.tiny:
-            overrides += ["data.seq_length=64"]
-        try:
-            r = bench_one(name, overrides, args.steps, args.warmup)
-        except Exception as e:  # report and go on: one model out of memory should not lose the table
-            r = {"model": name, "overrides": overrides, "error": f"{type(e).__name__}: {e}"}
-        if "matmul_ceiling_tflops" in results and "tflops" in r:
-            r["fraction_of_ceiling"] = r["tflops"] / results["matmul_ceiling_tflops"]
-        results["runs"].append(r)
-        print(json.dumps(r), flush=True)
+        for vi, (vname, vover) in enumerate(variants):
+            if vi > 0 and name not in every:
+                continue
+            overrides = ["data.kind=mock", f"train.micro_batch={mb}", f"train.global_batch={mb * args.accum}",
+                         "logging.tensorboard=false", *args.overrides, *vover]
+            if args.tiny:
+                overrides += ["data.seq_length=64"]
+            try:
+                r = bench_one(name, overrides, args.steps, args.warmup)
+            except Exception as e:  # report and go on: one model out of memory should not lose the table
+                r = {"model": name, "overrides": overrides, "error": f"{type(e).__name__}: {e}"}
+            r["variant"] = vname
+            if "matmul_ceiling_tflops" in results and "tflops" in r:
+                r["fraction_of_ceiling"] = r["tflops"] / results["matmul_ceiling_tflops"]
+            first = next((x for x in results["runs"] if x["model"] == name and x["variant"] == variants[0][0]), None)
+            if first and "tokens_per_s" in first and "tokens_per_s" in r:
+                r["speedup_vs_first_variant"] = r["tokens_per_s"] / first["tokens_per_s"]
+            results["runs"].append(r)
+            print(json.dumps(r), flush=True)
 
     print(f"\ndevice: {results['device']}  matmul ceiling: {results.get('matmul_ceiling_tflops', float('nan')):.0f} TFLOP/s")
-    print(f"{'model':<12} {'mbs x seq':>10} {'tok/s':>10} {'TFLOP/s':>8} {'of ceil':>8} {'peak GiB':>9}")
+    print(f"{'model':<12} {'variant':<10} {'mbs x seq':>10} {'tok/s':>10} {'TFLOP/s':>8} {'of ceil':>8} "
+          f"{'vs first':>8} {'peak GiB':>9}")
     for r in results["runs"]:
         if "error" in r:
-            print(f"{r['model']:<12} ERROR {r['error'][:80]}")
+            print(f"{r['model']:<12} {r['variant']:<10} ERROR {r['error'][:80]}")
             continue
         frac = r.get("fraction_of_ceiling")
-        print(f"{r['model']:<12} {r['micro_batch']:>4} x {r['seq']:<4} {r['tokens_per_s']:>10.0f} {r['tflops']:>8.1f} "
-              f"{(frac * 100 if frac else float('nan')):>7.1f}% {r['peak_mem_gib'] or float('nan'):>9.1f}")
+        print(f"{r['model']:<12} {r['variant']:<10} {r['micro_batch']:>4} x {r['seq']:<4} {r['tokens_per_s']:>10.0f} "
+              f"{r['tflops']:>8.1f} {(frac * 100 if frac else float('nan')):>7.1f}% "
+              f"{r.get('speedup_vs_first_variant', float('nan')):>8.3f} {r['peak_mem_gib'] or float('nan'):>9.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0 if all("error" not in r for r in results["runs"]) else 1
