@@ -165,7 +165,7 @@ class Pipeline:
     def __init__(self, *, schedule_name: str, layout: ChunkLayout, chunks: Sequence[torch.nn.Module], pp_rank: int,
                  group, global_ranks: Sequence[int], device: torch.device, dtype: torch.dtype, hidden_size: int,
                  tp: int = 1, sequence_parallel: bool = False, timeout_s: float = 600.0, chunks_per_rank: int = 2,
-                 measure_memory: bool = True, log: Optional[Callable[[str], None]] = None):
+                 measure_memory: bool = True):
         self.schedule_name = schedule_name
         self.layout = layout
         self.pp = layout.placement.pp
@@ -186,7 +186,6 @@ class Pipeline:
         self.timeout_s = timeout_s
         self.chunks_per_rank = chunks_per_rank
         self.extras: BoundaryExtras = NO_EXTRAS
-        self.log = log or (lambda msg: None)
         self._schedules: dict[int, Schedule] = {}
         self._fixed_schedule: Optional[Schedule] = None
         self._plans: dict[int, CommPlan] = {}
@@ -344,7 +343,7 @@ class Pipeline:
                 self._release_sent(state)
             position = len(actions)
             transfers.finish()
-            leftover = [k for k in store.pending_keys()]
+            leftover = store.pending_keys()
             if leftover:
                 raise PipelineError(f"weight gradients of {leftover} were queued by B but no W ran them")
         except PipelineCommError as e:
