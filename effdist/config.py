@@ -107,7 +107,8 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     clip_grad: float = 1.0
-    # megatron's distributed optimizer (shards optimizer state over data-parallel ranks); GPU only.
+    # ZeRO-1: shard the fp32 master weights and Adam state over data-parallel ranks (each rank updates the
+    # weights it owns and broadcasts them); saves (dp-1)/dp of optimizer memory. Checkpoints reshard.
     distributed_optimizer: bool = False
 
 

@@ -79,3 +79,16 @@ def test_tp1_checkpoint_loads_into_tp2(single_run, tmp_path, data_cache):
     assert "resharded from tp=1" in proc.stderr
     ls = losses(run)
     _assert_same(ls, losses(single_run), range(4, STEPS + 1))
+
+
+def test_distributed_optimizer_dp2_matches_and_reshards_to_dp1(single_run, tmp_path, data_cache):
+    """ZeRO-1 (optimizer state sharded over DP=2) follows the single process, and its checkpoint,
+    whose optimizer state each rank saved only for the weights it owns, resumes in one process."""
+    zero = tmp_path / "zero1"
+    run_train(zero, _common(data_cache) + ["optim.distributed_optimizer=true"], nproc=2)
+    _assert_same(losses(zero), losses(single_run), range(1, STEPS + 1))
+
+    back = tmp_path / "zero1_to_single"
+    proc = run_train(back, _common(data_cache), resume=str(zero / "checkpoints" / "iter_0000003"))
+    assert "resharded from tp=1 pp=1 dp=2" in proc.stderr
+    _assert_same(losses(back), losses(single_run), range(4, STEPS + 1))

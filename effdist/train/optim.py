@@ -45,30 +45,38 @@ class MasterWeightAdamW:
     """torch AdamW over fp32 master weights of one rank's model chunks."""
 
     def __init__(self, model_params: list[torch.nn.Parameter], optim: OptimConfig, *, fused: bool,
-                 tp_rank: int, model_parallel_group=None):
+                 tp_rank: int, model_parallel_group=None, dp_group=None, shard_over_dp: bool = False):
         self.cfg = optim
         self.model_params = list(model_params)
-        self.master_params: list[torch.nn.Parameter] = []
-        for p in self.model_params:
-            if p.dtype == torch.float32:
+        self.tp_rank = tp_rank
+        self.model_parallel_group = model_parallel_group
+        # ZeRO-1: with shard_over_dp each data-parallel rank keeps the fp32 master and Adam state of only
+        # the weights it owns, updates those, and broadcasts them to the other DP ranks after the step.
+        self.dp_group = dp_group
+        self.dp_size = dist.get_world_size(dp_group) if shard_over_dp and dp_group is not None else 1
+        self.dp_rank = dist.get_rank(dp_group) if self.dp_size > 1 else 0
+        self.owner = _balanced_owners([p.numel() for p in self.model_params], self.dp_size)
+        self.master_params: list[torch.nn.Parameter | None] = []
+        for i, p in enumerate(self.model_params):
+            if self.owner[i] != self.dp_rank:
+                self.master_params.append(None)
+            elif p.dtype == torch.float32:
                 self.master_params.append(p)
             else:
                 self.master_params.append(torch.nn.Parameter(p.detach().float().clone()))
-        self.tp_rank = tp_rank
-        self.model_parallel_group = model_parallel_group
+        owned = [(m, p) for m, p in zip(self.master_params, self.model_params) if m is not None]
         # Norm and bias vectors are not decayed (as in Megatron-LM and torchtitan).
-        decay = [m for m, p in zip(self.master_params, self.model_params) if p.ndim >= 2]
-        no_decay = [m for m, p in zip(self.master_params, self.model_params) if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": optim.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": [m for m, p in owned if p.ndim >= 2], "weight_decay": optim.weight_decay},
+                  {"params": [m for m, p in owned if p.ndim < 2], "weight_decay": 0.0}]
         self.inner = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
                                        fused=fused)
-        self._master_of = {id(p): m for p, m in zip(self.model_params, self.master_params)}
+        self._master_of = {id(p): m for p, m in zip(self.model_params, self.master_params) if m is not None}
 
     # ------------------------------------------------------------------ helpers for features
     def master_of(self, model_param: torch.nn.Parameter) -> torch.nn.Parameter:
-        """The fp32 tensor the optimizer updates for `model_param` (itself when fp32)."""
-        return self._master_of[id(model_param)]
+        """The fp32 tensor the optimizer updates for `model_param` (itself when fp32, or when another
+        data-parallel rank owns it: then this rank only receives the updated weight)."""
+        return self._master_of.get(id(model_param), model_param)
 
     def state_of(self, model_param: torch.nn.Parameter) -> dict:
         return self.inner.state.get(self.master_of(model_param), {})
@@ -77,26 +85,34 @@ class MasterWeightAdamW:
         """After model weights were replaced (init_from), make the fp32 masters match them again."""
         with torch.no_grad():
             for p, m in zip(self.model_params, self.master_params):
-                if p is not m:
+                if m is not None and p is not m:
                     m.copy_(p)
 
     # ------------------------------------------------------------------ the step
+    def _grads(self):
+        for p in self.model_params:
+            g = getattr(p, "main_grad", None)
+            yield p, (p.grad if g is None else g)
+
     def collect_grads(self) -> None:
         """Point each master weight's .grad at the reduced fp32 gradient of its model weight."""
         for p, m in zip(self.model_params, self.master_params):
+            if m is None:
+                continue
             g = getattr(p, "main_grad", None)
             if g is None:
                 g = p.grad
             m.grad = None if g is None else (g if g.dtype == torch.float32 else g.float())
 
     def grad_norm(self) -> float:
+        # Every DP rank holds the whole reduced gradient, so the norm needs no DP reduction.
         sq = torch.zeros((), dtype=torch.float64)
         dev = None
-        for p, m in zip(self.model_params, self.master_params):
-            if m.grad is None or not _is_replica_on_this_tp_rank(p, self.tp_rank):
+        for p, g in self._grads():
+            if g is None or not _is_replica_on_this_tp_rank(p, self.tp_rank):
                 continue
-            dev = m.grad.device
-            sq = sq.to(dev) + m.grad.detach().double().pow(2).sum()
+            dev = g.device
+            sq = sq.to(dev) + g.detach().double().pow(2).sum()
         if dev is None:
             sq = sq.to(self.model_params[0].device if self.model_params else "cpu")
         if self.model_parallel_group is not None and dist.get_world_size(self.model_parallel_group) > 1:
@@ -107,7 +123,7 @@ class MasterWeightAdamW:
         if self.cfg.clip_grad > 0 and norm > self.cfg.clip_grad:
             scale = self.cfg.clip_grad / (norm + 1e-6)
             for m in self.master_params:
-                if m.grad is not None:
+                if m is not None and m.grad is not None:
                     m.grad.mul_(scale)
 
     def step(self, lr: float) -> None:
@@ -116,10 +132,32 @@ class MasterWeightAdamW:
         self.inner.step()
         with torch.no_grad():
             for p, m in zip(self.model_params, self.master_params):
-                if p is not m:
+                if m is not None and p is not m:
                     p.copy_(m)
         for m in self.master_params:
-            m.grad = None
+            if m is not None:
+                m.grad = None
+        if self.dp_size > 1:
+            self._broadcast_owned_weights()
+
+    def zero_grads(self) -> None:
+        for m in self.master_params:
+            if m is not None:
+                m.grad = None
+
+    def _broadcast_owned_weights(self) -> None:
+        """Each owner sends its freshly updated weights to the other DP ranks, one flat broadcast per owner."""
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        for owner in range(self.dp_size):
+            params = [p for p, o in zip(self.model_params, self.owner) if o == owner]
+            if not params:
+                continue
+            flat = _flatten_dense_tensors([p.data for p in params])
+            dist.broadcast(flat, src=dist.get_global_rank(self.dp_group, owner), group=self.dp_group)
+            if owner != self.dp_rank:
+                for p, new in zip(params, _unflatten_dense_tensors(flat, [p.data for p in params])):
+                    p.data.copy_(new)
 
     # ------------------------------------------------------------------ checkpointing
     def sharded_state_dict(self, model_sharded_sd: dict) -> dict:
@@ -132,7 +170,11 @@ class MasterWeightAdamW:
         id_map = get_param_id_to_sharded_param_map(model_sharded_sd, self.model_params)
         out: dict = {"param_state": {}, "step_count": self._step_count()}
         for i, (p, m) in enumerate(zip(self.model_params, self.master_params)):
+            if m is None:
+                continue  # another data-parallel rank owns (and saves) this weight's optimizer state
             sharded = id_map[i]
+            if self.dp_size > 1:
+                sharded = _as_main_replica_over_dp(sharded)
             entry = {}
             state = self.inner.state.get(m, {})
             for key in ("exp_avg", "exp_avg_sq"):
@@ -152,6 +194,8 @@ class MasterWeightAdamW:
     def ensure_state(self) -> None:
         """Create zeroed Adam state so a checkpoint can be loaded into it in place."""
         for m in self.master_params:
+            if m is None:
+                continue
             state = self.inner.state[m]
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(m, memory_format=torch.preserve_format)
@@ -162,6 +206,8 @@ class MasterWeightAdamW:
     def load_sharded_state_dict(self, loaded: dict) -> None:
         steps = int(loaded["step_count"])
         for i, (p, m) in enumerate(zip(self.model_params, self.master_params)):
+            if m is None:
+                continue
             entry = loaded["param_state"][i]
             state = self.inner.state[m]
             for key in ("exp_avg", "exp_avg_sq"):
@@ -172,3 +218,24 @@ class MasterWeightAdamW:
                 if "master" in entry:
                     m.data.copy_(entry["master"])
                     p.copy_(m)
+
+
+def _balanced_owners(sizes: list[int], ranks: int) -> list[int]:
+    """Give each weight to the least-loaded rank, largest first (deterministic on every rank)."""
+    load = [0] * ranks
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(ranks), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += sizes[i]
+    return owner
+
+
+def _as_main_replica_over_dp(sharded):
+    """The owner's copy of an optimizer tensor is the one to save: mark it replica 0 over data parallel."""
+    import dataclasses
+
+    rid = sharded.replica_id
+    if isinstance(rid, tuple) and len(rid) == 3:
+        return dataclasses.replace(sharded, replica_id=(rid[0], rid[1], 0))
+    return dataclasses.replace(sharded, replica_id=0)

@@ -127,6 +127,7 @@ class Trainer:
         self.optimizer = MasterWeightAdamW(
             params, cfg.optim, fused=rt.is_cuda, tp_rank=rt.tp_rank,
             model_parallel_group=parallel_state.get_model_parallel_group(),
+            dp_group=parallel_state.get_data_parallel_group(), shard_over_dp=cfg.optim.distributed_optimizer,
         )
         n_local = sum(p.numel() for p in params)
         log(rt, f"model {cfg.model.name}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
@@ -302,9 +303,7 @@ class Trainer:
                 self.epas.after_optimizer_step(self.optimizer)
             self.nonfinite_in_a_row = 0
         else:
-            self.optimizer.inner.zero_grad(set_to_none=True)
-            for m in self.optimizer.master_params:
-                m.grad = None
+            self.optimizer.zero_grads()
             self.nonfinite_in_a_row += 1
             self.skipped_steps += 1
             log(rt, f"WARNING: step {self.step}: non-finite loss={loss} or grad_norm={grad_norm}; update skipped "
