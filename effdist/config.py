@@ -187,6 +187,22 @@ class FFNConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """Settings of train.engine = deepspeed (ignored by the default megatron engine)."""
+
+    # 0: DeepSpeed's plain data parallelism; 1: Adam state and fp32 master weights sharded over
+    # data-parallel ranks; 2: gradients sharded too; 3: parameters sharded too (gathered per layer).
+    zero_stage: int = 1
+    # Keep the optimizer state (and its step) in CPU memory (ZeRO 1-3; on GPUs it uses DeepSpeedCPUAdam).
+    offload_optimizer: bool = False
+    # Keep parameters in CPU memory between uses (ZeRO-3 only).
+    offload_params: bool = False
+    # A DeepSpeed JSON config whose keys are merged over the ones effdist derives (e.g. reduce_bucket_size);
+    # keys effdist owns (batch sizes, clipping, optimizer, scheduler) must not conflict with the effdist config.
+    config_file: str | None = None
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -198,6 +214,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     epas: EpasConfig = field(default_factory=EpasConfig)
     ffn: FFNConfig = field(default_factory=FFNConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     # Free-form name; defaults to the YAML file's stem. The run directory defaults to runs/<name>.
     name: str = "run"
 
@@ -390,6 +407,45 @@ def ffn_width(cfg: Config) -> int:
     return cfg.model.ffn_hidden_size
 
 
+DEEPSPEED_INSTALL_HINT = ('pip install -e ".[deepspeed]" (on a machine without CUDA: '
+                          'DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed)')
+
+
+def _validate_deepspeed(cfg: Config) -> None:
+    ds, par = cfg.deepspeed, cfg.parallel
+    if ds.zero_stage not in (0, 1, 2, 3):
+        _fail("deepspeed.zero_stage", ds.zero_stage, "valid: 0, 1, 2, 3")
+    if cfg.train.engine != "deepspeed":
+        return
+    if par.pp > 1:
+        if ds.zero_stage >= 2:
+            _fail("parallel.pp", par.pp, f"DeepSpeed ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism "
+                  f"(deepspeed.zero_stage={ds.zero_stage}); use parallel.pp=1, or train.engine=megatron")
+        _fail("parallel.pp", par.pp, "train.engine=deepspeed runs without pipeline parallelism; use parallel.pp=1, or "
+              "train.engine=megatron for effdist's pipeline schedules")
+    if par.sequence_parallel:
+        _fail("parallel.sequence_parallel", True, "DeepSpeed does not sum the partial gradients of weights replicated "
+              "over tensor-parallel ranks; set it to false, or use train.engine=megatron")
+    if ds.offload_params and ds.zero_stage != 3:
+        _fail("deepspeed.offload_params", True, f"parameter offload needs deepspeed.zero_stage=3 (it is {ds.zero_stage})")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        _fail("deepspeed.offload_optimizer", True, "optimizer offload needs deepspeed.zero_stage >= 1")
+    if ds.zero_stage == 3 and cfg.epas.enabled:
+        _fail("epas.enabled", True, "EPAS keeps the Wq/Wk rows of whole weights, which ZeRO-3 partitions; use "
+              "deepspeed.zero_stage 1 or 2")
+    if cfg.checkpoint.async_save:
+        _fail("checkpoint.async_save", True, "DeepSpeed writes its own checkpoints synchronously; set it to false")
+    if cfg.optim.distributed_optimizer:
+        _fail("optim.distributed_optimizer", True, "the megatron engine's option; with train.engine=deepspeed "
+              "choose the sharding with deepspeed.zero_stage")
+    if ds.config_file is not None and not Path(ds.config_file).is_file():
+        _fail("deepspeed.config_file", ds.config_file, "no such file")
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as e:
+        _fail("train.engine", "deepspeed", f"DeepSpeed is not installed ({e}); install it with {DEEPSPEED_INSTALL_HINT}")
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Check every value; raise ConfigError naming the first invalid field.
 
@@ -462,6 +518,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _fail("train.max_consecutive_nonfinite", tr.max_consecutive_nonfinite, "must be >= 1")
     if tr.engine not in ("megatron", "deepspeed"):
         _fail("train.engine", tr.engine, "valid: megatron, deepspeed")
+    _validate_deepspeed(cfg)
 
     o = cfg.optim
     if o.lr <= 0:
@@ -493,6 +550,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _fail("pipeline.schedule", pl.schedule, "valid: " + ", ".join(SCHEDULES))
     if pl.microbatches is not None and pl.microbatches <= 0:
         _fail("pipeline.microbatches", pl.microbatches, "must be positive")
+    if par.pp > 1 and m.tie_embeddings:
+        _fail("model.tie_embeddings", True, "with parallel.pp > 1 the embedding and the output layer live in different "
+              "model chunks, which effdist's pipeline does not synchronise; set model.tie_embeddings=false or "
+              "parallel.pp=1")
     if par.pp > 1:
         chunks = par.pp * (2 if pl.schedule.startswith("v-") else pl.chunks_per_rank if pl.schedule == "interleaved" else 1)
         if m.num_layers < chunks:

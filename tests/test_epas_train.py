@@ -97,3 +97,15 @@ def test_init_from_loads_weights_into_a_fresh_run(single, tmp_path, data_cache):
         proc = subprocess.run([sys.executable, "-c", script], env=clean_env(), cwd=ROOT, capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "v-zb"])
+def test_pp2_region_crossing_the_stage_boundary_matches_pp1(single, tmp_path, data_cache, schedule):
+    """Layers 1-3 end up sharing: the anchor's Q/K cross the boundary (1f1b: between ranks; v-zb:
+    four chunks, across ranks and at the V's local turn), and the losses equal the pp=1 run."""
+    run = tmp_path / f"pp2_{schedule}"
+    proc = run_train(run, EPAS + [f"data.cache_dir={data_cache}", "parallel.pp=2", f"pipeline.schedule={schedule}"],
+                     nproc=2)
+    assert _regions(run) == _regions(single)
+    for s, v in losses(single).items():
+        assert losses(run)[s] == pytest.approx(v, rel=2e-5), (s, proc.stderr[-2000:])

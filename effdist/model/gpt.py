@@ -12,6 +12,29 @@ from effdist.model.fused import FusedLossGPTModel, fused_block_spec, fused_kerne
 from effdist.model.spec import DEFAULT_LINEARS, LinearImpl, block_spec
 
 
+def _install_layer_offset() -> None:
+    """Make megatron's layer-offset function return a chunk config's ``effdist_layer_offset``. Idempotent."""
+    from megatron.core.transformer import transformer_block, transformer_layer
+
+    original = transformer_layer.get_transformer_layer_offset
+    if getattr(original, "effdist_wrapped", False):
+        return
+
+    def get_transformer_layer_offset(config, vp_stage=None, pp_rank=None):
+        offset = getattr(config, "effdist_layer_offset", None)
+        if offset is not None:
+            return offset
+        return original(config, vp_stage, pp_rank)
+
+    get_transformer_layer_offset.effdist_wrapped = True
+    get_transformer_layer_offset.__doc__ = original.__doc__
+    transformer_layer.get_transformer_layer_offset = get_transformer_layer_offset
+    transformer_block.get_transformer_layer_offset = get_transformer_layer_offset
+
+
+_install_layer_offset()
+
+
 def padded_vocab_size(cfg: Config) -> int:
     """Round the vocab up so the embedding shards evenly over TP (as Megatron-LM does)."""
     multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tp
@@ -76,7 +99,12 @@ def build_gpt(cfg: Config, dtype: torch.dtype, device: torch.device, layer_indic
     kernels = fused_kernel_set(cfg.train.fused_kernels)
     if "rope" in kernels:
         install_fused_rope()  # before the TransformerConfig: its validation checks the slot is filled
-    tcfg = transformer_config(cfg, dtype, device, num_layers=len(layer_indices), rope_fusion="rope" in kernels)
+    if list(layer_indices) != list(range(layer_indices[0], layer_indices[0] + len(layer_indices))):
+        raise ValueError(f"a model chunk holds a contiguous run of layers, got {layer_indices}")
+    # num_layers is the whole model's (output-layer init scale, checkpoint layer axis) and the chunk's
+    # first layer is its offset, so layer numbers and checkpoint keys are global in every pipeline layout.
+    tcfg = transformer_config(cfg, dtype, device, rope_fusion="rope" in kernels)
+    tcfg.effdist_layer_offset = layer_indices[0]
     model_cls, extra = GPTModel, {}
     if "loss" in kernels:
         model_cls, extra = FusedLossGPTModel, {"loss_chunk_tokens": cfg.train.fused_loss_chunk_tokens}
@@ -95,6 +123,9 @@ def build_gpt(cfg: Config, dtype: torch.dtype, device: torch.device, layer_indic
     )
     # Global layer index of every decoder layer, for per-layer features and readable errors.
     for layer, idx in zip(model.decoder.layers, layer_indices):
+        if layer.layer_number != idx + 1:
+            raise RuntimeError(f"megatron numbered global layer {idx} as {layer.layer_number - 1}: the layer-offset "
+                               "wrapper in effdist.model.gpt is not in effect")
         layer.effdist_layer_index = idx
     return model.to(device)
 

@@ -9,8 +9,8 @@ pipeline_model_parallel_size=1), because megatron's own layer layout is round-ro
 
 Global layer numbers. megatron derives a layer's ``layer_number`` and its checkpoint offset from
 ``get_transformer_layer_offset(config)``, which for a pp=1 config is 0. Each chunk's config therefore carries
-``effdist_layer_offset`` (its first global layer index) and ``num_layers`` = the model's layer count, and this
-module wraps megatron's function to honour that attribute (configs without it are unaffected). So layer
+``effdist_layer_offset`` (its first global layer index) and ``num_layers`` = the model's layer count, and
+effdist.model.gpt wraps megatron's function to honour that attribute (build_gpt builds every chunk). So layer
 numbers and sharded_state_dict keys are global (``decoder.layers`` with the layer's global offset), the
 output-layer init scale is the full model's, and checkpoints compare across pipeline layouts.
 
@@ -30,35 +30,14 @@ import torch
 from megatron.core.models.gpt import GPTModel
 
 from effdist.config import Config, ConfigError
-from effdist.model.gpt import build_gpt, padded_vocab_size, transformer_config
-from effdist.model.spec import DEFAULT_LINEARS, LinearImpl, block_spec
+from effdist.model.gpt import build_gpt
+from effdist.model.spec import DEFAULT_LINEARS, LinearImpl
 from effdist.pipeline.ir import Placement
 from effdist.pipeline.memory_model import layer_partition
 
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
-def _install_layer_offset() -> None:
-    """Make megatron's layer-offset function return a chunk config's ``effdist_layer_offset``. Idempotent."""
-    from megatron.core.transformer import transformer_block, transformer_layer
-
-    original = transformer_layer.get_transformer_layer_offset
-    if getattr(original, "effdist_wrapped", False):
-        return
-
-    def get_transformer_layer_offset(config, vp_stage=None, pp_rank=None):
-        offset = getattr(config, "effdist_layer_offset", None)
-        if offset is not None:
-            return offset
-        return original(config, vp_stage, pp_rank)
-
-    get_transformer_layer_offset.effdist_wrapped = True
-    get_transformer_layer_offset.__doc__ = original.__doc__
-    transformer_layer.get_transformer_layer_offset = get_transformer_layer_offset
-    transformer_block.get_transformer_layer_offset = get_transformer_layer_offset
-
-
-_install_layer_offset()
 
 
 @dataclass(frozen=True)
@@ -116,27 +95,10 @@ def build_chunk(cfg: Config, layout: ChunkLayout, chunk: int, dtype: torch.dtype
     """The GPTModel of one chunk, with global layer numbers (see the module docstring)."""
     check_pipeline_model(cfg)
     layers = list(layout.layers[chunk])
-    tcfg = transformer_config(cfg, dtype, device)  # num_layers = the whole model's
-    tcfg.effdist_layer_offset = layers[0]
-    model = GPTModel(
-        config=tcfg,
-        transformer_layer_spec=block_spec(cfg, layers, linears),
-        vocab_size=padded_vocab_size(cfg),
-        max_sequence_length=cfg.model.max_position_embeddings,
-        pre_process=layout.is_first(chunk),
-        post_process=layout.is_last(chunk),
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
-        rotary_base=int(cfg.model.rotary_base),
-        parallel_output=True,
-    )
-    for layer, idx in zip(model.decoder.layers, layers):
-        if layer.layer_number != idx + 1:
-            raise RuntimeError(f"chunk {chunk}: megatron numbered global layer {idx} as {layer.layer_number - 1}; the "
-                               "layer-offset wrapper in effdist.pipeline.chunks is not in effect")
-        layer.effdist_layer_index = idx
+    model = build_gpt(cfg, dtype, device, layers, pre_process=layout.is_first(chunk),
+                      post_process=layout.is_last(chunk), linears=linears)
     model.effdist_chunk = chunk
-    return model.to(device)
+    return model
 
 
 def full_model_name(layout: ChunkLayout, chunk: int, name: str) -> str:

@@ -139,6 +139,9 @@ class Trainer:
             from effdist.epas.controller import EpasController
 
             self.epas = EpasController(self.cfg, [ckpt.unwrap(c) for c in self.model_chunks], optimizer=self.optimizer)
+            if self.pipeline is not None:
+                # Q/K cross a stage boundary whenever the sharing region spans it.
+                self.pipeline.use_epas(self.epas)
 
     # ------------------------------------------------------------------ resume
     def _maybe_resume(self) -> None:
