@@ -1,0 +1,266 @@
+#!/usr/bin/env python
+"""EPAS inference throughput: prefill and decode tokens/s and KV-cache bytes of a LLaMA-1B-shaped model
+(16 layers, hidden 2048, 32 heads, SwiGLU 5632, vocab 32000; random weights, bf16 on GPU) at EPAS
+regions 0 (dense), 8 and 12, for several batch sizes and prompt lengths, all in ONE process.
+
+    python tools/bench_decode.py --json decode.json       # GPU: batches 1,8,32 x contexts 512,2048
+    python tools/bench_decode.py --tiny                   # CPU smoke test, seconds
+
+What is measured, per (batch, context) and variant:
+
+* prefill: the whole prompt (`context` tokens per sequence) through the model, writing the KV cache;
+  tokens/s = batch x context / time.
+* decode: `--new-tokens` greedy steps after that prefill (the context grows from `context` to
+  `context + new_tokens`); tokens/s = batch x steps / time. "graphs": each step replays a CUDA
+  graph (effdist.infer.graphs, attends over the filled slots rounded up to a 128-slot bucket);
+  "eager": each step is launched op by op from Python over exactly the filled slots.
+* KV cache: bytes for `context + new_tokens` slots. A sharing layer stores V only.
+
+Variants: regions 0, 8, 12 (``--regions``; the deepest layers share) with decode attention as
+``softmax(q K^T) V`` by two batched GEMMs (anchors compute the probabilities once, sharing layers
+reuse them), and region 0 with torch SDPA as its decode attention ("0-sdpa"), a second dense
+baseline. Ratios are against region 0 ("0"); "vs best dense" against the faster of the two dense
+variants. "ideal" is the decode speed-up if a step took time proportional to the bytes it reads
+(weights + K/V at the mean context): a sharing layer skips its Wq/Wk rows and its K cache.
+
+Variants take turns (``--rounds``), each round in a rotated order; medians are reported. Caches and
+graphs are made once per (batch, context) and reused by every round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from effdist.infer.cache import KVCache, SharingPlan  # noqa: E402
+from effdist.infer.graphs import DecodeRunner  # noqa: E402
+from effdist.infer.model import InferenceModel, ModelShape  # noqa: E402
+
+# name: (layers, hidden, heads, kv heads, ffn, vocab)
+SHAPES = {
+    "llama-1b": (16, 2048, 32, 32, 5632, 32000),
+    "tiny": (4, 64, 4, 2, 176, 512),
+}
+
+
+def bytes_per_decode_step(shape: ModelShape, ffn: int, plan: SharingPlan, batch: int, context: float,
+                          element: int) -> float:
+    """Bytes a decode step reads: weights (a sharing layer only its Wv rows of the QKV weight), the
+    LM head, and K (anchors) / V (all layers) of `context` slots."""
+    h, d, nh, ng = shape.hidden_size, shape.head_dim, shape.num_heads, shape.num_kv_heads
+    common = h * nh * d + 3 * h * ffn + 2 * h  # proj, fc1 (gate + up), fc2, norms
+    weights = 0
+    kv = 0
+    for i in range(shape.num_layers):
+        sharing = plan.shares(i)
+        weights += common + (ng * d * h if sharing else (nh + 2 * ng) * d * h)
+        kv += batch * ng * d * context * (1 if sharing else 2)
+    weights += shape.padded_vocab_size * h + h
+    return (weights + kv) * element
+
+
+class Timer:
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.t0
+
+
+def decode(runner: DecodeRunner, first: torch.Tensor, steps: int, vocab: int) -> None:
+    """`steps` greedy decode steps, each feeding its argmax to the next (no host sync inside)."""
+    cache = runner.cache
+    cache.tokens.copy_(first)
+    for _ in range(steps):
+        logits = runner.step()
+        cache.tokens.copy_(logits[:, :vocab].argmax(dim=-1))
+        cache.advance()
+
+
+def bench_point(model: InferenceModel, ffn: int, batch: int, context: int, variants: list[tuple[str, int, str]],
+                new_tokens: int, rounds: int, graphs: bool, eager: bool, bucket: int, seed: int = 0) -> list[dict]:
+    shape, device, dtype = model.shape, model.device, model.dtype
+    cuda = device.type == "cuda"
+    vocab = shape.vocab_size
+    gen = torch.Generator(device="cpu").manual_seed(seed + batch * 7919 + context)
+    prompt = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
+    max_len = context + new_tokens + 1
+    plans = {region: SharingPlan.for_region(shape.num_layers, region) for _, region, _ in variants}
+    caches = {region: KVCache(plan, batch, max_len, shape.num_kv_heads, shape.head_dim, dtype, device)
+              for region, plan in plans.items()}
+    runners: dict[tuple[str, str], DecodeRunner] = {}
+    modes = (["graphs"] if graphs and cuda else []) + (["eager"] if eager or not cuda else [])
+    for name, region, attention in variants:
+        for mode in modes:
+            runners[name, mode] = DecodeRunner(model, caches[region], cuda_graphs=mode == "graphs", bucket=bucket)
+    samples: dict[str, dict[str, list[float]]] = {name: {"prefill": [], **{m: [] for m in modes}}
+                                                 for name, _, _ in variants}
+    element = torch.empty((), dtype=dtype).element_size()
+
+    def run(name: str, region: int, attention: str, record: bool) -> None:
+        model.decode_attention = attention
+        plan, cache = plans[region], caches[region]
+        for mode in modes:
+            with Timer(cuda) as t:
+                logits = model.prefill(prompt, plan, cache)
+            first = logits[:, :vocab].argmax(dim=-1)
+            if record:
+                samples[name]["prefill"].append(t.seconds)
+            with Timer(cuda) as t:
+                decode(runners[name, mode], first, new_tokens, vocab)
+            if record:
+                samples[name][mode].append(t.seconds)
+
+    with torch.inference_mode():
+        for name, region, attention in variants:  # warm-up: kernels, cuBLAS heuristics, graph capture
+            run(name, region, attention, record=False)
+        for r in range(rounds):
+            shift = r % len(variants)
+            for name, region, attention in variants[shift:] + variants[:shift]:
+                run(name, region, attention, record=True)
+    model.decode_attention = "matmul"
+
+    rows = []
+    for name, region, attention in variants:
+        plan = plans[region]
+        row = {"batch": batch, "context": context, "new_tokens": new_tokens, "variant": name, "region": region,
+               "decode_attention": attention,
+               "prefill_tokens_per_s": batch * context / statistics.median(samples[name]["prefill"]),
+               "kv_cache_bytes": caches[region].bytes_for(context + new_tokens),
+               "decode_bytes_per_step": bytes_per_decode_step(shape, ffn, plan, batch, context + new_tokens / 2,
+                                                              element)}
+        for mode in modes:
+            row[f"decode_{mode}_tokens_per_s"] = batch * new_tokens / statistics.median(samples[name][mode])
+        if cuda and "graphs" in modes:
+            row["graph_buckets"] = runners[name, "graphs"].captured_lengths
+        rows.append(row)
+    base = next(r for r in rows if r["variant"] == "0")
+    dense = [r for r in rows if r["region"] == 0]
+    for row in rows:
+        row["prefill_vs_region0"] = row["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
+        row["kv_cache_vs_region0"] = row["kv_cache_bytes"] / base["kv_cache_bytes"]
+        row["ideal_decode_vs_region0"] = base["decode_bytes_per_step"] / row["decode_bytes_per_step"]
+        for mode in modes:
+            key = f"decode_{mode}_tokens_per_s"
+            row[f"decode_{mode}_vs_region0"] = row[key] / base[key]
+            row[f"decode_{mode}_vs_best_dense"] = row[key] / max(r[key] for r in dense)
+    del runners, caches
+    if cuda:
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_table(rows: list[dict], modes: list[str]) -> None:
+    head = ["batch", "ctx", "variant", "prefill tok/s", "x r0"]
+    for mode in modes:
+        head += [f"decode {mode} tok/s", "x r0", "x best dense"]
+    head += ["KV MiB", "x r0", "ideal"]
+    lines = [head]
+    for r in rows:
+        if "error" in r:
+            lines.append([str(r["batch"]), str(r["context"]), "-", r["error"]])
+            continue
+        line = [str(r["batch"]), str(r["context"]), r["variant"], f"{r['prefill_tokens_per_s']:,.0f}",
+                f"{r['prefill_vs_region0']:.3f}"]
+        for mode in modes:
+            line += [f"{r[f'decode_{mode}_tokens_per_s']:,.1f}", f"{r[f'decode_{mode}_vs_region0']:.3f}",
+                     f"{r[f'decode_{mode}_vs_best_dense']:.3f}"]
+        line += [f"{r['kv_cache_bytes'] / 2**20:,.1f}", f"{r['kv_cache_vs_region0']:.3f}",
+                 f"{r['ideal_decode_vs_region0']:.3f}"]
+        lines.append(line)
+    widths = [max(len(l[i]) for l in lines if i < len(l)) for i in range(len(head))]
+    for l in lines:
+        print("  ".join(c.rjust(w) for c, w in zip(l, widths)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny model on CPU, small sizes (seconds)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None)
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8,32)")
+    p.add_argument("--contexts", default=None, help="comma-separated prompt lengths (default 512,2048)")
+    p.add_argument("--regions", default=None, help="comma-separated EPAS regions (default 0,8,12; 0 always runs)")
+    p.add_argument("--new-tokens", type=int, default=None, help="decode steps per measurement (default 128)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per variant (default 3)")
+    p.add_argument("--bucket", type=int, default=128, help="CUDA-graph attention length bucket (cache slots)")
+    p.add_argument("--no-graphs", action="store_true", help="GPU: skip the CUDA-graph decode measurement")
+    p.add_argument("--no-eager", action="store_true", help="GPU: skip the eager decode measurement")
+    p.add_argument("--no-sdpa-baseline", action="store_true", help="skip the region-0 SDPA decode variant")
+    p.add_argument("--device", default=None, help="default: cuda when available (cpu with --tiny)")
+    p.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+
+    tiny = args.tiny
+    device = torch.device(args.device or ("cpu" if tiny or not torch.cuda.is_available() else "cuda"))
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    shape_name = args.shape or ("tiny" if tiny else "llama-1b")
+    layers, hidden, heads, kv_heads, ffn, vocab = SHAPES[shape_name]
+
+    def ints(text, default):
+        return [int(x) for x in text.split(",")] if text else default
+
+    batches = ints(args.batches, [1, 2] if tiny else [1, 8, 32])
+    contexts = ints(args.contexts, [16, 32] if tiny else [512, 2048])
+    regions = sorted(set(ints(args.regions, [0, 2, 3] if tiny else [0, 8, 12])) | {0})
+    new_tokens = args.new_tokens or (8 if tiny else 128)
+    rounds = args.rounds or (1 if tiny else 3)
+    bad = [r for r in regions if not 0 <= r < layers]
+    if bad:
+        p.error(f"--regions {bad}: a {layers}-layer model shares at most {layers - 1} layers")
+    variants = [("0", 0, "matmul")] + ([] if args.no_sdpa_baseline else [("0-sdpa", 0, "sdpa")])
+    variants += [(str(r), r, "matmul") for r in regions if r > 0]
+
+    shape = ModelShape(num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads,
+                       vocab_size=vocab, padded_vocab_size=-(-vocab // 128) * 128,
+                       max_positions=max(contexts) + new_tokens + 1)
+    model = InferenceModel.random(shape, ffn, seed=0, device=device, dtype=dtype).eval()
+    cuda = device.type == "cuda"
+    modes = (["graphs"] if cuda and not args.no_graphs else []) + (["eager"] if not cuda or not args.no_eager else [])
+    where = torch.cuda.get_device_name(device) if cuda else "cpu"
+    print(f"{shape_name}: {layers} layers, hidden {hidden}, {heads} heads ({kv_heads} kv), ffn {ffn}, vocab {vocab}; "
+          f"{where}, {str(dtype).replace('torch.', '')}; {new_tokens} decode steps after each prompt, "
+          f"{rounds} rounds, medians", flush=True)
+
+    rows = []
+    for batch in batches:
+        for context in contexts:
+            try:
+                rows += bench_point(model, ffn, batch, context, variants, new_tokens, rounds,
+                                    graphs="graphs" in modes, eager="eager" in modes, bucket=args.bucket)
+            except torch.cuda.OutOfMemoryError as e:  # keep the rest of the table
+                rows.append({"batch": batch, "context": context, "error": f"out of memory: {str(e)[:120]}"})
+                torch.cuda.empty_cache()
+            print(f"  done batch {batch}, context {context}", flush=True)
+    print_table(rows, modes)
+    if args.json:
+        out = {"shape": shape_name, "layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads,
+               "ffn": ffn, "vocab": vocab, "device": where, "dtype": str(dtype).replace("torch.", ""),
+               "new_tokens": new_tokens, "rounds": rounds, "bucket": args.bucket, "torch": torch.__version__,
+               "results": rows}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
