@@ -83,6 +83,8 @@ class TrainConfig:
     engine: str = "megatron"
     # Full activation recompute of every layer (trades compute for memory).
     recompute: bool = False
+    # Every eval_interval steps (0: never), the mean loss over eval_steps global batches of the
+    # validation split is logged as val_loss.
     eval_interval: int = 0
     eval_steps: int = 4
     # A non-finite loss or gradient norm skips the update; this many in a row stop the run.
@@ -514,6 +516,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(str(e)) from None
     if tr.fused_loss_chunk_tokens is not None and tr.fused_loss_chunk_tokens <= 0:
         _fail("train.fused_loss_chunk_tokens", tr.fused_loss_chunk_tokens, "must be a positive token count (or null)")
+    if tr.eval_interval < 0:
+        _fail("train.eval_interval", tr.eval_interval, "must be >= 0 (0: no evaluation)")
+    if tr.eval_interval and par.pp > 1:
+        _fail("train.eval_interval", tr.eval_interval, "evaluation runs without pipeline parallelism only; set "
+              "train.eval_interval=0 with parallel.pp > 1")
+    if tr.eval_interval and tr.eval_steps < 1:
+        _fail("train.eval_steps", tr.eval_steps, "must be >= 1 when train.eval_interval is set")
     if tr.max_consecutive_nonfinite < 1:
         _fail("train.max_consecutive_nonfinite", tr.max_consecutive_nonfinite, "must be >= 1")
     if tr.engine not in ("megatron", "deepspeed"):

@@ -37,10 +37,12 @@ def run_train(run_dir: Path, overrides: list[str], nproc: int = 1, resume: str =
     return proc
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    """`key` (default the training loss) of every logged step that has it."""
     out = {}
     with open(run_dir / "metrics.jsonl") as f:
         for line in f:
             rec = json.loads(line)
-            out[rec["step"]] = rec["loss"]
+            if key in rec:
+                out[rec["step"]] = rec[key]
     return out

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 
 STEPS = 6
 COMMON = [f"train.steps={STEPS}", "train.global_batch=8", "train.micro_batch=2", "data.seq_length=64",
-          "logging.tensorboard=false", "checkpoint.interval=3", "optim.warmup_steps=2"]
+          "logging.tensorboard=false", "checkpoint.interval=3", "optim.warmup_steps=2", "train.eval_interval=3",
+          "train.eval_steps=1"]
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,8 @@ def test_tp2_and_dp2_match_single_process(single_run, tmp_path, data_cache):
     dp2 = tmp_path / "dp2"
     run_train(dp2, _common(data_cache), nproc=2)
     _assert_same(losses(dp2), losses(single_run), range(1, STEPS + 1))
+    # Validation loss (every 3 steps) is the same mean over the same held-out batches however split.
+    _assert_same(losses(dp2, "val_loss"), losses(single_run, "val_loss"), (3, 6))
 
 
 def test_tp1_checkpoint_loads_into_tp2(single_run, tmp_path, data_cache):

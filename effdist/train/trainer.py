@@ -60,6 +60,8 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
         self._preempt_requested = False
+        # train.engine=deepspeed: an object owning model wrapping, step, save and load (None: megatron DDP here).
+        self.engine = None
         # Fault injection for tests and drills: steps (1-based) whose loss is made NaN.
         self._nan_steps = {int(x) for x in os.environ.get("EFFDIST_FAULT_NAN_STEPS", "").split(",") if x.strip()}
 
@@ -104,6 +106,14 @@ class Trainer:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         cfg, rt = self.cfg, self.runtime
+        if cfg.train.engine == "deepspeed":
+            from effdist.train.deepspeed_engine import DeepSpeedEngine
+
+            self.engine, self.pipeline = DeepSpeedEngine(cfg, rt), None
+            self.model_chunks, self.optimizer = self.engine.model_chunks, self.engine.optimizer
+            log(rt, f"model {cfg.model.name} under DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}: "
+                    f"{self.engine.num_local_parameters / 1e6:.2f}M parameters on rank 0, ffn={cfg.ffn.kind}")
+            return
         if rt.pp > 1:
             from effdist.pipeline.executor import build_pipeline
 
@@ -155,7 +165,10 @@ class Trainer:
                 raise ckpt.CheckpointError(f"--resume {path}: not a complete effdist checkpoint directory")
             ckpt.verify(path, check_crc=self.cfg.checkpoint.verify_crc)
         if path is None:
-            if self.cfg.checkpoint.init_from:
+            if self.cfg.checkpoint.init_from and self.engine is not None:
+                self.engine.load_model_only(Path(self.cfg.checkpoint.init_from))
+                log(rt, f"initialised the model from {self.cfg.checkpoint.init_from}")
+            elif self.cfg.checkpoint.init_from:
                 ckpt.load_model_only(Path(self.cfg.checkpoint.init_from), self.model_chunks)
                 self.optimizer.reload_master_from_model()
                 log(rt, f"initialised the model from {self.cfg.checkpoint.init_from}")
@@ -163,7 +176,10 @@ class Trainer:
         marker = ckpt.read_marker(path)
         self._check_compatible(marker, path)
         same_layout = marker.get("tp") == rt.tp and marker.get("pp") == rt.pp and marker.get("dp") == rt.dp
-        common = ckpt.load(path, self.model_chunks, self.optimizer, rt, restore_rng=same_layout)
+        if self.engine is not None:
+            common = self.engine.load(path, restore_rng=same_layout)
+        else:
+            common = ckpt.load(path, self.model_chunks, self.optimizer, rt, restore_rng=same_layout)
         self.step = int(common["step"])
         self.loader.load_state_dict(common["data"])
         self.nonfinite_in_a_row = int(common.get("nonfinite_in_a_row", 0))
@@ -247,6 +263,33 @@ class Trainer:
             total += loss_sum.detach()
         return total
 
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss over the first train.eval_steps global batches of the validation split (the
+        same batches at every evaluation, so the numbers compare across steps)."""
+        from megatron.core import parallel_state
+
+        from effdist.data.loader import MicrobatchLoader
+
+        cfg, rt = self.cfg, self.runtime
+        loader = MicrobatchLoader(self.valid_ds, global_batch=cfg.train.global_batch,
+                                  micro_batch=cfg.train.micro_batch, dp_rank=rt.dp_rank, dp_size=rt.dp)
+        model = self.model_chunks[0]
+        model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=rt.device)
+        try:
+            for _ in range(cfg.train.eval_steps):
+                for mb in loader.next_step():
+                    mask = mb["loss_mask"].to(rt.device).float()
+                    per_token = model(mb["tokens"].to(rt.device), mb["position_ids"].to(rt.device), None,
+                                      labels=mb["labels"].to(rt.device))
+                    totals[0] += (per_token.float() * mask).sum()
+                    totals[1] += mask.sum()
+        finally:
+            model.train()
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        return float(totals[0] / totals[1])
+
     def _allreduce_sequence_parallel_grads(self) -> None:
         """Weights replicated over TP but fed only this rank's sequence slice (norms, replicated
         low-rank factors) hold partial gradients: sum them over the TP group, in one flat all-reduce."""
@@ -277,6 +320,8 @@ class Trainer:
         counts = torch.tensor([local_tokens], dtype=torch.float64, device=rt.device)
         dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
         tokens_in_global_batch = float(counts.item())
+        if self.engine is not None:
+            return self._engine_step(microbatches, tokens_in_global_batch, region)
 
         for chunk in self.model_chunks:
             chunk.zero_grad_buffer()
@@ -311,6 +356,24 @@ class Trainer:
             self.skipped_steps += 1
             log(rt, f"WARNING: step {self.step}: non-finite loss={loss} or grad_norm={grad_norm}; update skipped "
                     f"({self.nonfinite_in_a_row} in a row, limit {cfg.train.max_consecutive_nonfinite})")
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "epas_region": region, "finite": finite,
+                "skipped_steps": self.skipped_steps}
+
+    def _engine_step(self, microbatches, tokens_in_global_batch: float, region: int) -> dict[str, Any]:
+        """train_step for an engine that owns backward, gradient reduction, clipping and the update."""
+        cfg = self.cfg
+        if self.step + 1 in self._nan_steps:
+            tokens_in_global_batch = float("nan")  # poisons the loss and every gradient of this step
+        lr = lr_at(self.step, cfg.optim, cfg.train.steps)
+        after_update = self.epas.after_optimizer_step if self.epas is not None else None
+        loss, grad_norm, finite = self.engine.train_step(microbatches, tokens_in_global_batch, lr, after_update)
+        if finite:
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+            self.skipped_steps += 1
+            log(self.runtime, f"WARNING: step {self.step}: non-finite loss={loss} or grad_norm={grad_norm}; update "
+                              f"skipped ({self.nonfinite_in_a_row} in a row, limit {cfg.train.max_consecutive_nonfinite})")
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "epas_region": region, "finite": finite,
                 "skipped_steps": self.skipped_steps}
 
@@ -349,7 +412,10 @@ class Trainer:
                                    after_finalize=retain)
             log(rt, f"saving checkpoint {path.name} in the background")
             return path
-        path = ckpt.save(self.ckpt_dir, self.step, self.model_chunks, self.optimizer, rt, common, marker)
+        if self.engine is not None:
+            path = self.engine.save(self.ckpt_dir, self.step, common, marker)
+        else:
+            path = ckpt.save(self.ckpt_dir, self.step, self.model_chunks, self.optimizer, rt, common, marker)
         if rt.is_logging_rank:
             retain()
         log(rt, f"saved checkpoint {path}")
@@ -392,6 +458,8 @@ class Trainer:
                           mfu=_mfu(tflops, rt), peak_mem_gib=_peak_memory_gib(rt), step_time_s=dt)
             if self.pipeline is not None:
                 record.update(self.pipeline.memory_metrics())
+            if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or self.step == cfg.train.steps):
+                record["val_loss"] = self.evaluate()
             if self.saver is not None:
                 for p in self.saver.poll():
                     log(rt, f"saved checkpoint {p}")
