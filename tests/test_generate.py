@@ -31,6 +31,7 @@ from effdist.infer.generate import (
     main,
     read_checkpoint_info,
 )
+from effdist.infer.graphs import DecodeRunner
 from effdist.infer.model import InferenceModel, ModelShape
 from tests.launching import ROOT, run_train
 
@@ -102,6 +103,14 @@ def test_cached_greedy_equals_recomputing_the_sequence(region):
         assert gen.generate(PROMPTS, max_new_tokens=14, epas_region=0).tokens != cached.tokens
 
 
+def test_shallow_to_deep_region_cached_equals_recomputed():
+    """The ablation direction: layers 1..n share, all with layer 0 as their anchor."""
+    gen = Generator(random_model(), trained_region=2, direction="shallow_to_deep")
+    cached = gen.generate(PROMPTS, max_new_tokens=10, epas_region=2)
+    assert cached.sharing_layers == [1, 2]
+    assert cached.tokens == gen.generate(PROMPTS, max_new_tokens=10, epas_region=2, use_cache=False).tokens
+
+
 def _prefilled(model: InferenceModel, plan: SharingPlan) -> KVCache:
     cache = KVCache(plan, 3, 40, SHAPE.num_kv_heads, SHAPE.head_dim, torch.float32, "cpu")
     tokens = torch.randint(0, SHAPE.vocab_size, (3, 10), generator=torch.Generator().manual_seed(5))
@@ -139,6 +148,41 @@ def test_bucketed_decode_step_equals_exact_length():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         exact.advance()
         bucketed.advance()
+
+
+def test_decode_runner_captures_one_step_per_bucket(monkeypatch):
+    """The runner's graph bookkeeping, on the CPU: a stand-in 'graph' whose replay reruns the captured
+    step into its fixed output tensor, as a CUDA graph replay does."""
+    model, plan = random_model(), SharingPlan.for_region(4, 3)
+    captured = []
+
+    class ReplayedStep:
+        def __init__(self, runner, length):
+            self.run = lambda: model.decode_step(runner.cache, plan, length)
+            self.output = self.run()
+
+        def replay(self):
+            self.output.copy_(self.run())
+
+    def capture(runner, length):
+        captured.append(length)
+        step = ReplayedStep(runner, length)
+        return step, step.output
+
+    monkeypatch.setattr(DecodeRunner, "_capture", capture)
+    exact = DecodeRunner(model, _prefilled(model, plan), cuda_graphs=False)
+    graphed = DecodeRunner(model, _prefilled(model, plan), cuda_graphs=False, bucket=8)
+    graphed.cuda_graphs = True  # what a CUDA cache gets; the stand-in needs no GPU
+    for tokens in torch.randint(0, SHAPE.vocab_size, (12, 3), generator=torch.Generator().manual_seed(8)):
+        for runner in (exact, graphed):
+            runner.cache.tokens.copy_(tokens)
+        with torch.no_grad():
+            want, got = exact.step().clone(), graphed.step()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        exact.cache.advance()
+        graphed.cache.advance()
+    # 10 prompt slots + 12 steps: slots 11..22 are attended as buckets of 16 and 24
+    assert captured == [16, 24] and graphed.captured_lengths == [16, 24]
 
 
 def test_sharing_layers_store_no_keys():
@@ -190,6 +234,8 @@ def test_prompt_length_and_token_checks():
         gen.generate([[1, 250]])
     with pytest.raises(GenerationError, match="no tokenizer.*--tokenizer"):
         gen.generate(["some text"])
+    with pytest.raises(GenerationError, match="top_p = 0"):
+        gen.generate(PROMPTS, temperature=1.0, top_p=0)
 
 
 def test_bad_checkpoint_paths(tmp_path):
@@ -202,6 +248,7 @@ def test_bad_checkpoint_paths(tmp_path):
 
 # ---------------------------------------------------------------------------------------- end to end
 
+# Two training processes: marked slow like the other multi-process tests (~15 s on 2 cores).
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A tiny EPAS model trained with TP=2 on two processes; the region reached 2 of 4 layers."""
@@ -213,6 +260,7 @@ def trained_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_generate_cli_on_a_tp2_training_checkpoint(trained_run, capsys):
     rc = main(["--checkpoint", str(trained_run), "--prompt", "The cat", "--prompt", "A", "--max-new-tokens", "6",
                "--temperature", "0", "--ignore-eod", "--json"])
@@ -234,6 +282,7 @@ def test_generate_cli_on_a_tp2_training_checkpoint(trained_run, capsys):
     assert rc == 2 and "at most 3 can share" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_trained_checkpoint_cached_equals_recomputed(trained_run):
     gen = Generator.from_checkpoint(trained_run / "checkpoints" / "iter_0000003", device="cpu")
     assert gen.trained_region == 2 and gen.default_region == 2 and gen.tokenizer is not None
@@ -244,6 +293,7 @@ def test_trained_checkpoint_cached_equals_recomputed(trained_run):
         assert isinstance(cached, Generation) and cached.tokens == recomputed.tokens
 
 
+@pytest.mark.slow
 def test_checkpoint_without_its_tokenizer(trained_run, tmp_path, capsys):
     moved = tmp_path / "iter_0000003"
     shutil.copytree(trained_run / "checkpoints" / "iter_0000003", moved)  # away from the run's data/
@@ -267,7 +317,7 @@ def test_bench_decode_tiny(tmp_path, monkeypatch, capsys):
     assert "decode eager tok/s" in capsys.readouterr().out
     result = json.loads(out.read_text())
     rows = {r["variant"]: r for r in result["results"]}
-    assert set(rows) == {"0", "0-sdpa", "2", "3"}
+    assert set(rows) == {"0", "2", "3", "0-sdpa", "2-sdpa", "3-sdpa"}
     # K for the anchors, V for every layer: (4 + anchors) / 8 of the dense cache.
     assert [rows[v]["kv_cache_vs_region0"] for v in ("0", "2", "3")] == [1.0, 0.75, 0.625]
     assert rows["3"]["kv_cache_bytes"] == 5 * 2 * 2 * 16 * 16 * 4
@@ -290,4 +340,4 @@ def test_cuda_graph_decode_matches_eager_on_gpu():
         assert graphs.tokens == gen.generate(PROMPTS, max_new_tokens=20, epas_region=region, use_cache=False).tokens
     bf16 = Generator(random_model().cuda().to(torch.bfloat16), trained_region=3)
     a = bf16.generate(PROMPTS, max_new_tokens=8, epas_region=3)
-    assert all(len(t) == 8 for t in a.tokens) and bf16._runner.captured_lengths == [128]
+    assert all(len(t) == 8 for t in a.tokens) and len(bf16._runner.captured_lengths) == 1

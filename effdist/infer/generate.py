@@ -25,7 +25,7 @@ import logging
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -240,7 +240,6 @@ class Generation:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     decode_steps: int = 0
-    timings: dict = field(default_factory=dict)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -349,6 +348,12 @@ class Generator:
         """
         if max_new_tokens <= 0:
             raise GenerationError(f"max_new_tokens = {max_new_tokens}: must be >= 1")
+        if temperature < 0:
+            raise GenerationError(f"temperature = {temperature}: must be >= 0 (0 = greedy)")
+        if top_k is not None and top_k < 0:
+            raise GenerationError(f"top_k = {top_k}: must be >= 0 (0 or None = no limit)")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise GenerationError(f"top_p = {top_p}: must lie in (0, 1] (1 = no limit)")
         plan = self.plan_for(epas_region)
         shape, device = self.model.shape, self.model.device
         prompt_ids = self.encode(prompts)
@@ -399,7 +404,8 @@ class Generator:
             prompt_tokens=prompt_ids, tokens=out_tokens, finish_reasons=reasons, region=plan.region,
             sharing_layers=sorted(plan.sharing),
             kv_cache_bytes=kv_cache_bytes(plan, batch, slots, heads, head_dim, dtype),
-            dense_kv_cache_bytes=kv_cache_bytes(SharingPlan.dense(shape.num_layers), batch, slots, heads, head_dim, dtype),
+            dense_kv_cache_bytes=kv_cache_bytes(SharingPlan.dense(shape.num_layers), batch, slots, heads, head_dim,
+                                                dtype),
             prefill_s=prefill_s, decode_s=decode_s, decode_steps=len(new) - 1)
         if self.tokenizer is not None:
             result.texts = [self.tokenizer.decode(t) for t in out_tokens]
@@ -510,7 +516,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="effdist generate", description="Generate text from an effdist checkpoint "
                                 "with a KV cache and a chosen EPAS sharing region.")
     p.add_argument("--checkpoint", required=True,
-                   help="RUN_DIR, RUN_DIR/checkpoints, RUN_DIR/checkpoints/iter_NNNNNNN, or an `effdist convert` output")
+                   help="RUN_DIR, RUN_DIR/checkpoints, RUN_DIR/checkpoints/iter_NNNNNNN, or an `effdist convert` "
+                        "output")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
                    help="prompt as comma-separated token ids (repeatable; for models without a tokenizer)")
@@ -542,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 prompts.append([int(t) for t in ids.replace(" ", "").split(",") if t])
             except ValueError:
-                raise GenerationError(f"--prompt-ids {ids!r}: expected comma-separated integers, e.g. 12,7,301") from None
+                raise GenerationError(f"--prompt-ids {ids!r}: expected comma-separated integers, "
+                                      "e.g. 12,7,301") from None
         if not prompts:
             raise GenerationError("give at least one --prompt TEXT or --prompt-ids IDS")
         with warnings.catch_warnings(record=True) as caught, _quiet_megatron():

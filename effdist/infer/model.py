@@ -242,7 +242,8 @@ class InferenceModel(nn.Module):
 
     def _check_plan(self, plan: SharingPlan) -> None:
         if plan.num_layers != self.shape.num_layers:
-            raise ValueError(f"the sharing plan is for {plan.num_layers} layers, this model has {self.shape.num_layers}")
+            raise ValueError(f"the sharing plan is for {plan.num_layers} layers, this model has "
+                             f"{self.shape.num_layers}")
 
     # ------------------------------------------------------------------ whole sequences
     def forward(self, tokens: torch.Tensor, plan: SharingPlan, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -252,7 +253,8 @@ class InferenceModel(nn.Module):
 
     def prefill(self, tokens: torch.Tensor, plan: SharingPlan, cache: KVCache,
                 valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Run the (left-padded) prompt, fill the cache's first s slots; logits [b, padded_vocab] of the last position."""
+        """Run the (left-padded) prompt and fill the cache's first s slots; returns the logits
+        [b, padded_vocab] of the last position."""
         if cache.plan != plan:
             raise ValueError("this cache was allocated for another sharing plan (sharing layers store no K)")
         if valid is None:
