@@ -139,9 +139,10 @@ class InferenceModel(nn.Module):
             self.register_buffer("output", output)
         else:
             self.output = None
-        inv_freq = 1.0 / (shape.rotary_base ** (torch.arange(0, shape.head_dim, 2, dtype=torch.float32)
+        where = embedding.device
+        inv_freq = 1.0 / (shape.rotary_base ** (torch.arange(0, shape.head_dim, 2, dtype=torch.float32, device=where)
                                                 / shape.head_dim))
-        freqs = torch.outer(torch.arange(shape.max_positions, dtype=torch.float32), inv_freq)
+        freqs = torch.outer(torch.arange(shape.max_positions, dtype=torch.float32, device=where), inv_freq)
         freqs = torch.cat([freqs, freqs], dim=-1)
         # Rounded to the model dtype when the module is cast, as megatron rounds cos/sin to the activations'.
         self.register_buffer("rope_cos", freqs.cos().to(embedding.dtype), persistent=False)
