@@ -97,8 +97,10 @@ def test_cached_greedy_equals_recomputing_the_sequence(region):
     assert [len(t) for t in cached.tokens] == [14, 14, 14] and cached.finish_reasons == ["length"] * 3
     assert cached.region == region and cached.sharing_layers == list(range(4 - region, 4))
     # A prompt decodes the same alone as in a padded batch.
-    alone = gen.generate([PROMPTS[2]], max_new_tokens=14, epas_region=region)
-    assert alone.tokens[0] == cached.tokens[2]
+    alone = gen.generate(PROMPTS[2], max_new_tokens=14, epas_region=region)  # one prompt, as a list of ids
+    assert alone.tokens == [cached.tokens[2]]
+    as_tensor = gen.generate(torch.tensor(PROMPTS[1])[None], max_new_tokens=14, epas_region=region)
+    assert as_tensor.tokens == [cached.tokens[1]]
     if region == 3:  # the region matters: the comparison can fail
         assert gen.generate(PROMPTS, max_new_tokens=14, epas_region=0).tokens != cached.tokens
 

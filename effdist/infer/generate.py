@@ -261,6 +261,7 @@ class Generator:
         self.cuda_graphs = cuda_graphs
         self.tokenizer_search = tokenizer_search
         self._runner: Optional[DecodeRunner] = None
+        self.checkpoint: Optional[CheckpointInfo] = None  # set by from_checkpoint
         self.plan_for(self.default_region, warn=False)  # check it now, warn when it is used
 
     @classmethod
@@ -307,7 +308,8 @@ class Generator:
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompts: Union[Prompt, Sequence[Prompt]]) -> list[list[int]]:
-        if isinstance(prompts, str) or (torch.is_tensor(prompts) and prompts.dim() == 1):
+        one_id_list = isinstance(prompts, (list, tuple)) and bool(prompts) and all(isinstance(t, int) for t in prompts)
+        if isinstance(prompts, str) or one_id_list or (torch.is_tensor(prompts) and prompts.dim() == 1):
             prompts = [prompts]
         elif torch.is_tensor(prompts):
             prompts = list(prompts)
