@@ -11,3 +11,15 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def megatron_one_process():
+    """A gloo world of one process + megatron parallel state (TP=PP=1) + the CPU compatibility layer."""
+    from effdist.runtime.distributed import one_process_megatron
+
+    with one_process_megatron(seed=1234):
+        yield

@@ -17,29 +17,8 @@ SEQ, BATCH = 16, 2
 
 
 @pytest.fixture(scope="module", autouse=True)
-def megatron_one_process():
-    """gloo world of one process + megatron parallel state (TP=PP=1) + the CPU compatibility layer."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from effdist.runtime import cpu_compat
-
-    installed = not cpu_compat.is_installed()
-    cpu_compat.install()
-    started_pg = not dist.is_initialized()
-    if started_pg:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    started_mp = not parallel_state.model_parallel_is_initialized()
-    if started_mp:
-        parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
+def megatron_one_process(megatron_one_process):
     yield
-    if started_mp:
-        parallel_state.destroy_model_parallel()
-    if started_pg:
-        dist.destroy_process_group()
-    if installed:
-        cpu_compat.uninstall()
-
 
 def make_cfg(*overrides: str, epas: bool = True):
     base = ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",

@@ -18,32 +18,8 @@ N = TOKENS_S * TOKENS_B
 
 
 @pytest.fixture(scope="module", autouse=True)
-def megatron_tp1():
-    """One process, TP = PP = 1, megatron on CPU (undone afterwards if this module set it up)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from effdist.runtime import cpu_compat
-    from effdist.runtime.distributed import _seed_cpu_tracker
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    installed_here = not cpu_compat.is_installed()
-    cpu_compat.install()
-    started_dist = not dist.is_initialized()
-    if started_dist:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    started_mp = not parallel_state.model_parallel_is_initialized()
-    if started_mp:
-        parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
-    _seed_cpu_tracker(1234)
+def megatron_tp1(megatron_one_process):
     yield
-    if started_mp:
-        parallel_state.destroy_model_parallel()
-    if started_dist:
-        dist.destroy_process_group()
-    if installed_here:
-        cpu_compat.uninstall()
-
 
 def _cfg(*sets: str):
     return load_config(None, list(sets))

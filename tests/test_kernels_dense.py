@@ -311,31 +311,6 @@ def test_kernels_compile_for_h100():
 SEQ, BATCH = 16, 2
 
 
-@pytest.fixture(scope="module")
-def megatron_one_process():
-    """gloo world of one process + megatron parallel state (TP=PP=1) + the CPU compatibility layer."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from effdist.runtime import cpu_compat
-
-    installed = not cpu_compat.is_installed()
-    cpu_compat.install()
-    started_pg = not dist.is_initialized()
-    if started_pg:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    started_mp = not parallel_state.model_parallel_is_initialized()
-    if started_mp:
-        parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
-    yield
-    if started_mp:
-        parallel_state.destroy_model_parallel()
-    if started_pg:
-        dist.destroy_process_group()
-    if installed:
-        cpu_compat.uninstall()
-
-
 def tiny_cfg(*overrides: str):
     from effdist.config import load_config
 

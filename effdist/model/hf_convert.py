@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
+from effdist.runtime.distributed import one_process_megatron  # noqa: F401 (re-exported)
 from effdist.config import Config, ConfigError, config_from_dict, validate
 
 TORCH_FORMAT = "effdist-model-v1"
@@ -251,35 +252,6 @@ def load_torch(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
     if not isinstance(blob, dict) or blob.get("format") != TORCH_FORMAT:
         raise ConversionError(f"{path} is not an effdist model file (format {TORCH_FORMAT})")
     return config_from_dict(blob["config"]), blob["model"]
-
-
-@contextlib.contextmanager
-def one_process_megatron() -> Iterator[None]:
-    """A gloo world of one process with megatron parallel state (TP=PP=1), unless one already exists."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from effdist.runtime import cpu_compat
-    from effdist.runtime.distributed import _seed_cpu_tracker
-
-    installed = not cpu_compat.is_installed()
-    cpu_compat.install()
-    started_pg = not dist.is_initialized()
-    if started_pg:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    started_mp = not parallel_state.model_parallel_is_initialized()
-    if started_mp:
-        parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
-        _seed_cpu_tracker(0)
-    try:
-        yield
-    finally:
-        if started_mp:
-            parallel_state.destroy_model_parallel()
-        if started_pg:
-            dist.destroy_process_group()
-        if installed:
-            cpu_compat.uninstall()
 
 
 def _cpu_model(cfg: Config, dtype: torch.dtype):

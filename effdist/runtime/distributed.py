@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,3 +152,45 @@ def teardown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def seed_model_parallel_rng(seed: int, cuda: bool) -> None:
+    """The default and the tensor-parallel RNG streams, on the GPU or on the CPU tracker."""
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    if cuda:
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        _seed_cpu_tracker(seed)
+
+
+@contextlib.contextmanager
+def one_process_megatron(cuda: bool = False, seed: int = 0) -> Iterator[None]:
+    """A world of one process with megatron parallel state (TP=PP=1), for tools, benchmarks and tests that
+    build a model outside the trainer: nccl on GPU, gloo plus the CPU compatibility layer on CPU. Reuses a
+    process group or parallel state that already exists, and tears down only what it started."""
+    from megatron.core import parallel_state
+
+    installed = False
+    if cuda:
+        torch.cuda.set_device(0)
+    elif not cpu_compat.is_installed():
+        cpu_compat.install()
+        installed = True
+    started_pg = not dist.is_initialized()
+    if started_pg:
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    started_mp = not parallel_state.model_parallel_is_initialized()
+    if started_mp:
+        parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
+    seed_model_parallel_rng(seed, cuda)
+    try:
+        yield
+    finally:
+        if started_mp:
+            parallel_state.destroy_model_parallel()
+        if started_pg:
+            dist.destroy_process_group()
+        if installed:
+            cpu_compat.uninstall()
