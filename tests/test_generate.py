@@ -62,7 +62,7 @@ def test_inference_logits_equal_megatron_gptmodel(region, ffn_kind, tie):
     from effdist.config import Config
     from effdist.epas import set_region
     from effdist.model.gpt import build_gpt
-    from effdist.model.hf_convert import one_process_megatron
+    from effdist.runtime.distributed import one_process_megatron
 
     cfg = Config()
     cfg.epas.enabled, cfg.epas.final_region = True, 3
