@@ -70,8 +70,9 @@ def _kill_at(run_dir: Path, overrides: list[str], nproc: int, step: int, during_
             proc.wait()
 
 
-@pytest.mark.parametrize("layout, nproc, seed", [("tp2", 2, 11), ("dp2", 2, 12)])
-def test_sigkill_then_resume_reproduces_uninterrupted_run(tmp_path, data_cache, layout, nproc, seed):
+@pytest.mark.parametrize("layout, nproc, seed, during_save", [("tp2", 2, 11, False), ("dp2", 2, 12, True)])
+def test_sigkill_then_resume_reproduces_uninterrupted_run(tmp_path, data_cache, layout, nproc, seed, during_save):
+    """TP=2 killed at a random step; DP=2 killed at a random step while an async save is being written."""
     overrides = BASE + [f"data.cache_dir={data_cache}", "checkpoint.async_save=true"]
     if layout == "tp2":
         overrides.append("parallel.tp=2")
@@ -80,9 +81,7 @@ def test_sigkill_then_resume_reproduces_uninterrupted_run(tmp_path, data_cache, 
 
     rng = random.Random(seed)
     run = tmp_path / "killed"
-    # First kill at a random step, the second right while an async save is being written.
-    _kill_at(run, overrides, nproc, step=rng.randint(1, STEPS - 3), during_save=False)
-    _kill_at(run, overrides, nproc, step=rng.randint(3, STEPS - 2), during_save=True)
+    _kill_at(run, overrides, nproc, step=rng.randint(3, STEPS - 2), during_save=during_save)
     assert not any(p.name.endswith(".tmp") and (p / "effdist.json").exists()
                    for p in (run / "checkpoints").iterdir()), "a half-written checkpoint looks complete"
     run_train(run, overrides, nproc=nproc)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The H100 measurements recorded in docs/benchmarks.md, in one device session (each piece time-capped so
+# The H100 measurements owed to docs/benchmarks.md (see its "Not measured" section), in one or two device sessions (each piece time-capped so
 # one overrun cannot lose the rest). Usage on the GPU machine, from the repo root: bash tools/gpu_h100_suite.sh OUTDIR
 set -u
 out="${1:-/tmp/effdist-gpu}"; mkdir -p "$out"
@@ -25,4 +25,8 @@ run 230 python3 tools/loss_parity.py --config configs/llama-125m.yaml --steps 80
 run 120 python3 tools/bench_checkpoint.py --model llama-1b --json "$out/bench_checkpoint.json"
 # Issue #9 detail: each kernel against the torch code it replaces.
 run 90 python3 tools/bench_kernels.py --json "$out/bench_kernels.json"
+# Issue #7: decode throughput and KV-cache bytes vs region 0 (LLaMA-1B shape, batch 1/8/32, context 512/2048).
+run 240 python3 tools/bench_decode.py --json "$out/bench_decode.json"
+# GPU-only correctness tests (kernels, FFNs, generation).
+run 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
 exit 0
