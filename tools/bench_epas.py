@@ -17,6 +17,8 @@ the speed-up over region 0, and the "ideal" speed-up if step time were proportio
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import gc
 import json
 import statistics
@@ -39,34 +41,23 @@ VOCAB = 32000
 
 
 def init_megatron(cuda: bool, seed: int = 1234) -> None:
-    """One process, world size 1, TP = PP = 1 (nccl on GPU, gloo + the CPU compatibility layer on CPU)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
+    """One process, world size 1, TP = PP = 1, for the rest of this process (nccl on GPU, gloo + the CPU
+    compatibility layer on CPU)."""
+    from effdist.runtime.distributed import one_process_megatron
 
-    if cuda:
-        torch.cuda.set_device(0)
-    else:
-        from effdist.runtime import cpu_compat
+    _WORLD.enter_context(one_process_megatron(cuda, seed))
 
-        cpu_compat.install()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
-    reseed(cuda, seed)
+
+_WORLD = contextlib.ExitStack()
+# Tear the world down while the interpreter is still whole (not from a half-collected generator).
+atexit.register(_WORLD.close)
 
 
 def reseed(cuda: bool, seed: int = 1234) -> None:
     """Same generators before each build: the dense and the EPAS model start from the same weights."""
-    from megatron.core import tensor_parallel
+    from effdist.runtime.distributed import seed_model_parallel_rng
 
-    torch.manual_seed(seed)
-    if cuda:
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    else:
-        from effdist.runtime.distributed import _seed_cpu_tracker
-
-        _seed_cpu_tracker(seed)
+    seed_model_parallel_rng(seed, cuda)
 
 
 def make_config(shape: str, epas: bool, region: int = 0):

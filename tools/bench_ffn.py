@@ -18,6 +18,8 @@ A second table times the Triton kernels against their torch references on the sa
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import json
 import statistics
 import sys
@@ -53,26 +55,16 @@ class Variant:
 
 
 def init_megatron(cuda: bool, seed: int = 1234) -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
+    """One process, world size 1, TP = PP = 1, for the rest of this process (nccl on GPU, gloo + the CPU
+    compatibility layer on CPU)."""
+    from effdist.runtime.distributed import one_process_megatron
 
-    if cuda:
-        torch.cuda.set_device(0)
-    else:
-        from effdist.runtime import cpu_compat
+    _WORLD.enter_context(one_process_megatron(cuda, seed))
 
-        cpu_compat.install()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
-    torch.manual_seed(seed)
-    if cuda:
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    else:
-        from effdist.runtime.distributed import _seed_cpu_tracker
 
-        _seed_cpu_tracker(seed)
+_WORLD = contextlib.ExitStack()
+# Tear the world down while the interpreter is still whole (not from a half-collected generator).
+atexit.register(_WORLD.close)
 
 
 def variants() -> list[Variant]:

@@ -117,11 +117,8 @@ def unwrap(module):
     return getattr(module, "module", module)
 
 
-def save(ckpt_dir: Path, step: int, model_chunks, optimizer, runtime, common: dict[str, Any],
-         marker: dict[str, Any]) -> Path:
-    """Write a complete checkpoint for `step` and make it visible atomically. Collective."""
-    from megatron.core import dist_checkpointing
-
+def _start_save(ckpt_dir: Path, step: int, runtime) -> tuple[Path, Path]:
+    """An empty ``iter_N.tmp`` to write into (rank 0 makes it, everyone waits); returns (tmp, final)."""
     final = ckpt_dir / iter_name(step)
     tmp = ckpt_dir / (iter_name(step) + ".tmp")
     if runtime.is_logging_rank:
@@ -130,6 +127,15 @@ def save(ckpt_dir: Path, step: int, model_chunks, optimizer, runtime, common: di
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
+    return tmp, final
+
+
+def save(ckpt_dir: Path, step: int, model_chunks, optimizer, runtime, common: dict[str, Any],
+         marker: dict[str, Any]) -> Path:
+    """Write a complete checkpoint for `step` and make it visible atomically. Collective."""
+    from megatron.core import dist_checkpointing
+
+    tmp, final = _start_save(ckpt_dir, step, runtime)
     optimizer.ensure_state()
     sd = build_state_dict(model_chunks, optimizer, runtime, common)
     dist_checkpointing.save(sd, str(tmp))
@@ -186,14 +192,7 @@ class AsyncSaver:
         from megatron.core import dist_checkpointing
 
         self.wait()  # at most one save in flight: the staging buffers are about to be overwritten
-        final = ckpt_dir / iter_name(step)
-        tmp = ckpt_dir / (iter_name(step) + ".tmp")
-        if runtime.is_logging_rank:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        _barrier()
+        tmp, final = _start_save(ckpt_dir, step, runtime)
         optimizer.ensure_state()
         sd = build_state_dict(model_chunks, optimizer, runtime, common)
         self.staging.stage(sd)
