@@ -429,12 +429,13 @@ def _validate_deepspeed(cfg: Config) -> None:
         _fail("parallel.sequence_parallel", True, "DeepSpeed does not sum the partial gradients of weights replicated "
               "over tensor-parallel ranks; set it to false, or use train.engine=megatron")
     if ds.offload_params and ds.zero_stage != 3:
-        _fail("deepspeed.offload_params", True, f"parameter offload needs deepspeed.zero_stage=3 (it is {ds.zero_stage})")
+        _fail("deepspeed.offload_params", True,
+              f"parameter offload needs deepspeed.zero_stage=3 (it is {ds.zero_stage})")
     if ds.offload_optimizer and ds.zero_stage == 0:
         _fail("deepspeed.offload_optimizer", True, "optimizer offload needs deepspeed.zero_stage >= 1")
-    if ds.zero_stage == 3 and cfg.epas.enabled:
-        _fail("epas.enabled", True, "EPAS keeps the Wq/Wk rows of whole weights, which ZeRO-3 partitions; use "
-              "deepspeed.zero_stage 1 or 2")
+    if cfg.epas.enabled and ds.zero_stage not in (1, 2):
+        _fail("epas.enabled", True, "under train.engine=deepspeed EPAS keeps the Wq/Wk rows of the fp32 master "
+              f"weights of ZeRO-1/2 (deepspeed.zero_stage={ds.zero_stage}); use deepspeed.zero_stage 1 or 2")
     if cfg.checkpoint.async_save:
         _fail("checkpoint.async_save", True, "DeepSpeed writes its own checkpoints synchronously; set it to false")
     if cfg.optim.distributed_optimizer:
@@ -445,7 +446,8 @@ def _validate_deepspeed(cfg: Config) -> None:
     try:
         import deepspeed  # noqa: F401
     except ImportError as e:
-        _fail("train.engine", "deepspeed", f"DeepSpeed is not installed ({e}); install it with {DEEPSPEED_INSTALL_HINT}")
+        _fail("train.engine", "deepspeed",
+              f"DeepSpeed is not installed ({e}); install it with {DEEPSPEED_INSTALL_HINT}")
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:

@@ -178,6 +178,9 @@ class Trainer:
         same_layout = marker.get("tp") == rt.tp and marker.get("pp") == rt.pp and marker.get("dp") == rt.dp
         if self.engine is not None:
             common = self.engine.load(path, restore_rng=same_layout)
+        elif marker.get("engine", "megatron") != "megatron":
+            raise ckpt.CheckpointError(f"checkpoint {path} was written by the {marker['engine']} engine; resume it "
+                                       f"with train.engine={marker['engine']}")
         else:
             common = ckpt.load(path, self.model_chunks, self.optimizer, rt, restore_rng=same_layout)
         self.step = int(common["step"])
