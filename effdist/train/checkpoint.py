@@ -62,7 +62,8 @@ def _barrier():
         dist.barrier()
 
 
-def _rng_state(runtime) -> dict:
+def rng_state(runtime) -> dict:
+    """Every generator a resumed run must continue: python, numpy, torch (CPU and CUDA), megatron's tracker."""
     from megatron.core.tensor_parallel import random as mrandom
 
     state = {
@@ -76,7 +77,7 @@ def _rng_state(runtime) -> dict:
     return state
 
 
-def _set_rng_state(state: dict, runtime) -> None:
+def set_rng_state(state: dict, runtime) -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
     __import__("random").setstate(state["python"])
@@ -105,7 +106,7 @@ def build_state_dict(model_chunks, optimizer, runtime, common: dict[str, Any]) -
 
     model_sd = model_sharded_state_dict(model_chunks)
     rng = ShardedObject(
-        "rng_state", _rng_state(runtime), (runtime.pp, runtime.tp, runtime.dp),
+        "rng_state", rng_state(runtime), (runtime.pp, runtime.tp, runtime.dp),
         (runtime.pp_rank, runtime.tp_rank, runtime.dp_rank), replica_id=0,
     )
     return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd), "rng_state": rng,
@@ -141,7 +142,7 @@ def save(ckpt_dir: Path, step: int, model_chunks, optimizer, runtime, common: di
     dist_checkpointing.save(sd, str(tmp))
     _barrier()
     if runtime.is_logging_rank:
-        _finalize(ckpt_dir, tmp, final, step, marker)
+        make_visible(ckpt_dir, tmp, final, step, marker)
     _barrier()
     return final
 
@@ -200,7 +201,7 @@ class AsyncSaver:
 
         def finalize():
             if runtime.is_logging_rank:
-                _finalize(ckpt_dir, tmp, final, step, marker)
+                make_visible(ckpt_dir, tmp, final, step, marker)
                 if after_finalize is not None:
                     after_finalize()
             _barrier()
@@ -266,8 +267,9 @@ def verify(path: Path, check_crc: bool = True) -> None:
                 raise CheckpointError(f"checkpoint {path}: {rel} fails its CRC32 check (corrupted on disk)")
 
 
-def _finalize(ckpt_dir: Path, tmp: Path, final: Path, step: int, marker: dict[str, Any]) -> None:
-    """Rank 0: record the manifest, then make the checkpoint visible under its final name."""
+def make_visible(ckpt_dir: Path, tmp: Path, final: Path, step: int, marker: dict[str, Any]) -> None:
+    """Rank 0, after every rank wrote its files: record the manifest, then make the checkpoint visible under
+    its final name (any engine's checkpoint directory: dist_checkpointing's or DeepSpeed's)."""
     marker = dict(marker, step=step, saved_at=time.time(), files=manifest(tmp))
     _write_atomic(tmp / MARKER, json.dumps(marker, indent=1))
     if final.exists():
@@ -300,7 +302,7 @@ def load(path: Path, model_chunks, optimizer, runtime, restore_rng: bool = True)
     _load_chunks(model_chunks, loaded["model"])
     optimizer.load_sharded_state_dict(loaded["optimizer"])
     if restore_rng and "rng_state" in loaded:
-        _set_rng_state(loaded["rng_state"], runtime)
+        set_rng_state(loaded["rng_state"], runtime)
     common = dist_checkpointing.load_common_state_dict(str(path))
     return common.get("common", {}) if isinstance(common, dict) else {}
 

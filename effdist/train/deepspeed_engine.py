@@ -378,10 +378,10 @@ class DeepSpeedEngine:
                 shutil.rmtree(tmp)
         dist.barrier()
         self.ds.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state={"effdist": common}, save_latest=False)
-        torch.save(ckpt._rng_state(rt), tmp / _RNG_FILE.format(rank=rt.rank))
+        torch.save(ckpt.rng_state(rt), tmp / _RNG_FILE.format(rank=rt.rank))
         dist.barrier()
         if rt.is_logging_rank:
-            ckpt._finalize(ckpt_dir, tmp, final, step, dict(marker, **self._marker_extra()))
+            ckpt.make_visible(ckpt_dir, tmp, final, step, dict(marker, **self._marker_extra()))
         dist.barrier()
         return final
 
@@ -407,7 +407,7 @@ class DeepSpeedEngine:
             raise ckpt.CheckpointError(f"checkpoint {path}: DeepSpeed could not load it (see the messages above)")
         rng_file = path / _RNG_FILE.format(rank=rt.rank)
         if restore_rng and rng_file.is_file():
-            ckpt._set_rng_state(torch.load(rng_file, weights_only=False), rt)
+            ckpt.set_rng_state(torch.load(rng_file, weights_only=False), rt)
         return client["effdist"]
 
     def load_model_only(self, path: Path) -> None:
