@@ -1,6 +1,7 @@
 """The pipeline executor on real gloo processes: every schedule gives the pp=1 loss and gradients, tuples of
 tensors cross boundaries with their gradients, measured activation memory follows the simulator, failures turn
-into errors on every rank, and the B/W-split linears are megatron's numerics.
+into errors on every rank, the B/W-split linears are megatron's numerics, and recorded per-action timelines list
+each rank's actions in order.
 
 Each launch starts its ranks directly (RANK/WORLD_SIZE/MASTER_* in the environment) running this file as a
 script (`_worker`); the ranks check in-process against a reference computed on every rank and rank 0 writes a
@@ -22,6 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULES = ("1f1b", "interleaved", "zb-h1", "v-min", "v-half", "v-zb")
 MEMORY_SCHEDULES = ("1f1b", "v-half", "v-min", "v-zb")
+TIMELINE_SCHEDULES = ("1f1b", "v-zb")
 
 pytestmark = pytest.mark.slow
 
@@ -136,6 +138,34 @@ def test_forward_rows_defers_only_the_selected_rows(pp2):
     assert entry["other_rows_zero"], "rows outside the selection received a gradient"
 
 
+@pytest.mark.parametrize("schedule", TIMELINE_SCHEDULES)
+def test_timeline_records_each_action_of_each_rank_in_order(pp2, schedule):
+    entry = pp2["timeline"][schedule]
+    assert entry["before_recording"].startswith("PipelineError") and "record_timeline" in entry["before_recording"]
+    assert entry["loss_recorded"] == entry["loss_plain"], "recording the timeline changed the step's loss"
+    records = entry["records"]
+    for rank, expected in enumerate(entry["actions"]):
+        row = [r for r in records if r["rank"] == rank]
+        assert [f"{r['chunk']}{r['kind']}{r['microbatch']}" for r in row] == expected, f"rank {rank}"
+        assert row[0]["start"] >= 0.0, f"rank {rank} starts before its step start"
+        for r in row:
+            assert r["end"] > r["start"], f"rank {rank}: {r} has no duration"
+        for a, b in zip(row, row[1:]):
+            assert b["start"] >= a["end"], f"rank {rank}: {b} starts before {a} ended"
+    assert Path(entry["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_timeline_counts_a_wait_for_the_peer_as_idle(pp2):
+    """Rank 0 sleeps 0.3 s inside its first F; rank 1's first action (the next chunk of that microbatch) must
+    start after the sleep on the common clock, and its own span must not contain the wait."""
+    records = pp2["timeline"]["delayed"]["records"]
+    first0 = next(r for r in records if r["rank"] == 0)
+    first1 = next(r for r in records if r["rank"] == 1)
+    assert first0["end"] - first0["start"] >= 0.3
+    assert first1["start"] >= 0.3 - 0.05, first1
+    assert first1["end"] - first1["start"] < 0.25, f"rank 1's first action includes the wait: {first1}"
+
+
 def test_checkpoint_keys_are_global(pp4):
     for placement, entry in pp4["keys"].items():
         assert entry["missing"] == [] and entry["extra"] == [], f"{placement}: {entry}"
@@ -153,13 +183,14 @@ def test_measured_peak_activation_matches_simulator(pp4, schedule, microbatches)
 
 
 def test_signature_mismatch_and_silent_peer_fail_fast(tmp_path):
-    """Ranks that disagree about a boundary all raise; a tensor of the wrong shape raises on its producer, and
-    the peer waiting for it gets an error after parallel.timeout_s instead of hanging."""
+    """Ranks that disagree about a boundary (or about recording a timeline) all raise; a tensor of the wrong shape
+    raises on its producer, and the peer waiting for it gets an error after parallel.timeout_s instead of hanging."""
     t0 = time.monotonic()
     _, outcomes = launch(2, "fail", tmp_path, timeout=120)
     _check_ok(outcomes)
     for rank, (_, err) in enumerate(outcomes):
         assert "SIGNATURE-ERROR" in err and "disagree about what crosses" in err, f"rank {rank}:\n{err[-3000:]}"
+        assert "RECORDING-ERROR" in err and "record_timeline=True" in err, f"rank {rank}:\n{err[-3000:]}"
     assert "SHAPE-ERROR" in outcomes[0][1] and "boundary signature is" in outcomes[0][1], outcomes[0][1][-3000:]
     assert "PEER-ERROR" in outcomes[1][1], outcomes[1][1][-3000:]
     assert "parallel.timeout_s" in outcomes[1][1]
@@ -218,9 +249,10 @@ def test_trainer_pp2_matches_pp1(tmp_path, train_data, pp1_losses, schedule):
 def test_bench_tiny_smoke(tmp_path):
     from tests.launching import clean_env
 
-    out = tmp_path / "bench.json"
+    out, pictures = tmp_path / "bench.json", tmp_path / "timelines"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tools" / "bench_pipeline.py"), "--tiny", "--schedules", "1f1b,zb-h1,v-min", "--json", str(out)]
+           str(ROOT / "tools" / "bench_pipeline.py"), "--tiny", "--schedules", "1f1b,zb-h1,v-min", "--json", str(out),
+           "--timeline-dir", str(pictures)]
     proc = subprocess.run(cmd, env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(out.read_text())
@@ -229,6 +261,11 @@ def test_bench_tiny_smoke(tmp_path):
         assert r["tokens_per_s"] > 0 and len(r["peak_mem_gib"]) == 2
         for measured, predicted in zip(r["activation_units"], r["simulated_units"]):
             assert measured == pytest.approx(predicted, rel=0.05), r
+        assert len(r["measured_bubble_rates"]) == 2 and all(0 <= b < 1 for b in r["measured_bubble_rates"]), r
+        assert (pictures / f"timeline_{r['schedule']}.png").read_bytes()[:4] == b"\x89PNG"
+        picture = json.loads((pictures / f"timeline_{r['schedule']}.json").read_text())
+        assert picture["measured"]["bubble_rates"] == r["measured_bubble_rates"]
+        assert len(picture["measured"]["actions"]) == len(picture["simulated"]["actions"]) > 0
     assert "tokens/s" in proc.stdout and "v-min" in proc.stdout
 
 
@@ -545,7 +582,67 @@ def _phase_pp2(report: dict) -> None:
                                     qk_boundaries=crossing)
         pipe.close()
 
+    report["timeline"] = _timeline_checks(rt)
     report["split_linears"] = _split_linear_checks()
+
+
+def _timeline_checks(rt) -> dict:
+    """Per-action timelines (effdist.pipeline.timeline): a plain step and a recorded one, gathered to rank 0,
+    drawn beside the simulation; then a step in which rank 0's first action is slowed down."""
+    import time as clock
+
+    import torch.distributed as dist
+
+    from effdist.pipeline import executor, timeline
+    from effdist.pipeline.render import write_measured_png
+    from effdist.pipeline.simulate import simulate
+
+    out: dict = {}
+    m = 4
+    for name in TIMELINE_SCHEDULES:
+        cfg = _cfg(8, 2, name, m)
+        mbs = _batches(cfg, m, seed=13)
+        pipe, wrapped = _pipeline(cfg, rt)
+        try:
+            pipe.timeline()
+            before = "no error"
+        except executor.PipelineError as e:
+            before = f"PipelineError: {e}"
+        loss_plain = _step(pipe, wrapped, mbs)
+        pipe.record_timeline = True
+        loss_recorded = _step(pipe, wrapped, mbs)
+        measured = timeline.gather_timings(pipe.timeline(), pipe.group)
+        if measured is not None:
+            png = write_measured_png(measured, simulate(pipe.last_schedule),
+                                     Path(os.environ["EFFDIST_TEST_DIR"]) / f"timeline_{name}.png")
+            out[name] = {"records": timeline.to_dicts(measured), "png": str(png), "before_recording": before,
+                         "loss_plain": loss_plain, "loss_recorded": loss_recorded,
+                         "actions": [[str(a) for a in acts] for acts in pipe.last_schedule.actions]}
+        pipe.close()
+
+    cfg = _cfg(8, 2, "1f1b", m)
+    pipe, wrapped = _pipeline(cfg, rt)
+    pipe.record_timeline = True
+    original = executor.Pipeline._execute
+    if dist.get_rank() == 0:
+        first = [True]
+
+        def slow_first(self, action, schedule, state):
+            if first[0]:
+                first[0] = False
+                clock.sleep(0.3)
+            return original(self, action, schedule, state)
+
+        executor.Pipeline._execute = slow_first
+    try:
+        _step(pipe, wrapped, _batches(cfg, m, seed=13))
+    finally:
+        executor.Pipeline._execute = original
+    measured = timeline.gather_timings(pipe.timeline(), pipe.group)
+    if measured is not None:
+        out["delayed"] = {"records": timeline.to_dicts(measured)}
+    pipe.close()
+    return out
 
 
 def _split_linear_checks() -> dict:
@@ -638,6 +735,14 @@ def _phase_fail(report: dict) -> None:
         print("no error for disagreeing signatures", file=sys.stderr)
     except PipelineCommError as e:
         print(f"SIGNATURE-ERROR {e}", file=sys.stderr, flush=True)
+
+    pipe, wrapped = _pipeline(cfg, rt)
+    pipe.record_timeline = dist.get_rank() == 0  # only one rank would enter the timeline's barrier
+    try:
+        _step(pipe, wrapped, mbs)
+        print("no error for a timeline recorded on one rank only", file=sys.stderr)
+    except PipelineCommError as e:
+        print(f"RECORDING-ERROR {e}", file=sys.stderr, flush=True)
 
     class WrongShape(BoundaryExtras):
         def specs(self, boundary, hidden):

@@ -12,6 +12,9 @@ the simulator's unit next to the simulator's prediction. On GPU it also runs meg
     torchrun --nproc_per_node 2 tools/bench_pipeline.py --check         # correctness vs pp=1 (fp32, small model)
 
 pp is the number of processes (tp = 1, no data parallelism). Prints a table and, on rank 0, the JSON record.
+With ``--timeline-dir DIR`` each schedule runs one more step with every action timed (effdist.pipeline.timeline):
+rank 0 writes DIR/timeline_<schedule>.png (measured above simulated) and .json, and the schedule's record gets the
+measured bubble fractions.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per schedule")
     p.add_argument("--no-megatron", action="store_true", help="skip megatron-core's own 1F1B (always skipped on CPU)")
     p.add_argument("--json", default=None, help="also write the JSON record to this file")
+    p.add_argument("--timeline-dir", default=None, metavar="DIR",
+                   help="after timing each schedule, record one step's per-action timeline; rank 0 writes "
+                        "DIR/timeline_<schedule>.png and .json (measured vs simulated)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny model, few steps (gloo works too)")
     p.add_argument("--hang-dump", type=float, default=0.0, metavar="S",
                    help="print every thread's stack if the run is still going after S seconds (diagnosing hangs)")
@@ -166,10 +172,48 @@ def time_effdist(args, schedule: str, rt) -> dict:
         "b_frees": metrics.get("pipeline_b_frees"),
         "activation_unit_bytes": metrics.get("pipeline_activation_unit_bytes"),
     }
+    if args.timeline_dir:
+        record.update(record_timeline(Path(args.timeline_dir), pipe, step, sim.b_frees, rt))
     pipe.close()
     del pipe, wrapped
     _free_memory(rt)
     return record
+
+
+def record_timeline(out_dir: Path, pipe, step, b_frees: float, rt) -> dict:
+    """One more step with every action timed. Rank 0 writes out_dir/timeline_<schedule>.png and .json (the
+    measured records next to the simulation with costs fitted to them) and returns the measured bubble fractions
+    for the schedule's record; the other ranks return {}."""
+    from effdist.pipeline import timeline
+    from effdist.pipeline.render import write_measured_png
+    from effdist.pipeline.simulate import simulate
+
+    pipe.record_timeline = True
+    step()
+    pipe.record_timeline = False
+    measured = timeline.gather_timings(pipe.timeline(), pipe.group)
+    if measured is None:
+        return {}
+    schedule = pipe.last_schedule
+    seen = timeline.bubbles(timeline.by_rank(measured, schedule.pp))
+    fitted = simulate(schedule, timeline.fit_costs(measured, schedule), b_frees=b_frees)
+    name = schedule.name
+    png = write_measured_png(measured, fitted, out_dir / f"timeline_{name}.png", simulated_in_seconds=True)
+    (out_dir / f"timeline_{name}.json").write_text(json.dumps({
+        "schedule": name, "pp": schedule.pp, "microbatches": schedule.num_microbatches,
+        "clock": "seconds since each rank's step start; the starts are aligned by a barrier of the pipeline group",
+        "device": torch.cuda.get_device_name() if rt.is_cuda else "cpu",
+        "measured": {"makespan_s": seen.makespan, "bubble_rate": seen.overall, "bubble_rates": seen.ranks,
+                     "actions": timeline.to_dicts(measured)},
+        "simulated": {"costs_s": fitted.costs.to_dict(), "makespan_s": fitted.makespan,
+                      "bubble_rate": fitted.bubble_rate, "bubble_rates": [r.bubble_rate for r in fitted.ranks],
+                      "actions": timeline.to_dicts([t for row in fitted.timings for t in row])},
+    }, indent=1))
+    print(f"timeline {name}: bubble per rank measured {' '.join(f'{100 * b:.1f}%' for b in seen.ranks)}, simulated "
+          f"with the measured op times {' '.join(f'{100 * r.bubble_rate:.1f}%' for r in fitted.ranks)} -> {png}",
+          flush=True)
+    return {"measured_bubble_rate": seen.overall, "measured_bubble_rates": seen.ranks,
+            "fitted_costs_s": fitted.costs.to_dict(), "fitted_bubble_rate": fitted.bubble_rate}
 
 
 def time_megatron_1f1b(args, rt) -> dict:

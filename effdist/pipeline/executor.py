@@ -12,6 +12,7 @@
 Transfers are posted in the order of p2p.CommPlan (batched isend/irecv, receives posted as early as that order
 allows, waited for just before use), which cannot deadlock with gloo or NCCL. The memory probe counts the
 activation bytes this rank holds over time (memory_probe.py) and reports per-rank peaks in the simulator's unit.
+With `record_timeline` on, a StepRecorder (timeline.py) times every action of the step; `timeline()` returns them.
 
 Extras crossing a boundary (EPAS sends the anchor layer's Q/K beside the hidden states) are described by a
 `BoundaryExtras` object given to `Pipeline.set_boundary_extras`; its `specs` are asked again at every step,
@@ -24,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -45,6 +46,8 @@ from effdist.pipeline.p2p import (
     describe_signature,
 )
 from effdist.pipeline.schedules import build_schedule
+from effdist.pipeline.simulate import Timing
+from effdist.pipeline.timeline import StepRecorder
 from effdist.pipeline.wgrad import SPLIT_LINEARS, WEIGHT_GRAD_STORE
 
 __all__ = ["Pipeline", "PipelineError", "PipelineCommError", "BoundaryExtras", "ContextExtras", "TensorSpec",
@@ -128,6 +131,7 @@ class _StepState:
     local: dict
     freed: set
     loss_sum: torch.Tensor
+    received: dict = field(default_factory=dict)  # action -> its incoming P2P tensors, taken just before it runs
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -159,7 +163,8 @@ class Pipeline:
 
     Trainer protocol: `model_chunks` (unwrapped, forward order) -> wrap each in megatron DDP ->
     `set_wrapped_chunks(ddp_chunks)` -> per step ``forward_backward(microbatches, tokens_in_global_batch)`` ->
-    `memory_metrics()`.
+    `memory_metrics()`. Set `record_timeline` (on every rank of the pipeline) to time each action of the following
+    steps; `timeline()` gives the last recorded step.
     """
 
     def __init__(self, *, schedule_name: str, layout: ChunkLayout, chunks: Sequence[torch.nn.Module], pp_rank: int,
@@ -202,6 +207,9 @@ class Pipeline:
         self._p2p_warm = False
         self._metrics: dict[str, Any] = {}
         self.last_schedule: Optional[Schedule] = None
+        # Per-action timing (timeline.py); off by default: it adds a barrier and a device synchronize per step.
+        self.record_timeline = False
+        self._timeline: Optional[list[Timing]] = None
 
     # ------------------------------------------------------------------ configuration
     def set_wrapped_chunks(self, wrapped: Sequence[torch.nn.Module]) -> None:
@@ -282,8 +290,8 @@ class Pipeline:
 
     def _agree_on_signatures(self, signatures: list[Signature], schedule: Schedule) -> None:
         """Every rank must expect the same tensors at every boundary; otherwise all raise the same error."""
-        text = repr((schedule.name, schedule.num_microbatches, [[(s.shape, str(s.dtype), s.requires_grad) for s in sig]
-                                                                 for sig in signatures]))
+        text = repr((schedule.name, schedule.num_microbatches, self.record_timeline,
+                     [[(s.shape, str(s.dtype), s.requires_grad) for s in sig] for sig in signatures]))
         h = zlib.crc32(text.encode())
         t = torch.tensor([h, -h], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
@@ -291,16 +299,22 @@ class Pipeline:
             return
         views: list = [None] * self.pp
         dist.all_gather_object(views, (schedule.name, schedule.num_microbatches,
-                                       [describe_signature(s) for s in signatures]), group=self.group)
+                                       [describe_signature(s) for s in signatures], self.record_timeline),
+                               group=self.group)
         lines = []
         for b in range(len(signatures)):
             seen = {r: v[2][b] if b < len(v[2]) else "-" for r, v in enumerate(views)}
             if len(set(seen.values())) > 1:
                 lines.append(f"boundary {b} -> {b + 1}: " + "; ".join(f"rank {r} expects {s}" for r, s in seen.items()))
-        if not lines:
-            lines = [f"rank {r} runs {v[0]} with {v[1]} microbatches" for r, v in enumerate(views)]
-        raise PipelineCommError("pipeline ranks disagree about what crosses the chunk boundaries this step: "
-                                + " | ".join(lines) + ". BoundaryExtras.specs must give the same answer on every rank.")
+        if lines:
+            raise PipelineCommError("pipeline ranks disagree about what crosses the chunk boundaries this step: "
+                                    + " | ".join(lines)
+                                    + ". BoundaryExtras.specs must give the same answer on every rank.")
+        raise PipelineCommError("pipeline ranks disagree about this step: "
+                                + " | ".join(f"rank {r} runs {v[0]} with {v[1]} microbatches, record_timeline={v[3]}"
+                                             for r, v in enumerate(views))
+                                + ". Every rank must run the same schedule and microbatch count, and set "
+                                "record_timeline alike.")
 
     # ------------------------------------------------------------------ one step
     def forward_backward(self, microbatches: Sequence[dict], tokens_in_global_batch: float) -> torch.Tensor:
@@ -320,6 +334,10 @@ class Pipeline:
         if not self._p2p_warm:
             self._warm_up_p2p(plan, hidden)
             self._p2p_warm = True
+        recorder = StepRecorder(self.pp_rank, self.device, self.group) if self.record_timeline else None
+        if recorder is not None:
+            self._timeline = None
+            recorder.begin()  # a barrier of the pipeline group: every rank's time origin (timeline.py)
 
         store = WEIGHT_GRAD_STORE
         if store.pending_keys():
@@ -338,7 +356,17 @@ class Pipeline:
         try:
             transfers.advance()
             for position, action in enumerate(actions):
-                self._execute(action, schedule, state)
+                incoming = plan.recv_for.get(action)
+                if incoming is not None:
+                    # Before the action starts: a wait for the peer is idle time in a recorded timeline, as in
+                    # the simulator, not part of the action.
+                    state.received[action] = transfers.take(incoming)
+                if recorder is None:
+                    self._execute(action, schedule, state)
+                else:
+                    recorder.start()
+                    self._execute(action, schedule, state)
+                    recorder.stop(action)
                 transfers.advance()
                 self._release_sent(state)
             position = len(actions)
@@ -359,7 +387,18 @@ class Pipeline:
             store.on_defer = None
         if self._probing:
             self._collect_memory_metrics(state)
+        if recorder is not None:
+            self._timeline = recorder.timings()
         return state.loss_sum
+
+    def timeline(self) -> list[Timing]:
+        """This rank's actions of the last step run with `record_timeline` on, in execution order: Timing(action,
+        rank, start, end), seconds since the step start (see timeline.py; `timeline.gather_timings` collects all
+        ranks')."""
+        if self._timeline is None:
+            raise PipelineError("no recorded step: set pipeline.record_timeline = True on every pipeline rank, then "
+                                "run forward_backward")
+        return list(self._timeline)
 
     def _warm_up_p2p(self, plan: CommPlan, hidden: TensorSpec) -> None:
         """One exchange with every peer, all ranks at once. NCCL connects a pair on its first P2P operation and
@@ -385,6 +424,7 @@ class Pipeline:
         state.inputs.clear()
         state.outputs.clear()
         state.local.clear()
+        state.received.clear()
 
     def _execute(self, action: Action, schedule: Schedule, state: _StepState) -> None:
         if action.kind is F:
@@ -410,7 +450,7 @@ class Pipeline:
             if schedule.is_local(c - 1, c):
                 received = tuple(t.detach() for t in state.local.pop((ACTIVATION, c - 1, m)))
             else:
-                received = state.transfers.take(state.transfers.plan.recv_for[action])
+                received = state.received.pop(action)
             inputs = tuple(t.requires_grad_(s.requires_grad and t.is_floating_point()) for t, s in zip(received, sig))
         probe = self.probe.forward((c, m)) if self._probing else contextlib.nullcontext()
         with probe:
@@ -454,7 +494,7 @@ class Pipeline:
             if schedule.is_local(c, c + 1):
                 received = state.local.pop((GRADIENT, c, m))
             else:
-                received = state.transfers.take(state.transfers.plan.recv_for[action])
+                received = state.received.pop(action)
             with_grad = [o for o, s in zip(outputs, sig) if s.requires_grad]
             pairs = [(o, g) for o, g in zip(with_grad, received) if o.requires_grad]
             tensors, grads = [p[0] for p in pairs], [p[1] for p in pairs]

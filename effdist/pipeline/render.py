@@ -1,4 +1,5 @@
-"""Timeline pictures of simulated schedules: SVG written as text (one <rect> per action) and PNG via matplotlib.
+"""Timeline pictures of simulated schedules: SVG written as text (one <rect> per action) and PNG via matplotlib;
+and `write_measured_png`, a measured step (timeline.py) above its simulation.
 
 One panel per schedule; one row per rank with its actions (colour = op kind, lighter for a rank's later chunks,
 microbatch number inside when it fits) and, under it, a strip with the rank's activation memory over time
@@ -14,8 +15,9 @@ from pathlib import Path
 from typing import Sequence
 from xml.sax.saxutils import escape, quoteattr
 
-from effdist.pipeline.ir import B, BW, F, W, ActionKind
-from effdist.pipeline.simulate import SimulationResult
+from effdist.pipeline import timeline
+from effdist.pipeline.ir import B, BW, F, W, ActionKind, Schedule
+from effdist.pipeline.simulate import SimulationResult, Timing
 
 KIND_COLOURS = {F: "#4e79a7", B: "#59a14f", W: "#edc948", BW: "#e15759"}
 KIND_LABELS = {F: "F forward", B: "B input grad", W: "W weight grad", BW: "BW full backward"}
@@ -130,14 +132,59 @@ def write_svg(results: SimulationResult | Sequence[SimulationResult], path: str 
     return path
 
 
-def write_png(results: SimulationResult | Sequence[SimulationResult], path: str | Path, dpi: int = 110) -> Path:
-    """The same picture through matplotlib (Agg backend; no display needed)."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _draw_actions(ax, schedule: Schedule, rows: Sequence[Sequence[Timing]], px_per_unit: float,
+                  scale: float = 1.0) -> None:
+    """Rank r's actions as bars at y in [r, r + 0.6] (colour by kind and local chunk, microbatch number where it
+    fits); times are multiplied by `scale`. Shared by the simulated and the measured pictures."""
+    for rank, row in enumerate(rows):
+        local = {c: i for i, c in enumerate(schedule.chunks_of(rank))}
+        groups: dict[str, list[tuple[float, float]]] = {}
+        for t in row:
+            start, length = t.start * scale, (t.end - t.start) * scale
+            groups.setdefault(action_colour(t.action.kind, local[t.action.chunk]), []).append((start, length))
+            label = str(t.action.microbatch)
+            if length * px_per_unit >= 6 * len(label) + 2:
+                ax.text(start + length / 2, rank + 0.3, label, ha="center", va="center", fontsize=6)
+        for colour, bars in groups.items():
+            ax.broken_barh(bars, (rank, 0.6), facecolors=colour, edgecolors="white", linewidth=0.3)
+
+
+def _rank_axis(ax, pp: int, span: float, title: str) -> None:
+    ax.set_ylim(pp, 0)
+    ax.set_xlim(0, span)
+    ax.set_yticks([r + 0.5 for r in range(pp)], [f"rank {r}" for r in range(pp)], fontsize=8)
+    ax.set_title(title, fontsize=9, loc="left")
+    ax.tick_params(axis="x", labelsize=8)
+
+
+def _finish(plt, fig, path: str | Path, dpi: int, memory: bool) -> Path:
+    """Legend of the op kinds (and the memory strip), layout, and the file."""
     from matplotlib.patches import Patch
 
+    handles = [Patch(color=KIND_COLOURS[k], label=KIND_LABELS[k]) for k in (F, B, W, BW)]
+    if memory:
+        handles.append(Patch(color=MEMORY_COLOUR, alpha=0.6, label="activation memory"))
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.97, 0.97))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def write_png(results: SimulationResult | Sequence[SimulationResult], path: str | Path, dpi: int = 110) -> Path:
+    """The same picture through matplotlib (Agg backend; no display needed)."""
+    plt = _pyplot()
     results = _as_list(results)
     heights = [r.schedule.pp * 0.45 + 0.6 for r in results]
     fig, axes = plt.subplots(len(results), 1, figsize=(14, sum(heights) + 0.8), squeeze=False,
@@ -146,35 +193,62 @@ def write_png(results: SimulationResult | Sequence[SimulationResult], path: str 
     for ax, result in zip(axes[:, 0], results):
         schedule = result.schedule
         peak_all = max(result.peak_activation_units, 1e-12)
-        px_per_unit = 14 * dpi * 0.85 / span
-        for rank, row in enumerate(result.timings):
-            local = {c: i for i, c in enumerate(schedule.chunks_of(rank))}
-            groups: dict[str, list[tuple[float, float]]] = {}
-            for t in row:
-                groups.setdefault(action_colour(t.action.kind, local[t.action.chunk]), []).append((t.start, t.end - t.start))
-                width_px = (t.end - t.start) * px_per_unit
-                label = str(t.action.microbatch)
-                if width_px >= 6 * len(label) + 2:
-                    ax.text(t.start + (t.end - t.start) / 2, rank + 0.3, label, ha="center", va="center", fontsize=6)
-            for colour, bars in groups.items():
-                ax.broken_barh(bars, (rank, 0.6), facecolors=colour, edgecolors="white", linewidth=0.3)
+        _draw_actions(ax, schedule, result.timings, px_per_unit=14 * dpi * 0.85 / span)
+        for rank in range(schedule.pp):
             curve = result.ranks[rank].memory_units + [(result.makespan, 0.0)]
             xs = [p[0] for p in curve]
             ys = [rank + 0.95 - 0.33 * p[1] / peak_all for p in curve]
             ax.fill_between(xs, [rank + 0.95] * len(xs), ys, step="post", color=MEMORY_COLOUR, alpha=0.6, linewidth=0)
             ax.text(span * 1.005, rank + 0.8, f"peak {_fmt(result.ranks[rank].peak_activation_units)}", fontsize=7, va="center")
-        ax.set_ylim(schedule.pp, 0)
-        ax.set_xlim(0, span)
-        ax.set_yticks([r + 0.5 for r in range(schedule.pp)], [f"rank {r}" for r in range(schedule.pp)], fontsize=8)
-        ax.set_title(_title(result), fontsize=9, loc="left")
-        ax.tick_params(axis="x", labelsize=8)
+        _rank_axis(ax, schedule.pp, span, _title(result))
     axes[-1, 0].set_xlabel("time (simulation units)", fontsize=8)
-    handles = [Patch(color=KIND_COLOURS[k], label=KIND_LABELS[k]) for k in (F, B, W, BW)]
-    handles.append(Patch(color=MEMORY_COLOUR, alpha=0.6, label="activation memory"))
-    fig.legend(handles=handles, loc="upper center", ncol=5, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 0.97, 0.97))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, path, dpi, memory=True)
+
+
+def write_measured_png(measured: Sequence[Timing], simulated: SimulationResult, path: str | Path,
+                       simulated_in_seconds: bool = False, dpi: int = 110) -> Path:
+    """Measured timeline of one step (records of timeline.py, seconds; drawn in ms) above the simulated timeline
+    of the same schedule. The simulator's time is scaled so that both makespans match, unless
+    `simulated_in_seconds` (its Costs were measured, e.g. timeline.fit_costs): then both share one ms axis and the
+    makespans can be compared. Right of each rank: its bubble (idle / step time), measured and simulated."""
+    plt = _pyplot()
+    schedule = simulated.schedule
+    rows = timeline.by_rank(measured, schedule.pp)
+    timeline.check_against(rows, schedule)
+    seen = timeline.bubbles(rows)
+    measured_ms = seen.makespan * 1000.0
+    if simulated_in_seconds:
+        sim_scale = 1000.0
+        costs = _costs_text(simulated.costs, 1000.0, " ms")
+        how = f"makespan={_fmt(simulated.makespan * 1000.0)} ms"
+    else:
+        sim_scale = measured_ms / (simulated.makespan or 1.0)
+        costs = _costs_text(simulated.costs)
+        how = (f"makespan={_fmt(simulated.makespan)} units, drawn at {sim_scale:.3g} ms per unit to match the "
+               "measured one")
+    span = max(measured_ms, simulated.makespan * sim_scale) or 1.0
+    px_per_unit = 14 * dpi * 0.85 / span
+    height = schedule.pp * 0.45 + 0.6
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(14, 2 * height + 1.0), sharex=True)
+    _draw_actions(top, schedule, rows, px_per_unit, scale=1000.0)
+    _draw_actions(bottom, schedule, simulated.timings, px_per_unit, scale=sim_scale)
+    for rank in range(schedule.pp):
+        top.text(span * 1.005, rank + 0.3, f"bubble {100 * seen.ranks[rank]:.1f}%", fontsize=7, va="center")
+        bottom.text(span * 1.005, rank + 0.3, f"bubble {100 * simulated.ranks[rank].bubble_rate:.1f}%", fontsize=7,
+                    va="center")
+    _rank_axis(top, schedule.pp, span,
+               f"{schedule.name} measured: pp={schedule.pp}, microbatches={schedule.num_microbatches}, "
+               f"chunks/rank={schedule.num_chunks // schedule.pp}, step={_fmt(measured_ms)} ms, "
+               f"bubble={100 * seen.overall:.1f}%")
+    _rank_axis(bottom, schedule.pp, span,
+               f"simulated, costs per stage {costs}: {how}, "
+               f"bubble={100 * simulated.bubble_rate:.1f}%")
+    bottom.set_xlabel("time since the step start (ms)", fontsize=8)
+    return _finish(plt, fig, path, dpi, memory=False)
+
+
+def _costs_text(costs, scale: float = 1.0, unit: str = "") -> str:
+    parts = [("F", costs.forward), ("B", costs.backward_input), ("W", costs.backward_weight)]
+    if costs.comm:
+        parts.append(("comm", costs.comm))
+    return ", ".join(f"{name} {value * scale:.3g}{unit}" for name, value in parts)
