@@ -212,6 +212,32 @@ def test_sharing_layers_get_no_wq_wk_gradient():
         assert torch.count_nonzero(v_grad) > 0, f"layer {i}"
 
 
+def test_under_megatron_ddp_sharing_layers_accumulate_v_rows_straight_into_main_grad():
+    """Under DDP the V rows' gradient goes into main_grad directly (two microbatches, so it accumulates);
+    the result must equal plain autograd's gradients, with Wq/Wk rows of sharing layers exactly zero."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    region = {2, 3}
+    plain, wrapped_model = build(make_cfg()), build(make_cfg())
+    for model in (plain, wrapped_model):
+        apply_region([model], region)
+    ddp = DistributedDataParallel(config=wrapped_model.config, module=wrapped_model,
+                                  ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
+    ddp.zero_grad_buffer()
+    for seed in (3, 4):
+        tokens, positions, labels = batch(seed)
+        plain(tokens, positions, None, labels=labels).mean().backward()
+        ddp(tokens, positions, None, labels=labels).mean().backward()
+    ddp.finish_grad_sync()
+    for (name, p), q in zip(plain.named_parameters(), wrapped_model.parameters()):
+        torch.testing.assert_close(q.main_grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    for i in region:
+        weight = wrapped_model.decoder.layers[i].self_attention.linear_qkv.weight
+        assert weight.grad_added_to_main_grad, f"layer {i}: the V rows did not take the direct route"
+        blocks, qpg = qkv_blocks(weight.main_grad, make_cfg())
+        assert torch.count_nonzero(blocks[:, : qpg + 1]) == 0 and torch.count_nonzero(blocks[:, qpg + 1]) > 0
+
+
 def test_sharing_layer_multiplies_only_the_v_rows():
     """No full QKV GEMM in a sharing layer: linear_qkv's own forward is not called."""
     cfg = make_cfg()
