@@ -297,7 +297,7 @@ def test_kernels_compile_for_h100():
     """Every kernel passes Triton's compiler for sm_90 in bf16 (no GPU needed): what the interpreter
     cannot check (types of loop-carried values, scalar masks, ...)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
+    env.update(PYTHONWARNINGS="ignore", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, __file__, "--compile-check"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     if proc.returncode == 3:
@@ -526,7 +526,7 @@ def tp_worker(out: str) -> None:
 @pytest.mark.slow
 def test_fused_loss_and_model_under_tensor_parallelism(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     out = tmp_path / "errors"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
            "--worker", str(out)]
@@ -612,7 +612,7 @@ def gpu_model_check() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU")
 def test_fused_model_on_gpu_matches_the_stock_model():
-    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, __file__, "--gpu-model-check"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
