@@ -258,25 +258,33 @@ def main(argv: list[str] | None = None) -> int:
           f"{where}, {str(dtype).replace('torch.', '')}; {new_tokens} decode steps after each prompt, "
           f"{rounds} rounds, medians", flush=True)
 
-    rows = []
-    for batch in batches:
-        for context in contexts:
-            try:
-                rows += bench_point(model, ffn, batch, context, variants, new_tokens, rounds,
-                                    graphs="graphs" in modes, eager="eager" in modes, bucket=args.bucket)
-            except torch.cuda.OutOfMemoryError as e:  # keep the rest of the table
-                rows.append({"batch": batch, "context": context, "error": f"out of memory: {str(e)[:120]}"})
-                torch.cuda.empty_cache()
-            print(f"  done batch {batch}, context {context}", flush=True)
-    print_table(rows, modes)
-    print_goal(rows, modes, max(regions))
-    if args.json:
+    def write_json() -> None:
+        """After every point, so that a run stopped by a time limit keeps what it measured."""
+        if not args.json:
+            return
         out = {"shape": shape_name, "layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads,
                "ffn": ffn, "vocab": vocab, "device": where, "dtype": str(dtype).replace("torch.", ""),
                "new_tokens": new_tokens, "rounds": rounds, "bucket": args.bucket, "torch": torch.__version__,
                "results": rows}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
+
+    rows = []
+    for batch in batches:
+        for context in contexts:
+            try:
+                point = bench_point(model, ffn, batch, context, variants, new_tokens, rounds,
+                                    graphs="graphs" in modes, eager="eager" in modes, bucket=args.bucket)
+            except torch.cuda.OutOfMemoryError as e:  # keep the rest of the table
+                point = [{"batch": batch, "context": context, "error": f"out of memory: {str(e)[:120]}"}]
+                torch.cuda.empty_cache()
+            rows += point
+            write_json()
+            print(f"  done batch {batch}, context {context}", flush=True)
+            print_table(point, modes)
+    print_table(rows, modes)
+    print_goal(rows, modes, max(regions))
+    if args.json:
         print(f"wrote {args.json}")
     return 0
 

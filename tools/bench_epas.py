@@ -140,8 +140,56 @@ def time_steps(trainee: Trainee, controller, warmup: int, steps: int, cuda: bool
     return times, losses
 
 
+def kernel_profile(trainee: Trainee, controller, steps: int) -> dict:
+    """Where one variant's step time goes: GPU kernel time per step by kernel name (torch.profiler), against
+    the wall time of the same steps. Wall time well above kernel time means the step waits on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    trainee.step(controller)  # the region switch's first step is not what is profiled
+    sync()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainee.step(controller)
+        sync()
+        wall = (time.perf_counter() - t0) / steps
+    kernels: dict[str, list[float]] = {}
+    for evt in prof.key_averages():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0.0)
+        entry = kernels.setdefault(evt.key[:120], [0.0, 0])
+        entry[0] += us / 1e3 / steps
+        entry[1] += evt.count // steps
+    total = sum(ms for ms, _ in kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])
+    return {"wall_ms_per_step": wall * 1e3, "kernel_ms_per_step": total,
+            "kernels": {name: {"ms": round(ms, 4), "calls": n} for name, (ms, n) in top}}
+
+
+def print_profile_diff(rows: list[dict], top: int = 25) -> None:
+    """Per-kernel time of each EPAS region against region 0: what sharing saves, and what it adds."""
+    base = next((r for r in rows if r["variant"] == "epas r=0" and "profile" in r), None)
+    if base is None:
+        return
+    for r in rows:
+        if "profile" not in r or r is base:
+            continue
+        a, b = base["profile"], r["profile"]
+        print(f"\n{r['model']} {r['variant']} vs epas r=0: wall {b['wall_ms_per_step']:.1f} vs {a['wall_ms_per_step']:.1f} "
+              f"ms/step, GPU kernels {b['kernel_ms_per_step']:.1f} vs {a['kernel_ms_per_step']:.1f} ms/step")
+        names = set(a["kernels"]) | set(b["kernels"])
+        delta = {n: b["kernels"].get(n, {"ms": 0})["ms"] - a["kernels"].get(n, {"ms": 0})["ms"] for n in names}
+        print(f"  {'delta ms':>9} {'r=0 ms':>8} {'calls r=0/r':>12}  kernel")
+        for n in sorted(names, key=lambda n: -abs(delta[n]))[:top]:
+            ka, kb = a["kernels"].get(n, {"ms": 0, "calls": 0}), b["kernels"].get(n, {"ms": 0, "calls": 0})
+            print(f"  {delta[n]:>+9.3f} {ka['ms']:>8.3f} {ka['calls']:>5}/{kb['calls']:<6}  {n[:100]}")
+
+
 def bench_shape(shape: str, fractions: list[float], warmup: int, steps: int, rounds: int, device: torch.device,
-                dtype: torch.dtype) -> list[dict]:
+                dtype: torch.dtype, profile_steps: int = 0) -> list[dict]:
     """Both models stay resident and the variants take turns, `rounds` times `steps` timed steps each, so
     that drifts of the GPU's clocks or allocator affect every variant alike."""
     from effdist.epas import EpasController, apply_region, current_region
@@ -188,6 +236,20 @@ def bench_shape(shape: str, fractions: list[float], warmup: int, steps: int, rou
                     row["peak_mem_gib"] = max(row.get("peak_mem_gib", 0.0), torch.cuda.max_memory_allocated() / 2**30)
             except Exception as e:  # one variant failing should not lose the table
                 row["error"] = f"{type(e).__name__}: {e}"
+    for name, region in variants if profile_steps and cuda and trainees else ():
+        if "error" in rows[name]:
+            continue
+        trainee = trainees["dense" if name == "dense" else "epas"]
+        controller = None
+        if name != "dense":
+            apply_region([trainee.module], set())
+            if region > 0:
+                controller = EpasController(make_config(shape, epas=True, region=region), [trainee.module],
+                                            optimizer=trainee.optimizer)
+        try:
+            rows[name]["profile"] = kernel_profile(trainee, controller, profile_steps)
+        except Exception as e:  # the timings above stand without it
+            print(f"profiling {shape} {name} failed: {type(e).__name__}: {e}", flush=True)
     for name, region in variants:
         row = rows[name]
         if "error" in row:
@@ -210,7 +272,8 @@ def bench_shape(shape: str, fractions: list[float], warmup: int, steps: int, rou
         if base is not None and "error" not in base and "error" not in r:
             r["speedup_vs_region0"] = r["tokens_per_s"] / base["tokens_per_s"]
             r["ideal_speedup_vs_region0"] = base["flops_per_token"] / r["flops_per_token"]
-        print(json.dumps(r), flush=True)
+        print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
+    print_profile_diff(out)
     return out
 
 
@@ -224,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each variant in the first round "
                                                          "(later rounds: 1, after the region switch)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test on a tiny model (fp32)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="GPU: after timing, profile STEPS steps of each variant and print the per-kernel time of "
+                        "each region against region 0 (what sharing saves and what it adds)")
     p.add_argument("--json", default=None, help="write all results here")
     args = p.parse_args(argv)
 
@@ -248,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                "rounds": args.rounds, "warmup": args.warmup,
                "note": "peak_mem_gib is with the dense and the EPAS model both resident", "runs": []}
     for shape in models:
-        results["runs"] += bench_shape(shape, fractions, args.warmup, args.steps, args.rounds, device, dtype)
+        results["runs"] += bench_shape(shape, fractions, args.warmup, args.steps, args.rounds, device, dtype,
+                                       profile_steps=args.profile)
 
     print(f"\ndevice: {results['device']}  dtype: {results['dtype']}  median of {args.rounds} rounds x {args.steps} "
           f"steps per variant (variants interleaved; peak memory with both models resident)")

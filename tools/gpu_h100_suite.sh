@@ -1,32 +1,93 @@
 #!/usr/bin/env bash
-# The H100 measurements owed to docs/benchmarks.md (see its "Not measured" section), in one or two device sessions (each piece time-capped so
-# one overrun cannot lose the rest). Usage on the GPU machine, from the repo root: bash tools/gpu_h100_suite.sh OUTDIR
+# The 1xH100 measurements behind docs/benchmarks.md, in three parts that each fit one 10-minute device call
+# (every piece is time-capped so one overrun cannot lose the rest). On the GPU machine, from the repo root:
+#
+#   bash tools/gpu_h100_suite.sh train  OUTDIR   # dense step before/after each lever, EPAS throughput, checkpoint stall
+#   bash tools/gpu_h100_suite.sh parity OUTDIR   # 125M loss parity on real English text (EPAS and every FFN)
+#   bash tools/gpu_h100_suite.sh rest   OUTDIR   # decode, 350M end-to-end per FFN, DeepSpeed, kernels, GPU tests
+#
+# Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
+# corpus (docs/data.md) under data/english for the parity part.
 set -u
-out="${1:-/tmp/effdist-gpu}"; mkdir -p "$out"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3 OUTDIR}"
+out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-log="$out/suite.log"
-run() { local cap=$1; shift; echo "=== $* (cap ${cap}s)" | tee -a "$log"; timeout "$cap" "$@" 2>&1 | grep -v -i warn | tee -a "$log" | tail -12; }
+log="$out/suite-$part.log"
+run() { local cap=$1; shift; echo "=== $* (cap ${cap}s)" | tee -a "$log"; timeout "$cap" "$@" 2>&1 | grep -v -i warn | tee -a "$log" | tail -14; }
 
-# Issue #9: dense step before/after the fused kernels (all three presets), then one lever at a time on llama-1b.
-run 200 python3 tools/bench_train.py --steps 5 --warmup 2 --json "$out/bench_train.json" \
-  --variant "unfused=train.fused_kernels=false" --variant "fused=" \
-  --variant "rmsnorm=train.fused_kernels=[rmsnorm]" --variant "rope=train.fused_kernels=[rope]" \
-  --variant "swiglu=train.fused_kernels=[swiglu]" --variant "loss=train.fused_kernels=[loss]" --variant-models llama-1b
-# Issues #5/#6: loss parity on real English text, llama-125m, same data, seed and tokens.
-run 230 python3 tools/loss_parity.py --config configs/llama-125m.yaml --steps 80 --window 10 \
-  --set train.global_batch=16 --set train.micro_batch=16 --set optim.warmup_steps=10 --set logging.tensorboard=false \
-  --set checkpoint.interval=0 --set data.cache_dir=/tmp/effdist-data \
-  --variant dense= \
-  --variant "epas=epas.enabled=true,epas.start_step=10,epas.interval=6,epas.group_size=1,epas.final_region=9" \
-  --variant "moc=ffn.kind=moc" --variant "topk=ffn.kind=topk" --variant "relu2=ffn.kind=relu2" \
-  --variant "elas=ffn.kind=elas,ffn.elas_warmup_steps=20" --baseline elas=relu2 \
-  --out-dir /tmp/effdist-parity --png "$out/loss_parity_125m.png" --json "$out/loss_parity_125m.json"
-# Issue #8: training-step stall of a checkpoint save, sync vs async, llama-1b.
-run 120 python3 tools/bench_checkpoint.py --model llama-1b --json "$out/bench_checkpoint.json"
-# Issue #9 detail: each kernel against the torch code it replaces.
-run 90 python3 tools/bench_kernels.py --json "$out/bench_kernels.json"
-# Issue #7: decode throughput and KV-cache bytes vs region 0 (LLaMA-1B shape, batch 1/8/32, context 512/2048).
-run 240 python3 tools/bench_decode.py --json "$out/bench_decode.json"
-# GPU-only correctness tests (kernels, FFNs, generation).
-run 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
+case "$part" in
+train)
+  # Issue #9: the full dense step before/after the fused kernels (all presets), then one lever at a time on llama-1b.
+  run 250 python3 tools/bench_train.py --steps 5 --warmup 2 --json "$out/bench_train.json" \
+    --variant "unfused=train.fused_kernels=false" --variant "fused=" \
+    --variant "rmsnorm=train.fused_kernels=[rmsnorm]" --variant "rope=train.fused_kernels=[rope]" \
+    --variant "swiglu=train.fused_kernels=[swiglu]" --variant "loss=train.fused_kernels=[loss]" \
+    --variant "fused_mbs8=train.micro_batch=8;train.global_batch=16" --variant-models llama-1b
+  # Issue #5: EPAS tokens/s at regions 0, L/2, 3L/4 against the dense model, with the fused kernels on.
+  run 180 python3 tools/bench_epas.py --rounds 3 --json "$out/bench_epas.json"
+  # Issue #8: training-step stall of a checkpoint save, sync vs async, llama-1b.
+  run 130 python3 tools/bench_checkpoint.py --model llama-1b --json "$out/bench_checkpoint.json"
+  ;;
+parity)
+  # Issues #5/#6: loss after the same tokens on real English text, llama-125m, same data order and seed.
+  # EPAS grows one layer every 15 steps from step 50 to 3L/4 = 9 layers (reached at step 170).
+  run 560 python3 tools/loss_parity.py --config configs/llama-125m.yaml --steps 250 --window 20 --timeout 150 \
+    --set train.global_batch=16 --set train.micro_batch=16 --set optim.warmup_steps=25 --set logging.interval=1 \
+    --set logging.tensorboard=false --set checkpoint.interval=0 --set data.cache_dir=/tmp/effdist-data \
+    --variant dense= \
+    --variant "epas=epas.enabled=true,epas.start_step=50,epas.interval=15,epas.group_size=1,epas.final_region=9" \
+    --variant "moc=ffn.kind=moc" --variant "topk=ffn.kind=topk" --variant "relu2=ffn.kind=relu2" \
+    --variant "elas=ffn.kind=elas,ffn.elas_warmup_steps=50" --baseline elas=relu2 \
+    --out-dir /tmp/effdist-parity --png "$out/loss_parity_125m.png" --json "$out/loss_parity_125m.json"
+  ;;
+rest)
+  # Issue #7: decode throughput and KV-cache bytes vs region 0 (LLaMA-1B shape, batch 1/8/32, context 512/2048).
+  run 200 python3 tools/bench_decode.py --json "$out/bench_decode.json"
+  # Issue #6: end-to-end llama-350m step with each FFN against dense SwiGLU (and ELAS against ReLU^2), same run.
+  run 130 python3 tools/bench_train.py --models llama-350m --steps 5 --warmup 2 --json "$out/bench_train_ffn.json" \
+    --variant "swiglu=" --variant "relu2=ffn.kind=relu2" --variant "moc=ffn.kind=moc" --variant "topk=ffn.kind=topk" \
+    --variant "elas=ffn.kind=elas;ffn.elas_warmup_steps=0"
+  # Issue #10: llama-1b under DeepSpeed ZeRO-2/3 (+CPU offload) against the default engine, one GPU.
+  run 200 python3 tools/bench_train.py --models llama-1b --steps 3 --warmup 2 --json "$out/bench_deepspeed.json" \
+    --variant "default=" --variant "zero2=train.engine=deepspeed;deepspeed.zero_stage=2" \
+    --variant "zero3=train.engine=deepspeed;deepspeed.zero_stage=3" \
+    --variant "zero3_offload=train.engine=deepspeed;deepspeed.zero_stage=3;deepspeed.offload_optimizer=true;deepspeed.offload_params=true"
+  # Issue #9 detail: each kernel against the torch code it replaces.
+  run 60 python3 tools/bench_kernels.py --json "$out/bench_kernels.json"
+  # GPU-only correctness tests (kernels, FFNs, generation), with what time is left.
+  run 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
+  ;;
+followup)
+  # Issue #9: llama-125m/350m with the fused kernels (the train part ran every lever on llama-1b only).
+  run 110 python3 tools/bench_train.py --models llama-125m,llama-350m --steps 5 --warmup 2 \
+    --json "$out/bench_train_small.json" --variant "fused=" --variant "fused_mbs16=train.micro_batch=16;train.global_batch=32" \
+    --variant-models llama-350m
+  # Issue #5: EPAS on llama-1b again, with a per-kernel profile of each region against region 0.
+  run 150 python3 tools/bench_epas.py --models llama-1b --rounds 5 --profile 3 --json "$out/bench_epas_profile.json"
+  # Issue #5: a longer loss-parity run, EPAS switched on after the first fast drop of the loss (step 250, one
+  # layer every 25 steps, 3L/4 from step 450), then 250 steps at the full region.
+  run 260 python3 tools/loss_parity.py --config configs/llama-125m.yaml --steps 700 --window 50 --timeout 200 \
+    --set train.global_batch=16 --set train.micro_batch=16 --set optim.warmup_steps=25 --set logging.interval=1 \
+    --set logging.tensorboard=false --set checkpoint.interval=0 --set data.cache_dir=/tmp/effdist-data \
+    --variant dense= \
+    --variant "epas=epas.enabled=true,epas.start_step=250,epas.interval=25,epas.group_size=1,epas.final_region=9" \
+    --out-dir /tmp/effdist-parity-long --png "$out/loss_parity_125m_epas_long.png" --json "$out/loss_parity_125m_epas_long.json"
+  run 70 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py
+  ;;
+decode32)
+  # Issue #7 at batch 32 (the "rest" part's default sweep ran out of its time cap after batch 8).
+  run 240 python3 tools/bench_decode.py --batches 32 --contexts 2048,512 --json "$out/bench_decode_b32.json"
+  # Issue #5: EPAS again after the sharing path's gradient fixes, with the per-kernel profile.
+  run 240 python3 tools/bench_epas.py --models llama-1b,llama-350m --rounds 4 --profile 3 --json "$out/bench_epas_v2.json"
+  ;;
+epas3)
+  # Issue #5: EPAS after the contiguous Q/K packing (no per-layer copies in front of the attention kernels).
+  run 260 python3 tools/bench_epas.py --models llama-1b,llama-350m --rounds 4 --profile 3 --json "$out/bench_epas_v3.json"
+  run 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_generate.py
+  ;;
+tests)
+  run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
+  ;;
+*) echo "unknown part $part (train, parity, rest, tests)"; exit 2 ;;
+esac
 exit 0
