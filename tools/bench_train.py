@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -117,6 +118,18 @@ def bench_one(name: str, overrides: list[str], steps: int, warmup: int) -> dict:
             torch.cuda.empty_cache()
 
 
+def bench_in_subprocess(name: str, overrides: list[str], steps: int, warmup: int) -> dict:
+    """bench_one in a fresh interpreter; its result comes back as the last line of its output."""
+    code = ("import json, sys; sys.path.insert(0, {root!r}); sys.argv = ['bench_train']; "
+            "import bench_train; print('RESULT ' + json.dumps(bench_train.bench_one({name!r}, {ov!r}, {steps}, {warmup})))"
+            ).format(root=str(Path(__file__).resolve().parent), name=name, ov=overrides, steps=steps, warmup=warmup)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"subprocess failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:] or ''}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="llama-125m,llama-350m,llama-1b")
@@ -131,6 +144,9 @@ def main(argv=None) -> int:
                         "ratios are reported against the first variant")
     p.add_argument("--variant-models", default=None,
                    help="models that run every variant (default: all); the others run only the first variant")
+    p.add_argument("--isolate", action="store_true",
+                   help="run each model/variant in a fresh process (peak memory then cannot include what an earlier "
+                        "variant left allocated, e.g. DeepSpeed engines that outlive their run)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny config")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -158,7 +174,10 @@ def main(argv=None) -> int:
             if args.tiny:
                 overrides += ["data.seq_length=64"]
             try:
-                r = bench_one(name, overrides, args.steps, args.warmup)
+                if args.isolate:
+                    r = bench_in_subprocess(name, overrides, args.steps, args.warmup)
+                else:
+                    r = bench_one(name, overrides, args.steps, args.warmup)
             except Exception as e:  # report and go on: one model out of memory should not lose the table
                 r = {"model": name, "overrides": overrides, "error": f"{type(e).__name__}: {e}"}
             r["variant"] = vname

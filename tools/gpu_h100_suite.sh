@@ -9,7 +9,7 @@
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3 OUTDIR}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated OUTDIR}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -84,6 +84,23 @@ epas3)
   # Issue #5: EPAS after the contiguous Q/K packing (no per-layer copies in front of the attention kernels).
   run 260 python3 tools/bench_epas.py --models llama-1b,llama-350m --rounds 4 --profile 3 --json "$out/bench_epas_v3.json"
   run 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_generate.py
+  ;;
+isolated)
+  # Peak memory needs one process per variant: in one process, later variants' peaks included memory that
+  # earlier ones left allocated (llama-1b levers rose 34 -> 70 GiB in run order). Throughput and peaks again:
+  # issue #9 levers (llama-1b), issue #6 FFNs end to end (llama-350m), issue #10 DeepSpeed (llama-1b).
+  run 200 python3 tools/bench_train.py --isolate --models llama-1b --steps 5 --warmup 2 --json "$out/bench_train_1b_isolated.json" \
+    --variant "unfused=train.fused_kernels=false" --variant "fused=" \
+    --variant "rmsnorm=train.fused_kernels=[rmsnorm]" --variant "rope=train.fused_kernels=[rope]" \
+    --variant "swiglu=train.fused_kernels=[swiglu]" --variant "loss=train.fused_kernels=[loss]" \
+    --variant "fused_mbs8=train.micro_batch=8;train.global_batch=16"
+  run 130 python3 tools/bench_train.py --isolate --models llama-350m --steps 5 --warmup 2 --json "$out/bench_train_ffn_isolated.json" \
+    --variant "swiglu=" --variant "relu2=ffn.kind=relu2" --variant "moc=ffn.kind=moc" --variant "topk=ffn.kind=topk" \
+    --variant "elas=ffn.kind=elas;ffn.elas_warmup_steps=0"
+  run 190 python3 tools/bench_train.py --isolate --models llama-1b --steps 3 --warmup 2 --json "$out/bench_deepspeed_isolated.json" \
+    --variant "default=" --variant "zero2=train.engine=deepspeed;deepspeed.zero_stage=2" \
+    --variant "zero3=train.engine=deepspeed;deepspeed.zero_stage=3" \
+    --variant "zero3_offload=train.engine=deepspeed;deepspeed.zero_stage=3;deepspeed.offload_optimizer=true;deepspeed.offload_params=true"
   ;;
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
