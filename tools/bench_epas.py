@@ -212,19 +212,24 @@ def bench_shape(shape: str, fractions: list[float], warmup: int, steps: int, rou
         for row in rows.values():
             row["error"] = f"{type(e).__name__}: {e}"
         trainees = {}
+    def take_turn(name: str, region: int):
+        """The model of this variant, switched to its region, and the controller that keeps it there."""
+        trainee = trainees["dense" if name == "dense" else "epas"]
+        if name == "dense":
+            return trainee, None
+        apply_region([trainee.module], set())
+        if region == 0:
+            return trainee, None
+        return trainee, EpasController(make_config(shape, epas=True, region=region), [trainee.module],
+                                       optimizer=trainee.optimizer)
+
     for round_index in range(rounds if trainees else 0):
         for name, region in variants:
             row = rows[name]
             if "error" in row:
                 continue
             try:
-                trainee = trainees["dense" if name == "dense" else "epas"]
-                controller = None
-                if name != "dense":
-                    apply_region([trainee.module], set())
-                    if region > 0:
-                        controller = EpasController(make_config(shape, epas=True, region=region), [trainee.module],
-                                                    optimizer=trainee.optimizer)
+                trainee, controller = take_turn(name, region)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 t, l = time_steps(trainee, controller, warmup if round_index == 0 else 1, steps, cuda)
@@ -239,13 +244,7 @@ def bench_shape(shape: str, fractions: list[float], warmup: int, steps: int, rou
     for name, region in variants if profile_steps and cuda and trainees else ():
         if "error" in rows[name]:
             continue
-        trainee = trainees["dense" if name == "dense" else "epas"]
-        controller = None
-        if name != "dense":
-            apply_region([trainee.module], set())
-            if region > 0:
-                controller = EpasController(make_config(shape, epas=True, region=region), [trainee.module],
-                                            optimizer=trainee.optimizer)
+        trainee, controller = take_turn(name, region)
         try:
             rows[name]["profile"] = kernel_profile(trainee, controller, profile_steps)
         except Exception as e:  # the timings above stand without it
