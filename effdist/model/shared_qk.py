@@ -67,7 +67,7 @@ def _split_packed(qk: torch.Tensor, num_query_heads: int) -> tuple[torch.Tensor,
 
 
 class _UnpackQK(torch.autograd.Function):
-    """Q and K views of a packed tensor whose backward writes both gradients with ONE concatenation.
+    """Q and K views of a packed tensor whose backward writes both gradients into one new packed tensor.
 
     Slicing under plain autograd would, in every sharing layer, zero-fill a packed-size gradient per slice,
     copy the slice into it and add the two: three extra passes over the packed tensor per layer (measured on
@@ -84,13 +84,16 @@ class _UnpackQK(torch.autograd.Function):
     def backward(ctx, grad_query, grad_key):
         if grad_query is None and grad_key is None:
             return None, None
-        s, b, heads_and_kv, d = ctx.packed_shape
         known = grad_query if grad_query is not None else grad_key
-        if grad_query is None:
-            grad_query = known.new_zeros(s, b, ctx.num_query_heads, d)
-        if grad_key is None:
-            grad_key = known.new_zeros(s, b, heads_and_kv - ctx.num_query_heads, d)
-        return torch.cat([grad_query.reshape(-1), grad_key.reshape(-1)]).view(ctx.packed_shape), None
+        packed = known.new_empty(ctx.packed_shape)
+        # Copied straight into the packed halves: the attention kernels return strided (permuted) gradients, so
+        # flattening each first would cost one more pass over each.
+        for half, grad in zip(_split_packed(packed, ctx.num_query_heads), (grad_query, grad_key)):
+            if grad is None:
+                half.zero_()
+            else:
+                half.copy_(grad)
+        return packed, None
 
 
 def unpack_qk(qk: torch.Tensor, num_query_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +110,23 @@ def qkv_row_blocks(weight_or_bias: torch.Tensor, num_groups: int, heads_per_grou
     dim 1, indices ``:heads_per_group`` are Q, ``heads_per_group`` is K, ``heads_per_group + 1`` is V.
     """
     return weight_or_bias.view(num_groups, heads_per_group + 2, head_dim, *weight_or_bias.shape[1:])
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous once.
+
+    The attention kernels return dV in their own (permuted) layout; megatron's linear backward would then copy
+    it twice (for the input gradient's matmul and again for the weight gradient). A dense layer never pays
+    this: its dV is concatenated with dQ/dK into the fused QKV gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 class _ValueRowsOfWeight(torch.autograd.Function):
@@ -251,7 +271,7 @@ class EpasSelfAttention(SelfAttention):
 
             out = _column_parallel_forward(linear, hidden_states, rows(linear.weight),
                                            rows(linear.bias) if linear.bias is not None else None)
-        return out.view(out.shape[0], out.shape[1], groups, head_dim)
+        return _ContiguousGrad.apply(out).view(out.shape[0], out.shape[1], groups, head_dim)
 
 
 def _column_parallel_forward(linear, input_: torch.Tensor, weight: torch.Tensor,
