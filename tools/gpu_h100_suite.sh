@@ -9,7 +9,7 @@
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated OUTDIR}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final OUTDIR}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -101,6 +101,18 @@ isolated)
     --variant "default=" --variant "zero2=train.engine=deepspeed;deepspeed.zero_stage=2" \
     --variant "zero3=train.engine=deepspeed;deepspeed.zero_stage=3" \
     --variant "zero3_offload=train.engine=deepspeed;deepspeed.zero_stage=3;deepspeed.offload_optimizer=true;deepspeed.offload_params=true"
+  ;;
+final)
+  # Issue #5: EPAS after the last sharing-path copies were removed; then GPU kernel tests after the kernel
+  # clean-up; then a late EPAS schedule on 125M (sharing from step 400 of 700, 3L/4 from step 600).
+  run 120 python3 tools/bench_epas.py --models llama-1b,llama-350m --rounds 4 --json "$out/bench_epas_v4.json"
+  run 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ffn_gpu.py tests/test_kernels_dense.py
+  run 220 python3 tools/loss_parity.py --config configs/llama-125m.yaml --steps 700 --window 50 --timeout 200 \
+    --set train.global_batch=16 --set train.micro_batch=16 --set optim.warmup_steps=25 --set logging.interval=1 \
+    --set logging.tensorboard=false --set checkpoint.interval=0 --set data.cache_dir=/tmp/effdist-data \
+    --variant dense= \
+    --variant "epas_late=epas.enabled=true,epas.start_step=400,epas.interval=25,epas.group_size=1,epas.final_region=9" \
+    --out-dir /tmp/effdist-parity-late --png "$out/loss_parity_125m_epas_late.png" --json "$out/loss_parity_125m_epas_late.json"
   ;;
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
