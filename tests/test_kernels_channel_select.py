@@ -3,22 +3,14 @@ reference, and the reference's gradient against autograd of the dense masked for
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
+import torch.nn.functional as F
 
-import torch  # (torch does not import triton)
+# First: importing it chooses Triton's CPU interpreter (on machines without CUDA) before triton is imported.
+from tests.kernel_testing import needs_interpreter, requires_gpu  # isort: skip
 
-# Without a GPU the Triton kernels run through Triton's CPU interpreter, which must be chosen before
-# triton is first imported (megatron imports it too). With a GPU they are compiled and tested on it.
-HAVE_CUDA = torch.cuda.is_available()
-if not HAVE_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from effdist.kernels import triton_interpreter_active  # noqa: E402
-from effdist.kernels.channel_select import (  # noqa: E402
+from effdist.kernels.channel_select import (
     scatter_activated_reference,
     scatter_activated_triton,
     select_activate_backward_reference,
@@ -27,19 +19,9 @@ from effdist.kernels.channel_select import (  # noqa: E402
     select_activate_triton,
 )
 
-INTERPRETING = triton_interpreter_active()
-if not INTERPRETING and not HAVE_CUDA:
-    # tests/conftest.py sets TRITON_INTERPRET before anything imports triton; without it these kernels
-    # could not run on this machine at all, which must fail rather than skip.
-    raise RuntimeError("Triton's interpreter is not active on a machine without CUDA: run through pytest "
-                       "(tests/conftest.py sets TRITON_INTERPRET=1 first)")
-needs_interpreter = pytest.mark.skipif(not INTERPRETING, reason="the gpu tests check the compiled kernels")
-requires_gpu = pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU")
-
 ACTS = ["swiglu", "relu", "relu2"]
 # (rows, width, slots): odd sizes; slot blocks that straddle the kernel's block size.
 SIZES = [(13, 37, 9), (1, 5, 5), (21, 300, 150)]
-
 
 
 def _case(act: str, n: int, width: int, k: int, dtype: torch.dtype, seed: int = 0):

@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-import torch  # (torch does not import triton)
+# First: importing it chooses Triton's CPU interpreter (on machines without CUDA) before triton is imported.
+from tests.kernel_testing import needs_interpreter, requires_gpu  # isort: skip
 
-# Without a GPU the Triton kernels run through Triton's CPU interpreter, which must be chosen before
-# triton is first imported (megatron imports it too). With a GPU they are compiled and tested on it.
-HAVE_CUDA = torch.cuda.is_available()
-if not HAVE_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-import pytest  # noqa: E402
-
-from effdist.kernels import triton_interpreter_active  # noqa: E402
-from effdist.kernels.nm_select import top_n_of_m, top_n_of_m_reference, top_n_of_m_triton  # noqa: E402
-
-INTERPRETING = triton_interpreter_active()
-if not INTERPRETING and not HAVE_CUDA:
-    # tests/conftest.py sets TRITON_INTERPRET before anything imports triton; without it these kernels
-    # could not run on this machine at all, which must fail rather than skip.
-    raise RuntimeError("Triton's interpreter is not active on a machine without CUDA: run through pytest "
-                       "(tests/conftest.py sets TRITON_INTERPRET=1 first)")
-needs_interpreter = pytest.mark.skipif(not INTERPRETING, reason="the gpu tests check the compiled kernels")
-requires_gpu = pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU")
+from effdist.kernels.nm_select import top_n_of_m, top_n_of_m_reference, top_n_of_m_triton
 
 CASES = [(13, 176, 2, 8), (1, 8, 2, 8), (7, 64, 1, 4), (5, 48, 3, 8), (9, 1040, 2, 8)]
-
 
 
 def _scores(rows: int, width: int, seed: int, dtype=torch.float32) -> torch.Tensor:

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-import torch  # (torch does not import triton)
+# First: importing it chooses Triton's CPU interpreter (on machines without CUDA) before triton is imported.
+from tests.kernel_testing import needs_interpreter, requires_gpu  # isort: skip
 
-# Without a GPU the Triton kernels run through Triton's CPU interpreter, which must be chosen before
-# triton is first imported (megatron imports it too). With a GPU they are compiled and tested on it.
-HAVE_CUDA = torch.cuda.is_available()
-if not HAVE_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-import pytest  # noqa: E402
-
-from effdist.kernels import sparse24, triton_interpreter_active  # noqa: E402
-from effdist.kernels.sparse24 import (  # noqa: E402
+from effdist.kernels import sparse24
+from effdist.kernels.sparse24 import (
     DECOMPRESS_RELU2_GRAD,
     DECOMPRESS_SQUARE,
     DECOMPRESS_VALUES,
@@ -46,19 +39,6 @@ def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
         # The CPU interpreter rounds float->bf16 by truncation, torch to nearest: one bf16 ulp apart.
         return torch.allclose(a.float(), b.float(), rtol=2 ** -7, atol=0)
     return torch.equal(a, b)
-
-
-# When another test module imported triton (e.g. through megatron) before this one set
-# TRITON_INTERPRET, the kernels cannot run in this process: this file then reruns itself in a fresh one.
-INTERPRETING = triton_interpreter_active()
-if not INTERPRETING and not HAVE_CUDA:
-    # tests/conftest.py sets TRITON_INTERPRET before anything imports triton; without it these kernels
-    # could not run on this machine at all, which must fail rather than skip.
-    raise RuntimeError("Triton's interpreter is not active on a machine without CUDA: run through pytest "
-                       "(tests/conftest.py sets TRITON_INTERPRET=1 first)")
-needs_interpreter = pytest.mark.skipif(not INTERPRETING, reason="the gpu tests check the compiled kernels")
-requires_gpu = pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU")
-
 
 
 @needs_interpreter

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import torch
 
-try:
+from effdist.kernels._common import HAVE_TRITON, compute_dtype, rowmajor, use_triton
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover
-    HAVE_TRITON = False
+    from effdist.kernels._common import upcast
 
 ACTIVATIONS = {"swiglu": 0, "relu": 1, "relu2": 2}
 
@@ -45,11 +45,6 @@ def _src_width(act: str, width: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------- reference
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Arithmetic runs in fp32, or fp64 for fp64 inputs (used by gradient checks)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _activate_reference(a: torch.Tensor, b: torch.Tensor | None, act: str) -> torch.Tensor:
     a = a.to(compute_dtype(a.dtype))
@@ -109,12 +104,6 @@ def select_activate_backward_reference(dz: torch.Tensor, sel_a: torch.Tensor, se
 if HAVE_TRITON:
 
     @triton.jit
-    def _upcast(x):
-        if x.dtype != tl.float64:
-            x = x.to(tl.float32)
-        return x
-
-    @triton.jit
     def _activate(a, b, ACT: tl.constexpr):
         if ACT == 0:
             z = a * tl.sigmoid(a) * b
@@ -126,36 +115,40 @@ if HAVE_TRITON:
         return z
 
     @triton.jit
-    def _select_activate_kernel(src_ptr, idx_ptr, z_ptr, a_ptr, b_ptr, n_rows, n_slots, width,
-                                stride_src, stride_idx, stride_z, stride_sel,
-                                ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _slot_tile(idx_ptr, n_rows, n_slots, stride_idx, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """This program's [BLOCK_R, BLOCK_K] tile of slots, as every kernel here walks it: row offsets
+        (int64, [R, 1]), slot offsets ([1, K]), which slots lie inside idx, each slot's channel (int64,
+        -1 where unused) and which slots are in use (inside idx with a channel)."""
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
         slots = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K))[None, :]
         in_range = (rows < n_rows) & (slots < n_slots)
         ch = tl.load(idx_ptr + rows * stride_idx + slots, mask=in_range, other=-1).to(tl.int64)
         valid = in_range & (ch >= 0)
+        return rows, slots, in_range, ch, valid
+
+    @triton.jit
+    def _select_activate_kernel(src_ptr, idx_ptr, z_ptr, a_ptr, b_ptr, n_rows, n_slots, width,
+                                stride_src, stride_idx, stride_z, stride_sel,
+                                ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows, slots, in_range, ch, valid = _slot_tile(idx_ptr, n_rows, n_slots, stride_idx, BLOCK_R, BLOCK_K)
         a = tl.load(src_ptr + rows * stride_src + ch, mask=valid, other=0.0)
         tl.store(a_ptr + rows * stride_sel + slots, a, mask=in_range)
         b = a
         if ACT == 0:
             b = tl.load(src_ptr + rows * stride_src + width + ch, mask=valid, other=0.0)
             tl.store(b_ptr + rows * stride_sel + slots, b, mask=in_range)
-        z = _activate(_upcast(a), _upcast(b), ACT)
+        z = _activate(upcast(a), upcast(b), ACT)
         tl.store(z_ptr + rows * stride_z + ch, z.to(z_ptr.dtype.element_ty), mask=valid)
 
     @triton.jit
     def _scatter_activated_kernel(a_ptr, b_ptr, idx_ptr, z_ptr, n_rows, n_slots,
                                   stride_sel, stride_idx, stride_z,
                                   ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
-        slots = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K))[None, :]
-        in_range = (rows < n_rows) & (slots < n_slots)
-        ch = tl.load(idx_ptr + rows * stride_idx + slots, mask=in_range, other=-1).to(tl.int64)
-        valid = in_range & (ch >= 0)
-        a = _upcast(tl.load(a_ptr + rows * stride_sel + slots, mask=valid, other=0.0))
+        rows, slots, in_range, ch, valid = _slot_tile(idx_ptr, n_rows, n_slots, stride_idx, BLOCK_R, BLOCK_K)
+        a = upcast(tl.load(a_ptr + rows * stride_sel + slots, mask=valid, other=0.0))
         b = a
         if ACT == 0:
-            b = _upcast(tl.load(b_ptr + rows * stride_sel + slots, mask=valid, other=0.0))
+            b = upcast(tl.load(b_ptr + rows * stride_sel + slots, mask=valid, other=0.0))
         z = _activate(a, b, ACT)
         tl.store(z_ptr + rows * stride_z + ch, z.to(z_ptr.dtype.element_ty), mask=valid)
 
@@ -163,17 +156,13 @@ if HAVE_TRITON:
     def _select_activate_backward_kernel(dz_ptr, a_ptr, b_ptr, idx_ptr, dsrc_ptr, n_rows, n_slots, width,
                                          stride_dz, stride_sel, stride_idx, stride_dsrc,
                                          ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
-        slots = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K))[None, :]
-        in_range = (rows < n_rows) & (slots < n_slots)
-        ch = tl.load(idx_ptr + rows * stride_idx + slots, mask=in_range, other=-1).to(tl.int64)
-        valid = in_range & (ch >= 0)
-        g = _upcast(tl.load(dz_ptr + rows * stride_dz + ch, mask=valid, other=0.0))
-        a = _upcast(tl.load(a_ptr + rows * stride_sel + slots, mask=valid, other=0.0))
+        rows, slots, in_range, ch, valid = _slot_tile(idx_ptr, n_rows, n_slots, stride_idx, BLOCK_R, BLOCK_K)
+        g = upcast(tl.load(dz_ptr + rows * stride_dz + ch, mask=valid, other=0.0))
+        a = upcast(tl.load(a_ptr + rows * stride_sel + slots, mask=valid, other=0.0))
         ty = dsrc_ptr.dtype.element_ty
         dst = dsrc_ptr + rows * stride_dsrc + ch
         if ACT == 0:
-            b = _upcast(tl.load(b_ptr + rows * stride_sel + slots, mask=valid, other=0.0))
+            b = upcast(tl.load(b_ptr + rows * stride_sel + slots, mask=valid, other=0.0))
             s = tl.sigmoid(a)
             tl.store(dst, (g * b * s * (1.0 + a * (1.0 - s))).to(ty), mask=valid)
             tl.store(dst + width, (g * a * s).to(ty), mask=valid)
@@ -191,13 +180,9 @@ def _grid(n_rows: int, n_slots: int):
     return (triton.cdiv(n_rows, _BLOCK_R), triton.cdiv(max(n_slots, 1), _BLOCK_K))
 
 
-def _rowmajor(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def select_activate_triton(src: torch.Tensor, idx: torch.Tensor, width: int, act: str):
     code = _act_code(act)
-    src, idx = _rowmajor(src), _rowmajor(idx)
+    src, idx = rowmajor(src), rowmajor(idx)
     n, k = idx.shape
     z = torch.zeros(n, width, dtype=src.dtype, device=src.device)
     a = torch.empty(n, k, dtype=src.dtype, device=src.device)
@@ -212,8 +197,8 @@ def select_activate_triton(src: torch.Tensor, idx: torch.Tensor, width: int, act
 def scatter_activated_triton(sel_a: torch.Tensor, sel_b: torch.Tensor | None, idx: torch.Tensor, width: int,
                              act: str) -> torch.Tensor:
     code = _act_code(act)
-    sel_a, idx = _rowmajor(sel_a), _rowmajor(idx)
-    sel_b = _rowmajor(sel_b) if sel_b is not None else sel_a
+    sel_a, idx = rowmajor(sel_a), rowmajor(idx)
+    sel_b = rowmajor(sel_b) if sel_b is not None else sel_a
     n, k = idx.shape
     z = torch.zeros(n, width, dtype=sel_a.dtype, device=sel_a.device)
     if n and k:
@@ -225,8 +210,8 @@ def scatter_activated_triton(sel_a: torch.Tensor, sel_b: torch.Tensor | None, id
 def select_activate_backward_triton(dz: torch.Tensor, sel_a: torch.Tensor, sel_b: torch.Tensor | None,
                                     idx: torch.Tensor, width: int, act: str) -> torch.Tensor:
     code = _act_code(act)
-    dz, sel_a, idx = _rowmajor(dz), _rowmajor(sel_a), _rowmajor(idx)
-    sel_b = _rowmajor(sel_b) if sel_b is not None else sel_a
+    dz, sel_a, idx = rowmajor(dz), rowmajor(sel_a), rowmajor(idx)
+    sel_b = rowmajor(sel_b) if sel_b is not None else sel_a
     n, k = idx.shape
     dsrc = torch.zeros(n, _src_width(act, width), dtype=dz.dtype, device=dz.device)
     if n and k:
@@ -238,18 +223,14 @@ def select_activate_backward_triton(dz: torch.Tensor, sel_a: torch.Tensor, sel_b
 
 # ---------------------------------------------------------------------------------------- dispatch
 
-def _use_triton(t: torch.Tensor) -> bool:
-    return HAVE_TRITON and t.is_cuda
-
-
 def select_activate(src, idx, width, act):
-    return (select_activate_triton if _use_triton(src) else select_activate_reference)(src, idx, width, act)
+    return (select_activate_triton if use_triton(src) else select_activate_reference)(src, idx, width, act)
 
 
 def scatter_activated(sel_a, sel_b, idx, width, act):
-    return (scatter_activated_triton if _use_triton(sel_a) else scatter_activated_reference)(sel_a, sel_b, idx, width, act)
+    return (scatter_activated_triton if use_triton(sel_a) else scatter_activated_reference)(sel_a, sel_b, idx, width, act)
 
 
 def select_activate_backward(dz, sel_a, sel_b, idx, width, act):
-    fn = select_activate_backward_triton if _use_triton(dz) else select_activate_backward_reference
+    fn = select_activate_backward_triton if use_triton(dz) else select_activate_backward_reference
     return fn(dz, sel_a, sel_b, idx, width, act)

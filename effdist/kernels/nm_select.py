@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import torch
 
-try:
+from effdist.kernels._common import HAVE_TRITON, rowmajor, use_triton
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover
-    HAVE_TRITON = False
 
 
 def _check(width: int, n: int, m: int) -> None:
@@ -67,7 +65,7 @@ def top_n_of_m_triton(scores: torch.Tensor, n: int, m: int, index_dtype: torch.d
     _check(width, n, m)
     if m & (m - 1):
         raise ValueError(f"the Triton {n}:{m} kernel needs m a power of two")
-    scores = scores if scores.stride(1) == 1 else scores.contiguous()
+    scores = rowmajor(scores)
     idx = torch.empty(rows, width // m * n, dtype=index_dtype, device=scores.device)
     groups = width // m
     if rows and groups:
@@ -80,6 +78,6 @@ def top_n_of_m_triton(scores: torch.Tensor, n: int, m: int, index_dtype: torch.d
 
 def top_n_of_m(scores: torch.Tensor, n: int, m: int, index_dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """Indices of the n largest of every m channels per row; Triton on GPU, torch on CPU."""
-    if HAVE_TRITON and scores.is_cuda and not m & (m - 1):
+    if use_triton(scores) and not m & (m - 1):
         return top_n_of_m_triton(scores, n, m, index_dtype)
     return top_n_of_m_reference(scores, n, m, index_dtype)

@@ -23,23 +23,18 @@ from __future__ import annotations
 
 import torch
 
-try:
+from effdist.kernels._common import HAVE_TRITON, compute_dtype, rowmajor, use_triton
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - triton is a declared dependency; keep CPU use possible without it
-    HAVE_TRITON = False
+    from effdist.kernels._common import upcast
 
 # Backward modes of decompress24: what each kept entry v turns into in the dense output.
 DECOMPRESS_VALUES = 0  # v
 DECOMPRESS_SQUARE = 1  # v² (relu(h)² from stored relu(h))
 DECOMPRESS_RELU2_GRAD = 2  # 2·v·grad (d relu(h)²/dh times the incoming gradient, at kept entries)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Arithmetic runs in fp32, or fp64 for fp64 inputs (used by gradient checks)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_width(width: int) -> None:
@@ -115,12 +110,6 @@ def relu2_grad_reference(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 if HAVE_TRITON:
 
     @triton.jit
-    def _upcast(x):
-        if x.dtype != tl.float64:
-            x = x.to(tl.float32)
-        return x
-
-    @triton.jit
     def _rank_keep(m0, m1, m2, m3):
         # c_ij: i outranks j (i < j: ties go to the lower index).
         c01 = (m0 >= m1).to(tl.int32)
@@ -160,7 +149,7 @@ if HAVE_TRITON:
         g3 = grp[None, :, None]
         p3 = tl.arange(0, 4)[None, None, :]
         ok3 = (r3 < n_rows) & (g3 < n_groups) & (p3 < 4)
-        x = _upcast(tl.load(x_ptr + r3 * stride_x + g3 * 4 + p3, mask=ok3, other=0.0))
+        x = upcast(tl.load(x_ptr + r3 * stride_x + g3 * 4 + p3, mask=ok3, other=0.0))
         if RELU2:
             x = tl.maximum(x, 0.0)
             mag = x
@@ -210,7 +199,7 @@ if HAVE_TRITON:
         g3 = grp[None, :, None]
         q3 = tl.arange(0, 2)[None, None, :]
         okv = (r3 < n_rows) & (g3 < n_groups) & (q3 < 2)
-        v0, v1 = tl.split(_upcast(tl.load(val_ptr + r3 * stride_v + g3 * 2 + q3, mask=okv, other=0.0)))
+        v0, v1 = tl.split(upcast(tl.load(val_ptr + r3 * stride_v + g3 * 2 + q3, mask=okv, other=0.0)))
         if MODE == 1:
             v0 = v0 * v0
             v1 = v1 * v1
@@ -222,7 +211,7 @@ if HAVE_TRITON:
         ok3 = (r3 < n_rows) & (g3 < n_groups) & (p3 < 4)
         out = _join4(o0, o1, o2, o3, BLOCK_R, BLOCK_G)
         if MODE == 2:
-            g = _upcast(tl.load(grad_ptr + r3 * stride_g + g3 * 4 + p3, mask=ok3, other=0.0))
+            g = upcast(tl.load(grad_ptr + r3 * stride_g + g3 * 4 + p3, mask=ok3, other=0.0))
             out = 2.0 * out * g
         tl.store(out_ptr + r3 * stride_o + g3 * 4 + p3, out.to(out_ptr.dtype.element_ty), mask=ok3)
 
@@ -230,8 +219,8 @@ if HAVE_TRITON:
     def _relu2_grad_kernel(g_ptr, h_ptr, out_ptr, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < n
-        g = _upcast(tl.load(g_ptr + offs, mask=ok, other=0.0))
-        h = _upcast(tl.load(h_ptr + offs, mask=ok, other=0.0))
+        g = upcast(tl.load(g_ptr + offs, mask=ok, other=0.0))
+        h = upcast(tl.load(h_ptr + offs, mask=ok, other=0.0))
         tl.store(out_ptr + offs, (2.0 * tl.maximum(h, 0.0) * g).to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -250,8 +239,7 @@ def sparsify24_triton(x: torch.Tensor, relu2: bool = False, write_dense: bool = 
         raise RuntimeError("triton is not installed; use sparsify24_reference")
     n, width = x.shape
     _check_width(width)
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x = rowmajor(x)
     dense = torch.empty_like(x) if write_dense else None
     values = torch.empty(n, width // 2, dtype=x.dtype, device=x.device) if write_compressed else None
     meta = torch.empty(n, meta_columns(width), dtype=torch.uint8, device=x.device) if write_compressed else None
@@ -275,8 +263,7 @@ def decompress24_triton(values: torch.Tensor, meta: torch.Tensor, width: int, mo
     if mode == DECOMPRESS_RELU2_GRAD:
         if grad is None:
             raise ValueError("mode DECOMPRESS_RELU2_GRAD needs grad")
-        if grad.stride(1) != 1:
-            grad = grad.contiguous()
+        grad = rowmajor(grad)
     out = torch.empty(n, width, dtype=grad.dtype if grad is not None else values.dtype, device=values.device)
     if n == 0:
         return out
@@ -302,13 +289,9 @@ def relu2_grad_triton(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------- dispatch
 
-def _use_triton(t: torch.Tensor) -> bool:
-    return HAVE_TRITON and t.is_cuda
-
-
 def sparsify24(x: torch.Tensor, relu2: bool = False, write_dense: bool = True, write_compressed: bool = True):
     """2:4-sparsify the rows of x [N, F] (see the module doc); Triton on GPU, torch on CPU."""
-    if _use_triton(x):
+    if use_triton(x):
         return sparsify24_triton(x, relu2, write_dense, write_compressed)
     dense, values, meta = sparsify24_reference(x, relu2)
     return (dense if write_dense else None, values if write_compressed else None, meta if write_compressed else None)
@@ -316,12 +299,12 @@ def sparsify24(x: torch.Tensor, relu2: bool = False, write_dense: bool = True, w
 
 def decompress24(values: torch.Tensor, meta: torch.Tensor, width: int, mode: int = DECOMPRESS_VALUES,
                  grad: torch.Tensor | None = None) -> torch.Tensor:
-    if _use_triton(values):
+    if use_triton(values):
         return decompress24_triton(values, meta, width, mode, grad)
     return decompress24_reference(values, meta, width, mode, grad)
 
 
 def relu2_grad(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    if _use_triton(grad):
+    if use_triton(grad):
         return relu2_grad_triton(grad, h)
     return relu2_grad_reference(grad, h)
