@@ -14,6 +14,16 @@ out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
 run() { local cap=$1; shift; echo "=== $* (cap ${cap}s)" | tee -a "$log"; timeout "$cap" "$@" 2>&1 | grep -v -i warn | tee -a "$log" | tail -14; }
+# llama-125m loss parity on the English corpus: same data order, seed, batch (16 x 2048), LR and logging for
+# every run. Usage: parity_125m CAP STEPS WINDOW NAME --variant ... [--baseline ...]
+parity_125m() {
+  local cap=$1 steps=$2 window=$3 name=$4; shift 4
+  run "$cap" python3 tools/loss_parity.py --config configs/llama-125m.yaml --steps "$steps" --window "$window" \
+    --timeout 200 --set train.global_batch=16 --set train.micro_batch=16 --set optim.warmup_steps=25 \
+    --set logging.interval=1 --set logging.tensorboard=false --set checkpoint.interval=0 \
+    --set data.cache_dir=/tmp/effdist-data "$@" --out-dir "/tmp/effdist-parity-$name" \
+    --png "$out/loss_parity_125m_$name.png" --json "$out/loss_parity_125m_$name.json"
+}
 
 case "$part" in
 train)
@@ -31,14 +41,10 @@ train)
 parity)
   # Issues #5/#6: loss after the same tokens on real English text, llama-125m, same data order and seed.
   # EPAS grows one layer every 15 steps from step 50 to 3L/4 = 9 layers (reached at step 170).
-  run 560 python3 tools/loss_parity.py --config configs/llama-125m.yaml --steps 250 --window 20 --timeout 150 \
-    --set train.global_batch=16 --set train.micro_batch=16 --set optim.warmup_steps=25 --set logging.interval=1 \
-    --set logging.tensorboard=false --set checkpoint.interval=0 --set data.cache_dir=/tmp/effdist-data \
-    --variant dense= \
+  parity_125m 560 250 20 all --variant dense= \
     --variant "epas=epas.enabled=true,epas.start_step=50,epas.interval=15,epas.group_size=1,epas.final_region=9" \
     --variant "moc=ffn.kind=moc" --variant "topk=ffn.kind=topk" --variant "relu2=ffn.kind=relu2" \
-    --variant "elas=ffn.kind=elas,ffn.elas_warmup_steps=50" --baseline elas=relu2 \
-    --out-dir /tmp/effdist-parity --png "$out/loss_parity_125m.png" --json "$out/loss_parity_125m.json"
+    --variant "elas=ffn.kind=elas,ffn.elas_warmup_steps=50" --baseline elas=relu2
   ;;
 rest)
   # Issue #7: decode throughput and KV-cache bytes vs region 0 (LLaMA-1B shape, batch 1/8/32, context 512/2048).
@@ -66,12 +72,8 @@ followup)
   run 150 python3 tools/bench_epas.py --models llama-1b --rounds 5 --profile 3 --json "$out/bench_epas_profile.json"
   # Issue #5: a longer loss-parity run, EPAS switched on after the first fast drop of the loss (step 250, one
   # layer every 25 steps, 3L/4 from step 450), then 250 steps at the full region.
-  run 260 python3 tools/loss_parity.py --config configs/llama-125m.yaml --steps 700 --window 50 --timeout 200 \
-    --set train.global_batch=16 --set train.micro_batch=16 --set optim.warmup_steps=25 --set logging.interval=1 \
-    --set logging.tensorboard=false --set checkpoint.interval=0 --set data.cache_dir=/tmp/effdist-data \
-    --variant dense= \
-    --variant "epas=epas.enabled=true,epas.start_step=250,epas.interval=25,epas.group_size=1,epas.final_region=9" \
-    --out-dir /tmp/effdist-parity-long --png "$out/loss_parity_125m_epas_long.png" --json "$out/loss_parity_125m_epas_long.json"
+  parity_125m 260 700 50 epas_long --variant dense= \
+    --variant "epas=epas.enabled=true,epas.start_step=250,epas.interval=25,epas.group_size=1,epas.final_region=9"
   run 70 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py
   ;;
 decode32)
@@ -107,16 +109,12 @@ final)
   # clean-up; then a late EPAS schedule on 125M (sharing from step 400 of 700, 3L/4 from step 600).
   run 120 python3 tools/bench_epas.py --models llama-1b,llama-350m --rounds 4 --json "$out/bench_epas_v4.json"
   run 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ffn_gpu.py tests/test_kernels_dense.py
-  run 220 python3 tools/loss_parity.py --config configs/llama-125m.yaml --steps 700 --window 50 --timeout 200 \
-    --set train.global_batch=16 --set train.micro_batch=16 --set optim.warmup_steps=25 --set logging.interval=1 \
-    --set logging.tensorboard=false --set checkpoint.interval=0 --set data.cache_dir=/tmp/effdist-data \
-    --variant dense= \
-    --variant "epas_late=epas.enabled=true,epas.start_step=400,epas.interval=25,epas.group_size=1,epas.final_region=9" \
-    --out-dir /tmp/effdist-parity-late --png "$out/loss_parity_125m_epas_late.png" --json "$out/loss_parity_125m_epas_late.json"
+  parity_125m 220 700 50 epas_late --variant dense= \
+    --variant "epas_late=epas.enabled=true,epas.start_step=400,epas.interval=25,epas.group_size=1,epas.final_region=9"
   ;;
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
   ;;
-*) echo "unknown part $part (train, parity, rest, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, tests)"; exit 2 ;;
 esac
 exit 0
