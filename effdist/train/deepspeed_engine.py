@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from effdist.config import DEEPSPEED_INSTALL_HINT, Config, ConfigError
 from effdist.train import checkpoint as ckpt
+from effdist.train.loss import masked_loss_sum
 
 # DeepSpeed keys that effdist derives from its own config; a config_file may repeat them only with the
 # same value, so a run is never described two contradictory ways.
@@ -332,12 +333,7 @@ class DeepSpeedEngine:
         scale = self.runtime.dp / tokens_in_global_batch
         total = torch.zeros((), dtype=torch.float32, device=dev)
         for i, mb in enumerate(microbatches):
-            tokens = mb["tokens"].to(dev, non_blocking=True)
-            labels = mb["labels"].to(dev, non_blocking=True)
-            mask = mb["loss_mask"].to(dev, non_blocking=True).float()
-            position_ids = mb["position_ids"].to(dev, non_blocking=True)
-            per_token = ds(tokens, position_ids, None, labels=labels)
-            loss_sum = (per_token.float() * mask).sum()
+            loss_sum, _ = masked_loss_sum(ds, mb, dev)
             ds.backward(loss_sum * scale, scale_wrt_gas=False)
             total += loss_sum.detach()
             if i < len(microbatches) - 1:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from effdist.config import Config, ConfigError, load_config, validate
 from effdist.train import checkpoint as ckpt
+from effdist.train.loss import masked_loss_sum
 from effdist.train.optim import MasterWeightAdamW, lr_at
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -256,12 +257,7 @@ class Trainer:
         dev = self.runtime.device
         total = torch.zeros((), dtype=torch.float32, device=dev)
         for mb in microbatches:
-            tokens = mb["tokens"].to(dev, non_blocking=True)
-            labels = mb["labels"].to(dev, non_blocking=True)
-            mask = mb["loss_mask"].to(dev, non_blocking=True).float()
-            position_ids = mb["position_ids"].to(dev, non_blocking=True)
-            per_token = model(tokens, position_ids, None, labels=labels)
-            loss_sum = (per_token.float() * mask).sum()
+            loss_sum, _ = masked_loss_sum(model, mb, dev)
             (loss_sum / tokens_in_global_batch).backward()
             total += loss_sum.detach()
         return total
@@ -283,10 +279,8 @@ class Trainer:
         try:
             for _ in range(cfg.train.eval_steps):
                 for mb in loader.next_step():
-                    mask = mb["loss_mask"].to(rt.device).float()
-                    per_token = model(mb["tokens"].to(rt.device), mb["position_ids"].to(rt.device), None,
-                                      labels=mb["labels"].to(rt.device))
-                    totals[0] += (per_token.float() * mask).sum()
+                    loss_sum, mask = masked_loss_sum(model, mb, rt.device)
+                    totals[0] += loss_sum
                     totals[1] += mask.sum()
         finally:
             model.train()
