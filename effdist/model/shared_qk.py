@@ -112,6 +112,18 @@ def qkv_row_blocks(weight_or_bias: torch.Tensor, num_groups: int, heads_per_grou
     return weight_or_bias.view(num_groups, heads_per_group + 2, head_dim, *weight_or_bias.shape[1:])
 
 
+def _value_block(weight_or_bias: torch.Tensor, groups: int, heads_per_group: int, head_dim: int) -> torch.Tensor:
+    """The V rows of a fused linear_qkv weight/bias as a [groups, head_dim, ...] view."""
+    return qkv_row_blocks(weight_or_bias, groups, heads_per_group, head_dim)[:, heads_per_group + 1]
+
+
+def value_rows(weight_or_bias: torch.Tensor, groups: int, heads_per_group: int, head_dim: int) -> torch.Tensor:
+    """The V rows of a fused linear_qkv weight/bias as one [groups * head_dim, ...] tensor (a copy where the
+    rows are not adjacent, i.e. with more than one query group)."""
+    return _value_block(weight_or_bias, groups, heads_per_group, head_dim).reshape(
+        groups * head_dim, *weight_or_bias.shape[1:])
+
+
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous once.
 
@@ -143,21 +155,20 @@ class _ValueRowsOfWeight(torch.autograd.Function):
     def forward(ctx, weight: torch.Tensor, groups: int, heads_per_group: int, head_dim: int):
         # The shape is kept here: under ZeRO-3 the parameter's storage is released again before backward.
         ctx.param, ctx.blocks, ctx.shape = weight, (groups, heads_per_group, head_dim), weight.shape
-        return qkv_row_blocks(weight, groups, heads_per_group, head_dim)[:, heads_per_group + 1].reshape(
-            groups * head_dim, *weight.shape[1:])
+        return value_rows(weight, groups, heads_per_group, head_dim)
 
     @staticmethod
     def backward(ctx, grad_rows):
-        param, (groups, heads_per_group, head_dim), shape = ctx.param, ctx.blocks, ctx.shape
-        grad_rows = grad_rows.view(groups, head_dim, *shape[1:])
+        param, blocks, shape = ctx.param, ctx.blocks, ctx.shape
+        grad_rows = grad_rows.view(blocks[0], blocks[2], *shape[1:])
         main_grad = getattr(param, "main_grad", None)
         if main_grad is not None and hasattr(param, "grad_added_to_main_grad"):
-            qkv_row_blocks(main_grad, groups, heads_per_group, head_dim)[:, heads_per_group + 1].add_(grad_rows)
+            _value_block(main_grad, *blocks).add_(grad_rows)
             param.grad_added_to_main_grad = True
             # Only its presence matters: DDP's hook sees grad_added_to_main_grad and drops it unread.
             return grad_rows.new_empty(shape), None, None, None
         grad = grad_rows.new_zeros(shape)
-        qkv_row_blocks(grad, groups, heads_per_group, head_dim)[:, heads_per_group + 1].copy_(grad_rows)
+        _value_block(grad, *blocks).copy_(grad_rows)
         return grad, None, None, None
 
 
@@ -255,19 +266,16 @@ class EpasSelfAttention(SelfAttention):
         heads_per_group = self.num_attention_heads_per_partition // groups
         head_dim = self.hidden_size_per_attention_head
         linear = self.linear_qkv
-
-        def value_rows(t: torch.Tensor) -> torch.Tensor:
-            return qkv_row_blocks(t, groups, heads_per_group, head_dim)[:, heads_per_group + 1].reshape(
-                groups * head_dim, *t.shape[1:])
+        blocks = (groups, heads_per_group, head_dim)
 
         # A linear class substituted through spec.LinearImpl (e.g. the pipeline executor's B/W-split
         # linear) may run the row subset itself, keeping its own weight-gradient handling.
         forward_rows = getattr(linear, "forward_rows", None)
         if forward_rows is not None:
-            out, _ = forward_rows(hidden_states, value_rows)
+            out, _ = forward_rows(hidden_states, lambda t: value_rows(t, *blocks))
         else:
             def rows(t: torch.Tensor) -> torch.Tensor:
-                return _ValueRowsOfWeight.apply(t, groups, heads_per_group, head_dim) if t.requires_grad else value_rows(t)
+                return _ValueRowsOfWeight.apply(t, *blocks) if t.requires_grad else value_rows(t, *blocks)
 
             out = _column_parallel_forward(linear, hidden_states, rows(linear.weight),
                                            rows(linear.bias) if linear.bias is not None else None)
@@ -280,7 +288,8 @@ def _column_parallel_forward(linear, input_: torch.Tensor, weight: torch.Tensor,
 
     Same communication as the layer (TP input copy / sequence-parallel all-gather, dgrad all-reduce);
     gradient-accumulation fusion is off because it would write into ``weight.main_grad``, which a
-    row subset does not have: the rows' gradient reaches the fused weight through autograd instead.
+    row subset does not have: the rows' gradient reaches the fused weight through `_ValueRowsOfWeight`
+    (straight into the V rows of ``main_grad`` under megatron DDP).
     """
     if linear.skip_bias_add:
         bias = None
