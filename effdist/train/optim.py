@@ -105,16 +105,23 @@ class MasterWeightAdamW:
             m.grad = None if g is None else (g if g.dtype == torch.float32 else g.float())
 
     def grad_norm(self) -> float:
-        # Every DP rank holds the whole reduced gradient, so the norm needs no DP reduction.
-        sq = torch.zeros((), dtype=torch.float64)
-        dev = None
+        # Per-tensor norms in one multi-tensor pass (fp32 accumulation), combined in fp64. Squaring every
+        # element in fp64 instead cost ~13 ms of a 125 ms LLaMA-1B step on an H100 (three passes over an
+        # fp64 copy of every gradient).
+        by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for p, g in self._grads():
             if g is None or not _is_replica_on_this_tp_rank(p, self.tp_rank):
                 continue
-            dev = g.device
-            sq = sq.to(dev) + g.detach().double().pow(2).sum()
-        if dev is None:
-            sq = sq.to(self.model_params[0].device if self.model_params else "cpu")
+            by_device.setdefault((g.device, g.dtype), []).append(g.detach())
+        device = next(iter(by_device))[0] if by_device else (
+            self.model_params[0].device if self.model_params else torch.device("cpu"))
+        sq = torch.zeros((), dtype=torch.float64, device=device)
+        for (dev, dtype), grads in by_device.items():
+            if dtype == torch.float32:
+                norms = torch._foreach_norm(grads, 2)
+            else:  # bf16/fp16 gradients: accumulate in fp32, not in their own precision
+                norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+            sq = sq + torch.stack(norms).double().pow(2).sum().to(device)
         if self.model_parallel_group is not None and dist.get_world_size(self.model_parallel_group) > 1:
             dist.all_reduce(sq, group=self.model_parallel_group)
         return float(sq.sqrt())
