@@ -160,6 +160,10 @@ class EpasConfig:
     final_region: float = 0.5
     # "deep_to_shallow" (default, as in the paper) or "shallow_to_deep" (ablation).
     direction: str = "deep_to_shallow"
+    # effdist extension (0 = the paper's hard switch): over the `transition_steps` steps before a layer
+    # joins the region it uses (1 - a) * own Q/K + a * the previous layer's, a rising to 1, so the layers
+    # deeper than it move to the new anchor's Q/K gradually instead of all at once.
+    transition_steps: int = 0
     # Region used at inference when none is given on the command line (None: the trained final region).
     inference_region: int | None = None
 

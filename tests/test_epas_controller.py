@@ -13,9 +13,11 @@ from effdist.config import ConfigError, EpasConfig, load_config
 from effdist.epas import (
     EpasController,
     EpasError,
+    blend_factors,
     boundary_needs_qk,
     check_schedule,
     current_region,
+    join_step,
     region_size,
     set_region,
     sharing_layers,
@@ -78,6 +80,40 @@ def test_schedule_properties(num_layers, start, interval, group, final, directio
         steps_to_final_region(e, num_layers) == start
 
 
+@settings(max_examples=100, deadline=None)
+@given(num_layers=st.integers(2, 24), start=st.integers(0, 30), interval=st.integers(1, 10),
+       group=st.integers(1, 4), final=st.integers(1, 23), span=st.integers(0, 12),
+       direction=st.sampled_from(["deep_to_shallow", "shallow_to_deep"]), mode=st.sampled_from(["progressive", "fixed"]))
+def test_join_steps_and_transitions_follow_the_region(num_layers, start, interval, group, final, span, direction, mode):
+    final = min(final, num_layers - 1)
+    e = epas(start_step=start, interval=interval, group_size=group, final_region=final, direction=direction,
+             mode=mode, transition_steps=span)
+    last = steps_to_final_region(e, num_layers) + 2
+    for s in range(last):
+        region = sharing_layers(e, num_layers, s)
+        # A layer shares exactly from its join step on.
+        assert region == {i for i in range(num_layers) if join_step(e, num_layers, i) is not None
+                          and join_step(e, num_layers, i) <= s}
+        blending = blend_factors(e, num_layers, s)
+        assert not (blending.keys() & region) and 0 not in blending
+        for layer, weight in blending.items():
+            joins = join_step(e, num_layers, layer)
+            assert joins - span <= s < joins and 0 < weight < 1
+            # The weight rises by 1/(span+1) per step and would reach 1 at the join step.
+            assert weight == pytest.approx(1 - (joins - s) / (span + 1))
+        if span == 0:
+            assert blending == {}
+        else:  # every layer about to join (within span steps) is in transition
+            assert blending.keys() == {i for i in range(1, num_layers) if join_step(e, num_layers, i) is not None
+                                       and s < join_step(e, num_layers, i) <= s + span}
+
+
+def test_transition_weights_of_one_layer():
+    e = epas(start_step=10, interval=5, group_size=1, final_region=2, transition_steps=3)
+    assert [blend_factors(e, 8, s) for s in range(6, 16)] == [
+        {}, {7: 0.25}, {7: 0.5}, {7: 0.75}, {}, {}, {6: 0.25}, {6: 0.5}, {6: 0.75}, {}]
+
+
 def test_boundary_needs_qk():
     region = frozenset({5, 6, 7})
     assert boundary_needs_qk(region, 5) and boundary_needs_qk(region, 6)
@@ -95,6 +131,7 @@ def test_boundary_needs_qk():
     ("epas.mode=sometimes", "epas.mode"),
     ("epas.direction=sideways", "epas.direction"),
     ("epas.inference_region=4", "epas.inference_region"),
+    ("epas.transition_steps=-1", "epas.transition_steps"),
 ])
 def test_config_validation_names_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -108,6 +145,7 @@ def test_config_validation_names_the_field(override, field):
     ({"final_region": 4}, "epas.final_region"),
     ({"interval": 0}, "epas.interval"),
     ({"group_size": 0}, "epas.group_size"),
+    ({"transition_steps": 2.5}, "epas.transition_steps"),
 ])
 def test_schedule_check_names_the_field(kw, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -295,3 +333,31 @@ def test_set_region_for_inference():
     with pytest.raises(ValueError, match="num_layers-1"):
         set_region([model], 4)
     assert set_region([model], 2, direction="shallow_to_deep") == {1, 2}
+
+
+def test_sharing_rows_have_zero_moments_and_get_them_back_when_leaving_the_region():
+    """While a layer shares, its Wq/Wk Adam moments are zero (so AdamW leaves those rows alone but for weight
+    decay, which the controller undoes); a layer that leaves the region trains on from the moments it had."""
+    cfg = make_cfg("epas.start_step=2", "epas.interval=100")
+    model = build(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    controller = EpasController(cfg, [model], optimizer=optimizer)
+    weight = model.decoder.layers[3].self_attention.linear_qkv.weight
+    for step in range(2):
+        controller.begin_step(step)
+        train_step(model, step)
+        optimizer.step()
+        controller.after_optimizer_step(optimizer)
+    moments = {k: qk_rows(optimizer.state[weight][k], cfg).clone() for k in ("exp_avg", "exp_avg_sq")}
+    assert all(m.abs().sum() > 0 for m in moments.values())
+    controller.begin_step(2)
+    assert controller.sharing_layers == {3}
+    for step in (2, 3):
+        train_step(model, step)
+        optimizer.step()
+        controller.after_optimizer_step(optimizer)
+        for k in moments:
+            assert torch.count_nonzero(qk_rows(optimizer.state[weight][k], cfg)) == 0, k
+    controller._switch(frozenset(), {})  # leaving the region (no training schedule shrinks it)
+    for k, m in moments.items():
+        assert torch.equal(qk_rows(optimizer.state[weight][k], cfg), m), k

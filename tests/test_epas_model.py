@@ -69,8 +69,11 @@ def _rope(x, base):
     return x * emb.cos() + torch.cat([-x2, x1], dim=-1) * emb.sin()
 
 
-def reference_loss(params: dict[str, torch.Tensor], tokens, labels, cfg, region: set[int]) -> torch.Tensor:
-    """The LLaMA forward written out by hand; a layer in `region` uses the Q/K of the layer before it."""
+def reference_loss(params: dict[str, torch.Tensor], tokens, labels, cfg, region: set[int],
+                   blending: dict[int, float] | None = None) -> torch.Tensor:
+    """The LLaMA forward written out by hand; a layer in `region` uses the Q/K of the layer before it, a
+    layer in `blending` mixes its own Q/K with those: (1 - a) * own + a * previous."""
+    blending = blending or {}
     m = cfg.model
     nh, ng, hidden = m.num_attention_heads, m.num_query_groups, m.hidden_size
     hd, qpg = hidden // nh, nh // ng
@@ -89,6 +92,9 @@ def reference_loss(params: dict[str, torch.Tensor], tokens, labels, cfg, region:
         else:
             q = _rope((h @ wq.T).view(b, s, nh, hd).transpose(1, 2), m.rotary_base)
             k = _rope((h @ wk.T).view(b, s, ng, hd).transpose(1, 2), m.rotary_base)
+            if i in blending:
+                a = blending[i]
+                q, k = (1 - a) * q + a * previous_qk[0], (1 - a) * k + a * previous_qk[1]
         previous_qk = (q, k)
         k_all, v_all = k.repeat_interleave(qpg, dim=1), v.repeat_interleave(qpg, dim=1)
         scores = (q @ k_all.transpose(-1, -2)) / math.sqrt(hd)
@@ -174,26 +180,29 @@ def test_sharing_layer_equals_dense_layer_fed_previous_qk():
     assert (outputs["dense"] - outputs["epas"]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("region", [{3}, {2, 3}, {1, 2, 3}])
-def test_whole_model_matches_hand_written_reference(region):
+@pytest.mark.parametrize("region, blending", [({3}, {}), ({2, 3}, {}), ({1, 2, 3}, {}),
+                                              (set(), {3: 0.5}), ({3}, {2: 0.25}), ({3}, {1: 0.4, 2: 0.8})])
+def test_whole_model_matches_hand_written_reference(region, blending):
     cfg = make_cfg()
     model = build(cfg)
     tokens, positions, labels = batch()
-    apply_region([model], region)
+    apply_region([model], region, blending)
     loss = model(tokens, positions, None, labels=labels).mean()
     loss.backward()
     params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
-    ref = reference_loss(params, tokens, labels, cfg, region)
+    ref = reference_loss(params, tokens, labels, cfg, region, blending)
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
-    # The reference itself tells regions apart (the check is not vacuous): without sharing, the
-    # first sharing layer's Wq/Wk would get a gradient far above the tolerance.
-    dense_params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
-    reference_loss(dense_params, tokens, labels, cfg, set()).backward()
-    name = f"decoder.layers.{min(region)}.self_attention.linear_qkv.weight"
-    assert (dense_params[name].grad - params[name].grad).abs().max() > 100 * 1e-6
+    # The reference itself tells regions apart (the check is not vacuous): without sharing (or with the
+    # transition layers' weights changed), the first such layer's Wq/Wk gradient would differ far above
+    # the tolerance.
+    other_params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    reference_loss(other_params, tokens, labels, cfg, set() if not blending else region,
+                   {i: a / 2 for i, a in blending.items()}).backward()
+    name = f"decoder.layers.{min(region | blending.keys())}.self_attention.linear_qkv.weight"
+    assert (other_params[name].grad - params[name].grad).abs().max() > 100 * 1e-6
 
 
 def test_sharing_layers_get_no_wq_wk_gradient():
@@ -267,11 +276,12 @@ def test_full_recompute_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(results[0][1][k], results[1][1][k], rtol=1e-6, atol=1e-7, msg=k)
 
 
-@pytest.mark.parametrize("region", [{2, 3}, {1, 2, 3}, {3}])
+@pytest.mark.parametrize("region, blending", [({2, 3}, {}), ({1, 2, 3}, {}), ({3}, {}), ({3}, {2: 0.5}),
+                                              ({2, 3}, {1: 0.3})])
 @pytest.mark.parametrize("recompute", [False, True])
-def test_pipeline_chunks_hand_over_qk(region, recompute):
+def test_pipeline_chunks_hand_over_qk(region, blending, recompute):
     """Two chunks [0, 1] and [2, 3]: seeding chunk 2's context and backpropagating chunk 1's exported
-    Q/K gives the full model's loss and gradients."""
+    Q/K gives the full model's loss and gradients (also when layer 2 is in transition)."""
     cfg = make_cfg(*(["train.recompute=true"] if recompute else []))
     full = build(cfg)
     first = build(cfg, layer_indices=[0, 1], post_process=False)
@@ -287,13 +297,13 @@ def test_pipeline_chunks_hand_over_qk(region, recompute):
             sd[k] = full_sd[src]
         chunk.load_state_dict(sd)
     tokens, positions, labels = batch()
-    apply_region([full], region)
-    apply_region([first, second], region)
+    apply_region([full], region, blending)
+    apply_region([first, second], region, blending)
     full_loss = full(tokens, positions, None, labels=labels).mean()
     full_loss.backward()
 
-    needs_qk = boundary_needs_qk(frozenset(region), 2)
-    assert needs_qk == (2 in region)
+    needs_qk = boundary_needs_qk(frozenset(region) | blending.keys(), 2)
+    assert needs_qk == (2 in region or 2 in blending)
     hidden = first(tokens, positions, None)
     qk = pop_exported_qk(first)
     assert (qk is not None) == needs_qk

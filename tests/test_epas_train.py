@@ -1,6 +1,7 @@
-"""EPAS through the real trainer and real processes: a region that grows during the run gives the same
-losses with TP=1 and TP=2, a run killed after a switch resumes with the same region and losses, and a
-fresh run can start from converted/pretrained weights (checkpoint.init_from)."""
+"""EPAS through the real trainer and real processes: a region that grows during the run (each switch
+preceded by a one-step transition) gives the same losses with TP=1, TP=2 and PP=2, a run killed after a
+switch resumes with the same region and losses, and a fresh run can start from converted/pretrained
+weights (checkpoint.init_from)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ pytestmark = pytest.mark.slow
 STEPS = 7
 EPAS = [f"train.steps={STEPS}", "train.global_batch=8", "train.micro_batch=2", "data.seq_length=64",
         "logging.tensorboard=false", "checkpoint.interval=3", "optim.warmup_steps=2", "epas.enabled=true",
-        "epas.start_step=1", "epas.interval=2", "epas.group_size=1", "epas.final_region=3"]
+        "epas.start_step=1", "epas.interval=2", "epas.group_size=1", "epas.final_region=3",
+        # Each layer blends its Q/K into the incoming ones during the step before it joins (steps 0, 2, 4):
+        # at step 2 layer 2, first of the second pp=2 stage, needs layer 1's Q/K across the boundary.
+        "epas.transition_steps=1"]
 
 
 def _regions(run_dir):

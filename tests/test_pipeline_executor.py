@@ -572,7 +572,7 @@ def _phase_pp2(report: dict) -> None:
         pipe, wrapped = _pipeline(cfg, rt, region=region)
 
         class Controller:
-            sharing_layers = region
+            sharing_layers = qk_consumers = region
 
         pipe.use_epas(Controller())
         loss = _step(pipe, wrapped, mbs)

@@ -8,9 +8,11 @@ The layers themselves: effdist.model.shared_qk (chosen by effdist.model.spec whe
 
 from effdist.epas.controller import EpasController, set_region
 from effdist.epas.schedule import (
+    blend_factors,
     boundary_needs_qk,
     check_schedule,
     final_region_size,
+    join_step,
     layers_of_region,
     region_size,
     sharing_layers,
@@ -19,7 +21,7 @@ from effdist.epas.schedule import (
 from effdist.model.shared_qk import EpasError, apply_region, current_region, pop_exported_qk, qk_context_shape
 
 __all__ = [
-    "EpasController", "EpasError", "apply_region", "boundary_needs_qk", "check_schedule", "current_region",
-    "final_region_size", "layers_of_region", "pop_exported_qk", "qk_context_shape", "region_size", "set_region",
+    "EpasController", "EpasError", "apply_region", "blend_factors", "boundary_needs_qk", "check_schedule", "current_region",
+    "final_region_size", "join_step", "layers_of_region", "pop_exported_qk", "qk_context_shape", "region_size", "set_region",
     "sharing_layers", "steps_to_final_region",
 ]

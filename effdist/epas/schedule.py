@@ -6,6 +6,11 @@ sharing at ``start_step`` and another group every ``interval`` steps, until the 
 layers share first) or, as an ablation, from layer 1 upward (shallow_to_deep). "fixed" holds the
 final region from ``start_step`` on. Layer 0 never shares: it has no previous layer.
 
+With ``transition_steps`` T > 0 (an effdist extension), a layer that joins the region at step t
+blends during steps t-T .. t-1: its Q/K are ``(1 - a) * own + a * incoming`` with a = (step - t + T + 1) /
+(T + 1), and the layers sharing below it receive that blend, so a switch no longer replaces the Q/K of
+the whole run below the new anchor in one step. The region itself is unchanged by T.
+
 Being a pure function of (config, step), every rank computes the same region with no
 communication, and a resumed run recomputes it from its step.
 """
@@ -40,6 +45,9 @@ def check_schedule(epas: EpasConfig, num_layers: int) -> None:
         raise ConfigError(f"epas.interval = {epas.interval!r}: must be a positive number of steps between growths")
     if epas.group_size <= 0:
         raise ConfigError(f"epas.group_size = {epas.group_size!r}: must be a positive number of layers")
+    if not isinstance(epas.transition_steps, int) or epas.transition_steps < 0:
+        raise ConfigError(f"epas.transition_steps = {epas.transition_steps!r}: must be a whole number of steps >= 0 "
+                          "(0 switches each layer at once, as in the paper)")
     if epas.start_step < 0:
         raise ConfigError(f"epas.start_step = {epas.start_step!r}: must be >= 0")
     if epas.final_region <= 0:
@@ -89,6 +97,35 @@ def sharing_layers(cfg_epas: EpasConfig, num_layers: int, step: int) -> frozense
     return layers_of_region(region_size(cfg_epas, num_layers, step), num_layers, cfg_epas.direction)
 
 
+def join_step(epas: EpasConfig, num_layers: int, layer: int) -> int | None:
+    """The first step at which `layer` shares (None: never, it is outside the final region)."""
+    final = final_region_size(epas, num_layers)
+    if epas.direction == "deep_to_shallow":
+        order = num_layers - 1 - layer  # 0 for the deepest layer, the first to join
+    else:
+        order = layer - 1
+    if not 0 <= order < final:
+        return None
+    if epas.mode == "fixed":
+        return epas.start_step
+    return epas.start_step + (order // epas.group_size) * epas.interval
+
+
+def blend_factors(epas: EpasConfig, num_layers: int, step: int) -> dict[int, float]:
+    """Layers in transition during `step` -> the weight a of the incoming Q/K (0 < a < 1); empty when
+    transition_steps is 0. Layers already sharing are not listed (they use the incoming Q/K alone)."""
+    if not epas.enabled or epas.transition_steps == 0:
+        return {}
+    check_schedule(epas, num_layers)
+    span = epas.transition_steps
+    out = {}
+    for layer in range(1, num_layers):
+        joins = join_step(epas, num_layers, layer)
+        if joins is not None and joins - span <= step < joins:
+            out[layer] = (step - joins + span + 1) / (span + 1)
+    return out
+
+
 def steps_to_final_region(epas: EpasConfig, num_layers: int) -> int:
     """The first step at which the region reaches its final size."""
     final = final_region_size(epas, num_layers)
@@ -97,10 +134,11 @@ def steps_to_final_region(epas: EpasConfig, num_layers: int) -> int:
     return epas.start_step + (math.ceil(final / epas.group_size) - 1) * epas.interval
 
 
-def boundary_needs_qk(region_layers: frozenset[int] | set[int], first_layer_of_next_chunk: int) -> bool:
+def boundary_needs_qk(qk_consumers: frozenset[int] | set[int], first_layer_of_next_chunk: int) -> bool:
     """Whether the Q/K of the layer before a pipeline-chunk boundary must cross it.
 
-    It must exactly when the next chunk's first layer shares: that layer reuses the Q/K of the layer
-    before it (which the previous chunk exported, or passed on from its own anchor).
+    It must exactly when the next chunk's first layer uses the incoming Q/K: it shares (reusing the Q/K
+    of the layer before it, which the previous chunk exported or passed on from its own anchor) or it
+    is in transition (`blend_factors`). `qk_consumers` is the set of such layers.
     """
-    return first_layer_of_next_chunk in region_layers
+    return first_layer_of_next_chunk in qk_consumers

@@ -179,11 +179,14 @@ class EpasSelfAttention(SelfAttention):
     * ``exports_qk = True``: as above, and the post-RoPE Q/K are packed into ``exported_qk``.
     * ``sharing = True``: Q/K come from ``incoming_qk`` (set by EpasTransformerLayer); only the V
       rows of ``linear_qkv`` are multiplied; no RoPE.
+    * ``blend = a`` (a layer in transition, not sharing yet): its own post-RoPE Q/K mixed with the
+      incoming ones, ``(1 - a) * own + a * incoming``; the mix is what it exports.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.sharing = False
+        self.blend: Optional[float] = None
         self.exports_qk = False
         self.incoming_qk: Optional[torch.Tensor] = None
         self.exported_qk: Optional[torch.Tensor] = None
@@ -194,7 +197,7 @@ class EpasSelfAttention(SelfAttention):
                 rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
                 attention_bias=None, packed_seq_params=None, sequence_len_offset=None, *, inference_params=None):
         self.exported_qk = None
-        if not (self.sharing or self.exports_qk):
+        if not (self.sharing or self.exports_qk or self.blend is not None):
             return super().forward(hidden_states, attention_mask, key_value_states, inference_context, rotary_pos_emb,
                                    rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin, attention_bias,
                                    packed_seq_params, sequence_len_offset, inference_params=inference_params)
@@ -241,7 +244,12 @@ class EpasSelfAttention(SelfAttention):
             if k_pos_emb is not None:
                 key = apply_rotary_pos_emb(key, k_pos_emb, config=self.config, cu_seqlens=None, mscale=mscale,
                                            cp_group=self.pg_collection.cp)
-        self.exported_qk = pack_qk(query, key)
+        if self.blend is not None:
+            incoming_query, incoming_key = unpack_qk(self._expected_incoming(hidden_states),
+                                                     self.num_attention_heads_per_partition)
+            query = torch.lerp(query, incoming_query, self.blend)
+            key = torch.lerp(key, incoming_key, self.blend)
+        self.exported_qk = pack_qk(query, key) if self.exports_qk else None
         return query, key, value
 
     # ------------------------------------------------------------------ sharing path
@@ -252,7 +260,8 @@ class EpasSelfAttention(SelfAttention):
                 self.num_attention_heads_per_partition + self.num_query_groups_per_partition,
                 self.hidden_size_per_attention_head)
         if qk is None:
-            raise EpasError(f"layer {self.layer_number - 1} of this chunk shares Q/K but received none: the layer "
+            raise EpasError(f"layer {self.layer_number - 1} of this chunk shares Q/K (or is in transition) but "
+                            "received none: the layer "
                             "before it must export its Q/K (apply_region sets that), and the first layer of a "
                             "pipeline chunk needs model(..., extra_block_kwargs={'context': qk})")
         if tuple(qk.shape) != want:
@@ -370,19 +379,29 @@ def layer_index(layer: EpasTransformerLayer) -> int:
     return from_builder if from_builder is not None else from_spec
 
 
-def apply_region(model_chunks: Iterable[torch.nn.Module], sharing: Iterable[int]) -> None:
-    """Switch every EPAS layer of these chunks: layer i shares iff i is in `sharing`; layer i exports
-    its Q/K iff layer i + 1 shares (possibly in the next pipeline chunk)."""
+def apply_region(model_chunks: Iterable[torch.nn.Module], sharing: Iterable[int],
+                 blending: Optional[dict[int, float]] = None) -> None:
+    """Switch every EPAS layer of these chunks: layer i shares iff i is in `sharing`, blends its own Q/K
+    with the incoming ones with weight ``blending[i]`` if listed there (a layer in transition); layer i
+    exports its Q/K iff layer i + 1 shares or blends (possibly in the next pipeline chunk)."""
     region = frozenset(int(i) for i in sharing)
-    if 0 in region:
+    blending = {int(i): float(a) for i, a in (blending or {}).items()}
+    if 0 in region or 0 in blending:
         raise EpasError("layer 0 cannot share Q/K: it has no previous layer")
+    both = region & blending.keys()
+    if both:
+        raise EpasError(f"layers {sorted(both)} are listed as sharing and as in transition; a layer is one or the other")
+    bad = {i: a for i, a in blending.items() if not 0.0 < a < 1.0}
+    if bad:
+        raise EpasError(f"blend weights {bad}: a layer in transition takes a weight in (0, 1) of the incoming Q/K")
     chunks = list(model_chunks)
     layers = epas_layers(chunks)
     if not layers:
         raise EpasError("these model chunks have no EPAS layers: build them with epas.enabled=true")
     for index, layer in layers.items():
         layer.self_attention.sharing = index in region
-        layer.self_attention.exports_qk = (index + 1) in region
+        layer.self_attention.blend = blending.get(index)
+        layer.self_attention.exports_qk = (index + 1) in region or (index + 1) in blending
         layer.keeps_export = False
         layer.exported_qk = None
     for chunk in chunks:

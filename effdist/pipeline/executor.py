@@ -231,15 +231,16 @@ class Pipeline:
         self.extras = extras or NO_EXTRAS
 
     def use_epas(self, controller) -> None:
-        """Send the EPAS anchor's packed Q/K across every boundary whose next layer shares, as decided by
-        `controller.sharing_layers` (effdist.epas.controller.EpasController; read again at every step)."""
+        """Send the EPAS anchor's packed Q/K across every boundary whose next layer shares or is in transition,
+        as decided by `controller.qk_consumers` (effdist.epas.controller.EpasController; read again at every
+        step)."""
         from effdist.epas.schedule import boundary_needs_qk
         from effdist.model.shared_qk import pop_exported_qk, qk_context_shape
 
         config = _unwrap(self.model_chunks[0]).config
 
         def specs(boundary: int, hidden: TensorSpec) -> tuple[TensorSpec, ...]:
-            if not boundary_needs_qk(controller.sharing_layers, self.layout.layers[boundary + 1][0]):
+            if not boundary_needs_qk(controller.qk_consumers, self.layout.layers[boundary + 1][0]):
                 return ()
             # Under sequence parallelism the hidden states are split along the sequence, Q/K are not.
             seq = hidden.shape[0] * (self.tp if self.sequence_parallel else 1)
