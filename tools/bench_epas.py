@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHAPES = {
-    # name: (layers, hidden, heads, kv heads, ffn, seq, micro batch)
+    # name: (layers, hidden, heads, kv heads, ffn, seq, micro batch); micro batches as in configs/llama-*.yaml
     "llama-350m": (24, 1024, 16, 16, 2816, 2048, 8),
-    "llama-1b": (16, 2048, 32, 32, 5632, 2048, 4),
+    "llama-1b": (16, 2048, 32, 32, 5632, 2048, 8),
     "tiny": (4, 64, 4, 2, 176, 64, 2),
 }
 VOCAB = 32000
@@ -60,10 +60,11 @@ def reseed(cuda: bool, seed: int = 1234) -> None:
     seed_model_parallel_rng(seed, cuda)
 
 
-def make_config(shape: str, epas: bool, region: int = 0):
+def make_config(shape: str, epas: bool, region: int = 0, micro_batch: int | None = None):
     from effdist.config import load_config
 
     layers, hidden, heads, groups, ffn, seq, mbs = SHAPES[shape]
+    mbs = micro_batch or mbs
     overrides = [f"model.num_layers={layers}", f"model.hidden_size={hidden}", f"model.num_attention_heads={heads}",
                  f"model.num_query_groups={groups}", f"model.ffn_hidden_size={ffn}",
                  f"model.vocab_size={512 if shape == 'tiny' else VOCAB}", f"model.max_position_embeddings={seq}",
@@ -189,7 +190,7 @@ def print_profile_diff(rows: list[dict], top: int = 25) -> None:
 
 
 def bench_shape(shape: str, fractions: list[float], warmup: int, steps: int, rounds: int, device: torch.device,
-                dtype: torch.dtype, profile_steps: int = 0) -> list[dict]:
+                dtype: torch.dtype, profile_steps: int = 0, micro_batch: int | None = None) -> list[dict]:
     """Both models stay resident and the variants take turns, `rounds` times `steps` timed steps each, so
     that drifts of the GPU's clocks or allocator affect every variant alike."""
     from effdist.epas import EpasController, apply_region, current_region
@@ -205,7 +206,7 @@ def bench_shape(shape: str, fractions: list[float], warmup: int, steps: int, rou
     try:
         trainees = {}
         for kind in ("dense", "epas"):
-            cfg = make_config(shape, epas=kind == "epas")
+            cfg = make_config(shape, epas=kind == "epas", micro_batch=micro_batch)
             reseed(cuda)  # both start from the same weights
             trainees[kind] = Trainee(cfg, build_gpt(cfg, dtype, device), device)
     except Exception as e:  # e.g. out of memory: report it for every variant
@@ -220,7 +221,8 @@ def bench_shape(shape: str, fractions: list[float], warmup: int, steps: int, rou
         apply_region([trainee.module], set())
         if region == 0:
             return trainee, None
-        return trainee, EpasController(make_config(shape, epas=True, region=region), [trainee.module],
+        return trainee, EpasController(make_config(shape, epas=True, region=region, micro_batch=micro_batch),
+                                       [trainee.module],
                                        optimizer=trainee.optimizer)
 
     for round_index in range(rounds if trainees else 0):
@@ -289,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="GPU: after timing, profile STEPS steps of each variant and print the per-kernel time of "
                         "each region against region 0 (what sharing saves and what it adds)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="sequences per step (default: the preset's, " + ", ".join(
+                       f"{k} {v[-1]}" for k, v in SHAPES.items() if k != "tiny") + ")")
     p.add_argument("--json", default=None, help="write all results here")
     args = p.parse_args(argv)
 
@@ -314,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                "note": "peak_mem_gib is with the dense and the EPAS model both resident", "runs": []}
     for shape in models:
         results["runs"] += bench_shape(shape, fractions, args.warmup, args.steps, args.rounds, device, dtype,
-                                       profile_steps=args.profile)
+                                       profile_steps=args.profile, micro_batch=args.micro_batch)
 
     print(f"\ndevice: {results['device']}  dtype: {results['dtype']}  median of {args.rounds} rounds x {args.steps} "
           f"steps per variant (variants interleaved; peak memory with both models resident)")

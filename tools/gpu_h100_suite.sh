@@ -9,7 +9,7 @@
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final OUTDIR}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2 OUTDIR}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -112,9 +112,37 @@ final)
   parity_125m 220 700 50 epas_late --variant dense= \
     --variant "epas_late=epas.enabled=true,epas.start_step=400,epas.interval=25,epas.group_size=1,epas.final_region=9"
   ;;
+transition)
+  # Issue #5: EPAS throughput after the fp32 gradient norm, then which schedule keeps 125M loss closest to dense:
+  # the hard switch (as before), transitions of 15/30 steps (epas.transition_steps), an early fast schedule,
+  # the final region from step 0 (no switch at all), and L/2 for reference.
+  run 130 python3 tools/bench_epas.py --models llama-1b --rounds 4 --json "$out/bench_epas_v5.json"
+  e="epas.enabled=true,epas.group_size=1"
+  parity_125m 420 250 20 transition --variant dense= \
+    --variant "hard=$e,epas.start_step=50,epas.interval=15,epas.final_region=9" \
+    --variant "t15=$e,epas.start_step=50,epas.interval=15,epas.final_region=9,epas.transition_steps=15" \
+    --variant "t30=$e,epas.start_step=50,epas.interval=15,epas.final_region=9,epas.transition_steps=30" \
+    --variant "early=$e,epas.start_step=25,epas.interval=5,epas.final_region=9,epas.transition_steps=5" \
+    --variant "fixed0=$e,epas.mode=fixed,epas.start_step=0,epas.final_region=9" \
+    --variant "half=$e,epas.start_step=50,epas.interval=15,epas.final_region=6,epas.transition_steps=15"
+  ;;
+transition2)
+  # Issue #5, after `transition`: the early schedule (sharing from step 25, one layer per 5 steps, 5-step
+  # transitions) came closest to dense. Around it, with a second dense run for the run-to-run spread, then
+  # the early schedule over 700 steps (22.9M tokens).
+  e="epas.enabled=true,epas.group_size=1,epas.final_region=9"
+  parity_125m 330 250 20 early --variant dense= --variant dense2= \
+    --variant "early=$e,epas.start_step=25,epas.interval=5,epas.transition_steps=5" \
+    --variant "early_t10=$e,epas.start_step=25,epas.interval=5,epas.transition_steps=10" \
+    --variant "start15=$e,epas.start_step=15,epas.interval=5,epas.transition_steps=5" \
+    --variant "every3=$e,epas.start_step=25,epas.interval=3,epas.transition_steps=6" \
+    --baseline dense2=dense
+  parity_125m 230 700 50 early_700 --variant dense= \
+    --variant "early=$e,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
+  ;;
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, tests)"; exit 2 ;;
 esac
 exit 0

@@ -29,12 +29,69 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, [o for o in rest.split(",") if o]
 
 
+def moving_average(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot(results: dict, baselines: dict[str, str], window: int, title: str, png: str) -> None:
+    """Loss curves, and below them each variant's loss over its baseline's (moving average over `window`
+    steps): a gap of 1% is invisible on the loss axis but not on the ratio axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ratio_ax) = plt.subplots(2, 1, figsize=(8, 7.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    for name, r in results.items():
+        if "curve" not in r:
+            continue
+        xs, ys = zip(*[(s, l) for s, l in r["curve"] if l is not None])
+        line, = ax.plot(xs, ys, label=f"{name} ({r['final_loss']:.3f})", linewidth=1)
+        base = results.get(baselines.get(name, ""), {})
+        if "curve" in base and baselines[name] != name:
+            base_loss = dict(base["curve"])
+            steps = [s for s in xs if base_loss.get(s) is not None]
+            own = dict(zip(xs, ys))
+            ratio = moving_average([own[s] / base_loss[s] for s in steps], window)
+            ratio_ax.plot(steps, ratio, color=line.get_color(), linewidth=1,
+                          label=f"{name} / {baselines[name]} ({r['ratio_vs_baseline']:.3f})")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ratio_ax.axhline(1.0, color="black", linewidth=0.8)
+    ratio_ax.axhline(1.01, color="black", linewidth=0.8, linestyle=":")
+    ratio_ax.set_ylabel(f"loss / baseline ({window}-step mean)")
+    ratio_ax.set_xlabel("step")
+    ratio_ax.grid(alpha=0.3)
+    if len(ratio_ax.lines) > 2:
+        ratio_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def replot(json_path: str, png: str, window: int, title: str) -> int:
+    """Draw the picture of an earlier run from its --json file (no training)."""
+    results = json.loads(Path(json_path).read_text())
+    plot(results, {name: r["baseline"] for name, r in results.items() if "baseline" in r}, window, title, png)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--replot", metavar="JSON", default=None,
+                   help="only draw --png from the --json file of an earlier run (--window: its moving average)")
+    p.add_argument("--title", default=None, help="with --replot: the picture's title")
+    p.add_argument("--config", required=False)
+    p.add_argument("--steps", type=int, required=False)
     p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--variant", action="append", required=True, help="name=k=v,k=v")
+    p.add_argument("--variant", action="append", default=[], help="name=k=v,k=v (at least one, unless --replot)")
     p.add_argument("--baseline", action="append", default=[], help="variant=its_baseline (default: the first variant)")
     p.add_argument("--window", type=int, default=20)
     p.add_argument("--out-dir", default="runs/parity")
@@ -42,6 +99,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--timeout", type=int, default=900, help="seconds per run")
     args = p.parse_args(argv)
+    if args.replot:
+        if not args.png:
+            p.error("--replot needs --png")
+        return replot(args.replot, args.png, args.window, args.title or Path(args.replot).stem)
+    if not args.config or args.steps is None or not args.variant:
+        p.error("--config, --steps and --variant are required (unless --replot)")
 
     from effdist.train.metrics import read_metrics
 
@@ -89,23 +152,8 @@ def main(argv=None) -> int:
         print(f"{name:<10} {base:<10} {r['final_loss']:>10.4f} {r.get('ratio_vs_baseline', float('nan')):>8.4f} "
               f"{r['median_tokens_per_s'] or 0:>10.0f}")
     if args.png:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for name, r in results.items():
-            if "curve" in r:
-                xs, ys = zip(*[(s, l) for s, l in r["curve"] if l is not None])
-                ax.plot(xs, ys, label=f"{name} ({r['final_loss']:.3f})", linewidth=1)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.set_title(f"{Path(args.config).stem}: {args.steps} steps, same data and seed")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(args.png, dpi=120)
+        plot(results, {name: r["baseline"] for name, r in results.items() if "baseline" in r}, args.window,
+             f"{Path(args.config).stem}: {args.steps} steps, same data and seed", args.png)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0 if all("error" not in r for r in results.values()) else 1
