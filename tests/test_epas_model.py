@@ -357,3 +357,31 @@ def test_layer_zero_cannot_share_and_dense_models_have_no_epas_layers():
         apply_region([model], {0, 1})
     with pytest.raises(EpasError, match="epas.enabled"):
         apply_region([build(make_cfg(epas=False))], {1})
+
+
+def test_packed_qk_gradient_is_summed_over_its_readers():
+    """Sharing layers reading one packed Q/K build one gradient in place (the last reader returns it): with a
+    gradient arriving for the packed tensor from elsewhere too (a pipeline boundary), through a retained graph,
+    and with a no-grad read (a checkpointed layer's first forward) that must not count."""
+    from effdist.model.shared_qk import pack_qk, unpack_qk
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(SEQ, BATCH, 4, 8, generator=g, requires_grad=True)
+    k = torch.randn(SEQ, BATCH, 2, 8, generator=g, requires_grad=True)
+    qk = pack_qk(q, k)
+    with torch.no_grad():
+        unpack_qk(qk, 4)
+    readers = [(torch.randn(SEQ, BATCH, 4, 8, generator=g), torch.randn(SEQ, BATCH, 2, 8, generator=g))
+               for _ in range(3)]
+    loss = sum((qi * wq).sum() + (ki * wk).sum() for (wq, wk), (qi, ki) in zip(readers, [unpack_qk(qk, 4)
+                                                                                        for _ in readers]))
+    from_elsewhere = torch.randn(qk.shape, generator=g)
+    torch.autograd.backward([loss, qk], [None, from_elsewhere], retain_graph=True)
+    q_else, k_else = from_elsewhere.reshape(-1).split([q.numel(), k.numel()])
+    want_q = sum(wq for wq, _ in readers) + q_else.view_as(q)
+    want_k = sum(wk for _, wk in readers) + k_else.view_as(k)
+    torch.testing.assert_close(q.grad, want_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k.grad, want_k, rtol=1e-6, atol=1e-6)
+    loss.backward()  # again through the retained graph: every reader returns its own part
+    torch.testing.assert_close(q.grad, 2 * want_q - q_else.view_as(q), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k.grad, 2 * want_k - k_else.view_as(k), rtol=1e-6, atol=1e-6)

@@ -9,7 +9,7 @@
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2 OUTDIR}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum OUTDIR}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -140,9 +140,24 @@ transition2)
   parity_125m 230 700 50 early_700 --variant dense= \
     --variant "early=$e,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
   ;;
+epas_mbs8)
+  # Issue #5 at the presets' micro batch (llama-1b 8, llama-350m 8), with the per-kernel profile on llama-1b;
+  # then the dense llama-1b preset alone (the fp32 gradient norm's effect on the trunk's step).
+  run 200 python3 tools/bench_epas.py --models llama-1b --rounds 4 --profile 3 --json "$out/bench_epas_1b_mbs8.json"
+  run 120 python3 tools/bench_epas.py --models llama-350m --rounds 4 --json "$out/bench_epas_350m_mbs8.json"
+  run 120 python3 tools/bench_train.py --isolate --models llama-1b --steps 5 --warmup 2 \
+    --json "$out/bench_train_1b_gradnorm.json" --variant "fused="
+  ;;
+qk_grad_sum)
+  # Issue #5: after the packed Q/K gradient is built once per run of sharing layers (in place), llama-1b and
+  # llama-350m at the presets' micro batch, profile on llama-1b; then the GPU tests.
+  run 230 python3 tools/bench_epas.py --models llama-1b --rounds 6 --profile 2 --json "$out/bench_epas_1b_gradsum.json"
+  run 110 python3 tools/bench_epas.py --models llama-350m --rounds 5 --json "$out/bench_epas_350m_gradsum.json"
+  run 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_generate.py tests/test_ffn_gpu.py
+  ;;
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, tests)"; exit 2 ;;
 esac
 exit 0

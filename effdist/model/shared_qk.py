@@ -66,24 +66,61 @@ def _split_packed(qk: torch.Tensor, num_query_heads: int) -> tuple[torch.Tensor,
     return flat[:split].view(s, b, num_query_heads, d), flat[split:].view(s, b, heads_and_kv - num_query_heads, d)
 
 
+class _QKGradSum:
+    """The gradient of one packed Q/K tensor, summed over the sharing layers that read it (see _UnpackQK)."""
+
+    __slots__ = ("grad", "consumers", "seen")
+
+    def __init__(self):
+        self.grad: Optional[torch.Tensor] = None
+        self.consumers = 0
+        self.seen = 0
+
+
 class _UnpackQK(torch.autograd.Function):
-    """Q and K views of a packed tensor whose backward writes both gradients into one new packed tensor.
+    """Q and K views of a packed tensor; the backward of all layers reading one packed tensor builds ONE
+    packed gradient.
 
     Slicing under plain autograd would, in every sharing layer, zero-fill a packed-size gradient per slice,
-    copy the slice into it and add the two: three extra passes over the packed tensor per layer (measured on
-    an H100: ~0.2 ms per LLaMA-1B sharing layer).
+    copy the slice into it and add the two (measured on an H100: ~0.2 ms per LLaMA-1B sharing layer). One
+    packed gradient per layer, summed by autograd, still costs a copy of dQ and dK per layer. Instead the
+    first backward to run (the deepest sharing layer) copies its dQ/dK into a new packed tensor, the later
+    ones add theirs into it in place, and the last one returns it; the others return no gradient. Autograd
+    runs the node that produced the packed tensor (the anchor, or a pipeline boundary's leaf) only after
+    every node that read it, so it receives the whole sum; the sum is returned last so that autograd may
+    add it to other gradients of that tensor (e.g. the one a pipeline boundary sends back) like any other.
+    Only forwards with autograd on are counted (a checkpointed layer's first, no-grad forward is not).
     """
 
     @staticmethod
-    def forward(ctx, qk: torch.Tensor, num_query_heads: int):
+    def forward(ctx, qk: torch.Tensor, num_query_heads: int, grad_sum: _QKGradSum):
         ctx.packed_shape = qk.shape
         ctx.num_query_heads = num_query_heads
+        ctx.grad_sum = grad_sum
+        grad_sum.consumers += 1
         return _split_packed(qk, num_query_heads)
 
     @staticmethod
     def backward(ctx, grad_query, grad_key):
+        grad_sum = ctx.grad_sum
+        grad_sum.seen += 1
+        if grad_sum.seen > grad_sum.consumers:  # again through a retained graph: each layer returns its own
+            return _UnpackQK._packed(ctx, grad_query, grad_key), None, None
+        if grad_sum.grad is None:
+            grad_sum.grad = _UnpackQK._packed(ctx, grad_query, grad_key)
+        else:
+            for half, grad in zip(_split_packed(grad_sum.grad, ctx.num_query_heads), (grad_query, grad_key)):
+                if grad is not None:
+                    half.add_(grad)
+        if grad_sum.seen < grad_sum.consumers:
+            return None, None, None
+        result, grad_sum.grad = grad_sum.grad, None
+        return result, None, None
+
+    @staticmethod
+    def _packed(ctx, grad_query, grad_key) -> Optional[torch.Tensor]:
         if grad_query is None and grad_key is None:
-            return None, None
+            return None
         known = grad_query if grad_query is not None else grad_key
         packed = known.new_empty(ctx.packed_shape)
         # Copied straight into the packed halves: the attention kernels return strided (permuted) gradients, so
@@ -93,14 +130,17 @@ class _UnpackQK(torch.autograd.Function):
                 half.zero_()
             else:
                 half.copy_(grad)
-        return packed, None
+        return packed
 
 
 def unpack_qk(qk: torch.Tensor, num_query_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The query [s, b, heads, d] and key [s, b, kv_heads, d] of a `pack_qk` tensor, as contiguous views."""
-    if not qk.requires_grad:
+    if not (qk.requires_grad and torch.is_grad_enabled()):
         return _split_packed(qk, num_query_heads)
-    return _UnpackQK.apply(qk, num_query_heads)
+    grad_sum = getattr(qk, "_epas_grad_sum", None)
+    if grad_sum is None:
+        grad_sum = qk._epas_grad_sum = _QKGradSum()
+    return _UnpackQK.apply(qk, num_query_heads, grad_sum)
 
 
 def qkv_row_blocks(weight_or_bias: torch.Tensor, num_groups: int, heads_per_group: int, head_dim: int) -> torch.Tensor:
