@@ -248,13 +248,16 @@ def test_controller_keeps_wq_wk_rows_and_adam_state_bit_identical(fused, optimiz
     check_frozen_rows(model, optimizer, state_of, step_fn, cfg, controller)
 
 
-def test_controller_with_master_weight_adamw_on_a_bf16_model():
+@pytest.mark.parametrize("fused", [False, True])
+def test_controller_with_master_weight_adamw_on_a_bf16_model(fused):
+    """fused: the optimizer leaves the rows alone itself (freeze_rows); unfused: the controller restores them.
+    Either way, and although the optimizer is first seen after a sharing step, the rows stay bit-identical."""
     from effdist.train.optim import MasterWeightAdamW
 
     cfg = make_cfg("epas.start_step=0")
     model = build(cfg, dtype=torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = MasterWeightAdamW(params, cfg.optim, fused=False, tp_rank=0)
+    optimizer = MasterWeightAdamW(params, cfg.optim, fused=fused, tp_rank=0)
     # As the trainer builds it today: no optimizer given; the region is non-empty at step 0.
     controller = EpasController(cfg, [model])
 
@@ -280,7 +283,10 @@ def test_controller_with_master_weight_adamw_on_a_bf16_model():
             sharing_steps[i] = sharing_steps.get(i, 0) + 1
         for i in set(range(4)) - controller.sharing_layers:
             assert not torch.equal(after[i]["master"][0], before[i]["master"][0])
+        for i in controller.sharing_layers:
+            assert not torch.equal(after[i]["master"][1], before[i]["master"][1]), "V rows train"
     assert sharing_steps == {3: 6, 2: 4, 1: 2}
+    assert len(optimizer._trainable_pieces) == (3 if fused else 0)
 
 
 def test_controller_without_optimizer_snapshot_refuses_an_inexact_restore():
@@ -358,6 +364,58 @@ def test_sharing_rows_have_zero_moments_and_get_them_back_when_leaving_the_regio
         controller.after_optimizer_step(optimizer)
         for k in moments:
             assert torch.count_nonzero(qk_rows(optimizer.state[weight][k], cfg)) == 0, k
-    controller._switch(frozenset(), {})  # leaving the region (no training schedule shrinks it)
+    controller.close()  # leaving the region (no training schedule shrinks it)
     for k, m in moments.items():
         assert torch.equal(qk_rows(optimizer.state[weight][k], cfg), m), k
+
+
+def test_fused_master_weight_adamw_updates_only_the_trainable_pieces():
+    """freeze_rows: the frozen rows of weight, master and moments are left exactly as they were (no weight
+    decay, no moment decay), and everything else gets bit for bit what torch's fused AdamW step gives for
+    the same gradients."""
+    from effdist.train.optim import MasterWeightAdamW
+
+    cfg = make_cfg("optim.weight_decay=0.1")
+    models = [build(cfg, dtype=torch.bfloat16) for _ in range(2)]
+    optimizers = [MasterWeightAdamW([p for p in m.parameters() if p.requires_grad], cfg.optim, fused=True, tp_rank=0)
+                  for m in models]
+    frozen, reference = (m.decoder.layers[2].self_attention.linear_qkv.weight for m in models)
+
+    def v_pieces(t):
+        return list(v_rows(t, cfg).unbind(0))
+
+    lists = []
+    for step in range(5):
+        if step == 1:
+            assert optimizers[0].freeze_rows(frozen, v_pieces)
+        master = optimizers[0].master_of(frozen)
+        before = {"weight": frozen.detach().clone(), "master": master.detach().clone()}
+        before.update({k: v.clone() for k, v in optimizers[0].state_of(frozen).items() if k.startswith("exp_")})
+        train_step(models[0], step)
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            # The same gradients for both, in persistent fp32 buffers as megatron DDP keeps them (so the
+            # optimizer's cached piece lists are reused from step to step).
+            for p in (a, b):
+                if not hasattr(p, "main_grad"):
+                    p.main_grad = torch.zeros(p.shape, dtype=torch.float32)
+                p.main_grad.copy_(a.grad)
+        for optimizer in optimizers:
+            optimizer.collect_grads()
+            optimizer.step(lr=1e-2)
+        after = {"weight": frozen, "master": master, **optimizers[0].state_of(frozen)}
+        for name, a, b in zip([n for n, _ in models[0].named_parameters()], models[0].parameters(),
+                              models[1].parameters()):
+            if a is not frozen or step == 0:
+                assert torch.equal(a, b), (step, name)
+        if step == 0:
+            continue
+        assert torch.equal(v_rows(frozen, cfg), v_rows(reference, cfg)), "V rows: torch's fused AdamW update"
+        for k, was in before.items():
+            assert torch.equal(qk_rows(after[k], cfg), qk_rows(was, cfg)), (step, k)
+            assert not torch.equal(v_rows(after[k], cfg), v_rows(was, cfg)), (step, k)
+        assert not torch.equal(qk_rows(frozen, cfg), qk_rows(reference, cfg)), "the reference does move them"
+        if step >= 2:
+            lists.append(optimizers[0]._step_tensor_cache[0][1])
+    assert all(t is lists[0] for t in lists), "the piece lists are built once and reused while nothing changes"
+    unfused = MasterWeightAdamW([torch.nn.Parameter(torch.zeros(2, 2))], cfg.optim, fused=False, tp_rank=0)
+    assert not unfused.freeze_rows(frozen, v_pieces), "torch's unfused AdamW cannot"

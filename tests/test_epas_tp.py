@@ -1,5 +1,7 @@
 """EPAS under tensor parallelism: TP=2 (with and without sequence parallelism) follows a single-process
-run step for step while the region grows, in real gloo processes launched with torchrun.
+run step for step while the region grows, in real gloo processes launched with torchrun; with torch's
+AdamW (the controller restores the frozen rows) and with MasterWeightAdamW on the fused kernel (the
+optimizer leaves the rows of each rank's shard alone).
 
 This file is also the worker: ``torchrun --nproc_per_node=N tests/test_epas_tp.py --tp N --out F``.
 """
@@ -21,7 +23,7 @@ STEPS = 5
 EPAS = ["epas.enabled=true", "epas.start_step=1", "epas.interval=1", "epas.group_size=1", "epas.final_region=3"]
 
 
-def worker(tp: int, sequence_parallel: bool, out: str) -> None:
+def worker(tp: int, sequence_parallel: bool, out: str, master_fused: bool) -> None:
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -38,11 +40,17 @@ def worker(tp: int, sequence_parallel: bool, out: str) -> None:
     cfg = load_config(None, ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
                              "model.num_query_groups=2", "model.ffn_hidden_size=96", "model.vocab_size=128",
                              f"parallel.tp={tp}", f"parallel.sequence_parallel={str(sequence_parallel).lower()}",
-                             *EPAS])
+                             "optim.weight_decay=0.1", *EPAS])
     torch.manual_seed(11)
     _seed_cpu_tracker(11)
     model = build_gpt(cfg, torch.float32, torch.device("cpu"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    if master_fused:
+        from effdist.train.optim import MasterWeightAdamW
+
+        optimizer = MasterWeightAdamW(list(model.parameters()), cfg.optim, fused=True, tp_rank=dist.get_rank(),
+                                      model_parallel_group=parallel_state.get_model_parallel_group())
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     controller = EpasController(cfg, [model], optimizer=optimizer)
     tp_group = parallel_state.get_tensor_model_parallel_group()
 
@@ -55,7 +63,7 @@ def worker(tp: int, sequence_parallel: bool, out: str) -> None:
         g = torch.Generator().manual_seed(100)  # one batch, so the loss must fall
         tokens = torch.randint(0, 128, (2, 32), generator=g)
         positions = torch.arange(32).unsqueeze(0).expand(2, 32)
-        optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         loss = model(tokens, positions, None, labels=torch.roll(tokens, -1, 1)).mean()
         loss.backward()
         if sequence_parallel:
@@ -66,32 +74,41 @@ def worker(tp: int, sequence_parallel: bool, out: str) -> None:
         if step == 1:
             frozen_at_switch = blocks(qkv)[:, : heads // groups + 1].clone()
             v_at_switch = blocks(qkv)[:, heads // groups + 1].clone()
-        optimizer.step()
+        if master_fused:
+            optimizer.collect_grads()
+            optimizer.step(lr=1e-2)
+        else:
+            optimizer.step()
         controller.after_optimizer_step(optimizer)
         losses.append(loss.item())
     # Layer 3 shared from step 1 on: this rank's slice of its Wq/Wk rows never moved, its V rows did.
     assert torch.equal(blocks(qkv)[:, : heads // groups + 1], frozen_at_switch)
     assert not torch.equal(blocks(qkv)[:, heads // groups + 1], v_at_switch)
+    if master_fused:
+        assert len(optimizer._trainable_pieces) == 3, "the optimizer itself leaves the rows alone"
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps({"losses": losses, "regions": regions}))
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 
 
-def _launch(tp: int, sequence_parallel: bool, out: Path) -> subprocess.Popen:
+def _launch(tp: int, sequence_parallel: bool, out: Path, master_fused: bool = False) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}",
            str(Path(__file__).resolve()), "--tp", str(tp), "--out", str(out)]
     if sequence_parallel:
         cmd.append("--sequence-parallel")
+    if master_fused:
+        cmd.append("--master-fused")
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.slow
 def test_tp2_follows_tp1_while_the_region_grows(tmp_path):
-    runs = {"tp1": (1, False), "tp2": (2, False), "tp2_sp": (2, True)}
-    procs = {name: _launch(tp, sp, tmp_path / f"{name}.json") for name, (tp, sp) in runs.items()}
+    runs = {"tp1": (1, False, False), "tp2": (2, False, False), "tp2_sp": (2, True, False),
+            "tp1_fused": (1, False, True), "tp2_fused": (2, False, True)}
+    procs = {name: _launch(tp, sp, tmp_path / f"{name}.json", fused) for name, (tp, sp, fused) in runs.items()}
     results = {}
     for name, proc in procs.items():
         output, _ = proc.communicate(timeout=300)
@@ -100,10 +117,11 @@ def test_tp2_follows_tp1_while_the_region_grows(tmp_path):
     reference = results["tp1"]
     assert reference["regions"] == [0, 1, 2, 3, 3]
     assert reference["losses"][-1] < reference["losses"][0]
-    for name in ("tp2", "tp2_sp"):
+    assert results["tp1_fused"]["losses"][-1] < results["tp1_fused"]["losses"][0]
+    for name, ref in (("tp2", "tp1"), ("tp2_sp", "tp1"), ("tp2_fused", "tp1_fused")):
         assert results[name]["regions"] == reference["regions"]
-        for step, (a, b) in enumerate(zip(results[name]["losses"], reference["losses"])):
-            assert a == pytest.approx(b, rel=1e-5), f"{name} step {step}: {a} vs {b}"
+        for step, (a, b) in enumerate(zip(results[name]["losses"], results[ref]["losses"])):
+            assert a == pytest.approx(b, rel=1e-5), f"{name} vs {ref} step {step}: {a} vs {b}"
 
 
 if __name__ == "__main__":
@@ -111,5 +129,6 @@ if __name__ == "__main__":
     parser.add_argument("--tp", type=int, required=True)
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--master-fused", action="store_true")
     args = parser.parse_args()
-    worker(args.tp, args.sequence_parallel, args.out)
+    worker(args.tp, args.sequence_parallel, args.out, args.master_fused)

@@ -3,14 +3,19 @@ and keeps the Wq/Wk rows of sharing layers, and their optimizer state, exactly a
 
 Why rows need keeping: a sharing layer's Wq/Wk live inside the fused ``linear_qkv`` weight, whose
 V rows still train. Their gradient is exactly zero, but AdamW would still move them (weight decay,
-and the momentum they had before switching) and decay their moments. When a layer joins the region
-the controller takes one snapshot of those rows (model weight, fp32 master weight, exp_avg,
-exp_avg_sq, ...) and sets the rows' Adam moments to zero: with a zero gradient they then stay exactly
-zero, and AdamW's update of the rows is exactly zero apart from weight decay. So after every optimizer
-step only the weight and master rows are copied back (weight decay's drift), not the moments, which
-cost more than half of the copying (measured on an H100, LLaMA-1B at 12 sharing layers: 1.5 ms per
-step before). The moments taken at the switch go back into the optimizer if the layer leaves the
-region. Memory: the snapshot of the frozen rows (about 2/3 of a layer's linear_qkv, per tensor kept).
+and the momentum they had before switching) and decay their moments.
+
+With effdist's MasterWeightAdamW on its fused kernel (the GPU default) the optimizer itself leaves them
+alone: the controller hands it the V rows as the only trainable pieces of that weight
+(`MasterWeightAdamW.freeze_rows`), so AdamW neither reads nor writes the Wq/Wk rows of the weight, its
+master copy or its moments, and nothing is copied back.
+
+With other optimizers (torch's AdamW, DeepSpeed's), when a layer joins the region the controller takes
+one snapshot of those rows (model weight, fp32 master weight, exp_avg, exp_avg_sq, ...) and sets the
+rows' Adam moments to zero: with a zero gradient they then stay exactly zero, and AdamW's update of the
+rows is exactly zero apart from weight decay, so after every optimizer step only the weight and master
+rows are copied back. The moments taken at the switch go back into the optimizer if the layer leaves
+the region. Memory: the snapshot of the frozen rows (about 2/3 of a layer's linear_qkv, per tensor).
 Adam's per-tensor ``step`` counter still advances: it is shared with the V rows of the same tensor.
 
 Call protocol (the trainer): ``begin_step(step)`` before the step's microbatches,
@@ -31,6 +36,16 @@ from effdist.epas.schedule import blend_factors, check_schedule, layers_of_regio
 from effdist.model.shared_qk import EpasError, apply_region, epas_layers, qkv_row_blocks
 
 STATE_VERSION = 1
+
+
+def _value_row_pieces(layer) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    """A function giving the V rows, one contiguous view per query group, of a tensor shaped like the
+    layer's linear_qkv weight: what still trains while the layer shares."""
+    attention = layer.self_attention
+    groups = attention.num_query_groups_per_partition
+    heads_per_group = attention.num_attention_heads_per_partition // groups
+    head_dim = attention.hidden_size_per_attention_head
+    return lambda t: list(qkv_row_blocks(t, groups, heads_per_group, head_dim)[:, heads_per_group + 1].unbind(0))
 
 
 def _qk_rows_view(layer) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -65,12 +80,23 @@ class _FrozenRows:
         self.layer_index = layer_index
         self.param: torch.nn.Parameter = layer.self_attention.linear_qkv.weight
         self.rows = _qk_rows_view(layer)
+        self.value_pieces = _value_row_pieces(layer)
+        # True once the optimizer itself leaves the rows alone (MasterWeightAdamW.freeze_rows): no restore.
+        self.left_alone_by_optimizer = False
+        self.reconstructed = False
         self.param_rows = self.rows(self.param.detach()).clone()
         self.optimizer_rows: Optional[dict[str, Optional[torch.Tensor]]] = None
         self.master_rows: Optional[torch.Tensor] = None
 
+    def ask_optimizer_to_leave_rows_alone(self, optimizer) -> bool:
+        freeze = getattr(optimizer, "freeze_rows", None)
+        self.left_alone_by_optimizer = bool(freeze is not None and freeze(self.param, self.value_pieces))
+        return self.left_alone_by_optimizer
+
     @torch.no_grad()
     def snapshot_optimizer(self, optimizer) -> None:
+        if self.ask_optimizer_to_leave_rows_alone(optimizer):
+            return
         master, state, _ = _optimizer_tensors(optimizer, self.param)
         self.master_rows = None if master is self.param else self.rows(master.detach()).clone()
         # No state yet: the rows' state will be created as zeros, and with their zero gradient it stays so.
@@ -90,10 +116,13 @@ class _FrozenRows:
                 "EpasController(cfg, model_chunks, optimizer=optimizer) or controller.attach_optimizer(optimizer)")
         self.master_rows = None if master is self.param else self.param_rows.to(master.dtype)
         self.optimizer_rows = {}
+        self.reconstructed = True
 
     @torch.no_grad()
     def restore(self, optimizer) -> None:
         """Undo weight decay on the rows; their Adam moments are zero and stayed so (zero gradient)."""
+        if self.left_alone_by_optimizer:
+            return
         master, _, _ = _optimizer_tensors(optimizer, self.param)
         self.rows(self.param).copy_(self.param_rows)
         if master is not self.param:
@@ -102,6 +131,9 @@ class _FrozenRows:
     @torch.no_grad()
     def release(self, optimizer) -> None:
         """The layer leaves the region: its Wq/Wk train again, from the moments they had when it joined."""
+        if self.left_alone_by_optimizer:
+            optimizer.unfreeze_rows(self.param)
+            return
         if optimizer is None or not self.optimizer_rows:
             return
         _, state, _ = _optimizer_tensors(optimizer, self.param)
@@ -206,6 +238,16 @@ class EpasController:
             raise EpasError("after_optimizer_step got a different optimizer than the one attached")
         for frozen in self._frozen.values():
             frozen.restore(optimizer)
+            if frozen.reconstructed and not frozen.left_alone_by_optimizer:
+                # Put right once; from the next step on the optimizer leaves the rows alone where it can.
+                frozen.ask_optimizer_to_leave_rows_alone(optimizer)
+
+    def close(self) -> None:
+        """Make every layer dense again and hand the sharing layers' Wq/Wk rows back to the optimizer, which
+        updates them again from the moments they had when they joined. For a controller dropped while its
+        model and optimizer live on (e.g. a benchmark switching regions): otherwise the optimizer would
+        go on leaving those rows alone."""
+        self._switch(frozenset(), {})
 
     def _switch(self, region: frozenset[int], blending: dict[int, float]) -> None:
         apply_region(self.model_chunks, region, blending)

@@ -14,6 +14,7 @@ model-parallel group, so every rank sees the same norm.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -71,6 +72,74 @@ class MasterWeightAdamW:
         self.inner = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
                                        fused=fused)
         self._master_of = {id(p): m for p, m in zip(self.model_params, self.master_params) if m is not None}
+        # master weight -> function giving the contiguous pieces of a tensor shaped like it that train
+        # (the rest is frozen: see freeze_rows).
+        self._trainable_pieces: dict[torch.Tensor, Callable[[torch.Tensor], list[torch.Tensor]]] = {}
+        self._step_tensor_cache: dict[int, tuple] = {}
+
+    # ------------------------------------------------------------------ rows AdamW must not touch
+    def freeze_rows(self, model_param: torch.nn.Parameter,
+                    trainable_pieces: Callable[[torch.Tensor], list[torch.Tensor]]) -> bool:
+        """From the next step on, AdamW updates only ``trainable_pieces(t)`` of `model_param` -- contiguous
+        views of a tensor shaped like it, applied alike to the master weight, its gradient and its moments --
+        and leaves the rest exactly as it is: no weight decay, no moment decay (EPAS sharing layers' Wq/Wk
+        rows, whose gradient is zero). Returns False where this optimizer cannot (torch's unfused AdamW):
+        then the caller must restore those rows itself."""
+        if not self.inner.defaults.get("fused"):
+            return False
+        master = self._master_of.get(id(model_param))
+        if master is not None:  # else another data-parallel rank updates it (and freezes the same rows)
+            self._trainable_pieces[master] = trainable_pieces
+        return True
+
+    def unfreeze_rows(self, model_param: torch.nn.Parameter) -> None:
+        master = self._master_of.get(id(model_param))
+        self._trainable_pieces.pop(master, None)
+
+    @torch.no_grad()
+    def _step_with_frozen_rows(self) -> None:
+        """torch's fused AdamW kernel, as torch.optim.AdamW(fused=True).step() calls it, over the trainable
+        pieces of partly frozen weights and the whole of the others (the same arithmetic per element)."""
+        for index, group in enumerate(self.inner.param_groups):
+            tensors = self._frozen_step_tensors(index, group)
+            if tensors is None:
+                continue
+            params, grads, exp_avgs, exp_avg_sqs, steps, counters = tensors
+            torch._foreach_add_(counters, 1)  # once per weight, shared by its pieces (the whole tensor's counter)
+            beta1, beta2 = group["betas"]
+            torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=group["lr"], beta1=beta1,
+                                beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                                amsgrad=False, maximize=False, grad_scale=None, found_inf=None)
+
+    def _frozen_step_tensors(self, index: int, group: dict):
+        """The kernel's tensor lists for one param group, cached: cutting a LLaMA-1B's 12 sharing layers into
+        per-group pieces every step cost more CPU time than the GPU time it saved. Rebuilt when a gradient or
+        state tensor is another object, or freeze_rows/unfreeze_rows changed the pieces."""
+        masters = [m for m in group["params"] if m.grad is not None]
+        for master in masters:
+            state = self.inner.state[master]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=master.device)
+                state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+        key = (tuple((id(m), id(f)) for m, f in self._trainable_pieces.items()),
+               tuple((id(m), id(m.grad), *(id(self.inner.state[m][k]) for k in ("exp_avg", "exp_avg_sq", "step")))
+                     for m in masters))
+        cached = self._step_tensor_cache.get(index)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        lists: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [])
+        for master in masters:
+            state = self.inner.state[master]
+            whole = (master, master.grad, state["exp_avg"], state["exp_avg_sq"])
+            pieces = self._trainable_pieces.get(master)
+            for part in ([whole] if pieces is None else zip(*(pieces(t) for t in whole))):
+                for out, t in zip(lists, (*part, state["step"])):
+                    out.append(t)
+            lists[5].append(state["step"])
+        tensors = lists if masters else None
+        self._step_tensor_cache[index] = (key, tensors)
+        return tensors
 
     # ------------------------------------------------------------------ helpers for features
     def master_of(self, model_param: torch.nn.Parameter) -> torch.nn.Parameter:
@@ -136,7 +205,10 @@ class MasterWeightAdamW:
     def step(self, lr: float) -> None:
         for group in self.inner.param_groups:
             group["lr"] = lr
-        self.inner.step()
+        if self._trainable_pieces:
+            self._step_with_frozen_rows()
+        else:
+            self.inner.step()
         with torch.no_grad():
             for p, m in zip(self.model_params, self.master_params):
                 if m is not None and p is not m:
