@@ -213,17 +213,24 @@ def bench_shape(shape: str, fractions: list[float], warmup: int, steps: int, rou
         for row in rows.values():
             row["error"] = f"{type(e).__name__}: {e}"
         trainees = {}
+    active: list = []  # the EPAS controller in use: closed before another variant runs
+
     def take_turn(name: str, region: int):
         """The model of this variant, switched to its region, and the controller that keeps it there."""
+        while active:
+            # Hands its frozen rows back to the optimizer: a left-over registration would make the next
+            # variant's AdamW skip them too.
+            active.pop().close()
         trainee = trainees["dense" if name == "dense" else "epas"]
         if name == "dense":
             return trainee, None
         apply_region([trainee.module], set())
         if region == 0:
             return trainee, None
-        return trainee, EpasController(make_config(shape, epas=True, region=region, micro_batch=micro_batch),
-                                       [trainee.module],
-                                       optimizer=trainee.optimizer)
+        controller = EpasController(make_config(shape, epas=True, region=region, micro_batch=micro_batch),
+                                    [trainee.module], optimizer=trainee.optimizer)
+        active.append(controller)
+        return trainee, controller
 
     for round_index in range(rounds if trainees else 0):
         for name, region in variants:

@@ -9,7 +9,7 @@
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum OUTDIR}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows OUTDIR}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -155,9 +155,15 @@ qk_grad_sum)
   run 110 python3 tools/bench_epas.py --models llama-350m --rounds 5 --json "$out/bench_epas_350m_gradsum.json"
   run 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_generate.py tests/test_ffn_gpu.py
   ;;
+frozen_rows)
+  # Issue #5: after MasterWeightAdamW leaves the sharing layers' Wq/Wk rows alone (no per-step restore, less
+  # AdamW work): llama-1b (profiled) and llama-350m at the presets' micro batch.
+  run 230 python3 tools/bench_epas.py --models llama-1b --rounds 6 --profile 2 --json "$out/bench_epas_1b_frozen.json"
+  run 110 python3 tools/bench_epas.py --models llama-350m --rounds 5 --json "$out/bench_epas_350m_frozen.json"
+  ;;
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, tests)"; exit 2 ;;
 esac
 exit 0
