@@ -28,6 +28,18 @@ def test_bench_train_tiny(tmp_path):
     assert "tok/s" in proc.stdout
 
 
+def test_bench_train_under_torchrun_runs_variant_after_variant(tmp_path):
+    """Two ranks, three variants (one at TP=2): the process group is kept between variants; starting it anew
+    on torchrun's store made the ranks wait for the previous group's peers (a hang under NCCL)."""
+    out = tmp_path / "train.json"
+    proc = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tools/bench_train.py", "--tiny",
+                 "--steps", "1", "--warmup", "1", "--variant", "a=", "--variant", "tp2=parallel.tp=2", "--variant", "b=",
+                 "--json", str(out)], tmp_path)
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["variant"] for r in runs] == ["a", "tp2", "b"] and all(r["tokens_per_s"] > 0 for r in runs)
+    assert proc.stdout.count("tok/s") == 1, "only rank 0 reports"
+
+
 def test_bench_checkpoint_tiny(tmp_path):
     out = tmp_path / "ckpt.json"
     _run(["tools/bench_checkpoint.py", "--tiny", "--dir", str(tmp_path / "ck"), "--json", str(out)], tmp_path)

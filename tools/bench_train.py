@@ -4,6 +4,7 @@ reduction, clip, AdamW) on random tokens, against the bf16 matmul ceiling measur
 
     python tools/bench_train.py --models llama-125m,llama-350m,llama-1b --steps 10 --json out.json
     python tools/bench_train.py --tiny            # CPU smoke test
+    torchrun --nproc_per_node 2 tools/bench_train.py --models llama-1b --set parallel.tp=2   # several GPUs
 
 Prints a table (tokens/s, model TFLOP/s, fraction of the in-run ceiling, peak memory) and writes JSON.
 Model FLOPs per token = 6 x non-embedding matmul parameters + 6 x L x h x S (causal attention
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -113,7 +115,7 @@ def bench_one(name: str, overrides: list[str], steps: int, warmup: int) -> dict:
                 "final_loss": out["loss"]}
     finally:
         del trainer
-        teardown()
+        teardown(keep_process_group=int(os.environ.get("WORLD_SIZE", "1")) > 1)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -150,6 +152,13 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny config")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    # Under torchrun every rank runs this; each must own its GPU before the first CUDA allocation (the
+    # ceiling's matmul), and only rank 0 reports.
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1 and args.isolate:
+        p.error("--isolate starts one process per variant itself; run it without torchrun")
+    if world > 1 and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "runs": []}
@@ -179,6 +188,8 @@ def main(argv=None) -> int:
                 else:
                     r = bench_one(name, overrides, args.steps, args.warmup)
             except Exception as e:  # report and go on: one model out of memory should not lose the table
+                if world > 1:
+                    raise  # a rank that went on alone would wait forever in the next variant's collectives
                 r = {"model": name, "overrides": overrides, "error": f"{type(e).__name__}: {e}"}
             r["variant"] = vname
             if "matmul_ceiling_tflops" in results and "tflops" in r:
@@ -187,8 +198,13 @@ def main(argv=None) -> int:
             if first and "tokens_per_s" in first and "tokens_per_s" in r:
                 r["speedup_vs_first_variant"] = r["tokens_per_s"] / first["tokens_per_s"]
             results["runs"].append(r)
-            print(json.dumps(r), flush=True)
+            if rank == 0:
+                print(json.dumps(r), flush=True)
 
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if rank != 0:
+        return 0
     print(f"\ndevice: {results['device']}  matmul ceiling: {results.get('matmul_ceiling_tflops', float('nan')):.0f} TFLOP/s")
     print(f"{'model':<12} {'variant':<10} {'mbs x seq':>10} {'tok/s':>10} {'TFLOP/s':>8} {'of ceil':>8} "
           f"{'vs first':>8} {'peak GiB':>9}")

@@ -145,12 +145,18 @@ def _seed_cpu_tracker(seed: int) -> None:
     tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * tp_rank)
 
 
-def teardown() -> None:
+def teardown(keep_process_group: bool = False) -> None:
+    """End megatron's parallel state and (unless kept) the process group.
+
+    Keep the process group where the same processes set up again (benchmarks running one variant after
+    another under torchrun): a process group started anew on torchrun's store can read the previous
+    group's rendezvous keys, and its ranks then wait for peers that are gone (gloo: connection refused).
+    """
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and not keep_process_group:
         dist.destroy_process_group()
 
 
