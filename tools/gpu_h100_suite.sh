@@ -9,7 +9,7 @@
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows OUTDIR}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2 OUTDIR}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -161,9 +161,27 @@ frozen_rows)
   run 230 python3 tools/bench_epas.py --models llama-1b --rounds 6 --profile 2 --json "$out/bench_epas_1b_frozen.json"
   run 110 python3 tools/bench_epas.py --models llama-350m --rounds 5 --json "$out/bench_epas_350m_frozen.json"
   ;;
+seeds)
+  # Issue #5: the spread behind single parity runs. Dense and the early EPAS schedule (to 9 of 12 layers) with
+  # three model seeds each, 250 steps, paired by seed.
+  e="epas.enabled=true,epas.group_size=1,epas.final_region=9,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
+  parity_125m 500 250 20 seeds --variant "dense_s1=train.seed=1" --variant "early_s1=train.seed=1,$e" \
+    --variant "dense_s2=train.seed=2" --variant "early_s2=train.seed=2,$e" \
+    --variant "dense_s3=train.seed=3" --variant "early_s3=train.seed=3,$e" \
+    --baseline early_s1=dense_s1 --baseline early_s2=dense_s2 --baseline early_s3=dense_s3 \
+    --baseline dense_s2=dense_s1 --baseline dense_s3=dense_s1
+  ;;
+deepspeed2)
+  # Issue #10 leftover, on 2 GPUs (nvidia-h200-x2): llama-1b data-parallel, the default engine against DeepSpeed
+  # ZeRO-2/3, one torchrun per variant (each peak its own), global batch 8 = one microbatch of 4 per rank.
+  for v in "default=" "zero2=train.engine=deepspeed;deepspeed.zero_stage=2" "zero3=train.engine=deepspeed;deepspeed.zero_stage=3"; do
+    run 170 torchrun --standalone --nproc_per_node 2 tools/bench_train.py --models llama-1b --steps 5 --warmup 2 \
+      --json "$out/bench_deepspeed_2gpu_${v%%=*}.json" --variant "$v"
+  done
+  ;;
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, tests)"; exit 2 ;;
 esac
 exit 0
