@@ -14,13 +14,18 @@ Every piece is opt-in and leaves megatron's own code path untouched when it is o
 * LM head + loss: `FusedLossGPTModel`, a GPTModel whose training loss (forward with labels) runs the
   LM-head GEMM and a vocab-parallel cross-entropy without fp32 logits
   (effdist.kernels.cross_entropy). Logits for inference (no labels) are megatron's, unchanged.
+* Weight gradients ("wgrad"): megatron's gradient-accumulation fusion, with effdist's torch implementation
+  of apex's extension (effdist.model.wgrad_fusion): each linear's weight-gradient GEMM accumulates straight
+  into megatron DDP's fp32 ``main_grad`` instead of writing a bf16 gradient that DDP's hook then adds. Not a
+  Triton kernel and not on CPU: `build_gpt` turns it on only on CUDA under the megatron engine.
 
 `fused_kernel_set` reads ``train.fused_kernels`` (true, false or a list of FUSED_KERNELS names);
 `fused_block_spec` rewrites a block spec (norm slots, SwiGLU MLPs); `FusedLossGPTModel` replaces
-GPTModel; ``apply_rope_fusion=True`` after `install_fused_rope` switches RoPE. See docs/dense_speed.md.
+GPTModel; ``apply_rope_fusion=True`` after `install_fused_rope` switches RoPE; ``gradient_accumulation_fusion=True``
+after `install_wgrad_fusion` switches wgrad. See docs/dense_speed.md.
 
 On CPU the kernels' plain-torch references run (Triton needs a GPU): the dispatch is
-``use_triton = tensor.is_cuda`` in every piece.
+``use_triton = tensor.is_cuda`` in every piece; "wgrad" is off there.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from effdist.model.ffn.dense import SwiGLUMLP
 from effdist.model.norm import RMSNorm, rmsnorm_spec
 
 
-FUSED_KERNELS = ("rmsnorm", "rope", "swiglu", "loss")
+FUSED_KERNELS = ("rmsnorm", "rope", "swiglu", "loss", "wgrad")
 
 
 def fused_kernel_set(setting) -> frozenset[str]:

@@ -10,6 +10,7 @@ from megatron.core.transformer import TransformerConfig
 from effdist.config import Config, ffn_width
 from effdist.model.fused import FusedLossGPTModel, fused_block_spec, fused_kernel_set, install_fused_rope
 from effdist.model.spec import DEFAULT_LINEARS, LinearImpl, block_spec
+from effdist.model.wgrad_fusion import guard_wgrad_fusion, install_wgrad_fusion, wgrad_fusion_applies
 
 
 def _install_layer_offset() -> None:
@@ -42,7 +43,10 @@ def padded_vocab_size(cfg: Config) -> int:
 
 
 def transformer_config(cfg: Config, dtype: torch.dtype, device: torch.device, num_layers: int | None = None,
-                       rope_fusion: bool = False) -> TransformerConfig:
+                       rope_fusion: bool = False, wgrad_fusion: bool = False) -> TransformerConfig:
+    """megatron's TransformerConfig for ``cfg``. ``rope_fusion`` and ``wgrad_fusion`` are the two levers of
+    ``train.fused_kernels`` that live in the config; `build_gpt` decides them (wgrad_fusion only for a model
+    megatron DDP will wrap: see effdist.model.wgrad_fusion)."""
     m = cfg.model
     on_cpu = device.type == "cpu"
     recompute = cfg.train.recompute
@@ -80,7 +84,9 @@ def transformer_config(cfg: Config, dtype: torch.dtype, device: torch.device, nu
         bias_dropout_fusion=False,
         # effdist's Triton RoPE fills megatron's fused-RoPE slot (install_fused_rope) when fused kernels are on.
         apply_rope_fusion=rope_fusion,
-        gradient_accumulation_fusion=False,
+        # Weight-gradient GEMMs accumulate into DDP's fp32 main_grad (effdist.model.wgrad_fusion fills the slot
+        # of apex's extension; build_gpt guards every linear so that it fuses only into a weight with main_grad).
+        gradient_accumulation_fusion=wgrad_fusion,
         # Gradients are summed over data-parallel ranks (not averaged): the loss of every microbatch
         # is already divided by the token count of the whole global batch.
         calculate_per_token_loss=True,
@@ -103,7 +109,11 @@ def build_gpt(cfg: Config, dtype: torch.dtype, device: torch.device, layer_indic
         raise ValueError(f"a model chunk holds a contiguous run of layers, got {layer_indices}")
     # num_layers is the whole model's (output-layer init scale, checkpoint layer axis) and the chunk's
     # first layer is its offset, so layer numbers and checkpoint keys are global in every pipeline layout.
-    tcfg = transformer_config(cfg, dtype, device, rope_fusion="rope" in kernels)
+    # Fused weight-gradient accumulation: on CUDA under the megatron engine only (wgrad_fusion_applies).
+    wgrad = wgrad_fusion_applies(cfg, device, dtype)
+    if wgrad:
+        install_wgrad_fusion()  # before the linears: ColumnParallelLinear checks megatron's flag
+    tcfg = transformer_config(cfg, dtype, device, rope_fusion="rope" in kernels, wgrad_fusion=wgrad)
     tcfg.effdist_layer_offset = layer_indices[0]
     model_cls, extra = GPTModel, {}
     if "loss" in kernels:
@@ -127,6 +137,8 @@ def build_gpt(cfg: Config, dtype: torch.dtype, device: torch.device, layer_indic
             raise RuntimeError(f"megatron numbered global layer {idx} as {layer.layer_number - 1}: the layer-offset "
                                "wrapper in effdist.model.gpt is not in effect")
         layer.effdist_layer_index = idx
+    if wgrad:
+        guard_wgrad_fusion(model)  # a model never wrapped in megatron DDP keeps megatron's plain path
     return model.to(device)
 
 
