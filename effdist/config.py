@@ -89,7 +89,8 @@ class TrainConfig:
     eval_steps: int = 4
     # A non-finite loss or gradient norm skips the update; this many in a row stop the run.
     max_consecutive_nonfinite: int = 5
-    # Triton kernels for RMSNorm, RoPE, SwiGLU and the LM-head loss on GPU (torch references on CPU):
+    # Triton kernels for RMSNorm, RoPE, SwiGLU and the LM-head loss on GPU (torch references on CPU), and
+    # "wgrad": weight gradients accumulated straight into DDP's fp32 main_grad (GPU, megatron engine):
     # true = all, false = megatron's code paths exactly, or a list such as [rmsnorm, rope] (one lever at a time).
     fused_kernels: bool | list[str] = True
     # The fused loss keeps the LM head's logits for backward unless this is set: then it recomputes them

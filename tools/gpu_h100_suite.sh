@@ -9,7 +9,7 @@
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2 OUTDIR}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad OUTDIR}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -179,9 +179,17 @@ deepspeed2)
       --json "$out/bench_deepspeed_2gpu_${v%%=*}.json" --variant "$v"
   done
   ;;
+wgrad)
+  # Issue #9 lever "wgrad" (weight gradients accumulated straight into fp32 main_grad): its GPU test, the dense
+  # llama-1b step without and with it, then EPAS with it on (the default).
+  run 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_wgrad_fusion.py
+  run 150 python3 tools/bench_train.py --isolate --models llama-1b --steps 5 --warmup 2 --json "$out/bench_train_wgrad.json" \
+    --variant "no_wgrad=train.fused_kernels=[rmsnorm,rope,swiglu,loss]" --variant "fused="
+  run 170 python3 tools/bench_epas.py --models llama-1b --rounds 4 --json "$out/bench_epas_1b_wgrad.json"
+  ;;
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, tests)"; exit 2 ;;
 esac
 exit 0
