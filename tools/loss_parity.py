@@ -39,9 +39,9 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot(results: dict, baselines: dict[str, str], window: int, title: str, png: str) -> None:
-    """Loss curves, and below them each variant's loss over its baseline's (moving average over `window`
-    steps): a gap of 1% is invisible on the loss axis but not on the ratio axis."""
+def plot(results: dict, window: int, title: str, png: str) -> None:
+    """Loss curves, and below them each variant's loss over its baseline's (``results[name]["baseline"]``,
+    moving average over `window` steps): a gap of 1% is invisible on the loss axis but not on the ratio axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,14 +53,15 @@ def plot(results: dict, baselines: dict[str, str], window: int, title: str, png:
             continue
         xs, ys = zip(*[(s, l) for s, l in r["curve"] if l is not None])
         line, = ax.plot(xs, ys, label=f"{name} ({r['final_loss']:.3f})", linewidth=1)
-        base = results.get(baselines.get(name, ""), {})
-        if "curve" in base and baselines[name] != name:
+        base_name = r.get("baseline")
+        base = results.get(base_name, {})
+        if "curve" in base and base_name != name:
             base_loss = dict(base["curve"])
             steps = [s for s in xs if base_loss.get(s) is not None]
             own = dict(zip(xs, ys))
             ratio = moving_average([own[s] / base_loss[s] for s in steps], window)
             ratio_ax.plot(steps, ratio, color=line.get_color(), linewidth=1,
-                          label=f"{name} / {baselines[name]} ({r['ratio_vs_baseline']:.3f})")
+                          label=f"{name} / {base_name} ({r['ratio_vs_baseline']:.3f})")
     ax.set_ylabel("training loss")
     ax.set_title(title)
     ax.legend()
@@ -78,8 +79,7 @@ def plot(results: dict, baselines: dict[str, str], window: int, title: str, png:
 
 def replot(json_path: str, png: str, window: int, title: str) -> int:
     """Draw the picture of an earlier run from its --json file (no training)."""
-    results = json.loads(Path(json_path).read_text())
-    plot(results, {name: r["baseline"] for name, r in results.items() if "baseline" in r}, window, title, png)
+    plot(json.loads(Path(json_path).read_text()), window, title, png)
     return 0
 
 
@@ -152,8 +152,7 @@ def main(argv=None) -> int:
         print(f"{name:<10} {base:<10} {r['final_loss']:>10.4f} {r.get('ratio_vs_baseline', float('nan')):>8.4f} "
               f"{r['median_tokens_per_s'] or 0:>10.0f}")
     if args.png:
-        plot(results, {name: r["baseline"] for name, r in results.items() if "baseline" in r}, args.window,
-             f"{Path(args.config).stem}: {args.steps} steps, same data and seed", args.png)
+        plot(results, args.window, f"{Path(args.config).stem}: {args.steps} steps, same data and seed", args.png)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0 if all("error" not in r for r in results.values()) else 1

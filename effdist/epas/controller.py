@@ -33,27 +33,28 @@ import torch
 
 from effdist.config import Config
 from effdist.epas.schedule import blend_factors, check_schedule, layers_of_region, sharing_layers
-from effdist.model.shared_qk import EpasError, apply_region, epas_layers, qkv_row_blocks
+from effdist.model.shared_qk import EpasError, apply_region, epas_layers, qkv_row_blocks, value_block
 
 STATE_VERSION = 1
+
+
+def _row_blocks(layer) -> tuple[int, int, int]:
+    """(query groups, heads per group, head dim) of this rank's shard of the layer's linear_qkv."""
+    attention = layer.self_attention
+    groups = attention.num_query_groups_per_partition
+    return groups, attention.num_attention_heads_per_partition // groups, attention.hidden_size_per_attention_head
 
 
 def _value_row_pieces(layer) -> Callable[[torch.Tensor], list[torch.Tensor]]:
     """A function giving the V rows, one contiguous view per query group, of a tensor shaped like the
     layer's linear_qkv weight: what still trains while the layer shares."""
-    attention = layer.self_attention
-    groups = attention.num_query_groups_per_partition
-    heads_per_group = attention.num_attention_heads_per_partition // groups
-    head_dim = attention.hidden_size_per_attention_head
-    return lambda t: list(qkv_row_blocks(t, groups, heads_per_group, head_dim)[:, heads_per_group + 1].unbind(0))
+    blocks = _row_blocks(layer)
+    return lambda t: list(value_block(t, *blocks).unbind(0))
 
 
 def _qk_rows_view(layer) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function giving the Q and K rows (a view) of a tensor shaped like the layer's linear_qkv weight."""
-    attention = layer.self_attention
-    groups = attention.num_query_groups_per_partition
-    heads_per_group = attention.num_attention_heads_per_partition // groups
-    head_dim = attention.hidden_size_per_attention_head
+    groups, heads_per_group, head_dim = _row_blocks(layer)
     return lambda t: qkv_row_blocks(t, groups, heads_per_group, head_dim)[:, : heads_per_group + 1]
 
 
@@ -83,6 +84,7 @@ class _FrozenRows:
         self.value_pieces = _value_row_pieces(layer)
         # True once the optimizer itself leaves the rows alone (MasterWeightAdamW.freeze_rows): no restore.
         self.left_alone_by_optimizer = False
+        # Rows rebuilt for an optimizer first seen after a step, not yet handed to it.
         self.reconstructed = False
         self.param_rows = self.rows(self.param.detach()).clone()
         self.optimizer_rows: Optional[dict[str, Optional[torch.Tensor]]] = None
@@ -238,8 +240,9 @@ class EpasController:
             raise EpasError("after_optimizer_step got a different optimizer than the one attached")
         for frozen in self._frozen.values():
             frozen.restore(optimizer)
-            if frozen.reconstructed and not frozen.left_alone_by_optimizer:
+            if frozen.reconstructed:
                 # Put right once; from the next step on the optimizer leaves the rows alone where it can.
+                frozen.reconstructed = False
                 frozen.ask_optimizer_to_leave_rows_alone(optimizer)
 
     def close(self) -> None:

@@ -152,7 +152,7 @@ def qkv_row_blocks(weight_or_bias: torch.Tensor, num_groups: int, heads_per_grou
     return weight_or_bias.view(num_groups, heads_per_group + 2, head_dim, *weight_or_bias.shape[1:])
 
 
-def _value_block(weight_or_bias: torch.Tensor, groups: int, heads_per_group: int, head_dim: int) -> torch.Tensor:
+def value_block(weight_or_bias: torch.Tensor, groups: int, heads_per_group: int, head_dim: int) -> torch.Tensor:
     """The V rows of a fused linear_qkv weight/bias as a [groups, head_dim, ...] view."""
     return qkv_row_blocks(weight_or_bias, groups, heads_per_group, head_dim)[:, heads_per_group + 1]
 
@@ -160,7 +160,7 @@ def _value_block(weight_or_bias: torch.Tensor, groups: int, heads_per_group: int
 def value_rows(weight_or_bias: torch.Tensor, groups: int, heads_per_group: int, head_dim: int) -> torch.Tensor:
     """The V rows of a fused linear_qkv weight/bias as one [groups * head_dim, ...] tensor (a copy where the
     rows are not adjacent, i.e. with more than one query group)."""
-    return _value_block(weight_or_bias, groups, heads_per_group, head_dim).reshape(
+    return value_block(weight_or_bias, groups, heads_per_group, head_dim).reshape(
         groups * head_dim, *weight_or_bias.shape[1:])
 
 
@@ -203,12 +203,12 @@ class _ValueRowsOfWeight(torch.autograd.Function):
         grad_rows = grad_rows.view(blocks[0], blocks[2], *shape[1:])
         main_grad = getattr(param, "main_grad", None)
         if main_grad is not None and hasattr(param, "grad_added_to_main_grad"):
-            _value_block(main_grad, *blocks).add_(grad_rows)
+            value_block(main_grad, *blocks).add_(grad_rows)
             param.grad_added_to_main_grad = True
             # Only its presence matters: DDP's hook sees grad_added_to_main_grad and drops it unread.
             return grad_rows.new_empty(shape), None, None, None
         grad = grad_rows.new_zeros(shape)
-        _value_block(grad, *blocks).copy_(grad_rows)
+        value_block(grad, *blocks).copy_(grad_rows)
         return grad, None, None, None
 
 

@@ -117,11 +117,7 @@ class MasterWeightAdamW:
         state tensor is another object, or freeze_rows/unfreeze_rows changed the pieces."""
         masters = [m for m in group["params"] if m.grad is not None]
         for master in masters:
-            state = self.inner.state[master]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=master.device)
-                state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+            self._ensure_state_of(master)
         key = (tuple((id(m), id(f)) for m, f in self._trainable_pieces.items()),
                tuple((id(m), id(m.grad), *(id(self.inner.state[m][k]) for k in ("exp_avg", "exp_avg_sq", "step")))
                      for m in masters))
@@ -273,14 +269,17 @@ class MasterWeightAdamW:
     def ensure_state(self) -> None:
         """Create zeroed Adam state so a checkpoint can be loaded into it in place."""
         for m in self.master_params:
-            if m is None:
-                continue
-            state = self.inner.state[m]
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(m, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(m, memory_format=torch.preserve_format)
-                state["step"] = torch.zeros((), dtype=torch.float32,
-                                            device=m.device if self.inner.defaults.get("fused") else "cpu")
+            if m is not None:
+                self._ensure_state_of(m)
+
+    def _ensure_state_of(self, master: torch.Tensor) -> None:
+        """Zeroed Adam state for `master` where it has none, as torch's AdamW would create it."""
+        state = self.inner.state[master]
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+            state["step"] = torch.zeros((), dtype=torch.float32,
+                                        device=master.device if self.inner.defaults.get("fused") else "cpu")
 
     def load_sharded_state_dict(self, loaded: dict) -> None:
         steps = int(loaded["step_count"])
