@@ -328,6 +328,10 @@ def test_switched_this_step_and_state_dict_round_trip():
     other = EpasController(make_cfg("epas.interval=10"), [build(cfg)])
     with pytest.raises(EpasError, match="schedule"):
         other.load_state_dict(state)
+    # Same region at that step, but another transition length would blend differently from there on.
+    blended = EpasController(make_cfg("epas.transition_steps=1"), [build(cfg)])
+    with pytest.raises(EpasError, match="trained with epas.transition_steps = 0"):
+        blended.load_state_dict(state)
 
 
 def test_set_region_for_inference():

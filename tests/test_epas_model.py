@@ -359,6 +359,16 @@ def test_layer_zero_cannot_share_and_dense_models_have_no_epas_layers():
         apply_region([build(make_cfg(epas=False))], {1})
 
 
+def test_invalid_transition_layers_are_named_errors():
+    model = build(make_cfg())
+    with pytest.raises(EpasError, match="layer 0"):
+        apply_region([model], set(), {0: 0.5})
+    with pytest.raises(EpasError, match=r"layers \[2\] are listed as sharing and as in transition"):
+        apply_region([model], {2, 3}, {2: 0.5})
+    with pytest.raises(EpasError, match=r"weight in \(0, 1\)"):
+        apply_region([model], {3}, {2: 1.0})
+
+
 def test_packed_qk_gradient_is_summed_over_its_readers():
     """Sharing layers reading one packed Q/K build one gradient in place (the last reader returns it): with a
     gradient arriving for the packed tensor from elsewhere too (a pipeline boundary), through a retained graph,

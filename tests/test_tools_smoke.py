@@ -40,6 +40,21 @@ def test_bench_train_under_torchrun_runs_variant_after_variant(tmp_path):
     assert proc.stdout.count("tok/s") == 1, "only rank 0 reports"
 
 
+def test_loss_parity_replot_draws_an_earlier_run(tmp_path):
+    curve = [[s, 5.0 + 1.0 / s] for s in range(1, 31)]
+    runs = {"dense": {"final_loss": 5.03, "curve": curve},
+            "epas": {"final_loss": 5.1, "curve": [[s, 1.01 * v] for s, v in curve], "baseline": "dense",
+                     "ratio_vs_baseline": 1.01}}
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    png = tmp_path / "loss.png"
+    _run(["tools/loss_parity.py", "--replot", str(tmp_path / "runs.json"), "--png", str(png), "--window", "5"],
+         tmp_path)
+    assert png.stat().st_size > 10_000
+    proc = subprocess.run([sys.executable, "tools/loss_parity.py", "--replot", str(tmp_path / "runs.json")], cwd=ROOT,
+                          env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--replot needs --png" in proc.stderr
+
+
 def test_bench_checkpoint_tiny(tmp_path):
     out = tmp_path / "ckpt.json"
     _run(["tools/bench_checkpoint.py", "--tiny", "--dir", str(tmp_path / "ck"), "--json", str(out)], tmp_path)
