@@ -9,7 +9,7 @@
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad OUTDIR}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|tests OUTDIR}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -18,11 +18,16 @@ run() { local cap=$1; shift; echo "=== $* (cap ${cap}s)" | tee -a "$log"; timeou
 # every run. Usage: parity_125m CAP STEPS WINDOW NAME --variant ... [--baseline ...]
 parity_125m() {
   local cap=$1 steps=$2 window=$3 name=$4; shift 4
-  run "$cap" python3 tools/loss_parity.py --config configs/llama-125m.yaml --steps "$steps" --window "$window" \
-    --timeout 200 --set train.global_batch=16 --set train.micro_batch=16 --set optim.warmup_steps=25 \
+  parity_model 125m 16 "$cap" "$steps" "$window" "$name" "$@"
+}
+# The same for another preset. Usage: parity_model SIZE MICRO_BATCH CAP STEPS WINDOW NAME --variant ...
+parity_model() {
+  local size=$1 micro=$2 cap=$3 steps=$4 window=$5 name=$6; shift 6
+  run "$cap" python3 tools/loss_parity.py --config "configs/llama-$size.yaml" --steps "$steps" --window "$window" \
+    --timeout 200 --set train.global_batch=16 --set "train.micro_batch=$micro" --set optim.warmup_steps=25 \
     --set logging.interval=1 --set logging.tensorboard=false --set checkpoint.interval=0 \
-    --set data.cache_dir=/tmp/effdist-data "$@" --out-dir "/tmp/effdist-parity-$name" \
-    --png "$out/loss_parity_125m_$name.png" --json "$out/loss_parity_125m_$name.json"
+    --set data.cache_dir=/tmp/effdist-data "$@" --out-dir "/tmp/effdist-parity-$size-$name" \
+    --png "$out/loss_parity_${size}_$name.png" --json "$out/loss_parity_${size}_$name.json"
 }
 
 case "$part" in
@@ -187,9 +192,23 @@ wgrad)
     --variant "no_wgrad=train.fused_kernels=[rmsnorm,rope,swiglu,loss]" --variant "fused="
   run 170 python3 tools/bench_epas.py --models llama-1b --rounds 4 --json "$out/bench_epas_1b_wgrad.json"
   ;;
+grad_sum)
+  # Issue #5: the anchor's Q/K gradient summed over the sharing layers several at a time (effdist.kernels.grad_sum):
+  # its GPU test, then llama-1b throughput over 12 rounds with a profile.
+  run 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_grad_sum.py tests/test_wgrad_fusion.py
+  run 420 python3 tools/bench_epas.py --models llama-1b --rounds 12 --profile 2 --json "$out/bench_epas_1b_grad_sum.json"
+  ;;
+parity350)
+  # Issue #5 at a larger scale: llama-350m (24 layers) dense vs EPAS growing to 3L/4 = 18 layers on the timeline of
+  # the 125M early schedule (two layers per 5 steps from step 25, T = 5), two model seeds, 250 steps of 16 x 2048.
+  e="epas.enabled=true,epas.group_size=2,epas.final_region=18,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
+  parity_model 350m 8 560 250 20 seeds --variant "dense_s1=train.seed=1" --variant "epas_s1=train.seed=1,$e" \
+    --variant "dense_s2=train.seed=2" --variant "epas_s2=train.seed=2,$e" \
+    --baseline epas_s1=dense_s1 --baseline epas_s2=dense_s2 --baseline dense_s2=dense_s1
+  ;;
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, tests)"; exit 2 ;;
 esac
 exit 0
