@@ -152,7 +152,9 @@ class PipelineConfig:
 class EpasConfig:
     enabled: bool = False
     # "progressive": grow the region by group_size layers every `interval` steps from start_step.
-    # "fixed": the final region from step 0 (ablation). "adaptive": decide from measured Q/K similarity.
+    # "fixed": the final region from step 0 (ablation). "adaptive": at the steps where progressive would grow,
+    # measure the cosine similarity of the next group's Q/K with the Q/K they would share, and grow only if
+    # it reaches similarity_threshold (final_region is then the maximum; deep_to_shallow only).
     mode: str = "progressive"
     start_step: int = 0
     interval: int = 100
@@ -165,6 +167,9 @@ class EpasConfig:
     # joins the region it uses (1 - a) * own Q/K + a * the previous layer's, a rising to 1, so the layers
     # deeper than it move to the new anchor's Q/K gradually instead of all at once.
     transition_steps: int = 0
+    # mode adaptive: a candidate group joins iff each layer's post-RoPE Q/K have a cosine similarity >= this
+    # with its future anchor's (measured over the probe step's global batch); a number in (-1, 1].
+    similarity_threshold: float = 0.5
     # Region used at inference when none is given on the command line (None: the trained final region).
     inference_region: int | None = None
 

@@ -139,7 +139,12 @@ def test_config_validation_names_the_field(override, field):
 
 
 @pytest.mark.parametrize("kw, field", [
-    ({"mode": "adaptive"}, "epas.mode"),
+    ({"mode": "sometimes"}, "epas.mode"),
+    # adaptive is implemented (tests/test_epas_adaptive.py); it grows from the deep end only and needs its
+    # transitions shorter than the probe interval.
+    ({"mode": "adaptive", "direction": "shallow_to_deep"}, "epas.direction"),
+    ({"mode": "adaptive", "interval": 2, "transition_steps": 2}, "epas.transition_steps"),
+    ({"similarity_threshold": 1.5}, "epas.similarity_threshold"),
     ({"final_region": 0.1}, "epas.final_region"),     # 10% of 4 layers rounds to 0
     ({"final_region": 2.5}, "epas.final_region"),     # a count must be whole
     ({"final_region": 4}, "epas.final_region"),
@@ -150,6 +155,10 @@ def test_config_validation_names_the_field(override, field):
 def test_schedule_check_names_the_field(kw, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         check_schedule(epas(**kw), 4)
+
+
+def test_adaptive_mode_passes_the_schedule_check():
+    check_schedule(epas(mode="adaptive", final_region=3, interval=2, transition_steps=1), 4)
 
 
 # ---------------------------------------------------------------------- controller

@@ -23,6 +23,11 @@ Call protocol (the trainer): ``begin_step(step)`` before the step's microbatches
 checkpoints and ``load_state_dict()`` after the checkpoint (model + optimizer) has been loaded.
 Give the optimizer to the constructor (or ``attach_optimizer``) so the snapshot includes its state;
 without it, only a fresh run's first step can be reconstructed and a resumed run raises.
+
+epas.mode adaptive (effdist.epas.adaptive): at a probe step ``begin_step`` also switches the candidate
+layers to probing, and ``after_optimizer_step`` sums their similarity statistics over all ranks, lets global
+rank 0 decide whether they join and broadcasts that; the decided join steps are the controller's state
+(``state_dict()["adaptive"]``).
 """
 
 from __future__ import annotations
@@ -32,10 +37,14 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from effdist.config import Config
+from effdist.epas.adaptive import AdaptiveSchedule, Log, agree_on_growth, print_on_rank_zero
 from effdist.epas.schedule import blend_factors, check_schedule, layers_of_region, sharing_layers
 from effdist.model.shared_qk import EpasError, apply_region, epas_layers, qkv_row_blocks, value_block
 
-STATE_VERSION = 1
+# 2: adds the "adaptive" entry (epas.mode adaptive) and schedule.similarity_threshold; version 1 states
+# (progressive and fixed runs) load unchanged.
+STATE_VERSION = 2
+LOADABLE_VERSIONS = (1, 2)
 
 
 def _row_blocks(layer) -> tuple[int, int, int]:
@@ -146,9 +155,10 @@ class _FrozenRows:
 
 
 class EpasController:
-    """One EPAS decision per optimizer step, identical on all ranks (a pure function of the step)."""
+    """One EPAS decision per optimizer step, identical on all ranks (a pure function of the step, or, in
+    adaptive mode, of the step and the decisions rank 0 broadcast)."""
 
-    def __init__(self, cfg: Config, model_chunks: list[torch.nn.Module], optimizer=None):
+    def __init__(self, cfg: Config, model_chunks: list[torch.nn.Module], optimizer=None, log: Optional[Log] = None):
         if not cfg.epas.enabled:
             raise EpasError("EpasController needs epas.enabled = true (and the model built with it)")
         check_schedule(cfg.epas, cfg.model.num_layers)
@@ -168,6 +178,14 @@ class EpasController:
         self._step: Optional[int] = None
         self._switched = False
         self._first_step_of_process = True
+        # epas.mode adaptive: the decided joins, this step's probing candidates, the probes decided so far.
+        self._adaptive = AdaptiveSchedule(cfg.epas, self.num_layers) if cfg.epas.mode == "adaptive" else None
+        self._probing: tuple[int, ...] = ()
+        self._probe_step: Optional[int] = None
+        self._probes: list[dict[str, Any]] = []
+        self._step_metrics: dict[str, Any] = {}
+        self._last_layout: Optional[tuple[frozenset[int], ...]] = None  # (sharing, in transition, probing) last step
+        self._log = log if log is not None else print_on_rank_zero
         apply_region(self.model_chunks, self._region)
         if optimizer is not None:
             self.attach_optimizer(optimizer)
@@ -189,16 +207,38 @@ class EpasController:
         return dict(self._blending)
 
     @property
+    def probing(self) -> tuple[int, ...]:
+        """epas.mode adaptive: the candidate layers measuring their Q/K similarity during the current step
+        (deepest first; empty outside probe steps and once the step's decision is made)."""
+        return self._probing
+
+    @property
     def qk_consumers(self) -> frozenset[int]:
-        """Layers that use the Q/K of the layer before them at the current step (sharing or in transition):
-        a pipeline boundary in front of one of them carries Q/K."""
-        return self._region | self._blending.keys()
+        """Layers that use the Q/K of the layer before them at the current step (sharing, in transition or
+        probing): a pipeline boundary in front of one of them carries Q/K."""
+        return self._region | self._blending.keys() | frozenset(self._probing)
 
     @property
     def switched_this_step(self) -> bool:
-        """The sharing or transition layers differ from the previous step's (always true at the first
-        step of a process), so e.g. the pipeline executor must redo which boundaries carry Q/K."""
+        """The sharing, transition or probing layers differ from the previous step's (always true at the
+        first step of a process), so e.g. the pipeline executor must redo which boundaries carry Q/K."""
         return self._switched
+
+    @property
+    def join_steps(self) -> dict[int, int]:
+        """epas.mode adaptive: layer -> the step from which it shares, as decided so far (empty otherwise)."""
+        return dict(self._adaptive.joins) if self._adaptive is not None else {}
+
+    @property
+    def probes(self) -> list[dict[str, Any]]:
+        """epas.mode adaptive: every decided probe, oldest first: {step, layers, similarity, grow, joins_at}."""
+        return [dict(p) for p in self._probes]
+
+    def step_metrics(self) -> dict[str, Any]:
+        """Extra metrics of the current step for the trainer's record (after after_optimizer_step): on an
+        adaptive probe step ``epas_similarity`` (the cosine of each candidate, deepest first),
+        ``epas_probed_layers`` and ``epas_grow``; otherwise nothing."""
+        return dict(self._step_metrics)
 
     @property
     def step(self) -> Optional[int]:
@@ -219,13 +259,25 @@ class EpasController:
 
         Call only between optimizer steps (never between microbatches of one step).
         """
-        region = sharing_layers(self.cfg.epas, self.num_layers, step)
-        blending = blend_factors(self.cfg.epas, self.num_layers, step)
-        self._switched = (region != self._region or blending.keys() != self._blending.keys()
-                          or self._first_step_of_process)
+        self._step_metrics = {}
+        if self._adaptive is not None:
+            # A probe whose step got no optimizer update (non-finite) decides nothing: dropped here.
+            self._probe_step = None
+            region = self._adaptive.sharing_layers(step)
+            blending = self._adaptive.blend_factors(step)
+            probing = self._adaptive.candidates(step)
+        else:
+            region = sharing_layers(self.cfg.epas, self.num_layers, step)
+            blending = blend_factors(self.cfg.epas, self.num_layers, step)
+            probing = ()
+        layout = (region, frozenset(blending), frozenset(probing))
+        self._switched = layout != self._last_layout or self._first_step_of_process
         self._first_step_of_process = False
-        if region != self._region or blending != self._blending:
-            self._switch(region, blending)
+        self._last_layout = layout
+        # Probing layers always start the step with empty statistics (apply_region clears them).
+        if region != self._region or blending != self._blending or probing or self._probing:
+            self._switch(region, blending, probing)
+        self._probe_step = step if probing else None
         self._step = step
         return len(region)
 
@@ -244,6 +296,36 @@ class EpasController:
                 # Put right once; from the next step on the optimizer leaves the rows alone where it can.
                 frozen.reconstructed = False
                 frozen.ask_optimizer_to_leave_rows_alone(optimizer)
+        if self._probe_step is not None:
+            self._decide_probe()
+
+    def _decide_probe(self) -> None:
+        """The probe step's optimizer update is done: every rank sums the candidates' statistics, rank 0
+        decides, all switch (from the next step on) as it broadcast."""
+        step, layers = self._probe_step, self._probing
+        local = torch.zeros(len(layers), 3, dtype=torch.float64, device=self._device())
+        for row, index in enumerate(layers):
+            layer = self._layers.get(index)
+            stats = layer.self_attention.probe_stats if layer is not None else None
+            if stats is not None:
+                local[row] = stats.to(local.device)
+        threshold = self.cfg.epas.similarity_threshold
+        similarity, grow = agree_on_growth(local, threshold)
+        joins_at = self._adaptive.grow(step, layers) if grow else None
+        probe = {"step": step, "layers": list(layers), "similarity": similarity, "grow": grow, "joins_at": joins_at}
+        self._probes.append(probe)
+        self._step_metrics = {"epas_similarity": similarity, "epas_probed_layers": list(layers), "epas_grow": grow}
+        self._probe_step = None
+        self._switch(self._region, self._blending, ())  # probing off: nothing measures until the next probe
+        shown = ", ".join(f"{c:.4f}" for c in similarity)
+        self._log(f"epas probe at step {step}: layers {list(layers)} cosine [{shown}] vs threshold {threshold}: " +
+                  (f"grow (they share from step {joins_at})" if grow else "stay"))
+
+    def _device(self) -> torch.device:
+        for chunk in self.model_chunks:
+            for param in chunk.parameters():
+                return param.device
+        return torch.device("cpu")
 
     def close(self) -> None:
         """Make every layer dense again and hand the sharing layers' Wq/Wk rows back to the optimizer, which
@@ -252,9 +334,10 @@ class EpasController:
         go on leaving those rows alone."""
         self._switch(frozenset(), {})
 
-    def _switch(self, region: frozenset[int], blending: dict[int, float]) -> None:
-        apply_region(self.model_chunks, region, blending)
+    def _switch(self, region: frozenset[int], blending: dict[int, float], probing: tuple[int, ...] = ()) -> None:
+        apply_region(self.model_chunks, region, blending, probing)
         self._blending = dict(blending)
+        self._probing = tuple(probing)
         for index in list(self._frozen):
             if index not in region:
                 self._frozen.pop(index).release(self._optimizer)
@@ -270,36 +353,71 @@ class EpasController:
     def _schedule_signature(self) -> dict[str, Any]:
         e = self.cfg.epas
         return {"mode": e.mode, "start_step": e.start_step, "interval": e.interval, "group_size": e.group_size,
-                "final_region": e.final_region, "direction": e.direction, "transition_steps": e.transition_steps}
+                "final_region": e.final_region, "direction": e.direction, "transition_steps": e.transition_steps,
+                "similarity_threshold": e.similarity_threshold}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "step": self._step, "region": len(self._region),
-                "sharing_layers": sorted(self._region), "num_layers": self.num_layers,
-                "schedule": self._schedule_signature()}
+        state = {"version": STATE_VERSION, "step": self._step, "region": len(self._region),
+                 "sharing_layers": sorted(self._region), "num_layers": self.num_layers,
+                 "schedule": self._schedule_signature()}
+        if self._adaptive is not None:
+            state["adaptive"] = {**self._adaptive.state_dict(), "probes": self.probes}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the region of a checkpoint; call after the model and optimizer were loaded.
 
-        The saved region must be what this config's schedule gives at the saved step: a resumed run
-        with another schedule would switch layers the checkpoint never trained that way.
+        progressive / fixed: the saved region must be what this config's schedule gives at the saved step: a
+        resumed run with another schedule would switch layers the checkpoint never trained that way.
+        adaptive: the saved join steps must be ones this config's probes could have decided by the saved step,
+        and give the saved region at that step; they are restored, so the run continues the same region
+        (a new epas.similarity_threshold applies to the probes still to come).
         """
-        if state.get("version") != STATE_VERSION:
-            raise EpasError(f"EPAS controller state version {state.get('version')!r} is not {STATE_VERSION}")
+        if state.get("version") not in LOADABLE_VERSIONS:
+            raise EpasError(f"EPAS controller state version {state.get('version')!r} is not one of {LOADABLE_VERSIONS}")
         if state["num_layers"] != self.num_layers:
             raise EpasError(f"the EPAS state was saved for {state['num_layers']} layers, this model has {self.num_layers}")
         saved = frozenset(state["sharing_layers"])
         step = state["step"]
-        expected = frozenset() if step is None else sharing_layers(self.cfg.epas, self.num_layers, step)
+        saved_mode = state.get("schedule", {}).get("mode", "progressive")
+        if (saved_mode == "adaptive") != (self._adaptive is not None):
+            raise EpasError(f"the checkpoint was trained with epas.mode = {saved_mode}, this config has "
+                            f"{self.cfg.epas.mode}: resume with the mode the run was trained with (its schedule "
+                            f"{state.get('schedule')}), or start a new run from the weights")
+        joins: dict[int, int] = {}
+        if self._adaptive is not None:
+            adaptive_state = state.get("adaptive") or {}
+            joins = AdaptiveSchedule.joins_from_state(adaptive_state)
+            try:
+                self._adaptive.check_joins(joins, step)
+            except ValueError as e:
+                raise EpasError(f"checkpoint EPAS join steps {joins} (schedule {state.get('schedule')}) do not fit "
+                                f"this config's adaptive schedule {self._schedule_signature()} at step {step}: {e}. Resume "
+                                "with the epas settings the run was trained with, or start a new run from the "
+                                "weights") from None
+            expected = frozenset(layer for layer, joined in joins.items() if step is not None and joined <= step)
+            what = f"its join steps {joins}"
+        else:
+            expected = frozenset() if step is None else sharing_layers(self.cfg.epas, self.num_layers, step)
+            what = f"this config's schedule {self._schedule_signature()}"
         if saved != expected:
             raise EpasError(
                 f"checkpoint EPAS region at step {step} is {sorted(saved)} (schedule {state.get('schedule')}), but "
-                f"this config's schedule {self._schedule_signature()} gives {sorted(expected)} at that step. Resume "
+                f"{what} gives {sorted(expected)} at that step. Resume "
                 "with the epas settings the run was trained with, or start a new run from the weights")
         saved_transition = state.get("schedule", {}).get("transition_steps", 0)
         if saved_transition != self.cfg.epas.transition_steps:
             raise EpasError(f"the checkpoint was trained with epas.transition_steps = {saved_transition}, this config "
                             f"has {self.cfg.epas.transition_steps}: resume with the value the run was trained with")
-        self._switch(saved, {} if step is None else blend_factors(self.cfg.epas, self.num_layers, step))
+        if self._adaptive is not None:
+            self._adaptive.joins = dict(joins)
+            self._probes = [dict(p) for p in (state.get("adaptive") or {}).get("probes", [])]
+            blending = {} if step is None else self._adaptive.blend_factors(step)
+        else:
+            blending = {} if step is None else blend_factors(self.cfg.epas, self.num_layers, step)
+        self._probe_step = None
+        self._step_metrics = {}
+        self._switch(saved, blending)
         self._step = step
         self._first_step_of_process = True
 

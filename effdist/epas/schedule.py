@@ -13,6 +13,11 @@ the whole run below the new anchor in one step. The region itself is unchanged b
 
 Being a pure function of (config, step), every rank computes the same region with no
 communication, and a resumed run recomputes it from its step.
+
+"adaptive" grows at the same probe steps only when the layers about to join are measured similar enough
+to the Q/K they would share; its region depends on those measurements, so it is not a function of the
+step: effdist.epas.adaptive.AdaptiveSchedule (driven by the EpasController) holds it, and the pure
+functions below that give a region or a join step refuse that mode.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from types import SimpleNamespace
 
 from effdist.config import ConfigError, EpasConfig, epas_final_region
 
-MODES = ("progressive", "fixed")
+MODES = ("progressive", "fixed", "adaptive")
 
 
 def final_region_size(epas: EpasConfig, num_layers: int) -> int:
@@ -33,12 +38,14 @@ def final_region_size(epas: EpasConfig, num_layers: int) -> int:
 
 def check_schedule(epas: EpasConfig, num_layers: int) -> None:
     """Raise ConfigError naming the field if this schedule cannot run on `num_layers` layers."""
-    if epas.mode == "adaptive":
-        raise ConfigError("epas.mode = 'adaptive': deciding the region from measured Q/K similarity is not "
-                          "implemented; use 'progressive' (tools/layer_redundancy.py suggests a final_region "
-                          "from measured similarity) or 'fixed'")
     if epas.mode not in MODES:
-        raise ConfigError(f"epas.mode = {epas.mode!r}: valid: progressive, fixed")
+        raise ConfigError(f"epas.mode = {epas.mode!r}: valid: progressive, fixed, adaptive")
+    threshold = epas.similarity_threshold
+    if (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
+            or not -1.0 < threshold <= 1.0):
+        raise ConfigError(f"epas.similarity_threshold = {threshold!r}: must be a number in (-1, 1], the cosine "
+                          "similarity of a candidate layer's Q/K with its future anchor's at or above which "
+                          "epas.mode = adaptive lets it join (e.g. 0.5)")
     if epas.direction not in ("deep_to_shallow", "shallow_to_deep"):
         raise ConfigError(f"epas.direction = {epas.direction!r}: valid: deep_to_shallow, shallow_to_deep")
     if epas.interval <= 0:
@@ -50,6 +57,14 @@ def check_schedule(epas: EpasConfig, num_layers: int) -> None:
                           "(0 switches each layer at once, as in the paper)")
     if epas.start_step < 0:
         raise ConfigError(f"epas.start_step = {epas.start_step!r}: must be >= 0")
+    if epas.mode == "adaptive":
+        if epas.direction != "deep_to_shallow":
+            raise ConfigError(f"epas.direction = {epas.direction!r}: epas.mode = adaptive grows the region from the "
+                              "deep end only; use deep_to_shallow (or mode progressive for the ablation)")
+        if epas.transition_steps >= epas.interval:
+            raise ConfigError(f"epas.transition_steps = {epas.transition_steps!r}: with epas.mode = adaptive it must "
+                              f"be below epas.interval = {epas.interval} (a group joins before the next probe "
+                              "measures the layers above it); lower it or raise epas.interval")
     if epas.final_region <= 0:
         raise ConfigError(f"epas.final_region = {epas.final_region!r}: must be a layer count >= 1 or a fraction "
                           "in (0, 1)")
@@ -65,10 +80,17 @@ def check_schedule(epas: EpasConfig, num_layers: int) -> None:
                           f"num_layers-1 = {num_layers - 1} (layer 0 has no previous layer to share Q/K with)")
 
 
+def _not_adaptive(epas: EpasConfig, what: str) -> None:
+    if epas.mode == "adaptive":
+        raise ValueError(f"{what}: with epas.mode = adaptive the region depends on measured Q/K similarity, not on "
+                         "the step alone; ask the EpasController (sharing_layers, blending, state_dict()['adaptive'])")
+
+
 def region_size(epas: EpasConfig, num_layers: int, step: int) -> int:
     """Number of sharing layers during optimizer step `step` (0-based)."""
     if step < 0:
         raise ValueError(f"step = {step}: optimizer steps are counted from 0")
+    _not_adaptive(epas, "region_size")
     final = final_region_size(epas, num_layers)
     if step < epas.start_step:
         return 0
@@ -99,6 +121,7 @@ def sharing_layers(cfg_epas: EpasConfig, num_layers: int, step: int) -> frozense
 
 def join_step(epas: EpasConfig, num_layers: int, layer: int) -> int | None:
     """The first step at which `layer` shares (None: never, it is outside the final region)."""
+    _not_adaptive(epas, "join_step")
     final = final_region_size(epas, num_layers)
     if epas.direction == "deep_to_shallow":
         order = num_layers - 1 - layer  # 0 for the deepest layer, the first to join
@@ -114,7 +137,10 @@ def join_step(epas: EpasConfig, num_layers: int, layer: int) -> int | None:
 def blend_factors(epas: EpasConfig, num_layers: int, step: int) -> dict[int, float]:
     """Layers in transition during `step` -> the weight a of the incoming Q/K (0 < a < 1); empty when
     transition_steps is 0. Layers already sharing are not listed (they use the incoming Q/K alone)."""
-    if not epas.enabled or epas.transition_steps == 0:
+    if not epas.enabled:
+        return {}
+    _not_adaptive(epas, "blend_factors")
+    if epas.transition_steps == 0:
         return {}
     check_schedule(epas, num_layers)
     span = epas.transition_steps
@@ -128,6 +154,7 @@ def blend_factors(epas: EpasConfig, num_layers: int, step: int) -> dict[int, flo
 
 def steps_to_final_region(epas: EpasConfig, num_layers: int) -> int:
     """The first step at which the region reaches its final size."""
+    _not_adaptive(epas, "steps_to_final_region")
     final = final_region_size(epas, num_layers)
     if epas.mode == "fixed":
         return epas.start_step

@@ -240,12 +240,20 @@ class EpasSelfAttention(SelfAttention):
       rows of ``linear_qkv`` are multiplied; no RoPE.
     * ``blend = a`` (a layer in transition, not sharing yet): its own post-RoPE Q/K mixed with the
       incoming ones, ``(1 - a) * own + a * incoming``; the mix is what it exports.
+    * ``probing = True`` (epas.mode adaptive, a candidate during a probe step): computes exactly what a
+      dense layer computes and adds, without autograd, ``[own . incoming, own . own, incoming . incoming]``
+      of its post-RoPE packed Q/K and the incoming ones to ``probe_stats`` (fp64; training forwards only,
+      not the re-forward of a full-recompute backward). With ``probe_passes_incoming`` (the next layer
+      probes too) it exports the incoming Q/K instead of its own, as a sharing layer would.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.sharing = False
         self.blend: Optional[float] = None
+        self.probing = False
+        self.probe_passes_incoming = False
+        self.probe_stats: Optional[torch.Tensor] = None
         self.exports_qk = False
         self.incoming_qk: Optional[torch.Tensor] = None
         self.exported_qk: Optional[torch.Tensor] = None
@@ -256,7 +264,7 @@ class EpasSelfAttention(SelfAttention):
                 rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
                 attention_bias=None, packed_seq_params=None, sequence_len_offset=None, *, inference_params=None):
         self.exported_qk = None
-        if not (self.sharing or self.exports_qk or self.blend is not None):
+        if not (self.sharing or self.exports_qk or self.blend is not None or self.probing):
             return super().forward(hidden_states, attention_mask, key_value_states, inference_context, rotary_pos_emb,
                                    rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin, attention_bias,
                                    packed_seq_params, sequence_len_offset, inference_params=inference_params)
@@ -308,8 +316,25 @@ class EpasSelfAttention(SelfAttention):
                                                      self.num_attention_heads_per_partition)
             query = torch.lerp(query, incoming_query, self.blend)
             key = torch.lerp(key, incoming_key, self.blend)
+        if self.probing:
+            incoming = self._expected_incoming(hidden_states)
+            self._accumulate_probe(query, key, incoming)
+            if self.probe_passes_incoming:
+                self.exported_qk = incoming if self.exports_qk else None
+                return query, key, value
         self.exported_qk = pack_qk(query, key) if self.exports_qk else None
         return query, key, value
+
+    def _accumulate_probe(self, query: torch.Tensor, key: torch.Tensor, incoming: torch.Tensor) -> None:
+        """Add this forward's similarity statistics to ``probe_stats``; the tensors are only read."""
+        if not self.training or (is_checkpointing() and torch.is_grad_enabled()):
+            return  # evaluation, or a full-recompute backward re-running a forward already counted
+        from effdist.epas.adaptive import qk_similarity_stats
+
+        with torch.no_grad():
+            incoming_query, incoming_key = _split_packed(incoming.detach(), self.num_attention_heads_per_partition)
+            stats = qk_similarity_stats(query, key, incoming_query, incoming_key)
+        self.probe_stats = stats if self.probe_stats is None else self.probe_stats + stats
 
     # ------------------------------------------------------------------ sharing path
     def _expected_incoming(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -319,10 +344,10 @@ class EpasSelfAttention(SelfAttention):
                 self.num_attention_heads_per_partition + self.num_query_groups_per_partition,
                 self.hidden_size_per_attention_head)
         if qk is None:
-            raise EpasError(f"layer {self.layer_number - 1} of this chunk shares Q/K (or is in transition) but "
-                            "received none: the layer "
-                            "before it must export its Q/K (apply_region sets that), and the first layer of a "
-                            "pipeline chunk needs model(..., extra_block_kwargs={'context': qk})")
+            raise EpasError(f"layer {self.layer_number - 1} of this chunk shares Q/K (or is in transition, or "
+                            "probes) but received none: the layer before it must export its Q/K (apply_region "
+                            "sets that), and the first layer of a pipeline chunk needs "
+                            "model(..., extra_block_kwargs={'context': qk})")
         if tuple(qk.shape) != want:
             raise EpasError(f"layer {self.layer_number - 1} of this chunk received Q/K of shape {tuple(qk.shape)}, "
                             f"expected [seq, batch, heads + kv_heads, head_dim] = {list(want)}")
@@ -439,17 +464,24 @@ def layer_index(layer: EpasTransformerLayer) -> int:
 
 
 def apply_region(model_chunks: Iterable[torch.nn.Module], sharing: Iterable[int],
-                 blending: Optional[dict[int, float]] = None) -> None:
+                 blending: Optional[dict[int, float]] = None, probing: Optional[Iterable[int]] = None) -> None:
     """Switch every EPAS layer of these chunks: layer i shares iff i is in `sharing`, blends its own Q/K
-    with the incoming ones with weight ``blending[i]`` if listed there (a layer in transition); layer i
-    exports its Q/K iff layer i + 1 shares or blends (possibly in the next pipeline chunk)."""
+    with the incoming ones with weight ``blending[i]`` if listed there (a layer in transition), probes
+    (computes as a dense layer and measures its Q/K against the incoming ones, epas.mode adaptive) iff i is
+    in `probing`; layer i exports its Q/K iff layer i + 1 shares, blends or probes (possibly in the next
+    pipeline chunk). Every layer's ``probe_stats`` start again from nothing."""
     region = frozenset(int(i) for i in sharing)
     blending = {int(i): float(a) for i, a in (blending or {}).items()}
-    if 0 in region or 0 in blending:
+    probing = frozenset(int(i) for i in (probing or ()))
+    if 0 in region or 0 in blending or 0 in probing:
         raise EpasError("layer 0 cannot share Q/K: it has no previous layer")
     both = region & blending.keys()
     if both:
         raise EpasError(f"layers {sorted(both)} are listed as sharing and as in transition; a layer is one or the other")
+    both = probing & (region | blending.keys())
+    if both:
+        raise EpasError(f"layers {sorted(both)} are listed as probing and as sharing or in transition; a probing "
+                        "layer computes its own Q/K")
     bad = {i: a for i, a in blending.items() if not 0.0 < a < 1.0}
     if bad:
         raise EpasError(f"blend weights {bad}: a layer in transition takes a weight in (0, 1) of the incoming Q/K")
@@ -460,7 +492,10 @@ def apply_region(model_chunks: Iterable[torch.nn.Module], sharing: Iterable[int]
     for index, layer in layers.items():
         layer.self_attention.sharing = index in region
         layer.self_attention.blend = blending.get(index)
-        layer.self_attention.exports_qk = (index + 1) in region or (index + 1) in blending
+        layer.self_attention.probing = index in probing
+        layer.self_attention.probe_passes_incoming = index in probing and (index + 1) in probing
+        layer.self_attention.probe_stats = None
+        layer.self_attention.exports_qk = (index + 1) in region or (index + 1) in blending or (index + 1) in probing
         layer.keeps_export = False
         layer.exported_qk = None
     for chunk in chunks:
