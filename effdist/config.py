@@ -170,6 +170,12 @@ class EpasConfig:
     # mode adaptive: a candidate group joins iff each layer's post-RoPE Q/K have a cosine similarity >= this
     # with its future anchor's (measured over the probe step's global batch); a number in (-1, 1].
     similarity_threshold: float = 0.5
+    # effdist extension. The weight gradient of a layer whose Q/K other layers share is the sum over every
+    # layer that uses them ("sum", the exact gradient). "mean" divides the Wq/Wk rows of that gradient by
+    # their number of uses (1 + the layers sharing them; a layer in transition counts its weight a), so a
+    # growing region does not inflate the global gradient norm that clipping scales every parameter by,
+    # nor jump the anchor's gradient scale under Adam's slowly moving second moment.
+    anchor_grad: str = "sum"
     # Region used at inference when none is given on the command line (None: the trained final region).
     inference_region: int | None = None
 
@@ -595,6 +601,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         check_schedule(e, m.num_layers)
         if e.inference_region is not None and not (0 <= e.inference_region <= m.num_layers - 1):
             _fail("epas.inference_region", e.inference_region, f"must lie in [0, {m.num_layers - 1}]")
+        if e.anchor_grad not in ("sum", "mean"):
+            _fail("epas.anchor_grad", e.anchor_grad, "valid: sum (the exact gradient), mean (divided by the uses)")
+        if e.anchor_grad == "mean" and cfg.train.engine == "deepspeed":
+            _fail("epas.anchor_grad", e.anchor_grad, "train.engine=deepspeed clips and steps inside DeepSpeed, before "
+                  "effdist could rescale the shared Q/K gradients; use epas.anchor_grad=sum, or train.engine=megatron")
 
     f = cfg.ffn
     if f.kind not in FFN_KINDS:

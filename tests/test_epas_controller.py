@@ -18,6 +18,7 @@ from effdist.epas import (
     check_schedule,
     current_region,
     join_step,
+    qk_uses,
     region_size,
     set_region,
     sharing_layers,
@@ -132,10 +133,12 @@ def test_boundary_needs_qk():
     ("epas.direction=sideways", "epas.direction"),
     ("epas.inference_region=4", "epas.inference_region"),
     ("epas.transition_steps=-1", "epas.transition_steps"),
+    ("epas.anchor_grad=median", "epas.anchor_grad"),
+    ("epas.anchor_grad=mean train.engine=deepspeed", "epas.anchor_grad"),
 ])
 def test_config_validation_names_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        load_config(None, ["epas.enabled=true", "model.num_layers=4", override])
+        load_config(None, ["epas.enabled=true", "model.num_layers=4", *override.split()])
 
 
 @pytest.mark.parametrize("kw, field", [
@@ -341,6 +344,32 @@ def test_switched_this_step_and_state_dict_round_trip():
     blended = EpasController(make_cfg("epas.transition_steps=1"), [build(cfg)])
     with pytest.raises(EpasError, match="trained with epas.transition_steps = 0"):
         blended.load_state_dict(state)
+
+
+def test_qk_uses_count_every_layer_that_attends_with_the_q_k():
+    assert qk_uses(8, frozenset(), {}) == {}
+    assert qk_uses(8, frozenset({5, 6, 7}), {}) == {4: 4.0}
+    # Layer 4 blends half of layer 3's Q/K into its own; layers 5-7 use that blend.
+    assert qk_uses(8, frozenset({5, 6, 7}), {4: 0.5}) == {3: 1.0 + 4 * 0.5, 4: 4.0}
+    assert qk_uses(8, frozenset(), {7: 0.25}) == {6: 1.25}
+
+
+@pytest.mark.parametrize("anchor_grad", ["sum", "mean"])
+def test_mean_anchor_grad_divides_only_the_shared_q_k_rows(anchor_grad):
+    cfg = make_cfg(f"epas.anchor_grad={anchor_grad}", "epas.transition_steps=1")
+    model = build(cfg)
+    controller = EpasController(cfg, [model])
+    controller.begin_step(2)  # layer 3 shares, layer 2 blends in half of layer 1's Q/K
+    assert controller.sharing_layers == {3} and controller.blending == {2: 0.5}
+    train_step(model, 0)
+    before = {i: layer.self_attention.linear_qkv.weight.grad.clone() for i, layer in enumerate(model.decoder.layers)}
+    controller.scale_shared_qk_grads()
+    uses = {1: 1.0 + 0.5 + 0.5, 2: 2.0} if anchor_grad == "mean" else {}
+    for i, layer in enumerate(model.decoder.layers):
+        grad = layer.self_attention.linear_qkv.weight.grad
+        torch.testing.assert_close(qk_rows(grad, cfg), qk_rows(before[i], cfg) / uses.get(i, 1.0), rtol=0, atol=0)
+        assert torch.equal(v_rows(grad, cfg), v_rows(before[i], cfg))
+    assert qk_rows(before[3], cfg).abs().sum() == 0  # the sharing layer's own Wq/Wk got no gradient
 
 
 def test_set_region_for_inference():

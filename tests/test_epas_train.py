@@ -113,3 +113,27 @@ def test_pp2_region_crossing_the_stage_boundary_matches_pp1(single, tmp_path, da
     assert _regions(run) == _regions(single)
     for s, v in losses(single).items():
         assert losses(run)[s] == pytest.approx(v, rel=2e-5), (s, proc.stderr[-2000:])
+
+
+def test_mean_anchor_grad_pp2_matches_pp1_and_changes_the_step(single, tmp_path, data_cache):
+    """epas.anchor_grad=mean divides the anchor's Wq/Wk gradient by its uses counted over the whole model:
+    with pp=2 the anchor (layer 0) and the layers using its Q/K (1-3) sit on different stages, and both
+    must count the same uses. The losses equal the one-process run, and the gradient norms differ from the
+    exact-gradient run's (same first loss) by more than fp32 noise: the option is in effect through the
+    trainer (its arithmetic: test_epas_controller.py). In this tiny model Q/K carry little of the norm, so
+    the difference is small (~2e-4 at step 4)."""
+    mean = EPAS + [f"data.cache_dir={data_cache}", "epas.anchor_grad=mean"]
+    one = tmp_path / "mean_pp1"
+    run_train(one, mean)
+    two = tmp_path / "mean_pp2"
+    proc = run_train(two, mean + ["parallel.pp=2"], nproc=2)
+    assert _regions(two) == _regions(one) == _regions(single)
+    for s, v in losses(one).items():
+        assert losses(two)[s] == pytest.approx(v, rel=2e-5), (s, proc.stderr[-2000:])
+
+    def grad_norms(run_dir):
+        return {r["step"]: r["grad_norm"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+    with_mean, exact = grad_norms(one), grad_norms(single)
+    assert losses(one)[1] == losses(single)[1]
+    assert max(abs(with_mean[s] / exact[s] - 1) for s in exact) > 5e-5, (with_mean, exact)

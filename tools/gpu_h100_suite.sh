@@ -9,7 +9,7 @@
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|tests OUTDIR}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|tests OUTDIR}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -206,9 +206,38 @@ parity350)
     --variant "dense_s2=train.seed=2" --variant "epas_s2=train.seed=2,$e" \
     --baseline epas_s1=dense_s1 --baseline epas_s2=dense_s2 --baseline dense_s2=dense_s1
   ;;
+clip)
+  # Issue #5, one 10-minute call: is the EPAS gap at 125M partly optimisation? The anchor's Wq/Wk gradient is the
+  # sum over every layer that uses its Q/K, which inflates the global norm that clipping scales every parameter
+  # by, and jumps in scale at each switch under Adam's slowly moving second moment. Dense and the early schedule
+  # with clipping at 1.0 (as before) and off, and with epas.anchor_grad=mean (that gradient divided by its uses),
+  # seed 1, metrics kept for grad_norm; then llama-350m dense vs EPAS to 18 of 24 layers (one seed), and
+  # llama-1b throughput again to check the run-to-run spread of the 3L/4 ratio.
+  e="epas.enabled=true,epas.group_size=1,epas.final_region=9,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
+  parity_125m 320 250 20 clip --variant "dense=train.seed=1" --variant "early=train.seed=1,$e" \
+    --variant "early_mean=train.seed=1,epas.anchor_grad=mean,$e" \
+    --variant "dense_noclip=train.seed=1,optim.clip_grad=0" --variant "early_noclip=train.seed=1,optim.clip_grad=0,$e" \
+    --baseline early=dense --baseline early_mean=dense --baseline early_noclip=dense_noclip --baseline dense_noclip=dense
+  for r in /tmp/effdist-parity-125m-clip/*/; do cp "$r/metrics.jsonl" "$out/metrics_clip_$(basename "$r").jsonl"; done
+  e="epas.enabled=true,epas.group_size=2,epas.final_region=18,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
+  parity_model 350m 8 170 250 20 pair --variant "dense_s1=train.seed=1" --variant "epas_s1=train.seed=1,$e" \
+    --baseline epas_s1=dense_s1
+  for r in /tmp/effdist-parity-350m-pair/*/; do cp "$r/metrics.jsonl" "$out/metrics_350m_$(basename "$r").jsonl"; done
+  run 120 python3 tools/bench_epas.py --models llama-1b --rounds 8 --json "$out/bench_epas_1b_rerun.json"
+  ;;
+clip2)
+  # Issue #5, after clip: the same comparison (dense, early schedule, early with epas.anchor_grad=mean) with model
+  # seed 2, and llama-350m dense vs EPAS to 18 of 24 layers with seed 2 (the second of two seeds).
+  e="epas.enabled=true,epas.group_size=1,epas.final_region=9,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
+  parity_125m 200 250 20 clip2 --variant "dense=train.seed=2" --variant "early=train.seed=2,$e" \
+    --variant "early_mean=train.seed=2,epas.anchor_grad=mean,$e" --baseline early=dense --baseline early_mean=dense
+  e="epas.enabled=true,epas.group_size=2,epas.final_region=18,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
+  parity_model 350m 8 200 250 20 pair2 --variant "dense_s2=train.seed=2" --variant "epas_s2=train.seed=2,$e" \
+    --baseline epas_s2=dense_s2
+  ;;
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, tests)"; exit 2 ;;
 esac
 exit 0

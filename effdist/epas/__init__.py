@@ -14,6 +14,7 @@ from effdist.epas.schedule import (
     final_region_size,
     join_step,
     layers_of_region,
+    qk_uses,
     region_size,
     sharing_layers,
     steps_to_final_region,
@@ -22,6 +23,6 @@ from effdist.model.shared_qk import EpasError, apply_region, current_region, pop
 
 __all__ = [
     "EpasController", "EpasError", "apply_region", "blend_factors", "boundary_needs_qk", "check_schedule", "current_region",
-    "final_region_size", "join_step", "layers_of_region", "pop_exported_qk", "qk_context_shape", "region_size", "set_region",
+    "final_region_size", "join_step", "layers_of_region", "pop_exported_qk", "qk_context_shape", "qk_uses", "region_size", "set_region",
     "sharing_layers", "steps_to_final_region",
 ]

@@ -19,6 +19,7 @@ the region. Memory: the snapshot of the frozen rows (about 2/3 of a layer's line
 Adam's per-tensor ``step`` counter still advances: it is shared with the V rows of the same tensor.
 
 Call protocol (the trainer): ``begin_step(step)`` before the step's microbatches,
+``scale_shared_qk_grads()`` between the gradient reduction and the gradient norm,
 ``after_optimizer_step(optimizer)`` right after the optimizer step, ``state_dict()`` into
 checkpoints and ``load_state_dict()`` after the checkpoint (model + optimizer) has been loaded.
 Give the optimizer to the constructor (or ``attach_optimizer``) so the snapshot includes its state;
@@ -38,7 +39,7 @@ import torch
 
 from effdist.config import Config
 from effdist.epas.adaptive import AdaptiveSchedule, Log, agree_on_growth, print_on_rank_zero
-from effdist.epas.schedule import blend_factors, check_schedule, layers_of_region, sharing_layers
+from effdist.epas.schedule import blend_factors, check_schedule, layers_of_region, qk_uses, sharing_layers
 from effdist.model.shared_qk import EpasError, apply_region, epas_layers, qkv_row_blocks, value_block
 
 # 2: adds the "adaptive" entry (epas.mode adaptive) and schedule.similarity_threshold; version 1 states
@@ -281,6 +282,28 @@ class EpasController:
         self._step = step
         return len(region)
 
+    @torch.no_grad()
+    def scale_shared_qk_grads(self) -> None:
+        """epas.anchor_grad = mean: divide the Wq/Wk rows of the weight gradient of each layer whose Q/K
+        others use by the number of uses (effdist.epas.schedule.qk_uses). Call once per step, after the
+        gradients are reduced over data-parallel ranks and before the gradient norm; a no-op for "sum".
+        Every rank computes the same counts from the global region, so tensor and pipeline ranks agree."""
+        if self.cfg.epas.anchor_grad != "mean":
+            return
+        for index, uses in qk_uses(self.num_layers, self._region, self._blending).items():
+            layer = self._layers.get(index)
+            if layer is None:
+                continue
+            linear = layer.self_attention.linear_qkv
+            rows = _qk_rows_view(layer)
+            for param in (linear.weight, getattr(linear, "bias", None)):
+                if param is None:
+                    continue
+                grad = getattr(param, "main_grad", None)
+                grad = param.grad if grad is None else grad
+                if grad is not None:
+                    rows(grad).div_(uses)
+
     def after_optimizer_step(self, optimizer) -> None:
         """Put back the Wq/Wk rows (weight, master weight, optimizer state) of the sharing layers."""
         if self._optimizer is None:
@@ -354,7 +377,7 @@ class EpasController:
         e = self.cfg.epas
         return {"mode": e.mode, "start_step": e.start_step, "interval": e.interval, "group_size": e.group_size,
                 "final_region": e.final_region, "direction": e.direction, "transition_steps": e.transition_steps,
-                "similarity_threshold": e.similarity_threshold}
+                "similarity_threshold": e.similarity_threshold, "anchor_grad": e.anchor_grad}
 
     def state_dict(self) -> dict[str, Any]:
         state = {"version": STATE_VERSION, "step": self._step, "region": len(self._region),

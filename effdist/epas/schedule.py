@@ -152,6 +152,24 @@ def blend_factors(epas: EpasConfig, num_layers: int, step: int) -> dict[int, flo
     return out
 
 
+def qk_uses(num_layers: int, sharing: frozenset[int], blending: dict[int, float]) -> dict[int, float]:
+    """Layers that compute Q/K which others use -> how many times their Q/K are used, counting their own
+    attention: 1 + each layer sharing them (1 each) or blending them in (its weight a), on down the run
+    below them (a sharing layer under a blending one uses the blend, so it counts a as well)."""
+    uses = {}
+    for layer in range(num_layers):
+        if layer in sharing:
+            continue
+        weight, total, below = 1.0, 1.0, layer + 1
+        while below < num_layers and (below in sharing or below in blending):
+            weight *= 1.0 if below in sharing else blending[below]
+            total += weight
+            below += 1
+        if total > 1.0:
+            uses[layer] = total
+    return uses
+
+
 def steps_to_final_region(epas: EpasConfig, num_layers: int) -> int:
     """The first step at which the region reaches its final size."""
     _not_adaptive(epas, "steps_to_final_region")

@@ -337,6 +337,8 @@ class Trainer:
             dist.all_reduce(loss_t, group=parallel_state.get_pipeline_model_parallel_group())
         loss = float(loss_t.item()) / tokens_in_global_batch
 
+        if self.epas is not None:
+            self.epas.scale_shared_qk_grads()
         self.optimizer.collect_grads()
         grad_norm = self.optimizer.grad_norm()
         lr = lr_at(self.step, cfg.optim, cfg.train.steps)
