@@ -115,7 +115,7 @@ def test_pp2_region_crossing_the_stage_boundary_matches_pp1(single, tmp_path, da
         assert losses(run)[s] == pytest.approx(v, rel=2e-5), (s, proc.stderr[-2000:])
 
 
-def test_mean_anchor_grad_pp2_matches_pp1_and_changes_the_step(single, tmp_path, data_cache):
+def test_mean_anchor_grad_pp2_matches_pp1_and_changes_the_gradient(single, tmp_path, data_cache):
     """epas.anchor_grad=mean divides the anchor's Wq/Wk gradient by its uses counted over the whole model:
     with pp=2 the anchor (layer 0) and the layers using its Q/K (1-3) sit on different stages, and both
     must count the same uses. The losses equal the one-process run, and the gradient norms differ from the

@@ -37,6 +37,13 @@ def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
     return optim.min_lr + coeff * (optim.lr - optim.min_lr)
 
 
+def accumulated_grad(param: torch.nn.Parameter):
+    """The gradient backward accumulated for `param`: megatron DDP's fp32 ``main_grad`` where it has one
+    (reduced over data-parallel ranks once the grad sync finished), else ``.grad``; None if neither."""
+    grad = getattr(param, "main_grad", None)
+    return param.grad if grad is None else grad
+
+
 def _is_replica_on_this_tp_rank(param: torch.nn.Parameter, tp_rank: int) -> bool:
     """True where this rank's copy of `param` must be counted in the global norm."""
     return bool(getattr(param, "tensor_model_parallel", False)) or tp_rank == 0
@@ -156,17 +163,14 @@ class MasterWeightAdamW:
     # ------------------------------------------------------------------ the step
     def _grads(self):
         for p in self.model_params:
-            g = getattr(p, "main_grad", None)
-            yield p, (p.grad if g is None else g)
+            yield p, accumulated_grad(p)
 
     def collect_grads(self) -> None:
         """Point each master weight's .grad at the reduced fp32 gradient of its model weight."""
         for p, m in zip(self.model_params, self.master_params):
             if m is None:
                 continue
-            g = getattr(p, "main_grad", None)
-            if g is None:
-                g = p.grad
+            g = accumulated_grad(p)
             m.grad = None if g is None else (g if g.dtype == torch.float32 else g.float())
 
     def grad_norm(self) -> float:
