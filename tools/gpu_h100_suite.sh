@@ -9,7 +9,7 @@
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|tests OUTDIR}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|tests OUTDIR [SEED]}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -235,9 +235,34 @@ clip2)
   parity_model 350m 8 200 250 20 pair2 --variant "dense_s2=train.seed=2" --variant "epas_s2=train.seed=2,$e" \
     --baseline epas_s2=dense_s2
   ;;
+region_scale)
+  # Issue #5, one 10-minute call per model seed (third argument, default 1): how the loss cost of sharing grows
+  # with the region at 125M (dense, then 6 = L/2, 7, 8 and 9 = 3L/4 of 12 layers, all on the early schedule: one
+  # layer per 5 steps from step 25, T = 5), and whether it shrinks at llama-1b (12 = 3L/4 of 16 layers, same pace).
+  seed="${3:-1}"
+  e="epas.enabled=true,epas.group_size=1,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
+  parity_125m 300 250 20 "regions_s$seed" --variant "dense=train.seed=$seed" \
+    --variant "r6=train.seed=$seed,epas.final_region=6,$e" --variant "r7=train.seed=$seed,epas.final_region=7,$e" \
+    --variant "r8=train.seed=$seed,epas.final_region=8,$e" --variant "r9=train.seed=$seed,epas.final_region=9,$e"
+  parity_model 1b 8 280 250 20 "s$seed" --variant "dense=train.seed=$seed" \
+    --variant "r12=train.seed=$seed,epas.final_region=12,$e"
+  ;;
+parity1b_long)
+  # Issue #5: does the llama-1b cost at 3L/4 shrink with tokens? Dense vs EPAS to 12 of 16 layers (the schedule of
+  # region_scale), 500 steps = 16.4M tokens (under one pass over the 19.9M-token corpus), model seed 1.
+  e="epas.enabled=true,epas.group_size=1,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
+  parity_model 1b 8 560 500 20 long --timeout 270 --variant "dense=train.seed=1" \
+    --variant "r12=train.seed=1,epas.final_region=12,$e"
+  ;;
+parity125m_long)
+  # The same question at 125M: dense vs EPAS to 9 of 12 layers, 500 steps, model seed 1 (about 2 minutes).
+  e="epas.enabled=true,epas.group_size=1,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
+  parity_125m 300 500 20 long --timeout 140 --variant "dense=train.seed=1" \
+    --variant "r9=train.seed=1,epas.final_region=9,$e"
+  ;;
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, tests)"; exit 2 ;;
 esac
 exit 0
