@@ -30,6 +30,10 @@ parity_model() {
     --png "$out/loss_parity_${size}_$name.png" --json "$out/loss_parity_${size}_$name.json"
 }
 
+# The early EPAS schedule of the fourth and fifth sessions (one layer per 5 steps from step 25, transitions of 5
+# steps); a part adds its epas.final_region.
+early="epas.enabled=true,epas.group_size=1,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
+
 case "$part" in
 train)
   # Issue #9: the full dense step before/after the fused kernels (all presets), then one lever at a time on llama-1b.
@@ -240,25 +244,22 @@ region_scale)
   # with the region at 125M (dense, then 6 = L/2, 7, 8 and 9 = 3L/4 of 12 layers, all on the early schedule: one
   # layer per 5 steps from step 25, T = 5), and whether it shrinks at llama-1b (12 = 3L/4 of 16 layers, same pace).
   seed="${3:-1}"
-  e="epas.enabled=true,epas.group_size=1,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
   parity_125m 300 250 20 "regions_s$seed" --variant "dense=train.seed=$seed" \
-    --variant "r6=train.seed=$seed,epas.final_region=6,$e" --variant "r7=train.seed=$seed,epas.final_region=7,$e" \
-    --variant "r8=train.seed=$seed,epas.final_region=8,$e" --variant "r9=train.seed=$seed,epas.final_region=9,$e"
+    --variant "r6=train.seed=$seed,epas.final_region=6,$early" --variant "r7=train.seed=$seed,epas.final_region=7,$early" \
+    --variant "r8=train.seed=$seed,epas.final_region=8,$early" --variant "r9=train.seed=$seed,epas.final_region=9,$early"
   parity_model 1b 8 280 250 20 "s$seed" --variant "dense=train.seed=$seed" \
-    --variant "r12=train.seed=$seed,epas.final_region=12,$e"
+    --variant "r12=train.seed=$seed,epas.final_region=12,$early"
   ;;
 parity1b_long)
   # Issue #5: does the llama-1b cost at 3L/4 shrink with tokens? Dense vs EPAS to 12 of 16 layers (the schedule of
   # region_scale), 500 steps = 16.4M tokens (under one pass over the 19.9M-token corpus), model seed 1.
-  e="epas.enabled=true,epas.group_size=1,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
   parity_model 1b 8 560 500 20 long --timeout 270 --variant "dense=train.seed=1" \
-    --variant "r12=train.seed=1,epas.final_region=12,$e"
+    --variant "r12=train.seed=1,epas.final_region=12,$early"
   ;;
 parity125m_long)
   # The same question at 125M: dense vs EPAS to 9 of 12 layers, 500 steps, model seed 1 (about 2 minutes).
-  e="epas.enabled=true,epas.group_size=1,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
   parity_125m 300 500 20 long --timeout 140 --variant "dense=train.seed=1" \
-    --variant "r9=train.seed=1,epas.final_region=9,$e"
+    --variant "r9=train.seed=1,epas.final_region=9,$early"
   ;;
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
