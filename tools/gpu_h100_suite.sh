@@ -30,7 +30,7 @@ parity_model() {
     --png "$out/loss_parity_${size}_$name.png" --json "$out/loss_parity_${size}_$name.json"
 }
 
-# The early EPAS schedule of the fourth and fifth sessions (one layer per 5 steps from step 25, transitions of 5
+# The early EPAS schedule of the third to fifth sessions (one layer per 5 steps from step 25, transitions of 5
 # steps); a part adds its epas.final_region.
 early="epas.enabled=true,epas.group_size=1,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
 
@@ -173,7 +173,7 @@ frozen_rows)
 seeds)
   # Issue #5: the spread behind single parity runs. Dense and the early EPAS schedule (to 9 of 12 layers) with
   # three model seeds each, 250 steps, paired by seed.
-  e="epas.enabled=true,epas.group_size=1,epas.final_region=9,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
+  e="$early,epas.final_region=9"
   parity_125m 500 250 20 seeds --variant "dense_s1=train.seed=1" --variant "early_s1=train.seed=1,$e" \
     --variant "dense_s2=train.seed=2" --variant "early_s2=train.seed=2,$e" \
     --variant "dense_s3=train.seed=3" --variant "early_s3=train.seed=3,$e" \
@@ -217,7 +217,7 @@ clip)
   # with clipping at 1.0 (as before) and off, and with epas.anchor_grad=mean (that gradient divided by its uses),
   # seed 1, metrics kept for grad_norm; then llama-350m dense vs EPAS to 18 of 24 layers (one seed), and
   # llama-1b throughput again to check the run-to-run spread of the 3L/4 ratio.
-  e="epas.enabled=true,epas.group_size=1,epas.final_region=9,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
+  e="$early,epas.final_region=9"
   parity_125m 320 250 20 clip --variant "dense=train.seed=1" --variant "early=train.seed=1,$e" \
     --variant "early_mean=train.seed=1,epas.anchor_grad=mean,$e" \
     --variant "dense_noclip=train.seed=1,optim.clip_grad=0" --variant "early_noclip=train.seed=1,optim.clip_grad=0,$e" \
@@ -232,7 +232,7 @@ clip)
 clip2)
   # Issue #5, after clip: the same comparison (dense, early schedule, early with epas.anchor_grad=mean) with model
   # seed 2, and llama-350m dense vs EPAS to 18 of 24 layers with seed 2 (the second of two seeds).
-  e="epas.enabled=true,epas.group_size=1,epas.final_region=9,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
+  e="$early,epas.final_region=9"
   parity_125m 200 250 20 clip2 --variant "dense=train.seed=2" --variant "early=train.seed=2,$e" \
     --variant "early_mean=train.seed=2,epas.anchor_grad=mean,$e" --baseline early=dense --baseline early_mean=dense
   e="epas.enabled=true,epas.group_size=2,epas.final_region=18,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
@@ -240,8 +240,8 @@ clip2)
     --baseline epas_s2=dense_s2
   ;;
 region_scale)
-  # Issue #5, one 10-minute call per model seed (third argument, default 1): how the loss cost of sharing grows
-  # with the region at 125M (dense, then 6 = L/2, 7, 8 and 9 = 3L/4 of 12 layers, all on the early schedule: one
+  # Issue #5, one 10-minute call per model seed (third argument, default 1): how the loss cost of sharing depends
+  # on the region at 125M (dense, then 6 = L/2, 7, 8 and 9 = 3L/4 of 12 layers, all on the early schedule: one
   # layer per 5 steps from step 25, T = 5), and whether it shrinks at llama-1b (12 = 3L/4 of 16 layers, same pace).
   seed="${3:-1}"
   parity_125m 300 250 20 "regions_s$seed" --variant "dense=train.seed=$seed" \
