@@ -358,8 +358,9 @@ def _set_dotted(cfg: Config, assignment: str) -> None:
     _apply(cfg, nested, "")
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults), apply --set overrides, and validate the result."""
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                check: bool = True) -> Config:
+    """Load a YAML config (or the defaults), apply --set overrides, and validate the result (unless not `check`)."""
     cfg = Config()
     if path is not None:
         p = Path(path)
@@ -377,7 +378,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         _apply(cfg, data, "")
     for a in overrides or []:
         _set_dotted(cfg, a)
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -615,6 +617,25 @@ def ffn_width(cfg: Config) -> int:
     if cfg.ffn.kind in ("elas", "relu2"):
         return int(round(cfg.ffn.elas_expand * cfg.model.ffn_hidden_size))
     return cfg.model.ffn_hidden_size
+
+
+def ffn_kind_of_layer(cfg: Config, layer_idx: int) -> str:
+    if cfg.ffn.layers is None or layer_idx in cfg.ffn.layers:
+        return cfg.ffn.kind
+    return "swiglu"
+
+
+def ffn_width_of_layer(cfg: Config, layer_idx: int) -> int:
+    """Intermediate width of the FFN of global layer `layer_idx` (all TP ranks together)."""
+    if ffn_kind_of_layer(cfg, layer_idx) == cfg.ffn.kind:
+        return ffn_width(cfg)
+    return cfg.model.ffn_hidden_size
+
+
+def padded_vocab_size(cfg: Config) -> int:
+    """The embedding table's rows: the vocab rounded up so it shards evenly over TP (as Megatron-LM does)."""
+    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tp
+    return ((cfg.model.vocab_size + multiple - 1) // multiple) * multiple
 
 
 DEEPSPEED_INSTALL_HINT = ('pip install -e ".[deepspeed]" (on a machine without CUDA: '

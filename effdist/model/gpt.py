@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from effdist.config import Config, ffn_width
+from effdist.config import Config, ffn_width, padded_vocab_size  # noqa: F401 (padded_vocab_size: re-exported)
 from effdist.model.fused import FusedLossGPTModel, fused_block_spec, fused_kernel_set, install_fused_rope
 from effdist.model.spec import DEFAULT_LINEARS, LinearImpl, block_spec
 from effdist.model.wgrad_fusion import guard_wgrad_fusion, install_wgrad_fusion, wgrad_fusion_applies
@@ -34,12 +34,6 @@ def _install_layer_offset() -> None:
 
 
 _install_layer_offset()
-
-
-def padded_vocab_size(cfg: Config) -> int:
-    """Round the vocab up so the embedding shards evenly over TP (as Megatron-LM does)."""
-    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tp
-    return ((cfg.model.vocab_size + multiple - 1) // multiple) * multiple
 
 
 def transformer_config(cfg: Config, dtype: torch.dtype, device: torch.device, num_layers: int | None = None,

@@ -506,6 +506,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default="auto",
                    help="auto: continue from the newest complete checkpoint in the run dir, if any (default); "
                         "none: start from scratch; or a checkpoint directory")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, print the config changes, rank layout, pipeline schedule and per-rank memory "
+                        "estimate, and exit without starting anything")
+    p.add_argument("--world-size", "--nproc", dest="world_size", type=int, default=None, metavar="N",
+                   help="processes the dry run plans for (default: WORLD_SIZE of the launcher, else tp*pp)")
+    p.add_argument("--print-config", action="store_true", help="write the resolved config as YAML to stdout and exit")
     return p
 
 
@@ -513,10 +519,18 @@ def main(argv: list[str] | None = None) -> int:
     from effdist.runtime.distributed import teardown, world_size_from_env
 
     args = build_arg_parser().parse_args(argv)
+    if args.dry_run or args.print_config:
+        from effdist.train import dry_run
+
+        return dry_run.run(args)
     overrides = [o for group in args.overrides for o in ([group] if isinstance(group, str) else group)]
     try:
+        from effdist.train.estimate import check_fits
+
         cfg = load_config(args.config, overrides)
         validate(cfg, world_size=world_size_from_env())
+        # Absurd sizes (batch, sequence, width, steps) stop here with a named line, not an OOM minutes later.
+        check_fits(cfg, world_size_from_env())
     except ConfigError as e:
         print(f"effdist: config error: {e}", file=sys.stderr)
         return 2
