@@ -123,9 +123,9 @@ def report(cfg: Config, world_size: int, est: Estimate, limit: MemoryLimit | Non
     lines.append(f"limit: {limit.bytes / GIB:.1f} GiB of {limit.what}; the peak stage needs "
                  f"{gib(est.peak.total)} GiB{sharing} = {gib(peak)} GiB ({100 * peak / limit.bytes:.1f}%)")
     if peak > limit.bytes and fits(est, limit):
-        lines.append("warning: the estimate exceeds the memory; it counts more activation memory than SDPA and the "
-                     "fused kernels keep (docs/configs.md), so the run may still fit: try it, or lower "
-                     "train.micro_batch")
+        lines.append("warning: the estimate exceeds the memory, though by less than its margin for error "
+                     "(docs/configs.md): the run will probably run out of memory; lower train.micro_batch, or "
+                     "set train.recompute=true")
     return "\n".join(lines)
 
 

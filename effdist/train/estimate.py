@@ -12,12 +12,12 @@ Memory per rank, the way Megatron-LM counts it (bytes per parameter of this rank
               times the layers of the chunks in flight, as the pipeline simulator walks the schedule
               (pp > 1), or one microbatch through all layers (pp = 1: microbatches run one after another);
               plus the fp32 logits of one microbatch on the rank that computes the loss.
-Not counted: the CUDA context, allocator fragmentation, communication buffers, the data loader. The activation
-formula counts GPT's tensors (dropout masks, unfused attention inputs); with SDPA/flash attention and the fused
-kernels a LLaMA layer keeps less (LLaMA-1B, micro-batch 8 on an H100: 56 GiB estimated, 35.6 GiB measured).
-So `check_fits` refuses a run only when it cannot fit by a wide margin: weights, gradients and optimizer
-state (exact) alone exceed the memory, or the whole estimate exceeds OVERESTIMATE_FACTOR x the memory.
-Between 1x and that factor the dry run warns instead.
+Not counted: the CUDA context, allocator fragmentation, communication buffers, the data loader. For the
+llama-1b preset (micro-batch 8, bf16, one H100) the estimate is 34.9 GiB against a measured peak of 35.6 GiB
+(docs/benchmarks.md). The activation formula is GPT's (Korthikanti et al.), though, and configurations it was
+not checked against (sparse FFNs, EPAS, chunked fused loss) may keep less. So `check_fits` refuses a run only
+when it cannot fit by a wide margin: weights, gradients and optimizer state (exact) alone exceed the memory,
+or the whole estimate exceeds OVERESTIMATE_FACTOR x the memory. Between 1x and that factor the dry run warns.
 
 Sizes checked before start (`check_fits`):
   - tokens of the run (train.steps x train.global_batch x data.seq_length) must fit in int64;
