@@ -521,7 +521,7 @@ NUMERIC_RANGES: dict[str, Range] = {
     "ffn.elas_expand": _above(0, "1.5 keeps the SwiGLU parameter count"),
     "ffn.elas_warmup_steps": _at_least(0),
     "ffn.elas_rank": _at_least(1, "or null for full rank"),
-    "deepspeed.zero_stage": Range(low=0, high=3, hint="0, 1, 2 or 3"),
+    "deepspeed.zero_stage": Range(low=0, high=3, hint="valid: 0, 1, 2, 3"),
 }
 
 

@@ -106,7 +106,7 @@ def simulate_compare() -> str:
     from effdist.pipeline.simulate_cli import main
 
     out = io.StringIO()
-    with contextlib.redirect_stdout(out), _cwd(ROOT):
+    with contextlib.redirect_stdout(out), contextlib.chdir(ROOT):
         rc = main(SIMULATE_COMPARE)
     if rc != 0:
         raise RuntimeError(f"effdist simulate {' '.join(SIMULATE_COMPARE)} exited with {rc}")
@@ -122,7 +122,7 @@ def simulate_json() -> str:
 
     from effdist.pipeline.simulate_cli import main
 
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), _cwd(ROOT):
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), contextlib.chdir(ROOT):
         path = Path(tmp) / "out.json"
         rc = main(["--schedule", "v-half", "--pp", "4", "--microbatches", "16", "--model", "configs/llama-1b.yaml",
                    "--json", str(path)])
@@ -160,7 +160,7 @@ def dry_run_example() -> str:
     from effdist.train.dry_run import plan
     from effdist.train.estimate import GIB, MemoryLimit
 
-    with _cwd(ROOT):
+    with contextlib.chdir(ROOT):
         cfg = load_config(DRY_RUN_EXAMPLE[1], DRY_RUN_EXAMPLE[3::2])
         preset = load_config(DRY_RUN_EXAMPLE[1], check=False)
     text, error = plan(cfg, 4, DRY_RUN_EXAMPLE[1], preset, on_gpu=False,
@@ -183,18 +183,6 @@ def config_ranges() -> str:
             valid += ", not all zero"
         rows.append(f"| `{name}` | {valid} | {rule.hint} |")
     return "\n".join(rows)
-
-
-@contextlib.contextmanager
-def _cwd(path: Path):
-    import os
-
-    before = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(before)
 
 
 def main(argv: list[str] | None = None) -> int:
