@@ -229,3 +229,29 @@ def test_dry_run_of_an_absurd_size_prints_the_plan_and_exits_2(nothing_may_start
     assert rc == 2
     assert "memory per rank, estimated in GiB" in out
     assert err.strip().splitlines()[-1].startswith("effdist: config error: train.micro_batch = 100000000: ")
+
+
+def test_gpu_limit_is_one_gpus_memory_per_rank(monkeypatch):
+    """On a GPU (faked here) each rank has the device's memory: llama-1b fits an 80 GiB GPU, llama-7b's weights,
+    gradients and Adam state alone do not (without tp/pp or ZeRO)."""
+    import torch
+
+    from effdist.train.estimate import GIB, check_fits, memory_limit
+
+    class Props:
+        name, total_memory = "Fake 80GB", 80 * GIB
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props())
+    one_b = load_config(ROOT / "configs/llama-1b.yaml", ["parallel.device=cuda"])
+    limit = memory_limit(one_b, 8, on_gpu=True)
+    assert (limit.bytes, limit.ranks_sharing, limit.what) == (80 * GIB, 1, "GPU memory (Fake 80GB)")
+    est = check_fits(one_b, 8)
+    assert 30 * GIB < est.peak.total < 40 * GIB  # measured: 35.6 GiB (docs/benchmarks.md)
+    seven_b = load_config(ROOT / "configs/llama-7b.yaml", ["parallel.device=cuda"])
+    with pytest.raises(ConfigError, match=r"^model\.hidden_size = 4096: .* of GPU memory \(Fake 80GB\); lower "
+                                          r"model\.hidden_size, or spread the model with parallel\.tp / parallel\.pp"):
+        check_fits(seven_b, 8)
+    # ... which pipeline parallelism with ZeRO-1 fixes.
+    check_fits(load_config(ROOT / "configs/llama-7b.yaml", ["parallel.device=cuda", "parallel.pp=4",
+                                                            "optim.distributed_optimizer=true"]), 32)
