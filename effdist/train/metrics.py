@@ -16,6 +16,11 @@ Number format:
 Resuming: ``MetricsLogger(..., resume_step=k)`` drops the entries with step > k (written after the
 checkpoint the run resumes from) so the file continues exactly, without duplicates; tensorboard events
 after step k are purged the same way.
+
+Rolling back (resuming an older checkpoint, see run_dir.py) keeps the abandoned line instead: the trainer
+appends ``{"event": "rollback", "step": k, "from_step": ..., "to": ..., "moved_to": ...}`` (an event
+record: no loss fields) and records before the newest event are never dropped. `current_line(records)`
+gives the step records of the current line only (what `effdist plot` draws).
 """
 
 from __future__ import annotations
@@ -87,6 +92,32 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
                 break
             raise ValueError(f"{path}:{i + 1}: not a JSON object ({e})") from None
     return records
+
+
+def append_event(run_dir: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Append an event record (``{"event": "rollback", "step": k, ...}``: no loss fields, so step readers
+    skip it) to RUN_DIR/metrics.jsonl, flushed to disk before the run goes on."""
+    if "event" not in record or "step" not in record:
+        raise ValueError(f"an event record needs 'event' and 'step'; got keys {sorted(record)}")
+    path = Path(run_dir) / METRICS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({k: _json_value(k, v) for k, v in record.items()}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def current_line(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The step records of the run's current line of history: a rollback event to step k drops the
+    records after step k written before it (they stay in the file, as the abandoned line)."""
+    out: list[dict[str, Any]] = []
+    for r in records:
+        if "event" in r:
+            if r.get("event") == "rollback" and isinstance(r.get("step"), int):
+                out = [x for x in out if x["step"] <= r["step"]]
+        elif isinstance(r.get("step"), int):
+            out.append(r)
+    return out
 
 
 def model_flops_per_token(num_layers: int, hidden: int, ffn_hidden: int, num_heads: int, num_query_groups: int,
@@ -237,10 +268,15 @@ class MetricsLogger:
             self.progress = ProgressBar(total_steps, stream=progress_stream, every=progress_every)
 
     def _truncate_after(self, resume_step: int) -> None:
-        """Keep the records of steps 1..resume_step; rewrite atomically so a crash here loses nothing."""
+        """Keep the records of steps 1..resume_step written since the newest event record, and every record
+        up to that event (an abandoned line of history stays in the file); rewrite atomically so a crash
+        here loses nothing."""
         if not self.path.exists():
             return
-        kept = [r for r in read_metrics(self.run_dir) if isinstance(r.get("step"), int) and r["step"] <= resume_step]
+        records = read_metrics(self.run_dir)
+        last_event = max((i for i, r in enumerate(records) if "event" in r), default=-1)
+        kept = records[:last_event + 1] + [r for r in records[last_event + 1:]
+                                           if isinstance(r.get("step"), int) and r["step"] <= resume_step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             for r in kept:
