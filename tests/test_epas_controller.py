@@ -467,3 +467,12 @@ def test_fused_master_weight_adamw_updates_only_the_trainable_pieces():
     assert all(t is lists[0] for t in lists), "the piece lists are built once and reused while nothing changes"
     unfused = MasterWeightAdamW([torch.nn.Parameter(torch.zeros(2, 2))], cfg.optim, fused=False, tp_rank=0)
     assert not unfused.freeze_rows(frozen, v_pieces), "torch's unfused AdamW cannot"
+
+
+def test_the_start_line_says_when_the_final_region_is_reached_or_that_it_is_not():
+    from effdist.epas.schedule import describe_plan
+
+    cfg = load_config(None, ["epas.enabled=true", "model.num_layers=4", "epas.interval=20", "epas.final_region=2"])
+    assert describe_plan(cfg.epas, 4, 60).endswith("to region 2 (2 of 4 layers) at step 21")
+    short = describe_plan(cfg.epas, 4, 10)
+    assert "train.steps = 10, so it ends at region 1 without reaching it" in short
