@@ -87,6 +87,8 @@ def transformer_config(cfg: Config, dtype: torch.dtype, device: torch.device, nu
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
+        # No CUDA graphs; the field's default ("full") is deprecated and warns on every build.
+        cuda_graph_scope=[],
     )
 
 

@@ -178,11 +178,13 @@ def _format_duration(seconds: float) -> str:
 
 
 class ProgressBar:
-    """One line on stderr: step/total, a bar, loss, throughput, ETA.
+    """The console line of a run, on stderr: step/total, loss, lr, tokens/s, TFLOP/s, MFU, memory, ETA.
 
-    On a terminal the line is rewritten in place with ``\\r``; in a log file (Slurm output) a plain line
-    is printed at the first update and then every `every` steps, so the file stays readable. The ETA uses the mean time per
-    step since the first update, which leaves out the slow first step (compilation, warm-up).
+    On a terminal the line is a bar rewritten in place with ``\\r``; in a pipe or a log file (Slurm
+    output) every update is a plain line of its own (the trainer updates once per logging.interval), or
+    every `every` steps when given. The ETA uses the mean time per step since the first update, which
+    leaves out the slow first step (compilation, warm-up). Other lines written through `console_line`
+    while a bar is shown go above it instead of being glued to it.
     """
 
     def __init__(self, total_steps: int, stream: TextIO | None = None, every: int | None = None,
@@ -191,11 +193,11 @@ class ProgressBar:
         self.stream = stream if stream is not None else sys.stderr
         isatty = getattr(self.stream, "isatty", None)
         self.interactive = bool(isatty and isatty())
-        self.every = every or max(1, self.total // 20)
+        self.every = every or 1
         self.clock = clock
         self._first: tuple[int, float] | None = None
         self._last_printed: int | None = None
-        self._dirty = False
+        self._shown = ""  # the bar currently on the terminal line ("" when none)
 
     def eta_s(self, step: int) -> float | None:
         now = self.clock()
@@ -205,42 +207,80 @@ class ProgressBar:
         return per_step * max(0, self.total - step)
 
     def line(self, step: int, record: Mapping[str, Any]) -> str:
-        width = 20
-        filled = min(width, int(width * step / self.total))
-        parts = [f"step {step}/{self.total} [{'#' * filled}{'.' * (width - filled)}] {100 * step / self.total:3.0f}%"]
-        loss = record.get("loss")
-        if isinstance(loss, (int, float)):
+        percent = f"{100 * step / self.total:3.0f}%"
+        if self.interactive:
+            width = 20
+            filled = min(width, int(width * step / self.total))
+            percent = f"[{'#' * filled}{'.' * (width - filled)}] {percent}"
+        parts = [f"step {step}/{self.total} {percent}"]
+
+        def number(key: str) -> float | None:
+            value = record.get(key)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            return value if ok else None
+
+        if (loss := number("loss")) is not None:
             parts.append(f"loss {loss:.4f}")
-        lr = record.get("lr")
-        if isinstance(lr, (int, float)):
+        elif "loss" in record:
+            parts.append("loss nan (update skipped)")
+        if (lr := number("lr")) is not None:
             parts.append(f"lr {lr:.2e}")
-        tps = record.get("tokens_per_s")
-        if isinstance(tps, (int, float)) and math.isfinite(tps):
+        if (tps := number("tokens_per_s")) is not None:
             parts.append(f"{tps:,.0f} tok/s")
-        tflops = record.get("tflops")
-        if isinstance(tflops, (int, float)) and math.isfinite(tflops):
+        if (tflops := number("tflops")) is not None:
             parts.append(f"{tflops:.3g} TFLOP/s")
+        if (mfu := number("mfu")) is not None:
+            parts.append(f"MFU {100 * mfu:.1f}%")
+        if (mem := number("peak_mem_gib")) is not None:
+            parts.append(f"peak mem {mem:.2f} GiB")
         eta = self.eta_s(step)
         parts.append(f"eta {_format_duration(eta)}" if eta is not None else "eta ?")
         return "  ".join(parts)
 
     def update(self, step: int, record: Mapping[str, Any]) -> None:
+        global _active_bar
         if self._first is None:
             self._first = (step, self.clock())
         if self.interactive:
-            self.stream.write("\r\x1b[K" + self.line(step, record))
-            self._dirty = True
+            self._shown = self.line(step, record)
+            self.stream.write("\r\x1b[K" + self._shown)
+            _active_bar = self
         elif self._last_printed is None or step - self._last_printed >= self.every or step >= self.total:
             # By distance, not `step % every`: the trainer may log every k steps with k not dividing `every`.
             self.stream.write(self.line(step, record) + "\n")
             self._last_printed = step
         self.stream.flush()
 
+    def write_above(self, text: str) -> None:
+        """Print `text` as a line of its own; on a terminal the bar is drawn again below it."""
+        if self._shown:
+            self.stream.write("\r\x1b[K" + text + "\n" + self._shown)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
     def close(self) -> None:
-        if self._dirty:
+        global _active_bar
+        if self._shown:
             self.stream.write("\n")
             self.stream.flush()
-            self._dirty = False
+            self._shown = ""
+        if _active_bar is self:
+            _active_bar = None
+
+
+# The bar on the terminal now, if any: console_line writes above it.
+_active_bar: ProgressBar | None = None
+
+
+def console_line(text: str, stream: TextIO | None = None) -> None:
+    """Write one line to the console (stderr), above the progress bar when one is shown there."""
+    stream = stream if stream is not None else sys.stderr
+    if _active_bar is not None and _active_bar.stream is stream:
+        _active_bar.write_above(text)
+    else:
+        stream.write(text + "\n")
+        stream.flush()
 
 
 class MetricsLogger:

@@ -26,6 +26,7 @@ from effdist.config import Config, ConfigError, load_config, validate
 from effdist.train import checkpoint as ckpt
 from effdist.train import run_dir as run_directory
 from effdist.train.loss import masked_loss_sum
+from effdist.train.metrics import console_line
 from effdist.train.optim import MasterWeightAdamW, lr_at
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -41,7 +42,7 @@ def default_run_dir(cfg: Config) -> Path:
 
 def log(runtime, msg: str) -> None:
     if runtime is None or runtime.is_logging_rank:
-        print(f"[effdist] {msg}", file=sys.stderr, flush=True)
+        console_line(f"[effdist] {msg}")  # above the progress bar on a terminal
 
 
 def _peak_memory_gib(runtime) -> float:
@@ -159,7 +160,12 @@ class Trainer:
         if self.cfg.epas.enabled:
             from effdist.epas.controller import EpasController
 
-            self.epas = EpasController(self.cfg, [ckpt.unwrap(c) for c in self.model_chunks], optimizer=self.optimizer)
+            from effdist.epas.schedule import describe_plan
+
+            rt = self.runtime
+            log(rt, describe_plan(self.cfg.epas, self.cfg.model.num_layers, self.cfg.train.steps))
+            self.epas = EpasController(self.cfg, [ckpt.unwrap(c) for c in self.model_chunks], optimizer=self.optimizer,
+                                       log=lambda message: log(rt, message))
             if self.pipeline is not None:
                 # Q/K cross a stage boundary whenever the sharing region spans it.
                 self.pipeline.use_epas(self.epas)
