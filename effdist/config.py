@@ -96,6 +96,15 @@ class TrainConfig:
     # The fused loss keeps the LM head's logits for backward unless this is set: then it recomputes them
     # this many tokens at a time (least memory, one more LM-head GEMM).
     fused_loss_chunk_tokens: int | None = None
+    # GEMM precision of the decoder's linear layers (QKV, attention output, FFN up/gate/down; not the
+    # embedding or LM head): "bf16" = train.dtype, "fp8" = torchao's float8 training (GPU of compute
+    # capability >= 8.9, torchao installed; docs/fp8.md). fp8_recipe: tensorwise | rowwise | rowwise_with_gw_hp.
+    # fp8_compile: torch.compile each linear's casts + GEMM (CUDA). fp8_emulate: FP8 rounding with
+    # high-precision matmuls, on any device (tests, numerics checks; not faster).
+    precision: str = "bf16"
+    fp8_recipe: str = "tensorwise"
+    fp8_compile: bool = True
+    fp8_emulate: bool = False
 
 
 @dataclass
@@ -638,6 +647,27 @@ def padded_vocab_size(cfg: Config) -> int:
     return ((cfg.model.vocab_size + multiple - 1) // multiple) * multiple
 
 
+FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")  # torchao's Float8LinearRecipeName values
+
+
+def _validate_precision(cfg: Config) -> None:
+    tr = cfg.train
+    if tr.precision not in ("bf16", "fp8"):
+        _fail("train.precision", tr.precision, "valid: bf16, fp8")
+    if tr.fp8_recipe not in FP8_RECIPES:
+        _fail("train.fp8_recipe", tr.fp8_recipe, f"valid: {', '.join(FP8_RECIPES)}")
+    if tr.precision != "fp8":
+        return
+    if tr.dtype not in ("auto", "bf16") and not tr.fp8_emulate:
+        _fail("train.dtype", tr.dtype, "train.precision=fp8 casts bf16 weights and activations; use train.dtype=bf16 "
+              "(or auto on a GPU)")
+    if cfg.parallel.pp > 1:
+        _fail("parallel.pp", cfg.parallel.pp, "train.precision=fp8 is not implemented for the pipeline executor's "
+              "B/W-split linears; use parallel.pp=1, or train.precision=bf16")
+    if tr.engine != "megatron":
+        _fail("train.engine", tr.engine, "train.precision=fp8 runs under the megatron engine; use train.engine=megatron")
+
+
 DEEPSPEED_INSTALL_HINT = ('pip install -e ".[deepspeed]" (on a machine without CUDA: '
                           'DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed)')
 
@@ -739,6 +769,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if tr.engine not in ("megatron", "deepspeed"):
         _fail("train.engine", tr.engine, "valid: megatron, deepspeed")
     _validate_deepspeed(cfg)
+    _validate_precision(cfg)
 
     o = cfg.optim
     if o.min_lr > o.lr:

@@ -153,7 +153,7 @@ class Trainer:
         )
         n_local = sum(p.numel() for p in params)
         log(rt, f"model {cfg.model.name}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
-                f"{n_local / 1e6:.2f}M parameters on rank 0, ffn={cfg.ffn.kind}")
+                f"{n_local / 1e6:.2f}M parameters on rank 0, ffn={cfg.ffn.kind}{_precision_note(cfg)}")
 
     def _build_features(self) -> None:
         self.epas = None
@@ -678,6 +678,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(args.config, overrides)
         validate(cfg, world_size=world_size_from_env())
+        _check_precision_support(cfg)
         # Absurd sizes (batch, sequence, width, steps) stop here with a named line, not an OOM minutes later.
         check_fits(cfg, world_size_from_env())
     except ConfigError as e:
@@ -700,6 +701,27 @@ def main(argv: list[str] | None = None) -> int:
         teardown()
         if trainer.lock is not None:
             trainer.lock.release()
+
+
+def _precision_note(cfg: Config) -> str:
+    t = cfg.train
+    if t.precision != "fp8":
+        return ""
+    return f", fp8 linears ({t.fp8_recipe}{', emulated' if t.fp8_emulate else ''}{', compiled' if t.fp8_compile and not t.fp8_emulate else ''})"
+
+
+def _check_precision_support(cfg: Config) -> None:
+    """train.precision=fp8 without torchao or FP8 hardware: a config error (exit 2) before any process group,
+    on the GPU this rank will use (LOCAL_RANK)."""
+    if cfg.train.precision != "fp8":
+        return
+    from effdist.model.fp8 import require_fp8_support
+    from effdist.runtime.distributed import choose_device
+
+    device, _ = choose_device(cfg)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    require_fp8_support(cfg, device)
 
 
 def _data_error() -> type[Exception]:
