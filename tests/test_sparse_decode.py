@@ -21,6 +21,9 @@ import sys
 import pytest
 import torch
 
+# First: importing it chooses Triton's CPU interpreter (on machines without CUDA) before triton is imported.
+from tests.kernel_testing import needs_interpreter  # isort: skip
+
 from effdist.infer.cache import SharingPlan
 from effdist.infer.ffn import GatedFFN, PlainFFN, dense_counterpart
 from effdist.infer.generate import Generator, main
@@ -192,6 +195,33 @@ def test_sparse_decode_greedy_equals_dense_math(name, kind, options):
     for layer in model.layers:
         layer.ffn = dense_counterpart(layer.ffn)
     assert gen.generate(PROMPTS, max_new_tokens=12, epas_region=2).tokens != sparse.tokens
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name,kind,options", [KINDS[0], KINDS[6]], ids=["moc", "elas-lowrank"])
+def test_greedy_through_the_triton_kernels(name, kind, options, monkeypatch):
+    """The decode path with the Triton gather-GEMV kernels (as on a GPU; here Triton's interpreter)."""
+    import effdist.infer.ffn as ffn_module
+    from effdist.kernels import gather_gemv
+
+    model = random_model(kind, options)
+    gen = Generator(model, trained_region=3)
+    model.sparse_decode = False
+    dense = gen.generate(PROMPTS, max_new_tokens=4, epas_region=2)
+    model.sparse_decode = True
+    calls = []
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            calls.append(fn.__name__)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(ffn_module, "gather_rows_combine", counted(gather_gemv.gather_rows_combine_triton))
+    monkeypatch.setattr(ffn_module, "gather_rows_matvec", counted(gather_gemv.gather_rows_matvec_triton))
+    assert gen.generate(PROMPTS, max_new_tokens=4, epas_region=2).tokens == dense.tokens
+    assert calls.count("gather_rows_combine_triton") == 3 * 4  # 3 decode steps x 4 layers
+    assert calls.count("gather_rows_matvec_triton") == (3 * 4 if kind == "moc" else 0)
 
 
 def test_sparse_decode_step_logits_equal_dense_math():
