@@ -169,7 +169,7 @@ class PlainFFN(InferenceFFN):
                 raise ValueError(f"top-k FFN activation = {topk_activation!r}; valid: relu, relu2")
         if kind == "elas" and width % 4:
             raise ValueError(f"ELAS 2:4 sparsity needs the FFN width ({width}) divisible by 4")
-        self.k = topk_k
+        self.k = topk_k if kind == "topk" else None
         self.act = topk_activation if kind == "topk" else "relu2"
         # ELAS before the end of its warm-up is plain ReLU² (ElasMLP.sparsity_active).
         self.elas_sparse = elas_sparse
@@ -260,7 +260,8 @@ def random_ffn(kind: str, hidden: int, width: int, normal: Callable[..., torch.T
     if kind == "elas" and rank is not None:
         return PlainFFN(kind, (normal(rank, hidden), normal(width, rank)), (normal(rank, width), normal(hidden, rank)),
                         elas_sparse=elas_sparse)
-    return PlainFFN(kind, normal(width, hidden), normal(hidden, width), topk_k=k or max(1, round(0.1 * width)),
+    topk_k = (k or max(1, round(0.1 * width))) if kind == "topk" else None
+    return PlainFFN(kind, normal(width, hidden), normal(hidden, width), topk_k=topk_k,
                     topk_activation=topk_activation, elas_sparse=elas_sparse)
 
 
