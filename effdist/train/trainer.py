@@ -319,7 +319,6 @@ class Trainer:
         from effdist.train.metrics import MetricsLogger
 
         cfg, rt = self.cfg, self.runtime
-        self._flops_cache: dict[tuple[int, int], Any] = {}
         if self.rollback is not None and rt.is_logging_rank:
             from effdist.train.metrics import append_event
 
@@ -572,10 +571,11 @@ class Trainer:
         from effdist.train.flops import flops_per_token
         from effdist.train.metrics import peak_fp8_tflops
 
+        cache = self.__dict__.setdefault("_flops_cache", {})  # per (sharing layers, cuSPARSELt layers)
         key = (int(sharing_layers), self._sparse_fc2_layers())
-        if key not in self._flops_cache:
-            self._flops_cache[key] = flops_per_token(self.cfg, *key)
-        flops, rt = self._flops_cache[key], self.runtime
+        if key not in cache:
+            cache[key] = flops_per_token(self.cfg, *key)
+        flops, rt = cache[key], self.runtime
         tflops = flops.dense * tokens_per_s / rt.world_size / 1e12
         executed = flops.executed * tokens_per_s / rt.world_size / 1e12
         out = {"tflops": tflops, "mfu": _mfu(tflops, rt), "tflops_executed": executed,
