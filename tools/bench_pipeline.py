@@ -151,9 +151,10 @@ def time_effdist(args, schedule: str, rt) -> dict:
         _sync(rt)
         return time.perf_counter() - t0
 
-    step()  # measured step: activation units from the probe
+    step()  # an untimed measured step: activation units from the probe
     metrics = pipe.memory_metrics()
-    pipe.measure_memory = False
+    # The timed steps run as the trainer does: the probe only with pipeline.measure_memory (off by default).
+    pipe.measure_memory = cfg.pipeline.measure_memory
     for _ in range(args.warmup):
         step()
     if rt.is_cuda:
