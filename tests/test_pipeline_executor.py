@@ -261,14 +261,21 @@ def test_bench_tiny_smoke(tmp_path):
     proc = subprocess.run(cmd, env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(out.read_text())
-    assert [r["schedule"] for r in summary["results"]] == ["1f1b", "zb-h1", "v-min"]
+    # Like for like: every schedule with effdist's fused kernels and with megatron-core's modules (on GPU
+    # megatron-core's 1F1B runs with each set too; it is skipped on CPU).
+    assert [(r["schedule"], r["kernels"]) for r in summary["results"]] == [
+        (s, k) for k in ("fused", "unfused") for s in ("1f1b", "zb-h1", "v-min")]
+    assert summary["kernels"] == ["fused", "unfused"] and summary["command"].startswith("tools/bench_pipeline.py")
+    stem = {(r["schedule"], r["kernels"]): f"timeline_{r['schedule']}" + ("_unfused" if r["kernels"] == "unfused"
+                                                                         else "") for r in summary["results"]}
     for r in summary["results"]:
         assert r["tokens_per_s"] > 0 and len(r["peak_mem_gib"]) == 2
         for measured, predicted in zip(r["activation_units"], r["simulated_units"]):
             assert measured == pytest.approx(predicted, rel=0.05), r
         assert len(r["measured_bubble_rates"]) == 2 and all(0 <= b < 1 for b in r["measured_bubble_rates"]), r
-        assert (pictures / f"timeline_{r['schedule']}.png").read_bytes()[:4] == b"\x89PNG"
-        picture = json.loads((pictures / f"timeline_{r['schedule']}.json").read_text())
+        name = stem[r["schedule"], r["kernels"]]
+        assert (pictures / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        picture = json.loads((pictures / f"{name}.json").read_text())
         assert picture["measured"]["bubble_rates"] == r["measured_bubble_rates"]
         assert len(picture["measured"]["actions"]) == len(picture["simulated"]["actions"]) > 0
     assert "tokens/s" in proc.stdout and "v-min" in proc.stdout
