@@ -3,7 +3,9 @@
 metrics.jsonl holds one JSON object per logged step, written by global rank 0 only and flushed at
 once, so another process (a plot, a test, a dashboard) can read it while the run goes on. Fields:
 ``step, loss, lr, grad_norm, tokens_per_s, tflops, mfu, peak_mem_gib, epas_region`` (always present,
-null when not measured, e.g. ``mfu`` on CPU) followed by any extra keys the trainer passes.
+null when not measured, e.g. ``mfu`` on CPU) followed by any extra keys the trainer passes, among them
+``tflops_executed``, ``mfu_executed``, ``tokens_per_s_dense_equiv`` (executed rather than dense FLOPs:
+effdist.train.flops; ``tflops``/``mfu`` keep counting the dense model) and ``step_time_s``.
 
 Number format:
 - Non-finite floats (NaN, +-inf) are written as JSON ``null``: strict JSON has no NaN, and every
