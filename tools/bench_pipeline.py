@@ -58,7 +58,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedules", default=",".join(DEFAULT_SCHEDULES), help="comma-separated schedule names")
     p.add_argument("--steps", type=int, default=5, help="timed steps per schedule")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per schedule")
-    p.add_argument("--no-megatron", action="store_true", help="skip megatron-core's own 1F1B (always skipped on CPU)")
+    p.add_argument("--no-megatron", action="store_true",
+                   help="skip megatron-core's own 1F1B (always skipped on CPU: its schedule allocates on 'cuda')")
     p.add_argument("--kernels", default=",".join(KERNEL_MODES),
                    help="comma-separated kernel sets, each run by every engine: fused (train.fused_kernels=true) "
                         "and/or unfused (false)")
@@ -284,9 +285,10 @@ def time_megatron_1f1b(args, rt, kernels: str = "fused") -> dict:
 
     for _ in range(args.warmup + 1):
         step()
-    torch.cuda.reset_peak_memory_stats()
+    if rt.is_cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = [max(_gather(step(), rt)) for _ in range(args.steps)]
-    peak = _gather(torch.cuda.max_memory_allocated() / 2**30, rt)
+    peak = _gather(torch.cuda.max_memory_allocated() / 2**30 if rt.is_cuda else 0.0, rt)
     seconds = statistics.median(times)
     del ddp, model
     _free_memory(rt)
