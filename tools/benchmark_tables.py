@@ -34,20 +34,11 @@ def n0(x: float) -> str:
     return f"{x:,.0f}"
 
 
-def f1(x: float) -> str:
-    return f"{x:.1f}"
+def fixed(digits: int) -> Callable[[float], str]:
+    return lambda x: f"{x:.{digits}f}"
 
 
-def f2(x: float) -> str:
-    return f"{x:.2f}"
-
-
-def f3(x: float) -> str:
-    return f"{x:.3f}"
-
-
-def f4(x: float) -> str:
-    return f"{x:.4f}"
+f1, f2, f3, f4 = (fixed(d) for d in (1, 2, 3, 4))
 
 
 def pct(x: float) -> str:
