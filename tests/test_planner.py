@@ -225,3 +225,26 @@ def test_calibrate_measures_a_tiny_model_on_cpu(tmp_path):
     cal = Calibration.load(out)
     assert cal.device == "cpu" and cal.variants() == {"dense", "epas"} and cal.optimizer_s_per_param > 0
     assert calibrate.main(["--config", str(CONFIGS / "tiny-cpu.yaml"), "--variants", "sparse", "--out", str(out)]) == 2
+
+
+def test_shipped_calibrations_load_and_plan_uses_them_by_default(capsys):
+    from effdist.pipeline.calibration import shipped_names
+
+    assert {"h100-llama-1b", "h100-llama-350m"} <= set(shipped_names())
+    for name in shipped_names():
+        cal = planner.resolve(name)
+        assert cal.device.startswith("NVIDIA") and "dense" in cal.variants()
+    rc = planner.main(["--config", "llama-1b", "--gpus", "1", "--gpu-memory", "80", "--micro-batches", "4,8",
+                       "--no-recompute"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "h100-llama-1b" in out and "run it with:" in out
+
+
+def test_validation_table_in_docs_matches_its_json():
+    data = json.loads((ROOT / "docs/results/plan_validation_h100.json").read_text())
+    doc = (ROOT / "docs/benchmarks.md").read_text()
+    for r in data["rows"]:
+        row = (f"| {r['choice']} | {r['predicted_tokens_per_s']:,.0f} | {r['measured_tokens_per_s']:,.0f} | "
+               f"{r['tokens_per_s_ratio']:.3f} | {r['predicted_peak_mem_gib']:.2f} | {r['measured_peak_mem_gib']:.2f} | "
+               f"{r['peak_mem_ratio']:.3f} |")
+        assert row in doc, row

@@ -57,6 +57,8 @@ class Choice:
         out = [f"parallel.tp={self.tp}", f"parallel.pp={self.pp}"]
         if self.tp > 1:
             out.append("parallel.sequence_parallel=true")
+        elif cfg.parallel.sequence_parallel:
+            out.append("parallel.sequence_parallel=false")
         if self.pp > 1:
             out.append(f"pipeline.schedule={self.schedule}")
         out += [f"train.micro_batch={self.micro_batch}", f"train.recompute={str(self.recompute).lower()}",
@@ -254,7 +256,7 @@ def _label(c: Choice) -> str:
     return s
 
 
-PART_NAMES = {"compute": "compute", "tp_comm": "tensor-parallel collectives", "bubble_and_p2p": "pipeline bubble",
+PART_NAMES = {"compute": "compute (on the slowest pipeline stage)", "tp_comm": "tensor-parallel collectives", "bubble_and_p2p": "pipeline bubble",
               "dp_comm": "gradient all-reduce", "optimizer": "optimizer step"}
 
 
