@@ -248,3 +248,20 @@ def test_validation_table_in_docs_matches_its_json():
                f"{r['tokens_per_s_ratio']:.3f} | {r['predicted_peak_mem_gib']:.2f} | {r['measured_peak_mem_gib']:.2f} | "
                f"{r['peak_mem_ratio']:.3f} |")
         assert row in doc, row
+
+
+def test_calibrate_under_torchrun_measures_the_links(tmp_path):
+    import subprocess
+    import sys
+
+    from launching import clean_env
+
+    out = tmp_path / "cal.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "effdist.cli",
+           "calibrate", "--config", str(CONFIGS / "tiny-cpu.yaml"), "--micro-batches", "1", "--variants", "dense",
+           "--reps", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cal = Calibration.load(out)
+    assert cal.links["source"].startswith("measured: all-reduce") and "gloo" in cal.links["source"]
+    assert cal.links["p2p_gbps"] > 0 and cal.links["tp_gbps"] > 0 and cal.links["latency_s"] > 0

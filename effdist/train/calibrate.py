@@ -2,12 +2,17 @@
 for what is measured and the file format).
 
     effdist calibrate --config llama-1b --micro-batches 1,2,4,8 --variants dense,epas --out cal.json
+    torchrun --nproc_per_node 8 -m effdist.cli calibrate --config llama-1b --out cal.json   # + link bandwidths
+
+With several processes every rank takes part in timing an all-reduce and a send (the `links` entry); then
+rank 0 alone measures the layers.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import statistics
 import sys
 import time
@@ -123,6 +128,71 @@ def calibrate(cfg, micro_batches: list[int], variants: list[str], reps: int = 5,
                        date=_dt.date.today().isoformat(), command=command)
 
 
+def measure_links(nbytes: int = 256 * 2**20, reps: int = 5) -> dict | None:
+    """Under torchrun with several processes: the bus bandwidth of an all-reduce over all ranks (what tensor- and
+    data-parallel groups within a node see) and of a send from rank 0 to rank 1 (pipeline p2p), and the latency
+    of a 4-byte all-reduce. Returns the `links` entry on rank 0 (None elsewhere or with one process)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        return None
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank()
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+    try:
+        big = torch.ones(nbytes // 2, dtype=torch.bfloat16 if cuda else torch.float32, device=device)
+        tiny = torch.ones(1, device=device)
+        nbytes_big = big.numel() * big.element_size()
+
+        def sync():
+            if cuda:
+                torch.cuda.synchronize()
+
+        def timed(fn) -> float:
+            fn()
+            sync()
+            dist.barrier()
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+
+        t_ar = timed(lambda: dist.all_reduce(big))
+        t_lat = timed(lambda: dist.all_reduce(tiny))
+
+        def p2p():
+            if rank == 0:
+                dist.send(big, 1)
+            elif rank == 1:
+                dist.recv(big, 0)
+
+        t_p2p = timed(p2p)
+        t_p2p = torch.tensor([t_p2p], dtype=torch.float64)
+        dist.broadcast(t_p2p, 1)  # the receiver's time includes the transfer
+        busbw = 2 * (world - 1) / world * nbytes_big / t_ar / 1e9
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        links = {"tp_gbps": busbw, "dp_gbps": busbw, "p2p_gbps": nbytes_big / float(t_p2p.item()) / 1e9,
+                 "latency_s": t_lat / max(1, world - 1),
+                 "source": f"measured: all-reduce of {nbytes_big >> 20} MiB over {world} ranks "
+                           f"({'nccl' if cuda else 'gloo'}), send rank 0 -> 1"}
+        if local < world:
+            links["inter_node_gbps"] = busbw
+            links["source"] += f"; {world // local} nodes: inter_node_gbps is this all-reduce's bus bandwidth"
+        return links if rank == 0 else None
+    finally:
+        dist.destroy_process_group()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="effdist calibrate",
                                 description="Measure per-layer forward/backward times, the head and the optimizer "
@@ -169,8 +239,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{done}/{total}] {what}", file=sys.stderr, flush=True)
 
     argv = sys.argv[1:] if argv is None else argv
+    links = measure_links()
+    if links is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return 0  # ranks other than 0 only take part in the link measurement
     cal = calibrate(cfg, mbs, variants, reps=args.reps, progress=progress,
                     command="effdist calibrate " + " ".join(argv))
+    if links is not None:
+        cal.links = {**cal.links, **links}
     path = cal.save(args.out)
     print(f"effdist calibrate: {len(cal.layers)} layer measurements on {cal.device} -> {path}")
     return 0
