@@ -510,6 +510,14 @@ def fp8() -> str:
                   "of FP8 ceiling", "of FP8 datasheet", "peak GiB"], rows)
 
 
+def plan_validation() -> str:
+    rows = [(r["choice"], n0(r["predicted_tokens_per_s"]), n0(r["measured_tokens_per_s"]), f3(r["tokens_per_s_ratio"]),
+             f2(r["predicted_peak_mem_gib"]), f2(r["measured_peak_mem_gib"]), f3(r["peak_mem_ratio"]))
+            for r in load("plan_validation_h100.json")["rows"]]
+    return table(["choice", "predicted tokens/s", "measured tokens/s", "ratio", "predicted peak GiB",
+                  "measured peak GiB", "ratio"], rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "bench-dense-baseline": dense_baseline, "bench-dense-levers": dense_levers, "bench-dense-presets": dense_presets,
     "bench-kernels": kernels, "bench-epas-h100": epas_h100, "bench-epas-history": epas_history,
@@ -520,7 +528,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "bench-pipeline-p4-1b-mb4": pipeline_p4("pipeline_p4_1b_mb4_h200x4.json"),
     "bench-pipeline-p4-1b-mb1": pipeline_p4("pipeline_p4_1b_mb1_h200x4.json"), "bench-checkpoint": checkpoint,
     "bench-decode": decode, "bench-deepspeed-1gpu": deepspeed_1gpu, "bench-deepspeed-2gpu": deepspeed_2gpu,
-    "bench-fp8": fp8,
+    "bench-fp8": fp8, "bench-plan-validation": plan_validation,
 }
 
 
