@@ -41,15 +41,12 @@ def topk_select_reference(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, t
 
 
 if HAVE_TRITON:
+    from effdist.kernels.channel_select import _activate
 
     @triton.jit
-    def _topk_select_kernel(s_ptr, idx_ptr, val_ptr, n_rows, width, k, stride_s, stride_idx, stride_val,
-                            KEY_BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_W)
-        row_ok = rows < n_rows
-        valid = row_ok[:, None] & (cols < width)[None, :]
-        raw = tl.load(s_ptr + rows.to(tl.int64)[:, None] * stride_s + cols[None, :], mask=valid, other=0.0)
+    def _topk_keep(raw, valid, k, KEY_BITS: tl.constexpr, ROWS: tl.constexpr):
+        """Which entries of a [ROWS, BLOCK_W] tile are among their row's k largest (ties to the lower
+        column) and each kept entry's slot (its rank in column order among the kept)."""
         # Order-preserving integer keys: fp32 bits, negatives flipped; the top KEY_BITS bits hold all of a
         # bf16 (16) / fp16 (19) value.
         bits = raw.to(tl.float32).to(tl.int32, bitcast=True)
@@ -68,9 +65,42 @@ if HAVE_TRITON:
         tie = valid & (key == lo[:, None])
         keep = greater | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= need[:, None]))
         slot = tl.cumsum(keep.to(tl.int32), axis=1) - 1
+        return keep, slot
+
+    @triton.jit
+    def _topk_select_kernel(s_ptr, idx_ptr, val_ptr, n_rows, width, k, stride_s, stride_idx, stride_val,
+                            KEY_BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_W)
+        valid = (rows < n_rows)[:, None] & (cols < width)[None, :]
         r64 = rows.to(tl.int64)[:, None]
-        tl.store(idx_ptr + r64 * stride_idx + slot, cols[None, :] + tl.zeros_like(slot), mask=keep)
+        raw = tl.load(s_ptr + r64 * stride_s + cols[None, :], mask=valid, other=0.0)
+        keep, slot = _topk_keep(raw, valid, k, KEY_BITS, ROWS)
+        tl.store(idx_ptr + r64 * stride_idx + slot, (cols[None, :] + tl.zeros_like(slot)).to(idx_ptr.dtype.element_ty),
+                 mask=keep)
         tl.store(val_ptr + r64 * stride_val + slot, raw, mask=keep)
+
+    @triton.jit
+    def _topk_select_activate_kernel(src_ptr, z_ptr, a_ptr, b_ptr, idx_ptr, n_rows, width, k,
+                                     stride_src, stride_z, stride_sel, stride_idx,
+                                     ACT: tl.constexpr, KEY_BITS: tl.constexpr, ROWS: tl.constexpr,
+                                     BLOCK_W: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_W)
+        valid = (rows < n_rows)[:, None] & (cols < width)[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        a = tl.load(src_ptr + r64 * stride_src + cols[None, :], mask=valid, other=0.0)
+        keep, slot = _topk_keep(a, valid, k, KEY_BITS, ROWS)
+        b = a
+        if ACT == 0:  # swiglu: the up half of the row, read whole (it is contiguous; the gathers were not)
+            b = tl.load(src_ptr + r64 * stride_src + width + cols[None, :], mask=valid, other=0.0)
+            tl.store(b_ptr + r64 * stride_sel + slot, b, mask=keep)
+        tl.store(a_ptr + r64 * stride_sel + slot, a, mask=keep)
+        tl.store(idx_ptr + r64 * stride_idx + slot, (cols[None, :] + tl.zeros_like(slot)).to(idx_ptr.dtype.element_ty),
+                 mask=keep)
+        # The dense activation in one pass: zeros off the kept channels (no separate memset).
+        z = tl.where(keep, _activate(a.to(tl.float32), b.to(tl.float32), ACT), 0.0)
+        tl.store(z_ptr + r64 * stride_z + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=valid)
 
 
 _KEY_BITS = {torch.bfloat16: 16, torch.float16: 19, torch.float32: 32}
@@ -109,3 +139,46 @@ def topk_select(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     if use_triton(scores) and scores.dtype in _KEY_BITS:
         return topk_select_triton(scores, k)
     return topk_select_reference(scores, k)
+
+
+# ---------------------------------------------------------------------------------------- fused with the activation
+
+def topk_select_activate_reference(src: torch.Tensor, k: int, width: int, act: str,
+                                   idx_dtype: torch.dtype = torch.int32):
+    """effdist.kernels.channel_select.select_activate at the top-k channels of src's first `width`
+    columns (the gate for "swiglu", the pre-activation otherwise): (z [N, W], sel_a, sel_b | None, idx)."""
+    from effdist.kernels.channel_select import select_activate_reference
+
+    idx, _ = topk_select_reference(src[:, :width], k)
+    z, a, b = select_activate_reference(src, idx, width, act)
+    return z, a, b, idx.to(idx_dtype)
+
+
+def topk_select_activate_triton(src: torch.Tensor, k: int, width: int, act: str,
+                                idx_dtype: torch.dtype = torch.int32):
+    from effdist.kernels.channel_select import _act_code, _src_width
+
+    code = _act_code(act)
+    if src.dim() != 2 or src.shape[1] != _src_width(act, width):
+        raise ValueError(f"src has shape {tuple(src.shape)}, expected [rows, {_src_width(act, width)}] for {act}")
+    _check(src[:, :width], k)
+    src = rowmajor(src)
+    n = src.shape[0]
+    z = torch.empty(n, width, dtype=src.dtype, device=src.device)
+    a = torch.empty(n, k, dtype=src.dtype, device=src.device)
+    b = torch.empty(n, k, dtype=src.dtype, device=src.device) if act == "swiglu" else None
+    idx = torch.empty(n, k, dtype=idx_dtype, device=src.device)
+    if n:
+        per_program, block_w, warps = topk_select_config(n, width)
+        _topk_select_activate_kernel[(triton.cdiv(n, per_program),)](
+            src, z, a, b if b is not None else a, idx, n, width, k, src.stride(0), z.stride(0), a.stride(0),
+            idx.stride(0), ACT=code, KEY_BITS=_KEY_BITS[src.dtype], ROWS=per_program, BLOCK_W=block_w,
+            num_warps=warps)
+    return z, a, b, idx
+
+
+def topk_select_activate(src: torch.Tensor, k: int, width: int, act: str, idx_dtype: torch.dtype = torch.int32):
+    """Top-k selection and select_activate in one kernel on CUDA (bf16/fp16/fp32); the references elsewhere."""
+    if use_triton(src) and src.dtype in _KEY_BITS:
+        return topk_select_activate_triton(src, k, width, act, idx_dtype)
+    return topk_select_activate_reference(src, k, width, act, idx_dtype)
