@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shape = ModelShape(num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads,
                        vocab_size=vocab, padded_vocab_size=-(-vocab // 128) * 128,
-                       max_positions=max(contexts) + new_tokens + 1)
+                       max_positions=max(contexts) + max(new_tokens, args.check_greedy) + 1)
     cuda = device.type == "cuda"
     modes = (["graphs"] if cuda and not args.no_graphs else []) + (["eager"] if not cuda or not args.no_eager else [])
     where = torch.cuda.get_device_name(device) if cuda else "cpu"

@@ -51,9 +51,14 @@ if HAVE_TRITON:
         # bf16 (16) / fp16 (19) value.
         bits = raw.to(tl.float32).to(tl.int32, bitcast=True)
         key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) >> (32 - KEY_BITS)
-        # Largest t with count(key >= t) >= k, by bisection over [lo, hi] (int64: the fp32 range is 2^32 wide).
-        lo = tl.full((ROWS,), -(1 << (KEY_BITS - 1)), tl.int64)
-        hi = tl.full((ROWS,), (1 << (KEY_BITS - 1)) - 1, tl.int64)
+        # Largest t with count(key >= t) >= k, by bisection over [lo, hi] (int64 only for fp32, whose range
+        # is 2^32 wide: int64 compares over the whole tile cost twice as much).
+        if KEY_BITS == 32:
+            lo = tl.full((ROWS,), -(1 << (KEY_BITS - 1)), tl.int64)
+            hi = tl.full((ROWS,), (1 << (KEY_BITS - 1)) - 1, tl.int64)
+        else:
+            lo = tl.full((ROWS,), -(1 << (KEY_BITS - 1)), tl.int32)
+            hi = tl.full((ROWS,), (1 << (KEY_BITS - 1)) - 1, tl.int32)
         for _ in range(KEY_BITS):
             mid = lo + (hi - lo + 1) // 2
             count = tl.sum((valid & (key >= mid[:, None])).to(tl.int32), axis=1)
@@ -155,7 +160,7 @@ def topk_select_activate_reference(src: torch.Tensor, k: int, width: int, act: s
 
 
 def topk_select_activate_triton(src: torch.Tensor, k: int, width: int, act: str,
-                                idx_dtype: torch.dtype = torch.int32):
+                                idx_dtype: torch.dtype = torch.int32, config: tuple[int, int, int] | None = None):
     from effdist.kernels.channel_select import _act_code, _src_width
 
     code = _act_code(act)
@@ -169,7 +174,7 @@ def topk_select_activate_triton(src: torch.Tensor, k: int, width: int, act: str,
     b = torch.empty(n, k, dtype=src.dtype, device=src.device) if act == "swiglu" else None
     idx = torch.empty(n, k, dtype=idx_dtype, device=src.device)
     if n:
-        per_program, block_w, warps = topk_select_config(n, width)
+        per_program, block_w, warps = config or topk_select_config(n, width)
         _topk_select_activate_kernel[(triton.cdiv(n, per_program),)](
             src, z, a, b if b is not None else a, idx, n, width, k, src.stride(0), z.stride(0), a.stride(0),
             idx.stride(0), ACT=code, KEY_BITS=_KEY_BITS[src.dtype], ROWS=per_program, BLOCK_W=block_w,
