@@ -31,7 +31,8 @@ from effdist.kernels.topk_select import topk_select_activate_triton, topk_select
 SELECT_CASES = [(1, 5632, 1056), (1, 5632, 563), (32, 5632, 1056), (16384, 2816, 528), (16384, 5632, 1056)]
 # (rows, width, k, act): MoC K = 0.1875 f (SwiGLU: src is 2f wide), top-k k = 0.1 f
 FUSED_CASES = [(16384, 2816, 528, "swiglu"), (16384, 5632, 1056, "swiglu"), (16384, 2816, 282, "relu")]
-CONFIGS = [(1, 4096, 4), (1, 4096, 8), (2, 4096, 8), (4, 4096, 16), (2, 4096, 4)]
+# (rows per program, warps); the block is the row width rounded up to a power of two
+CONFIGS = [(1, 4), (1, 8), (2, 8), (4, 16), (2, 4)]
 
 
 def gpu_ms(fn, calls: int = 20, reps: int = 20) -> float:
@@ -76,7 +77,8 @@ def main() -> int:
         sep = gpu_ms(separate)
         row = {"rows": n, "width": w, "k": k, "act": act, "torch_topk_plus_select_activate_ms": sep,
                "default_config": list(topk_select_config(n, w)), "fused_ms": {}}
-        for cfg in CONFIGS:
+        for rows_per, warps in CONFIGS:
+            cfg = (rows_per, 1 << (w - 1).bit_length(), warps)
             try:
                 ms = gpu_ms(lambda: topk_select_activate_triton(src, k, w, act, torch.int16, cfg))
             except Exception as e:  # noqa: BLE001  (a config out of registers must not end the sweep)
