@@ -20,6 +20,8 @@ post-norm hidden state x:
 
   Non-gated kinds must compute all of fc1 to know which activations are non-zero; only the down
   projection is sparse. MoC chooses on the gate alone, so its up and down projections are both sparse.
+  Past `sparse_batch_limit()` tokens (width / rows a token reads) the gathers would read more bytes
+  than the dense projections, and decode runs `dense` instead.
 
 fc2 (or the input factor of a low-rank fc2) is stored transposed, [F, h]: an active channel is then
 one contiguous row, which is what lets a gather-GEMV read it at full memory bandwidth. The dense
