@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,27 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from effdist.kernels import gather_gemv as gg  # noqa: E402
-
-
-def time_ms(fn, calls: int = 20, reps: int = 20) -> float:
-    """GPU time per call: `calls` calls captured in one CUDA graph, median replay / calls (a Triton launch
-    from Python costs tens of microseconds, more than these kernels: timing launches measures the host)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / calls)
-    return statistics.median(times)
+from tools.bench_topk_select import gpu_ms as time_ms  # noqa: E402  (GPU time through a CUDA graph)
 
 
 def main() -> int:
