@@ -71,6 +71,23 @@ def test_gpu_module_matches_cpu_reference_path(sets):
         assert torch.allclose(g.cpu(), c, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["moc", "topk"])
+def test_gpu_fused_selection_equals_the_separate_kernels(kind, monkeypatch):
+    """fp32/bf16 take the fused top-k select + activate kernel; it equals topk_select + select_activate."""
+    from effdist.model.ffn import channel
+
+    for dtype in (torch.float32, torch.bfloat16):
+        module = _build([f"ffn.kind={kind}"], dtype)
+        x = torch.randn(64, 3, H, device="cuda", dtype=dtype)
+        dout = torch.randn(64, 3, H, device="cuda", dtype=dtype)
+        fused = _run(module, x, dout)
+        monkeypatch.setattr(channel.ChannelSelectMLP, "fused_topk", lambda self: None)
+        separate = _run(module, x, dout)
+        monkeypatch.undo()
+        for a, b in zip([fused[0]] + fused[1], [separate[0]] + separate[1]):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("ste", ["identity", "masked"])
 @pytest.mark.parametrize("rank", [None, 64])
 def test_elas_cusparselt_down_projection_matches_dense(ste, rank):

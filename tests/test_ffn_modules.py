@@ -158,6 +158,36 @@ def test_topk_matches_dense_masked_reference(activation):
         assert torch.allclose(g, r, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["moc", "topk"])
+def test_fused_topk_select_activate_path_matches_the_masked_reference(kind, monkeypatch):
+    """The GPU path (selection inside the select + activate kernel, idx coming out of the autograd
+    function) run on CPU through the kernels' references: same output and gradients as the masked
+    dense FFN, and the saved tensors still rebuild fc2's input."""
+    from effdist.config import resolve_count
+    from effdist.model.ffn import channel
+
+    calls = []
+    real = channel.topk_select_activate
+    monkeypatch.setattr(channel, "use_triton", lambda t: True)
+    monkeypatch.setattr(channel, "topk_select_activate", lambda *a: calls.append(a[1]) or real(*a))
+    module = _build(_cfg(f"ffn.kind={kind}")).double()
+    x = _input(seed=5, dtype=torch.float64)
+    out, _ = module(x)
+    k = resolve_count(0.1875 if kind == "moc" else 0.1, FFN)
+    assert calls == [k]
+    if kind == "moc":
+        ref = _dense_swiglu_masked(module, x, k)
+    else:
+        h = x @ module.linear_fc1.weight.t()
+        mask = torch.zeros_like(h, dtype=torch.bool).scatter_(-1, torch.topk(h.detach(), k, dim=-1).indices, True)
+        ref = (torch.relu(h) * mask) @ module.linear_fc2.weight.t()
+    assert torch.allclose(out, ref, rtol=1e-10, atol=1e-12)
+    dout = torch.randn_like(out)
+    params = [x, module.linear_fc1.weight, module.linear_fc2.weight]
+    for g, r in zip(torch.autograd.grad(out, params, dout), torch.autograd.grad(ref, params, dout)):
+        assert torch.allclose(g, r, rtol=1e-10, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------ ELAS
 
 @pytest.mark.parametrize("ste", ["identity", "masked"])

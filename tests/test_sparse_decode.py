@@ -55,6 +55,9 @@ def random_model(kind: str, options: dict, seed: int = 0) -> InferenceModel:
     for layer in model.layers:
         layer.input_norm.uniform_(0.5, 1.5, generator=gen)
         layer.mlp_norm.uniform_(0.5, 1.5, generator=gen)
+        # These tests are about the sparse path: keep it for every batch here (the byte rule that
+        # decodes large batches densely has its own test).
+        layer.ffn.sparse_max_batch = 64
     return model
 
 
@@ -289,3 +292,25 @@ def test_bench_decode_ffn_kinds_tiny(tmp_path, monkeypatch, capsys):
         assert r["kernel"] == "torch-reference"  # on CPU; "triton" on a GPU
     moc = next(r for r in rows if r["ffn_kind"] == "moc")
     assert moc["dense_kind"] == "swiglu" and moc["active_channels"] == moc["k"] < moc["ffn_width"]
+
+
+def test_batches_beyond_the_byte_rule_decode_densely():
+    """Past width / (rows a token reads) tokens the gathers read more than the dense projections:
+    decode then runs the dense math (it would read the poisoned rows: NaN shows it did)."""
+    moc = random_model("moc", {"k": 18}).layers[1].ffn
+    topk = random_model("topk", {"k": 10}).layers[1].ffn
+    elas = random_model("elas", {}).layers[1].ffn
+    for ffn in (moc, topk, elas):
+        ffn.sparse_max_batch = None  # the byte rule
+    assert moc.sparse_batch_limit() == WIDTH // 18
+    assert topk.sparse_batch_limit() == WIDTH // 10
+    assert elas.sparse_batch_limit() == 2
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5))
+    for ffn in (moc, elas):
+        want = ffn.dense(x)
+        _inactive_rows_poisoned(ffn, x)
+        ffn.sparse_max_batch = 3
+        assert torch.isfinite(ffn.decode(x)).all()
+        ffn.sparse_max_batch = 2
+        assert torch.isnan(ffn.decode(x)).any()
+        assert not torch.isnan(want).any()

@@ -285,10 +285,84 @@ def bench_ffn_point(models: dict[str, InferenceModel], batch: int, context: int,
     return out
 
 
+def greedy_agreement(model: InferenceModel, batch: int, context: int, region: int, steps: int,
+                     seed: int = 0) -> dict:
+    """Greedy decoding of `model` with its sparse FFN decode against its dense-math reference
+    (``sparse_decode=False``: prefill's FFN math at every step), from the same prompt: the fraction of
+    equal tokens, the first step where they differ (None: never), and the first decode step's logits
+    difference relative to the logits' spread. Eager steps over exactly the filled slots."""
+    shape, device, dtype = model.shape, model.device, model.dtype
+    vocab = shape.vocab_size
+    gen = torch.Generator(device="cpu").manual_seed(seed + batch * 7919 + context)
+    prompt = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
+    plan = SharingPlan.for_region(shape.num_layers, region)
+    tokens, first_logits = {}, {}
+    saved = model.sparse_decode
+    try:
+        with torch.inference_mode():
+            for sparse in (True, False):
+                model.sparse_decode = sparse
+                cache = KVCache(plan, batch, context + steps + 1, shape.num_kv_heads, shape.head_dim, dtype, device)
+                runner = DecodeRunner(model, cache, cuda_graphs=False)
+                cache.tokens.copy_(model.prefill(prompt, plan, cache)[:, :vocab].argmax(dim=-1))
+                out = []
+                for i in range(steps):
+                    logits = runner.step()[:, :vocab].float()
+                    if i == 0:
+                        first_logits[sparse] = logits.clone()
+                    cache.tokens.copy_(logits.argmax(dim=-1))
+                    out.append(cache.tokens.clone())
+                    cache.advance()
+                tokens[sparse] = torch.stack(out, dim=1).cpu()
+    finally:
+        model.sparse_decode = saved
+    equal = tokens[True] == tokens[False]
+    differing = (~equal).any(dim=0).nonzero()
+    return {"greedy_steps": steps,
+            "greedy_equal_fraction": equal.float().mean().item(),
+            "greedy_identical": bool(equal.all()),
+            "greedy_first_divergence": int(differing[0]) if len(differing) else None,
+            "first_step_logits_max_abs_diff": (first_logits[True] - first_logits[False]).abs().max().item(),
+            "first_step_logits_std": first_logits[False].std().item()}
+
+
+def decode_kernel_profile(models: dict[str, InferenceModel], batch: int, context: int, region: int,
+                          steps: int, top: int = 12) -> dict[str, dict]:
+    """GPU time per decode step by kernel (torch.profiler over `steps` eager steps) of each model:
+    {name: {"step_ms": GPU ms per step, "kernels": [{"name", "ms_per_step", "calls_per_step"}, ...]}}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    first = next(iter(models.values()))
+    shape, device, dtype = first.shape, first.device, first.dtype
+    vocab = shape.vocab_size
+    prompt = torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(1)).to(device)
+    plan = SharingPlan.for_region(shape.num_layers, region)
+    out = {}
+    with torch.inference_mode():
+        for name, model in models.items():
+            cache = KVCache(plan, batch, context + 2 * steps + 1, shape.num_kv_heads, shape.head_dim, dtype, device)
+            runner = DecodeRunner(model, cache, cuda_graphs=False)
+            first_token = model.prefill(prompt, plan, cache)[:, :vocab].argmax(dim=-1)
+            decode(runner, first_token, steps, vocab)  # warm-up (Triton compilation)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                decode(runner, cache.tokens.clone(), steps, vocab)
+                torch.cuda.synchronize()
+            kernels = [e for e in prof.key_averages()
+                       if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0]
+            total = sum(e.device_time_total for e in kernels) / 1e3 / steps
+            kernels.sort(key=lambda e: -e.device_time_total)
+            out[name] = {"step_ms": total, "kernels": [
+                {"name": e.key[:120], "ms_per_step": e.device_time_total / 1e3 / steps,
+                 "calls_per_step": e.count / steps} for e in kernels[:top]]}
+    return out
+
+
 def run_ffn_kinds(args, kinds: list[str], shape: ModelShape, ffn: int, device, dtype, batches, contexts, regions,
                   new_tokens: int, rounds: int, modes: list[str], write_json) -> list[dict]:
     cuda = device.type == "cuda"
     kernel = "triton" if cuda and HAVE_TRITON else "torch-reference"
+    profile_batches = [int(b) for b in args.profile_batches.split(",") if b] if args.profile_batches else []
     rows: list[dict] = []
     for kind in kinds:
         width = int(round(args.elas_expand * ffn)) if kind in ("elas", "relu2") else ffn
@@ -319,6 +393,14 @@ def run_ffn_kinds(args, kinds: list[str], shape: ModelShape, ffn: int, device, d
                     for mode in modes:
                         key = f"decode_{mode}_tokens_per_s"
                         row[f"decode_{mode}_vs_dense"] = row[key] / row[f"dense_{key}"]
+                    if args.check_greedy:
+                        row.update(greedy_agreement(sparse, batch, context, region, args.check_greedy))
+                    if cuda and batch in profile_batches and region == regions[0]:
+                        try:  # a profiler failure must not cost the measured table
+                            row["profile"] = decode_kernel_profile({"sparse": sparse, "dense": dense}, batch,
+                                                                   context, region, steps=8)
+                        except Exception as e:  # noqa: BLE001
+                            row["profile_error"] = f"{type(e).__name__}: {e}"[:300]
                     rows.append(row)
                     write_json(rows)
                     print(f"  done {kind}, batch {batch}, context {context}, region {region}", flush=True)
@@ -341,6 +423,8 @@ def print_ffn_table(rows: list[dict], modes: list[str]) -> None:
     head = ["kind", "batch", "ctx", "region", "dense"]
     for mode in modes:
         head += [f"decode {mode} tok/s", "dense tok/s", "x dense"]
+    if any("greedy_equal_fraction" in r for r in rows):
+        head.append("greedy = dense math")
     lines = [head]
     for r in rows:
         line = [r["ffn_kind"], str(r["batch"]), str(r["context"]), str(r["region"]), r["dense_kind"]]
@@ -350,6 +434,8 @@ def print_ffn_table(rows: list[dict], modes: list[str]) -> None:
         for mode in modes:
             line += [f"{r[f'decode_{mode}_tokens_per_s']:,.1f}", f"{r[f'dense_decode_{mode}_tokens_per_s']:,.1f}",
                      f"{r[f'decode_{mode}_vs_dense']:.3f}"]
+        if "greedy_equal_fraction" in r:
+            line.append(f"{r['greedy_equal_fraction']:.3f}")
         lines.append(line)
     widths = [max(len(l[i]) for l in lines if i < len(l)) for i in range(len(head))]
     for l in lines:
@@ -381,6 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--moc-k", type=float, default=0.1875, help="MoC's K: a count or a fraction of the width")
     p.add_argument("--moc-structured", action="store_true", help="MoC 2:8 (top 2 of every 8 channels)")
     p.add_argument("--elas-rank", type=int, default=None, help="low-rank ELAS fc1/fc2 of this rank")
+    p.add_argument("--check-greedy", type=int, default=0, metavar="STEPS",
+                   help="--ffn-kinds: also decode STEPS greedy tokens with the sparse FFN path and with its "
+                        "dense-math reference and report whether they are equal")
+    p.add_argument("--profile-batches", default="",
+                   help="--ffn-kinds on GPU: comma-separated batch sizes to profile (GPU ms per decode step by "
+                        "kernel, sparse and dense model, first region)")
     p.add_argument("--elas-expand", type=float, default=1.5, help="width of elas/relu2 FFNs over the shape's ffn")
     args = p.parse_args(argv)
     ffn_kinds = [k for k in (args.ffn_kinds or "").split(",") if k]
@@ -416,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shape = ModelShape(num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads,
                        vocab_size=vocab, padded_vocab_size=-(-vocab // 128) * 128,
-                       max_positions=max(contexts) + new_tokens + 1)
+                       max_positions=max(contexts) + max(new_tokens, args.check_greedy) + 1)
     cuda = device.type == "cuda"
     modes = (["graphs"] if cuda and not args.no_graphs else []) + (["eager"] if not cuda or not args.no_eager else [])
     where = torch.cuda.get_device_name(device) if cuda else "cpu"

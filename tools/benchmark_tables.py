@@ -357,7 +357,7 @@ FFN_BLOCK = (("moc", "MoC K=0.1875·f (SwiGLU)"), ("moc-2:8", "MoC 2:8 (SwiGLU)"
 
 
 def ffn_block() -> str:
-    results = load("bench_ffn_h100_first.json")["results"]
+    results = load("bench_ffn_h100.json")["results"]
 
     def find(variant, tokens):
         (r,) = [r for r in results if r["shape"] == "llama-1b" and r["variant"] == variant and r["tokens"] == tokens]
@@ -510,6 +510,37 @@ def fp8() -> str:
                   "of FP8 ceiling", "of FP8 datasheet", "peak GiB"], rows)
 
 
+FFN_GOALS = {"moc": ("MoC (K = 0.1875 f)", 0.95), "topk": ("top-k ReLU (10%)", 0.97)}
+
+
+def ffn_train_fused_select() -> str:
+    name = "bench_train_ffn_350m_fused_select_h100.json"
+    base = run_of(name, "swiglu")
+    rows = [("SwiGLU", n0(base["tokens_per_s"]), f3(1.0), f2(base["peak_mem_gib"]), f2(1.0), "—")]
+    for variant, (label, goal) in FFN_GOALS.items():
+        r = run_of(name, variant)
+        speed, mem = r["tokens_per_s"] / base["tokens_per_s"], r["peak_mem_gib"] / base["peak_mem_gib"]
+        met = "met" if speed >= goal and mem <= 0.80 else "not met"
+        rows.append((label, n0(r["tokens_per_s"]), f3(speed), f2(r["peak_mem_gib"]), f2(mem),
+                     f"≥ {goal:.2f} at ≤ 0.80: {met}"))
+    return table(["FFN", "tokens/s", "vs SwiGLU", "peak GiB", "vs SwiGLU", "goal"], rows)
+
+
+DECODE_KINDS = (("moc", "MoC (SwiGLU)"), ("topk", "top-k ReLU (ReLU)"), ("elas", "ELAS (ReLU² at 1.5 f)"))
+
+
+def decode_ffn() -> str:
+    results = load("bench_decode_ffn_h100.json")["results"]
+
+    def ratio(kind, batch, region):
+        (r,) = [r for r in results if r["ffn_kind"] == kind and r["batch"] == batch and r["region"] == region]
+        return f3(r["decode_graphs_vs_dense"])
+
+    points = [(b, g) for b in (1, 8, 32) for g in (0, 8)]
+    header = ["kind (dense model)"] + [f"batch {b}, region {g}" if b == 1 else f"batch {b}, r{g}" for b, g in points]
+    return table(header, [(label,) + tuple(ratio(kind, b, g) for b, g in points) for kind, label in DECODE_KINDS])
+
+
 def plan_validation() -> str:
     rows = [(r["choice"], n0(r["predicted_tokens_per_s"]), n0(r["measured_tokens_per_s"]), f3(r["tokens_per_s_ratio"]),
              f2(r["predicted_peak_mem_gib"]), f2(r["measured_peak_mem_gib"]), f3(r["peak_mem_ratio"]))
@@ -529,6 +560,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "bench-pipeline-p4-1b-mb1": pipeline_p4("pipeline_p4_1b_mb1_h200x4.json"), "bench-checkpoint": checkpoint,
     "bench-decode": decode, "bench-deepspeed-1gpu": deepspeed_1gpu, "bench-deepspeed-2gpu": deepspeed_2gpu,
     "bench-fp8": fp8, "bench-plan-validation": plan_validation,
+    "bench-ffn-train-fused-select": ffn_train_fused_select, "bench-decode-ffn": decode_ffn,
 }
 
 

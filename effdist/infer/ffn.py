@@ -20,6 +20,8 @@ post-norm hidden state x:
 
   Non-gated kinds must compute all of fc1 to know which activations are non-zero; only the down
   projection is sparse. MoC chooses on the gate alone, so its up and down projections are both sparse.
+  Past `sparse_batch_limit()` tokens (width / rows a token reads) the gathers would read more bytes
+  than the dense projections, and decode runs `dense` instead.
 
 fc2 (or the input factor of a low-rank fc2) is stored transposed, [F, h]: an active channel is then
 one contiguous row, which is what lets a gather-GEMV read it at full memory bandwidth. The dense
@@ -42,6 +44,7 @@ from effdist.kernels.channel_select import select_activate
 from effdist.kernels.gather_gemv import compact_active, gather_rows_combine, gather_rows_matvec
 from effdist.kernels.sparse24 import sparsify24
 from effdist.kernels.swiglu import swiglu
+from effdist.kernels.topk_select import topk_select
 from effdist.model.ffn.selection import n_of_m_channels, topk_channels
 
 try:  # the Triton kernels need triton and a GPU; the torch references run elsewhere
@@ -68,6 +71,9 @@ class InferenceFFN(nn.Module):
     kind: str = ""
     # Whether decode reads less than the whole FFN (tools/bench_decode.py reports it).
     sparse: bool = False
+    # Larger decode batches run the dense math (same function, fewer bytes read); None: the kind's
+    # byte rule (`sparse_batch_limit`).
+    sparse_max_batch: Optional[int] = None
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -128,11 +134,24 @@ class GatedFFN(InferenceFFN):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         if not self.moc:
             return self.dense(x)
+        if x.shape[0] > self.sparse_batch_limit():
+            return self.dense(x)
         w = self.width
         gate = F.linear(x, self.fc1[:w])
-        idx = self._select(gate)
-        coef = gather_rows_matvec(x, idx, self.fc1[w:], gate=gate.gather(1, idx.long()))
+        if self.structured:
+            idx = self._select(gate)
+            gate_at = gate.gather(1, idx.long())
+        else:
+            idx, gate_at = topk_select(gate, self.k)
+        coef = gather_rows_matvec(x, idx, self.fc1[w:], gate=gate_at)
         return gather_rows_combine(coef, idx, self.fc2)
+
+    def sparse_batch_limit(self) -> int:
+        """Largest batch decoded sparsely: each token reads its own K up and down rows, so beyond
+        width / K tokens the gathers read more bytes than the dense up and down projections."""
+        if self.sparse_max_batch is not None:
+            return self.sparse_max_batch
+        return max(1, self.width // self.k)
 
 
 class PlainFFN(InferenceFFN):
@@ -205,11 +224,22 @@ class PlainFFN(InferenceFFN):
         z = self._activation(_flat(h)).view(h.shape)
         return self._finish_down(F.linear(z, self.down_in_weight()))
 
+    def sparse_batch_limit(self) -> int:
+        """Largest batch decoded sparsely: each token reads its own rows of fc2 (k for top-k, at most
+        half for ELAS, data-dependent for relu2: taken as half), so beyond width / rows-per-token tokens
+        the gather reads more bytes than the dense down projection."""
+        if self.sparse_max_batch is not None:
+            return self.sparse_max_batch
+        per_token = self.k if self.kind == "topk" else self.width // 2
+        return max(1, self.width // per_token)
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.sparse_batch_limit():
+            return self.dense(x)
         h = self._up(x)
         if self.kind == "topk":
-            idx = topk_channels(h, self.k)
-            coef = _activate(h.gather(1, idx.long()), self.act)
+            idx, h_at = topk_select(h, self.k)
+            coef = _activate(h_at, self.act)
             y = gather_rows_combine(coef, idx, self.fc2_in)
         else:
             z = self._activation(h)

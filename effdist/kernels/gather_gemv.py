@@ -154,6 +154,9 @@ _COMBINE_BLOCK_S = 16
 _COMBINE_BLOCK_H = 128
 _MATVEC_BLOCK_K = 8
 _MATVEC_BLOCK_H = 256
+# Programs the matvec kernel aims for: at batch 1 (about a thousand slots) eight rows per program left
+# 132 programs, one per SM of an H100, reading at a fraction of the memory bandwidth.
+_MATVEC_TARGET_PROGRAMS = 1024
 # Programs the combine kernel aims for (a few per SM of a large GPU) before it splits rows' slots.
 _TARGET_PROGRAMS = 1024
 
@@ -165,6 +168,13 @@ def combine_splits(rows: int, slots: int, features: int) -> int:
     want = max(1, _TARGET_PROGRAMS // max(programs, 1))
     most = max(1, triton.cdiv(slots, _COMBINE_BLOCK_S))
     return min(triton.next_power_of_2(want), triton.next_power_of_2(most), 64)
+
+
+def matvec_blocks(rows: int, slots: int) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_H) of the matvec kernel: fewer slots per program when there are few slots in
+    all (decode at small batches), wider feature blocks then, so a program still loads a few KiB a step."""
+    block_k = min(_MATVEC_BLOCK_K, max(1, triton.next_power_of_2(max(rows * slots, 1)) // _MATVEC_TARGET_PROGRAMS))
+    return block_k, max(_MATVEC_BLOCK_H, 1024 // block_k)
 
 
 def gather_rows_combine_triton(coef: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
@@ -197,11 +207,12 @@ def gather_rows_matvec_triton(x: torch.Tensor, idx: torch.Tensor, weight: torch.
     features = weight.shape[1]
     out = torch.empty(rows, slots, dtype=x.dtype, device=x.device)
     if rows and slots:
-        grid = (rows, triton.cdiv(slots, _MATVEC_BLOCK_K))
+        block_k, block_h = matvec_blocks(rows, slots)
+        grid = (rows, triton.cdiv(slots, block_k))
         _gather_rows_matvec_kernel[grid](x, idx, weight, gate if gate is not None else x, out, rows, slots, features,
                                          x.stride(0), idx.stride(0), weight.stride(0),
                                          gate.stride(0) if gate is not None else 0, out.stride(0),
-                                         GATED=gate is not None, BLOCK_K=_MATVEC_BLOCK_K, BLOCK_H=_MATVEC_BLOCK_H)
+                                         GATED=gate is not None, BLOCK_K=block_k, BLOCK_H=block_h)
     return out
 
 

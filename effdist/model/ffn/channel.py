@@ -22,28 +22,35 @@ import torch
 from megatron.core.activations import squared_relu
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 
+from effdist.kernels._common import use_triton
 from effdist.kernels.channel_select import scatter_activated, select_activate, select_activate_backward
+from effdist.kernels.topk_select import topk_select_activate
 from effdist.model.ffn.dense import mlp_config
 from effdist.model.ffn.saved import save_compactly
-from effdist.model.ffn.selection import n_of_m_channels, topk_channels
+from effdist.model.ffn.selection import index_dtype, n_of_m_channels, topk_channels
 
 
 class _SelectActivate(torch.autograd.Function):
-    """src [N, W or 2W], idx [N, K] -> dense activation [N, W]; the selected inputs go to `sink`."""
+    """src [N, W or 2W], idx [N, K] -> dense activation [N, W]; the selected inputs and idx go to `sink`.
+    With idx None the K largest of src's first W columns are selected in the same kernel
+    (effdist.kernels.topk_select.topk_select_activate: no sort, no separate gather pass)."""
 
     @staticmethod
-    def forward(ctx, src, idx, width, act, sink):
-        z, sel_a, sel_b = select_activate(src, idx, width, act)
+    def forward(ctx, src, idx, width, act, sink, k=None):
+        if idx is None:
+            z, sel_a, sel_b, idx = topk_select_activate(src, k, width, act, index_dtype(width))
+        else:
+            z, sel_a, sel_b = select_activate(src, idx, width, act)
         ctx.width, ctx.act = width, act
         ctx.save_for_backward(sel_a, sel_b, idx)
-        sink.extend([sel_a, sel_b])
+        sink.extend([sel_a, sel_b, idx])
         return z
 
     @staticmethod
     def backward(ctx, dz):
         sel_a, sel_b, idx = ctx.saved_tensors
         dsrc = select_activate_backward(dz.contiguous(), sel_a, sel_b, idx, ctx.width, ctx.act)
-        return dsrc, None, None, None, None
+        return dsrc, None, None, None, None, None
 
 
 class ChannelSelectMLP(MLP):
@@ -62,6 +69,12 @@ class ChannelSelectMLP(MLP):
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def fused_topk(self) -> int | None:
+        """K when the selection is a plain top-K within this rank (TP=1), which the fused select +
+        activate kernel does on GPU; None when `select` must run (2:8, or the TP all-gather)."""
+        tp = self.tp_group.size() if self.tp_group is not None else 1
+        return self.k if tp == 1 and not getattr(self, "structured", False) else None
+
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         if per_token_scale is not None:
             raise NotImplementedError(f"{type(self).__name__} is a dense-layer FFN; per-token (MoE) scales are not supported")
@@ -71,10 +84,11 @@ class ChannelSelectMLP(MLP):
         lead = fc1_out.shape[:-1]
         src = fc1_out.reshape(-1, fc1_out.shape[-1])
         w = self.local_width
-        idx = self.select(src[:, :w].detach())
+        fused_k = self.fused_topk()
+        idx = None if fused_k and use_triton(src) else self.select(src[:, :w].detach())
         sink: list = []
-        z = _SelectActivate.apply(src, idx, w, self.act, sink).view(*lead, w)
-        sel_a, sel_b = sink
+        z = _SelectActivate.apply(src, idx, w, self.act, sink, fused_k).view(*lead, w)
+        sel_a, sel_b, idx = sink
         parts = (sel_a, sel_b, idx) if sel_b is not None else (sel_a, idx)
         with save_compactly(z, parts, self._rebuild(lead)):
             return self.linear_fc2(z)

@@ -1,0 +1,189 @@
+"""Exact per-row top-k by threshold search, without sorting: the channels a token keeps in MoC / top-k FFNs.
+
+    topk_select(scores [N, W], k) -> (idx [N, k] int32, values [N, k])
+
+idx holds each row's k largest scores' channels in increasing channel order (ties at the k-th value go
+to the lower channel), values the scores there. torch.topk over a whole row sorts its way to the
+answer (a radix select with several kernel launches, 24 us for one 5632-wide row on an H200, most of
+a sparse FFN's decode time); this kernel keeps whole rows in registers and finds the k-th largest
+value by bisection over the value's bits (ordered as integers: 16 rounds for bf16, 19 for fp16, 32 for
+fp32), each round a count per row. The kept channels are then those above the threshold plus the first
+ties, compacted to slots with a prefix sum. One program handles ROWS rows at once, so that the
+bisection's reductions of several rows overlap.
+
+Beside the Triton kernel: a torch reference (stable sort), the definition the kernel is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effdist.kernels._common import HAVE_TRITON, rowmajor, use_triton
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+
+def _check(scores: torch.Tensor, k: int) -> None:
+    if scores.dim() != 2:
+        raise ValueError(f"scores has shape {tuple(scores.shape)}, expected [rows, channels]")
+    if not 1 <= k <= scores.shape[1]:
+        raise ValueError(f"k = {k} must lie in [1, {scores.shape[1]}] (the row width)")
+
+
+def topk_select_reference(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(scores, k)
+    # A stable descending sort keeps equal scores in channel order: ties go to the lower channel.
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    idx = order.sort(dim=1).values
+    return idx.to(torch.int32), scores.gather(1, idx)
+
+
+if HAVE_TRITON:
+    from effdist.kernels.channel_select import _activate
+
+    @triton.jit
+    def _topk_keep(raw, valid, k, KEY_BITS: tl.constexpr, ROWS: tl.constexpr):
+        """Which entries of a [ROWS, BLOCK_W] tile are among their row's k largest (ties to the lower
+        column) and each kept entry's slot (its rank in column order among the kept)."""
+        # Order-preserving integer keys: fp32 bits, negatives flipped; the top KEY_BITS bits hold all of a
+        # bf16 (16) / fp16 (19) value.
+        bits = raw.to(tl.float32).to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) >> (32 - KEY_BITS)
+        # Largest t with count(key >= t) >= k, by bisection over [lo, hi] (int64 only for fp32, whose range
+        # is 2^32 wide: int64 compares over the whole tile cost twice as much).
+        if KEY_BITS == 32:
+            lo = tl.full((ROWS,), -(1 << (KEY_BITS - 1)), tl.int64)
+            hi = tl.full((ROWS,), (1 << (KEY_BITS - 1)) - 1, tl.int64)
+        else:
+            lo = tl.full((ROWS,), -(1 << (KEY_BITS - 1)), tl.int32)
+            hi = tl.full((ROWS,), (1 << (KEY_BITS - 1)) - 1, tl.int32)
+        for _ in range(KEY_BITS):
+            mid = lo + (hi - lo + 1) // 2
+            count = tl.sum((valid & (key >= mid[:, None])).to(tl.int32), axis=1)
+            take = count >= k
+            lo = tl.where(take, mid, lo)
+            hi = tl.where(take, hi, mid - 1)
+        greater = valid & (key > lo[:, None])
+        need = k - tl.sum(greater.to(tl.int32), axis=1)
+        tie = valid & (key == lo[:, None])
+        keep = greater | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= need[:, None]))
+        slot = tl.cumsum(keep.to(tl.int32), axis=1) - 1
+        return keep, slot
+
+    @triton.jit
+    def _topk_select_kernel(s_ptr, idx_ptr, val_ptr, n_rows, width, k, stride_s, stride_idx, stride_val,
+                            KEY_BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_W)
+        valid = (rows < n_rows)[:, None] & (cols < width)[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        raw = tl.load(s_ptr + r64 * stride_s + cols[None, :], mask=valid, other=0.0)
+        keep, slot = _topk_keep(raw, valid, k, KEY_BITS, ROWS)
+        tl.store(idx_ptr + r64 * stride_idx + slot, (cols[None, :] + tl.zeros_like(slot)).to(idx_ptr.dtype.element_ty),
+                 mask=keep)
+        tl.store(val_ptr + r64 * stride_val + slot, raw, mask=keep)
+
+    @triton.jit
+    def _topk_select_activate_kernel(src_ptr, z_ptr, a_ptr, b_ptr, idx_ptr, n_rows, width, k,
+                                     stride_src, stride_z, stride_sel, stride_idx,
+                                     ACT: tl.constexpr, KEY_BITS: tl.constexpr, ROWS: tl.constexpr,
+                                     BLOCK_W: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_W)
+        valid = (rows < n_rows)[:, None] & (cols < width)[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        a = tl.load(src_ptr + r64 * stride_src + cols[None, :], mask=valid, other=0.0)
+        keep, slot = _topk_keep(a, valid, k, KEY_BITS, ROWS)
+        b = a
+        if ACT == 0:  # swiglu: the up half of the row, read whole (it is contiguous; the gathers were not)
+            b = tl.load(src_ptr + r64 * stride_src + width + cols[None, :], mask=valid, other=0.0)
+            tl.store(b_ptr + r64 * stride_sel + slot, b, mask=keep)
+        tl.store(a_ptr + r64 * stride_sel + slot, a, mask=keep)
+        tl.store(idx_ptr + r64 * stride_idx + slot, (cols[None, :] + tl.zeros_like(slot)).to(idx_ptr.dtype.element_ty),
+                 mask=keep)
+        # The dense activation in one pass: zeros off the kept channels (no separate memset).
+        z = tl.where(keep, _activate(a.to(tl.float32), b.to(tl.float32), ACT), 0.0)
+        tl.store(z_ptr + r64 * stride_z + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=valid)
+
+
+_KEY_BITS = {torch.bfloat16: 16, torch.float16: 19, torch.float32: 32}
+
+
+def topk_select_config(rows: int, width: int) -> tuple[int, int, int]:
+    """(ROWS, BLOCK_W, num_warps): one row per program with many warps when there are few rows
+    (decode), several rows per program otherwise (training), about 32 row elements per thread."""
+    block_w = triton.next_power_of_2(width)
+    if rows <= 256:
+        return 1, block_w, max(4, min(16, block_w // 512))
+    per_program = max(1, min(4, 8192 // block_w))
+    return per_program, block_w, max(4, min(16, per_program * block_w // 1024))
+
+
+def topk_select_triton(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not HAVE_TRITON:
+        raise RuntimeError("triton is not installed; use topk_select_reference")
+    _check(scores, k)
+    if scores.dtype not in _KEY_BITS:
+        raise ValueError(f"topk_select_triton takes bf16/fp16/fp32 scores, not {scores.dtype}")
+    scores = rowmajor(scores)
+    rows, width = scores.shape
+    idx = torch.empty(rows, k, dtype=torch.int32, device=scores.device)
+    values = torch.empty(rows, k, dtype=scores.dtype, device=scores.device)
+    if rows:
+        per_program, block_w, warps = topk_select_config(rows, width)
+        _topk_select_kernel[(triton.cdiv(rows, per_program),)](
+            scores, idx, values, rows, width, k, scores.stride(0), idx.stride(0), values.stride(0),
+            KEY_BITS=_KEY_BITS[scores.dtype], ROWS=per_program, BLOCK_W=block_w, num_warps=warps)
+    return idx, values
+
+
+def topk_select(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton on CUDA tensors (bf16/fp16/fp32), the torch reference elsewhere (see the module doc)."""
+    if use_triton(scores) and scores.dtype in _KEY_BITS:
+        return topk_select_triton(scores, k)
+    return topk_select_reference(scores, k)
+
+
+# ---------------------------------------------------------------------------------------- fused with the activation
+
+def topk_select_activate_reference(src: torch.Tensor, k: int, width: int, act: str,
+                                   idx_dtype: torch.dtype = torch.int32):
+    """effdist.kernels.channel_select.select_activate at the top-k channels of src's first `width`
+    columns (the gate for "swiglu", the pre-activation otherwise): (z [N, W], sel_a, sel_b | None, idx)."""
+    from effdist.kernels.channel_select import select_activate_reference
+
+    idx, _ = topk_select_reference(src[:, :width], k)
+    z, a, b = select_activate_reference(src, idx, width, act)
+    return z, a, b, idx.to(idx_dtype)
+
+
+def topk_select_activate_triton(src: torch.Tensor, k: int, width: int, act: str,
+                                idx_dtype: torch.dtype = torch.int32, config: tuple[int, int, int] | None = None):
+    from effdist.kernels.channel_select import _act_code, _src_width
+
+    code = _act_code(act)
+    if src.dim() != 2 or src.shape[1] != _src_width(act, width):
+        raise ValueError(f"src has shape {tuple(src.shape)}, expected [rows, {_src_width(act, width)}] for {act}")
+    _check(src[:, :width], k)
+    src = rowmajor(src)
+    n = src.shape[0]
+    z = torch.empty(n, width, dtype=src.dtype, device=src.device)
+    a = torch.empty(n, k, dtype=src.dtype, device=src.device)
+    b = torch.empty(n, k, dtype=src.dtype, device=src.device) if act == "swiglu" else None
+    idx = torch.empty(n, k, dtype=idx_dtype, device=src.device)
+    if n:
+        per_program, block_w, warps = config or topk_select_config(n, width)
+        _topk_select_activate_kernel[(triton.cdiv(n, per_program),)](
+            src, z, a, b if b is not None else a, idx, n, width, k, src.stride(0), z.stride(0), a.stride(0),
+            idx.stride(0), ACT=code, KEY_BITS=_KEY_BITS[src.dtype], ROWS=per_program, BLOCK_W=block_w,
+            num_warps=warps)
+    return z, a, b, idx
+
+
+def topk_select_activate(src: torch.Tensor, k: int, width: int, act: str, idx_dtype: torch.dtype = torch.int32):
+    """Top-k selection and select_activate in one kernel on CUDA (bf16/fp16/fp32); the references elsewhere."""
+    if use_triton(src) and src.dtype in _KEY_BITS:
+        return topk_select_activate_triton(src, k, width, act, idx_dtype)
+    return topk_select_activate_reference(src, k, width, act, idx_dtype)

@@ -1,0 +1,117 @@
+"""Exact top-k by threshold search (effdist.kernels.topk_select): the Triton kernel (CPU interpreter)
+against its torch reference, the reference against torch.topk, ties and the row-per-program layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# First: importing it chooses Triton's CPU interpreter (on machines without CUDA) before triton is imported.
+from tests.kernel_testing import needs_interpreter, requires_gpu  # isort: skip
+
+from effdist.kernels.topk_select import topk_select, topk_select_reference, topk_select_triton
+
+
+def test_reference_is_the_topk_set_in_channel_order_ties_to_lower_channels():
+    scores = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    idx, values = topk_select_reference(scores, 7)
+    want = torch.topk(scores, 7, dim=1).indices.sort(dim=1).values
+    assert torch.equal(idx.long(), want) and idx.dtype == torch.int32
+    assert torch.equal(values, scores.gather(1, want))
+    ties = torch.tensor([[1.0, 3.0, 1.0, 1.0, 0.0, 3.0]])
+    assert topk_select_reference(ties, 3)[0].tolist() == [[0, 1, 5]]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,width,k", [(3, 40, 7), (300, 96, 18), (2, 33, 33), (5, 20, 1)])
+def test_triton_equals_reference(dtype, rows, width, k):
+    g = torch.Generator().manual_seed(rows + width)
+    scores = torch.randn(rows, width, generator=g).to(dtype)
+    scores[0, :5] = scores[0, 5]  # ties (bf16/fp16 make many more)
+    scores[-1, -3:] = -0.0
+    scores[-1, :2] = float("-inf")
+    idx, values = topk_select_triton(scores, k)
+    want_idx, want_values = topk_select_reference(scores, k)
+    assert torch.equal(idx, want_idx)
+    assert torch.equal(values, want_values)
+
+
+@needs_interpreter
+def test_triton_several_rows_per_program_and_negative_rows():
+    # 300 rows take the multi-row layout (see topk_select_config); all-negative and constant rows.
+    scores = torch.randn(300, 64, generator=torch.Generator().manual_seed(3)) - 5
+    scores[7] = 2.5
+    idx, _ = topk_select_triton(scores, 10)
+    assert torch.equal(idx, topk_select_reference(scores, 10)[0])
+    assert idx[7].tolist() == list(range(10))
+
+
+def test_bad_k_names_it():
+    with pytest.raises(ValueError, match="k = 0"):
+        topk_select(torch.zeros(2, 4), 0)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,width,k", [(1, 5632, 1056), (32, 5632, 563), (4096, 2816, 528)])
+def test_gpu_kernel_equals_reference(dtype, rows, width, k):
+    scores = torch.randn(rows, width, device="cuda").to(dtype)
+    idx, values = topk_select(scores, k)
+    want_idx, want_values = topk_select_reference(scores, k)
+    assert torch.equal(idx, want_idx) and torch.equal(values, want_values)
+
+
+# ---------------------------------------------------------------------------------------- fused with the activation
+
+from effdist.kernels.channel_select import select_activate_reference  # noqa: E402
+from effdist.kernels.topk_select import (  # noqa: E402
+    topk_select_activate,
+    topk_select_activate_reference,
+    topk_select_activate_triton,
+)
+
+
+def test_fused_reference_is_select_activate_at_the_topk():
+    src = torch.randn(5, 2 * 24, generator=torch.Generator().manual_seed(1))
+    z, a, b, idx = topk_select_activate_reference(src, 6, 24, "swiglu", torch.int16)
+    assert idx.dtype == torch.int16
+    want_idx = torch.topk(src[:, :24], 6, dim=1).indices.sort(dim=1).values
+    assert torch.equal(idx.long(), want_idx)
+    wz, wa, wb = select_activate_reference(src, want_idx, 24, "swiglu")
+    assert torch.equal(z, wz) and torch.equal(a, wa) and torch.equal(b, wb)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("act", ["swiglu", "relu", "relu2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,width,k", [(3, 40, 7), (300, 24, 5)])
+def test_fused_triton_equals_reference(act, dtype, rows, width, k):
+    src_width = 2 * width if act == "swiglu" else width
+    src = torch.randn(rows, src_width, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    got = topk_select_activate_triton(src, k, width, act, torch.int16)
+    want = topk_select_activate_reference(src, k, width, act, torch.int16)
+    z, a, b, idx = got
+    assert torch.equal(idx, want[3]) and torch.equal(a, want[1])
+    assert (b is None) == (act != "swiglu") and (b is None or torch.equal(b, want[2]))
+    # Same fp32 math rounded once; sigmoid's last bit may differ between Triton and torch.
+    torch.testing.assert_close(z, want[0], rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6)
+    assert torch.equal(z == 0, want[0] == 0)
+
+
+def test_fused_rejects_a_width_that_does_not_fit():
+    with pytest.raises(ValueError, match="expected"):
+        topk_select_activate_triton(torch.zeros(2, 10), 2, 4, "swiglu")
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", ["swiglu", "relu"])
+def test_gpu_fused_equals_reference(act):
+    width = 2816
+    src = torch.randn(4096, 2 * width if act == "swiglu" else width, device="cuda", dtype=torch.bfloat16)
+    z, a, b, idx = topk_select_activate(src, 528, width, act, torch.int16)
+    wz, wa, wb, widx = topk_select_activate_reference(src, 528, width, act, torch.int16)
+    assert torch.equal(idx, widx) and torch.equal(a, wa)
+    torch.testing.assert_close(z, wz, rtol=1e-2, atol=1e-6)
