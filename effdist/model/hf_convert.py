@@ -195,9 +195,9 @@ def hf_to_effdist(hf_sd: dict[str, torch.Tensor], cfg: Config, progress: bool = 
              and not (cfg.model.tie_embeddings and k == "lm_head.weight")}
     problems = shape_problems(hf_shapes(cfg), found, found_name="the HF checkpoint")
     if problems:
+        problems = _vocab_hint(problems, hf_sd, "model.embed_tokens.weight", v, "config.json says vocab_size =")
         raise ConversionError(mismatch_message(
-            f"the HF checkpoint does not fit its config.json ({len(problems)} problem(s)):",
-            _vocab_hint(problems, hf_sd, "model.embed_tokens.weight", v, "config.json says vocab_size ="),
+            f"the HF checkpoint does not fit its config.json ({len(problems)} problem(s)):", problems,
             "the weights and config.json must come from the same model: re-export it with save_pretrained, or "
             "correct config.json (vocab_size, hidden_size, intermediate_size, num_hidden_layers, heads)"))
 
@@ -233,10 +233,10 @@ def effdist_to_hf(sd: dict[str, torch.Tensor], cfg: Config, progress: bool = Tru
     found = {k: tuple(t.shape) for k, t in sd.items() if torch.is_tensor(t) and not k.endswith("._extra_state")}
     problems = shape_problems(effdist_shapes(cfg), found, found_name="the effdist checkpoint")
     if problems:
+        problems = _vocab_hint(problems, sd, "embedding.word_embeddings.weight", _padded_vocab(cfg),
+                               f"the config has vocab_size = {v}, padded to")
         raise ConversionError(mismatch_message(
-            f"the effdist checkpoint does not fit the config ({len(problems)} problem(s)):",
-            _vocab_hint(problems, sd, "embedding.word_embeddings.weight", _padded_vocab(cfg),
-                        f"the config has vocab_size = {v}, padded to"),
+            f"the effdist checkpoint does not fit the config ({len(problems)} problem(s)):", problems,
             "convert with the config the checkpoint was written with (leave out --config: the checkpoint "
             "carries its own)"))
 

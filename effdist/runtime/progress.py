@@ -135,8 +135,11 @@ class Progress:
                 width = 20
                 filled = int(width * fraction)
                 parts.append(f"[{'#' * filled}{'.' * (width - filled)}]")
-            parts.append(f"{100 * fraction:3.0f}%")
-            parts.append(f"{_fmt_count(self.done, self.unit)}/{_fmt_count(self.total, self.unit)}")
+            parts.append(f"{100 * fraction:{3 if self.mode == 'bar' else 0}.0f}%")  # a bar keeps its width
+            if self.unit == "B":
+                parts.append(f"{_fmt_count(self.done, 'B')}/{_fmt_count(self.total, 'B')}")
+            else:
+                parts.append(f"{_fmt_count(self.done, '')}/{_fmt_count(self.total, self.unit)}")
         elif self.done:
             parts.append(_fmt_count(self.done, self.unit))
         if self.stage_text:

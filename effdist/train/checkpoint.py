@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 # Which config keys shape the tensors (shared with `effdist convert`).
 from effdist.model.checkpoint_fit import SHAPE_KEYS, shape_changes  # noqa: F401 (re-exported)
+from effdist.runtime.progress import Progress
 
 MARKER = "effdist.json"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
@@ -310,12 +311,19 @@ def manifest(path: Path) -> dict[str, list[int]]:
     return out
 
 
-def verify(path: Path, check_crc: bool = True) -> None:
-    """Raise CheckpointError if any file of `path` is missing, truncated or altered since it was saved."""
+def verify(path: Path, check_crc: bool = True, progress: bool = False) -> None:
+    """Raise CheckpointError if any file of `path` is missing, truncated or altered since it was saved.
+    With `progress`, reading the files for their CRC shows a bar (a terminal) or lines (a long run in a log)."""
     marker = read_marker(path)
     expected = marker.get("files")
     if not expected:
         raise CheckpointError(f"checkpoint {path} records no file manifest; it was not completed by effdist")
+    total = sum(int(size) for size, _ in expected.values())
+    with Progress(f"verifying {path.name}", total=total, unit="B", enabled=progress and check_crc) as bar:
+        _verify_files(path, expected, check_crc, bar)
+
+
+def _verify_files(path: Path, expected: dict[str, list[int]], check_crc: bool, bar: Progress) -> None:
     for rel, (size, crc) in expected.items():
         f = path / rel
         if not f.is_file():
@@ -328,6 +336,7 @@ def verify(path: Path, check_crc: bool = True) -> None:
             with open(f, "rb") as fh:
                 while chunk := fh.read(1 << 22):
                     got = zlib.crc32(chunk, got)
+                    bar.update(len(chunk))
             if got != crc:
                 raise CheckpointError(f"checkpoint {path}: {rel} fails its CRC32 check (corrupted on disk)")
 
@@ -363,14 +372,17 @@ def load(path: Path, model_chunks, optimizer, runtime, restore_rng: bool = True)
 
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path} is not a complete effdist checkpoint (no {MARKER})")
-    optimizer.ensure_state()
-    sd = build_state_dict(model_chunks, optimizer, runtime, common={})
-    del sd["common"]
-    if not restore_rng:
-        del sd["rng_state"]
-    loaded = dist_checkpointing.load(sd, str(path))
-    _load_chunks(model_chunks, loaded["model"])
-    optimizer.load_sharded_state_dict(loaded["optimizer"])
+    with Progress(f"loading {path.name}", enabled=runtime.is_logging_rank) as bar:
+        bar.stage("reading model, optimizer and RNG state")  # one collective read: no count to show
+        optimizer.ensure_state()
+        sd = build_state_dict(model_chunks, optimizer, runtime, common={})
+        del sd["common"]
+        if not restore_rng:
+            del sd["rng_state"]
+        loaded = dist_checkpointing.load(sd, str(path))
+        bar.stage("copying into the model and optimizer")
+        _load_chunks(model_chunks, loaded["model"])
+        optimizer.load_sharded_state_dict(loaded["optimizer"])
     if restore_rng and "rng_state" in loaded:
         set_rng_state(loaded["rng_state"], runtime)
     common = dist_checkpointing.load_common_state_dict(str(path))
@@ -408,8 +420,11 @@ def load_model_only(path: Path, model_chunks, config: dict[str, Any] | None = No
         raise IncompatibleCheckpointError(mismatch_message(
             f"checkpoint.init_from = {str(path)!r} does not fit this model ({len(problems)} problem(s)):",
             problems, fix))
-    loaded = dist_checkpointing.load({"model": sharded}, str(path))
-    _load_chunks(model_chunks, loaded["model"])
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    with Progress(f"loading {path.name}", enabled=first) as bar:
+        bar.stage("reading model weights")
+        loaded = dist_checkpointing.load({"model": sharded}, str(path))
+        _load_chunks(model_chunks, loaded["model"])
     return path
 
 

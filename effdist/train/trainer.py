@@ -209,7 +209,7 @@ class Trainer:
                 raise ckpt.CheckpointError(f"--resume {path}: not a complete effdist checkpoint directory" + (
                     f"; it is a converted model: start a run from it with --set checkpoint.init_from={path}"
                     if converted else ""))
-            ckpt.verify(path, check_crc=self.cfg.checkpoint.verify_crc)
+            ckpt.verify(path, check_crc=self.cfg.checkpoint.verify_crc, progress=rt.is_logging_rank)
         if path is None:
             if self.cfg.checkpoint.init_from and self.engine is not None:
                 self.engine.load_model_only(Path(self.cfg.checkpoint.init_from))
@@ -273,7 +273,7 @@ class Trainer:
         if rt.is_logging_rank:
             for _, path in reversed(ckpt.list_checkpoints(self.ckpt_dir)):
                 try:
-                    ckpt.verify(path, check_crc=self.cfg.checkpoint.verify_crc)
+                    ckpt.verify(path, check_crc=self.cfg.checkpoint.verify_crc, progress=True)
                     choice = str(path)
                     break
                 except ckpt.CheckpointError as e:
