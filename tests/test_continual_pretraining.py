@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from hf_llama import make_llama
 from launching import ROOT, TINY, clean_env
 
 transformers = pytest.importorskip("transformers", reason="transformers (pyproject dev extra) builds the reference "
@@ -26,17 +27,9 @@ TOKENS = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(
 
 def make_hf_model(path, num_layers=4, ffn=176):
     """A random LlamaForCausalLM; the defaults are tiny-cpu's shape (vocab 512, hidden 64, 4 heads, 2 groups)."""
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=ffn, num_hidden_layers=num_layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, rms_norm_eps=1e-5)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:  # HF initialises norms to 1: make them tell layers apart
-                p.uniform_(0.5, 1.5)
-    model.save_pretrained(path, safe_serialization=True)
-    return model
+    return make_llama(path, hidden_size=64, intermediate_size=ffn, num_hidden_layers=num_layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
+                      rms_norm_eps=1e-5)
 
 
 def effdist(*args, timeout=400):

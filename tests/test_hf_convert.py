@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_llama import make_llama
 from effdist.model.hf_convert import (
     ConversionError,
     config_from_hf,
@@ -31,17 +32,10 @@ def megatron_one_process():
 
 
 def make_hf_model(tmp_path, tie: bool = False, **overrides):
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=VOCAB, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=tie, **overrides)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:  # HF initialises norms to 1: make them tell layers apart
-                p.uniform_(0.5, 1.5)
     path = tmp_path / ("hf_tied" if tie else "hf")
-    model.save_pretrained(path, safe_serialization=True)
+    model = make_llama(path, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, rms_norm_eps=1e-5,
+                       tie_word_embeddings=tie, **overrides)
     return model, path
 
 
@@ -204,8 +198,8 @@ def test_effdist_to_hf_with_a_config_of_another_shape_is_named(tmp_path, capsys)
     assert lines[-1] == "  fix: leave out --config (the checkpoint carries its own)"
     assert main(["to-hf", "--checkpoint", str(torch_file), "--config", str(other), "--out", str(tmp_path / "b")]) == 2
     lines = _error_lines(capsys)
-    assert "  vocabulary: embedding.word_embeddings.weight has 128 rows, the config has vocab_size = 512, padded to 512" \
-        in lines
+    assert ("  vocabulary: embedding.word_embeddings.weight has 128 rows, the config has vocab_size = 512, "
+            "padded to 512") in lines
     assert "  decoder.layers.0.mlp.linear_fc1.weight: expected [352, 64], the effdist checkpoint has [192, 64]" in lines
     assert lines[0].endswith("(15 problem(s)):") and lines[-2] == "  ... and 3 more"  # 12 listed, the rest counted
     assert not (tmp_path / "b").exists()

@@ -33,7 +33,7 @@ import torch
 
 from effdist.config import Config, config_from_dict, validate
 from effdist.model.checkpoint_fit import (
-    dist_checkpoint_problems, mismatch_message, shape_changes, shape_problems, config_fix)
+    config_fix, dist_checkpoint_problems, mismatch_message, shape_changes, shape_problems)
 from effdist.runtime.distributed import one_process_megatron  # noqa: F401 (re-exported)
 from effdist.runtime.progress import Progress
 
@@ -168,7 +168,8 @@ def effdist_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     out = {"embedding.word_embeddings.weight": (padded, h)}
     for i in range(cfg.model.num_layers):
         mp = f"decoder.layers.{i}."
-        out.update({mp + "input_layernorm.weight": (h,), mp + "self_attention.linear_qkv.weight": ((nh + 2 * ng) * d, h),
+        out.update({mp + "input_layernorm.weight": (h,),
+                    mp + "self_attention.linear_qkv.weight": ((nh + 2 * ng) * d, h),
                     mp + "self_attention.linear_proj.weight": (h, nh * d), mp + "pre_mlp_layernorm.weight": (h,),
                     mp + "mlp.linear_fc1.weight": (2 * f, h), mp + "mlp.linear_fc2.weight": (h, f)})
     out["decoder.final_layernorm.weight"] = (h,)

@@ -62,6 +62,12 @@ def active() -> Optional[_Bar]:
     return _active
 
 
+def write_above(stream: TextIO, shown: str, text: str) -> None:
+    """Print `text` as a line of its own on `stream`; the bar `shown` there (if any) is drawn again below it."""
+    stream.write(("\r\x1b[K" + text + "\n" + shown) if shown else text + "\n")
+    stream.flush()
+
+
 def console_line(text: str, stream: TextIO | None = None) -> None:
     """Write one line to the console (stderr), above the progress bar when one is shown there."""
     stream = stream if stream is not None else sys.stderr
@@ -167,11 +173,7 @@ class Progress:
         set_active(self)
 
     def write_above(self, text: str) -> None:
-        if self._shown:
-            self.stream.write("\r\x1b[K" + text + "\n" + self._shown)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+        write_above(self.stream, self._shown, text)
 
     def close(self) -> None:
         """Finish: the bar is drawn once more in its final state and the line ended; in a pipe, a task

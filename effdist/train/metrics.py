@@ -254,11 +254,7 @@ class ProgressBar:
 
     def write_above(self, text: str) -> None:
         """Print `text` as a line of its own; on a terminal the bar is drawn again below it."""
-        if self._shown:
-            self.stream.write("\r\x1b[K" + text + "\n" + self._shown)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+        progress.write_above(self.stream, self._shown, text)
 
     def close(self) -> None:
         if self._shown:
