@@ -33,10 +33,10 @@ def megatron_one_process():
 
 def make_hf_model(tmp_path, tie: bool = False, **overrides):
     path = tmp_path / ("hf_tied" if tie else "hf")
-    model = make_llama(path, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, rms_norm_eps=1e-5,
-                       tie_word_embeddings=tie, **overrides)
-    return model, path
+    config = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, rms_norm_eps=1e-5,
+                  tie_word_embeddings=tie)
+    return make_llama(path, **dict(config, **overrides)), path
 
 
 def effdist_logits(cfg, sd, tokens, epas_region: int | None = None):
@@ -83,6 +83,23 @@ def test_round_trip_is_exact(tmp_path):
     assert back.keys() == hf_sd.keys()
     for k, v in hf_sd.items():
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+
+
+def test_any_vocabulary_padding_converts_back(tmp_path):
+    """A checkpoint trained at TP=2 (vocabulary padded to a multiple of 128) loads at TP=1 with another
+    padding; converting it to HF keeps the real rows whatever the padding."""
+    _, path = make_hf_model(tmp_path, vocab_size=130)
+    hf_config, hf_sd = load_hf_checkpoint(path)
+    cfg = config_from_hf(hf_config)
+    sd = hf_to_effdist(hf_sd, cfg)
+    assert sd["embedding.word_embeddings.weight"].shape[0] == 192
+    cfg.parallel.tp = 2  # as saved by a TP=2 run: the config pads to 256, the TP=1 model holds 192 rows
+    back = effdist_to_hf(sd, cfg)
+    assert all(torch.equal(back[k], v) for k, v in hf_sd.items())
+    short = dict(sd, **{"output_layer.weight": sd["output_layer.weight"][:100]})
+    with pytest.raises(ConversionError, match=r"output_layer.weight: expected \[256, 64\], the effdist checkpoint "
+                                              r"has \[100, 64\]"):
+        effdist_to_hf(short, cfg)
 
 
 @pytest.mark.parametrize("fmt", ["torch", "dist"])

@@ -232,7 +232,11 @@ def effdist_to_hf(sd: dict[str, torch.Tensor], cfg: Config, progress: bool = Tru
     _check_swiglu(cfg, "the checkpoint's config")
     h, nh, ng, d, qpg, f, v = _dims(cfg)
     found = {k: tuple(t.shape) for k, t in sd.items() if torch.is_tensor(t) and not k.endswith("._extra_state")}
-    problems = shape_problems(effdist_shapes(cfg), found, found_name="the effdist checkpoint")
+    # The vocabulary padding depends on the TP size the model was built for (a TP=2 checkpoint loaded at
+    # TP=1 keeps either); any padding works as long as every real token has its row.
+    vocab_rows = frozenset(k for k in ("embedding.word_embeddings.weight", "output_layer.weight")
+                           if k in found and found[k][0] >= v)
+    problems = shape_problems(effdist_shapes(cfg), found, found_name="the effdist checkpoint", vocab_rows=vocab_rows)
     if problems:
         problems = _vocab_hint(problems, sd, "embedding.word_embeddings.weight", _padded_vocab(cfg),
                                f"the config has vocab_size = {v}, padded to")
