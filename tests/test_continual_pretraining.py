@@ -33,8 +33,18 @@ def make_hf_model(path, num_layers=4, ffn=176):
 
 
 def effdist(*args, timeout=400):
-    return subprocess.run([sys.executable, "-m", "effdist.cli", *map(str, args)], env=clean_env(), cwd=ROOT,
+    env = clean_env()
+    env.pop("PYTHONWARNINGS")  # the launcher's default hides every warning; a user's shell does not
+    return subprocess.run([sys.executable, "-m", "effdist.cli", *map(str, args)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def converted(proc):
+    """A conversion that succeeded quietly: in a pipe, stdout says what was written and stderr stays empty
+    (no progress bar, no third-party warnings)."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr == "", proc.stderr[-3000:]
+    return proc
 
 
 def hf_logits(path):
@@ -65,15 +75,13 @@ def test_continual_pretraining_from_an_hf_directory(tmp_path):
         original = hf(TOKENS).logits
     ckpt, run, data = tmp_path / "tinyllama", tmp_path / "run", tmp_path / "data"
 
-    proc = effdist("convert", "from-hf", "--hf-dir", tmp_path / "hf", "--out", ckpt, "--format", "dist",
-                   "--config", TINY)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    converted(effdist("convert", "from-hf", "--hf-dir", tmp_path / "hf", "--out", ckpt, "--format", "dist",
+                      "--config", TINY))
     assert (ckpt / "config.yaml").is_file()
     # Before training, both ways: the converted checkpoint computes the HF logits, and converted back
     # (to-hf on the checkpoint directory) transformers loads the very same model.
     torch.testing.assert_close(effdist_logits(ckpt), original, rtol=1e-5, atol=1e-5)
-    proc = effdist("convert", "to-hf", "--checkpoint", ckpt, "--out", tmp_path / "hf_again")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    converted(effdist("convert", "to-hf", "--checkpoint", ckpt, "--out", tmp_path / "hf_again"))
     torch.testing.assert_close(hf_logits(tmp_path / "hf_again"), original, rtol=0, atol=0)
 
     proc = effdist("train", "--config", ckpt / "config.yaml", "--run-dir", run, "--set", f"checkpoint.init_from={ckpt}",
@@ -83,8 +91,7 @@ def test_continual_pretraining_from_an_hf_directory(tmp_path):
 
     # The run directory (its newest checkpoint) converts back; transformers loads it and computes what the
     # trained effdist model computes, which is no longer the original model.
-    proc = effdist("convert", "to-hf", "--checkpoint", run, "--out", tmp_path / "hf_trained")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = converted(effdist("convert", "to-hf", "--checkpoint", run, "--out", tmp_path / "hf_trained"))
     assert "iter_0000002" in proc.stdout
     trained = hf_logits(tmp_path / "hf_trained")
     torch.testing.assert_close(trained, effdist_logits(run / "checkpoints" / "iter_0000002"), rtol=1e-5, atol=1e-5)

@@ -212,8 +212,8 @@ class Trainer:
             ckpt.verify(path, check_crc=self.cfg.checkpoint.verify_crc, progress=rt.is_logging_rank)
         if path is None:
             if self.cfg.checkpoint.init_from and self.engine is not None:
-                self.engine.load_model_only(Path(self.cfg.checkpoint.init_from))
-                log(rt, f"initialised the model from {self.cfg.checkpoint.init_from}")
+                loaded = self.engine.load_model_only(Path(self.cfg.checkpoint.init_from), self.cfg.to_dict())
+                log(rt, f"initialised the model from {loaded}")
             elif self.cfg.checkpoint.init_from:
                 loaded = ckpt.load_model_only(Path(self.cfg.checkpoint.init_from), self.model_chunks,
                                               self.cfg.to_dict())
