@@ -1,6 +1,8 @@
 """Continual pretraining from an HF LLaMA directory, end to end (docs/continual_pretraining.md): a tiny
 random LlamaForCausalLM made here -> `effdist convert from-hf --format dist` -> `effdist train` with
-checkpoint.init_from -> `effdist convert to-hf` on the run directory -> transformers loads it.
+checkpoint.init_from -> `effdist convert to-hf` on the run directory -> transformers loads it. The
+commands a user types run as processes of their own (stderr as a user sees it); the conversions that
+only set up a case run in this process.
 
 The round trip before training is exact (the HF model's logits from the converted checkpoint and from
 the model converted back); after training, the exported model gives the trained effdist model's logits.
@@ -14,6 +16,7 @@ import sys
 import pytest
 import torch
 
+from effdist.train.convert import main as convert_main
 from hf_llama import make_llama
 from launching import ROOT, TINY, clean_env
 
@@ -81,7 +84,7 @@ def test_continual_pretraining_from_an_hf_directory(tmp_path):
     # Before training, both ways: the converted checkpoint computes the HF logits, and converted back
     # (to-hf on the checkpoint directory) transformers loads the very same model.
     torch.testing.assert_close(effdist_logits(ckpt), original, rtol=1e-5, atol=1e-5)
-    converted(effdist("convert", "to-hf", "--checkpoint", ckpt, "--out", tmp_path / "hf_again"))
+    assert convert_main(["to-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf_again")]) == 0
     torch.testing.assert_close(hf_logits(tmp_path / "hf_again"), original, rtol=0, atol=0)
 
     proc = effdist("train", "--config", ckpt / "config.yaml", "--run-dir", run, "--set", f"checkpoint.init_from={ckpt}",
@@ -99,8 +102,8 @@ def test_continual_pretraining_from_an_hf_directory(tmp_path):
 
     # A checkpoint of another shape than the run's config: every misfit tensor named, exit 2, no traceback.
     make_hf_model(tmp_path / "hf3", num_layers=3, ffn=96)
-    assert effdist("convert", "from-hf", "--hf-dir", tmp_path / "hf3", "--out", tmp_path / "three",
-                   "--format", "dist").returncode == 0
+    assert convert_main(["from-hf", "--hf-dir", str(tmp_path / "hf3"), "--out", str(tmp_path / "three"),
+                         "--format", "dist"]) == 0
     proc = effdist("train", "--config", TINY, "--run-dir", tmp_path / "misfit", "--set",
                    f"checkpoint.init_from={tmp_path / 'three'}", "--set", "train.steps=2", "--set",
                    f"data.cache_dir={data}")
