@@ -224,3 +224,18 @@ def test_effdist_to_hf_with_a_config_of_another_shape_is_named(tmp_path, capsys)
     (tmp_path / "empty_run").mkdir()
     assert main(["to-hf", "--checkpoint", str(tmp_path / "empty_run"), "--out", str(tmp_path / "b")]) == 2
     assert "holds no complete effdist checkpoint" in _error_lines(capsys)[0]
+
+
+def test_resuming_from_a_converted_model_points_to_init_from(tmp_path):
+    from effdist.model.hf_convert import CONVERTED_MARKER
+    from effdist.train.checkpoint import CheckpointError
+    from effdist.train.trainer import Trainer
+
+    converted = tmp_path / "tinyllama"
+    converted.mkdir()
+    (converted / CONVERTED_MARKER).write_text("{}")
+    trainer = Trainer.__new__(Trainer)  # only the --resume path check runs, before anything is loaded
+    trainer.resume, trainer.runtime = str(converted), None
+    with pytest.raises(CheckpointError, match=f"it is a converted model: start a run from it with --set "
+                                              f"checkpoint.init_from={converted}"):
+        trainer._maybe_resume()
