@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("effdist.data.preprocess", "tokenize text into megatron .bin/.idx datasets"),
     "tokenizer": ("effdist.data.tokenizer", "train a byte-level BPE tokenizer on local text"),
     "generate": ("effdist.infer.generate", "generate text from a checkpoint (KV cache, EPAS region)"),
-    "convert": ("effdist.model.hf_convert", "convert between HF LLaMA checkpoints and effdist"),
+    "convert": ("effdist.train.convert", "convert between HF LLaMA checkpoints and effdist (both ways)"),
     "plot": ("effdist.train.plot", "plot loss curves of one or more run directories"),
     "bench": ("effdist.bench", "run a benchmark from tools/"),
 }

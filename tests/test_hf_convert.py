@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_llama import make_llama
 from effdist.model.hf_convert import (
     ConversionError,
     config_from_hf,
@@ -14,11 +15,12 @@ from effdist.model.hf_convert import (
     hf_to_effdist,
     load_hf_checkpoint,
     load_torch,
-    main,
     one_process_megatron,
 )
+from effdist.train.convert import main
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="transformers (pyproject dev extra) builds the reference "
+                                   "LlamaForCausalLM")
 
 VOCAB = 100  # pads to 128 in effdist: the padding must vanish again on the way back
 
@@ -30,18 +32,11 @@ def megatron_one_process():
 
 
 def make_hf_model(tmp_path, tie: bool = False, **overrides):
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=VOCAB, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=tie, **overrides)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:  # HF initialises norms to 1: make them tell layers apart
-                p.uniform_(0.5, 1.5)
     path = tmp_path / ("hf_tied" if tie else "hf")
-    model.save_pretrained(path, safe_serialization=True)
-    return model, path
+    config = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, rms_norm_eps=1e-5,
+                  tie_word_embeddings=tie)
+    return make_llama(path, **dict(config, **overrides)), path
 
 
 def effdist_logits(cfg, sd, tokens, epas_region: int | None = None):
@@ -90,6 +85,23 @@ def test_round_trip_is_exact(tmp_path):
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
 
 
+def test_any_vocabulary_padding_converts_back(tmp_path):
+    """A checkpoint trained at TP=2 (vocabulary padded to a multiple of 128) loads at TP=1 with another
+    padding; converting it to HF keeps the real rows whatever the padding."""
+    _, path = make_hf_model(tmp_path, vocab_size=130)
+    hf_config, hf_sd = load_hf_checkpoint(path)
+    cfg = config_from_hf(hf_config)
+    sd = hf_to_effdist(hf_sd, cfg)
+    assert sd["embedding.word_embeddings.weight"].shape[0] == 192
+    cfg.parallel.tp = 2  # as saved by a TP=2 run: the config pads to 256, the TP=1 model holds 192 rows
+    back = effdist_to_hf(sd, cfg)
+    assert all(torch.equal(back[k], v) for k, v in hf_sd.items())
+    short = dict(sd, **{"output_layer.weight": sd["output_layer.weight"][:100]})
+    with pytest.raises(ConversionError, match=r"output_layer.weight: expected \[256, 64\], the effdist checkpoint "
+                                              r"has \[100, 64\]"):
+        effdist_to_hf(short, cfg)
+
+
 @pytest.mark.parametrize("fmt", ["torch", "dist"])
 def test_convert_command_both_ways(tmp_path, fmt):
     hf_model, path = make_hf_model(tmp_path)
@@ -130,6 +142,100 @@ def test_unsupported_checkpoints_are_named(tmp_path):
     with pytest.raises(ConversionError, match="up_proj"):
         hf_to_effdist(missing, cfg)
     wrong = dict(hf_sd, **{"model.norm.weight": torch.ones(65)})
-    with pytest.raises(ConversionError, match="shape"):
+    with pytest.raises(ConversionError, match=r"model.norm.weight: expected \[64\], the HF checkpoint has \[65\]"):
         hf_to_effdist(wrong, cfg)
     assert main(["hf-to-effdist", "--hf-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.pt")]) == 2
+
+
+def _altered_hf_dir(tmp_path, name, src, tensors=None, drop=(), **config_changes):
+    """A copy of the HF directory `src` with some tensors replaced, added or dropped, or config.json changed."""
+    import json
+
+    from safetensors.torch import save_file
+
+    hf_config, sd = load_hf_checkpoint(src)
+    sd = {k: v for k, v in sd.items() if k not in drop}
+    sd.update(tensors or {})
+    out = tmp_path / name
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(dict(hf_config, **config_changes)))
+    save_file(sd, str(out / "model.safetensors"))
+    return out
+
+
+def _error_lines(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()
+
+
+def test_every_misfit_tensor_is_named_with_its_shapes_and_the_fix(tmp_path, capsys):
+    _, path = make_hf_model(tmp_path)
+    out = str(tmp_path / "x.pt")
+    # Wrong shape, missing key and a tensor the layout does not have: all three in one message, one line each.
+    bad = _altered_hf_dir(tmp_path, "bad", path, drop=["model.layers.2.mlp.up_proj.weight"], tensors={
+        "model.layers.1.mlp.down_proj.weight": torch.zeros(64, 90),
+        "model.layers.0.self_attn.q_norm.weight": torch.ones(16)})
+    vocab = _altered_hf_dir(tmp_path, "vocab", path, vocab_size=120)
+    capsys.readouterr()  # transformers' own save bar
+    assert main(["hf-to-effdist", "--hf-dir", str(bad), "--out", out]) == 2
+    lines = _error_lines(capsys)
+    assert lines[0] == "effdist convert: the HF checkpoint does not fit its config.json (3 problem(s)):"
+    assert lines[1:4] == [
+        "  model.layers.1.mlp.down_proj.weight: expected [64, 96], the HF checkpoint has [64, 90]",
+        "  model.layers.2.mlp.up_proj.weight: missing from the HF checkpoint (expected [96, 64])",
+        "  model.layers.0.self_attn.q_norm.weight: in the HF checkpoint ([16]) but not in this model"]
+    assert lines[4].startswith("  fix: ") and len(lines) == 5
+    # Wrong vocabulary: config.json says 120 tokens, the embedding and LM head have 100 rows.
+    assert main(["from-hf", "--hf-dir", str(vocab), "--out", out]) == 2
+    lines = _error_lines(capsys)
+    assert lines[1] == "  vocabulary: model.embed_tokens.weight has 100 rows, config.json says vocab_size = 120"
+    assert "  model.embed_tokens.weight: expected [120, 64], the HF checkpoint has [100, 64]" in lines
+    assert "  lm_head.weight: expected [120, 64], the HF checkpoint has [100, 64]" in lines
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_effdist_to_hf_with_a_config_of_another_shape_is_named(tmp_path, capsys):
+    _, path = make_hf_model(tmp_path)
+    capsys.readouterr()  # transformers' own save bar
+    dist_dir, torch_file = tmp_path / "dist", tmp_path / "model.pt"
+    assert main(["from-hf", "--hf-dir", str(path), "--out", str(dist_dir), "--format", "dist"]) == 0
+    assert main(["from-hf", "--hf-dir", str(path), "--out", str(torch_file)]) == 0
+    out = capsys.readouterr().out
+    assert f"effdist train --config {dist_dir / 'config.yaml'} --set checkpoint.init_from={dist_dir}" in out
+    other = tmp_path / "other.yaml"  # 4 layers, ffn 176, vocab 512: the tiny-cpu shape, not the HF model's
+    other.write_text("model: {num_layers: 4, hidden_size: 64, num_attention_heads: 4, num_query_groups: 2, "
+                     "ffn_hidden_size: 176, vocab_size: 512}\n")
+    assert main(["to-hf", "--checkpoint", str(dist_dir), "--config", str(other), "--out", str(tmp_path / "b")]) == 2
+    lines = _error_lines(capsys)
+    assert lines[0].startswith(f"effdist convert: checkpoint {dist_dir} does not fit the config (9 problem(s))")
+    assert "  vocabulary: 100 tokens in the checkpoint, 512 in this model (model.vocab_size)" in lines
+    assert ("  model.decoder.layers.mlp.linear_fc1.weight: expected [4, 352, 64], the checkpoint has [3, 192, 64]"
+            in lines)
+    assert lines[-1] == "  fix: leave out --config (the checkpoint carries its own)"
+    assert main(["to-hf", "--checkpoint", str(torch_file), "--config", str(other), "--out", str(tmp_path / "b")]) == 2
+    lines = _error_lines(capsys)
+    assert ("  vocabulary: embedding.word_embeddings.weight has 128 rows, the config has vocab_size = 512, "
+            "padded to 512") in lines
+    assert "  decoder.layers.0.mlp.linear_fc1.weight: expected [352, 64], the effdist checkpoint has [192, 64]" in lines
+    assert lines[0].endswith("(15 problem(s)):") and lines[-2] == "  ... and 3 more"  # 12 listed, the rest counted
+    assert not (tmp_path / "b").exists()
+    # A path that holds no checkpoint: named, exit 2.
+    (tmp_path / "empty_run").mkdir()
+    assert main(["to-hf", "--checkpoint", str(tmp_path / "empty_run"), "--out", str(tmp_path / "b")]) == 2
+    assert "holds no complete effdist checkpoint" in _error_lines(capsys)[0]
+
+
+def test_resuming_from_a_converted_model_points_to_init_from(tmp_path):
+    from effdist.model.hf_convert import CONVERTED_MARKER
+    from effdist.train.checkpoint import CheckpointError
+    from effdist.train.trainer import Trainer
+
+    converted = tmp_path / "tinyllama"
+    converted.mkdir()
+    (converted / CONVERTED_MARKER).write_text("{}")
+    trainer = Trainer.__new__(Trainer)  # only the --resume path check runs, before anything is loaded
+    trainer.resume, trainer.runtime = str(converted), None
+    with pytest.raises(CheckpointError, match=f"it is a converted model: start a run from it with --set "
+                                              f"checkpoint.init_from={converted}"):
+        trainer._maybe_resume()

@@ -22,9 +22,14 @@ import numpy as np
 
 from effdist.data.tokenizer import load_tokenizer
 from effdist.data.verify import DataError
+from effdist.runtime.progress import Progress, is_terminal
 
 META_FORMAT = "effdist-indexed-v1"
 ENCODE_BATCH = 1000
+# Progress granularity of tokenizing: at most MAX_PIECES pieces, each of at least MIN_PIECE_DOCS documents
+# per worker (each piece starts the map's worker pool once).
+MAX_PIECES = 50
+MIN_PIECE_DOCS = 20_000
 
 # Loaded once per worker process of datasets.map (the tokenizer object itself is not shipped per batch).
 _worker_tokenizers: dict[str, object] = {}
@@ -79,24 +84,34 @@ def preprocess(inputs: list[str], tokenizer_path: str | os.PathLike, output_pref
         raise DataError(f"workers = {workers}: must be at least 1")
     output_prefix = str(output_prefix)
     tok = load_tokenizer(tokenizer_path)
+    # HF datasets' own bars only on a terminal (in a log they are one long line of \r updates).
     documents = load_documents(list(inputs), text_key, txt_sample_by=txt_sample_by, hub_split=hub_split,
-                               hub_subset=hub_subset, cache_dir=cache_dir, progress=progress)
+                               hub_subset=hub_subset, cache_dir=cache_dir, progress=progress and is_terminal())
     if workers > 1:
         # Forked map workers and the Rust thread pool of a tokenizer used in the parent do not mix.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with datasets_progress_bars(progress):
-        tokenized = documents.map(
-            _encode_batch, batched=True, batch_size=ENCODE_BATCH, num_proc=workers if workers > 1 else None,
-            remove_columns=["text"], fn_kwargs={"tokenizer_path": tok.path, "append_eod": append_eod},
-            features=datasets.Features({"ids": datasets.Sequence(datasets.Value("int32"))}),
-            desc="tokenizing")
+    # Tokenized in contiguous pieces so that effdist's progress (a bar, or lines in a log) can count them;
+    # the pieces are concatenated in order, so the output is the same as one map over everything.
+    n = len(documents)
+    piece = max(MIN_PIECE_DOCS * workers, -(-n // MAX_PIECES))
+    features = datasets.Features({"ids": datasets.Sequence(datasets.Value("int32"))})
+    parts = []
+    with datasets_progress_bars(False), Progress("tokenizing", total=n, unit="docs", enabled=progress) as bar:
+        for start in range(0, n, piece):
+            part = documents.select(range(start, min(n, start + piece))) if piece < n else documents
+            parts.append(part.map(
+                _encode_batch, batched=True, batch_size=ENCODE_BATCH, num_proc=workers if workers > 1 else None,
+                remove_columns=["text"], fn_kwargs={"tokenizer_path": tok.path, "append_eod": append_eod},
+                features=features))
+            bar.update(len(part))
+    tokenized = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
     dtype = token_dtype(tok.vocab_size)
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = f"{output_prefix}.tmp{os.getpid()}"
     builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=dtype)
     num_documents = num_tokens = skipped = 0
-    bar = _progress_bar(len(tokenized), "writing .bin/.idx", progress)
+    bar = Progress("writing .bin/.idx", total=len(tokenized), unit="docs", enabled=progress)
     try:
         for chunk in tokenized.data.column("ids").chunks:
             offsets = chunk.offsets.to_numpy()
@@ -132,12 +147,6 @@ def preprocess(inputs: list[str], tokenizer_path: str | os.PathLike, output_pref
             "inputs": [str(i) for i in inputs], "text_key": text_key}
     meta_path(output_prefix).write_text(json.dumps(meta, indent=2) + "\n")
     return output_prefix
-
-
-def _progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=" docs", disable=not enabled)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from effdist.data.verify import DataError
+from effdist.runtime.progress import Progress, is_terminal
 
 EOD_TOKEN = "<|endoftext|>"
 # End-of-document tokens of common tokenizers, tried in order when loading one effdist did not train.
@@ -113,22 +114,28 @@ def train_tokenizer(files: list[str], vocab_size: int, output_path: str | os.Pat
     if vocab_size < minimum:
         raise DataError(f"vocab_size = {vocab_size}: a byte-level BPE needs at least {minimum} entries "
                         f"({BYTE_ALPHABET_SIZE} bytes + {len(specials)} special tokens); choose a larger vocabulary")
+    # HF datasets' own bars only on a terminal (in a log they are one long line of \r updates).
     documents = load_documents(list(files), text_key, txt_sample_by=txt_sample_by, cache_dir=cache_dir,
-                               progress=progress)
+                               progress=progress and is_terminal())
     if len(documents) == 0:
         raise DataError(f"tokenizer training input {list(files)} holds no documents")
 
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
+    # tokenizers' own bars are off: they write blank lines to stdout when it is not a terminal. effdist's
+    # progress counts the documents fed to the trainer, then names the merge phase (which reports no count).
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
 
-    def batches():
-        for batch in documents.iter(batch_size=1000):
-            yield [t for t in batch["text"] if t]
+    with Progress("training tokenizer", total=len(documents), unit="docs", enabled=progress) as bar:
+        def batches():
+            for batch in documents.iter(batch_size=1000):
+                yield [t for t in batch["text"] if t]
+                bar.update(len(batch["text"]))
+            bar.stage("counting pairs and merging")
 
-    backend.train_from_iterator(batches(), trainer=trainer, length=len(documents))
+        backend.train_from_iterator(batches(), trainer=trainer, length=len(documents))
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")

@@ -67,42 +67,12 @@ class CheckpointInfo:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint directory (or model file) that `path` names: itself, or the newest one under it."""
-    from effdist.train.checkpoint import MARKER, list_complete
+    from effdist.train.checkpoint import CheckpointError, resolve
 
-    p = Path(path)
-    if not p.exists():
-        raise GenerationError(f"--checkpoint {str(path)!r} does not exist: give a run directory, its checkpoints/ "
-                              "directory or one checkpoints/iter_NNNNNNN directory")
-    if p.is_file() or (p / MARKER).is_file() or (p / "effdist_model.json").is_file():
-        return p
-    for ckpt_dir in _checkpoint_dirs(p):
-        latest = ckpt_dir / "latest"
-        if latest.is_file():
-            named = ckpt_dir / latest.read_text().strip()
-            if (named / MARKER).is_file():
-                return named
-        complete = list_complete(ckpt_dir)
-        if complete:
-            return complete[-1][1]
-    raise GenerationError(f"--checkpoint {str(path)!r} holds no complete effdist checkpoint: expected RUN_DIR, "
-                          f"RUN_DIR/checkpoints or RUN_DIR/checkpoints/iter_NNNNNNN (a directory with {MARKER}), or a "
-                          "model written by `effdist convert hf-to-effdist`")
-
-
-def _checkpoint_dirs(p: Path) -> list[Path]:
-    """Directories that may hold iter_NNNNNNN checkpoints: p itself, p/checkpoints, checkpoint.dir of p/config.yaml."""
-    dirs = [p, p / "checkpoints"]
-    config_yaml = p / "config.yaml"
-    if config_yaml.is_file():
-        try:
-            import yaml
-
-            custom = (yaml.safe_load(config_yaml.read_text()) or {}).get("checkpoint", {}).get("dir")
-        except Exception:  # an unreadable config.yaml just means no custom checkpoint dir
-            custom = None
-        if custom:
-            dirs.append(Path(custom) if Path(custom).is_absolute() else p / custom)
-    return [d for d in dirs if d.is_dir()]
+    try:
+        return resolve(path)
+    except CheckpointError as e:
+        raise GenerationError(f"--checkpoint {e}") from None
 
 
 def read_checkpoint_info(path: str | Path) -> CheckpointInfo:

@@ -15,24 +15,32 @@ Layouts (effdist side = megatron-core GPTModel state dict, full model, TP=1):
 Files: HF directories hold ``config.json`` and ``*.safetensors`` (sharded with an index, or one
 file; ``pytorch_model*.bin`` is read too). effdist outputs are either a torch file
 (``{"format", "config", "model"}``, the default) or a megatron dist_checkpointing directory holding
-only the model, under the same ``model.`` keys as training checkpoints (loads at any TP size).
+only the model, under the same ``model.`` keys as training checkpoints (loads at any TP size), with
+its config beside the weights (``effdist_model.json``, and ``config.yaml`` to train with).
+
+Every tensor is checked against the config before anything is converted or loaded: a checkpoint that
+does not fit is one ConversionError listing each missing, unexpected or mis-shaped tensor
+(effdist.model.checkpoint_fit). The command line is effdist.train.convert (`effdist convert`).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
-import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
+from effdist.config import Config, config_from_dict, validate
+from effdist.model.checkpoint_fit import (
+    config_fix, dist_checkpoint_problems, mismatch_message, shape_changes, shape_problems)
 from effdist.runtime.distributed import one_process_megatron  # noqa: F401 (re-exported)
-from effdist.config import Config, ConfigError, config_from_dict, validate
+from effdist.runtime.progress import Progress
 
 TORCH_FORMAT = "effdist-model-v1"
+# The config of a converted dist checkpoint directory (a training checkpoint has effdist.json instead).
+CONVERTED_MARKER = "effdist_model.json"
+TRAINING_MARKER = "effdist.json"  # effdist.train.checkpoint.MARKER, read here for its config only
 
 
 class ConversionError(ValueError):
@@ -116,96 +124,152 @@ def hf_config_from(cfg: Config, torch_dtype: torch.dtype = torch.float32) -> dic
 
 # ---------------------------------------------------------------------- state dicts
 
-def _shape_check(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    if tuple(t.shape) != shape:
-        raise ConversionError(f"tensor {name} has shape {tuple(t.shape)}, the config says {shape}")
-    return t
-
-
 def _padded_vocab(cfg: Config) -> int:
     from effdist.model.gpt import padded_vocab_size
 
     return padded_vocab_size(cfg)
 
 
-def hf_to_effdist(hf_sd: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
-    """HF LlamaForCausalLM state dict -> effdist GPTModel state dict (full model, TP=1)."""
+def _dims(cfg: Config) -> tuple[int, int, int, int, int, int, int]:
+    """(hidden, heads, query groups, head dim, heads per group, ffn hidden, vocab) of `cfg`'s model."""
     m = cfg.model
     h, nh = m.hidden_size, m.num_attention_heads
-    ng, d = m.num_query_groups or nh, m.hidden_size // nh
-    qpg, f, v = nh // ng, m.ffn_hidden_size, m.vocab_size
-    pad = _padded_vocab(cfg) - v
-    known = set()
+    ng = m.num_query_groups or nh
+    return h, nh, ng, h // nh, nh // ng, m.ffn_hidden_size, m.vocab_size
 
-    def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if name not in hf_sd:
-            raise ConversionError(f"the HF checkpoint has no tensor {name}")
-        known.add(name)
-        return _shape_check(name, hf_sd[name], shape)
+
+def _check_swiglu(cfg: Config, where: str) -> None:
+    if cfg.ffn.kind != "swiglu" and cfg.ffn.layers != []:
+        raise ConversionError(f"ffn.kind = {cfg.ffn.kind!r} in {where}: HF LLaMA layers are SwiGLU; convert with a "
+                              "config whose ffn.kind is 'swiglu'")
+
+
+def hf_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the HF LlamaForCausalLM equivalent to `cfg`'s model, with its shape."""
+    h, nh, ng, d, _, f, v = _dims(cfg)
+    out = {"model.embed_tokens.weight": (v, h)}
+    for i in range(cfg.model.num_layers):
+        hp = f"model.layers.{i}."
+        out.update({hp + "self_attn.q_proj.weight": (nh * d, h), hp + "self_attn.k_proj.weight": (ng * d, h),
+                    hp + "self_attn.v_proj.weight": (ng * d, h), hp + "self_attn.o_proj.weight": (h, nh * d),
+                    hp + "input_layernorm.weight": (h,), hp + "post_attention_layernorm.weight": (h,),
+                    hp + "mlp.gate_proj.weight": (f, h), hp + "mlp.up_proj.weight": (f, h),
+                    hp + "mlp.down_proj.weight": (h, f)})
+    out["model.norm.weight"] = (h,)
+    if not cfg.model.tie_embeddings:
+        out["lm_head.weight"] = (v, h)
+    return out
+
+
+def effdist_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of effdist's GPTModel state dict (full model, TP=1) for `cfg`, with its shape."""
+    h, nh, ng, d, _, f, _ = _dims(cfg)
+    padded = _padded_vocab(cfg)
+    out = {"embedding.word_embeddings.weight": (padded, h)}
+    for i in range(cfg.model.num_layers):
+        mp = f"decoder.layers.{i}."
+        out.update({mp + "input_layernorm.weight": (h,),
+                    mp + "self_attention.linear_qkv.weight": ((nh + 2 * ng) * d, h),
+                    mp + "self_attention.linear_proj.weight": (h, nh * d), mp + "pre_mlp_layernorm.weight": (h,),
+                    mp + "mlp.linear_fc1.weight": (2 * f, h), mp + "mlp.linear_fc2.weight": (h, f)})
+    out["decoder.final_layernorm.weight"] = (h,)
+    if not cfg.model.tie_embeddings:
+        out["output_layer.weight"] = (padded, h)
+    return out
+
+
+def _vocab_hint(problems: list[str], sd: dict[str, torch.Tensor], embedding: str, rows: int, what: str) -> list[str]:
+    """The problems, led by a vocabulary line when the embedding's row count is what differs."""
+    t = sd.get(embedding)
+    if t is not None and t.dim() == 2 and t.shape[0] != rows:
+        return [f"vocabulary: {embedding} has {t.shape[0]} rows, {what} {rows}"] + problems
+    return problems
+
+
+def hf_to_effdist(hf_sd: dict[str, torch.Tensor], cfg: Config, progress: bool = True) -> dict[str, torch.Tensor]:
+    """HF LlamaForCausalLM state dict -> effdist GPTModel state dict (full model, TP=1). Raises
+    ConversionError listing every tensor that does not fit `cfg` before converting any."""
+    _check_swiglu(cfg, "the config")
+    h, nh, ng, d, qpg, f, v = _dims(cfg)
+    pad = _padded_vocab(cfg) - v
+    found = {k: tuple(t.shape) for k, t in hf_sd.items() if not k.endswith("rotary_emb.inv_freq")
+             and not (cfg.model.tie_embeddings and k == "lm_head.weight")}
+    problems = shape_problems(hf_shapes(cfg), found, found_name="the HF checkpoint")
+    if problems:
+        problems = _vocab_hint(problems, hf_sd, "model.embed_tokens.weight", v, "config.json says vocab_size =")
+        raise ConversionError(mismatch_message(
+            f"the HF checkpoint does not fit its config.json ({len(problems)} problem(s)):", problems,
+            "the weights and config.json must come from the same model: re-export it with save_pretrained, or "
+            "correct config.json (vocab_size, hidden_size, intermediate_size, num_hidden_layers, heads)"))
 
     def pad_vocab(t: torch.Tensor) -> torch.Tensor:
         return torch.cat([t, t.new_zeros(pad, t.shape[1])]) if pad else t.clone()
 
-    out: dict[str, torch.Tensor] = {"embedding.word_embeddings.weight": pad_vocab(take("model.embed_tokens.weight", (v, h)))}
-    for i in range(m.num_layers):
-        hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
-        q = take(hp + "self_attn.q_proj.weight", (nh * d, h)).reshape(ng, qpg * d, h)
-        k = take(hp + "self_attn.k_proj.weight", (ng * d, h)).reshape(ng, d, h)
-        val = take(hp + "self_attn.v_proj.weight", (ng * d, h)).reshape(ng, d, h)
-        out[mp + "input_layernorm.weight"] = take(hp + "input_layernorm.weight", (h,)).clone()
-        out[mp + "self_attention.linear_qkv.weight"] = torch.cat([q, k, val], dim=1).reshape(-1, h)
-        out[mp + "self_attention.linear_proj.weight"] = take(hp + "self_attn.o_proj.weight", (h, nh * d)).clone()
-        out[mp + "pre_mlp_layernorm.weight"] = take(hp + "post_attention_layernorm.weight", (h,)).clone()
-        out[mp + "mlp.linear_fc1.weight"] = torch.cat([take(hp + "mlp.gate_proj.weight", (f, h)),
-                                                       take(hp + "mlp.up_proj.weight", (f, h))])
-        out[mp + "mlp.linear_fc2.weight"] = take(hp + "mlp.down_proj.weight", (h, f)).clone()
-    out["decoder.final_layernorm.weight"] = take("model.norm.weight", (h,)).clone()
-    if not m.tie_embeddings:
-        out["output_layer.weight"] = pad_vocab(take("lm_head.weight", (v, h)))
-    leftover = [k for k in hf_sd if k not in known and not k.endswith("rotary_emb.inv_freq")
-                and not (m.tie_embeddings and k == "lm_head.weight")]
-    if leftover:
-        raise ConversionError(f"the HF checkpoint has tensors this LLaMA layout does not use: {leftover[:5]}"
-                              f"{' ...' if len(leftover) > 5 else ''}")
+    out: dict[str, torch.Tensor] = {"embedding.word_embeddings.weight": pad_vocab(hf_sd["model.embed_tokens.weight"])}
+    with Progress("converting HF -> effdist", total=cfg.model.num_layers, unit="layers", enabled=progress) as bar:
+        for i in range(cfg.model.num_layers):
+            hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
+            q = hf_sd[hp + "self_attn.q_proj.weight"].reshape(ng, qpg * d, h)
+            k = hf_sd[hp + "self_attn.k_proj.weight"].reshape(ng, d, h)
+            val = hf_sd[hp + "self_attn.v_proj.weight"].reshape(ng, d, h)
+            out[mp + "input_layernorm.weight"] = hf_sd[hp + "input_layernorm.weight"].clone()
+            out[mp + "self_attention.linear_qkv.weight"] = torch.cat([q, k, val], dim=1).reshape(-1, h)
+            out[mp + "self_attention.linear_proj.weight"] = hf_sd[hp + "self_attn.o_proj.weight"].clone()
+            out[mp + "pre_mlp_layernorm.weight"] = hf_sd[hp + "post_attention_layernorm.weight"].clone()
+            out[mp + "mlp.linear_fc1.weight"] = torch.cat([hf_sd[hp + "mlp.gate_proj.weight"],
+                                                           hf_sd[hp + "mlp.up_proj.weight"]])
+            out[mp + "mlp.linear_fc2.weight"] = hf_sd[hp + "mlp.down_proj.weight"].clone()
+            bar.update()
+    out["decoder.final_layernorm.weight"] = hf_sd["model.norm.weight"].clone()
+    if not cfg.model.tie_embeddings:
+        out["output_layer.weight"] = pad_vocab(hf_sd["lm_head.weight"])
     return out
 
 
-def effdist_to_hf(sd: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
-    """effdist GPTModel state dict (full model, TP=1) -> HF LlamaForCausalLM state dict."""
-    m = cfg.model
-    h, nh = m.hidden_size, m.num_attention_heads
-    ng, d = m.num_query_groups or nh, m.hidden_size // nh
-    qpg, f, v = nh // ng, m.ffn_hidden_size, m.vocab_size
-    padded = _padded_vocab(cfg)
+def effdist_to_hf(sd: dict[str, torch.Tensor], cfg: Config, progress: bool = True) -> dict[str, torch.Tensor]:
+    """effdist GPTModel state dict (full model, TP=1) -> HF LlamaForCausalLM state dict. Raises
+    ConversionError listing every tensor that does not fit `cfg` before converting any."""
+    _check_swiglu(cfg, "the checkpoint's config")
+    h, nh, ng, d, qpg, f, v = _dims(cfg)
+    found = {k: tuple(t.shape) for k, t in sd.items() if torch.is_tensor(t) and not k.endswith("._extra_state")}
+    # The vocabulary padding depends on the TP size the model was built for (a TP=2 checkpoint loaded at
+    # TP=1 keeps either); any padding works as long as every real token has its row.
+    vocab_rows = frozenset(k for k in ("embedding.word_embeddings.weight", "output_layer.weight")
+                           if k in found and found[k][0] >= v)
+    problems = shape_problems(effdist_shapes(cfg), found, found_name="the effdist checkpoint", vocab_rows=vocab_rows)
+    if problems:
+        problems = _vocab_hint(problems, sd, "embedding.word_embeddings.weight", _padded_vocab(cfg),
+                               f"the config has vocab_size = {v}, padded to")
+        raise ConversionError(mismatch_message(
+            f"the effdist checkpoint does not fit the config ({len(problems)} problem(s)):", problems,
+            "convert with the config the checkpoint was written with (leave out --config: the checkpoint "
+            "carries its own)"))
 
-    def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if name not in sd:
-            raise ConversionError(f"the effdist state dict has no tensor {name}")
-        return _shape_check(name, sd[name], shape)
-
-    out = {"model.embed_tokens.weight": take("embedding.word_embeddings.weight", (padded, h))[:v].clone()}
-    for i in range(m.num_layers):
-        hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
-        qkv = take(mp + "self_attention.linear_qkv.weight", ((nh + 2 * ng) * d, h)).reshape(ng, (qpg + 2) * d, h)
-        q, k, val = torch.split(qkv, [qpg * d, d, d], dim=1)
-        out[hp + "self_attn.q_proj.weight"] = q.reshape(nh * d, h).clone()
-        out[hp + "self_attn.k_proj.weight"] = k.reshape(ng * d, h).clone()
-        out[hp + "self_attn.v_proj.weight"] = val.reshape(ng * d, h).clone()
-        out[hp + "self_attn.o_proj.weight"] = take(mp + "self_attention.linear_proj.weight", (h, nh * d)).clone()
-        out[hp + "input_layernorm.weight"] = take(mp + "input_layernorm.weight", (h,)).clone()
-        out[hp + "post_attention_layernorm.weight"] = take(mp + "pre_mlp_layernorm.weight", (h,)).clone()
-        gate, up = take(mp + "mlp.linear_fc1.weight", (2 * f, h)).chunk(2)
-        out[hp + "mlp.gate_proj.weight"], out[hp + "mlp.up_proj.weight"] = gate.clone(), up.clone()
-        out[hp + "mlp.down_proj.weight"] = take(mp + "mlp.linear_fc2.weight", (h, f)).clone()
-    out["model.norm.weight"] = take("decoder.final_layernorm.weight", (h,)).clone()
-    if not m.tie_embeddings:
-        out["lm_head.weight"] = take("output_layer.weight", (padded, h))[:v].clone()
+    out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"][:v].clone()}
+    with Progress("converting effdist -> HF", total=cfg.model.num_layers, unit="layers", enabled=progress) as bar:
+        for i in range(cfg.model.num_layers):
+            hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
+            qkv = sd[mp + "self_attention.linear_qkv.weight"].reshape(ng, (qpg + 2) * d, h)
+            q, k, val = torch.split(qkv, [qpg * d, d, d], dim=1)
+            out[hp + "self_attn.q_proj.weight"] = q.reshape(nh * d, h).clone()
+            out[hp + "self_attn.k_proj.weight"] = k.reshape(ng * d, h).clone()
+            out[hp + "self_attn.v_proj.weight"] = val.reshape(ng * d, h).clone()
+            out[hp + "self_attn.o_proj.weight"] = sd[mp + "self_attention.linear_proj.weight"].clone()
+            out[hp + "input_layernorm.weight"] = sd[mp + "input_layernorm.weight"].clone()
+            out[hp + "post_attention_layernorm.weight"] = sd[mp + "pre_mlp_layernorm.weight"].clone()
+            gate, up = sd[mp + "mlp.linear_fc1.weight"].chunk(2)
+            out[hp + "mlp.gate_proj.weight"], out[hp + "mlp.up_proj.weight"] = gate.clone(), up.clone()
+            out[hp + "mlp.down_proj.weight"] = sd[mp + "mlp.linear_fc2.weight"].clone()
+            bar.update()
+    out["model.norm.weight"] = sd["decoder.final_layernorm.weight"].clone()
+    if not cfg.model.tie_embeddings:
+        out["lm_head.weight"] = sd["output_layer.weight"][:v].clone()
     return out
 
 
 # ---------------------------------------------------------------------- files
 
-def load_hf_checkpoint(hf_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def load_hf_checkpoint(hf_dir: str | Path, progress: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config.json, state dict) of a HF model directory."""
     hf_dir = Path(hf_dir)
     config_path = hf_dir / "config.json"
@@ -213,18 +277,21 @@ def load_hf_checkpoint(hf_dir: str | Path) -> tuple[dict[str, Any], dict[str, to
         raise ConversionError(f"{hf_dir} has no config.json: give a Hugging Face model directory")
     hf_config = json.loads(config_path.read_text())
     files = sorted(hf_dir.glob("*.safetensors"))
-    sd: dict[str, torch.Tensor] = {}
     if files:
-        from safetensors.torch import load_file
-
-        for f in files:
-            sd.update(load_file(str(f)))
+        from safetensors.torch import load_file as read
     else:
-        bins = sorted(hf_dir.glob("pytorch_model*.bin"))
-        if not bins:
+        files = sorted(hf_dir.glob("pytorch_model*.bin"))
+        if not files:
             raise ConversionError(f"{hf_dir} has neither *.safetensors nor pytorch_model*.bin weights")
-        for f in bins:
-            sd.update(torch.load(f, map_location="cpu", weights_only=True))
+
+        def read(f):
+            return torch.load(f, map_location="cpu", weights_only=True)
+    sd: dict[str, torch.Tensor] = {}
+    with Progress(f"reading {hf_dir.name}", total=sum(f.stat().st_size for f in files), unit="B",
+                  enabled=progress) as bar:
+        for f in files:
+            sd.update(read(str(f)))
+            bar.update(f.stat().st_size)
     return hf_config, sd
 
 
@@ -263,7 +330,8 @@ def _cpu_model(cfg: Config, dtype: torch.dtype):
 
 
 def save_dist_checkpoint(out_dir: str | Path, sd: dict[str, torch.Tensor], cfg: Config) -> Path:
-    """Write the model as a megatron dist_checkpointing directory (keys ``model.*``, as training saves)."""
+    """Write the model as a megatron dist_checkpointing directory (keys ``model.*``, as training saves),
+    with its config: effdist_model.json (read back by effdist) and config.yaml (`effdist train --config`)."""
     from megatron.core import dist_checkpointing
 
     out_dir = Path(out_dir)
@@ -273,24 +341,56 @@ def save_dist_checkpoint(out_dir: str | Path, sd: dict[str, torch.Tensor], cfg: 
         model = _cpu_model(cfg, dtype)
         model.load_state_dict(sd, strict=False)
         dist_checkpointing.save({"model": model.sharded_state_dict(prefix="model.")}, str(out_dir))
-    (out_dir / "effdist_model.json").write_text(json.dumps({"format": TORCH_FORMAT, "config": cfg.to_dict()}))
+    (out_dir / CONVERTED_MARKER).write_text(json.dumps({"format": TORCH_FORMAT, "config": cfg.to_dict()}))
+    (out_dir / "config.yaml").write_text(cfg.to_yaml())
     return out_dir
 
 
-def load_dist_checkpoint(path: str | Path, cfg: Config, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The model (TP=1 state dict) from a dist_checkpointing directory: a training checkpoint of a
-    single-chunk model, or one written by save_dist_checkpoint."""
+def saved_config(path: str | Path) -> dict[str, Any] | None:
+    """The config (as a dict) a checkpoint directory was written with: a training checkpoint's
+    effdist.json or a converted model's effdist_model.json; None when it has neither."""
+    for name in (CONVERTED_MARKER, TRAINING_MARKER):
+        meta = Path(path) / name
+        if meta.is_file():
+            try:
+                return json.loads(meta.read_text()).get("config")
+            except (OSError, json.JSONDecodeError):
+                return None
+    return None
+
+
+def load_dist_checkpoint(path: str | Path, cfg: Config, dtype: torch.dtype = torch.float32,
+                         progress: bool = True) -> dict[str, torch.Tensor]:
+    """The model (TP=1 state dict) from a dist_checkpointing directory: a training checkpoint (any TP/PP
+    layout, one model chunk per stage or several), or one written by save_dist_checkpoint. Raises
+    ConversionError listing every tensor that does not fit `cfg` before reading any weight."""
     from megatron.core import dist_checkpointing
 
-    with one_process_megatron():
+    path = Path(path)
+    with one_process_megatron(), Progress(f"loading {path.name}", enabled=progress) as bar:
+        bar.stage("building the model")
         model = _cpu_model(cfg, dtype)
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict(prefix="model.")}, str(path))
+        sharded = model.sharded_state_dict(prefix="model.")
+        bar.stage("checking tensors")
+        saved = saved_config(path)
+        problems = dist_checkpoint_problems(path, sharded, saved, cfg.to_dict())
+        if problems:
+            changes = shape_changes(saved, cfg.to_dict()) if saved else []
+            raise ConversionError(mismatch_message(
+                f"checkpoint {path} does not fit the config ({len(problems)} problem(s)):", problems,
+                "leave out --config (the checkpoint carries its own)" if saved else
+                "pass --config with the config the checkpoint was written with"
+                + (f" ({config_fix(changes)})" if changes else "")))
+        bar.stage("reading weights")
+        loaded = dist_checkpointing.load({"model": sharded}, str(path))
         own = {k[len("model."):]: v for k, v in loaded["model"].items()}
         model.load_state_dict(own, strict=True)
+        bar.stage("done")
         return {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
 
 
-def load_effdist_model(path: str | Path, cfg: Config | None = None) -> tuple[Config, dict[str, torch.Tensor]]:
+def load_effdist_model(path: str | Path, cfg: Config | None = None,
+                       progress: bool = True) -> tuple[Config, dict[str, torch.Tensor]]:
     """(config, TP=1 state dict) from a torch model file, or a dist checkpoint directory (needs `cfg`
     unless it was written by this module or holds the trainer's effdist.json with the config)."""
     path = Path(path)
@@ -298,68 +398,9 @@ def load_effdist_model(path: str | Path, cfg: Config | None = None) -> tuple[Con
         saved_cfg, sd = load_torch(path)
         return cfg or saved_cfg, sd
     if cfg is None:
-        for meta in ("effdist_model.json", "effdist.json"):
-            if (path / meta).is_file():
-                cfg = config_from_dict(json.loads((path / meta).read_text())["config"])
-                break
-        else:
-            raise ConversionError(f"{path}: cannot tell the model's config; pass --config")
-    return cfg, load_dist_checkpoint(path, cfg)
-
-
-# ---------------------------------------------------------------------- command line
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="effdist convert", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="direction", required=True)
-    to = sub.add_parser("hf-to-effdist", help="HF LLaMA directory -> effdist model")
-    to.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")
-    to.add_argument("--out", required=True, help="output file (--format torch) or directory (--format dist)")
-    to.add_argument("--format", choices=("torch", "dist"), default="torch",
-                    help="torch: one file with config + state dict (default); dist: megatron dist_checkpointing "
-                         "directory with the model under the training checkpoints' keys")
-    to.add_argument("--config", default=None, help="effdist YAML whose non-model sections to keep (epas, train, ...)")
-    to.add_argument("--config-out", default=None, help="write the resulting effdist config (YAML) here")
-    to.add_argument("--dtype", choices=("keep", "fp32", "bf16"), default="keep")
-    back = sub.add_parser("effdist-to-hf", help="effdist model -> HF LLaMA directory")
-    back.add_argument("--checkpoint", required=True, help="torch model file, or a dist checkpoint directory")
-    back.add_argument("--config", default=None, help="effdist YAML of the model (needed for some dist checkpoints)")
-    back.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
-    back.add_argument("--dtype", choices=("keep", "fp32", "bf16"), default="keep")
-    return p
-
-
-def _cast(sd: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
-    if dtype == "keep":
-        return sd
-    target = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    return {k: v.to(target) for k, v in sd.items()}
-
-
-def main(argv: list[str] | None = None) -> int:
-    from effdist.config import load_config
-
-    args = build_arg_parser().parse_args(argv)
-    try:
-        if args.direction == "hf-to-effdist":
-            base = load_config(args.config) if args.config else None
-            hf_config, hf_sd = load_hf_checkpoint(args.hf_dir)
-            cfg = config_from_hf(hf_config, base)
-            sd = _cast(hf_to_effdist(hf_sd, cfg), args.dtype)
-            out = (save_torch if args.format == "torch" else save_dist_checkpoint)(args.out, sd, cfg)
-            if args.config_out:
-                Path(args.config_out).write_text(cfg.to_yaml())
-            print(f"wrote {out} ({args.format}): {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}")
-        else:
-            cfg = load_config(args.config) if args.config else None
-            cfg, sd = load_effdist_model(args.checkpoint, cfg)
-            out = save_hf_checkpoint(args.out, _cast(effdist_to_hf(sd, cfg), args.dtype), cfg)
-            print(f"wrote {out}")
-    except (ConversionError, ConfigError) as e:
-        print(f"effdist convert: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        saved = saved_config(path)
+        if saved is None:
+            raise ConversionError(f"{path}: cannot tell the model's config ({CONVERTED_MARKER} or "
+                                  f"{TRAINING_MARKER} missing); pass --config")
+        cfg = config_from_dict(saved)
+    return cfg, load_dist_checkpoint(path, cfg, progress=progress)

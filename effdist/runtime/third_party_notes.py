@@ -33,6 +33,16 @@ UNKNOWN_MLP_TYPE = ("Unknown MLP type: <class 'megatron.core.transformer.spec_ut
                     "Using default kwargs.")
 UNKNOWN_MLP_LOGGER = "megatron.core.transformer.transformer_layer"
 
+# megatron-core's dist_checkpointing loads through torch.distributed.checkpoint APIs that torch deprecates
+# (`load_state_dict`, torch's ShardedTensor); torch says so on every checkpoint load (resume, init_from,
+# `effdist convert`, `effdist generate`). Nothing for an effdist user to act on: megatron-core (pinned below
+# 0.17) makes the calls, and effdist's tests load checkpoints through them with this torch.
+DCP_DEPRECATIONS = (
+    "`load_state_dict` is deprecated and will be removed in future versions. Please use `load` instead.",
+    "Please use DTensor instead and we are deprecating ShardedTensor.",
+)
+DCP_DEPRECATION_MODULES = r"(megatron\.core|torch\.distributed)\."
+
 
 class _DropExactMessages(logging.Filter):
     def __init__(self, messages: tuple[str, ...]):
@@ -55,4 +65,7 @@ def install() -> None:
     for message in TE_APEX_MISSING:
         warnings.filterwarnings("ignore", message=re.escape(message) + r"\Z", category=UserWarning,
                                 module=r"megatron\.core\.")
+    for message in DCP_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=re.escape(message) + r"\Z", category=FutureWarning,
+                                module=DCP_DEPRECATION_MODULES)
     logging.getLogger(UNKNOWN_MLP_LOGGER).addFilter(_DropExactMessages((UNKNOWN_MLP_TYPE,)))

@@ -28,6 +28,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+# Which config keys shape the tensors (shared with `effdist convert`).
+from effdist.model.checkpoint_fit import SHAPE_KEYS, shape_changes  # noqa: F401 (re-exported)
+from effdist.runtime.progress import Progress
+
 MARKER = "effdist.json"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 
@@ -42,15 +46,6 @@ class IncompatibleCheckpointError(CheckpointError):
 
 class CheckpointSpaceError(CheckpointError):
     """The checkpoint directory cannot take the next checkpoint (full, read-only, not writable)."""
-
-
-# Config keys that change the shape (or the set) of the tensors a checkpoint holds. Resuming across a
-# change of any of them cannot work; every other key (parallel layout, batch, schedule, ...) may change.
-SHAPE_KEYS = (
-    "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_query_groups",
-    "model.ffn_hidden_size", "model.vocab_size", "model.make_vocab_size_divisible_by", "model.tie_embeddings",
-    "ffn.kind", "ffn.layers", "ffn.elas_expand", "ffn.elas_rank",
-)
 
 
 def iter_name(step: int) -> str:
@@ -69,28 +64,54 @@ def list_complete(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def resolve(path: str | os.PathLike) -> Path:
+    """The checkpoint `path` names: a model file or checkpoint directory as given (a complete training
+    checkpoint, or a model written by `effdist convert`), else the newest complete checkpoint of a run
+    directory or its checkpoints/ directory (the one its `latest` file names, when complete).
+    Raises CheckpointError saying what was expected."""
+    from effdist.model.hf_convert import CONVERTED_MARKER
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{str(path)!r} does not exist: give a run directory, its checkpoints/ directory or one "
+                              "checkpoints/iter_NNNNNNN directory")
+    if p.is_file() or (p / MARKER).is_file() or (p / CONVERTED_MARKER).is_file():
+        return p
+    for ckpt_dir in _checkpoint_dirs(p):
+        latest = ckpt_dir / "latest"
+        if latest.is_file():
+            named = ckpt_dir / latest.read_text().strip()
+            if (named / MARKER).is_file():
+                return named
+        complete = list_complete(ckpt_dir)
+        if complete:
+            return complete[-1][1]
+    raise CheckpointError(f"{str(path)!r} holds no complete effdist checkpoint: expected RUN_DIR, RUN_DIR/checkpoints "
+                          f"or RUN_DIR/checkpoints/iter_NNNNNNN (a directory with {MARKER}), or a model written by "
+                          "`effdist convert hf-to-effdist`")
+
+
+def _checkpoint_dirs(p: Path) -> list[Path]:
+    """Directories that may hold iter_NNNNNNN checkpoints: p itself, p/checkpoints, checkpoint.dir of p/config.yaml."""
+    dirs = [p, p / "checkpoints"]
+    config_yaml = p / "config.yaml"
+    if config_yaml.is_file():
+        try:
+            import yaml
+
+            custom = (yaml.safe_load(config_yaml.read_text()) or {}).get("checkpoint", {}).get("dir")
+        except Exception:  # an unreadable config.yaml just means no custom checkpoint dir
+            custom = None
+        if custom:
+            dirs.append(Path(custom) if Path(custom).is_absolute() else p / custom)
+    return [d for d in dirs if d.is_dir()]
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     """Every iter_N directory of `ckpt_dir` (complete or not, not the .tmp saves in progress), oldest first."""
     if not ckpt_dir.is_dir():
         return []
     return sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _ITER_RE.match(p.name)) and p.is_dir())
-
-
-def shape_changes(saved_config: dict[str, Any], config: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, checkpoint's value, configured value) for every SHAPE_KEYS entry that differs."""
-    def get(d: dict[str, Any], key: str) -> Any:
-        section, name = key.split(".")
-        return d.get(section, {}).get(name, _MISSING)
-
-    out = []
-    for key in SHAPE_KEYS:
-        saved, now = get(saved_config, key), get(config, key)
-        if saved is not _MISSING and saved != now:
-            out.append((key, saved, now))
-    return out
-
-
-_MISSING = object()
 
 
 def read_marker(path: Path) -> dict[str, Any]:
@@ -290,12 +311,19 @@ def manifest(path: Path) -> dict[str, list[int]]:
     return out
 
 
-def verify(path: Path, check_crc: bool = True) -> None:
-    """Raise CheckpointError if any file of `path` is missing, truncated or altered since it was saved."""
+def verify(path: Path, check_crc: bool = True, progress: bool = False) -> None:
+    """Raise CheckpointError if any file of `path` is missing, truncated or altered since it was saved.
+    With `progress`, reading the files for their CRC shows a bar (a terminal) or lines (a long run in a log)."""
     marker = read_marker(path)
     expected = marker.get("files")
     if not expected:
         raise CheckpointError(f"checkpoint {path} records no file manifest; it was not completed by effdist")
+    total = sum(int(size) for size, _ in expected.values())
+    with Progress(f"verifying {path.name}", total=total, unit="B", enabled=progress and check_crc) as bar:
+        _verify_files(path, expected, check_crc, bar)
+
+
+def _verify_files(path: Path, expected: dict[str, list[int]], check_crc: bool, bar: Progress) -> None:
     for rel, (size, crc) in expected.items():
         f = path / rel
         if not f.is_file():
@@ -308,6 +336,7 @@ def verify(path: Path, check_crc: bool = True) -> None:
             with open(f, "rb") as fh:
                 while chunk := fh.read(1 << 22):
                     got = zlib.crc32(chunk, got)
+                    bar.update(len(chunk))
             if got != crc:
                 raise CheckpointError(f"checkpoint {path}: {rel} fails its CRC32 check (corrupted on disk)")
 
@@ -343,29 +372,60 @@ def load(path: Path, model_chunks, optimizer, runtime, restore_rng: bool = True)
 
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path} is not a complete effdist checkpoint (no {MARKER})")
-    optimizer.ensure_state()
-    sd = build_state_dict(model_chunks, optimizer, runtime, common={})
-    del sd["common"]
-    if not restore_rng:
-        del sd["rng_state"]
-    loaded = dist_checkpointing.load(sd, str(path))
-    _load_chunks(model_chunks, loaded["model"])
-    optimizer.load_sharded_state_dict(loaded["optimizer"])
+    with Progress(f"loading {path.name}", enabled=runtime.is_logging_rank) as bar:
+        bar.stage("reading model, optimizer and RNG state")  # one collective read: no count to show
+        optimizer.ensure_state()
+        sd = build_state_dict(model_chunks, optimizer, runtime, common={})
+        del sd["common"]
+        if not restore_rng:
+            del sd["rng_state"]
+        loaded = dist_checkpointing.load(sd, str(path))
+        bar.stage("copying into the model and optimizer")
+        _load_chunks(model_chunks, loaded["model"])
+        optimizer.load_sharded_state_dict(loaded["optimizer"])
     if restore_rng and "rng_state" in loaded:
         set_rng_state(loaded["rng_state"], runtime)
     common = dist_checkpointing.load_common_state_dict(str(path))
     return common.get("common", {}) if isinstance(common, dict) else {}
 
 
-def load_model_only(path: Path, model_chunks) -> None:
-    """Load model weights (keys ``model.*``) from a dist checkpoint into this rank's chunks, resharding."""
-    from megatron.core import dist_checkpointing
+def load_model_only(path: Path, model_chunks, config: dict[str, Any] | None = None) -> Path:
+    """checkpoint.init_from: model weights (keys ``model.*``) from a dist checkpoint into this rank's chunks,
+    resharding. `path` may be a run directory (its newest complete checkpoint), a training checkpoint or
+    a converted model directory. Before reading any weight, the checkpoint's tensors are compared with
+    the model's (`config` is the run's, as a dict): a mismatch is an IncompatibleCheckpointError listing
+    every tensor. Returns the checkpoint directory loaded."""
+    from megatron.core import dist_checkpointing, parallel_state
 
-    if not dist_checkpointing.check_is_distributed_checkpoint(str(path)):
+    from effdist.model.checkpoint_fit import config_fix, dist_checkpoint_problems, mismatch_message
+    from effdist.model.hf_convert import saved_config
+
+    try:
+        path = resolve(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint.init_from = {e}") from None
+    if path.is_file() or not dist_checkpointing.check_is_distributed_checkpoint(str(path)):
         raise CheckpointError(f"checkpoint.init_from = {str(path)!r} is not a dist checkpoint directory; convert HF "
                               "weights with `effdist convert hf-to-effdist --format dist`")
-    loaded = dist_checkpointing.load({"model": model_sharded_state_dict(model_chunks)}, str(path))
-    _load_chunks(model_chunks, loaded["model"])
+    sharded = model_sharded_state_dict(model_chunks)
+    saved = saved_config(path)
+    whole_model = parallel_state.get_pipeline_model_parallel_world_size() == 1
+    problems = dist_checkpoint_problems(path, sharded, saved, config or {}, whole_model=whole_model)
+    if problems:
+        changes = shape_changes(saved, config) if saved and config else []
+        fix = (f"train with the checkpoint's model shape ({config_fix(changes)})" if changes else
+               "train with the config the checkpoint was written with")
+        if (path / "config.yaml").is_file() and not (path / MARKER).is_file():
+            fix += f", e.g. --config {path / 'config.yaml'}"
+        raise IncompatibleCheckpointError(mismatch_message(
+            f"checkpoint.init_from = {str(path)!r} does not fit this model ({len(problems)} problem(s)):",
+            problems, fix))
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    with Progress(f"loading {path.name}", enabled=first) as bar:
+        bar.stage("reading model weights")
+        loaded = dist_checkpointing.load({"model": sharded}, str(path))
+        _load_chunks(model_chunks, loaded["model"])
+    return path
 
 
 def apply_retention(ckpt_dir: Path, keep_last: int, keep_every: int, current_step: int | None = None) -> list[Path]:

@@ -406,9 +406,10 @@ class DeepSpeedEngine:
             ckpt.set_rng_state(torch.load(rng_file, weights_only=False), rt)
         return client["effdist"]
 
-    def load_model_only(self, path: Path) -> None:
+    def load_model_only(self, path: Path, config: dict | None = None) -> Path:
         """checkpoint.init_from: model weights from a megatron dist checkpoint (a default-engine training
-        checkpoint, or `effdist convert hf-to-effdist --format dist` output); the fp32 masters follow."""
+        checkpoint, or `effdist convert hf-to-effdist --format dist` output); the fp32 masters follow.
+        A checkpoint that does not fit the model is refused before loading (ckpt.load_model_only)."""
         module = self.ds.module
         if self.zero_stage == 3:
             import deepspeed
@@ -416,8 +417,9 @@ class DeepSpeedEngine:
             # Whole weights while loading; on exit data-parallel rank 0's copy (every rank loaded the same
             # one for its TP shard) is partitioned again.
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
-                ckpt.load_model_only(path, [module])
+                loaded = ckpt.load_model_only(path, [module], config)
         else:
-            ckpt.load_model_only(path, [module])
+            loaded = ckpt.load_model_only(path, [module], config)
         if hasattr(self.ds.optimizer, "refresh_fp32_params"):
             self.ds.optimizer.refresh_fp32_params()
+        return loaded

@@ -36,6 +36,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
+from effdist.runtime import progress
+from effdist.runtime.progress import console_line  # noqa: F401 (the trainer's log lines go through it)
 from effdist.train.flops import attention_matmul_params, causal_attention_flops, ffn_matmul_params
 
 METRICS_FILE = "metrics.jsonl"
@@ -214,8 +216,7 @@ class ProgressBar:
                  clock=time.monotonic):
         self.total = max(1, int(total_steps))
         self.stream = stream if stream is not None else sys.stderr
-        isatty = getattr(self.stream, "isatty", None)
-        self.interactive = bool(isatty and isatty())
+        self.interactive = progress.is_terminal(self.stream)
         self.every = every or 1
         self.clock = clock
         self._first: tuple[int, float] | None = None
@@ -266,13 +267,12 @@ class ProgressBar:
         return "  ".join(parts)
 
     def update(self, step: int, record: Mapping[str, Any]) -> None:
-        global _active_bar
         if self._first is None:
             self._first = (step, self.clock())
         if self.interactive:
             self._shown = self.line(step, record)
             self.stream.write("\r\x1b[K" + self._shown)
-            _active_bar = self
+            progress.set_active(self)
         elif self._last_printed is None or step - self._last_printed >= self.every or step >= self.total:
             # By distance, not `step % every`: the trainer may log every k steps with k not dividing `every`.
             self.stream.write(self.line(step, record) + "\n")
@@ -281,34 +281,15 @@ class ProgressBar:
 
     def write_above(self, text: str) -> None:
         """Print `text` as a line of its own; on a terminal the bar is drawn again below it."""
-        if self._shown:
-            self.stream.write("\r\x1b[K" + text + "\n" + self._shown)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+        progress.write_above(self.stream, self._shown, text)
 
     def close(self) -> None:
-        global _active_bar
         if self._shown:
             self.stream.write("\n")
             self.stream.flush()
             self._shown = ""
-        if _active_bar is self:
-            _active_bar = None
-
-
-# The bar on the terminal now, if any: console_line writes above it.
-_active_bar: ProgressBar | None = None
-
-
-def console_line(text: str, stream: TextIO | None = None) -> None:
-    """Write one line to the console (stderr), above the progress bar when one is shown there."""
-    stream = stream if stream is not None else sys.stderr
-    if _active_bar is not None and _active_bar.stream is stream:
-        _active_bar.write_above(text)
-    else:
-        stream.write(text + "\n")
-        stream.flush()
+        if progress.active() is self:
+            progress.set_active(None)
 
 
 class MetricsLogger:

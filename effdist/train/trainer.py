@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from effdist.config import Config, ConfigError, load_config, validate
+from effdist.model.hf_convert import CONVERTED_MARKER
 from effdist.train import checkpoint as ckpt
 from effdist.train import run_dir as run_directory
 from effdist.train.loss import masked_loss_sum
@@ -204,16 +205,20 @@ class Trainer:
         elif self.resume not in ("none", "", None):
             path = Path(self.resume)
             if not (path / ckpt.MARKER).is_file():
-                raise ckpt.CheckpointError(f"--resume {path}: not a complete effdist checkpoint directory")
-            ckpt.verify(path, check_crc=self.cfg.checkpoint.verify_crc)
+                converted = (path / CONVERTED_MARKER).is_file()
+                raise ckpt.CheckpointError(f"--resume {path}: not a complete effdist checkpoint directory" + (
+                    f"; it is a converted model: start a run from it with --set checkpoint.init_from={path}"
+                    if converted else ""))
+            ckpt.verify(path, check_crc=self.cfg.checkpoint.verify_crc, progress=rt.is_logging_rank)
         if path is None:
             if self.cfg.checkpoint.init_from and self.engine is not None:
-                self.engine.load_model_only(Path(self.cfg.checkpoint.init_from))
-                log(rt, f"initialised the model from {self.cfg.checkpoint.init_from}")
+                loaded = self.engine.load_model_only(Path(self.cfg.checkpoint.init_from), self.cfg.to_dict())
+                log(rt, f"initialised the model from {loaded}")
             elif self.cfg.checkpoint.init_from:
-                ckpt.load_model_only(Path(self.cfg.checkpoint.init_from), self.model_chunks)
+                loaded = ckpt.load_model_only(Path(self.cfg.checkpoint.init_from), self.model_chunks,
+                                              self.cfg.to_dict())
                 self.optimizer.reload_master_from_model()
-                log(rt, f"initialised the model from {self.cfg.checkpoint.init_from}")
+                log(rt, f"initialised the model from {loaded}")
             return
         marker = ckpt.read_marker(path)
         self._check_compatible(marker, path)
@@ -268,7 +273,7 @@ class Trainer:
         if rt.is_logging_rank:
             for _, path in reversed(ckpt.list_checkpoints(self.ckpt_dir)):
                 try:
-                    ckpt.verify(path, check_crc=self.cfg.checkpoint.verify_crc)
+                    ckpt.verify(path, check_crc=self.cfg.checkpoint.verify_crc, progress=True)
                     choice = str(path)
                     break
                 except ckpt.CheckpointError as e:
