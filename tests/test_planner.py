@@ -255,3 +255,16 @@ def test_calibrate_under_torchrun_measures_the_links(tmp_path):
     cal = Calibration.load(out)
     assert cal.links["source"].startswith("measured: all-reduce") and "gloo" in cal.links["source"]
     assert cal.links["p2p_gbps"] > 0 and cal.links["tp_gbps"] > 0 and cal.links["latency_s"] > 0
+
+
+def test_recompute_peak_holds_the_larger_of_the_logits_and_one_recomputed_layer():
+    from effdist.pipeline.memory_model import megatron_layer_bytes
+    from effdist.train.estimate import _activation_shape
+
+    base = ["train.micro_batch=8", "train.global_batch=16"]
+    plain = estimate(load_config(CONFIGS / "llama-1b.yaml", base + ["train.recompute=true"]), 1, on_gpu=True).peak
+    cfg = load_config(CONFIGS / "llama-1b.yaml", base + ["train.recompute=true"])
+    inputs = 16 * 2048 * 8 * 2048 * 2  # each layer keeps its bf16 input
+    layer = megatron_layer_bytes(_activation_shape(cfg, True))
+    assert plain.logits > layer  # at this shape the logits (fp32, 32k vocab) outweigh one layer
+    assert plain.activations + plain.logits == pytest.approx(inputs + max(layer, plain.logits))

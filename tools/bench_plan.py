@@ -39,6 +39,44 @@ def calibrate_in_subprocess(model: str, out: Path, micro_batches: str, variants:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
+def predict(model: str, overrides: list[str], cal) -> tuple[float, float, dict]:
+    """(tokens/s, peak GiB, step parts) the planner predicts for one pp=1 choice on one GPU."""
+    import copy
+
+    from effdist.config import load_config, validate
+    from effdist.train.estimate import GIB, estimate
+    from effdist.train.planner import Space, predict_step
+    from effdist.train.presets import resolve_config_path
+
+    cfg = load_config(resolve_config_path(model), overrides)
+    validate(cfg, world_size=1)
+    step, _, parts = predict_step(cfg, cal, Space(gpus=1), dp=1)
+    return (cfg.train.global_batch * cfg.data.seq_length / step,
+            estimate(copy.deepcopy(cfg), 1, on_gpu=True).peak.total / GIB, parts)
+
+
+def repredict(path: Path) -> int:
+    """Recompute every row's predictions (see --repredict) and record when and with what."""
+    import subprocess as sp
+
+    from effdist.pipeline.calibration import Calibration
+
+    data = json.loads(path.read_text())
+    cal = Calibration.load(ROOT / "configs" / "calibrations" / f"h100-{data['model']}.json")
+    for row in data["rows"]:
+        tps, mem, parts = predict(data["model"], row["overrides"], cal)
+        row.update(predicted_tokens_per_s=tps, tokens_per_s_ratio=tps / row["measured_tokens_per_s"],
+                   predicted_peak_mem_gib=mem, peak_mem_ratio=mem / row["measured_peak_mem_gib"],
+                   predicted_parts_s=parts)
+    commit = sp.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    data.setdefault("repredicted", []).append({"date": dt.date.today().isoformat(), "commit": commit,
+                                               "command": f"python tools/bench_plan.py --repredict {path}"})
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    for row in data["rows"]:
+        print(f"{row['choice']:<16} tokens/s ratio {row['tokens_per_s_ratio']:.3f}, peak ratio {row['peak_mem_ratio']:.3f}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama-1b")
@@ -50,18 +88,17 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="dense,epas,relu2")
     p.add_argument("--only", default=None, help="comma-separated choice labels to run")
     p.add_argument("--json", default=None)
+    p.add_argument("--repredict", default=None, metavar="JSON",
+                   help="no GPU: recompute the predictions of an earlier run's JSON with today's models (the "
+                        "measured values and the calibration stay those of the run) and rewrite it")
     args = p.parse_args(argv)
-
-    import copy
+    if args.repredict:
+        return repredict(Path(args.repredict))
 
     import torch
 
     from bench_train import bench_in_subprocess
-    from effdist.config import load_config, validate
     from effdist.pipeline.calibration import Calibration
-    from effdist.train.estimate import GIB, estimate
-    from effdist.train.planner import Space, predict_step
-    from effdist.train.presets import resolve_config_path
 
     cal_path = Path(args.calibration_out or (Path(args.json or "plan.json").with_suffix(".calibration.json")))
     calibrate_in_subprocess(args.model, cal_path, args.micro_batches, args.variants)
@@ -71,11 +108,7 @@ def main(argv=None) -> int:
         if args.only and label not in args.only.split(","):
             continue
         ov = ["data.kind=mock", f"train.global_batch={args.global_batch}"] + overrides
-        cfg = load_config(resolve_config_path(args.model), ov)
-        validate(cfg, world_size=1)
-        step, _, parts = predict_step(cfg, cal, Space(gpus=1), dp=1)
-        predicted_tps = cfg.train.global_batch * cfg.data.seq_length / step
-        predicted_mem = estimate(copy.deepcopy(cfg), 1, on_gpu=True).peak.total / GIB
+        predicted_tps, predicted_mem, parts = predict(args.model, ov, cal)
         measured = bench_in_subprocess(args.model, ov, args.steps, args.warmup)
         row = {"choice": label, "overrides": ov, "predicted_tokens_per_s": predicted_tps,
                "measured_tokens_per_s": measured["tokens_per_s"],

@@ -11,7 +11,10 @@ Memory per rank, the way Megatron-LM counts it (bytes per parameter of this rank
   activations the peak over the step: the Korthikanti et al. per-layer formula (effdist.pipeline.memory_model)
               times the layers of the chunks in flight, as the pipeline simulator walks the schedule
               (pp > 1), or one microbatch through all layers (pp = 1: microbatches run one after another);
-              plus the fp32 logits of one microbatch on the rank that computes the loss.
+              plus the fp32 logits of one microbatch on the rank that computes the loss. With
+              train.recompute each layer keeps only its input, and the one layer being recomputed holds its
+              full activations; that happens after the logits are freed, so the peak counts the larger of the
+              two on the loss's rank.
 Not counted: the CUDA context, allocator fragmentation, communication buffers, the data loader. For the
 llama-1b preset (micro-batch 8, bf16, one H100) the estimate is 34.9 GiB against a measured peak of 35.6 GiB
 (docs/benchmarks.md). The activation formula is GPT's (Korthikanti et al.), though, and configurations it was
@@ -269,8 +272,14 @@ def estimate(cfg: Config, world_size: int, on_gpu: bool, max_microbatches: int =
         n = p.count
         optimizer = 0.0 if offload and cfg.deepspeed.offload_optimizer else n * optimizer_per_param / (dp if shard_opt else 1)
         weights = 0.0 if offload and cfg.deepspeed.offload_params else n * wb / (dp if shard_weights else 1)
+        acts = activations[s]
+        if cfg.train.recompute and p.head:
+            # The logits (and their gradient) are freed by the head's backward before the first layer is
+            # recomputed, so the peak holds the larger of the two, not both (measured: llama-1b, micro-batch 8,
+            # recompute on an H100, docs/benchmarks.md "Planner validation").
+            acts = acts - recompute_extra + max(0.0, recompute_extra - logits)
         stages.append(RankMemory(stage=s, parameters=n, embedding=p.embedding, head=p.head, weights=weights, gradients=n * 4 / (dp if shard_grad else 1),
-                                 optimizer=optimizer, activations=activations[s], logits=logits if p.head else 0.0))
+                                 optimizer=optimizer, activations=acts, logits=logits if p.head else 0.0))
     return Estimate(world_size=world_size, on_gpu=on_gpu, dp=dp, microbatches=_microbatches(cfg, world_size),
                     schedule=schedule, chunks_by_stage=chunks_by_stage, stages=stages, simulation=simulation)
 
