@@ -49,6 +49,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -71,19 +72,38 @@ class Fp8UnavailableError(ConfigError):
     """train.precision = fp8 where FP8 cannot run: no torchao, CPU, or a GPU without FP8 tensor cores."""
 
 
+# Log lines torchao's import emits that say nothing a user can act on, matched exactly (anything else torchao or
+# torch logs meanwhile still shows):
+IMPORT_NOISE = (
+    # torchao/__init__.py, one per optional C++ extension of the wheel that cannot load in this process (every
+    # one on a CPU-only torch; the mxfp8 one on Python != 3.10). FP8 training uses none of them: its GEMM is
+    # torch._scaled_mm and its casts are torch ops.
+    re.compile(r"Failed to load \S*torchao[/\\]_C\w*(\.[\w-]+)*\.so: "),
+    # torch/utils/_pytree.py, when torchao registers its KernelPreference Enum: a deprecation for torchao.
+    re.compile(r"<enum '\w+'> is an Enum subclass and is now natively supported by torch\.compile as an opaque "
+               r"value type\."),
+)
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+class _DropImportNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(pattern.match(message) for pattern in IMPORT_NOISE)
+
+
 @contextlib.contextmanager
 def _quiet_import():
-    # torchao logs one line per optional C++ extension it cannot load (none is used here) and torch warns
-    # about an Enum it registers: noise on every rank, nothing a user can act on.
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
+    """Drop IMPORT_NOISE from the loggers that emit it while torchao is imported (on every rank)."""
+    noise = _DropImportNoise()
+    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.addFilter(noise)
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        for lg in loggers:
+            lg.removeFilter(noise)
 
 
 @functools.lru_cache(maxsize=None)
