@@ -22,10 +22,29 @@ def _run(args, tmp_path, timeout=300):
 
 def test_bench_train_tiny(tmp_path):
     out = tmp_path / "train.json"
-    proc = _run(["tools/bench_train.py", "--tiny", "--steps", "2", "--warmup", "1", "--json", str(out)], tmp_path)
+    proc = _run(["tools/bench_train.py", "--tiny", "--steps", "2", "--warmup", "1", "--profile", "1", "--json", str(out)],
+                tmp_path)
     runs = json.loads(out.read_text())["runs"]
     assert runs[0]["tokens_per_s"] > 0 and "error" not in runs[0]
     assert "tok/s" in proc.stdout
+    # --profile: the profiled step's wall time and its GPU kernels by name and category (none on a CPU).
+    profile = runs[0]["profile"]
+    assert profile["wall_ms_per_step"] > 0 and isinstance(profile["categories_ms"], dict)
+
+
+def test_kernel_categories():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_train import categorise
+
+    kernels = {"nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT": 3.0, "nvjet_qqtst_128x256_128x6_2x1_v_bz_TNN": 2.0,
+               "sm90_xmma_gemm_e4m3e4m3_bf16f32_f32_tn_n_tilesize128x128x128": 1.0,
+               "flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>": 1.5,
+               "triton_red_fused__to_copy_abs_amax_0": 0.25, "triton_poi_fused__to_copy_clamp_div_mul_1": 0.25,
+               "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdam>": 0.5,
+               "void at::native::vectorized_elementwise_kernel<4, AddFunctor>": 0.125}
+    cats = categorise({name: {"ms": ms} for name, ms in kernels.items()})
+    assert cats == {"gemm": 3.0, "fp8 gemm": 3.0, "attention": 1.5, "compiled (triton)": 0.5, "optimizer": 0.5,
+                    "other elementwise": 0.125}
 
 
 def test_bench_train_under_torchrun_runs_variant_after_variant(tmp_path):
