@@ -49,7 +49,6 @@ def test_precision_defaults_to_bf16_and_validates():
     (["train.precision=fp16"], "train.precision = 'fp16'"),
     (["train.precision=fp8", "train.fp8_recipe=delayed"], "train.fp8_recipe = 'delayed'"),
     (["train.precision=fp8", "train.dtype=fp32"], "train.dtype = 'fp32'"),
-    (["train.precision=fp8", "parallel.pp=2", "model.tie_embeddings=false"], "parallel.pp = 2"),
 ])
 def test_invalid_precision_settings_name_the_field(overrides, field):
     with pytest.raises(ConfigError) as e:
@@ -105,8 +104,7 @@ def test_missing_torchao_is_named(monkeypatch):
 
 @pytest.mark.parametrize("extra, field", [
     ([], "train.precision = 'fp8'"),
-    # The pipeline executor's B/W-split linears have no FP8 GEMM (docs/fp8.md says why): refused up front.
-    (["parallel.pp=2", "model.tie_embeddings=false", "train.fp8_emulate=true"], "parallel.pp = 2"),
+    (["train.engine=deepspeed", "train.fp8_emulate=true"], "train.engine = 'deepspeed'"),
 ])
 def test_cli_refuses_with_one_line_and_exit_2(tmp_path, extra, field):
     from tests.launching import clean_env
@@ -218,6 +216,27 @@ def test_epas_sharing_layer_projects_v_rows_in_fp8(megatron_one_process, monkeyp
     assert (groups * head_dim, 64) in shapes, shapes  # the V rows alone went through the FP8 GEMM
     qkv = sharing[0].self_attention.linear_qkv.weight
     assert qkv.grad is not None and torch.isfinite(qkv.grad).all() and qkv.grad.abs().sum() > 0
+
+
+@needs_torchao
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
+def test_split_gemms_equal_torchaos_fused_backward(recipe):
+    """The pipeline executor's B/W split runs the output, input-gradient and weight-gradient GEMMs one at a time
+    (Fp8Gemm.output / grad_input / grad_weight); they must give torchao's fused FP8 forward and backward exactly
+    (same casts, same scales)."""
+    from effdist.model.fp8 import Fp8Gemm, Fp8Settings
+
+    gemm = Fp8Gemm(Fp8Settings(recipe, compile=False, emulate=True))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 8, 64, generator=gen).requires_grad_()
+    w = (torch.randn(48, 64, generator=gen) * 0.1).requires_grad_()
+    g = torch.randn(4, 8, 48, generator=gen)
+    y = gemm(x, w)
+    y.backward(g)
+    assert torch.equal(gemm.output(x.detach(), w.detach()), y)
+    assert torch.equal(gemm.grad_input(g, w.detach()), x.grad)
+    assert torch.equal(gemm.grad_weight(g, x.detach()), w.grad)
+    assert not torch.equal(y, x.detach() @ w.detach().t())  # FP8 rounding happened
 
 
 # ------------------------------------------------------------------------------------------------ TP
@@ -398,6 +417,24 @@ def test_fp8_epas_and_sparse_ffn_tp2_sequence_parallel_follow_single_process(fp8
     assert regions[1] >= 1 and regions[STEPS] >= 2, regions  # sharing layers were trained
     for s in range(1, STEPS + 1):
         assert a[s] == pytest.approx(b[s], rel=3e-3), (s, a[s], b[s])
+
+
+@needs_torchao
+def test_fp8_pipeline_zero_bubble_follows_single_process(fp8_run, tmp_path):
+    """PP=2 with a zero-bubble schedule (weight-gradient GEMMs deferred to W actions) in FP8: the pipeline
+    executor's B/W-split linears run the same FP8 GEMMs as pp=1 (tensorwise scales are per whole tensor, which PP
+    does not split), so the losses follow the single-process FP8 run to float rounding."""
+    from tests.launching import losses, run_train
+
+    single, data, _ = fp8_run
+    run = tmp_path / "pp2"
+    proc = run_train(run, COMMON + [f"data.cache_dir={data}", "parallel.pp=2", "pipeline.schedule=zb-h1",
+                                    "checkpoint.interval=0", "checkpoint.save_at_end=false"], nproc=2)
+    assert "fp8 linears" in proc.stderr
+    a, b = losses(run), losses(single)
+    assert sorted(a) == sorted(b)
+    for s in range(1, STEPS + 1):
+        assert a[s] == pytest.approx(b[s], rel=2e-5), (s, a[s], b[s])
 
 
 # ------------------------------------------------------------------------------------------------ GPU

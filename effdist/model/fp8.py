@@ -37,8 +37,12 @@ Emulation. ``train.fp8_emulate`` runs torchao's emulated casts (values rounded t
 high precision): same numerics up to GEMM accumulation order, on any device, not faster. For tests (CPU) and for
 checking numerics on GPUs without FP8.
 
-Not FP8: the pipeline executor's B/W-split linears (``parallel.pp > 1`` is refused with fp8 by config
-validation), ELAS's 2:4 sparse GEMM (fc2's weight multiplied outside the linear), and the DeepSpeed engine
+Pipeline parallelism. The pipeline executor's B/W-split linears (effdist.pipeline.wgrad) defer the weight
+gradient to a later W action, which torchao's fused backward cannot do; they call `Fp8Gemm.output`,
+`grad_input` and `grad_weight`, the three GEMMs one at a time with the casts torchao's fused Function uses for
+each (bit-identical results).
+
+Not FP8: ELAS's 2:4 sparse GEMM (fc2's weight multiplied outside the linear), and the DeepSpeed engine
 (refused). Requirements: a CUDA GPU of compute capability >= 8.9 (Ada, Hopper, Blackwell) unless emulating,
 torchao (``pip install -e ".[fp8]"``), and GEMM dimensions that are multiples of 16 (every preset's are).
 """
@@ -191,10 +195,53 @@ class Fp8Gemm:
         self._eager = matmul
         self._compiled = _compile(matmul) if settings.compile else None
 
+        # The three GEMMs one at a time, for linears that run the weight gradient later (the pipeline executor's
+        # B/W split). Each is torchao's forward with the operands' cast configs and GEMM config of that GEMM:
+        # the same casts (same dtypes, granularity and reduction axes, hence the same scales) as its fused
+        # backward.
+        def gemm_as_forward(operand_a, operand_b, gemm):
+            cfg = dataclasses.replace(config, cast_config_input=operand_a, cast_config_input_for_grad_weight=operand_a,
+                                      cast_config_weight=operand_b, cast_config_weight_for_grad_input=operand_b)
+            mm = training_tensor.LinearMMConfig(*(training_tensor.ScaledMMConfig(
+                config.emulate, gemm.use_fast_accum, False, config.pad_inner_dim),) * 3)
+
+            def run(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:  # a [M, K] @ b_t [K, N]
+                return function.apply(a, b_t, mm, cfg)
+
+            return run, (_compile(run) if settings.compile else None)
+
+        c = config
+        self._split = {
+            "output": gemm_as_forward(c.cast_config_input, c.cast_config_weight, c.gemm_config_output),
+            "grad_input": gemm_as_forward(c.cast_config_grad_output, c.cast_config_weight_for_grad_input,
+                                          c.gemm_config_grad_input),
+            "grad_weight": gemm_as_forward(c.cast_config_grad_output_for_grad_weight,
+                                           c.cast_config_input_for_grad_weight, c.gemm_config_grad_weight),
+        }
+
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self._compiled is not None and x.is_cuda:
             return self._compiled(x, weight)
         return self._eager(x, weight)
+
+    def _run_split(self, name: str, a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+        eager, compiled = self._split[name]
+        with torch.no_grad():  # each GEMM alone, no autograd graph (the caller is an autograd Function)
+            return compiled(a, b_t) if compiled is not None and a.is_cuda else eager(a, b_t)
+
+    def output(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Forward alone: ``x @ weight.T`` (x [..., in], weight [out, in]) with the output GEMM's casts."""
+        return self._run_split("output", x.reshape(-1, x.shape[-1]), weight.t()).reshape(*x.shape[:-1], -1)
+
+    def grad_input(self, grad_output: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Input gradient alone: ``grad_output @ weight`` with the grad_input GEMM's casts."""
+        go = grad_output.reshape(-1, grad_output.shape[-1])
+        return self._run_split("grad_input", go, weight).reshape(*grad_output.shape[:-1], -1)
+
+    def grad_weight(self, grad_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Weight gradient alone: ``grad_output^T @ x`` [out, in] with the grad_weight GEMM's casts."""
+        go = grad_output.reshape(-1, grad_output.shape[-1])
+        return self._run_split("grad_weight", go.t(), x.reshape(-1, x.shape[-1]))
 
 
 def _compile(fn: Callable) -> Callable:
