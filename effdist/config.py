@@ -664,9 +664,6 @@ def _validate_precision(cfg: Config) -> None:
     if tr.dtype not in ("auto", "bf16") and not tr.fp8_emulate:
         _fail("train.dtype", tr.dtype, "train.precision=fp8 casts bf16 weights and activations; use train.dtype=bf16 "
               "(or auto on a GPU)")
-    if cfg.parallel.pp > 1:
-        _fail("parallel.pp", cfg.parallel.pp, "train.precision=fp8 is not implemented for the pipeline executor's "
-              "B/W-split linears; use parallel.pp=1, or train.precision=bf16")
     if tr.engine != "megatron":
         _fail("train.engine", tr.engine, "train.precision=fp8 runs under the megatron engine; use train.engine=megatron")
 

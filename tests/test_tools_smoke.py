@@ -22,9 +22,12 @@ def _run(args, tmp_path, timeout=300):
 
 def test_bench_train_tiny(tmp_path):
     out = tmp_path / "train.json"
-    proc = _run(["tools/bench_train.py", "--tiny", "--steps", "2", "--warmup", "1", "--json", str(out), "--variant",
-                 "dense=", "--variant", "epas=epas.enabled=true;epas.mode=fixed;epas.final_region=2"], tmp_path)
+    proc = _run(["tools/bench_train.py", "--tiny", "--steps", "2", "--warmup", "1", "--profile", "1", "--json", str(out),
+                 "--variant", "dense=", "--variant", "epas=epas.enabled=true;epas.mode=fixed;epas.final_region=2"],
+                tmp_path)
     dense, epas = json.loads(out.read_text())["runs"]
+    # --profile: the profiled step's wall time and its GPU kernels by name and category (none on a CPU).
+    assert dense["profile"]["wall_ms_per_step"] > 0 and isinstance(dense["profile"]["categories_ms"], dict)
     assert dense["tokens_per_s"] > 0 and "error" not in dense and "error" not in epas
     assert "tok/s" in proc.stdout and "dense-eq" in proc.stdout
     # Executed FLOPs: the dense run executes its dense count, the EPAS run (2 of 4 layers sharing) less.
@@ -45,6 +48,21 @@ def test_bench_train_reports_datasheet_mfu_beside_the_measured_ceiling():
     fp8 = hardware_fractions(run, results, fp8=True)
     assert fp8["fraction_of_fp8_ceiling"] == 0.25 and fp8["mfu_datasheet_fp8"] == 400.0 / 1979
     assert hardware_fractions(run, {"device": "cpu"}, fp8=False) == {}
+
+
+def test_kernel_categories():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_train import categorise
+
+    kernels = {"nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT": 3.0, "nvjet_qqtst_128x256_128x6_2x1_v_bz_TNN": 2.0,
+               "sm90_xmma_gemm_e4m3e4m3_bf16f32_f32_tn_n_tilesize128x128x128": 1.0,
+               "flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>": 1.5,
+               "triton_red_fused__to_copy_abs_amax_0": 0.25, "triton_poi_fused__to_copy_clamp_div_mul_1": 0.25,
+               "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdam>": 0.5,
+               "void at::native::vectorized_elementwise_kernel<4, AddFunctor>": 0.125}
+    cats = categorise({name: {"ms": ms} for name, ms in kernels.items()})
+    assert cats == {"gemm": 3.0, "fp8 gemm": 3.0, "attention": 1.5, "compiled (triton)": 0.5, "optimizer": 0.5,
+                    "other elementwise": 0.125}
 
 
 def test_bench_train_under_torchrun_runs_variant_after_variant(tmp_path):

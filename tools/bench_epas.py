@@ -152,19 +152,20 @@ def time_steps(trainee: Trainee, controller, warmup: int, steps: int, cuda: bool
     return times, losses
 
 
-def kernel_profile(trainee: Trainee, controller, steps: int) -> dict:
-    """Where one variant's step time goes: GPU kernel time per step by kernel name (torch.profiler), against
-    the wall time of the same steps. Wall time well above kernel time means the step waits on the CPU."""
+def kernel_profile(step, steps: int) -> dict:
+    """Where a step's time goes: GPU kernel time per step by kernel name (torch.profiler), against the wall time
+    of the same steps. ``step()`` runs one training step; it runs once unprofiled first. Wall time well above
+    kernel time means the step waits on the CPU. (tools/bench_train.py --profile uses this too.)"""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    trainee.step(controller)  # the region switch's first step is not what is profiled
+    step()  # e.g. the region switch's first step is not what is profiled
     sync()
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
-            trainee.step(controller)
+            step()
         sync()
         wall = (time.perf_counter() - t0) / steps
     kernels: dict[str, list[float]] = {}
@@ -275,7 +276,7 @@ def bench_shape(shape: str, fractions: list[float], warmup: int, steps: int, rou
             continue
         trainee, controller = take_turn(name, region)
         try:
-            rows[name]["profile"] = kernel_profile(trainee, controller, profile_steps)
+            rows[name]["profile"] = kernel_profile(lambda: trainee.step(controller), profile_steps)
         except Exception as e:  # the timings above stand without it
             print(f"profiling {shape} {name} failed: {type(e).__name__}: {e}", flush=True)
     for name, region in variants:

@@ -102,7 +102,30 @@ class RandomTokens:
         return out
 
 
-def bench_one(name: str, overrides: list[str], steps: int, warmup: int) -> dict:
+# Kernel categories of a profile (first match wins): where an FP8 step's time goes against bf16's.
+KERNEL_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("fp8 gemm", ("e4m3", "e5m2", "f8f8", "fp8", "qqtst", "_scaled_mm")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "sm90_")),
+    ("compiled (triton)", ("triton_",)),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("communication", ("nccl",)),
+    ("copy / fill", ("memcpy", "memset", "copy_kernel", "fill")),
+    ("cross entropy", ("cross_entropy", "log_softmax", "nll_loss")),
+)
+
+
+def categorise(kernels: dict[str, dict]) -> dict[str, float]:
+    """ms per step by KERNEL_CATEGORIES, "other elementwise" for the rest."""
+    out: dict[str, float] = {}
+    for name, k in kernels.items():
+        low = name.lower()
+        cat = next((c for c, keys in KERNEL_CATEGORIES if any(key in low for key in keys)), "other elementwise")
+        out[cat] = out.get(cat, 0.0) + k["ms"]
+    return {c: round(ms, 3) for c, ms in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+def bench_one(name: str, overrides: list[str], steps: int, warmup: int, profile: int = 0) -> dict:
     from effdist.config import load_config
     from effdist.runtime.distributed import setup, teardown
     from effdist.train.flops import flops_per_token
@@ -136,12 +159,24 @@ def bench_one(name: str, overrides: list[str], steps: int, warmup: int) -> dict:
         # The trainer's own throughput fields (dense and executed TFLOP/s, MFU, dense-equivalent tokens/s).
         throughput = trainer._throughput(tps, out["epas_region"])
         count = flops_per_token(cfg, out["epas_region"], trainer._sparse_fc2_layers())
+        peak = torch.cuda.max_memory_allocated() / 2**30 if rt.is_cuda else None
+        prof = {}
+        if profile:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/, also under `effdist bench`
+            from bench_epas import kernel_profile
+
+            def one_step():
+                trainer.train_step()
+                trainer.step += 1
+
+            prof = kernel_profile(one_step, profile)
+            prof["categories_ms"] = categorise(prof["kernels"])
+            prof["kernels"] = dict(list(prof["kernels"].items())[:40])  # the top 40 by time
         return {"model": name, "overrides": overrides, "micro_batch": cfg.train.micro_batch,
                 "global_batch": cfg.train.global_batch, "seq": cfg.data.seq_length, "step_s": dt,
                 "tokens_per_s": tps, **throughput, "flops_per_token": count.dense,
-                "flops_per_token_executed": count.executed,
-                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if rt.is_cuda else None,
-                "final_loss": out["loss"]}
+                "flops_per_token_executed": count.executed, "peak_mem_gib": peak, "final_loss": out["loss"],
+                **({"profile": prof} if prof else {})}
     finally:
         del trainer
         teardown(keep_process_group=int(os.environ.get("WORLD_SIZE", "1")) > 1)
@@ -170,11 +205,12 @@ def hardware_fractions(run: dict, results: dict, fp8: bool) -> dict:
     return out
 
 
-def bench_in_subprocess(name: str, overrides: list[str], steps: int, warmup: int) -> dict:
+def bench_in_subprocess(name: str, overrides: list[str], steps: int, warmup: int, profile: int = 0) -> dict:
     """bench_one in a fresh interpreter; its result comes back as the last line of its output."""
     code = ("import json, sys; sys.path.insert(0, {root!r}); sys.argv = ['bench_train']; "
-            "import bench_train; print('RESULT ' + json.dumps(bench_train.bench_one({name!r}, {ov!r}, {steps}, {warmup})))"
-            ).format(root=str(Path(__file__).resolve().parent), name=name, ov=overrides, steps=steps, warmup=warmup)
+            "import bench_train; print('RESULT ' + json.dumps(bench_train.bench_one({name!r}, {ov!r}, {steps}, {warmup}, "
+            "{profile})))").format(root=str(Path(__file__).resolve().parent), name=name, ov=overrides, steps=steps,
+                                  warmup=warmup, profile=profile)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -199,6 +235,11 @@ def main(argv=None) -> int:
     p.add_argument("--isolate", action="store_true",
                    help="run each model/variant in a fresh process (peak memory then cannot include what an earlier "
                         "variant left allocated, e.g. DeepSpeed engines that outlive their run)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile STEPS more steps (torch.profiler): GPU kernel ms per step by kernel "
+                        "(top 40) and by category (GEMM, FP8 GEMM, attention, compiled, optimizer, ...) in the JSON")
+    p.add_argument("--profile-variants", default=None,
+                   help="comma-separated variant names to profile (default: all, when --profile is given)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny config")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -237,11 +278,12 @@ def main(argv=None) -> int:
                          "logging.tensorboard=false", *args.overrides, *vover]
             if args.tiny:
                 overrides += ["data.seq_length=64"]
+            profile = args.profile if args.profile_variants is None or vname in args.profile_variants.split(",") else 0
             try:
                 if args.isolate:
-                    r = bench_in_subprocess(name, overrides, args.steps, args.warmup)
+                    r = bench_in_subprocess(name, overrides, args.steps, args.warmup, profile)
                 else:
-                    r = bench_one(name, overrides, args.steps, args.warmup)
+                    r = bench_one(name, overrides, args.steps, args.warmup, profile)
             except Exception as e:  # report and go on: one model out of memory should not lose the table
                 if world > 1:
                     raise  # a rank that went on alone would wait forever in the next variant's collectives
@@ -253,7 +295,13 @@ def main(argv=None) -> int:
                 r["speedup_vs_first_variant"] = r["tokens_per_s"] / first["tokens_per_s"]
             results["runs"].append(r)
             if rank == 0:
-                print(json.dumps(r), flush=True)
+                print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
+                if "profile" in r:
+                    pr = r["profile"]
+                    print(f"  profile {name} {vname}: wall {pr['wall_ms_per_step']:.1f} ms/step, GPU kernels "
+                          f"{pr['kernel_ms_per_step']:.1f} ms/step; {pr['categories_ms']}", flush=True)
+                    for kname, k in list(pr["kernels"].items())[:15]:
+                        print(f"    {k['ms']:8.2f} ms {k['calls']:5d}x  {kname[:110]}", flush=True)
 
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -7,11 +7,12 @@
 #   bash tools/gpu_h100_suite.sh rest   OUTDIR   # decode, 350M end-to-end per FFN, DeepSpeed, kernels, GPU tests
 #   bash tools/gpu_h100_suite.sh fp8    OUTDIR   # FP8 linears: GPU numerics tests, llama-1b bf16 vs FP8 (needs torchao)
 #   bash tools/gpu_h100_suite.sh fp8_parity OUTDIR  # llama-125m loss, bf16 vs FP8, English corpus
+#   bash tools/gpu_h100_suite.sh fp8_profile OUTDIR # llama-1b bf16 vs FP8 kernel profile, micro-batch 16, torchtitan
 #
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|tests OUTDIR [SEED]}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|tests OUTDIR [SEED]}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -277,9 +278,21 @@ fp8_parity)
   parity_125m 330 300 20 fp8 --variant bf16= --variant "fp8=train.precision=fp8" \
     --variant "fp8_rowwise=train.precision=fp8,train.fp8_recipe=rowwise" --baseline fp8=bf16 --baseline fp8_rowwise=bf16
   ;;
+fp8_profile)
+  # Issue #27: where the llama-1b FP8 step's time goes against bf16 (per-kernel profile by category: GEMM, FP8 GEMM,
+  # attention, compiled casts, optimizer), micro-batch 16 as a lever, then torchtitan 0.2.2's own trainer with
+  # float8 + compile at the same shape in the same call (needs torchtitan, torchdata, tyro, docstring-parser,
+  # shtab, typeguard importable; `datasets` is stubbed by the tool).
+  run 200 python3 tools/bench_train.py --isolate --models llama-1b --micro-batch llama-1b=8 --accum 2 --steps 4 --warmup 2 \
+    --profile 1 --profile-variants bf16,fp8 --json "$out/bench_train_fp8_1b_profile.json" --variant bf16= \
+    --variant fp8=train.precision=fp8 --variant "fp8_mbs16=train.precision=fp8;train.micro_batch=16;train.global_batch=16" \
+    --variant "bf16_mbs16=train.micro_batch=16;train.global_batch=16"
+  run 115 python3 tools/bench_torchtitan.py --steps 8 --warmup 4 --timeout 110 --json "$out/bench_torchtitan_1b.json" \
+    --variant "float8_compile=--model.converters float8 --quantize.linear.float8.filter_fqns output"
+  ;;
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, tests)"; exit 2 ;;
 esac
 exit 0

@@ -37,8 +37,12 @@ Emulation. ``train.fp8_emulate`` runs torchao's emulated casts (values rounded t
 high precision): same numerics up to GEMM accumulation order, on any device, not faster. For tests (CPU) and for
 checking numerics on GPUs without FP8.
 
-Not FP8: the pipeline executor's B/W-split linears (``parallel.pp > 1`` is refused with fp8 by config
-validation), ELAS's 2:4 sparse GEMM (fc2's weight multiplied outside the linear), and the DeepSpeed engine
+Pipeline parallelism. The pipeline executor's B/W-split linears (effdist.pipeline.wgrad) defer the weight
+gradient to a later W action, which torchao's fused backward cannot do; they call `Fp8Gemm.output`,
+`grad_input` and `grad_weight`, the three GEMMs one at a time with the casts torchao's fused Function uses for
+each (bit-identical results).
+
+Not FP8: ELAS's 2:4 sparse GEMM (fc2's weight multiplied outside the linear), and the DeepSpeed engine
 (refused). Requirements: a CUDA GPU of compute capability >= 8.9 (Ada, Hopper, Blackwell) unless emulating,
 torchao (``pip install -e ".[fp8]"``), and GEMM dimensions that are multiples of 16 (every preset's are).
 """
@@ -49,6 +53,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -71,19 +76,38 @@ class Fp8UnavailableError(ConfigError):
     """train.precision = fp8 where FP8 cannot run: no torchao, CPU, or a GPU without FP8 tensor cores."""
 
 
+# Log lines torchao's import emits that say nothing a user can act on, matched exactly (anything else torchao or
+# torch logs meanwhile still shows):
+IMPORT_NOISE = (
+    # torchao/__init__.py, one per optional C++ extension of the wheel that cannot load in this process (every
+    # one on a CPU-only torch; the mxfp8 one on Python != 3.10). FP8 training uses none of them: its GEMM is
+    # torch._scaled_mm and its casts are torch ops.
+    re.compile(r"Failed to load \S*torchao[/\\]_C\w*(\.[\w-]+)*\.so: "),
+    # torch/utils/_pytree.py, when torchao registers its KernelPreference Enum: a deprecation for torchao.
+    re.compile(r"<enum '\w+'> is an Enum subclass and is now natively supported by torch\.compile as an opaque "
+               r"value type\."),
+)
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+class _DropImportNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(pattern.match(message) for pattern in IMPORT_NOISE)
+
+
 @contextlib.contextmanager
 def _quiet_import():
-    # torchao logs one line per optional C++ extension it cannot load (none is used here) and torch warns
-    # about an Enum it registers: noise on every rank, nothing a user can act on.
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
+    """Drop IMPORT_NOISE from the loggers that emit it while torchao is imported (on every rank)."""
+    noise = _DropImportNoise()
+    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.addFilter(noise)
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        for lg in loggers:
+            lg.removeFilter(noise)
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,10 +195,53 @@ class Fp8Gemm:
         self._eager = matmul
         self._compiled = _compile(matmul) if settings.compile else None
 
+        # The three GEMMs one at a time, for linears that run the weight gradient later (the pipeline executor's
+        # B/W split). Each is torchao's forward with the operands' cast configs and GEMM config of that GEMM:
+        # the same casts (same dtypes, granularity and reduction axes, hence the same scales) as its fused
+        # backward.
+        def gemm_as_forward(operand_a, operand_b, gemm):
+            cfg = dataclasses.replace(config, cast_config_input=operand_a, cast_config_input_for_grad_weight=operand_a,
+                                      cast_config_weight=operand_b, cast_config_weight_for_grad_input=operand_b)
+            mm = training_tensor.LinearMMConfig(*(training_tensor.ScaledMMConfig(
+                config.emulate, gemm.use_fast_accum, False, config.pad_inner_dim),) * 3)
+
+            def run(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:  # a [M, K] @ b_t [K, N]
+                return function.apply(a, b_t, mm, cfg)
+
+            return run, (_compile(run) if settings.compile else None)
+
+        c = config
+        self._split = {
+            "output": gemm_as_forward(c.cast_config_input, c.cast_config_weight, c.gemm_config_output),
+            "grad_input": gemm_as_forward(c.cast_config_grad_output, c.cast_config_weight_for_grad_input,
+                                          c.gemm_config_grad_input),
+            "grad_weight": gemm_as_forward(c.cast_config_grad_output_for_grad_weight,
+                                           c.cast_config_input_for_grad_weight, c.gemm_config_grad_weight),
+        }
+
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self._compiled is not None and x.is_cuda:
             return self._compiled(x, weight)
         return self._eager(x, weight)
+
+    def _run_split(self, name: str, a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+        eager, compiled = self._split[name]
+        with torch.no_grad():  # each GEMM alone, no autograd graph (the caller is an autograd Function)
+            return compiled(a, b_t) if compiled is not None and a.is_cuda else eager(a, b_t)
+
+    def output(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Forward alone: ``x @ weight.T`` (x [..., in], weight [out, in]) with the output GEMM's casts."""
+        return self._run_split("output", x.reshape(-1, x.shape[-1]), weight.t()).reshape(*x.shape[:-1], -1)
+
+    def grad_input(self, grad_output: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Input gradient alone: ``grad_output @ weight`` with the grad_input GEMM's casts."""
+        go = grad_output.reshape(-1, grad_output.shape[-1])
+        return self._run_split("grad_input", go, weight).reshape(*grad_output.shape[:-1], -1)
+
+    def grad_weight(self, grad_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Weight gradient alone: ``grad_output^T @ x`` [out, in] with the grad_weight GEMM's casts."""
+        go = grad_output.reshape(-1, grad_output.shape[-1])
+        return self._run_split("grad_weight", go.t(), x.reshape(-1, x.shape[-1]))
 
 
 def _compile(fn: Callable) -> Callable:

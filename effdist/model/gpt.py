@@ -116,10 +116,11 @@ def build_gpt(cfg: Config, dtype: torch.dtype, device: torch.device, layer_indic
     if fp8 is not None:
         # FP8 GEMMs in the decoder's linears (effdist.model.fp8); the embedding and the LM head stay bf16.
         require_fp8_support(cfg, device)
-        if linears is not DEFAULT_LINEARS:
-            raise ConfigError("train.precision = 'fp8': the pipeline executor's B/W-split linears have no FP8 GEMM; "
-                              "use parallel.pp=1, or train.precision=bf16")
-        linears = FP8_LINEARS
+        if linears is DEFAULT_LINEARS:
+            linears = FP8_LINEARS
+        elif not linears.runs_fp8:
+            raise ConfigError(f"train.precision = 'fp8': the linears {linears.column.__name__}/{linears.row.__name__} "
+                              "have no FP8 GEMM; use train.precision=bf16")
         tcfg.effdist_fp8_gemm = Fp8Gemm(fp8)
     model_cls, extra = GPTModel, {}
     if "loss" in kernels:

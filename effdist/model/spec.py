@@ -30,6 +30,9 @@ class LinearImpl:
 
     column: type = ColumnParallelLinear
     row: type = RowParallelLinear
+    # The classes run their GEMMs in FP8 themselves when their TransformerConfig carries an effdist_fp8_gemm
+    # (train.precision=fp8; effdist.model.fp8). Otherwise build_gpt substitutes its FP8 linears or refuses.
+    runs_fp8: bool = False
 
 
 DEFAULT_LINEARS = LinearImpl()

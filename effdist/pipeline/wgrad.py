@@ -143,9 +143,12 @@ def _gather_sequence(input_: torch.Tensor, tp_group) -> torch.Tensor:
     return out
 
 
-def _weight_grad(input_: torch.Tensor, grad_output: torch.Tensor, sequence_parallel: bool, tp_group) -> torch.Tensor:
+def _weight_grad(input_: torch.Tensor, grad_output: torch.Tensor, sequence_parallel: bool, tp_group,
+                 fp8=None) -> torch.Tensor:
     total_input = _gather_sequence(input_, tp_group) if sequence_parallel else input_
     grad_output, total_input = prepare_input_tensors_for_wgrad_compute(grad_output, total_input)
+    if fp8 is not None:
+        return fp8.grad_weight(grad_output, total_input)
     return grad_output.t().matmul(total_input)
 
 
@@ -155,11 +158,14 @@ class _LinearWithDeferrableWgrad(torch.autograd.Function):
     `target` is None when the weight gradient may flow through autograd (the weight is the layer's own parameter
     and no fused accumulation was requested); then an immediate gradient is returned like megatron's. Otherwise
     it is a `_ManualTarget` and the gradient is always added there directly.
+
+    `fp8`: an `effdist.model.fp8.Fp8Gemm` (train.precision=fp8) runs the three GEMMs, one at a time, with the
+    casts torchao's fused FP8 backward would use (the same numbers: tests/test_fp8.py); None: the dtype's matmuls.
     """
 
     @staticmethod
     def forward(ctx, input_, weight, bias, target, deferrable, allreduce_dgrad, sequence_parallel, tp_group,
-                param=None):
+                param=None, fp8=None):
         # `param`: the parameter a row-subset `weight` was taken from; an input only so that the output requires
         # grad when the parameter does (its gradient is accumulated by `target`, never returned).
         ctx.save_for_backward(input_, weight)
@@ -170,8 +176,9 @@ class _LinearWithDeferrableWgrad(torch.autograd.Function):
         ctx.allreduce_dgrad = allreduce_dgrad
         ctx.sequence_parallel = sequence_parallel
         ctx.tp_group = tp_group
+        ctx.fp8 = fp8
         total_input = _gather_sequence(input_, tp_group) if sequence_parallel else input_
-        output = torch.matmul(total_input, weight.t())
+        output = fp8.output(total_input, weight) if fp8 is not None else torch.matmul(total_input, weight.t())
         if bias is not None:
             output = output + bias
         return output
@@ -183,7 +190,8 @@ class _LinearWithDeferrableWgrad(torch.autograd.Function):
         store = WEIGHT_GRAD_STORE
         defer = ctx.deferred_target is not None and store.is_deferring
 
-        grad_input = grad_output.matmul(weight)
+        fp8 = ctx.fp8
+        grad_input = fp8.grad_input(grad_output, weight) if fp8 is not None else grad_output.matmul(weight)
         handle = None
         if ctx.allreduce_dgrad:
             handle = dist.all_reduce(grad_input, group=tp_group, async_op=True)
@@ -197,15 +205,15 @@ class _LinearWithDeferrableWgrad(torch.autograd.Function):
             sequence_parallel = ctx.sequence_parallel
 
             def work(input_=input_, grad_output=grad_output):
-                target.accumulate(_weight_grad(input_, grad_output, sequence_parallel, tp_group))
+                target.accumulate(_weight_grad(input_, grad_output, sequence_parallel, tp_group, fp8))
 
             # What the queued GEMM keeps alive until W: the output gradient, and the input (already counted as
             # saved by the forward, unless full recompute re-created it during this backward).
             store.put(work, held=(grad_output, input_))
         elif ctx.target is not None:
-            ctx.target.accumulate(_weight_grad(input_, grad_output, ctx.sequence_parallel, tp_group))
+            ctx.target.accumulate(_weight_grad(input_, grad_output, ctx.sequence_parallel, tp_group, fp8))
         elif ctx.needs_input_grad[1]:
-            grad_weight = _weight_grad(input_, grad_output, ctx.sequence_parallel, tp_group)
+            grad_weight = _weight_grad(input_, grad_output, ctx.sequence_parallel, tp_group, fp8)
 
         grad_bias = None
         if ctx.use_bias:
@@ -214,7 +222,12 @@ class _LinearWithDeferrableWgrad(torch.autograd.Function):
             handle.wait()
         if ctx.sequence_parallel:
             grad_input = sub_grad_input
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def _fp8_gemm(layer):
+    """The layer's FP8 GEMMs (train.precision=fp8: build_gpt puts an Fp8Gemm on the TransformerConfig), or None."""
+    return getattr(layer.config, "effdist_fp8_gemm", None)
 
 
 def _is_own_leaf(layer: torch.nn.Module, weight: torch.Tensor) -> bool:
@@ -235,7 +248,7 @@ def _split_forward_impl(layer, parent_impl, input, weight, bias, gradient_accumu
     deferrable = own
     target = _ManualTarget(weight) if own and gradient_accumulation_fusion else None
     return _LinearWithDeferrableWgrad.apply(input, weight, bias, target, deferrable, allreduce_dgrad,
-                                            sequence_parallel, tp_group)
+                                            sequence_parallel, tp_group, None, _fp8_gemm(layer))
 
 
 class SplitColumnParallelLinear(ColumnParallelLinear):
@@ -266,7 +279,7 @@ class SplitColumnParallelLinear(ColumnParallelLinear):
             input_parallel, weight_rows, bias, _ManualTarget(self.weight, index) if self.weight.requires_grad else None,
             self.weight.requires_grad, self.allreduce_dgrad,
             False if self.explicit_expert_comm else self.sequence_parallel,
-            get_tensor_model_parallel_group_if_none(self.tp_group), self.weight)
+            get_tensor_model_parallel_group_if_none(self.tp_group), self.weight, _fp8_gemm(self))
         if self.gather_output:
             output = gather_from_tensor_model_parallel_region(output, group=self.tp_group)
         output_bias = rows(self.bias.unsqueeze(-1)).reshape(-1) if self.skip_bias_add and self.bias is not None else None
@@ -280,4 +293,4 @@ class SplitRowParallelLinear(RowParallelLinear):
         return _split_forward_impl(self, super()._forward_impl, input, weight, *args, **kwargs)
 
 
-SPLIT_LINEARS = LinearImpl(column=SplitColumnParallelLinear, row=SplitRowParallelLinear)
+SPLIT_LINEARS = LinearImpl(column=SplitColumnParallelLinear, row=SplitRowParallelLinear, runs_fp8=True)
