@@ -41,7 +41,7 @@ from effdist.config import Config
 from effdist.epas.adaptive import AdaptiveSchedule, Log, agree_on_growth, print_on_rank_zero
 from effdist.epas.schedule import blend_factors, check_schedule, layers_of_region, qk_uses, sharing_layers
 from effdist.model.shared_qk import EpasError, apply_region, epas_layers, qkv_row_blocks, value_block
-from effdist.train.optim import accumulated_grad
+from effdist.runtime.grads import accumulated_grad
 
 # 2: adds the "adaptive" entry (epas.mode adaptive) and schedule.similarity_threshold; version 1 states
 # (progressive and fixed runs) load unchanged.
