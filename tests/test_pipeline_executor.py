@@ -571,10 +571,10 @@ def _phase_pp2(report: dict) -> None:
         ref_loss, ref_grads = _reference(cfg, mbs, region=region)
         pipe, wrapped = _pipeline(cfg, rt, region=region)
 
-        class Controller:
-            sharing_layers = qk_consumers = region
+        from effdist.epas.controller import qk_boundary_extras
 
-        pipe.use_epas(Controller())
+        pipe.set_boundary_extras(qk_boundary_extras(lambda: region, pipe.layout.layers,
+                                                    pipe.model_chunks[0].config))
         loss = _step(pipe, wrapped, mbs)
         hidden = pipe.hidden_spec(mbs[0])
         crossing = sum(1 for b in range(pipe.layout.num_chunks - 1) if pipe.extras.specs(b, hidden))

@@ -152,7 +152,7 @@ class Trainer:
             self.epas = EpasController(self.cfg, [ckpt.unwrap(c) for c in self.model_chunks], optimizer=self.optimizer)
             if self.pipeline is not None:
                 # Q/K cross a stage boundary whenever the sharing region spans it.
-                self.pipeline.use_epas(self.epas)
+                self.pipeline.set_boundary_extras(self.epas.boundary_extras(self.pipeline.layout.layers))
 
     # ------------------------------------------------------------------ resume
     def _maybe_resume(self) -> None:
@@ -338,7 +338,7 @@ class Trainer:
         loss = float(loss_t.item()) / tokens_in_global_batch
 
         if self.epas is not None:
-            self.epas.scale_shared_qk_grads()
+            self.epas.after_backward()
         self.optimizer.collect_grads()
         grad_norm = self.optimizer.grad_norm()
         lr = lr_at(self.step, cfg.optim, cfg.train.steps)
