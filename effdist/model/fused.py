@@ -47,27 +47,8 @@ from effdist.kernels.cross_entropy import linear_cross_entropy
 from effdist.kernels.rope import apply_rope
 from effdist.kernels.swiglu import swiglu
 from effdist.model.ffn.dense import SwiGLUMLP
+from effdist.model.kernel_choice import FUSED_KERNELS, fused_kernel_set  # noqa: F401  (the names callers use)
 from effdist.model.norm import RMSNorm, rmsnorm_spec
-
-
-FUSED_KERNELS = ("rmsnorm", "rope", "swiglu", "loss", "wgrad")
-
-
-def fused_kernel_set(setting) -> frozenset[str]:
-    """``train.fused_kernels`` as the set of pieces to use: true = all of FUSED_KERNELS, false (or an
-    empty list) = none (megatron's code paths exactly), or a list of names (one lever at a time)."""
-    if setting is True:
-        return frozenset(FUSED_KERNELS)
-    if setting is False or setting is None:
-        return frozenset()
-    if isinstance(setting, str):
-        setting = [name.strip() for name in setting.split(",") if name.strip()]
-    names = frozenset(setting)
-    unknown = names - set(FUSED_KERNELS)
-    if unknown:
-        raise ValueError(f"train.fused_kernels = {sorted(names)}: unknown {', '.join(sorted(unknown))}; expected "
-                         f"true, false or a list of {', '.join(FUSED_KERNELS)}")
-    return names
 
 
 # ---------------------------------------------------------------------------------------- RoPE

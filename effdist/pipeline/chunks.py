@@ -34,6 +34,7 @@ from effdist.model.gpt import build_gpt
 from effdist.model.spec import DEFAULT_LINEARS, LinearImpl
 from effdist.pipeline.ir import Placement
 from effdist.pipeline.memory_model import layer_partition
+from effdist.pipeline.schedules import check_untied_embeddings
 
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -83,11 +84,8 @@ def chunk_layout(num_layers: int, placement: Placement) -> ChunkLayout:
 
 
 def check_pipeline_model(cfg: Config) -> None:
-    """The model features the executor supports (the same check belongs in config validation)."""
-    if cfg.model.tie_embeddings:
-        raise ConfigError("model.tie_embeddings = True: with parallel.pp > 1 the embedding and the output layer live "
-                          "in different model chunks and effdist's pipeline does not synchronise them; set "
-                          "model.tie_embeddings=false or parallel.pp=1")
+    """The model features the executor supports (effdist.train.preflight checked the same before the run)."""
+    check_untied_embeddings(cfg.model)
 
 
 def build_chunk(cfg: Config, layout: ChunkLayout, chunk: int, dtype: torch.dtype, device: torch.device,

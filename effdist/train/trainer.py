@@ -22,12 +22,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from effdist.config import Config, ConfigError, load_config, validate
+from effdist.config import Config, ConfigError, load_config
 from effdist.train import checkpoint as ckpt
 from effdist.train import run_dir as run_directory
 from effdist.train.loss import masked_loss_sum
 from effdist.train.metrics import console_line
 from effdist.train.optim import MasterWeightAdamW, lr_at
+from effdist.train.preflight import validate_run
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -677,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         from effdist.train.estimate import check_fits
 
         cfg = load_config(args.config, overrides)
-        validate(cfg, world_size=world_size_from_env())
+        validate_run(cfg, world_size=world_size_from_env())
         _check_precision_support(cfg)
         # Absurd sizes (batch, sequence, width, steps) stop here with a named line, not an OOM minutes later.
         check_fits(cfg, world_size_from_env())
