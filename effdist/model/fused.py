@@ -49,6 +49,7 @@ from effdist.kernels.swiglu import swiglu
 from effdist.model.ffn.dense import SwiGLUMLP
 from effdist.model.kernel_choice import FUSED_KERNELS, fused_kernel_set  # noqa: F401  (the names callers use)
 from effdist.model.norm import RMSNorm, rmsnorm_spec
+from effdist.runtime.megatron_patches import fill_rope_slot
 
 
 # ---------------------------------------------------------------------------------------- RoPE
@@ -57,11 +58,7 @@ def install_fused_rope() -> bool:
     """Fill megatron's fused-RoPE slot with effdist's kernel (call before building a TransformerConfig
     with ``apply_rope_fusion=True``: its validation checks the slot). Returns True when effdist's kernel
     is in the slot; False when Transformer Engine's fused RoPE already is (it is equivalent; kept)."""
-    from megatron.core.models.common.embeddings import rope_utils
-
-    if rope_utils.fused_apply_rotary_pos_emb is None:
-        rope_utils.fused_apply_rotary_pos_emb = apply_rope
-    return rope_utils.fused_apply_rotary_pos_emb is apply_rope
+    return fill_rope_slot(apply_rope)  # the patch is described in effdist.runtime.megatron_patches
 
 
 # ---------------------------------------------------------------------------------------- SwiGLU
