@@ -212,6 +212,22 @@ class FFNConfig:
     # draft) or "masked" (only the kept entries get gradient).
     elas_ste: str = "identity"
 
+    def kind_of_layer(self, layer_idx: int) -> str:
+        """The FFN kind of global layer `layer_idx`: `kind` on the listed layers (all by default), else swiglu."""
+        if self.layers is None or layer_idx in self.layers:
+            return self.kind
+        return "swiglu"
+
+    def width(self, model: ModelConfig) -> int:
+        """Intermediate width of the FFN of kind `kind` (non-gated FFNs are elas_expand wider)."""
+        if self.kind in ("elas", "relu2"):
+            return int(round(self.elas_expand * model.ffn_hidden_size))
+        return model.ffn_hidden_size
+
+    def width_of_layer(self, model: ModelConfig, layer_idx: int) -> int:
+        """Intermediate width of the FFN of global layer `layer_idx` (all TP ranks together)."""
+        return self.width(model) if self.kind_of_layer(layer_idx) == self.kind else model.ffn_hidden_size
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -679,22 +695,16 @@ def epas_final_region(cfg: Config) -> int:
 
 def ffn_width(cfg: Config) -> int:
     """Intermediate width of the FFN of the configured kind (non-gated FFNs are elas_expand wider)."""
-    if cfg.ffn.kind in ("elas", "relu2"):
-        return int(round(cfg.ffn.elas_expand * cfg.model.ffn_hidden_size))
-    return cfg.model.ffn_hidden_size
+    return cfg.ffn.width(cfg.model)
 
 
 def ffn_kind_of_layer(cfg: Config, layer_idx: int) -> str:
-    if cfg.ffn.layers is None or layer_idx in cfg.ffn.layers:
-        return cfg.ffn.kind
-    return "swiglu"
+    return cfg.ffn.kind_of_layer(layer_idx)
 
 
 def ffn_width_of_layer(cfg: Config, layer_idx: int) -> int:
     """Intermediate width of the FFN of global layer `layer_idx` (all TP ranks together)."""
-    if ffn_kind_of_layer(cfg, layer_idx) == cfg.ffn.kind:
-        return ffn_width(cfg)
-    return cfg.model.ffn_hidden_size
+    return cfg.ffn.width_of_layer(cfg.model, layer_idx)
 
 
 def padded_vocab_size(cfg: Config) -> int:

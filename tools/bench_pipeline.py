@@ -235,7 +235,8 @@ def time_megatron_1f1b(args, rt) -> dict:
     _free_memory(rt)
     tcfg = dataclasses.replace(transformer_config(cfg, rt.dtype, rt.device), pipeline_model_parallel_size=pp,
                                deallocate_pipeline_outputs=True)
-    model = GPTModel(config=tcfg, transformer_layer_spec=block_spec(cfg, list(range(rank * per, (rank + 1) * per))),
+    layers = list(range(rank * per, (rank + 1) * per))
+    model = GPTModel(config=tcfg, transformer_layer_spec=block_spec(cfg.model, cfg.ffn, cfg.epas, layers),
                      vocab_size=padded_vocab_size(cfg), max_sequence_length=cfg.model.max_position_embeddings,
                      pre_process=rank == 0, post_process=rank == pp - 1, share_embeddings_and_output_weights=False,
                      position_embedding_type="rope", rotary_base=int(cfg.model.rotary_base),

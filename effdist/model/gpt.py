@@ -105,7 +105,7 @@ def build_gpt(cfg: Config, dtype: torch.dtype, device: torch.device, layer_indic
         model_cls, extra = FusedLossGPTModel, {"loss_chunk_tokens": cfg.train.fused_loss_chunk_tokens}
     model = model_cls(
         config=tcfg,
-        transformer_layer_spec=fused_block_spec(block_spec(cfg, layer_indices, linears), kernels),
+        transformer_layer_spec=fused_block_spec(block_spec(cfg.model, cfg.ffn, cfg.epas, layer_indices, linears), kernels),
         vocab_size=padded_vocab_size(cfg),
         max_sequence_length=cfg.model.max_position_embeddings,
         pre_process=pre_process,
