@@ -71,3 +71,17 @@ def test_train_and_dry_run_exit_2_on_a_run_check(flag, capsys, monkeypatch):
         assert main(argv + extra) == 2
         err = capsys.readouterr().err
         assert err.startswith("effdist: config error: model.tie_embeddings = True: with parallel.pp > 1"), err
+
+
+def test_preflight_imports_neither_torch_nor_megatron():
+    """The dry run checks a config in a fraction of a second: the run checks import no heavy module."""
+    import subprocess
+    import sys
+
+    from tests.launching import clean_env
+
+    code = ("import sys, effdist.train.preflight, effdist.train.dry_run\n"
+            "print(sorted(m for m in ('torch', 'megatron.core', 'triton') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), cwd=ROOT,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
