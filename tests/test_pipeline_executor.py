@@ -515,11 +515,11 @@ def _extras_reference(cfg, mbs, layout):
     from effdist.pipeline.wgrad import SPLIT_LINEARS
 
     torch.manual_seed(cfg.train.seed)
-    from effdist.model.gpt import build_gpt
+    from effdist.model.gpt import build_gpt, gpt_chunk_builder
 
     full = build_gpt(cfg, torch.float32, torch.device("cpu"))
-    chunks = [build_chunk(cfg, layout, c, torch.float32, torch.device("cpu"), SPLIT_LINEARS)
-              for c in range(layout.num_chunks)]
+    build = gpt_chunk_builder(cfg, torch.float32, torch.device("cpu"))
+    chunks = [build_chunk(build, layout, c, SPLIT_LINEARS) for c in range(layout.num_chunks)]
     copy_from_full_model(chunks, range(layout.num_chunks), layout, full)
     n = _tokens(mbs)
     total = 0.0

@@ -129,3 +129,15 @@ def build_gpt(cfg: Config, dtype: torch.dtype, device: torch.device, layer_indic
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def gpt_chunk_builder(cfg: Config, dtype: torch.dtype, device: torch.device):
+    """``build(layer_indices, pre_process, post_process, linears)``: `build_gpt` for `cfg` on `device`, the
+    chunk builder effdist.pipeline.chunks takes (it knows nothing of the config)."""
+
+    def build(layer_indices: list[int], pre_process: bool, post_process: bool,
+              linears: LinearImpl = DEFAULT_LINEARS) -> GPTModel:
+        return build_gpt(cfg, dtype, device, layer_indices, pre_process=pre_process, post_process=post_process,
+                         linears=linears)
+
+    return build

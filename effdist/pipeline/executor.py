@@ -31,7 +31,8 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from effdist.pipeline.chunks import ChunkLayout, build_model_chunks, check_pipeline_model, chunk_layout
+from effdist.model.gpt import gpt_chunk_builder
+from effdist.pipeline.chunks import ChunkLayout, build_model_chunks, chunk_layout
 from effdist.pipeline.ir import BW, B, F, W, Action, Schedule
 from effdist.pipeline.memory_probe import LAYERS, ActivationProbe
 from effdist.pipeline.p2p import (
@@ -44,7 +45,7 @@ from effdist.pipeline.p2p import (
     check_tensors,
     describe_signature,
 )
-from effdist.pipeline.schedules import build_schedule
+from effdist.pipeline.schedules import build_schedule, check_untied_embeddings
 from effdist.pipeline.simulate import Timing
 from effdist.pipeline.timeline import StepRecorder
 from effdist.pipeline.wgrad import SPLIT_LINEARS, WEIGHT_GRAD_STORE
@@ -508,7 +509,7 @@ def build_pipeline(cfg, runtime, *, schedule: Optional[Schedule] = None, measure
     """
     from megatron.core import parallel_state
 
-    check_pipeline_model(cfg)
+    check_untied_embeddings(cfg.model)
     pp = cfg.parallel.pp
     name = cfg.pipeline.schedule
     if schedule is None:
@@ -519,7 +520,8 @@ def build_pipeline(cfg, runtime, *, schedule: Optional[Schedule] = None, measure
     else:
         fixed = schedule
     layout = chunk_layout(cfg.model.num_layers, schedule.placement)
-    chunks = build_model_chunks(cfg, layout, runtime.pp_rank, runtime.dtype, runtime.device, SPLIT_LINEARS, init=init)
+    chunks = build_model_chunks(gpt_chunk_builder(cfg, runtime.dtype, runtime.device), layout, runtime.pp_rank,
+                                runtime.device, cfg.train.seed, SPLIT_LINEARS, init=init)
     group = parallel_state.get_pipeline_model_parallel_group()
     if getattr(runtime, "is_logging_rank", True):
         print(f"[effdist] pipeline {schedule.name}: pp={pp}, {layout.num_chunks} chunks\n"
