@@ -215,6 +215,22 @@ class FFNConfig:
     # draft) or "masked" (only the kept entries get gradient).
     elas_ste: str = "identity"
 
+    def kind_of_layer(self, layer_idx: int) -> str:
+        """The FFN kind of global layer `layer_idx`: `kind` on the listed layers (all by default), else swiglu."""
+        if self.layers is None or layer_idx in self.layers:
+            return self.kind
+        return "swiglu"
+
+    def width(self, model: ModelConfig) -> int:
+        """Intermediate width of the FFN of kind `kind` (non-gated FFNs are elas_expand wider)."""
+        if self.kind in ("elas", "relu2"):
+            return int(round(self.elas_expand * model.ffn_hidden_size))
+        return model.ffn_hidden_size
+
+    def width_of_layer(self, model: ModelConfig, layer_idx: int) -> int:
+        """Intermediate width of the FFN of global layer `layer_idx` (all TP ranks together)."""
+        return self.width(model) if self.kind_of_layer(layer_idx) == self.kind else model.ffn_hidden_size
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -618,30 +634,80 @@ def resolve_count(value: float, total: int) -> int:
     return max(1, int(round(value * total)))
 
 
+EPAS_MODES = ("progressive", "fixed", "adaptive")
+
+
+def check_epas(epas: EpasConfig, num_layers: int) -> None:
+    """Raise ConfigError naming the field if this EPAS schedule cannot run on `num_layers` layers.
+
+    The epas section's own checks (and its one reference to model.num_layers); EPAS code calls them as
+    effdist.epas.schedule.check_schedule."""
+    if epas.mode not in EPAS_MODES:
+        raise ConfigError(f"epas.mode = {epas.mode!r}: valid: progressive, fixed, adaptive")
+    threshold = epas.similarity_threshold
+    if (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
+            or not -1.0 < threshold <= 1.0):
+        raise ConfigError(f"epas.similarity_threshold = {threshold!r}: must be a number in (-1, 1], the cosine "
+                          "similarity of a candidate layer's Q/K with its future anchor's at or above which "
+                          "epas.mode = adaptive lets it join (e.g. 0.5)")
+    if epas.direction not in ("deep_to_shallow", "shallow_to_deep"):
+        raise ConfigError(f"epas.direction = {epas.direction!r}: valid: deep_to_shallow, shallow_to_deep")
+    if epas.interval <= 0:
+        raise ConfigError(f"epas.interval = {epas.interval!r}: must be a positive number of steps between growths")
+    if epas.group_size <= 0:
+        raise ConfigError(f"epas.group_size = {epas.group_size!r}: must be a positive number of layers")
+    if not isinstance(epas.transition_steps, int) or epas.transition_steps < 0:
+        raise ConfigError(f"epas.transition_steps = {epas.transition_steps!r}: must be a whole number of steps >= 0 "
+                          "(0 switches each layer at once, as in the paper)")
+    if epas.start_step < 0:
+        raise ConfigError(f"epas.start_step = {epas.start_step!r}: must be >= 0")
+    if epas.mode == "adaptive":
+        if epas.direction != "deep_to_shallow":
+            raise ConfigError(f"epas.direction = {epas.direction!r}: epas.mode = adaptive grows the region from the "
+                              "deep end only; use deep_to_shallow (or mode progressive for the ablation)")
+        if epas.transition_steps >= epas.interval:
+            raise ConfigError(f"epas.transition_steps = {epas.transition_steps!r}: with epas.mode = adaptive it must "
+                              f"be below epas.interval = {epas.interval} (a group joins before the next probe "
+                              "measures the layers above it); lower it or raise epas.interval")
+    if epas.final_region <= 0:
+        raise ConfigError(f"epas.final_region = {epas.final_region!r}: must be a layer count >= 1 or a fraction "
+                          "in (0, 1)")
+    if epas.final_region >= 1 and not float(epas.final_region).is_integer():
+        raise ConfigError(f"epas.final_region = {epas.final_region!r}: a count must be a whole number of layers "
+                          "(or give a fraction in (0, 1))")
+    final = final_region_count(epas, num_layers)
+    if final == 0:
+        raise ConfigError(f"epas.final_region = {epas.final_region!r} of {num_layers} layers rounds down to 0 "
+                          "sharing layers; raise the fraction or give a count")
+    if final > num_layers - 1:
+        raise ConfigError(f"epas.final_region = {epas.final_region!r} = {final} sharing layers; at most "
+                          f"num_layers-1 = {num_layers - 1} (layer 0 has no previous layer to share Q/K with)")
+
+
+def final_region_count(epas: EpasConfig, num_layers: int) -> int:
+    """epas.final_region as a layer count (it may be given as a fraction of num_layers)."""
+    if epas.final_region >= 1:
+        return resolve_count(epas.final_region, num_layers)
+    return int(math.floor(epas.final_region * num_layers))
+
+
 def epas_final_region(cfg: Config) -> int:
-    return resolve_count(cfg.epas.final_region, cfg.model.num_layers) if cfg.epas.final_region >= 1 else int(
-        math.floor(cfg.epas.final_region * cfg.model.num_layers)
-    )
+    """epas.final_region as a layer count (it may be given as a fraction of model.num_layers)."""
+    return final_region_count(cfg.epas, cfg.model.num_layers)
 
 
 def ffn_width(cfg: Config) -> int:
     """Intermediate width of the FFN of the configured kind (non-gated FFNs are elas_expand wider)."""
-    if cfg.ffn.kind in ("elas", "relu2"):
-        return int(round(cfg.ffn.elas_expand * cfg.model.ffn_hidden_size))
-    return cfg.model.ffn_hidden_size
+    return cfg.ffn.width(cfg.model)
 
 
 def ffn_kind_of_layer(cfg: Config, layer_idx: int) -> str:
-    if cfg.ffn.layers is None or layer_idx in cfg.ffn.layers:
-        return cfg.ffn.kind
-    return "swiglu"
+    return cfg.ffn.kind_of_layer(layer_idx)
 
 
 def ffn_width_of_layer(cfg: Config, layer_idx: int) -> int:
     """Intermediate width of the FFN of global layer `layer_idx` (all TP ranks together)."""
-    if ffn_kind_of_layer(cfg, layer_idx) == cfg.ffn.kind:
-        return ffn_width(cfg)
-    return cfg.model.ffn_hidden_size
+    return cfg.ffn.width_of_layer(cfg.model, layer_idx)
 
 
 def padded_vocab_size(cfg: Config) -> int:
@@ -708,10 +774,13 @@ def _validate_deepspeed(cfg: Config) -> None:
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Check every value; raise ConfigError naming the first invalid field.
+    """Check every field (and the checks between fields that need nothing but the config); raise
+    ConfigError naming the first invalid field.
 
     `world_size` adds the checks that need it (data-parallel divisibility); they run again once the
-    launcher's WORLD_SIZE is known, still before any process group is created.
+    launcher's WORLD_SIZE is known, still before any process group is created. The checks that need a
+    package's knowledge (pipeline chunk counts, fused-kernel names) live in that package;
+    effdist.train.preflight.validate_run runs this and them, in that order.
     """
     validate_numbers(cfg)
     m, par, tr, d = cfg.model, cfg.parallel, cfg.train, cfg.data
@@ -757,12 +826,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _fail("train.global_batch", tr.global_batch, f"must be a multiple of train.micro_batch={tr.micro_batch}")
     if tr.dtype not in ("auto", "fp32", "bf16", "fp16"):
         _fail("train.dtype", tr.dtype, "valid: auto, fp32, bf16, fp16")
-    try:
-        from effdist.model.fused import fused_kernel_set
-
-        fused_kernel_set(tr.fused_kernels)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     if tr.eval_interval and par.pp > 1:
         _fail("train.eval_interval", tr.eval_interval, "evaluation runs without pipeline parallelism only; set "
               "train.eval_interval=0 with parallel.pp > 1")
@@ -780,28 +843,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     pl = cfg.pipeline
     if pl.schedule not in SCHEDULES:
         _fail("pipeline.schedule", pl.schedule, "valid: " + ", ".join(SCHEDULES))
-    if par.pp > 1 and m.tie_embeddings:
-        _fail("model.tie_embeddings", True, "with parallel.pp > 1 the embedding and the output layer live in different "
-              "model chunks, which effdist's pipeline does not synchronise; set model.tie_embeddings=false or "
-              "parallel.pp=1")
-    if par.pp > 1:
-        chunks = par.pp * (2 if pl.schedule.startswith("v-") else pl.chunks_per_rank if pl.schedule == "interleaved" else 1)
-        if m.num_layers < chunks:
-            _fail("model.num_layers", m.num_layers, f"pipeline.schedule={pl.schedule} with parallel.pp={par.pp} splits the "
-                  f"model into {chunks} chunks; it needs at least that many layers")
-        try:
-            import effdist.pipeline.executor  # noqa: F401
-        except ImportError:
-            _fail("parallel.pp", par.pp, "pipeline parallelism is not available in this build (effdist.pipeline.executor "
-                  "is missing); use parallel.pp=1")
 
     e = cfg.epas
     if e.mode not in ("progressive", "fixed", "adaptive"):
         _fail("epas.mode", e.mode, "valid: progressive, fixed, adaptive")
     if e.enabled:
-        from effdist.epas.schedule import check_schedule
-
-        check_schedule(e, m.num_layers)
+        check_epas(e, m.num_layers)
         if e.inference_region is not None and not (0 <= e.inference_region <= m.num_layers - 1):
             _fail("epas.inference_region", e.inference_region, f"must lie in [0, {m.num_layers - 1}]")
         if e.anchor_grad not in ("sum", "mean"):
@@ -837,11 +884,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             _fail("ffn.elas_rank", f.elas_rank, f"must lie in [1, min(hidden_size, ffn width) = {min(m.hidden_size, width)}]")
 
     if world_size is not None:
-        if world_size % cfg.model_parallel_size:
-            _fail("parallel.tp", par.tp, f"tp*pp = {cfg.model_parallel_size} must divide the number of processes ({world_size})")
-        dp = cfg.data_parallel_size(world_size)
-        if tr.global_batch % (tr.micro_batch * dp):
-            _fail("train.global_batch", tr.global_batch, f"must be a multiple of micro_batch*data_parallel = {tr.micro_batch}*{dp}")
-        if pl.microbatches is not None and pl.microbatches != cfg.microbatches_per_step(world_size):
-            _fail("pipeline.microbatches", pl.microbatches, f"must equal global_batch/(micro_batch*dp) = "
-                  f"{cfg.microbatches_per_step(world_size)}, or be left unset")
+        validate_world_size(cfg, world_size)
+
+
+def validate_world_size(cfg: Config, world_size: int) -> None:
+    """The checks that need the number of processes (data-parallel divisibility)."""
+    par, tr, pl = cfg.parallel, cfg.train, cfg.pipeline
+    if world_size % cfg.model_parallel_size:
+        _fail("parallel.tp", par.tp, f"tp*pp = {cfg.model_parallel_size} must divide the number of processes ({world_size})")
+    dp = cfg.data_parallel_size(world_size)
+    if tr.global_batch % (tr.micro_batch * dp):
+        _fail("train.global_batch", tr.global_batch, f"must be a multiple of micro_batch*data_parallel = {tr.micro_batch}*{dp}")
+    if pl.microbatches is not None and pl.microbatches != cfg.microbatches_per_step(world_size):
+        _fail("pipeline.microbatches", pl.microbatches, f"must equal global_batch/(micro_batch*dp) = "
+              f"{cfg.microbatches_per_step(world_size)}, or be left unset")

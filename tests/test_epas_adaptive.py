@@ -209,7 +209,10 @@ def test_controller_decides_from_injected_similarities(one_process):
     assert [(p["step"], p["layers"], p["grow"], p["joins_at"]) for p in controller.probes] == [
         (1, [3], True, 3), (3, [2], False, None), (5, [2], True, 7), (7, [1], True, 9)]
     assert controller.probes[1]["similarity"] == pytest.approx([0.4])
-    assert len(messages) == 4 and "step 3: layers [2] cosine [0.4000] vs threshold 0.5: stay" in messages[1]
+    # One line per probe, and (since the console change) one per region change: 0 -> 1 -> 2 -> 3.
+    probe_lines = [m for m in messages if m.startswith("epas probe")]
+    assert len(probe_lines) == 4 and "step 3: layers [2] cosine [0.4000] vs threshold 0.5: stay" in probe_lines[1]
+    assert len(messages) == 4 + 3
 
     # Groups of two: the shallower candidate passes the future anchor's Q/K on to the deeper one.
     cfg2 = make_cfg("epas.mode=adaptive", "epas.group_size=2", "epas.interval=1", "epas.similarity_threshold=0.5")

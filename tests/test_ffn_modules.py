@@ -32,7 +32,8 @@ def _build(cfg, layer: int = 0, dtype=torch.float32):
     from effdist.model.gpt import transformer_config
 
     torch.manual_seed(0)
-    return build_module(build_mlp_spec(cfg, layer), config=transformer_config(cfg, dtype, torch.device("cpu")))
+    return build_module(build_mlp_spec(cfg.ffn, cfg.model, layer),
+                        config=transformer_config(cfg, dtype, torch.device("cpu")))
 
 
 def _input(seed: int = 1, dtype=torch.float32) -> torch.Tensor:
@@ -364,9 +365,10 @@ def test_sparse_ffns_defer_weight_gradients_with_split_linears(sets):
     cfg = _cfg(*sets)
     tcfg = transformer_config(cfg, torch.float64, torch.device("cpu"))
     torch.manual_seed(0)
-    plain = build_module(build_mlp_spec(cfg, 0), config=tcfg)
+    plain = build_module(build_mlp_spec(cfg.ffn, cfg.model, 0), config=tcfg)
     torch.manual_seed(0)
-    split = build_module(build_mlp_spec(cfg, 0, SplitColumnParallelLinear, SplitRowParallelLinear), config=tcfg)
+    split = build_module(build_mlp_spec(cfg.ffn, cfg.model, 0, SplitColumnParallelLinear, SplitRowParallelLinear),
+                         config=tcfg)
     x = _input(seed=7, dtype=torch.float64)
     out, _ = plain(x)
     out.sum().backward()

@@ -527,11 +527,11 @@ def _extras_reference(cfg, mbs, layout):
     from effdist.pipeline.wgrad import SPLIT_LINEARS
 
     torch.manual_seed(cfg.train.seed)
-    from effdist.model.gpt import build_gpt
+    from effdist.model.gpt import build_gpt, gpt_chunk_builder
 
     full = build_gpt(cfg, torch.float32, torch.device("cpu"))
-    chunks = [build_chunk(cfg, layout, c, torch.float32, torch.device("cpu"), SPLIT_LINEARS)
-              for c in range(layout.num_chunks)]
+    build = gpt_chunk_builder(cfg, torch.float32, torch.device("cpu"))
+    chunks = [build_chunk(build, layout, c, SPLIT_LINEARS) for c in range(layout.num_chunks)]
     copy_from_full_model(chunks, range(layout.num_chunks), layout, full)
     n = _tokens(mbs)
     total = 0.0
@@ -583,10 +583,10 @@ def _phase_pp2(report: dict) -> None:
         ref_loss, ref_grads = _reference(cfg, mbs, region=region)
         pipe, wrapped = _pipeline(cfg, rt, region=region)
 
-        class Controller:
-            sharing_layers = qk_consumers = region
+        from effdist.epas.controller import qk_boundary_extras
 
-        pipe.use_epas(Controller())
+        pipe.set_boundary_extras(qk_boundary_extras(lambda: region, pipe.layout.layers,
+                                                    pipe.model_chunks[0].config))
         loss = _step(pipe, wrapped, mbs)
         hidden = pipe.hidden_spec(mbs[0])
         crossing = sum(1 for b in range(pipe.layout.num_chunks - 1) if pipe.extras.specs(b, hidden))

@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     if args.tiny:
         args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
-    from effdist.config import validate
+    from effdist.train.preflight import validate_run
     from effdist.runtime.distributed import setup, teardown, world_size_from_env
 
     world = world_size_from_env()
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     cfg0 = make_config(args, schedules[0], world)
-    validate(cfg0, world_size=world)
+    validate_run(cfg0, world_size=world)
     if args.hang_dump > 0:
         import faulthandler
 

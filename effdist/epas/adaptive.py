@@ -31,29 +31,8 @@ import torch
 
 from effdist.config import EpasConfig
 from effdist.epas.schedule import final_region_size
-
-STATS = 3  # dot, |own|^2, |incoming|^2
-# Elements converted to fp64 at a time: bounds the probe's extra memory (32 MiB per operand) on large layers.
-CHUNK = 1 << 22
-
-
-# ---------------------------------------------------------------------- the statistic
-
-@torch.no_grad()
-def qk_similarity_stats(own_query: torch.Tensor, own_key: torch.Tensor, incoming_query: torch.Tensor,
-                        incoming_key: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
-    """``[own . incoming, own . own, incoming . incoming]`` (fp64, on the tensors' device) of the packed Q/K
-    ``own = (own_query, own_key)`` and ``incoming = (incoming_query, incoming_key)``, flattened; products and
-    sums in fp64, `chunk` elements at a time."""
-    out = torch.zeros(STATS, dtype=torch.float64, device=own_query.device)
-    for own, incoming in ((own_query, incoming_query), (own_key, incoming_key)):
-        if own.shape != incoming.shape:
-            raise ValueError(f"Q/K of shapes {tuple(own.shape)} and {tuple(incoming.shape)} cannot be compared")
-        a, b = own.detach().reshape(-1), incoming.detach().reshape(-1)
-        for start in range(0, a.numel(), chunk):
-            x, y = a[start:start + chunk].double(), b[start:start + chunk].double()
-            out += torch.stack([torch.dot(x, y), torch.dot(x, x), torch.dot(y, y)])
-    return out
+# The statistic is computed inside the attention during a probe step, so it lives with it (re-exported here).
+from effdist.model.shared_qk import CHUNK, STATS, qk_similarity_stats  # noqa: F401
 
 
 def cosine(stats: torch.Tensor | Sequence[float]) -> float:

@@ -33,7 +33,7 @@ rank 0 decide whether they join and broadcasts that; the decided join steps are 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -41,14 +41,24 @@ from effdist.config import Config
 from effdist.epas.adaptive import AdaptiveSchedule, Log, agree_on_growth, print_on_rank_zero
 from effdist.epas.schedule import (
     blend_factors,
+    boundary_needs_qk,
     check_schedule,
     final_region_size,
     layers_of_region,
     qk_uses,
     sharing_layers,
 )
-from effdist.model.shared_qk import EpasError, apply_region, epas_layers, qkv_row_blocks, value_block
-from effdist.train.optim import accumulated_grad
+from effdist.model.shared_qk import (
+    EpasError,
+    apply_region,
+    epas_layers,
+    pop_exported_qk,
+    qk_context_shape,
+    qkv_row_blocks,
+    value_block,
+)
+from effdist.protocols import ContextExtras, TensorSpec
+from effdist.runtime.grads import accumulated_grad
 
 # 2: adds the "adaptive" entry (epas.mode adaptive) and schedule.similarity_threshold; version 1 states
 # (progressive and fixed runs) load unchanged.
@@ -324,6 +334,16 @@ class EpasController:
                 if grad is not None:
                     rows(grad).div_(uses)
 
+    def after_backward(self) -> None:
+        """The StepHook point after the gradient reduction (effdist.protocols): scale_shared_qk_grads."""
+        self.scale_shared_qk_grads()
+
+    def boundary_extras(self, chunk_layers: Sequence[Sequence[int]]) -> ContextExtras:
+        """For the pipeline executor: send the anchor's packed Q/K across every boundary whose next chunk
+        starts with a layer that uses it (`qk_consumers`, read again at every step). `chunk_layers`: the
+        global layer indices of each chunk, in chunk order."""
+        return qk_boundary_extras(lambda: self.qk_consumers, chunk_layers, self.model_chunks[0].config)
+
     def after_optimizer_step(self, optimizer) -> None:
         """Put back the Wq/Wk rows (weight, master weight, optimizer state) of the sharing layers."""
         if self._optimizer is None:
@@ -463,6 +483,23 @@ class EpasController:
         self._switch(saved, blending)
         self._step = step
         self._first_step_of_process = True
+
+
+def qk_boundary_extras(qk_consumers: Callable[[], Iterable[int]], chunk_layers: Sequence[Sequence[int]],
+                       config) -> ContextExtras:
+    """The pipeline boundary extras of EPAS: the packed Q/K (one tensor, megatron's ``context``) crosses the
+    boundary in front of chunk c whenever its first layer is in ``qk_consumers()`` (asked at every step).
+    `config` is a chunk's megatron TransformerConfig (heads, groups, head size, TP, sequence parallelism)."""
+    tp = config.tensor_model_parallel_size
+
+    def specs(boundary: int, hidden: TensorSpec) -> tuple[TensorSpec, ...]:
+        if not boundary_needs_qk(frozenset(qk_consumers()), chunk_layers[boundary + 1][0]):
+            return ()
+        # Under sequence parallelism the hidden states are split along the sequence, Q/K are not.
+        seq = hidden.shape[0] * (tp if config.sequence_parallel else 1)
+        return (TensorSpec(qk_context_shape(config, seq, hidden.shape[1]), hidden.dtype),)
+
+    return ContextExtras(specs, pop_exported_qk)
 
 
 def set_region(model_chunks: Iterable[torch.nn.Module], num_sharing_layers: int, *, num_layers: Optional[int] = None,

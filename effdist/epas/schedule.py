@@ -23,61 +23,22 @@ functions below that give a region or a join step refuse that mode.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
-from effdist.config import ConfigError, EpasConfig, epas_final_region
+from effdist.config import EPAS_MODES, ConfigError, EpasConfig, check_epas, final_region_count
 
-MODES = ("progressive", "fixed", "adaptive")
+MODES = EPAS_MODES
 
 
-def final_region_size(epas: EpasConfig, num_layers: int) -> int:
-    """epas.final_region as a layer count (it may be given as a fraction of num_layers)."""
-    # One definition of the count, shared with config validation.
-    return epas_final_region(SimpleNamespace(epas=epas, model=SimpleNamespace(num_layers=num_layers)))
+# epas.final_region as a layer count: one definition, shared with config validation.
+final_region_size = final_region_count
 
 
 def check_schedule(epas: EpasConfig, num_layers: int) -> None:
-    """Raise ConfigError naming the field if this schedule cannot run on `num_layers` layers."""
-    if epas.mode not in MODES:
-        raise ConfigError(f"epas.mode = {epas.mode!r}: valid: progressive, fixed, adaptive")
-    threshold = epas.similarity_threshold
-    if (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
-            or not -1.0 < threshold <= 1.0):
-        raise ConfigError(f"epas.similarity_threshold = {threshold!r}: must be a number in (-1, 1], the cosine "
-                          "similarity of a candidate layer's Q/K with its future anchor's at or above which "
-                          "epas.mode = adaptive lets it join (e.g. 0.5)")
-    if epas.direction not in ("deep_to_shallow", "shallow_to_deep"):
-        raise ConfigError(f"epas.direction = {epas.direction!r}: valid: deep_to_shallow, shallow_to_deep")
-    if epas.interval <= 0:
-        raise ConfigError(f"epas.interval = {epas.interval!r}: must be a positive number of steps between growths")
-    if epas.group_size <= 0:
-        raise ConfigError(f"epas.group_size = {epas.group_size!r}: must be a positive number of layers")
-    if not isinstance(epas.transition_steps, int) or epas.transition_steps < 0:
-        raise ConfigError(f"epas.transition_steps = {epas.transition_steps!r}: must be a whole number of steps >= 0 "
-                          "(0 switches each layer at once, as in the paper)")
-    if epas.start_step < 0:
-        raise ConfigError(f"epas.start_step = {epas.start_step!r}: must be >= 0")
-    if epas.mode == "adaptive":
-        if epas.direction != "deep_to_shallow":
-            raise ConfigError(f"epas.direction = {epas.direction!r}: epas.mode = adaptive grows the region from the "
-                              "deep end only; use deep_to_shallow (or mode progressive for the ablation)")
-        if epas.transition_steps >= epas.interval:
-            raise ConfigError(f"epas.transition_steps = {epas.transition_steps!r}: with epas.mode = adaptive it must "
-                              f"be below epas.interval = {epas.interval} (a group joins before the next probe "
-                              "measures the layers above it); lower it or raise epas.interval")
-    if epas.final_region <= 0:
-        raise ConfigError(f"epas.final_region = {epas.final_region!r}: must be a layer count >= 1 or a fraction "
-                          "in (0, 1)")
-    if epas.final_region >= 1 and not float(epas.final_region).is_integer():
-        raise ConfigError(f"epas.final_region = {epas.final_region!r}: a count must be a whole number of layers "
-                          "(or give a fraction in (0, 1))")
-    final = final_region_size(epas, num_layers)
-    if final == 0:
-        raise ConfigError(f"epas.final_region = {epas.final_region!r} of {num_layers} layers rounds down to 0 "
-                          "sharing layers; raise the fraction or give a count")
-    if final > num_layers - 1:
-        raise ConfigError(f"epas.final_region = {epas.final_region!r} = {final} sharing layers; at most "
-                          f"num_layers-1 = {num_layers - 1} (layer 0 has no previous layer to share Q/K with)")
+    """Raise ConfigError naming the field if this schedule cannot run on `num_layers` layers.
+
+    The checks are the epas section's own validation, so they live with it in effdist.config (which
+    load_config runs); the controller calls them again here for configs built in code."""
+    check_epas(epas, num_layers)
 
 
 def _not_adaptive(epas: EpasConfig, what: str) -> None:

@@ -47,27 +47,9 @@ from effdist.kernels.cross_entropy import linear_cross_entropy
 from effdist.kernels.rope import apply_rope
 from effdist.kernels.swiglu import swiglu
 from effdist.model.ffn.dense import SwiGLUMLP
+from effdist.model.kernel_choice import FUSED_KERNELS, fused_kernel_set  # noqa: F401  (the names callers use)
 from effdist.model.norm import RMSNorm, rmsnorm_spec
-
-
-FUSED_KERNELS = ("rmsnorm", "rope", "swiglu", "loss", "wgrad")
-
-
-def fused_kernel_set(setting) -> frozenset[str]:
-    """``train.fused_kernels`` as the set of pieces to use: true = all of FUSED_KERNELS, false (or an
-    empty list) = none (megatron's code paths exactly), or a list of names (one lever at a time)."""
-    if setting is True:
-        return frozenset(FUSED_KERNELS)
-    if setting is False or setting is None:
-        return frozenset()
-    if isinstance(setting, str):
-        setting = [name.strip() for name in setting.split(",") if name.strip()]
-    names = frozenset(setting)
-    unknown = names - set(FUSED_KERNELS)
-    if unknown:
-        raise ValueError(f"train.fused_kernels = {sorted(names)}: unknown {', '.join(sorted(unknown))}; expected "
-                         f"true, false or a list of {', '.join(FUSED_KERNELS)}")
-    return names
+from effdist.runtime.megatron_patches import fill_rope_slot
 
 
 # ---------------------------------------------------------------------------------------- RoPE
@@ -76,11 +58,7 @@ def install_fused_rope() -> bool:
     """Fill megatron's fused-RoPE slot with effdist's kernel (call before building a TransformerConfig
     with ``apply_rope_fusion=True``: its validation checks the slot). Returns True when effdist's kernel
     is in the slot; False when Transformer Engine's fused RoPE already is (it is equivalent; kept)."""
-    from megatron.core.models.common.embeddings import rope_utils
-
-    if rope_utils.fused_apply_rotary_pos_emb is None:
-        rope_utils.fused_apply_rotary_pos_emb = apply_rope
-    return rope_utils.fused_apply_rotary_pos_emb is apply_rope
+    return fill_rope_slot(apply_rope)  # the patch is described in effdist.runtime.megatron_patches
 
 
 # ---------------------------------------------------------------------------------------- SwiGLU

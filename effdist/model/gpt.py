@@ -12,29 +12,7 @@ from effdist.model.fp8 import FP8_LINEARS, Fp8Gemm, Fp8Settings, require_fp8_sup
 from effdist.model.fused import FusedLossGPTModel, fused_block_spec, fused_kernel_set, install_fused_rope
 from effdist.model.spec import DEFAULT_LINEARS, LinearImpl, block_spec
 from effdist.model.wgrad_fusion import guard_wgrad_fusion, install_wgrad_fusion, wgrad_fusion_applies
-
-
-def _install_layer_offset() -> None:
-    """Make megatron's layer-offset function return a chunk config's ``effdist_layer_offset``. Idempotent."""
-    from megatron.core.transformer import transformer_block, transformer_layer
-
-    original = transformer_layer.get_transformer_layer_offset
-    if getattr(original, "effdist_wrapped", False):
-        return
-
-    def get_transformer_layer_offset(config, vp_stage=None, pp_rank=None):
-        offset = getattr(config, "effdist_layer_offset", None)
-        if offset is not None:
-            return offset
-        return original(config, vp_stage, pp_rank)
-
-    get_transformer_layer_offset.effdist_wrapped = True
-    get_transformer_layer_offset.__doc__ = original.__doc__
-    transformer_layer.get_transformer_layer_offset = get_transformer_layer_offset
-    transformer_block.get_transformer_layer_offset = get_transformer_layer_offset
-
-
-_install_layer_offset()
+from effdist.runtime.megatron_patches import install_layer_offset
 
 
 def transformer_config(cfg: Config, dtype: torch.dtype, device: torch.device, num_layers: int | None = None,
@@ -99,6 +77,7 @@ def build_gpt(cfg: Config, dtype: torch.dtype, device: torch.device, layer_indic
     """A GPTModel holding `layer_indices` (default: all layers), with or without embedding / LM head."""
     if layer_indices is None:
         layer_indices = list(range(cfg.model.num_layers))
+    install_layer_offset()  # megatron numbers the layers from the chunk's effdist_layer_offset (global numbers)
     kernels = fused_kernel_set(cfg.train.fused_kernels)
     if "rope" in kernels:
         install_fused_rope()  # before the TransformerConfig: its validation checks the slot is filled
@@ -127,7 +106,7 @@ def build_gpt(cfg: Config, dtype: torch.dtype, device: torch.device, layer_indic
         model_cls, extra = FusedLossGPTModel, {"loss_chunk_tokens": cfg.train.fused_loss_chunk_tokens}
     model = model_cls(
         config=tcfg,
-        transformer_layer_spec=fused_block_spec(block_spec(cfg, layer_indices, linears), kernels),
+        transformer_layer_spec=fused_block_spec(block_spec(cfg.model, cfg.ffn, cfg.epas, layer_indices, linears), kernels),
         vocab_size=padded_vocab_size(cfg),
         max_sequence_length=cfg.model.max_position_embeddings,
         pre_process=pre_process,
@@ -142,7 +121,7 @@ def build_gpt(cfg: Config, dtype: torch.dtype, device: torch.device, layer_indic
     for layer, idx in zip(model.decoder.layers, layer_indices):
         if layer.layer_number != idx + 1:
             raise RuntimeError(f"megatron numbered global layer {idx} as {layer.layer_number - 1}: the layer-offset "
-                               "wrapper in effdist.model.gpt is not in effect")
+                               "patch of effdist.runtime.megatron_patches is not in effect")
         layer.effdist_layer_index = idx
     if wgrad:
         guard_wgrad_fusion(model)  # a model never wrapped in megatron DDP keeps megatron's plain path
@@ -151,3 +130,15 @@ def build_gpt(cfg: Config, dtype: torch.dtype, device: torch.device, layer_indic
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def gpt_chunk_builder(cfg: Config, dtype: torch.dtype, device: torch.device):
+    """``build(layer_indices, pre_process, post_process, linears)``: `build_gpt` for `cfg` on `device`, the
+    chunk builder effdist.pipeline.chunks takes (it knows nothing of the config)."""
+
+    def build(layer_indices: list[int], pre_process: bool, post_process: bool,
+              linears: LinearImpl = DEFAULT_LINEARS) -> GPTModel:
+        return build_gpt(cfg, dtype, device, layer_indices, pre_process=pre_process, post_process=post_process,
+                         linears=linears)
+
+    return build

@@ -41,6 +41,31 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from effdist.kernels.grad_sum import sum_into
 
 
+# ---------------------------------------------------------------------- adaptive EPAS's statistic
+# (effdist.epas.adaptive decides with it; the attention below computes it during a probe step)
+
+STATS = 3  # dot, |own|^2, |incoming|^2
+# Elements converted to fp64 at a time: bounds the probe's extra memory (32 MiB per operand) on large layers.
+CHUNK = 1 << 22
+
+
+@torch.no_grad()
+def qk_similarity_stats(own_query: torch.Tensor, own_key: torch.Tensor, incoming_query: torch.Tensor,
+                        incoming_key: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """``[own . incoming, own . own, incoming . incoming]`` (fp64, on the tensors' device) of the packed Q/K
+    ``own = (own_query, own_key)`` and ``incoming = (incoming_query, incoming_key)``, flattened; products and
+    sums in fp64, `chunk` elements at a time."""
+    out = torch.zeros(STATS, dtype=torch.float64, device=own_query.device)
+    for own, incoming in ((own_query, incoming_query), (own_key, incoming_key)):
+        if own.shape != incoming.shape:
+            raise ValueError(f"Q/K of shapes {tuple(own.shape)} and {tuple(incoming.shape)} cannot be compared")
+        a, b = own.detach().reshape(-1), incoming.detach().reshape(-1)
+        for start in range(0, a.numel(), chunk):
+            x, y = a[start:start + chunk].double(), b[start:start + chunk].double()
+            out += torch.stack([torch.dot(x, y), torch.dot(x, x), torch.dot(y, y)])
+    return out
+
+
 class EpasError(RuntimeError):
     """An EPAS region or Q/K hand-over is inconsistent (e.g. a sharing layer received no Q/K)."""
 
@@ -329,8 +354,6 @@ class EpasSelfAttention(SelfAttention):
         """Add this forward's similarity statistics to ``probe_stats``; the tensors are only read."""
         if not self.training or (is_checkpointing() and torch.is_grad_enabled()):
             return  # evaluation, or a full-recompute backward re-running a forward already counted
-        from effdist.epas.adaptive import qk_similarity_stats
-
         with torch.no_grad():
             incoming_query, incoming_key = _split_packed(incoming.detach(), self.num_attention_heads_per_partition)
             stats = qk_similarity_stats(query, key, incoming_query, incoming_key)

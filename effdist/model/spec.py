@@ -17,7 +17,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from effdist.config import Config
+from effdist.config import EpasConfig, FFNConfig, ModelConfig
 from effdist.model.attention import SDPAttention
 from effdist.model.ffn import build_mlp_spec
 from effdist.model.norm import RMSNorm
@@ -38,10 +38,10 @@ class LinearImpl:
 DEFAULT_LINEARS = LinearImpl()
 
 
-def self_attention_spec(cfg: Config, layer_idx: int, linears: LinearImpl = DEFAULT_LINEARS) -> ModuleSpec:
+def self_attention_spec(epas: EpasConfig, linears: LinearImpl = DEFAULT_LINEARS) -> ModuleSpec:
     # With EPAS every layer gets the switchable attention (layer 0 too: it may export its Q/K).
     return ModuleSpec(
-        module=EpasSelfAttention if cfg.epas.enabled else SelfAttention,
+        module=EpasSelfAttention if epas.enabled else SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
             linear_qkv=linears.column,
@@ -53,26 +53,27 @@ def self_attention_spec(cfg: Config, layer_idx: int, linears: LinearImpl = DEFAU
     )
 
 
-def layer_spec(cfg: Config, layer_idx: int, linears: LinearImpl = DEFAULT_LINEARS) -> ModuleSpec:
+def layer_spec(model: ModelConfig, ffn: FFNConfig, epas: EpasConfig, layer_idx: int,
+               linears: LinearImpl = DEFAULT_LINEARS) -> ModuleSpec:
     """The spec of global decoder layer `layer_idx` (0-based)."""
-    epas = cfg.epas.enabled
     return ModuleSpec(
-        module=EpasTransformerLayer if epas else TransformerLayer,
-        params={"epas_layer_index": layer_idx} if epas else {},
+        module=EpasTransformerLayer if epas.enabled else TransformerLayer,
+        params={"epas_layer_index": layer_idx} if epas.enabled else {},
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
-            self_attention=self_attention_spec(cfg, layer_idx, linears),
+            self_attention=self_attention_spec(epas, linears),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
-            mlp=build_mlp_spec(cfg, layer_idx, linears.column, linears.row),
+            mlp=build_mlp_spec(ffn, model, layer_idx, linears.column, linears.row),
             mlp_bda=get_bias_dropout_add,
         ),
     )
 
 
-def block_spec(cfg: Config, layer_indices: list[int], linears: LinearImpl = DEFAULT_LINEARS) -> TransformerBlockSubmodules:
+def block_spec(model: ModelConfig, ffn: FFNConfig, epas: EpasConfig, layer_indices: list[int],
+               linears: LinearImpl = DEFAULT_LINEARS) -> TransformerBlockSubmodules:
     """Specs for the decoder layers one model chunk owns, in forward order, plus the final norm."""
     return TransformerBlockSubmodules(
-        layer_specs=[layer_spec(cfg, i, linears) for i in layer_indices],
+        layer_specs=[layer_spec(model, ffn, epas, i, linears) for i in layer_indices],
         layer_norm=RMSNorm,
     )

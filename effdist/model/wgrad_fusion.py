@@ -52,13 +52,13 @@ deferred ones already were. They do not call this module's GEMM.
 from __future__ import annotations
 
 import functools
-import sys
 import types
 import warnings
 
 import torch
 
-from effdist.model.fused import fused_kernel_set
+from effdist.model.kernel_choice import fused_kernel_set
+from effdist.runtime.megatron_patches import fill_wgrad_extension
 
 EXTENSION_NAME = "fused_weight_gradient_mlp_cuda"
 
@@ -153,15 +153,7 @@ def install_wgrad_fusion() -> bool:
     (call before building linears with ``gradient_accumulation_fusion=True``: ColumnParallelLinear checks it).
     Idempotent. Returns True when effdist's implementation is in the slot; False when apex's extension already is
     (same contract: kept)."""
-    from megatron.core.tensor_parallel import layers
-
-    current = getattr(layers, EXTENSION_NAME, None)
-    if layers._grad_accum_fusion_available and current is not EXTENSION:
-        return False
-    layers.fused_weight_gradient_mlp_cuda = EXTENSION
-    layers._grad_accum_fusion_available = True
-    sys.modules.setdefault(EXTENSION_NAME, EXTENSION)
-    return True
+    return fill_wgrad_extension(EXTENSION)  # the patch is described in effdist.runtime.megatron_patches
 
 
 def _fuse_when_weight_has_main_grad(linear: torch.nn.Module, args: tuple, kwargs: dict) -> None:

@@ -10,7 +10,8 @@ pipeline_model_parallel_size=1), because megatron's own layer layout is round-ro
 Global layer numbers. megatron derives a layer's ``layer_number`` and its checkpoint offset from
 ``get_transformer_layer_offset(config)``, which for a pp=1 config is 0. Each chunk's config therefore carries
 ``effdist_layer_offset`` (its first global layer index) and ``num_layers`` = the model's layer count, and
-effdist.model.gpt wraps megatron's function to honour that attribute (build_gpt builds every chunk). So layer
+a patch of effdist.runtime.megatron_patches makes megatron's function honour that attribute (build_gpt builds
+every chunk). So layer
 numbers and sharded_state_dict keys are global (``decoder.layers`` with the layer's global offset), the
 output-layer init scale is the full model's, and checkpoints compare across pipeline layouts.
 
@@ -18,22 +19,28 @@ Initial weights. On CPU the chunks are copied from the full model built exactly 
 seed, same generator stream), so a pipelined run starts from the pp=1 model. On GPU building the full model on
 every rank would not fit large models; each chunk is initialised from its own seed (train.seed + 100 * chunk,
 as Megatron-LM offsets seeds per pipeline stage) and the RNG is restored afterwards.
+
+What a chunk is made of is the caller's: the functions here take a `ChunkBuilder`,
+``build(layer_indices, pre_process, post_process, linears) -> GPTModel`` (effdist.model.gpt.gpt_chunk_builder
+binds the config, dtype and device), and know nothing of the config.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from megatron.core.models.gpt import GPTModel
 
-from effdist.config import Config, ConfigError
-from effdist.model.gpt import build_gpt
+from effdist.config import ConfigError
 from effdist.model.spec import DEFAULT_LINEARS, LinearImpl
 from effdist.pipeline.ir import Placement
 from effdist.pipeline.memory_model import layer_partition
+
+# build(layer_indices, pre_process, post_process, linears): the GPTModel holding those global layers.
+ChunkBuilder = Callable[[list, bool, bool, LinearImpl], GPTModel]
 
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -50,6 +57,10 @@ class ChunkLayout:
     @property
     def num_chunks(self) -> int:
         return len(self.layers)
+
+    @property
+    def num_layers(self) -> int:
+        return sum(len(r) for r in self.layers)
 
     def is_first(self, chunk: int) -> bool:
         return chunk == 0
@@ -82,21 +93,10 @@ def chunk_layout(num_layers: int, placement: Placement) -> ChunkLayout:
     return ChunkLayout(placement, tuple(parts))
 
 
-def check_pipeline_model(cfg: Config) -> None:
-    """The model features the executor supports (the same check belongs in config validation)."""
-    if cfg.model.tie_embeddings:
-        raise ConfigError("model.tie_embeddings = True: with parallel.pp > 1 the embedding and the output layer live "
-                          "in different model chunks and effdist's pipeline does not synchronise them; set "
-                          "model.tie_embeddings=false or parallel.pp=1")
-
-
-def build_chunk(cfg: Config, layout: ChunkLayout, chunk: int, dtype: torch.dtype, device: torch.device,
+def build_chunk(build: ChunkBuilder, layout: ChunkLayout, chunk: int,
                 linears: LinearImpl = DEFAULT_LINEARS) -> GPTModel:
     """The GPTModel of one chunk, with global layer numbers (see the module docstring)."""
-    check_pipeline_model(cfg)
-    layers = list(layout.layers[chunk])
-    model = build_gpt(cfg, dtype, device, layers, pre_process=layout.is_first(chunk),
-                      post_process=layout.is_last(chunk), linears=linears)
+    model = build(list(layout.layers[chunk]), layout.is_first(chunk), layout.is_last(chunk), linears)
     model.effdist_chunk = chunk
     return model
 
@@ -122,9 +122,9 @@ def copy_from_full_model(chunk_models: Sequence[torch.nn.Module], chunk_ids: Seq
                 p.copy_(src)
 
 
-def build_model_chunks(cfg: Config, layout: ChunkLayout, rank: int, dtype: torch.dtype, device: torch.device,
+def build_model_chunks(build: ChunkBuilder, layout: ChunkLayout, rank: int, device: torch.device, seed: int,
                        linears: LinearImpl = DEFAULT_LINEARS, init: str = "auto") -> list[GPTModel]:
-    """The chunks pipeline rank `rank` owns, in forward order.
+    """The chunks pipeline rank `rank` owns, in forward order (`seed`: train.seed, for per-chunk init).
 
     init: "full-model" copies every chunk from the pp=1 model built here (exactly a pp=1 run's initial weights),
     "per-chunk" seeds each chunk on its own, "auto" picks full-model on CPU and per-chunk on GPU.
@@ -135,21 +135,20 @@ def build_model_chunks(cfg: Config, layout: ChunkLayout, rank: int, dtype: torch
         raise ValueError(f"init = {init!r}: use 'full-model', 'per-chunk' or 'auto'")
     chunk_ids = layout.chunks_of(rank)
     if init == "full-model":
-        full = build_gpt(cfg, dtype, device)
+        full = build(list(range(layout.num_layers)), True, True, DEFAULT_LINEARS)
         after_full = torch.get_rng_state()
-        models = [build_chunk(cfg, layout, c, dtype, device, linears) for c in chunk_ids]
+        models = [build_chunk(build, layout, c, linears) for c in chunk_ids]
         copy_from_full_model(models, chunk_ids, layout, full)
         # Leave the generator where a pp=1 run leaves it after building its model.
         torch.set_rng_state(after_full)
         del full
         return models
-    return _build_seeded_per_chunk(cfg, layout, chunk_ids, dtype, device, linears)
+    return _build_seeded_per_chunk(build, layout, chunk_ids, device, seed, linears)
 
 
-def _build_seeded_per_chunk(cfg, layout, chunk_ids, dtype, device, linears) -> list[GPTModel]:
+def _build_seeded_per_chunk(build, layout, chunk_ids, device, seed, linears) -> list[GPTModel]:
     from megatron.core import tensor_parallel
 
-    seed = cfg.train.seed
     devices = [device] if device.type == "cuda" else []
     models = []
     with torch.random.fork_rng(devices=devices):
@@ -157,7 +156,7 @@ def _build_seeded_per_chunk(cfg, layout, chunk_ids, dtype, device, linears) -> l
             torch.manual_seed(seed + 100 * c)
             if device.type == "cuda":
                 tensor_parallel.model_parallel_cuda_manual_seed(seed + 100 * c)
-            models.append(build_chunk(cfg, layout, c, dtype, device, linears))
+            models.append(build_chunk(build, layout, c, linears))
     if device.type == "cuda":
         tensor_parallel.model_parallel_cuda_manual_seed(seed)  # back to the runtime's RNG streams
     return models

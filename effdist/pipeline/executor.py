@@ -26,12 +26,13 @@ import contextlib
 import sys
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from effdist.pipeline.chunks import ChunkLayout, build_model_chunks, check_pipeline_model, chunk_layout
+from effdist.model.gpt import gpt_chunk_builder
+from effdist.pipeline.chunks import ChunkLayout, build_model_chunks, chunk_layout
 from effdist.pipeline.ir import BW, B, F, W, Action, Schedule
 from effdist.pipeline.memory_probe import LAYERS, ActivationProbe
 from effdist.pipeline.p2p import (
@@ -41,81 +42,21 @@ from effdist.pipeline.p2p import (
     PipelineCommError,
     Signature,
     StepTransfers,
-    TensorSpec,
     check_tensors,
     describe_signature,
 )
-from effdist.pipeline.schedules import build_schedule
+from effdist.pipeline.schedules import build_schedule, check_untied_embeddings
 from effdist.pipeline.simulate import Timing
 from effdist.pipeline.timeline import StepRecorder
 from effdist.pipeline.wgrad import SPLIT_LINEARS, WEIGHT_GRAD_STORE
+from effdist.protocols import NO_EXTRAS, BoundaryExtras, ContextExtras, PipelineError, TensorSpec
 
 __all__ = ["Pipeline", "PipelineError", "PipelineCommError", "BoundaryExtras", "ContextExtras", "TensorSpec",
            "build_pipeline"]
 
 
-class PipelineError(RuntimeError):
-    """An action of the pipeline failed; the message names the rank, the action and its position."""
-
-
-# ---------------------------------------------------------------------------------------------- extras
-
-class BoundaryExtras:
-    """What crosses a chunk boundary besides the hidden states (default: nothing). Subclass and override.
-
-    ``specs(boundary, hidden)``: the extra tensors going from chunk `boundary` to chunk `boundary + 1` in this
-    step (called at the start of every step, on every rank, so it must give the same answer everywhere).
-    ``emit(chunk, model, hidden)``: after the forward of `chunk` (not the last one), the extra tensors it sends,
-    in `specs` order; they must carry autograd to whatever produced them.
-    ``consume(chunk, model, hidden, extras)``: before the forward of `chunk` (not the first one): the hidden
-    states to feed the chunk and keyword arguments for its GPTModel forward.
-    ``may_save_hidden``: whether emit/consume may save the hidden states for backward; when False, the executor
-    frees the data of hidden states it has sent (megatron's deallocate_output_tensor) once the send completed.
-    """
-
-    may_save_hidden = False
-
-    def specs(self, boundary: int, hidden: TensorSpec) -> Sequence[TensorSpec]:
-        return ()
-
-    def emit(self, chunk: int, model: torch.nn.Module, hidden: torch.Tensor) -> Sequence[torch.Tensor]:
-        return ()
-
-    def consume(self, chunk: int, model: torch.nn.Module, hidden: torch.Tensor,
-                extras: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        return hidden, {}
-
-
-NO_EXTRAS = BoundaryExtras()
-
-
-class ContextExtras(BoundaryExtras):
-    """At most one extra tensor per boundary, fed to the next chunk as megatron's loop-carried ``context``.
-
-    TransformerBlock threads ``context`` from layer to layer but does not return it, so the producing chunk's
-    tensor comes from `export(model)` (EPAS: ``effdist.model.shared_qk.pop_exported_qk``) and the consuming
-    chunk gets it through ``model(..., extra_block_kwargs={"context": t})``. `specs(boundary, hidden)` returns
-    the list of TensorSpec (empty or one) for each boundary this step.
-    """
-
-    def __init__(self, specs: Callable[[int, TensorSpec], Sequence[TensorSpec]],
-                 export: Callable[[torch.nn.Module], Optional[torch.Tensor]]):
-        self._specs = specs
-        self._export = export
-
-    def specs(self, boundary: int, hidden: TensorSpec) -> Sequence[TensorSpec]:
-        out = tuple(self._specs(boundary, hidden))
-        if len(out) > 1:
-            raise PipelineError(f"ContextExtras: boundary {boundary} declares {len(out)} extra tensors; megatron's "
-                                "context carries one (pack several into one tensor)")
-        return out
-
-    def emit(self, chunk, model, hidden):
-        t = self._export(model)
-        return () if t is None else (t,)
-
-    def consume(self, chunk, model, hidden, extras):
-        return hidden, ({"extra_block_kwargs": {"context": extras[0]}} if extras else {})
+# PipelineError, BoundaryExtras, ContextExtras and NO_EXTRAS are the boundary interface (effdist.protocols),
+# which features implement without importing the executor; imported here, where they have always been found.
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
@@ -229,24 +170,6 @@ class Pipeline:
     def set_boundary_extras(self, extras: Optional[BoundaryExtras]) -> None:
         """What crosses chunk boundaries besides the hidden states, from the next step on (None: nothing)."""
         self.extras = extras or NO_EXTRAS
-
-    def use_epas(self, controller) -> None:
-        """Send the EPAS anchor's packed Q/K across every boundary whose next layer shares or is in transition,
-        as decided by `controller.qk_consumers` (effdist.epas.controller.EpasController; read again at every
-        step)."""
-        from effdist.epas.schedule import boundary_needs_qk
-        from effdist.model.shared_qk import pop_exported_qk, qk_context_shape
-
-        config = _unwrap(self.model_chunks[0]).config
-
-        def specs(boundary: int, hidden: TensorSpec) -> tuple[TensorSpec, ...]:
-            if not boundary_needs_qk(controller.qk_consumers, self.layout.layers[boundary + 1][0]):
-                return ()
-            # Under sequence parallelism the hidden states are split along the sequence, Q/K are not.
-            seq = hidden.shape[0] * (self.tp if self.sequence_parallel else 1)
-            return (TensorSpec(qk_context_shape(config, seq, hidden.shape[1]), hidden.dtype),)
-
-        self.set_boundary_extras(ContextExtras(specs, pop_exported_qk))
 
     def set_schedule(self, schedule: Optional[Schedule]) -> None:
         """Run this exact Schedule (any microbatch count must then match it); None goes back to generating
@@ -589,7 +512,7 @@ def build_pipeline(cfg, runtime, *, schedule: Optional[Schedule] = None, measure
     """
     from megatron.core import parallel_state
 
-    check_pipeline_model(cfg)
+    check_untied_embeddings(cfg.model)
     pp = cfg.parallel.pp
     name = cfg.pipeline.schedule
     if schedule is None:
@@ -600,7 +523,8 @@ def build_pipeline(cfg, runtime, *, schedule: Optional[Schedule] = None, measure
     else:
         fixed = schedule
     layout = chunk_layout(cfg.model.num_layers, schedule.placement)
-    chunks = build_model_chunks(cfg, layout, runtime.pp_rank, runtime.dtype, runtime.device, SPLIT_LINEARS, init=init)
+    chunks = build_model_chunks(gpt_chunk_builder(cfg, runtime.dtype, runtime.device), layout, runtime.pp_rank,
+                                runtime.device, cfg.train.seed, SPLIT_LINEARS, init=init)
     group = parallel_state.get_pipeline_model_parallel_group()
     if getattr(runtime, "is_logging_rank", True):
         print(f"[effdist] pipeline {schedule.name}: pp={pp}, {layout.num_chunks} chunks\n"

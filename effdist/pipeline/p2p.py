@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from effdist.pipeline.ir import F, Action, Schedule
 from effdist.pipeline.simulate import simulate
+from effdist.protocols import TensorSpec  # the boundary interface's tensor description
 
 ACTIVATION, GRADIENT = "activation", "gradient"
 _MAX_ELEMENTS = 64  # tensors per message; part of the gloo tag layout
@@ -36,16 +37,6 @@ _MAX_ELEMENTS = 64  # tensors per message; part of the gloo tag layout
 
 class PipelineCommError(RuntimeError):
     """A pipeline P2P transfer failed or timed out, or the ranks disagree about what crosses a boundary."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    requires_grad: bool = True
-
-    def describe(self) -> str:
-        return f"{list(self.shape)} {str(self.dtype).replace('torch.', '')}" + ("" if self.requires_grad else " (no grad)")
 
 
 Signature = tuple[TensorSpec, ...]

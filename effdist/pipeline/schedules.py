@@ -44,10 +44,12 @@ the faster of the two candidates under the simulated costs is returned.
 
 from __future__ import annotations
 
+import importlib.util
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from effdist.config import ConfigError, ModelConfig, ParallelConfig, PipelineConfig
 from effdist.pipeline.ir import B, BW, F, W, Action, ActionKind, Placement, Schedule, ScheduleError
 from effdist.pipeline.simulate import Costs, run_in_order, simulate
 
@@ -456,3 +458,36 @@ def build_schedule(name: str, pp: int, microbatches: int, costs: Costs | None = 
         schedule = v_zb(pp, microbatches, costs)
     schedule.info.setdefault("generator", name)
     return schedule.validate()
+
+
+# ------------------------------------------------------------------------------------------ config checks
+
+def chunks_per_rank(name: str, interleaved_chunks: int) -> int:
+    """Model chunks each rank holds under schedule `name` (pipeline.chunks_per_rank counts for interleaved only)."""
+    if name in V_SCHEDULES:
+        return 2
+    return interleaved_chunks if name == "interleaved" else 1
+
+
+def check_untied_embeddings(model: ModelConfig) -> None:
+    if model.tie_embeddings:
+        raise ConfigError("model.tie_embeddings = True: with parallel.pp > 1 the embedding and the output layer live in "
+                          "different model chunks, which effdist's pipeline does not synchronise; set "
+                          "model.tie_embeddings=false or parallel.pp=1")
+
+
+def check_pipeline_config(model: ModelConfig, parallel: ParallelConfig, pipeline: PipelineConfig) -> None:
+    """What a pipeline run (parallel.pp > 1) needs of the model: untied embeddings, a layer per chunk, and the
+    executor in this build. Raises ConfigError naming the field; called by effdist.train.preflight."""
+    if parallel.pp == 1:
+        return
+    check_untied_embeddings(model)
+    chunks = parallel.pp * chunks_per_rank(pipeline.schedule, pipeline.chunks_per_rank)
+    if model.num_layers < chunks:
+        raise ConfigError(f"model.num_layers = {model.num_layers!r}: pipeline.schedule={pipeline.schedule} with "
+                          f"parallel.pp={parallel.pp} splits the model into {chunks} chunks; it needs at least that "
+                          "many layers")
+    # The executor imports megatron-core; find it without importing it, so the dry run stays light.
+    if importlib.util.find_spec("effdist.pipeline.executor") is None:
+        raise ConfigError(f"parallel.pp = {parallel.pp!r}: pipeline parallelism is not available in this build "
+                          "(effdist.pipeline.executor is missing); use parallel.pp=1")

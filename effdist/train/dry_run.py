@@ -14,9 +14,10 @@ import os
 import sys
 from typing import Any
 
-from effdist.config import Config, ConfigError, ffn_width, load_config, padded_vocab_size, validate
+from effdist.config import Config, ConfigError, ffn_width, load_config, padded_vocab_size
 from effdist.train.estimate import (GIB, Estimate, MemoryLimit, check_fits, estimate, fits, memory_limit,
                                     rank_layout, total_parameters, uses_gpu, weight_bytes)
+from effdist.train.preflight import validate_run
 
 # Rank rows printed at most (a 1024-GPU layout is regular; the first rows show the pattern).
 MAX_RANK_ROWS = 16
@@ -149,7 +150,7 @@ def default_world_size(cfg: Config) -> int:
 def plan(cfg: Config, world_size: int, source: str, preset: Config | None, on_gpu: bool | None = None,
          limit: MemoryLimit | None = None) -> tuple[str, str | None]:
     """(report text, the error line or None). Validates `cfg` for `world_size` (ConfigError when invalid)."""
-    validate(cfg, world_size=world_size)
+    validate_run(cfg, world_size=world_size)
     on_gpu = uses_gpu(cfg) if on_gpu is None else on_gpu
     limit = memory_limit(cfg, world_size, on_gpu) if limit is None else limit
     est = estimate(cfg, world_size, on_gpu)
@@ -166,6 +167,7 @@ def run(args) -> int:
     overrides = [o for group in args.overrides for o in ([group] if isinstance(group, str) else group)]
     try:
         cfg = load_config(args.config, overrides)
+        validate_run(cfg)
         world_size = args.world_size or default_world_size(cfg)
         if world_size < 1:
             raise ConfigError(f"--world-size {world_size}: must be a positive number of processes")

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from effdist.config import OptimConfig
+from effdist.runtime.grads import accumulated_grad
 
 
 def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
@@ -35,13 +36,6 @@ def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
     else:
         coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
     return optim.min_lr + coeff * (optim.lr - optim.min_lr)
-
-
-def accumulated_grad(param: torch.nn.Parameter):
-    """The gradient backward accumulated for `param`: megatron DDP's fp32 ``main_grad`` where it has one
-    (reduced over data-parallel ranks once the grad sync finished), else ``.grad``; None if neither."""
-    grad = getattr(param, "main_grad", None)
-    return param.grad if grad is None else grad
 
 
 def _is_replica_on_this_tp_rank(param: torch.nn.Parameter, tp_rank: int) -> bool:

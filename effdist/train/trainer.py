@@ -22,13 +22,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from effdist.config import Config, ConfigError, load_config, validate
+from effdist.config import Config, ConfigError, load_config
 from effdist.model.hf_convert import CONVERTED_MARKER
 from effdist.train import checkpoint as ckpt
 from effdist.train import run_dir as run_directory
 from effdist.train.loss import masked_loss_sum
 from effdist.train.metrics import console_line
 from effdist.train.optim import MasterWeightAdamW, lr_at
+from effdist.train.preflight import validate_run
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -169,7 +170,7 @@ class Trainer:
                                        log=lambda message: log(rt, message))
             if self.pipeline is not None:
                 # Q/K cross a stage boundary whenever the sharing region spans it.
-                self.pipeline.use_epas(self.epas)
+                self.pipeline.set_boundary_extras(self.epas.boundary_extras(self.pipeline.layout.layers))
 
     def _from_rank0(self, value: Any) -> Any:
         """Rank 0's `value` on every rank (a decision only rank 0 can take, so all ranks act alike)."""
@@ -424,7 +425,7 @@ class Trainer:
         loss = float(loss_t.item()) / tokens_in_global_batch
 
         if self.epas is not None:
-            self.epas.scale_shared_qk_grads()
+            self.epas.after_backward()
         self.optimizer.collect_grads()
         grad_norm = self.optimizer.grad_norm()
         lr = lr_at(self.step, cfg.optim, cfg.train.steps)
@@ -710,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
         from effdist.train.estimate import check_fits
 
         cfg = load_config(args.config, overrides)
-        validate(cfg, world_size=world_size_from_env())
+        validate_run(cfg, world_size=world_size_from_env())
         _check_precision_support(cfg)
         # Absurd sizes (batch, sequence, width, steps) stop here with a named line, not an OOM minutes later.
         check_fits(cfg, world_size_from_env())

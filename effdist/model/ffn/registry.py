@@ -4,9 +4,9 @@ Every kind is a megatron-core module for a TransformerLayer's ``mlp`` slot, buil
 classes the caller passes (megatron's ColumnParallel/RowParallel linears by default; the pipeline
 executor passes B/W-split ones):
   swiglu  megatron's MLP (gated SiLU)                       width ffn_hidden_size
-  relu2   non-gated ReLU² (ReLU2MLP)                          width ffn_width(cfg)
-  topk    ReLU / ReLU² keeping the top-k per token (TopKMLP)  width ffn_width(cfg)
-  moc     Mixture-of-Channels SwiGLU (MixtureOfChannelsMLP)   width ffn_width(cfg)
+  relu2   non-gated ReLU² (ReLU2MLP)                          width ffn.width(model)
+  topk    ReLU / ReLU² keeping the top-k per token (TopKMLP)  width ffn.width(model)
+  moc     Mixture-of-Channels SwiGLU (MixtureOfChannelsMLP)   width ffn.width(model)
   elas    ReLU² + 2:4 activation sparsity (ElasMLP), fc1/fc2 low-rank with ffn.elas_rank
 Layers outside ``ffn.layers`` are SwiGLU at model.ffn_hidden_size, also when the model's
 TransformerConfig carries the (wider) ELAS width.
@@ -18,7 +18,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from effdist.config import Config, ffn_kind_of_layer, ffn_width, ffn_width_of_layer, resolve_count
+from effdist.config import FFNConfig, ModelConfig, resolve_count
 from effdist.model.ffn.channel import MixtureOfChannelsMLP, TopKMLP
 from effdist.model.ffn.dense import ReLU2MLP, SwiGLUMLP
 from effdist.model.ffn.elas import ElasMLP
@@ -40,14 +40,15 @@ def elas_linears(rank: int | None, linear_fc1=ColumnParallelLinear, linear_fc2=R
     )
 
 
-def build_mlp_spec(cfg: Config, layer_idx: int, linear_fc1=ColumnParallelLinear,
+def build_mlp_spec(ffn: FFNConfig, model: ModelConfig, layer_idx: int, linear_fc1=ColumnParallelLinear,
                    linear_fc2=RowParallelLinear) -> ModuleSpec:
-    kind = ffn_kind_of_layer(cfg, layer_idx)
-    width = ffn_width_of_layer(cfg, layer_idx)
-    f = cfg.ffn
+    """The ``mlp`` spec of global layer `layer_idx` (the ffn section and the model's ffn_hidden_size decide it)."""
+    kind = ffn.kind_of_layer(layer_idx)
+    width = ffn.width_of_layer(model, layer_idx)
+    f = ffn
     plain = MLPSubmodules(linear_fc1=linear_fc1, linear_fc2=linear_fc2)
     if kind == "swiglu":
-        if width == ffn_width(cfg):
+        if width == ffn.width(model):
             return swiglu_spec(linear_fc1, linear_fc2)
         return ModuleSpec(module=SwiGLUMLP, params={"ffn_hidden_size": width}, submodules=plain)
     if kind == "relu2":
