@@ -226,7 +226,7 @@ def test_sbatch_launches_torchrun_per_node(fake_slurm):
     assert _requeues(tmp) == []
 
 
-def test_sbatch_cpus_per_task(fake_slurm):
+def test_sbatch_cpus_per_task_and_bad_settings(fake_slurm):
     tmp, env = fake_slurm
     assert _sbatch(env, SLURM_JOB_CPUS_PER_NODE="8,4(x1)").returncode == 0
     assert "--cpus-per-task=4" in _srun_args(tmp)
@@ -235,6 +235,9 @@ def test_sbatch_cpus_per_task(fake_slurm):
     (tmp / "srun.args").unlink()
     proc = _sbatch(env, CPUS_PER_TASK="0")
     assert proc.returncode == 2 and "CPUS_PER_TASK=0" in proc.stderr and not (tmp / "srun.args").exists()
+    proc = _sbatch(env, CONFIG="configs/nope.yaml")
+    assert proc.returncode == 2 and "CONFIG=configs/nope.yaml not found" in proc.stderr
+    assert not (tmp / "srun.args").exists()
 
 
 @pytest.mark.parametrize("codes, extra, rc, requeued, says", [
