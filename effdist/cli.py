@@ -9,6 +9,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("effdist.train.trainer", "pretrain a model (also: torchrun ... -m effdist.train)"),
     "presets": ("effdist.train.presets", "list the shipped configs with parameter counts and purpose"),
     "simulate": ("effdist.pipeline.simulate_cli", "predict memory and bubbles of a pipeline schedule"),
+    "plan": ("effdist.train.planner", "choose tp/pp/dp, schedule and micro-batch under a memory budget"),
+    "calibrate": ("effdist.train.calibrate", "measure layer, head and optimizer times on this GPU for plan"),
     "preprocess": ("effdist.data.preprocess", "tokenize text into megatron .bin/.idx datasets"),
     "tokenizer": ("effdist.data.tokenizer", "train a byte-level BPE tokenizer on local text"),
     "generate": ("effdist.infer.generate", "generate text from a checkpoint (KV cache, EPAS region)"),

@@ -155,6 +155,9 @@ class PipelineConfig:
     microbatches: int | None = None
     # Model chunks per rank for the interleaved schedule.
     chunks_per_rank: int = 2
+    # Measure each rank's activation memory every step (the pipeline_peak_* metrics): saved-tensor hooks
+    # plus an all-gather per step, which cost step time, so off unless asked for.
+    measure_memory: bool = False
 
 
 @dataclass

@@ -98,3 +98,26 @@ def test_suggested_region_uses_the_anchor():
     assert tool.suggest_region(result, 0.9)["suggested_final_region"] == 1
     assert tool.suggest_region(result, 0.8)["suggested_final_region"] == 2
     assert tool.suggest_region(result, 0.5)["suggested_final_region"] == 4
+
+
+def test_bench_epas_reads_a_new_batch_every_step_through_the_trainer_loader(megatron_one_process, tmp_path):
+    """bench_epas trains as the trainer does: each step takes the next batch of the MicrobatchLoader (it used
+    to repeat one fixed batch, which left the data path out of the timing)."""
+    from effdist.model.gpt import build_gpt
+
+    tool = _tool("bench_epas")
+    cfg = tool.make_config("tiny", epas=False)
+    loader = tool.data_loader(cfg, samples=16, data_dir=tmp_path)
+    seen = []
+    real_next = loader.next_step
+
+    def recording_next():
+        batch = real_next()
+        seen.append(batch[0]["tokens"].clone())
+        return batch
+
+    loader.next_step = recording_next
+    trainee = tool.Trainee(cfg, build_gpt(cfg, torch.float32, torch.device("cpu")), torch.device("cpu"), loader)
+    losses = [trainee.step() for _ in range(2)]
+    assert loader.consumed_samples == 2 * cfg.train.micro_batch and all(loss > 0 for loss in losses)
+    assert not torch.equal(seen[0], seen[1])

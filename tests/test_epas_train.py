@@ -40,7 +40,8 @@ def data_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, data_cache):
     run = tmp_path_factory.mktemp("epas_single")
-    run_train(run, EPAS + [f"data.cache_dir={data_cache}"])
+    proc = run_train(run, EPAS + [f"data.cache_dir={data_cache}"])
+    (run / "console.txt").write_text(proc.stderr)
     return run
 
 
@@ -49,6 +50,27 @@ def test_region_grows_deep_to_shallow_on_schedule(single):
     assert _regions(single) == {1: 0, 2: 1, 3: 1, 4: 2, 5: 2, 6: 3, 7: 3}
     ls = losses(single)
     assert ls[STEPS] < ls[1]
+
+
+def test_throughput_counts_the_flops_sharing_layers_execute(single):
+    from effdist.config import load_config
+    from effdist.train.flops import flops_per_token
+
+    cfg = load_config(single / "config.yaml")
+    records = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        count = flops_per_token(cfg, sharing_layers=r["epas_region"])
+        # Both are rounded to 4 significant digits in metrics.jsonl.
+        assert r["tflops_executed"] / r["tflops"] == pytest.approx(count.executed_fraction, rel=2e-3), r["step"]
+        assert r["tokens_per_s_dense_equiv"] / r["tokens_per_s"] == pytest.approx(count.executed_fraction, rel=2e-3)
+        assert r["mfu"] is None and r["mfu_executed"] is None  # CPU: no datasheet peak
+    assert flops_per_token(cfg, sharing_layers=3).executed_fraction < 0.95
+    # The console line reports the executed TFLOP/s (the last step's, 3 sharing layers), not the dense count.
+    last = records[-1]
+    line = [x for x in (single / "console.txt").read_text().splitlines() if f"step {STEPS}/{STEPS}" in x][-1]
+    shown = float(line.split(" TFLOP/s")[0].split()[-1])
+    assert abs(shown - last["tflops_executed"]) < abs(shown - last["tflops"]), line
+    assert "dense-equiv" in line
 
 
 def test_tp2_matches_tp1_while_region_grows(single, tmp_path, data_cache):

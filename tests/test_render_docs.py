@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,38 @@ def test_every_generated_block_is_current(render_docs):
     registered = {(g.doc, g.name) for g in render_docs.REGISTRY}
     assert {("docs/pipeline.md", "simulate-compare"), ("docs/configs.md", "presets"),
             ("docs/configs.md", "config-ranges")} <= registered
+
+
+def test_every_benchmark_table_is_generated_from_json(render_docs):
+    """No table of docs/benchmarks.md is typed by hand: each sits in a generated block (issue 24)."""
+    import re
+
+    text = (ROOT / "docs/benchmarks.md").read_text()
+    inside = False
+    for number, line in enumerate(text.splitlines(), start=1):
+        if re.match(r"<!-- generated:", line):
+            inside = True
+        elif re.match(r"<!-- end generated:", line):
+            inside = False
+        elif line.startswith("|"):
+            assert inside, f"docs/benchmarks.md:{number}: a table outside a generated block: {line[:80]}"
+    names = set(re.findall(r"<!-- generated:([\w-]+) -->", text))
+    assert names == {g.name for g in render_docs.REGISTRY if g.doc == "docs/benchmarks.md"}
+
+
+def test_benchmark_tables_follow_their_json(render_docs, monkeypatch):
+    """The tables are the JSON's numbers: the FFN table shows bench_ffn_h100_first.json (it used to contradict
+    it), the p=4 1B micro-batch-1 table holds V-ZB's 0.83x, and a changed JSON value changes the table."""
+    import benchmark_tables
+
+    ffn = benchmark_tables.ffn_block()
+    assert "| MoC 2:8 (SwiGLU) | 3.29× | 3.21× | 0.208 (-79%) |" in ffn
+    mb1 = benchmark_tables.TABLES["bench-pipeline-p4-1b-mb1"]()
+    assert "| V-ZB | 118,131 | 0.83 |" in mb1
+    data = json.loads(json.dumps(benchmark_tables.load("bench_checkpoint_1b_h100.json")))
+    data["sync_stall_s"] = 50.0
+    monkeypatch.setattr(benchmark_tables, "load", lambda name: data)
+    assert "| 50.00 s | the whole write |" in benchmark_tables.checkpoint()
 
 
 def test_the_blocks_hold_the_codes_numbers(render_docs):

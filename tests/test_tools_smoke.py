@@ -22,10 +22,29 @@ def _run(args, tmp_path, timeout=300):
 
 def test_bench_train_tiny(tmp_path):
     out = tmp_path / "train.json"
-    proc = _run(["tools/bench_train.py", "--tiny", "--steps", "2", "--warmup", "1", "--json", str(out)], tmp_path)
-    runs = json.loads(out.read_text())["runs"]
-    assert runs[0]["tokens_per_s"] > 0 and "error" not in runs[0]
-    assert "tok/s" in proc.stdout
+    proc = _run(["tools/bench_train.py", "--tiny", "--steps", "2", "--warmup", "1", "--json", str(out), "--variant",
+                 "dense=", "--variant", "epas=epas.enabled=true;epas.mode=fixed;epas.final_region=2"], tmp_path)
+    dense, epas = json.loads(out.read_text())["runs"]
+    assert dense["tokens_per_s"] > 0 and "error" not in dense and "error" not in epas
+    assert "tok/s" in proc.stdout and "dense-eq" in proc.stdout
+    # Executed FLOPs: the dense run executes its dense count, the EPAS run (2 of 4 layers sharing) less.
+    assert dense["flops_per_token_executed"] == dense["flops_per_token"]
+    assert epas["flops_per_token_executed"] < epas["flops_per_token"] == dense["flops_per_token"]
+    fraction = epas["flops_per_token_executed"] / epas["flops_per_token"]
+    assert epas["tflops_executed"] == pytest.approx(fraction * epas["tflops"])
+    assert epas["tokens_per_s_dense_equiv"] == pytest.approx(fraction * epas["tokens_per_s"])
+
+
+def test_bench_train_reports_datasheet_mfu_beside_the_measured_ceiling():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_train import hardware_fractions
+
+    results = {"device": "NVIDIA H100 80GB HBM3", "matmul_ceiling_tflops": 800.0, "fp8_matmul_ceiling_tflops": 1600.0}
+    run = {"tflops": 500.0, "tflops_executed": 400.0}
+    assert hardware_fractions(run, results, fp8=False) == {"fraction_of_ceiling": 0.5, "mfu_datasheet": 400.0 / 989}
+    fp8 = hardware_fractions(run, results, fp8=True)
+    assert fp8["fraction_of_fp8_ceiling"] == 0.25 and fp8["mfu_datasheet_fp8"] == 400.0 / 1979
+    assert hardware_fractions(run, {"device": "cpu"}, fp8=False) == {}
 
 
 def test_bench_train_under_torchrun_runs_variant_after_variant(tmp_path):

@@ -10,8 +10,11 @@ Variants per model: the dense model (epas disabled), the EPAS model at region 0 
 and the EPAS model with the deepest L/2 and 3L/4 layers sharing Q/K (``--regions``, fractions of L).
 Both models stay resident and the variants take turns (``--rounds`` x ``--steps`` timed steps each,
 after warm-up), so that clock or allocator drift hits all alike; the median is reported. The table gives tokens/s,
-the speed-up over region 0, and the "ideal" speed-up if step time were proportional to model FLOPs
-(a sharing layer skips the Q and K projections: 6·h·(h + kv_dim) FLOPs per token, forward+backward).
+the speed-up over region 0, and the "ideal" speed-up if step time were proportional to executed FLOPs
+(a sharing layer skips the Q and K projections: 6·h·(h + kv_dim) FLOPs per token, forward+backward;
+effdist.train.flops). Every step reads a new batch through the trainer's data path (effdist's MicrobatchLoader
+over the dataset data.kind names, megatron's MockGPTDataset unless ``--data`` says otherwise) and copies it to
+the device, as the trainer does; the loss is the trainer's masked token mean.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ def reseed(cuda: bool, seed: int = 1234) -> None:
     seed_model_parallel_rng(seed, cuda)
 
 
-def make_config(shape: str, epas: bool, region: int = 0, micro_batch: int | None = None):
+def make_config(shape: str, epas: bool, region: int = 0, micro_batch: int | None = None,
+                data_overrides: tuple[str, ...] = ()):
     from effdist.config import load_config
 
     layers, hidden, heads, groups, ffn, seq, mbs = SHAPES[shape]
@@ -69,29 +73,36 @@ def make_config(shape: str, epas: bool, region: int = 0, micro_batch: int | None
                  f"model.num_query_groups={groups}", f"model.ffn_hidden_size={ffn}",
                  f"model.vocab_size={512 if shape == 'tiny' else VOCAB}", f"model.max_position_embeddings={seq}",
                  f"data.seq_length={seq}", f"train.micro_batch={mbs}", f"train.global_batch={mbs}",
-                 "optim.weight_decay=0.1", f"epas.enabled={str(epas).lower()}"]
+                 "optim.weight_decay=0.1", f"epas.enabled={str(epas).lower()}", "data.kind=mock", *data_overrides]
     if epas and region > 0:
         overrides += ["epas.mode=fixed", f"epas.final_region={region}", "epas.start_step=0"]
     return load_config(None, overrides)
 
 
-def flops_per_token(cfg, region: int) -> float:
-    """Forward+backward matmul FLOPs per token (causal attention counted once), minus what sharing skips."""
-    m = cfg.model
-    h, f, s, layers = m.hidden_size, m.ffn_hidden_size, cfg.data.seq_length, m.num_layers
-    kv = h // m.num_attention_heads * (m.num_query_groups or m.num_attention_heads)
-    per_layer = 6 * (h * (h + 2 * kv) + h * h + 3 * h * f) + 6 * s * h
-    return layers * per_layer + 6 * h * m.vocab_size - region * 6 * h * (h + kv)
+def executed_flops_per_token(cfg, region: int) -> float:
+    """Forward+backward matmul FLOPs per token the GPU executes at this region (effdist.train.flops)."""
+    from effdist.train.flops import flops_per_token
+
+    return flops_per_token(cfg, sharing_layers=region).executed
+
+
+def data_loader(cfg, samples: int, data_dir: Path):
+    """The trainer's data path: the dataset data.kind names (mock by default: megatron's MockGPTDataset) read
+    through effdist's MicrobatchLoader, a new batch every step, copied to the device in the step."""
+    from effdist.data.loader import MicrobatchLoader, build_train_valid_datasets, prepare_data
+
+    train_ds, _ = build_train_valid_datasets(cfg, prepare_data(cfg, data_dir), samples, 0)
+    return MicrobatchLoader(train_ds, global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch)
 
 
 class Trainee:
-    """A model + megatron DDP + master-weight AdamW stepping on fixed random tokens, as the trainer does.
+    """A model + megatron DDP + master-weight AdamW stepping on the trainer's data path, as the trainer does.
 
     Built once per model: wrapping a module in DDP again would add a second set of gradient hooks.
     An EPAS region is switched by giving `step` another controller.
     """
 
-    def __init__(self, cfg, model, device: torch.device):
+    def __init__(self, cfg, model, device: torch.device, loader):
         from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -104,18 +115,18 @@ class Trainee:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = MasterWeightAdamW(params, cfg.optim, fused=device.type == "cuda", tp_rank=0,
                                            model_parallel_group=parallel_state.get_model_parallel_group())
-        mbs, seq = cfg.train.micro_batch, cfg.data.seq_length
-        g = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, cfg.model.vocab_size, (mbs, seq + 1), generator=g)
-        self.tokens, self.labels = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
-        self.positions = torch.arange(seq, device=device).expand(mbs, seq)
+        self.loader, self.device = loader, device
         self.step_index = 0
 
     def step(self, controller=None) -> float:
+        from effdist.train.loss import masked_loss_sum
+
         if controller is not None:
             controller.begin_step(self.step_index)
         self.model.zero_grad_buffer()
-        loss = self.model(self.tokens, self.positions, None, labels=self.labels).float().mean()
+        (microbatch,) = self.loader.next_step()  # global batch = micro batch: one microbatch per step
+        loss_sum, mask = masked_loss_sum(self.model, microbatch, self.device)
+        loss = loss_sum / mask.sum()
         loss.backward()
         self.model.finish_grad_sync()
         self.optimizer.collect_grads()
@@ -190,9 +201,12 @@ def print_profile_diff(rows: list[dict], top: int = 25) -> None:
 
 
 def bench_shape(shape: str, fractions: list[float], warmup: int, steps: int, rounds: int, device: torch.device,
-                dtype: torch.dtype, profile_steps: int = 0, micro_batch: int | None = None) -> list[dict]:
+                dtype: torch.dtype, profile_steps: int = 0, micro_batch: int | None = None,
+                data_overrides: tuple[str, ...] = (), data_dir: Path | None = None) -> list[dict]:
     """Both models stay resident and the variants take turns, `rounds` times `steps` timed steps each, so
-    that drifts of the GPU's clocks or allocator affect every variant alike."""
+    that drifts of the GPU's clocks or allocator affect every variant alike. Both read the same batches
+    (each its own loader over the same dataset)."""
+    import tempfile
     from effdist.epas import EpasController, apply_region, current_region
     from effdist.model.gpt import build_gpt
 
@@ -203,12 +217,17 @@ def bench_shape(shape: str, fractions: list[float], warmup: int, steps: int, rou
     rows = {name: {"model": shape, "variant": name, "region": region} for name, region in variants}
     times: dict[str, list[float]] = {name: [] for name, _ in variants}
     losses: dict[str, list[float]] = {name: [] for name, _ in variants}
+    # Steps each model takes: every variant of it, every round (+1 switch step), warm-up and profiling.
+    samples_per_model = len(variants) * (warmup + rounds * (steps + 1) + profile_steps + 2) * (micro_batch or
+                                                                                               SHAPES[shape][-1])
+    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="effdist-bench-epas-"))
     try:
         trainees = {}
         for kind in ("dense", "epas"):
-            cfg = make_config(shape, epas=kind == "epas", micro_batch=micro_batch)
+            cfg = make_config(shape, epas=kind == "epas", micro_batch=micro_batch, data_overrides=data_overrides)
             reseed(cuda)  # both start from the same weights
-            trainees[kind] = Trainee(cfg, build_gpt(cfg, dtype, device), device)
+            trainees[kind] = Trainee(cfg, build_gpt(cfg, dtype, device), device,
+                                     data_loader(cfg, samples_per_model, data_dir))
     except Exception as e:  # e.g. out of memory: report it for every variant
         for row in rows.values():
             row["error"] = f"{type(e).__name__}: {e}"
@@ -227,7 +246,8 @@ def bench_shape(shape: str, fractions: list[float], warmup: int, steps: int, rou
         apply_region([trainee.module], set())
         if region == 0:
             return trainee, None
-        controller = EpasController(make_config(shape, epas=True, region=region, micro_batch=micro_batch),
+        controller = EpasController(make_config(shape, epas=True, region=region, micro_batch=micro_batch,
+                                                data_overrides=data_overrides),
                                     [trainee.module], optimizer=trainee.optimizer)
         active.append(controller)
         return trainee, controller
@@ -268,7 +288,7 @@ def bench_shape(shape: str, fractions: list[float], warmup: int, steps: int, rou
         # dense and "epas r=0" start from the same weights: their first losses must be equal.
         row.update(step_s=step_s, step_s_min=min(times[name]), step_s_max=max(times[name]), timed_steps=len(times[name]),
                    tokens_per_s=tokens / step_s, first_loss=losses[name][0], final_loss=losses[name][-1],
-                   flops_per_token=flops_per_token(cfg, region))
+                   flops_per_token=executed_flops_per_token(cfg, region))
         row.setdefault("peak_mem_gib", None)
     del trainees
     gc.collect()
@@ -301,8 +321,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch", type=int, default=None,
                    help="sequences per step (default: the preset's, " + ", ".join(
                        f"{k} {v[-1]}" for k, v in SHAPES.items() if k != "tiny") + ")")
+    p.add_argument("--data", dest="data_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="data config override, repeatable (default data.kind=mock: megatron's MockGPTDataset through "
+                        "the trainer's loader; e.g. --data data.kind=indexed --data data.paths=[/data/fineweb_text])")
     p.add_argument("--json", default=None, help="write all results here")
     args = p.parse_args(argv)
+    if any(not o.startswith("data.") for o in args.data_overrides):
+        p.error(f"--data takes data.* keys only; got {[o for o in args.data_overrides if not o.startswith('data.')]}")
 
     cuda = torch.cuda.is_available() and not args.tiny
     if not cuda and not args.tiny:
@@ -322,11 +347,12 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype).replace("torch.", ""),
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "steps": args.steps,
-               "rounds": args.rounds, "warmup": args.warmup,
+               "rounds": args.rounds, "warmup": args.warmup, "data": ["data.kind=mock", *args.data_overrides],
                "note": "peak_mem_gib is with the dense and the EPAS model both resident", "runs": []}
     for shape in models:
         results["runs"] += bench_shape(shape, fractions, args.warmup, args.steps, args.rounds, device, dtype,
-                                       profile_steps=args.profile, micro_batch=args.micro_batch)
+                                       profile_steps=args.profile, micro_batch=args.micro_batch,
+                                       data_overrides=tuple(args.data_overrides))
 
     print(f"\ndevice: {results['device']}  dtype: {results['dtype']}  median of {args.rounds} rounds x {args.steps} "
           f"steps per variant (variants interleaved; peak memory with both models resident)")

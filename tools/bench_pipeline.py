@@ -6,6 +6,12 @@ rank (torch.cuda.max_memory_allocated, parameters and gradients included), and e
 the simulator's unit next to the simulator's prediction. On GPU it also runs megatron-core's
 ``get_forward_backward_func()`` (1F1B) on the same layers as the outside reference.
 
+Like for like (``--kernels``, default both): every engine runs once with effdist's fused kernels
+(``train.fused_kernels=true``: RMSNorm, RoPE, SwiGLU, LM head + cross-entropy, weight-gradient accumulation) and
+once without (``false``: megatron-core's own modules). megatron-core's 1F1B gets the very same layers and kernels
+(its model is built by effdist.model.gpt.build_gpt), so ``effdist_vs_megatron_1f1b`` in the JSON compares the
+schedules' executors only, once per kernel set.
+
     torchrun --nproc_per_node 2 tools/bench_pipeline.py --config configs/llama-1b.yaml --seq 2048 \\
         --micro-batch 1 --microbatches 16 --json pipeline_bench.json
     torchrun --nproc_per_node 2 tools/bench_pipeline.py --tiny          # CPU smoke test (gloo, tiny model)
@@ -13,7 +19,8 @@ the simulator's unit next to the simulator's prediction. On GPU it also runs meg
 
 pp is the number of processes (tp = 1, no data parallelism). Prints a table and, on rank 0, the JSON record.
 With ``--timeline-dir DIR`` each schedule runs one more step with every action timed (effdist.pipeline.timeline):
-rank 0 writes DIR/timeline_<schedule>.png (measured above simulated) and .json, and the schedule's record gets the
+rank 0 writes DIR/timeline_<schedule>.png (measured above simulated; timeline_<schedule>_unfused.png for the
+unfused kernel set) and .json, and the schedule's record gets the
 measured bubble fractions.
 """
 
@@ -36,6 +43,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 DEFAULT_SCHEDULES = ("1f1b", "zb-h1", "v-zb", "v-half", "v-min")
+# Kernel set -> train.fused_kernels: effdist and megatron-core's 1F1B run each with the same one.
+KERNEL_MODES = {"fused": "true", "unfused": "false"}
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -49,7 +58,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedules", default=",".join(DEFAULT_SCHEDULES), help="comma-separated schedule names")
     p.add_argument("--steps", type=int, default=5, help="timed steps per schedule")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per schedule")
-    p.add_argument("--no-megatron", action="store_true", help="skip megatron-core's own 1F1B (always skipped on CPU)")
+    p.add_argument("--no-megatron", action="store_true",
+                   help="skip megatron-core's own 1F1B (always skipped on CPU: its schedule allocates on 'cuda')")
+    p.add_argument("--kernels", default=",".join(KERNEL_MODES),
+                   help="comma-separated kernel sets, each run by every engine: fused (train.fused_kernels=true) "
+                        "and/or unfused (false)")
     p.add_argument("--json", default=None, help="also write the JSON record to this file")
     p.add_argument("--timeline-dir", default=None, metavar="DIR",
                    help="after timing each schedule, record one step's per-action timeline; rank 0 writes "
@@ -65,7 +78,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------- setup
 
-def make_config(args, schedule: str, pp: int):
+def make_config(args, schedule: str, pp: int, kernels: str = "fused"):
     from effdist.config import load_config
 
     if args.tiny or args.check:
@@ -80,7 +93,8 @@ def make_config(args, schedule: str, pp: int):
                      f"model.max_position_embeddings={max(args.seq, 2)}"]
     microbatches = 8 if (args.tiny or args.check) else args.microbatches
     overrides += [f"parallel.pp={pp}", "parallel.tp=1", "data.kind=mock", f"pipeline.schedule={schedule}",
-                  f"pipeline.microbatches={microbatches}", "model.tie_embeddings=false"]
+                  f"pipeline.microbatches={microbatches}", "model.tie_embeddings=false",
+                  f"train.fused_kernels={KERNEL_MODES[kernels]}"]
     cfg = load_config(base, overrides + list(args.overrides))
     cfg.train.global_batch = microbatches * cfg.train.micro_batch
     return cfg
@@ -127,11 +141,11 @@ def _gather(value: float, rt) -> list[float]:
 
 # ---------------------------------------------------------------------------------------------- timing
 
-def time_effdist(args, schedule: str, rt) -> dict:
+def time_effdist(args, schedule: str, rt, kernels: str = "fused") -> dict:
     from effdist.pipeline.executor import build_pipeline
     from effdist.pipeline.simulate import simulate
 
-    cfg = make_config(args, schedule, rt.world_size)
+    cfg = make_config(args, schedule, rt.world_size, kernels)
     mbs = random_microbatches(cfg, cfg.pipeline.microbatches)
     tokens = float(sum(mb["loss_mask"].sum() for mb in mbs))
     _free_memory(rt)
@@ -151,9 +165,10 @@ def time_effdist(args, schedule: str, rt) -> dict:
         _sync(rt)
         return time.perf_counter() - t0
 
-    step()  # measured step: activation units from the probe
+    step()  # an untimed measured step: activation units from the probe
     metrics = pipe.memory_metrics()
-    pipe.measure_memory = False
+    # The timed steps run as the trainer does: the probe only with pipeline.measure_memory (off by default).
+    pipe.measure_memory = cfg.pipeline.measure_memory
     for _ in range(args.warmup):
         step()
     if rt.is_cuda:
@@ -163,7 +178,7 @@ def time_effdist(args, schedule: str, rt) -> dict:
     sim = simulate(pipe.last_schedule, b_frees=metrics.get("pipeline_b_frees", 0.0))
     seconds = statistics.median(times)
     record = {
-        "schedule": schedule, "engine": "effdist", "step_s": seconds,
+        "schedule": schedule, "engine": "effdist", "kernels": kernels, "step_s": seconds,
         "tokens_per_s": cfg.pipeline.microbatches * cfg.train.micro_batch * cfg.data.seq_length / seconds,
         "peak_mem_gib": peak,
         "activation_units": metrics.get("pipeline_peak_activation_units"),
@@ -173,15 +188,20 @@ def time_effdist(args, schedule: str, rt) -> dict:
         "activation_unit_bytes": metrics.get("pipeline_activation_unit_bytes"),
     }
     if args.timeline_dir:
-        record.update(record_timeline(Path(args.timeline_dir), pipe, step, sim.b_frees, rt))
+        record.update(record_timeline(Path(args.timeline_dir), pipe, step, sim.b_frees, rt, kernels))
     pipe.close()
     del pipe, wrapped
     _free_memory(rt)
     return record
 
 
-def record_timeline(out_dir: Path, pipe, step, b_frees: float, rt) -> dict:
-    """One more step with every action timed. Rank 0 writes out_dir/timeline_<schedule>.png and .json (the
+def timeline_stem(schedule: str, kernels: str = "fused") -> str:
+    """File name (without suffix) of a schedule's timeline picture: timeline_<schedule>[_unfused]."""
+    return f"timeline_{schedule}" + ("" if kernels == "fused" else f"_{kernels}")
+
+
+def record_timeline(out_dir: Path, pipe, step, b_frees: float, rt, kernels: str = "fused") -> dict:
+    """One more step with every action timed. Rank 0 writes out_dir/<timeline_stem>.png and .json (the
     measured records next to the simulation with costs fitted to them) and returns the measured bubble fractions
     for the schedule's record; the other ranks return {}."""
     from effdist.pipeline import timeline
@@ -198,8 +218,9 @@ def record_timeline(out_dir: Path, pipe, step, b_frees: float, rt) -> dict:
     seen = timeline.bubbles(timeline.by_rank(measured, schedule.pp))
     fitted = simulate(schedule, timeline.fit_costs(measured, schedule), b_frees=b_frees)
     name = schedule.name
-    png = write_measured_png(measured, fitted, out_dir / f"timeline_{name}.png", simulated_in_seconds=True)
-    (out_dir / f"timeline_{name}.json").write_text(json.dumps({
+    stem = timeline_stem(name, kernels)
+    png = write_measured_png(measured, fitted, out_dir / f"{stem}.png", simulated_in_seconds=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps({
         "schedule": name, "pp": schedule.pp, "microbatches": schedule.num_microbatches,
         "clock": "seconds since each rank's step start; the starts are aligned by a barrier of the pipeline group",
         "device": torch.cuda.get_device_name() if rt.is_cuda else "cpu",
@@ -216,30 +237,26 @@ def record_timeline(out_dir: Path, pipe, step, b_frees: float, rt) -> dict:
             "fitted_costs_s": fitted.costs.to_dict(), "fitted_bubble_rate": fitted.bubble_rate}
 
 
-def time_megatron_1f1b(args, rt) -> dict:
-    """megatron-core's own non-interleaved 1F1B on the same layers (megatron's layer layout: L/pp per rank)."""
-    import dataclasses
+def time_megatron_1f1b(args, rt, kernels: str = "fused") -> dict:
+    """megatron-core's own non-interleaved 1F1B on the same layers (megatron's layer layout: L/pp per rank), built
+    by effdist's build_gpt with the same kernel set as the effdist runs it is compared with."""
     from functools import partial
 
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from effdist.model.gpt import padded_vocab_size, transformer_config
-    from effdist.model.spec import block_spec
+    from effdist.model.gpt import build_gpt
 
-    cfg = make_config(args, "1f1b", rt.world_size)
+    cfg = make_config(args, "1f1b", rt.world_size, kernels)
     pp, rank, L = rt.world_size, rt.pp_rank, cfg.model.num_layers
     if L % pp:
         raise SystemExit(f"megatron's 1F1B needs model.num_layers ({L}) divisible by pp ({pp})")
     per = L // pp
     _free_memory(rt)
-    tcfg = dataclasses.replace(transformer_config(cfg, rt.dtype, rt.device), pipeline_model_parallel_size=pp,
-                               deallocate_pipeline_outputs=True)
-    model = GPTModel(config=tcfg, transformer_layer_spec=block_spec(cfg, list(range(rank * per, (rank + 1) * per))),
-                     vocab_size=padded_vocab_size(cfg), max_sequence_length=cfg.model.max_position_embeddings,
-                     pre_process=rank == 0, post_process=rank == pp - 1, share_embeddings_and_output_weights=False,
-                     position_embedding_type="rope", rotary_base=int(cfg.model.rotary_base),
-                     parallel_output=True).to(rt.device)
+    model = build_gpt(cfg, rt.dtype, rt.device, list(range(rank * per, (rank + 1) * per)), pre_process=rank == 0,
+                      post_process=rank == pp - 1)
+    # What megatron's schedule reads from the model config (build_gpt builds standalone chunks: pp = 1 there).
+    model.config.pipeline_model_parallel_size = pp
+    model.config.deallocate_pipeline_outputs = True
     (ddp,) = _ddp_wrap([model])
     mbs = random_microbatches(cfg, cfg.pipeline.microbatches)
     forward_backward = get_forward_backward_func()
@@ -268,13 +285,14 @@ def time_megatron_1f1b(args, rt) -> dict:
 
     for _ in range(args.warmup + 1):
         step()
-    torch.cuda.reset_peak_memory_stats()
+    if rt.is_cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = [max(_gather(step(), rt)) for _ in range(args.steps)]
-    peak = _gather(torch.cuda.max_memory_allocated() / 2**30, rt)
+    peak = _gather(torch.cuda.max_memory_allocated() / 2**30 if rt.is_cuda else 0.0, rt)
     seconds = statistics.median(times)
     del ddp, model
     _free_memory(rt)
-    return {"schedule": "1f1b", "engine": "megatron-core", "step_s": seconds,
+    return {"schedule": "1f1b", "engine": "megatron-core", "kernels": kernels, "step_s": seconds,
             "tokens_per_s": cfg.pipeline.microbatches * cfg.train.micro_batch * cfg.data.seq_length / seconds,
             "peak_mem_gib": peak}
 
@@ -331,16 +349,28 @@ def check_schedule(args, schedule: str, rt) -> dict:
 # ---------------------------------------------------------------------------------------------- main
 
 def _table(records: list[dict]) -> str:
-    lines = [f"{'schedule':<10} {'engine':<14} {'tokens/s':>10} {'step s':>8}  peak GiB per rank   "
+    lines = [f"{'schedule':<10} {'engine':<14} {'kernels':<8} {'tokens/s':>10} {'step s':>8}  peak GiB per rank   "
              "activation units per rank (simulated)"]
     for r in records:
         mem = " ".join(f"{x:6.2f}" for x in r["peak_mem_gib"])
         units = ""
         if r.get("activation_units"):
             units = " ".join(f"{m:.2f}({s:.2f})" for m, s in zip(r["activation_units"], r["simulated_units"]))
-        lines.append(f"{r['schedule']:<10} {r['engine']:<14} {r['tokens_per_s']:>10.0f} {r['step_s']:>8.3f}  "
-                     f"{mem:<18} {units}")
+        lines.append(f"{r['schedule']:<10} {r['engine']:<14} {r.get('kernels', 'fused'):<8} {r['tokens_per_s']:>10.0f} "
+                     f"{r['step_s']:>8.3f}  {mem:<18} {units}")
     return "\n".join(lines)
+
+
+def like_for_like(records: list[dict]) -> dict:
+    """Per kernel set: tokens/s of each effdist schedule over megatron-core's 1F1B run with the same kernels."""
+    out = {}
+    for kernels in dict.fromkeys(r.get("kernels") for r in records):
+        reference = next((r for r in records if r["engine"] == "megatron-core" and r.get("kernels") == kernels), None)
+        if reference is None:
+            continue
+        out[kernels] = {r["schedule"]: r["tokens_per_s"] / reference["tokens_per_s"] for r in records
+                        if r["engine"] == "effdist" and r.get("kernels") == kernels}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,6 +388,15 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_pipeline: run under torchrun with 2 or more processes (pp = number of processes)", file=sys.stderr)
         return 2
     schedules = [s for s in args.schedules.split(",") if s]
+    kernel_modes = [k for k in args.kernels.split(",") if k]
+    if not kernel_modes or any(k not in KERNEL_MODES for k in kernel_modes):
+        print(f"bench_pipeline: --kernels {args.kernels!r}: valid: {', '.join(KERNEL_MODES)} (comma-separated)",
+              file=sys.stderr)
+        return 2
+    if any(o.startswith("train.fused_kernels=") for o in args.overrides):
+        print("bench_pipeline: --set train.fused_kernels: choose the kernel sets with --kernels fused,unfused instead",
+              file=sys.stderr)
+        return 2
     cfg0 = make_config(args, schedules[0], world)
     validate(cfg0, world_size=world)
     if args.hang_dump > 0:
@@ -376,16 +415,24 @@ def main(argv: list[str] | None = None) -> int:
                           f"max relative gradient difference {r['grad_rel']:.2e}", flush=True)
                 print("CHECK " + ("PASSED" if ok else "FAILED"), flush=True)
             return 0 if ok else 1
-        records = [time_effdist(args, s, rt) for s in schedules]
-        if rt.is_cuda and not args.no_megatron:
-            records.append(time_megatron_1f1b(args, rt))
+        records = []
+        for kernels in kernel_modes:
+            records += [time_effdist(args, s, rt, kernels) for s in schedules]
+            if rt.is_cuda and not args.no_megatron:
+                records.append(time_megatron_1f1b(args, rt, kernels))
         cfg = make_config(args, schedules[0], world)
         summary = {"model": cfg.model.name, "num_layers": cfg.model.num_layers, "hidden_size": cfg.model.hidden_size,
                    "pp": world, "seq_length": cfg.data.seq_length, "micro_batch": cfg.train.micro_batch,
                    "microbatches": cfg.pipeline.microbatches, "dtype": str(rt.dtype).replace("torch.", ""),
-                   "device": torch.cuda.get_device_name() if rt.is_cuda else "cpu", "results": records}
+                   "device": torch.cuda.get_device_name() if rt.is_cuda else "cpu",
+                   "command": " ".join(["tools/bench_pipeline.py", *(argv if argv is not None else sys.argv[1:])]),
+                   "date": time.strftime("%Y-%m-%d"), "kernels": kernel_modes,
+                   "effdist_vs_megatron_1f1b": like_for_like(records), "results": records}
         if rt.is_logging_rank:
             print(_table(records), flush=True)
+            for kernels, ratios in summary["effdist_vs_megatron_1f1b"].items():
+                print(f"effdist / megatron-core 1F1B tokens/s, both {kernels}: "
+                      + "  ".join(f"{name} {ratio:.3f}" for name, ratio in ratios.items()), flush=True)
             print("JSON " + json.dumps(summary), flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps(summary, indent=1))

@@ -12,7 +12,12 @@ train.precision=fp8 variant it also measures the e4m3 matmul ceiling (fraction_o
     python tools/bench_train.py --models llama-1b --micro-batch llama-1b=8 --accum 2 \
         --variant bf16= --variant fp8=train.precision=fp8 --variant fp8_rowwise="train.precision=fp8;train.fp8_recipe=rowwise"
 Model FLOPs per token = 6 x non-embedding matmul parameters + 6 x L x h x S (causal attention
-counted once) + the LM head, as in effdist.train.metrics.model_flops_per_token.
+counted once) + the LM head, as in effdist.train.metrics.model_flops_per_token: ``tflops`` counts the dense
+model, ``tflops_executed`` what the matmuls execute (EPAS sharing layers skip Q/K, low-rank FFNs multiply
+by their factors: effdist.train.flops), the same fields the trainer writes to metrics.jsonl. Against
+hardware: ``fraction_of_ceiling`` (executed TFLOP/s over the bf16 matmul ceiling measured in the run) and,
+beside it, ``mfu_datasheet`` (over the datasheet dense bf16 peak, 989 on H100 SXM and H200); FP8 runs add
+``fraction_of_fp8_ceiling`` and ``mfu_datasheet_fp8`` (over the dense FP8 peak, 1979 on H100 SXM and H200).
 """
 
 from __future__ import annotations
@@ -98,9 +103,9 @@ class RandomTokens:
 
 
 def bench_one(name: str, overrides: list[str], steps: int, warmup: int) -> dict:
-    from effdist.config import ffn_width, load_config
+    from effdist.config import load_config
     from effdist.runtime.distributed import setup, teardown
-    from effdist.train.metrics import model_flops_per_token
+    from effdist.train.flops import flops_per_token
     from effdist.train.trainer import Trainer
 
     cfg_path = ROOT / "configs" / f"{name}.yaml"
@@ -112,11 +117,6 @@ def bench_one(name: str, overrides: list[str], steps: int, warmup: int) -> dict:
         trainer._build_model()
         trainer._build_features()
         trainer.loader = RandomTokens(cfg, rt.dp)
-        m = cfg.model
-        fpt = model_flops_per_token(num_layers=m.num_layers, hidden=m.hidden_size, ffn_hidden=ffn_width(cfg),
-                                    num_heads=m.num_attention_heads,
-                                    num_query_groups=m.num_query_groups or m.num_attention_heads,
-                                    vocab=m.vocab_size, seq=cfg.data.seq_length, gated=cfg.ffn.kind in ("swiglu", "moc"))
         if rt.is_cuda:
             torch.cuda.reset_peak_memory_stats()
         times = []
@@ -133,9 +133,13 @@ def bench_one(name: str, overrides: list[str], steps: int, warmup: int) -> dict:
         dt = statistics.median(times)
         tokens = cfg.train.global_batch * cfg.data.seq_length
         tps = tokens / dt
+        # The trainer's own throughput fields (dense and executed TFLOP/s, MFU, dense-equivalent tokens/s).
+        throughput = trainer._throughput(tps, out["epas_region"])
+        count = flops_per_token(cfg, out["epas_region"], trainer._sparse_fc2_layers())
         return {"model": name, "overrides": overrides, "micro_batch": cfg.train.micro_batch,
                 "global_batch": cfg.train.global_batch, "seq": cfg.data.seq_length, "step_s": dt,
-                "tokens_per_s": tps, "tflops": fpt * tps / rt.world_size / 1e12, "flops_per_token": fpt,
+                "tokens_per_s": tps, **throughput, "flops_per_token": count.dense,
+                "flops_per_token_executed": count.executed,
                 "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if rt.is_cuda else None,
                 "final_loss": out["loss"]}
     finally:
@@ -143,6 +147,27 @@ def bench_one(name: str, overrides: list[str], steps: int, warmup: int) -> dict:
         teardown(keep_process_group=int(os.environ.get("WORLD_SIZE", "1")) > 1)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def hardware_fractions(run: dict, results: dict, fp8: bool) -> dict:
+    """Executed TFLOP/s of one run over the ceilings measured in this run and over the datasheet peaks."""
+    from effdist.train.metrics import peak_bf16_tflops, peak_fp8_tflops
+
+    executed = run.get("tflops_executed")
+    if executed is None:
+        return {}
+    out = {}
+    if "matmul_ceiling_tflops" in results:
+        out["fraction_of_ceiling"] = executed / results["matmul_ceiling_tflops"]
+    if (peak := peak_bf16_tflops(results["device"])) is not None:
+        out["mfu_datasheet"] = executed / peak
+    if fp8:
+        # Loose: attention, norms, the LM head and the loss stay bf16 in an FP8 run.
+        if "fp8_matmul_ceiling_tflops" in results:
+            out["fraction_of_fp8_ceiling"] = executed / results["fp8_matmul_ceiling_tflops"]
+        if (peak := peak_fp8_tflops(results["device"])) is not None:
+            out["mfu_datasheet_fp8"] = executed / peak
+    return out
 
 
 def bench_in_subprocess(name: str, overrides: list[str], steps: int, warmup: int) -> dict:
@@ -222,11 +247,7 @@ def main(argv=None) -> int:
                     raise  # a rank that went on alone would wait forever in the next variant's collectives
                 r = {"model": name, "overrides": overrides, "error": f"{type(e).__name__}: {e}"}
             r["variant"] = vname
-            if "matmul_ceiling_tflops" in results and "tflops" in r:
-                r["fraction_of_ceiling"] = r["tflops"] / results["matmul_ceiling_tflops"]
-            if "fp8_matmul_ceiling_tflops" in results and "tflops" in r and "train.precision=fp8" in overrides:
-                # Loose: attention, norms, the LM head and the loss stay bf16 in an FP8 run.
-                r["fraction_of_fp8_ceiling"] = r["tflops"] / results["fp8_matmul_ceiling_tflops"]
+            r.update(hardware_fractions(r, results, fp8="train.precision=fp8" in overrides))
             first = next((x for x in results["runs"] if x["model"] == name and x["variant"] == variants[0][0]), None)
             if first and "tokens_per_s" in first and "tokens_per_s" in r:
                 r["speedup_vs_first_variant"] = r["tokens_per_s"] / first["tokens_per_s"]
@@ -241,15 +262,20 @@ def main(argv=None) -> int:
     print(f"\ndevice: {results['device']}  matmul ceiling: {results.get('matmul_ceiling_tflops', float('nan')):.0f} TFLOP/s"
           + (f"  fp8 ceiling: {results['fp8_matmul_ceiling_tflops']:.0f} TFLOP/s" if "fp8_matmul_ceiling_tflops" in results
              else ""))
-    print(f"{'model':<12} {'variant':<10} {'mbs x seq':>10} {'tok/s':>10} {'TFLOP/s':>8} {'of ceil':>8} "
-          f"{'vs first':>8} {'peak GiB':>9}")
+    print(f"{'model':<12} {'variant':<10} {'mbs x seq':>10} {'tok/s':>10} {'dense-eq':>10} {'TFLOP/s':>8} "
+          f"{'of ceil':>8} {'MFU':>7} {'vs first':>8} {'peak GiB':>9}   (TFLOP/s and MFU: executed FLOPs; "
+          "MFU over the datasheet bf16 peak)")
+
+    def percent(x):
+        return f"{100 * x:.1f}%" if x is not None else "nan"
+
     for r in results["runs"]:
         if "error" in r:
             print(f"{r['model']:<12} {r['variant']:<10} ERROR {r['error'][:80]}")
             continue
-        frac = r.get("fraction_of_ceiling")
         print(f"{r['model']:<12} {r['variant']:<10} {r['micro_batch']:>4} x {r['seq']:<4} {r['tokens_per_s']:>10.0f} "
-              f"{r['tflops']:>8.1f} {(frac * 100 if frac else float('nan')):>7.1f}% "
+              f"{r['tokens_per_s_dense_equiv']:>10.0f} {r['tflops_executed']:>8.1f} "
+              f"{percent(r.get('fraction_of_ceiling')):>8} {percent(r.get('mfu_datasheet')):>7} "
               f"{r.get('speedup_vs_first_variant', float('nan')):>8.3f} {r['peak_mem_gib'] or float('nan'):>9.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

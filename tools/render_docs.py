@@ -185,6 +185,13 @@ def config_ranges() -> str:
     return "\n".join(rows)
 
 
+# Every table of docs/benchmarks.md, from the JSON in docs/results (tools/benchmark_tables.py).
+sys.path.insert(0, str(ROOT / "tools"))
+import benchmark_tables  # noqa: E402
+
+benchmark_tables.register(generated)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Rewrite (or --check) the generated blocks of the docs.")
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block differs from its generator")

@@ -577,9 +577,12 @@ class Pipeline:
 
 # ---------------------------------------------------------------------------------------------- building
 
-def build_pipeline(cfg, runtime, *, schedule: Optional[Schedule] = None, measure_memory: bool = True,
+def build_pipeline(cfg, runtime, *, schedule: Optional[Schedule] = None, measure_memory: Optional[bool] = None,
                    init: str = "auto") -> Pipeline:
     """This rank's Pipeline for `cfg` (parallel.pp > 1, pipeline.schedule, pipeline.chunks_per_rank).
+
+    `measure_memory`: install the activation-memory probe; None follows pipeline.measure_memory (off by default:
+    its hooks and per-step all-gather cost step time).
 
     `runtime` is effdist.runtime.distributed.Runtime (device, dtype, pp_rank, is_logging_rank). A given `schedule`
     replaces the generated one (its placement decides the chunks).
@@ -606,7 +609,8 @@ def build_pipeline(cfg, runtime, *, schedule: Optional[Schedule] = None, measure
                         global_ranks=dist.get_process_group_ranks(group), device=runtime.device, dtype=runtime.dtype,
                         hidden_size=cfg.model.hidden_size, tp=cfg.parallel.tp,
                         sequence_parallel=cfg.parallel.sequence_parallel, timeout_s=cfg.parallel.timeout_s,
-                        chunks_per_rank=cfg.pipeline.chunks_per_rank, measure_memory=measure_memory)
+                        chunks_per_rank=cfg.pipeline.chunks_per_rank,
+                        measure_memory=cfg.pipeline.measure_memory if measure_memory is None else measure_memory)
     if fixed is not None:
         pipeline.set_schedule(fixed)
     else:

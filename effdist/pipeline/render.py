@@ -182,8 +182,10 @@ def _finish(plt, fig, path: str | Path, dpi: int, memory: bool) -> Path:
     return path
 
 
-def write_png(results: SimulationResult | Sequence[SimulationResult], path: str | Path, dpi: int = 110) -> Path:
-    """The same picture through matplotlib (Agg backend; no display needed)."""
+def write_png(results: SimulationResult | Sequence[SimulationResult], path: str | Path, dpi: int = 110,
+              time_label: str = "time (simulation units)") -> Path:
+    """The same picture through matplotlib (Agg backend; no display needed); `time_label` names the x axis
+    (seconds when the costs came from a calibration)."""
     plt = _pyplot()
     results = _as_list(results)
     heights = [r.schedule.pp * 0.45 + 0.6 for r in results]
@@ -201,7 +203,7 @@ def write_png(results: SimulationResult | Sequence[SimulationResult], path: str 
             ax.fill_between(xs, [rank + 0.95] * len(xs), ys, step="post", color=MEMORY_COLOUR, alpha=0.6, linewidth=0)
             ax.text(span * 1.005, rank + 0.8, f"peak {_fmt(result.ranks[rank].peak_activation_units)}", fontsize=7, va="center")
         _rank_axis(ax, schedule.pp, span, _title(result))
-    axes[-1, 0].set_xlabel("time (simulation units)", fontsize=8)
+    axes[-1, 0].set_xlabel(time_label, fontsize=8)
     return _finish(plt, fig, path, dpi, memory=True)
 
 

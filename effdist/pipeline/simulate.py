@@ -186,18 +186,22 @@ def _memory_walk(timings: list[Timing], sizes: Sequence[float], b_frees: float) 
 
 
 def simulate(schedule: Schedule, costs: Costs | None = None, b_frees: float = 0.0,
-             chunk_units: Sequence[float] | None = None, chunk_bytes: Sequence[float] | None = None) -> SimulationResult:
+             chunk_units: Sequence[float] | None = None, chunk_bytes: Sequence[float] | None = None,
+             check: bool = True) -> SimulationResult:
     """Simulate `schedule` (validated first).
 
     b_frees: fraction of a chunk's activation that its B frees (the rest waits for W); 0 keeps everything until W,
       which is how the Zero Bubble / PPCM generators count memory.
     chunk_units: activation per microbatch of each chunk in 1F1B-stage units (default: pp/num_chunks each).
     chunk_bytes: the same in bytes (see memory_model.chunk_activation_bytes); adds peak_activation_bytes.
+    check: validate the schedule first; False only for a schedule validated before (the planner simulates one
+      schedule under many costs).
     """
     costs = costs or Costs()
     if not 0.0 <= b_frees <= 1.0:
         raise ValueError(f"b_frees = {b_frees}: the fraction of activation freed by B must lie in [0, 1]")
-    schedule.validate()
+    if check:
+        schedule.validate()
     fraction = schedule.placement.chunk_fraction()
     units = list(chunk_units) if chunk_units is not None else [fraction] * schedule.num_chunks
     for name, sizes in (("chunk_units", units), ("chunk_bytes", chunk_bytes)):

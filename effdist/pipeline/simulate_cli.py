@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--b-frees", type=float, default=0.0,
                    help="fraction of a chunk's activation freed by B (the rest by W); default 0 frees all at W")
     p.add_argument("--model", help="effdist YAML config: adds peak activation bytes (hidden, seq, micro-batch, layers, TP, dtype)")
+    p.add_argument("--calibration", help="calibration JSON (effdist calibrate) or a shipped table's name: with --model, "
+                                         "F/B/W/comm costs in seconds for that model's layers (replaces --cost-*)")
     p.add_argument("--no-flash", action="store_true",
                    help="count the attention score matrices (5as/h term) as stored, as without flash/SDPA attention")
     p.add_argument("--json", help="write the results as JSON here")
@@ -85,6 +87,33 @@ def _chunk_bytes(args: argparse.Namespace, name: str, num_chunks: int) -> list[f
         raise _UsageError(f"--model {args.model} with {name}: {e}") from None
 
 
+def _calibrated_costs(args: argparse.Namespace, names: list[str]) -> Costs:
+    """Seconds per 1F1B stage for --model's layers from --calibration (one Costs for every compared schedule:
+    each is charged with the chunking of the first one named, so the comparison stays like for like)."""
+    from effdist.config import ConfigError, load_config
+    from effdist.pipeline.calibration import CalibrationError, pipeline_costs, resolve
+
+    if not args.model:
+        raise _UsageError("--calibration needs --model CONFIG (the layers whose measured times to use)")
+    try:
+        cfg = load_config(args.model)
+        cal = resolve(args.calibration)
+    except (ConfigError, CalibrationError) as e:
+        raise _UsageError(str(e)) from None
+    cfg.parallel.pp = args.pp
+    chunks = args.chunks_per_rank or 2 if names[0] == "interleaved" or names[0].startswith("v-") else 1
+    sharing: frozenset[int] = frozenset()
+    if cfg.epas.enabled:
+        from effdist.config import epas_final_region
+
+        n = epas_final_region(cfg)
+        sharing = frozenset(range(cfg.model.num_layers - n, cfg.model.num_layers))
+    try:
+        return pipeline_costs(cal, cfg, args.pp * chunks, cfg.train.micro_batch, sharing)
+    except (CalibrationError, ValueError) as e:
+        raise _UsageError(f"--calibration {args.calibration}: {e}") from None
+
+
 def _run(args: argparse.Namespace) -> list[SimulationResult]:
     names = _schedule_names(args)
     if args.pp < 2:
@@ -101,7 +130,8 @@ def _run(args: argparse.Namespace) -> list[SimulationResult]:
     if not 0.0 <= args.b_frees <= 1.0:
         raise _UsageError(f"--b-frees {args.b_frees}: a fraction in [0, 1]")
     try:
-        costs = Costs(args.cost_f, args.cost_b, args.cost_w, args.cost_comm)
+        costs = _calibrated_costs(args, names) if args.calibration else Costs(args.cost_f, args.cost_b, args.cost_w,
+                                                                             args.cost_comm)
     except ValueError as e:
         raise _UsageError(str(e).replace("Costs.forward", "--cost-f").replace("Costs.backward_input", "--cost-b")
                           .replace("Costs.backward_weight", "--cost-w").replace("Costs.comm", "--cost-comm")) from None
@@ -137,8 +167,8 @@ def format_table(results: list[SimulationResult]) -> str:
 
     s = results[0].schedule
     c = results[0].costs
-    title = (f"pp={pp} microbatches={s.num_microbatches} costs F={c.forward:g} B={c.backward_input:g} "
-             f"W={c.backward_weight:g} comm={c.comm:g}; peak activation per rank r0..r{pp - 1} in units of one "
+    title = (f"pp={pp} microbatches={s.num_microbatches} costs F={c.forward:.4g} B={c.backward_input:.4g} "
+             f"W={c.backward_weight:.4g} comm={c.comm:.4g}; peak activation per rank r0..r{pp - 1} in units of one "
              "microbatch on one 1F1B stage")
     return "\n".join([title, line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
@@ -171,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         write_svg(results, args.svg)
     if args.png:
         from effdist.pipeline.render import write_png
-        write_png(results, args.png)
+        write_png(results, args.png, time_label="time (s, from the calibration)" if args.calibration else
+                  "time (simulation units)")
     return 0
 
 

@@ -31,6 +31,7 @@ Sizes checked before start (`check_fits`):
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -73,17 +74,25 @@ def _microbatches(cfg: Config, world_size: int) -> int:
     return cfg.pipeline.microbatches or cfg.microbatches_per_step(world_size)
 
 
-def build_plan_schedule(cfg: Config, world_size: int):
-    """The pipeline Schedule the executor would build (None for pp = 1), with at most
-    MAX_SIMULATED_MICROBATCHES microbatches."""
+def build_plan_schedule(cfg: Config, world_size: int, max_microbatches: int = MAX_SIMULATED_MICROBATCHES):
+    """The pipeline Schedule the executor would build (None for pp = 1), with at most `max_microbatches`
+    microbatches."""
     if cfg.parallel.pp == 1:
         return None
-    from effdist.pipeline.schedules import build_schedule
-
     name = cfg.pipeline.schedule
     cpr = cfg.pipeline.chunks_per_rank if name == "interleaved" else 2
-    m = min(_microbatches(cfg, world_size), MAX_SIMULATED_MICROBATCHES)
-    return build_schedule(name, cfg.parallel.pp, m, chunks_per_rank=cpr)
+    m = min(_microbatches(cfg, world_size), max_microbatches)
+    return validated_schedule(name, cfg.parallel.pp, m, cpr)
+
+
+@functools.lru_cache(maxsize=256)
+def validated_schedule(name: str, pp: int, microbatches: int, chunks_per_rank: int):
+    """Schedules depend on these four numbers only; the planner asks for the same ones thousands of times."""
+    from effdist.pipeline.schedules import build_schedule
+
+    schedule = build_schedule(name, pp, microbatches, chunks_per_rank=chunks_per_rank)
+    schedule.validate()
+    return schedule
 
 
 def stage_chunks(cfg: Config, schedule) -> list[list[range]]:
@@ -232,12 +241,13 @@ def _zero_shards(cfg: Config) -> tuple[bool, bool, bool]:
     return cfg.optim.distributed_optimizer, False, False
 
 
-def estimate(cfg: Config, world_size: int, on_gpu: bool) -> Estimate:
-    """Per-stage memory of one rank for `cfg` on `world_size` processes (the config must be valid for it)."""
+def estimate(cfg: Config, world_size: int, on_gpu: bool, max_microbatches: int = MAX_SIMULATED_MICROBATCHES) -> Estimate:
+    """Per-stage memory of one rank for `cfg` on `world_size` processes (the config must be valid for it).
+    Simulating `max_microbatches` is enough when that covers the schedule's warm-up (a few times pp)."""
     from effdist.pipeline.simulate import simulate
 
     dp = cfg.data_parallel_size(world_size)
-    schedule = build_plan_schedule(cfg, world_size)
+    schedule = build_plan_schedule(cfg, world_size, max_microbatches)
     chunks_by_stage = stage_chunks(cfg, schedule)
     params = parameters_per_stage(cfg, chunks_by_stage)
     per_layer = layer_activation_bytes(cfg, on_gpu)
@@ -247,7 +257,7 @@ def estimate(cfg: Config, world_size: int, on_gpu: bool) -> Estimate:
         activations = [cfg.model.num_layers * per_layer + recompute_extra]
     else:
         chunk_bytes = chunk_activation_bytes(cfg.model.num_layers, schedule.num_chunks, lambda _: per_layer)
-        simulation = simulate(schedule, chunk_bytes=chunk_bytes)
+        simulation = simulate(schedule, chunk_bytes=chunk_bytes, check=False)  # validated when built
         activations = [r.peak_activation_bytes + recompute_extra for r in simulation.ranks]
     wb = weight_bytes(cfg, on_gpu)
     shard_opt, shard_grad, shard_weights = _zero_shards(cfg)

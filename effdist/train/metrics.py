@@ -3,7 +3,9 @@
 metrics.jsonl holds one JSON object per logged step, written by global rank 0 only and flushed at
 once, so another process (a plot, a test, a dashboard) can read it while the run goes on. Fields:
 ``step, loss, lr, grad_norm, tokens_per_s, tflops, mfu, peak_mem_gib, epas_region`` (always present,
-null when not measured, e.g. ``mfu`` on CPU) followed by any extra keys the trainer passes.
+null when not measured, e.g. ``mfu`` on CPU) followed by any extra keys the trainer passes, among them
+``tflops_executed``, ``mfu_executed``, ``tokens_per_s_dense_equiv`` (executed rather than dense FLOPs:
+effdist.train.flops; ``tflops``/``mfu`` keep counting the dense model) and ``step_time_s``.
 
 Number format:
 - Non-finite floats (NaN, +-inf) are written as JSON ``null``: strict JSON has no NaN, and every
@@ -34,10 +36,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
+from effdist.train.flops import attention_matmul_params, causal_attention_flops, ffn_matmul_params
+
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 CORE_FIELDS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "peak_mem_gib", "epas_region")
-ROUNDED_FIELDS = frozenset({"tokens_per_s", "tflops", "mfu", "peak_mem_gib", "step_time_s"})
+ROUNDED_FIELDS = frozenset({"tokens_per_s", "tflops", "mfu", "peak_mem_gib", "step_time_s", "tflops_executed",
+                            "mfu_executed", "mfu_executed_fp8_peak", "tokens_per_s_dense_equiv"})
 ROUND_DIGITS = 4
 
 
@@ -144,11 +149,9 @@ def model_flops_per_token(num_layers: int, hidden: int, ffn_hidden: int, num_hea
     if hidden % num_heads or num_heads % num_query_groups:
         raise ValueError(f"model_flops_per_token: hidden={hidden}, num_heads={num_heads}, "
                          f"num_query_groups={num_query_groups} must divide evenly")
-    kv_width = hidden // num_heads * num_query_groups
-    attention_params = 2 * hidden * hidden + 2 * hidden * kv_width
-    ffn_params = (3 if gated else 2) * hidden * ffn_hidden
-    matmul_params = num_layers * (attention_params + ffn_params) + hidden * vocab
-    return 6.0 * matmul_params + 6.0 * num_layers * hidden * seq
+    per_layer = (attention_matmul_params(hidden, num_heads, num_query_groups)
+                 + ffn_matmul_params(hidden, ffn_hidden, gated=gated))
+    return 6.0 * (num_layers * per_layer + hidden * vocab) + num_layers * causal_attention_flops(hidden, seq)
 
 
 # Dense bf16 tensor-core peaks from the vendor datasheets, TFLOP/s (no 2:4 sparsity). Matched against
@@ -162,13 +165,30 @@ _PEAK_BF16_TFLOPS = (
 )
 
 
-def peak_bf16_tflops(device_name: str) -> float | None:
-    """Datasheet dense bf16 peak of a GPU by name, or None if unknown (then MFU is not reported)."""
+# Dense FP8 tensor-core peaks (no 2:4 sparsity), TFLOP/s; GPUs without FP8 tensor cores are absent.
+_PEAK_FP8_TFLOPS = (
+    ("GH200", 1979.0), ("H200", 1979.0), ("H100 PCIE", 1513.0), ("H100 NVL", 1671.0), ("H100", 1979.0),
+    ("H800", 1979.0), ("B200", 4500.0), ("B100", 3500.0), ("GB200", 5000.0), ("L40S", 733.0), ("L4", 242.0),
+    ("MI300X", 2615.0),
+)
+
+
+def _peak_by_name(table, device_name: str) -> float | None:
     name = device_name.upper()
-    for key, tflops in sorted(_PEAK_BF16_TFLOPS, key=lambda kv: -len(kv[0])):
+    for key, tflops in sorted(table, key=lambda kv: -len(kv[0])):
         if key in name:
             return tflops
     return None
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """Datasheet dense bf16 peak of a GPU by name, or None if unknown (then MFU is not reported)."""
+    return _peak_by_name(_PEAK_BF16_TFLOPS, device_name)
+
+
+def peak_fp8_tflops(device_name: str) -> float | None:
+    """Datasheet dense FP8 peak of a GPU by name, or None if unknown or without FP8 tensor cores."""
+    return _peak_by_name(_PEAK_FP8_TFLOPS, device_name)
 
 
 def _format_duration(seconds: float) -> str:
@@ -179,6 +199,9 @@ def _format_duration(seconds: float) -> str:
 
 class ProgressBar:
     """The console line of a run, on stderr: step/total, loss, lr, tokens/s, TFLOP/s, MFU, memory, ETA.
+
+    TFLOP/s and MFU are the executed ones (``tflops_executed``, ``mfu_executed``) when the record has them;
+    the dense-equivalent tokens/s is shown beside tokens/s where the two differ (EPAS, low-rank FFNs).
 
     On a terminal the line is a bar rewritten in place with ``\\r``; in a pipe or a log file (Slurm
     output) every update is a plain line of its own (the trainer updates once per logging.interval), or
@@ -227,9 +250,14 @@ class ProgressBar:
             parts.append(f"lr {lr:.2e}")
         if (tps := number("tokens_per_s")) is not None:
             parts.append(f"{tps:,.0f} tok/s")
-        if (tflops := number("tflops")) is not None:
+            dense_equiv = number("tokens_per_s_dense_equiv")
+            if dense_equiv is not None and abs(dense_equiv - tps) > 5e-4 * tps:
+                parts.append(f"(dense-equiv {dense_equiv:,.0f})")
+        # FLOPs the GPUs executed where the trainer reports them; the dense count only as a fallback.
+        executed = "tflops_executed" in record
+        if (tflops := number("tflops_executed" if executed else "tflops")) is not None:
             parts.append(f"{tflops:.3g} TFLOP/s")
-        if (mfu := number("mfu")) is not None:
+        if (mfu := number("mfu_executed" if executed else "mfu")) is not None:
             parts.append(f"MFU {100 * mfu:.1f}%")
         if (mem := number("peak_mem_gib")) is not None:
             parts.append(f"peak mem {mem:.2f} GiB")

@@ -316,16 +316,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ metrics
     def _build_metrics(self) -> None:
-        from effdist.train.metrics import MetricsLogger, model_flops_per_token
+        from effdist.train.metrics import MetricsLogger
 
         cfg, rt = self.cfg, self.runtime
-        m = cfg.model
-        from effdist.config import ffn_width
-
-        self.flops_per_token = model_flops_per_token(
-            num_layers=m.num_layers, hidden=m.hidden_size, ffn_hidden=ffn_width(cfg),
-            num_heads=m.num_attention_heads, num_query_groups=m.num_query_groups or m.num_attention_heads,
-            vocab=m.vocab_size, seq=cfg.data.seq_length, gated=cfg.ffn.kind in ("swiglu", "moc"))
         if self.rollback is not None and rt.is_logging_rank:
             from effdist.train.metrics import append_event
 
@@ -557,6 +550,40 @@ class Trainer:
         elems = sum(p.numel() for c in self.model_chunks for p in c.parameters())
         return (local + 12 * elems) * self.runtime.tp * self.runtime.pp
 
+    def _sparse_fc2_layers(self) -> int:
+        """ELAS layers (of the whole model) whose fc2 forward ran through cuSPARSELt in the last step."""
+        cfg, rt = self.cfg, self.runtime
+        has_elas = cfg.ffn.kind == "elas"
+        if not (has_elas and cfg.ffn.elas_sparse_kernels and rt.is_cuda):
+            return 0  # the same answer on every rank, so no rank waits in the all-reduce below
+        local = sum(bool(getattr(mod, "used_sparse_gemm", False)) for c in self.model_chunks for mod in c.modules())
+        if rt.pp == 1:
+            return local
+        from megatron.core import parallel_state
+
+        count = torch.tensor([local], dtype=torch.int64, device=rt.device)
+        dist.all_reduce(count, group=parallel_state.get_pipeline_model_parallel_group())
+        return int(count.item())
+
+    def _throughput(self, tokens_per_s: float, sharing_layers: int) -> dict[str, Any]:
+        """tflops/mfu from dense FLOPs (the metrics contract) and, beside them, from the FLOPs executed
+        (EPAS sharing, low-rank and cuSPARSELt FFNs do less), and the dense-equivalent tokens/s."""
+        from effdist.train.flops import flops_per_token
+        from effdist.train.metrics import peak_fp8_tflops
+
+        cache = self.__dict__.setdefault("_flops_cache", {})  # per (sharing layers, cuSPARSELt layers)
+        key = (int(sharing_layers), self._sparse_fc2_layers())
+        if key not in cache:
+            cache[key] = flops_per_token(self.cfg, *key)
+        flops, rt = cache[key], self.runtime
+        tflops = flops.dense * tokens_per_s / rt.world_size / 1e12
+        executed = flops.executed * tokens_per_s / rt.world_size / 1e12
+        out = {"tflops": tflops, "mfu": _mfu(tflops, rt), "tflops_executed": executed,
+               "mfu_executed": _mfu(executed, rt), "tokens_per_s_dense_equiv": tokens_per_s * flops.executed_fraction}
+        if self.cfg.train.precision == "fp8":
+            out["mfu_executed_fp8_peak"] = _mfu(executed, rt, peak_fp8_tflops)
+        return out
+
     def fit(self) -> int:
         """Train until train.steps; returns the process exit code."""
         cfg, rt = self.cfg, self.runtime
@@ -587,9 +614,9 @@ class Trainer:
                 with torch.no_grad():
                     next(self.model_chunks[0].parameters()).view(-1)[0] = float("inf")
             tokens_per_s = tokens_per_step / dt
-            tflops = self.flops_per_token * tokens_per_s / rt.world_size / 1e12
-            record = dict(out, step=self.step, tokens_per_s=tokens_per_s, tflops=tflops,
-                          mfu=_mfu(tflops, rt), peak_mem_gib=_peak_memory_gib(rt), step_time_s=dt)
+            record = dict(out, step=self.step, tokens_per_s=tokens_per_s, peak_mem_gib=_peak_memory_gib(rt),
+                          step_time_s=dt)
+            record.update(self._throughput(tokens_per_s, out["epas_region"]))
             if self.pipeline is not None:
                 record.update(self.pipeline.memory_metrics())
             if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or self.step == cfg.train.steps):
@@ -625,13 +652,14 @@ class Trainer:
         return 0
 
 
-def _mfu(tflops: float, rt) -> float | None:
-    """Model FLOPs utilisation against the device's dense bf16 peak (None on CPU or for fp32 runs)."""
+def _mfu(tflops: float, rt, peak_of=None) -> float | None:
+    """Model FLOPs utilisation against the device's dense datasheet peak, bf16 unless `peak_of` gives
+    another table (None on CPU, for fp32 runs or an unknown GPU)."""
     if not rt.is_cuda or rt.dtype not in (torch.bfloat16, torch.float16):
         return None
     from effdist.train.metrics import peak_bf16_tflops
 
-    peak = peak_bf16_tflops(torch.cuda.get_device_name())
+    peak = (peak_of or peak_bf16_tflops)(torch.cuda.get_device_name())
     return tflops / peak if peak else None
 
 

@@ -1,0 +1,251 @@
+"""`effdist calibrate`: measure on this GPU what the planner's time model needs (see effdist.pipeline.calibration
+for what is measured and the file format).
+
+    effdist calibrate --config llama-1b --micro-batches 1,2,4,8 --variants dense,epas --out cal.json
+    torchrun --nproc_per_node 8 -m effdist.cli calibrate --config llama-1b --out cal.json   # + link bandwidths
+
+With several processes every rank takes part in timing an all-reduce and a send (the `links` entry); then
+rank 0 alone measures the layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import statistics
+import sys
+import time
+
+from effdist.pipeline.calibration import (VARIANTS, Calibration, HeadCost, LayerCost, model_shape,
+                                          weight_grad_fraction)
+
+
+
+def _variant_config(cfg, variant: str):
+    import copy
+
+    c = copy.deepcopy(cfg)
+    c.epas.enabled = variant == "epas"
+    if variant not in ("dense", "epas"):
+        c.ffn.kind = variant
+        c.ffn.layers = None
+    return c
+
+
+def _time(fn, reps: int, cuda: bool) -> float:
+    import torch
+
+    times = []
+    for i in range(reps + 2):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= 2:  # two warm-up runs: allocator, autotuning, lazy init
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_model(cfg, variant: str, num_layers: int, micro_batch: int, reps: int, device, dtype) -> tuple[float, float]:
+    """(forward, forward + backward) seconds of one microbatch through a `num_layers` model."""
+    import torch
+
+    from effdist.model.gpt import build_gpt
+
+    c = _variant_config(cfg, variant)
+    c.model.num_layers = num_layers
+    model = build_gpt(c, dtype, device)
+    if variant == "epas":
+        from effdist.model.shared_qk import apply_region
+
+        apply_region([model], range(1, num_layers))
+    seq = c.data.seq_length
+    tokens = torch.randint(0, c.model.vocab_size, (micro_batch, seq), device=device)
+    position_ids = torch.arange(seq, device=device).unsqueeze(0).expand(micro_batch, -1)
+
+    def forward():
+        with torch.no_grad():
+            model(tokens, position_ids, None, labels=tokens)
+
+    def forward_backward():
+        model(tokens, position_ids, None, labels=tokens).float().mean().backward()
+
+    f = _time(forward, reps, device.type == "cuda")
+    fb = _time(forward_backward, reps, device.type == "cuda")
+    del model
+    return f, fb
+
+
+def measure_optimizer(device, params: int = 64 * 2**20, reps: int = 5) -> float:
+    """Seconds per parameter of torch's fused/foreach AdamW step over fp32 master weights."""
+    import torch
+
+    chunk = 2**22
+    weights = [torch.zeros(chunk, device=device, requires_grad=True) for _ in range(max(1, params // chunk))]
+    for w in weights:
+        w.grad = torch.randn_like(w)
+    opt = torch.optim.AdamW(weights, lr=1e-4, fused=device.type == "cuda")
+    t = _time(opt.step, reps, device.type == "cuda")
+    return t / (chunk * len(weights))
+
+
+def calibrate(cfg, micro_batches: list[int], variants: list[str], reps: int = 5, layers: tuple[int, int] = (2, 6),
+              progress=None, command: str = "") -> Calibration:
+    """Measure every (variant, micro-batch) on this process's device; see the module docstring."""
+    import torch
+
+    from effdist.runtime.distributed import choose_device, choose_dtype, one_process_megatron
+
+    device, _ = choose_device(cfg)
+    dtype = choose_dtype(cfg, device)
+    cuda = device.type == "cuda"
+    l1, l2 = layers
+    rows, heads = [], []
+    total = len(variants) * len(micro_batches)
+    done = 0
+    with one_process_megatron(cuda=cuda, seed=cfg.train.seed):
+        for variant in variants:
+            for mb in micro_batches:
+                f1, fb1 = measure_model(cfg, variant, l1, mb, reps, device, dtype)
+                f2, fb2 = measure_model(cfg, variant, l2, mb, reps, device, dtype)
+                fwd = max((f2 - f1) / (l2 - l1), 1e-9)
+                bwd = max(((fb2 - f2) - (fb1 - f1)) / (l2 - l1), 1e-9)
+                rows.append(LayerCost(variant, mb, fwd, bwd, weight_grad_fraction(_variant_config(cfg, variant), variant)))
+                if variant == variants[0]:
+                    heads.append(HeadCost(mb, max(f1 - l1 * fwd, 1e-9), max((fb1 - f1) - l1 * bwd, 1e-9)))
+                done += 1
+                if progress is not None:
+                    progress(done, total, f"{variant} micro-batch {mb}: layer forward {fwd * 1e3:.2f} ms, "
+                                          f"backward {bwd * 1e3:.2f} ms")
+        opt = measure_optimizer(device, params=64 * 2**20 if cuda else 2**22)
+    name = torch.cuda.get_device_name(0) if cuda else "cpu"
+    shape = model_shape(cfg)
+    shape["dtype"] = str(dtype).replace("torch.", "")
+    return Calibration(device=name, model=shape, layers=rows, head=heads, optimizer_s_per_param=opt,
+                       date=_dt.date.today().isoformat(), command=command)
+
+
+def measure_links(nbytes: int = 256 * 2**20, reps: int = 5) -> dict | None:
+    """Under torchrun with several processes: the bus bandwidth of an all-reduce over all ranks (what tensor- and
+    data-parallel groups within a node see) and of a send from rank 0 to rank 1 (pipeline p2p), and the latency
+    of a 4-byte all-reduce. Returns the `links` entry on rank 0 (None elsewhere or with one process)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        return None
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank()
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+    try:
+        big = torch.ones(nbytes // 2, dtype=torch.bfloat16 if cuda else torch.float32, device=device)
+        tiny = torch.ones(1, device=device)
+        nbytes_big = big.numel() * big.element_size()
+
+        def sync():
+            if cuda:
+                torch.cuda.synchronize()
+
+        def timed(fn) -> float:
+            fn()
+            sync()
+            dist.barrier()
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+
+        t_ar = timed(lambda: dist.all_reduce(big))
+        t_lat = timed(lambda: dist.all_reduce(tiny))
+
+        def p2p():
+            if rank == 0:
+                dist.send(big, 1)
+            elif rank == 1:
+                dist.recv(big, 0)
+
+        t_p2p = timed(p2p)
+        t_p2p = torch.tensor([t_p2p], dtype=torch.float64)
+        dist.broadcast(t_p2p, 1)  # the receiver's time includes the transfer
+        busbw = 2 * (world - 1) / world * nbytes_big / t_ar / 1e9
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        links = {"tp_gbps": busbw, "dp_gbps": busbw, "p2p_gbps": nbytes_big / float(t_p2p.item()) / 1e9,
+                 "latency_s": t_lat / max(1, world - 1),
+                 "source": f"measured: all-reduce of {nbytes_big >> 20} MiB over {world} ranks "
+                           f"({'nccl' if cuda else 'gloo'}), send rank 0 -> 1"}
+        if local < world:
+            links["inter_node_gbps"] = busbw
+            links["source"] += f"; {world // local} nodes: inter_node_gbps is this all-reduce's bus bandwidth"
+        return links if rank == 0 else None
+    finally:
+        dist.destroy_process_group()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="effdist calibrate",
+                                description="Measure per-layer forward/backward times, the head and the optimizer "
+                                            "step on this GPU for `effdist plan` and `effdist simulate --calibration`.")
+    p.add_argument("--config", required=True, help="model config (YAML or a preset name such as llama-1b)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="override a config value (repeatable)")
+    p.add_argument("--micro-batches", default="1,2,4,8", help="micro-batch sizes to measure (comma-separated)")
+    p.add_argument("--variants", default="dense,epas",
+                   help=f"layer variants to measure, from: {', '.join(VARIANTS)} (dense = the config's FFN kind)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median)")
+    p.add_argument("--out", required=True, help="where to write the calibration JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from effdist.config import ConfigError, load_config, validate
+    from effdist.train.presets import resolve_config_path
+
+    args = _parser().parse_args(argv)
+    try:
+        mbs = [int(x) for x in args.micro_batches.split(",") if x.strip()]
+        if not mbs or min(mbs) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"effdist calibrate: --micro-batches {args.micro_batches!r}: give positive integers, e.g. 1,2,4,8",
+              file=sys.stderr)
+        return 2
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        print(f"effdist calibrate: --variants {args.variants!r}: valid: {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    if args.reps < 1:
+        print(f"effdist calibrate: --reps {args.reps}: must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(resolve_config_path(args.config), args.overrides)
+        validate(cfg)
+    except ConfigError as e:
+        print(f"effdist calibrate: config error: {e}", file=sys.stderr)
+        return 2
+
+    def progress(done: int, total: int, what: str) -> None:
+        print(f"[{done}/{total}] {what}", file=sys.stderr, flush=True)
+
+    argv = sys.argv[1:] if argv is None else argv
+    links = measure_links()
+    if links is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return 0  # ranks other than 0 only take part in the link measurement
+    cal = calibrate(cfg, mbs, variants, reps=args.reps, progress=progress,
+                    command="effdist calibrate " + " ".join(argv))
+    if links is not None:
+        cal.links = {**cal.links, **links}
+    path = cal.save(args.out)
+    print(f"effdist calibrate: {len(cal.layers)} layer measurements on {cal.device} -> {path}")
+    return 0

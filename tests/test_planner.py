@@ -1,0 +1,257 @@
+"""`effdist plan` / `effdist calibrate` / `effdist simulate --calibration`: the planner on synthetic calibration
+tables (known best, never over budget, memory equal to the simulator's for every schedule), the time model's
+arithmetic, the file format, and the commands' errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from effdist.config import SCHEDULES, load_config, validate
+from effdist.pipeline.calibration import (DEFAULT_LINKS, Calibration, CalibrationError, HeadCost, LayerCost,
+                                          chunk_seconds, layer_matmul_flops, model_shape, pipeline_costs)
+from effdist.pipeline.memory_model import chunk_activation_bytes
+from effdist.pipeline.schedules import build_schedule
+from effdist.pipeline.simulate import simulate
+from effdist.train import planner
+from effdist.train.estimate import GIB, build_plan_schedule, estimate, layer_activation_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def synthetic(cfg, seconds_per_gflop: float = 2e-3, head_s: float = 1e-3, optimizer_s_per_param: float = 1e-10,
+              links: dict | None = None, variants=("dense", "epas")) -> Calibration:
+    """A calibration where every layer's time is its FLOPs at a fixed rate (forward 1x, backward 2x)."""
+    layers = []
+    for variant in variants:
+        for mb in (1, 2, 4, 8, 16):
+            linear, attn = layer_matmul_flops(cfg, variant, mb * cfg.data.seq_length)
+            f = (linear + attn) / 1e9 * seconds_per_gflop
+            layers.append(LayerCost(variant, mb, f, 2 * f, 0.4))
+    head = [HeadCost(mb, head_s * mb, 2 * head_s * mb) for mb in (1, 2, 4, 8, 16)]
+    return Calibration(device="synthetic", model=model_shape(cfg), layers=layers, head=head,
+                       optimizer_s_per_param=optimizer_s_per_param, links={**DEFAULT_LINKS, **(links or {})},
+                       path="synthetic")
+
+
+def test_layer_costs_are_the_calibrated_times_split_over_tp_and_b_w():
+    cfg = load_config(CONFIGS / "llama-1b.yaml")
+    cal = Calibration(device="x", model=model_shape(cfg), path="x", optimizer_s_per_param=1e-10,
+                      layers=[LayerCost("dense", 4, 0.010, 0.020, 0.25), LayerCost("dense", 8, 0.018, 0.036, 0.25),
+                              LayerCost("epas", 4, 0.008, 0.016, 0.2)],
+                      head=[HeadCost(4, 0.004, 0.008)], links={**DEFAULT_LINKS, "tp_gbps": 1e9, "latency_s": 0.0})
+    cfg.parallel.pp = 2
+    cfg.train.micro_batch = 4
+    # 16 layers, 2 chunks of 8: the last chunk also runs the head.
+    first = chunk_seconds(cal, cfg, range(0, 8), 4, frozenset())
+    last = chunk_seconds(cal, cfg, range(8, 16), 4, frozenset())
+    assert first.forward == pytest.approx(8 * 0.010)
+    assert first.backward_input == pytest.approx(8 * 0.020 * 0.75)
+    assert first.backward_weight == pytest.approx(8 * 0.020 * 0.25)
+    assert last.forward == pytest.approx(8 * 0.010 + 0.004)
+    # EPAS: layers 12..15 share; micro-batch 6 interpolates halfway between 4 and 8.
+    shared = chunk_seconds(cal, cfg, range(8, 16), 4, frozenset(range(12, 16)))
+    assert shared.forward == pytest.approx(4 * 0.010 + 4 * 0.008 + 0.004)
+    assert cal.layer("dense", 6).forward_s == pytest.approx(0.014)
+    assert cal.layer("dense", 16).forward_s == pytest.approx(0.036)  # beyond: the time per token held
+    # tp=2 halves the compute of every layer (the collectives are free at this bandwidth).
+    cfg.parallel.tp = 2
+    assert chunk_seconds(cal, cfg, range(0, 8), 4, frozenset()).forward == pytest.approx(8 * 0.005, rel=1e-6)
+    # The Costs of a schedule are those of its slowest chunk, per 1F1B stage.
+    cfg.parallel.tp = 1
+    costs = pipeline_costs(cal, cfg, 2, 4, frozenset())
+    assert costs.forward == pytest.approx(last.forward)
+    v_costs = pipeline_costs(cal, cfg, 4, 4, frozenset())  # V: 4 chunks of 4 layers, 2 per rank
+    assert v_costs.forward == pytest.approx(2 * (4 * 0.010 + 0.004))
+    with pytest.raises(CalibrationError, match="moc"):
+        cal.layer("moc", 4)
+
+
+def test_calibration_file_round_trip_and_errors(tmp_path):
+    cfg = load_config(CONFIGS / "llama-125m.yaml")
+    cal = synthetic(cfg)
+    path = cal.save(tmp_path / "c.json")
+    again = Calibration.load(path)
+    assert again.layers == cal.layers and again.head == cal.head and again.model == cal.model
+    bad = json.loads(path.read_text())
+    bad["layers"][0]["forward_s"] = -1
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(CalibrationError, match="forward_s = -1"):
+        Calibration.load(tmp_path / "bad.json")
+    (tmp_path / "old.json").write_text(json.dumps({"format": "x"}))
+    with pytest.raises(CalibrationError, match="format"):
+        Calibration.load(tmp_path / "old.json")
+    with pytest.raises(CalibrationError, match="no such file"):
+        Calibration.load(tmp_path / "missing.json")
+
+
+def _plans(config: str, gpus: int, memory_gib: float, **space):
+    cfg = load_config(CONFIGS / f"{config}.yaml")
+    cal = space.pop("cal", None) or synthetic(cfg)
+    return cfg, planner.plan(cfg, cal, planner.Space(gpus=gpus, **space), memory_gib, reserve_gib=2.0)
+
+
+def test_known_best_with_room_to_spare_is_pure_data_parallel():
+    # Plenty of memory, fast links, time proportional to FLOPs: nothing beats dp=8 (no bubble, no tp collective),
+    # and ZeRO-1 (reduce-scatter + all-gather, optimizer over 1/8 of the parameters) beats a plain all-reduce.
+    cfg, (fitting, over) = _plans("llama-125m", 8, 80.0, micro_batches=(1, 2, 4), epas_regions=(0.0,))
+    best = fitting[0].choice
+    assert (best.tp, best.pp, best.dp, best.zero1, best.recompute) == (1, 1, 8, True, False)
+    assert [p.tokens_per_s for p in fitting] == sorted((p.tokens_per_s for p in fitting), reverse=True)
+    # EPAS allowed: sharing layers skip Wq/Wk, so the 0.5 region is faster at the same layout.
+    cfg, (fitting, _) = _plans("llama-125m", 8, 80.0, micro_batches=(2,), epas_regions=(0.0, 0.5))
+    assert fitting[0].choice.epas_region == 0.5
+
+
+def test_known_best_when_links_are_slow_keeps_tensor_parallel_off_and_pipelines_instead():
+    # llama-7b on 8 GPUs of 40 GiB cannot run tp1 pp1 (weights + gradients + Adam state ~ 100 GiB per rank
+    # without ZeRO, ~ 50 GiB with it); with tensor-parallel collectives made very slow, the planner must
+    # pipeline rather than use tp.
+    cfg = load_config(CONFIGS / "llama-7b.yaml")
+    cal = synthetic(cfg, links={"tp_gbps": 0.5})
+    fitting, over = planner.plan(cfg, cal, planner.Space(gpus=8, micro_batches=(1, 2), recompute=(True,)),
+                                 40.0, global_batch=64, reserve_gib=2.0)
+    assert fitting, "some layout must fit"
+    assert all(p.choice.tp * p.choice.pp > 1 for p in fitting)
+    assert fitting[0].choice.tp == 1 and fitting[0].choice.pp > 1
+    assert any(p.choice.tp == 1 and p.choice.pp == 1 for p in over)
+
+
+def test_never_over_budget_and_memory_is_the_dry_runs_and_the_simulators():
+    budget = 14.0
+    cfg, (fitting, over) = _plans("llama-1b", 8, budget, micro_batches=(2, 4), recompute=(False,))
+    assert fitting and over
+    assert all(p.peak_mem_gib <= budget - 2.0 for p in fitting)
+    assert all(p.peak_mem_gib > budget - 2.0 for p in over)
+    seen = set()
+    for p in fitting + over:
+        c = p.choice
+        if (c.pp, c.schedule) in seen or c.pp == 1:
+            continue
+        seen.add((c.pp, c.schedule))
+        # The plan's overrides, applied as a user would, give the dry run's estimate ...
+        run_cfg = load_config(CONFIGS / "llama-1b.yaml", p.overrides)
+        validate(run_cfg, world_size=8)
+        est = estimate(run_cfg, 8, on_gpu=True)
+        assert p.peak_mem_gib == pytest.approx(est.peak.total / GIB, rel=1e-9)
+        # ... whose activations are the simulator's peak over the whole step (not just the simulated warm-up).
+        m = run_cfg.microbatches_per_step(8)
+        schedule = build_schedule(c.schedule, c.pp, m, chunks_per_rank=2)
+        per_layer = layer_activation_bytes(run_cfg, True)
+        sim = simulate(schedule, chunk_bytes=chunk_activation_bytes(16, schedule.num_chunks, lambda _: per_layer))
+        assert max(s.activations for s in est.stages) == pytest.approx(sim.peak_activation_bytes, rel=1e-9)
+    assert {s for _, s in seen} == set(SCHEDULES), "every schedule was checked"
+
+
+def test_pipeline_step_time_is_the_simulated_makespan_in_seconds():
+    cfg = load_config(CONFIGS / "llama-1b.yaml", ["parallel.pp=4", "pipeline.schedule=v-half", "train.micro_batch=2",
+                                                 "train.global_batch=32"])
+    cal = synthetic(cfg, optimizer_s_per_param=0.0, links={"latency_s": 0.0})
+    validate(cfg, world_size=4)
+    step, bubble, parts = planner.predict_step(cfg, cal, planner.Space(gpus=4), dp=1)
+    costs = pipeline_costs(cal, cfg, 8, 2, frozenset())
+    sim = simulate(build_schedule("v-half", 4, 16), costs)
+    assert step == pytest.approx(sim.makespan)
+    assert 0 < bubble < 1 and parts["dp_comm"] == 0.0
+    # More microbatches than the simulation runs: the steady state adds one F+B+W of the slowest stage each.
+    big = load_config(CONFIGS / "llama-1b.yaml", ["parallel.pp=2", "pipeline.schedule=1f1b", "train.micro_batch=1",
+                                                 "train.global_batch=200"])
+    validate(big, world_size=2)
+    step_big, _, _ = planner.predict_step(big, cal, planner.Space(gpus=2), dp=1)
+    c2 = pipeline_costs(cal, big, 2, 1, frozenset())
+    full = simulate(build_schedule("1f1b", 2, 200), c2)
+    assert step_big == pytest.approx(full.makespan, rel=1e-4)  # the extrapolation leaves out the p2p sends
+
+
+def test_plan_command_json_and_errors(tmp_path, capsys):
+    cfg = load_config(CONFIGS / "llama-350m.yaml")
+    cal_path = synthetic(cfg).save(tmp_path / "cal.json")
+    rc = planner.main(["--config", "llama-350m", "--gpus", "4", "--gpu-memory", "80", "--calibration", str(cal_path),
+                       "--micro-batches", "2,4", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    plans = json.loads(out)["plans"]
+    assert plans and all({"peak_mem_gib", "tokens_per_s", "bubble", "overrides"} <= set(p) for p in plans)
+    assert [p["tokens_per_s"] for p in plans] == sorted((p["tokens_per_s"] for p in plans), reverse=True)
+    rc = planner.main(["--config", "llama-350m", "--gpus", "4", "--gpu-memory", "80", "--calibration", str(cal_path),
+                       "--micro-batches", "2,4"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "beats" in text and "run it with: --set parallel.tp=" in text
+    rc = planner.main(["--config", "llama-350m", "--gpus", "4", "--gpu-memory", "2.5", "--calibration", str(cal_path)])
+    text = capsys.readouterr().out
+    assert rc == 1 and "nothing fits" in text and "smallest need" in text
+    for args, needle in ((["--gpus", "0"], "--gpus 0"), (["--gpus", "6", "--nodes", "4"], "--nodes 4"),
+                         (["--gpus", "4", "--schedules", "gpipe"], "--schedules gpipe"),
+                         (["--gpus", "4", "--epas-regions", "1.5"], "--epas-regions 1.5")):
+        rc = planner.main(["--config", "llama-350m", "--gpu-memory", "80", "--calibration", str(cal_path)] + args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and needle in err[0]
+    rc = planner.main(["--config", "llama-350m", "--gpus", "4", "--gpu-memory", "80", "--calibration",
+                       str(tmp_path / "nope.json")])
+    assert rc == 2 and "no such file" in capsys.readouterr().err
+
+
+def test_simulate_draws_in_seconds_with_a_calibration(tmp_path, capsys):
+    from effdist.pipeline import simulate_cli
+
+    cfg = load_config(CONFIGS / "llama-1b.yaml")
+    cal_path = synthetic(cfg).save(tmp_path / "cal.json")
+    rc = simulate_cli.main(["--schedule", "1f1b", "--pp", "2", "--microbatches", "4", "--model",
+                            str(CONFIGS / "llama-1b.yaml"), "--calibration", str(cal_path), "--json",
+                            str(tmp_path / "s.json")])
+    assert rc == 0
+    data = json.loads((tmp_path / "s.json").read_text())
+    cfg.parallel.pp = 2
+    costs = pipeline_costs(Calibration.load(cal_path), cfg, 2, cfg.train.micro_batch, frozenset())
+    assert data["costs"]["forward"] == pytest.approx(costs.forward)
+    # 1F1B with fused BW: (m + pp - 1) x (F + B + W) plus the sends on the critical path.
+    per = costs.forward + costs.backward_input + costs.backward_weight
+    assert data["makespan"] >= 5 * per and math.isfinite(data["makespan"])
+    capsys.readouterr()
+    rc = simulate_cli.main(["--schedule", "1f1b", "--pp", "2", "--microbatches", "4", "--calibration", str(cal_path)])
+    assert rc == 2 and "--model" in capsys.readouterr().err
+
+
+def test_calibrate_measures_a_tiny_model_on_cpu(tmp_path):
+    from effdist.train import calibrate
+
+    out = tmp_path / "cal.json"
+    assert calibrate.main(["--config", str(CONFIGS / "tiny-cpu.yaml"), "--micro-batches", "1", "--variants",
+                           "dense,epas", "--reps", "1", "--out", str(out)]) == 0
+    cal = Calibration.load(out)
+    assert cal.device == "cpu" and cal.variants() == {"dense", "epas"} and cal.optimizer_s_per_param > 0
+    assert calibrate.main(["--config", str(CONFIGS / "tiny-cpu.yaml"), "--variants", "sparse", "--out", str(out)]) == 2
+
+
+def test_shipped_calibrations_load_and_plan_uses_them_by_default(capsys):
+    from effdist.pipeline.calibration import shipped_names
+
+    assert {"h100-llama-1b", "h100-llama-350m"} <= set(shipped_names())
+    for name in shipped_names():
+        cal = planner.resolve(name)
+        assert cal.device.startswith("NVIDIA") and "dense" in cal.variants()
+    rc = planner.main(["--config", "llama-1b", "--gpus", "1", "--gpu-memory", "80", "--micro-batches", "4,8",
+                       "--no-recompute"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "h100-llama-1b" in out and "run it with:" in out
+
+
+def test_calibrate_under_torchrun_measures_the_links(tmp_path):
+    import subprocess
+    import sys
+
+    from launching import clean_env
+
+    out = tmp_path / "cal.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "effdist.cli",
+           "calibrate", "--config", str(CONFIGS / "tiny-cpu.yaml"), "--micro-batches", "1", "--variants", "dense",
+           "--reps", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cal = Calibration.load(out)
+    assert cal.links["source"].startswith("measured: all-reduce") and "gloo" in cal.links["source"]
+    assert cal.links["p2p_gbps"] > 0 and cal.links["tp_gbps"] > 0 and cal.links["latency_s"] > 0

@@ -1,0 +1,538 @@
+"""The tables of docs/benchmarks.md, written from the JSON in docs/results by tools/render_docs.py.
+
+Every number in a table comes from the JSON a benchmark run wrote (named under each table in the doc); the
+labels and the choice of rows are here. `register(generated)` adds one generated block per table to
+render_docs' registry, so `python tools/render_docs.py --check` (tests/test_render_docs.py) fails when a
+table differs from its JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+DOC = "docs/benchmarks.md"
+
+
+@lru_cache(maxsize=None)
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def n0(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def fixed(digits: int) -> Callable[[float], str]:
+    return lambda x: f"{x:.{digits}f}"
+
+
+f1, f2, f3, f4 = (fixed(d) for d in (1, 2, 3, 4))
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def bold(s: str) -> str:
+    return f"**{s}**"
+
+
+def datasheet_mfu(tflops: float, device: str, fp8: bool = False) -> str:
+    """TFLOP/s over the card's dense datasheet peak (bf16: 989 on H100 SXM and H200; FP8: 1979)."""
+    from effdist.train.metrics import peak_bf16_tflops, peak_fp8_tflops
+
+    peak = (peak_fp8_tflops if fp8 else peak_bf16_tflops)(device)
+    return pct(tflops / peak) if peak else "–"
+
+
+def run_of(name: str, variant: str | None = None, model: str | None = None) -> dict:
+    runs = [r for r in load(name)["runs"] if (variant is None or r.get("variant") == variant)
+            and (model is None or r["model"] == model)]
+    if len(runs) != 1:
+        raise KeyError(f"{name}: {len(runs)} runs with variant={variant!r}, model={model!r}")
+    return runs[0]
+
+
+# ---------------------------------------------------------------------------------------------- dense training
+
+def dense_baseline() -> str:
+    data = load("bench_train_baseline_h100.json")
+    return table(["model", "mbs × seq", "tokens/s", "model TFLOP/s", "of ceiling", "of datasheet peak", "peak GiB"],
+                 [(r["model"], f"{r['micro_batch']} × {r['seq']}", n0(r["tokens_per_s"]), f1(r["tflops"]),
+                   pct(r["fraction_of_ceiling"]), datasheet_mfu(r["tflops"], data["device"]), f1(r["peak_mem_gib"]))
+                  for r in data["runs"]])
+
+
+LEVERS = (("unfused", "unfused (megatron's RoPE, effdist's torch RMSNorm, torch SwiGLU, megatron CE)"),
+          ("rmsnorm", "+ RMSNorm kernel only"), ("rope", "+ RoPE kernel only"), ("swiglu", "+ SwiGLU kernel only"),
+          ("loss", "+ fused LM-head loss only"), ("fused", "all four (`train.fused_kernels: true`, the default)"),
+          ("fused_mbs8", "all four, micro-batch 8 (the llama-1b preset now)"))
+
+
+def dense_levers() -> str:
+    name = "bench_train_levers_1b_h100.json"
+    device = load(name)["device"]
+    base = run_of(name, "unfused")
+    rows = []
+    for variant, label in LEVERS:
+        r = run_of(name, variant)
+        rows.append((label, r["micro_batch"], n0(r["tokens_per_s"]), f1(r["tflops"]), pct(r["fraction_of_ceiling"]),
+                     datasheet_mfu(r["tflops"], device), f3(r["tokens_per_s"] / base["tokens_per_s"]),
+                     f1(r["peak_mem_gib"])))
+    return table(["llama-1b, seq 2048", "mbs", "tokens/s", "model TFLOP/s", "of ceiling", "of datasheet peak",
+                  "vs unfused", "peak GiB"], rows)
+
+
+def dense_presets() -> str:
+    fused, unfused = "bench_train_125m_350m_fused_h100.json", "bench_train_inprocess_h100.json"
+    ffn = run_of("bench_train_ffn_350m_h100.json", "swiglu")
+
+    def cell(r):
+        return f"{f1(r['tflops'])} ({pct(r['fraction_of_ceiling'])})"
+
+    rows = []
+    for model, variant, mbs in (("llama-125m", "fused", 16), ("llama-350m", "fused", 8),
+                                ("llama-350m", "fused_mbs16", 16)):
+        r = run_of(fused, variant, model)
+        base = cell(run_of(unfused, "unfused", model)) if variant == "fused" else ""
+        extra = f"; {cell(ffn)} in the isolated FFN run" if (model, mbs) == ("llama-350m", 8) else ""
+        rows.append((model, mbs, base, cell(r) + extra, f1(r["peak_mem_gib"])))
+    return table(["model", "mbs", "unfused TFLOP/s (of ceiling)", "fused TFLOP/s (of ceiling)", "fused peak GiB"], rows)
+
+
+KERNELS = (("rmsnorm", "[16384, 2048]", "RMSNorm fwd+bwd [16384, 2048]"),
+           ("swiglu", "[16384, 2x5632]", "SwiGLU fwd+bwd [16384, 2×5632]"),
+           ("rope_qk", "q [2048, 8, 32, 64] + k", "RoPE Q+K fwd+bwd [2048, 8, 32, 64]"),
+           ("ce", "[16384, 32000]", "cross-entropy fwd+bwd [16384, 32000]"))
+
+
+def kernels() -> str:
+    data = load("bench_kernels_h100.json")
+
+    def row(kernel, shape, impl):
+        (r,) = [r for r in data["rows"] if r["model"] == "llama-1b" and r["kernel"] == kernel and r["shape"] == shape
+                and r["impl"] == impl and r["pass"] == "fwd+bwd"]
+        return r
+
+    rows = []
+    for kernel, shape, label in KERNELS:
+        ref = row(kernel, shape, "megatron" if kernel == "ce" else "torch")
+        fast = row(kernel, shape, "triton")
+        rows.append((label, f3(ref["ms"]), f3(fast["ms"]), f"{ref['ms'] / fast['ms']:.1f}×",
+                     f"{n0(fast['gbps'])} ({100 * fast['of_peak']:.0f}%)"))
+    shape = "[16384, 2048] x [32000, 2048]"
+    ref, fused, chunk = (row("lm_head_loss", shape, i) for i in ("megatron", "fused", "fused-chunk4096"))
+    rows.append(("LM head + loss fwd+bwd (GEMMs included)", f"{ref['ms']:.2f} (peak {n0(ref['peak_mib'])} MiB)",
+                 f"{fused['ms']:.2f} (peak {n0(fused['peak_mib'])} MiB)", f"{ref['ms'] / fused['ms']:.1f}×", ""))
+    rows.append(("same, chunked 4096 tokens", "", f"{chunk['ms']:.2f} (peak {n0(chunk['peak_mib'])} MiB)",
+                 f"{ref['ms'] / chunk['ms']:.1f}×", ""))
+    return table(["llama-1b shape", "torch/megatron ms", "Triton ms", "speed-up",
+                  f"Triton GB/s (of {data['peak_gbps'] / 1000:.0f} TB/s)"], rows)
+
+
+# ---------------------------------------------------------------------------------------------- EPAS throughput
+
+def _epas_rows(name: str, model: str, label: str, with_dense: bool = True) -> list[tuple]:
+    runs = {r["variant"]: r for r in load(name)["runs"] if r["model"] == model}
+    base = runs["epas r=0"]
+    layers = {"llama-1b": 16, "llama-350m": 24}[model]
+    rows = []
+    for variant, r in runs.items():
+        if variant == "dense" and not with_dense:
+            continue
+        region = r["region"]
+        what = "dense" if variant == "dense" else f"region {region}" + (
+            " (L/2)" if region == layers // 2 else " (3L/4)" if region == 3 * layers // 4 else "")
+        speedup = r["tokens_per_s"] / base["tokens_per_s"]
+        bound = "" if variant == "dense" else f3(base["flops_per_token"] / r["flops_per_token"])
+        rows.append([what, n0(r["tokens_per_s"]), f1(r["step_s"] * 1e3),
+                     bold(f3(speedup)) if region else f3(speedup), bound])
+    rows[0].insert(0, f"{label} (mbs {load(name).get('micro_batch', 8)})")
+    for row in rows[1:]:
+        row.insert(0, "")
+    return rows
+
+
+def epas_h100() -> str:
+    rows = _epas_rows("bench_epas_h100_1b_frozen_rows.json", "llama-1b", "llama-1b")
+    rows += _epas_rows("bench_epas_h100_350m_frozen_rows.json", "llama-350m", "llama-350m")
+    return table(["model", "variant", "tokens/s", "step ms", "vs region 0", "FLOP bound"], rows)
+
+
+EPAS_HISTORY = (
+    ("fused kernels on, micro-batch 4, previous session's final state",
+     ("bench_epas_h100_fused_final.json", "bench_epas_h100_fused.json")),
+    ("gradient norm: per-tensor fp32 norms in one multi-tensor pass instead of every element squared in fp64 (~13 ms "
+     "of a 125 ms step, a cost that sharing cannot shrink; the dense step got 7% faster too: 420 → 451 TFLOP/s = "
+     "59.1%, `bench_train_1b_gradnorm_h100.json`); Adam moments of frozen rows zeroed, so only weight and master rows "
+     "were restored per step", ("bench_epas_h100_gradnorm.json",)),
+    ("the presets' micro-batch 8 (was 4 in this tool): per-step costs (AdamW) weigh half as much",
+     ("bench_epas_h100_1b_mbs8.json",)),
+    ("the packed Q/K gradient built once per run of sharing layers, in place (no dQ/dK copy per layer: −1.0 ms)",
+     ("bench_epas_h100_1b_gradsum.json",)),
+    ("`MasterWeightAdamW` leaves the sharing layers' Wq/Wk rows alone (AdamW over the V rows only; no per-step "
+     "restore)", ("bench_epas_h100_1b_frozen_rows.json",)),
+    ("the `wgrad` lever on (dense and EPAS)", ("bench_epas_h100_1b_wgrad.json", "bench_epas_h100_1b_wgrad_rerun.json",
+                                               "bench_epas_h100_1b_wgrad_12rounds.json")),
+)
+
+
+def _speedup(name: str, model: str, region: int) -> float:
+    runs = [r for r in load(name)["runs"] if r["model"] == model]
+    base = next(r for r in runs if r["variant"] == "epas r=0")
+    return next(r for r in runs if r["variant"] == f"epas r={region}")["tokens_per_s"] / base["tokens_per_s"]
+
+
+def epas_history() -> str:
+    rows = []
+    for label, files in EPAS_HISTORY:
+        values = [_speedup(f, "llama-1b", 12) for f in files]
+        if len(files) == 1:
+            cell = f3(values[0])
+        elif "wgrad" in files[0]:
+            cell = f"{f3(values[0])}, {f3(values[1])}; {f3(values[2])} over {load(files[2])['rounds']} rounds"
+        else:
+            cell = f"{f3(min(values))}–{f3(max(values))}"
+        rows.append((label, bold(cell) if "frozen_rows" in files[0] else cell))
+    return table(["change (llama-1b, 3L/4; JSON in docs/results)", "vs region 0"], rows)
+
+
+def epas_mbs4() -> str:
+    name = "bench_epas_h100_fused.json"
+    rows = []
+    for model, regions, label in (("llama-1b", (8, 12), "llama-1b (mbs 4)"), ("llama-350m", (12, 18),
+                                                                           "llama-350m (mbs 8)")):
+        runs = {r["variant"]: r for r in load(name)["runs"] if r["model"] == model}
+        base = runs["epas r=0"]
+        picked = [runs[f"epas r={g}"] for g in regions]
+        rows.append((label, f"region {regions[0]} / {regions[1]}", " / ".join(n0(r["tokens_per_s"]) for r in picked),
+                     " / ".join(f3(r["tokens_per_s"] / base["tokens_per_s"]) for r in picked),
+                     " / ".join(f3(base["flops_per_token"] / r["flops_per_token"]) for r in picked)))
+    return table(["model", "variant", "tokens/s", "vs region 0", "FLOP bound"], rows)
+
+
+def epas_h200() -> str:
+    name = "bench_epas_h200_1b_grad_sum.json"
+    runs = {r["variant"]: r for r in load(name)["runs"]}
+    base, dense = runs["epas r=0"], runs["dense"]
+    rows = []
+    for variant, r in runs.items():
+        region = r["region"]
+        what = "dense" if variant == "dense" else f"region {region}" + {8: " (L/2)", 12: " (3L/4)"}.get(region, "")
+        vs0, vsd = r["tokens_per_s"] / base["tokens_per_s"], r["tokens_per_s"] / dense["tokens_per_s"]
+        rows.append(("llama-1b (mbs 8)" if variant == "dense" else "", what, n0(r["tokens_per_s"]),
+                     f1(r["step_s"] * 1e3), bold(f3(vs0)) if region else f3(vs0),
+                     bold(f3(vsd)) if region == 12 else f3(vsd),
+                     "" if variant == "dense" else f3(base["flops_per_token"] / r["flops_per_token"])))
+    return table(["model", "variant", "tokens/s", "step ms", "vs region 0", "vs dense", "FLOP bound"], rows)
+
+
+# ---------------------------------------------------------------------------------------------- loss parity
+
+def _parity(name: str, key: str) -> dict:
+    return load(name)[key]
+
+
+PARITY_125M = (("dense", "dense SwiGLU", ""),
+               ("epas", "EPAS growing to 3L/4 = 9 layers (from step 50, one layer per 15 steps)", "≤ 1.01"),
+               ("moc", "MoC (K = 0.1875·f)", "≤ 1.03"), ("topk", "top-k ReLU", "≤ 1.03"), ("relu2", "ReLU²", ""),
+               ("elas", "ELAS (2:4, 50 dense warm-up steps)", "≤ 1.03"))
+
+
+def parity_125m() -> str:
+    name = "loss_parity_125m_h100.json"
+    names = {"dense": "dense", "relu2": "ReLU²"}
+    rows = []
+    for key, label, goal in PARITY_125M:
+        r = _parity(name, key)
+        ratio = r["ratio_vs_baseline"]
+        verdict = "" if not goal else f"{goal}: " + ("met" if ratio <= float(goal.split()[-1]) else bold("not met"))
+        rows.append((label, "—" if key == "dense" else names[r["baseline"]], f3(r["final_loss"]), f3(ratio), verdict))
+    return table(["variant", "baseline", "final loss", "vs baseline", "goal"], rows)
+
+
+def _schedule(overrides: list[str]) -> dict:
+    o = dict(x.split("=", 1) for x in overrides)
+    return {"fixed": o.get("epas.mode") == "fixed", "start": int(o.get("epas.start_step", 0)),
+            "interval": int(o.get("epas.interval", 100)), "T": int(o.get("epas.transition_steps", 0)),
+            "final": int(o["epas.final_region"])}
+
+
+TRANSITIONS = (("hard switch (as before)", ("transition", "hard"), None),
+               ("transitions of 15 steps", ("transition", "t15"), None),
+               ("transitions of 30 steps", ("transition", "t30"), None),
+               ("early and fast", ("transition", "early"), ("early", "early")),
+               ("early, every 3 steps", None, ("early", "every3")),
+               ("early, T = 10", None, ("early", "early_t10")),
+               ("earlier (before the warm-up ends)", None, ("early", "start15")),
+               ("the final region from step 0 (no switch at all)", ("transition", "fixed0"), None),
+               (bold("L/2") + " (6 layers) for reference", ("transition", "half"), None))
+SWEEPS = {"transition": "loss_parity_125m_transition_h100.json", "early": "loss_parity_125m_early_h100.json"}
+
+
+def transitions() -> str:
+    rows = []
+    for label, first, second in TRANSITIONS:
+        run = _parity(SWEEPS[(first or second)[0]], (first or second)[1])
+        s = _schedule(run["overrides"])
+        when = "fixed" if s["fixed"] else f"{s['start']}, {s['interval']}, {s['T']}"
+        full = 0 if s["fixed"] else s["start"] + (s["final"] - 1) * s["interval"]
+        cells = []
+        if first:
+            value = f3(_parity(SWEEPS["transition"], first[1])["ratio_vs_baseline"])
+            cells.append(bold(value) if first[1] in ("early", "half") else value)
+        if second:
+            value = f3(_parity(SWEEPS["early"], second[1])["ratio_vs_baseline"])
+            cells.append(f"again in the second sweep: {value}" if first else f"{value} (second sweep)")
+        rows.append((label, when, full, "; ".join(cells)))
+    return table(["EPAS variant (250 steps, 8.2M tokens)", "first sharing step, interval, T", "all layers from step",
+                  "final loss / dense"], rows)
+
+
+def clipping() -> str:
+    one, two = "loss_parity_125m_clip_h200.json", "loss_parity_125m_clip2_h200.json"
+    rows = [("EPAS (early) / dense", f4(_parity(one, "early")["ratio_vs_baseline"]),
+             f4(_parity(two, "early")["ratio_vs_baseline"])),
+            ("EPAS (early, `epas.anchor_grad=mean`) / dense", f4(_parity(one, "early_mean")["ratio_vs_baseline"]),
+             f4(_parity(two, "early_mean")["ratio_vs_baseline"])),
+            ("without clipping (`optim.clip_grad=0`): dense / dense with clipping",
+             f4(_parity(one, "dense_noclip")["ratio_vs_baseline"]), ""),
+            ("without clipping: EPAS / dense, both unclipped", f4(_parity(one, "early_noclip")["ratio_vs_baseline"]), "")]
+    return table(["125M, 250 steps", "seed 1", "seed 2"], rows)
+
+
+def parity_350m() -> str:
+    name = "loss_parity_350m_seeds_h200.json"
+    ratios = [_parity(name, f"epas_s{s}")["ratio_vs_baseline"] for s in (1, 2)]
+    return table(["350M, 250 steps", "seed 1", "seed 2", "mean"],
+                 [("dense final loss", *(f3(_parity(name, f"dense_s{s}")["final_loss"]) for s in (1, 2)), ""),
+                  ("EPAS to 18 of 24 / dense", *(f4(r) for r in ratios), bold(f3(statistics.mean(ratios))))])
+
+
+def regions() -> str:
+    files = ("loss_parity_125m_regions_s1_h200.json", "loss_parity_125m_regions_s2_h200.json")
+    rows = []
+    for region, label in ((6, "6 (L/2)"), (7, "7"), (8, "8"), (9, "9 (3L/4)")):
+        ratios = [_parity(f, f"r{region}")["ratio_vs_baseline"] for f in files]
+        rows.append((label, *(f4(r) for r in ratios), f3(statistics.mean(ratios))))
+    return table(["final region (of 12 layers)", "seed 1", "seed 2", "mean"], rows)
+
+
+def _window_ratio(run: dict, base: dict, step: int, window: int = 20) -> float:
+    def mean(curve):
+        return statistics.mean(v for s, v in curve if step - window < s <= step)
+
+    return mean(run["curve"]) / mean(base["curve"])
+
+
+def long_runs() -> str:
+    rows = []
+    for name, key, label in (("loss_parity_125m_long_h200.json", "r9", "llama-125m (9 of 12)"),
+                             ("loss_parity_1b_long_h200.json", "r12", "llama-1b (12 of 16)")):
+        dense, epas = _parity(name, "dense"), _parity(name, key)
+        rows.append((label, f3(dense["final_loss"]), f3(epas["final_loss"]), f3(_window_ratio(epas, dense, 250)),
+                     bold(f3(epas["ratio_vs_baseline"]))))
+    return table(["model", "dense final loss", "EPAS (3L/4) final loss",
+                  "EPAS / dense, 20-step mean at step 250 of this run", "at step 500"], rows)
+
+
+# ---------------------------------------------------------------------------------------------- sparse FFN
+
+FFN_BLOCK = (("moc", "MoC K=0.1875·f (SwiGLU)"), ("moc-2:8", "MoC 2:8 (SwiGLU)"),
+             ("topk-relu", "top-k ReLU 10% (SwiGLU)"), ("elas", "ELAS identity STE (ReLU² at 1.5f)"),
+             ("elas-masked", "ELAS masked STE (ReLU²)"), ("elas-cslt", "ELAS with cuSPARSELt forced (ReLU²)"),
+             ("elas-lowrank", "ELAS low-rank r = h/4 (ReLU² low-rank)"))
+
+
+def ffn_block() -> str:
+    results = load("bench_ffn_h100_first.json")["results"]
+
+    def find(variant, tokens):
+        (r,) = [r for r in results if r["shape"] == "llama-1b" and r["variant"] == variant and r["tokens"] == tokens]
+        return r
+
+    rows = []
+    for variant, label in FFN_BLOCK:
+        small, large = find(variant, 16384), find(variant, 65536)
+        rows.append((label, f"{small['time_vs_baseline']:.2f}×", f"{large['time_vs_baseline']:.2f}×",
+                     f"{small['bytes_vs_baseline']:.3f} ({(small['bytes_vs_baseline'] - 1) * 100:+.0f}%)"))
+    return table(["variant (baseline)", "1b, 16k tokens: time", "1b, 64k tokens: time", "saved activations vs baseline"],
+                 rows)
+
+
+FFN_TRAIN = (("swiglu", "SwiGLU (dense)", "swiglu"), ("relu2", "ReLU² (dense, 1.5·f)", "swiglu"),
+             ("moc", "MoC", "swiglu"), ("topk", "top-k ReLU", "swiglu"),
+             ("elas", "ELAS (2:4, sparse from step 0)", "relu2"))
+
+
+def ffn_train() -> str:
+    name = "bench_train_ffn_350m_h100.json"
+    rows = []
+    for variant, label, baseline in FFN_TRAIN:
+        r, b = run_of(name, variant), run_of(name, baseline)
+        vs = f3(r["tokens_per_s"] / b["tokens_per_s"]) + (" of ReLU²" if baseline == "relu2" else "")
+        mem = r["peak_mem_gib"] / run_of(name, "swiglu")["peak_mem_gib"]
+        rows.append((label, n0(r["tokens_per_s"]), vs, f1(r["peak_mem_gib"]), f2(mem)))
+    return table(["FFN", "tokens/s", "vs SwiGLU", "peak GiB", "vs SwiGLU"], rows)
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+
+SCHEDULE_NAMES = {"1f1b": "1F1B", "interleaved": "interleaved 1F1B", "zb-h1": "ZB-H1", "v-min": "V-Min",
+                  "v-half": "V-Half", "v-zb": "V-ZB"}
+
+
+def _units(r: dict) -> str:
+    measured, simulated = r["activation_units"], r["simulated_units"]
+    worst = max(abs(m - s) / s for m, s in zip(measured, simulated))
+    shown = (f"{measured[0]:.2f} each" if max(measured) - min(measured) < 0.005
+             else " / ".join(f"{m:.2f}" for m in measured))
+    return f"{shown} ({100 * worst:.1f}%)"
+
+
+def pipeline_p4(name: str) -> Callable[[], str]:
+    def render() -> str:
+        results = load(name)["results"]
+        ours = next(r for r in results if r["engine"] == "effdist" and r["schedule"] == "1f1b")
+        theirs = next(r for r in results if r["engine"] == "megatron-core")
+        rows = []
+        for r in [theirs] + [r for r in results if r["engine"] == "effdist"]:
+            mega = r is theirs
+            rows.append(("1F1B (megatron-core, unfused)" if mega else SCHEDULE_NAMES[r["schedule"]],
+                         n0(r["tokens_per_s"]), f2(r["tokens_per_s"] / ours["tokens_per_s"]),
+                         f2(r["tokens_per_s"] / theirs["tokens_per_s"]),
+                         " / ".join(f2(x) for x in r["peak_mem_gib"]), "" if mega else _units(r),
+                         "" if mega else f"{pct(r['measured_bubble_rate'])} / {pct(r['simulated_bubble_rate'])}"))
+        return table(["schedule", "tokens/s", "vs effdist 1F1B", "vs megatron 1F1B (not like for like)",
+                      "peak GiB per rank", "activation units, measured (simulated within)",
+                      "bubble measured / simulated"], rows)
+
+    return render
+
+
+# ---------------------------------------------------------------------------------------------- the rest
+
+def checkpoint() -> str:
+    d = load("bench_checkpoint_1b_h100.json")
+    return table(["save", "training stall", ""],
+                 [("synchronous (`checkpoint.async_save: false`)", f"{d['sync_stall_s']:.2f} s", "the whole write"),
+                  ("async (default)", bold(f"{d['async_stall_s']:.2f} s ({d['stall_ratio_async_vs_sync']:.2f}×)"),
+                   f"{d['async_save_call_s']:.2f} s in the saving step (copy into reused pinned host buffers), then the "
+                   f"background write slows the next {d['async_steps_until_visible']} steps by "
+                   f"{d['async_extra_in_following_steps_s']:.2f} s in total")])
+
+
+def kv_ratio(x: float) -> str:
+    return f2(x) if round(x, 2) == x else f3(x)
+
+
+def decode() -> str:
+    results = load("bench_decode_b32_h100.json")["results"]
+    rows = []
+    for context, regions in ((2048, (0, 8, 12)), (512, (0, 12))):
+        for region in regions:
+            (r,) = [r for r in results if r["context"] == context and r["variant"] == f"{region}-sdpa"]
+            label = f"{region} (full trained region)" if (context, region) == (2048, 12) else str(region)
+            speed = f3(r["decode_graphs_vs_best_dense"])
+            rows.append((f"{r['batch']} × {context}" if region == 0 else "", label,
+                         f"{n0(r['prefill_tokens_per_s'])} ({f2(r['prefill_vs_region0'])})",
+                         f"{n0(r['decode_graphs_tokens_per_s'])} ({bold(speed) if (context, region) == (2048, 12) else speed})",
+                         f"{n0(r['kv_cache_bytes'] / 2**20)} ({kv_ratio(r['kv_cache_vs_region0'])})"))
+    return table(["batch × context", "region", "prefill tok/s (× r0)", "decode tok/s, graphs, sdpa (× best dense)",
+                  "KV cache MiB (× r0)"], rows)
+
+
+DEEPSPEED = (("default", "default (megatron DDP + effdist's fp32-master AdamW)"), ("zero2", "DeepSpeed ZeRO-2"),
+             ("zero3", "DeepSpeed ZeRO-3"),
+             ("zero3_offload", "DeepSpeed ZeRO-3 + optimizer and parameter offload (DeepSpeedCPUAdam)"))
+
+
+def deepspeed_1gpu() -> str:
+    name = "bench_deepspeed_1b_h100.json"
+    base = run_of(name, "default")
+    rows = []
+    for variant, label in DEEPSPEED:
+        r = run_of(name, variant)
+        mem = r["peak_mem_gib"] / base["peak_mem_gib"]
+        rows.append((label, n0(r["tokens_per_s"]), f3(r["tokens_per_s"] / base["tokens_per_s"]),
+                     bold(f1(r["peak_mem_gib"])) if variant == "zero3_offload" else f1(r["peak_mem_gib"]),
+                     bold(f2(mem)) if variant == "zero3_offload" else f2(mem)))
+    return table(["engine", "tokens/s", "vs default", "peak GiB", "vs default"], rows)
+
+
+def deepspeed_2gpu() -> str:
+    runs = {v: run_of(f"bench_deepspeed_2gpu_{v}_h200x2.json") for v in ("default", "zero2", "zero3")}
+    base = runs["default"]
+    labels = {"default": "default (megatron DDP + fp32-master AdamW, replicated)", "zero2": "DeepSpeed ZeRO-2",
+              "zero3": "DeepSpeed ZeRO-3"}
+    rows = []
+    for v, r in runs.items():
+        mem = r["peak_mem_gib"] / base["peak_mem_gib"]
+        rows.append((labels[v], n0(r["tokens_per_s"]), f3(r["tokens_per_s"] / base["tokens_per_s"]), f1(r["tflops"]),
+                     bold(f1(r["peak_mem_gib"])) if v == "zero2" else f1(r["peak_mem_gib"]),
+                     bold(f2(mem)) if v == "zero2" else f2(mem)))
+    return table(["engine, 2 GPUs", "tokens/s (both)", "vs default", "TFLOP/s per GPU", "peak GiB per GPU",
+                  "vs default"], rows)
+
+
+FP8 = (("bf16", "bf16"), ("fp8", "fp8 tensorwise, compiled"), ("fp8_rowwise", "fp8 rowwise, compiled"),
+       ("fp8_eager", "fp8 tensorwise, eager"))
+
+
+def fp8() -> str:
+    rows = []
+    for card, name in (("H100", "bench_train_fp8_1b_h100.json"), ("H200", "bench_train_fp8_1b_h200.json")):
+        device = load(name)["device"]
+        base = run_of(name, "bf16")
+        for variant, label in FP8:
+            runs = [r for r in load(name)["runs"] if r.get("variant") == variant]
+            if not runs:
+                continue
+            r = runs[0]
+            is_fp8 = variant != "bf16"
+            rows.append((card, label, n0(r["tokens_per_s"]), f3(r["tokens_per_s"] / base["tokens_per_s"]),
+                         f"{r['tflops']:.0f}", pct(r["fraction_of_ceiling"]), datasheet_mfu(r["tflops"], device),
+                         pct(r["fraction_of_fp8_ceiling"]) if is_fp8 else "–",
+                         datasheet_mfu(r["tflops"], device, fp8=True) if is_fp8 else "–", f1(r["peak_mem_gib"])))
+    return table(["card", "variant", "tokens/s", "vs bf16", "model TFLOP/s", "of bf16 ceiling", "of bf16 datasheet",
+                  "of FP8 ceiling", "of FP8 datasheet", "peak GiB"], rows)
+
+
+def plan_validation() -> str:
+    rows = [(r["choice"], n0(r["predicted_tokens_per_s"]), n0(r["measured_tokens_per_s"]), f3(r["tokens_per_s_ratio"]),
+             f2(r["predicted_peak_mem_gib"]), f2(r["measured_peak_mem_gib"]), f3(r["peak_mem_ratio"]))
+            for r in load("plan_validation_h100.json")["rows"]]
+    return table(["choice", "predicted tokens/s", "measured tokens/s", "ratio", "predicted peak GiB",
+                  "measured peak GiB", "ratio"], rows)
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "bench-dense-baseline": dense_baseline, "bench-dense-levers": dense_levers, "bench-dense-presets": dense_presets,
+    "bench-kernels": kernels, "bench-epas-h100": epas_h100, "bench-epas-history": epas_history,
+    "bench-epas-mbs4": epas_mbs4, "bench-epas-h200": epas_h200, "bench-parity-125m": parity_125m,
+    "bench-parity-transitions": transitions, "bench-parity-clipping": clipping, "bench-parity-350m": parity_350m,
+    "bench-parity-regions": regions, "bench-parity-long": long_runs, "bench-ffn-block": ffn_block,
+    "bench-ffn-train": ffn_train, "bench-pipeline-p4-7b": pipeline_p4("pipeline_p4_7b_mb1_h200x4.json"),
+    "bench-pipeline-p4-1b-mb4": pipeline_p4("pipeline_p4_1b_mb4_h200x4.json"),
+    "bench-pipeline-p4-1b-mb1": pipeline_p4("pipeline_p4_1b_mb1_h200x4.json"), "bench-checkpoint": checkpoint,
+    "bench-decode": decode, "bench-deepspeed-1gpu": deepspeed_1gpu, "bench-deepspeed-2gpu": deepspeed_2gpu,
+    "bench-fp8": fp8, "bench-plan-validation": plan_validation,
+}
+
+
+def register(generated) -> None:
+    """Add every table to tools/render_docs.py's registry (`generated` is its decorator)."""
+    for name, render in TABLES.items():
+        generated(DOC, name)(render)
