@@ -1,5 +1,5 @@
 """Launchers: env -> rank mapping (fake env dicts), host lists, hostfiles, launch/run.sh, launch/torchrun.py's
-exit code and signal forwarding, and slurm/train.sbatch's requeue logic with fake srun/scontrol."""
+exit code and signal forwarding. slurm/train.sbatch and the rendezvous address: tests/test_slurm.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import signal
-import shutil
 import stat
 import subprocess
 import sys
@@ -26,7 +25,6 @@ from effdist.runtime.launch_env import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SBATCH = ROOT / "slurm" / "train.sbatch"
 RUN_SH = ROOT / "launch" / "run.sh"
 
 
@@ -342,133 +340,3 @@ def test_torchrun_wrapper_forwards_sigusr1_to_workers(tmp_path):
             proc.kill()
     assert proc.returncode == PREEMPTED_EXIT_CODE, err[-2000:]
     assert "forwarding to 2 worker(s)" in err
-
-
-# ------------------------------------------------------------------------------------------ slurm/train.sbatch
-def test_sbatch_script_parses():
-    assert shutil.which("bash")
-    proc = subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    text = SBATCH.read_text()
-    for directive in ("#SBATCH --signal=B:USR1@120", "#SBATCH --requeue", "#SBATCH --ntasks-per-node=1"):
-        assert directive in text
-    assert f"PREEMPTED_EXIT_CODE={PREEMPTED_EXIT_CODE}" in text
-
-
-@pytest.fixture
-def fake_slurm(tmp_path):
-    """A PATH with fake `srun` and `scontrol` that record their calls under tmp_path."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    _fake_command(bin_dir / "scontrol", f"""
-echo "$*" >> {tmp_path}/scontrol.calls
-case "$1" in
-  show) echo node07; echo node08 ;;
-  requeue) exit "${{FAKE_REQUEUE_RC:-0}}" ;;
-esac
-""")
-    _fake_command(bin_dir / "srun", f"""
-if [[ " $* " == *" hostname "* ]]; then echo "$*" > {tmp_path}/srun.hostname; echo "10.9.8.7 fe80::1"; exit 0; fi
-printf "%s\\n" "$@" > {tmp_path}/srun.args
-printenv CUDA_DEVICE_MAX_CONNECTIONS NCCL_NVLS_ENABLE > {tmp_path}/srun.env
-if [[ ${{FAKE_STEP}} == wait ]]; then
-  # a training step that saves and exits 75 on USR1 or TERM, like the trainer
-  trap 'echo USR1 >> {tmp_path}/srun.signals; exit 75' USR1
-  trap 'echo TERM >> {tmp_path}/srun.signals; exit 75' TERM
-  touch {tmp_path}/srun.started
-  for _ in $(seq 600); do sleep 0.05; done
-  exit 9
-fi
-exit "$FAKE_STEP"
-""")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_ID="4242", SLURM_NNODES="2",
-               SLURM_JOB_NODELIST="node[07-08]", SLURM_GPUS_ON_NODE="4", EFFDIST_DIR=str(ROOT),
-               CONFIG="configs/tiny-cpu.yaml", RUN_DIR=str(tmp_path / "run"), TRAIN_ARGS="--set train.steps=7")
-    return tmp_path, env
-
-
-def _sbatch(env: dict[str, str], **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SBATCH)], env=dict(env, **extra), capture_output=True, text=True, timeout=60)
-
-
-def _requeues(tmp: Path) -> list[str]:
-    calls = tmp / "scontrol.calls"
-    return [c for c in calls.read_text().splitlines() if c.startswith("requeue")] if calls.exists() else []
-
-
-def test_sbatch_launches_torchrun_per_node(fake_slurm):
-    tmp, env = fake_slurm
-    proc = _sbatch(env, FAKE_STEP="0")
-    assert proc.returncode == 0, proc.stderr
-    args = (tmp / "srun.args").read_text().splitlines()
-    assert args[:4] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    assert args[5:7] == ["launch/torchrun.py", "--nnodes=2"] and "--nproc_per_node=4" in args
-    assert f"--rdzv_endpoint=10.9.8.7:{29500 + 4242}" in args and "--rdzv_id=4242" in args
-    tail = args[args.index("-m"):]
-    assert tail == ["-m", "effdist.train", "--config", "configs/tiny-cpu.yaml", "--run-dir", str(tmp / "run"),
-                    "--resume", "auto", "--set", "train.steps=7"]
-    assert "--nodelist=node07" in (tmp / "srun.hostname").read_text()
-    assert (tmp / "srun.env").read_text().split() == ["1", "0"]
-    assert _requeues(tmp) == []
-
-
-def test_sbatch_requeues_on_exit_75(fake_slurm):
-    tmp, env = fake_slurm
-    proc = _sbatch(env, FAKE_STEP="75")
-    assert proc.returncode == 0, proc.stderr
-    assert _requeues(tmp) == ["requeue 4242"]
-    assert "requeued" in proc.stderr
-
-
-def test_sbatch_does_not_requeue_a_crash(fake_slurm):
-    tmp, env = fake_slurm
-    proc = _sbatch(env, FAKE_STEP="3")
-    assert proc.returncode == 3
-    assert _requeues(tmp) == []
-
-
-def test_sbatch_stops_requeueing_after_max_and_reports_a_failed_requeue(fake_slurm):
-    tmp, env = fake_slurm
-    proc = _sbatch(env, FAKE_STEP="75", SLURM_RESTART_COUNT="5", MAX_REQUEUES="5")
-    assert proc.returncode == 75 and _requeues(tmp) == [] and "MAX_REQUEUES=5" in proc.stderr
-    proc = _sbatch(env, FAKE_STEP="75", FAKE_REQUEUE_RC="1")
-    assert proc.returncode == 75 and "failed" in proc.stderr
-
-
-def _signal_sbatch(tmp: Path, env: dict[str, str], sig: int) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(["bash", str(SBATCH)], env=dict(env, FAKE_STEP="wait"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 30
-        while not (tmp / "srun.started").exists() and time.time() < deadline:
-            time.sleep(0.02)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def test_sbatch_forwards_the_time_limit_warning_and_requeues(fake_slurm):
-    tmp, env = fake_slurm
-    proc = _signal_sbatch(tmp, env, signal.SIGUSR1)
-    assert (tmp / "srun.signals").read_text().split() == ["USR1"]
-    assert proc.returncode == 0, proc.stderr
-    assert _requeues(tmp) == ["requeue 4242"]
-
-
-def test_sbatch_saves_but_does_not_requeue_on_sigterm(fake_slurm):
-    tmp, env = fake_slurm
-    proc = _signal_sbatch(tmp, env, signal.SIGTERM)
-    assert (tmp / "srun.signals").read_text().split() == ["TERM"]
-    assert proc.returncode == 75, proc.stderr
-    assert _requeues(tmp) == [] and "not requeueing" in proc.stderr
-
-
-def test_sbatch_refuses_to_run_outside_slurm(fake_slurm):
-    _, env = fake_slurm
-    env = {k: v for k, v in env.items() if k != "SLURM_JOB_ID"}
-    proc = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0 and "SLURM_JOB_ID" in proc.stderr
