@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from effdist.config import SCHEDULES, load_config, validate
+from effdist.config import SCHEDULES, load_config
 from effdist.pipeline.calibration import (DEFAULT_LINKS, Calibration, CalibrationError, HeadCost, LayerCost,
                                           chunk_seconds, layer_matmul_flops, model_shape, pipeline_costs)
 from effdist.pipeline.memory_model import chunk_activation_bytes
 from effdist.pipeline.schedules import build_schedule
 from effdist.pipeline.simulate import simulate
 from effdist.train import planner
+from effdist.train.preflight import validate_run
 from effdist.train.estimate import GIB, build_plan_schedule, estimate, layer_activation_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +136,7 @@ def test_never_over_budget_and_memory_is_the_dry_runs_and_the_simulators():
         seen.add((c.pp, c.schedule))
         # The plan's overrides, applied as a user would, give the dry run's estimate ...
         run_cfg = load_config(CONFIGS / "llama-1b.yaml", p.overrides)
-        validate(run_cfg, world_size=8)
+        validate_run(run_cfg, world_size=8)
         est = estimate(run_cfg, 8, on_gpu=True)
         assert p.peak_mem_gib == pytest.approx(est.peak.total / GIB, rel=1e-9)
         # ... whose activations are the simulator's peak over the whole step (not just the simulated warm-up).
@@ -151,7 +152,7 @@ def test_pipeline_step_time_is_the_simulated_makespan_in_seconds():
     cfg = load_config(CONFIGS / "llama-1b.yaml", ["parallel.pp=4", "pipeline.schedule=v-half", "train.micro_batch=2",
                                                  "train.global_batch=32"])
     cal = synthetic(cfg, optimizer_s_per_param=0.0, links={"latency_s": 0.0})
-    validate(cfg, world_size=4)
+    validate_run(cfg, world_size=4)
     step, bubble, parts = planner.predict_step(cfg, cal, planner.Space(gpus=4), dp=1)
     costs = pipeline_costs(cal, cfg, 8, 2, frozenset())
     sim = simulate(build_schedule("v-half", 4, 16), costs)
@@ -160,7 +161,7 @@ def test_pipeline_step_time_is_the_simulated_makespan_in_seconds():
     # More microbatches than the simulation runs: the steady state adds one F+B+W of the slowest stage each.
     big = load_config(CONFIGS / "llama-1b.yaml", ["parallel.pp=2", "pipeline.schedule=1f1b", "train.micro_batch=1",
                                                  "train.global_batch=200"])
-    validate(big, world_size=2)
+    validate_run(big, world_size=2)
     step_big, _, _ = planner.predict_step(big, cal, planner.Space(gpus=2), dp=1)
     c2 = pipeline_costs(cal, big, 2, 1, frozenset())
     full = simulate(build_schedule("1f1b", 2, 200), c2)

@@ -43,13 +43,14 @@ def predict(model: str, overrides: list[str], cal) -> tuple[float, float, dict]:
     """(tokens/s, peak GiB, step parts) the planner predicts for one pp=1 choice on one GPU."""
     import copy
 
-    from effdist.config import load_config, validate
+    from effdist.config import load_config
+    from effdist.train.preflight import validate_run
     from effdist.train.estimate import GIB, estimate
     from effdist.train.planner import Space, predict_step
     from effdist.train.presets import resolve_config_path
 
     cfg = load_config(resolve_config_path(model), overrides)
-    validate(cfg, world_size=1)
+    validate_run(cfg, world_size=1)
     step, _, parts = predict_step(cfg, cal, Space(gpus=1), dp=1)
     return (cfg.train.global_batch * cfg.data.seq_length / step,
             estimate(copy.deepcopy(cfg), 1, on_gpu=True).peak.total / GIB, parts)

@@ -25,9 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from effdist.config import SCHEDULES, Config, ConfigError, epas_final_region, load_config, validate
+from effdist.config import SCHEDULES, Config, ConfigError, epas_final_region, load_config
 from effdist.pipeline.calibration import Calibration, CalibrationError, pipeline_costs, resolve, ring_seconds
-from effdist.train.estimate import GIB, validated_schedule, estimate, total_parameters
+from effdist.train.estimate import GIB, estimate, total_parameters, validated_schedule
+from effdist.train.preflight import validate_run
 
 # Microbatches the step-time simulation runs at most (a few times pp covers every schedule's warm-up and
 # cool-down); beyond, every extra microbatch adds one steady-state F + B + W of the slowest stage (all six
@@ -223,7 +224,7 @@ def plan(base: Config, cal: Calibration, space: Space, gpu_memory_gib: float, gl
     for c in choices(base, space, gb):
         cfg = candidate_config(base, c, global_batch, seq)
         try:
-            validate(cfg, world_size=space.gpus)
+            validate_run(cfg, world_size=space.gpus)
         except ConfigError:
             continue
         mem_key = (c.tp, c.pp, c.schedule, c.micro_batch, c.recompute, c.zero1, c.ffn_kind, c.dp)
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--schedules {args.schedules}: valid: {', '.join(SCHEDULES)}")
     try:
         cfg = load_config(resolve_config_path(args.config), args.overrides)
-        validate(cfg)
+        validate_run(cfg)  # the world-size checks are each candidate's
         cal = resolve(args.calibration or _default_calibration(cfg))
     except (ConfigError, CalibrationError) as e:
         return _fail(str(e))
