@@ -10,10 +10,8 @@ a TP=2 or DP=2 run follows a single-process run of the same global batch.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -23,11 +21,10 @@ import torch
 import torch.distributed as dist
 
 from effdist.config import Config, ConfigError, load_config, validate
+from effdist.runtime import lifecycle
 from effdist.train import checkpoint as ckpt
 from effdist.train.loss import masked_loss_sum
 from effdist.train.optim import MasterWeightAdamW, lr_at
-
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class NonFiniteError(RuntimeError):
@@ -60,7 +57,8 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
-        self._preempt_requested = False
+        # SIGTERM/SIGUSR1, launcher and peer death, helpers (effdist.runtime.lifecycle).
+        self.guard = lifecycle.guard()
         # train.engine=deepspeed: an object owning model wrapping, step, save and load (None: megatron DDP here).
         self.engine = None
         # Fault injection for tests and drills: steps (1-based) whose loss is made NaN.
@@ -71,6 +69,9 @@ class Trainer:
         from effdist.runtime.distributed import setup
 
         cfg = self.cfg
+        # Before anything slow: a stop signal during setup ends the process promptly (nothing to save yet).
+        self.guard.install(timeout_s=cfg.parallel.timeout_s)
+        self.guard.phase = "process group setup"
         self.runtime = rt = setup(cfg)
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         if rt.is_logging_rank:
@@ -79,11 +80,15 @@ class Trainer:
         log(rt, f"{rt.world_size} process(es) on {rt.device.type}/{rt.backend}: tp={rt.tp} pp={rt.pp} dp={rt.dp}, "
                 f"dtype={str(rt.dtype).replace('torch.', '')}, run dir {self.run_dir}")
 
+        self.guard.phase = "data preparation"
         self._build_data()
+        self.guard.phase = "model construction"
         self._build_model()
         self._build_features()
+        self.guard.phase = "resume"
         self._maybe_resume()
         self._build_metrics()
+        self.guard.phase = "the first step"
 
     def _build_data(self) -> None:
         from effdist.data.loader import MicrobatchLoader, build_train_valid_datasets, prepare_data
@@ -377,18 +382,9 @@ class Trainer:
                 "skipped_steps": self.skipped_steps}
 
     # ------------------------------------------------------------------ loop
-    def _install_signal_handlers(self) -> None:
-        def request(signum, _frame):
-            self._preempt_requested = True
-            log(self.runtime, f"received signal {signum}: will save a checkpoint after this step and exit")
-
-        for s in PREEMPT_SIGNALS:
-            with contextlib.suppress(ValueError):  # not in the main thread (tests)
-                signal.signal(s, request)
-
     def _preempt_agreed(self) -> bool:
         """All ranks stop together if any was signalled (Slurm signals every task, but not atomically)."""
-        flag = torch.tensor([1.0 if self._preempt_requested else 0.0], device=self.runtime.device)
+        flag = torch.tensor([1.0 if self.guard.requested else 0.0], device=self.runtime.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
@@ -428,7 +424,6 @@ class Trainer:
     def fit(self) -> int:
         """Train until train.steps; returns the process exit code."""
         cfg, rt = self.cfg, self.runtime
-        self._install_signal_handlers()
         self.saver = ckpt.AsyncSaver() if cfg.checkpoint.async_save else None
         if self.step >= cfg.train.steps:
             log(rt, f"nothing to do: the run in {self.run_dir} is already at step {self.step} of {cfg.train.steps} "
@@ -451,6 +446,8 @@ class Trainer:
                     f"(optim.lr={cfg.optim.lr}), fp16 overflow, or corrupt data. Resume from the last good checkpoint "
                     "with a lower optim.lr.")
             self.step += 1
+            # From here a stop signal waits for the end of the step and a save (see lifecycle.ProcessGuard).
+            self.guard.unsaved, self.guard.phase = True, "training"
             tokens_per_s = tokens_per_step / dt
             tflops = self.flops_per_token * tokens_per_s / rt.world_size / 1e12
             record = dict(out, step=self.step, tokens_per_s=tokens_per_s, tflops=tflops,
@@ -466,6 +463,7 @@ class Trainer:
                 self.metrics.log(record)
             due = cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0
             if self._preempt_agreed():
+                self.guard.leaving = True
                 if self.nonfinite_in_a_row == 0:
                     self.save()
                 self._finish_saves()
@@ -475,6 +473,8 @@ class Trainer:
             if due and self.nonfinite_in_a_row == 0:
                 self.save()
                 last_saved = self.step
+                # An asynchronous save is not safe until finalized: a signal meanwhile still saves at step end.
+                self.guard.unsaved = self.saver is not None
         if cfg.checkpoint.save_at_end and last_saved != self.step and self.nonfinite_in_a_row == 0:
             self.save()
         self._finish_saves()
@@ -522,17 +522,43 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     trainer = Trainer(cfg, run_dir, resume=args.resume)
+    guard = trainer.guard
     try:
         trainer.setup()
-        return trainer.fit()
+        code = trainer.fit()
+        guard.leaving = True
+        return code
     except (ConfigError, ckpt.CheckpointError, NonFiniteError, _data_error()) as e:
         # Errors the user can act on: one clear line per rank instead of a traceback.
-        from effdist.runtime.launch_env import resolve_dist_env
-
-        print(f"effdist: error (rank {resolve_dist_env(os.environ).rank}): {e}", file=sys.stderr, flush=True)
+        _error_line(e)
         return 1
+    except lifecycle.Stopped as e:
+        _error_line(e)
+        return e.exit_code
+    except RuntimeError as e:
+        # A peer that died (or that stopped on a signal) shows up here as a failed collective.
+        guard.leaving = True
+        if guard.signum is not None:
+            stopped = lifecycle.Stopped(guard.signum, guard.phase)
+            _error_line(stopped)
+            return stopped.exit_code
+        why = lifecycle.describe_lost_peer(e) if dist.is_initialized() and dist.get_world_size() > 1 else None
+        if why is None:
+            raise
+        _error_line(why)
+        return lifecycle.PEER_LOST_EXIT_CODE
     finally:
-        teardown()
+        guard.leaving = True
+        try:
+            teardown()
+        finally:
+            guard.finish()
+
+
+def _error_line(error) -> None:
+    from effdist.runtime.launch_env import resolve_dist_env
+
+    print(f"effdist: error (rank {resolve_dist_env(os.environ).rank}): {error}", file=sys.stderr, flush=True)
 
 
 def _data_error() -> type[Exception]:
