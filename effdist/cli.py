@@ -7,6 +7,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("effdist.train.trainer", "pretrain a model (also: torchrun ... -m effdist.train)"),
+    "presets": ("effdist.train.presets", "list the shipped configs with parameter counts and purpose"),
     "simulate": ("effdist.pipeline.simulate_cli", "predict memory and bubbles of a pipeline schedule"),
     "preprocess": ("effdist.data.preprocess", "tokenize text into megatron .bin/.idx datasets"),
     "tokenizer": ("effdist.data.tokenizer", "train a byte-level BPE tokenizer on local text"),

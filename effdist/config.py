@@ -96,6 +96,15 @@ class TrainConfig:
     # The fused loss keeps the LM head's logits for backward unless this is set: then it recomputes them
     # this many tokens at a time (least memory, one more LM-head GEMM).
     fused_loss_chunk_tokens: int | None = None
+    # GEMM precision of the decoder's linear layers (QKV, attention output, FFN up/gate/down; not the
+    # embedding or LM head): "bf16" = train.dtype, "fp8" = torchao's float8 training (GPU of compute
+    # capability >= 8.9, torchao installed; docs/fp8.md). fp8_recipe: tensorwise | rowwise | rowwise_with_gw_hp.
+    # fp8_compile: torch.compile each linear's casts + GEMM (CUDA). fp8_emulate: FP8 rounding with
+    # high-precision matmuls, on any device (tests, numerics checks; not faster).
+    precision: str = "bf16"
+    fp8_recipe: str = "tensorwise"
+    fp8_compile: bool = True
+    fp8_emulate: bool = False
 
 
 @dataclass
@@ -358,8 +367,9 @@ def _set_dotted(cfg: Config, assignment: str) -> None:
     _apply(cfg, nested, "")
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults), apply --set overrides, and validate the result."""
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                check: bool = True) -> Config:
+    """Load a YAML config (or the defaults), apply --set overrides, and validate the result (unless not `check`)."""
     cfg = Config()
     if path is not None:
         p = Path(path)
@@ -377,7 +387,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         _apply(cfg, data, "")
     for a in overrides or []:
         _set_dotted(cfg, a)
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -400,9 +411,201 @@ def _fail(field_name: str, value: Any, fix: str) -> None:
     raise ConfigError(f"{field_name} = {value!r}: {fix}")
 
 
-def _positive(name: str, value: Any) -> None:
-    if value is None or value <= 0:
-        _fail(name, value, "must be a positive number")
+# ---------------------------------------------------------------------- numeric ranges
+
+# Integers end up in torch/numpy int64 tensors and counters: anything larger overflows there.
+INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of one numeric config field (each element of a list field).
+
+    Floats must also be finite. `hint` says what the value means or gives a typical value; it ends the
+    error message, after a "; ". `positive_sum` (lists): the elements must not all be zero.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+    hint: str = ""
+    positive_sum: bool = False
+
+    def contains(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (value == self.low and not self.low_inclusive)):
+            return False
+        return self.high is None or value < self.high or (value == self.high and self.high_inclusive)
+
+    def describe(self, integer: bool) -> str:
+        """What a valid value is, in words: "a positive integer", "a number in [0, 1)"."""
+        kind = "an integer" if integer else "a finite number"
+
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        if self.high is None and self.low == 0 and not self.low_inclusive:
+            return "a positive number"
+        if self.high is None and integer and self.low == 1:
+            return "a positive integer"
+        if self.high is None and self.low is not None:
+            return f"{kind} {'>=' if self.low_inclusive else '>'} {num(self.low)}"
+        if self.low is None and self.high is not None:
+            return f"{kind} {'<=' if self.high_inclusive else '<'} {num(self.high)}"
+        if self.low is None:
+            return kind
+        return (f"{kind} in {'[' if self.low_inclusive else '('}{num(self.low)}, {num(self.high)}"
+                f"{']' if self.high_inclusive else ')'}")
+
+
+def _at_least(low: float, hint: str = "") -> Range:
+    return Range(low=low, hint=hint)
+
+
+def _above(low: float, hint: str = "") -> Range:
+    return Range(low=low, low_inclusive=False, hint=hint)
+
+
+# Every int/float field of the config tree (and every list of them) has a row here; the values are checked
+# before anything else, so a NaN or a negative size never reaches a cross-field check, a process group or a
+# kernel. tests/test_config.py walks the dataclasses and fails for a numeric field without a row: add one
+# when you add a field. Checks that depend on other fields (divisibility, min_lr <= lr, ...) live in
+# validate().
+NUMERIC_RANGES: dict[str, Range] = {
+    "model.num_layers": _at_least(1),
+    "model.hidden_size": _at_least(1),
+    "model.num_attention_heads": _at_least(1),
+    "model.num_query_groups": _at_least(1, "the number of key/value heads, or null for one per attention head"),
+    "model.ffn_hidden_size": _at_least(1),
+    "model.vocab_size": _at_least(1),
+    "model.max_position_embeddings": _at_least(1),
+    "model.rotary_base": _above(0, "the RoPE base theta, e.g. 10000 as in LLaMA-2, 500000 as in LLaMA-3"),
+    "model.norm_eps": Range(low=0, high=1, low_inclusive=False, high_inclusive=False,
+                            hint="the epsilon RMSNorm adds to the mean square, e.g. 1e-5"),
+    "model.init_std": _above(0, "the standard deviation of the initial weights, e.g. 0.02"),
+    "model.make_vocab_size_divisible_by": _at_least(1, "the embedding table is padded to a multiple of this "
+                                                       "times parallel.tp: 64 as in Megatron-LM, 1 for no padding"),
+    "parallel.tp": _at_least(1),
+    "parallel.pp": _at_least(1),
+    "parallel.timeout_s": Range(low=0, high=365 * 86400, low_inclusive=False,
+                                hint="seconds a collective may wait for a peer before every rank stops, e.g. 600"),
+    "data.weights": Range(low=0, positive_sum=True,
+                          hint="relative shares of the datasets in data.paths, e.g. [0.7, 0.3]"),
+    "data.seq_length": _at_least(1),
+    "data.sample_documents": _at_least(1, "documents in the generated sample corpus, e.g. 2000"),
+    "train.steps": _at_least(1),
+    "train.global_batch": _at_least(1),
+    "train.micro_batch": _at_least(1),
+    # numpy's RandomState, which megatron's dataset shuffles use, takes seeds in [0, 2^32).
+    "train.seed": Range(low=0, high=2**32 - 1, hint="numpy and megatron's data shuffles take seeds in [0, 2^32)"),
+    "train.eval_interval": _at_least(0, "0: no evaluation"),
+    "train.eval_steps": _at_least(1),
+    "train.max_consecutive_nonfinite": _at_least(1),
+    "train.fused_loss_chunk_tokens": _at_least(1, "a token count, or null to keep the logits"),
+    "optim.lr": _above(0, "the peak learning rate, e.g. 3e-4"),
+    "optim.min_lr": _at_least(0),
+    "optim.warmup_steps": _at_least(0),
+    "optim.weight_decay": _at_least(0, "e.g. 0.1, or 0 for none"),
+    "optim.beta1": Range(low=0, high=1, high_inclusive=False, hint="e.g. 0.9"),
+    "optim.beta2": Range(low=0, high=1, high_inclusive=False, hint="e.g. 0.95"),
+    "optim.eps": _above(0, "Adam's denominator epsilon, e.g. 1e-8"),
+    "optim.clip_grad": _at_least(0, "0 disables clipping"),
+    "checkpoint.interval": _at_least(0, "0: save only at the end"),
+    "checkpoint.keep_last": _at_least(1, "so the newest checkpoint is never deleted"),
+    "checkpoint.keep_every": _at_least(0, "0: keep no extra checkpoints"),
+    "logging.interval": _at_least(1),
+    "pipeline.microbatches": _at_least(1, "or null: global_batch / (micro_batch * dp)"),
+    "pipeline.chunks_per_rank": _at_least(1),
+    "epas.start_step": _at_least(0),
+    "epas.interval": _at_least(1, "steps between growths of the region"),
+    "epas.group_size": _at_least(1, "layers added per growth"),
+    "epas.final_region": _above(0, "a layer count >= 1 or a fraction of model.num_layers in (0, 1)"),
+    "epas.transition_steps": _at_least(0, "0 switches each layer at once, as in the paper"),
+    "epas.similarity_threshold": Range(low=-1, high=1, low_inclusive=False,
+                                       hint="the cosine similarity at or above which a group joins, e.g. 0.5"),
+    "epas.inference_region": _at_least(0),
+    "ffn.layers": _at_least(0, "0-based layer indices"),
+    "ffn.topk_k": _above(0, "a count >= 1 or a fraction of the FFN width in (0, 1)"),
+    "ffn.moc_k": _above(0, "a count >= 1 or a fraction of the FFN width in (0, 1)"),
+    "ffn.elas_expand": _above(0, "1.5 keeps the SwiGLU parameter count"),
+    "ffn.elas_warmup_steps": _at_least(0),
+    "ffn.elas_rank": _at_least(1, "or null for full rank"),
+    "deepspeed.zero_stage": Range(low=0, high=3, hint="valid: 0, 1, 2, 3"),
+}
+
+
+def _numeric_kind(tp: Any) -> tuple[type, bool] | None:
+    """(int or float, is_list) when annotation `tp` holds numbers (optionally None or a list); else None.
+
+    `bool | list[str]` and other non-numeric annotations give None; bool is not a number here.
+    """
+    origin = get_origin(tp)
+    if origin is Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        kinds = [k for k in (_numeric_kind(a) for a in get_args(tp) if a is not type(None)) if k is not None]
+        return kinds[0] if len(kinds) == 1 and len(get_args(tp)) - (type(None) in get_args(tp)) == 1 else None
+    if origin is list:
+        (elem,) = get_args(tp) or (Any,)
+        inner = _numeric_kind(elem)
+        return (inner[0], True) if inner is not None and not inner[1] else None
+    if tp in (int, float):
+        return tp, False
+    return None
+
+
+def numeric_fields(cls: type | None = None, prefix: str = "") -> dict[str, tuple[type, bool]]:
+    """Dotted name -> (int or float, is_list) of every numeric field in the config tree under `cls`."""
+    cls = Config if cls is None else cls
+    out: dict[str, tuple[type, bool]] = {}
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            out.update(numeric_fields(tp, f"{prefix}{f.name}."))
+            continue
+        kind = _numeric_kind(tp)
+        if kind is not None:
+            out[f"{prefix}{f.name}"] = kind
+    return out
+
+
+def _value_at(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_number(name: str, value: Any, kind: type, rule: Range | None) -> None:
+    integer = kind is int
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(name, value, "expected an integer" if integer else "expected a number")
+    if integer and not isinstance(value, int):
+        _fail(name, value, "expected an integer")
+    if not math.isfinite(value):
+        _fail(name, value, "must be a finite number" + (f"; {rule.hint}" if rule and rule.hint else ""))
+    if integer and not -INT64_MAX - 1 <= value <= INT64_MAX:
+        _fail(name, value, "does not fit in a 64-bit integer")
+    if rule is not None and not rule.contains(value):
+        _fail(name, value, f"must be {rule.describe(integer)}" + (f"; {rule.hint}" if rule.hint else ""))
+
+
+def validate_numbers(cfg: Config) -> None:
+    """Every numeric field finite and within its NUMERIC_RANGES row (the first offender raises)."""
+    for name, (kind, is_list) in numeric_fields().items():
+        value = _value_at(cfg, name)
+        if value is None:
+            continue
+        rule = NUMERIC_RANGES.get(name)
+        if not is_list:
+            _check_number(name, value, kind, rule)
+            continue
+        for element in value:
+            try:
+                _check_number(name, element, kind, rule)
+            except ConfigError as e:
+                raise ConfigError(f"{name} = {value!r}: element {element!r} " + str(e).split(": ", 1)[1]) from None
+        if rule is not None and rule.positive_sum and value and not sum(value) > 0:
+            _fail(name, value, "must not be all zero" + (f"; {rule.hint}" if rule.hint else ""))
 
 
 def resolve_count(value: float, total: int) -> int:
@@ -425,14 +628,52 @@ def ffn_width(cfg: Config) -> int:
     return cfg.model.ffn_hidden_size
 
 
+def ffn_kind_of_layer(cfg: Config, layer_idx: int) -> str:
+    if cfg.ffn.layers is None or layer_idx in cfg.ffn.layers:
+        return cfg.ffn.kind
+    return "swiglu"
+
+
+def ffn_width_of_layer(cfg: Config, layer_idx: int) -> int:
+    """Intermediate width of the FFN of global layer `layer_idx` (all TP ranks together)."""
+    if ffn_kind_of_layer(cfg, layer_idx) == cfg.ffn.kind:
+        return ffn_width(cfg)
+    return cfg.model.ffn_hidden_size
+
+
+def padded_vocab_size(cfg: Config) -> int:
+    """The embedding table's rows: the vocab rounded up so it shards evenly over TP (as Megatron-LM does)."""
+    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tp
+    return ((cfg.model.vocab_size + multiple - 1) // multiple) * multiple
+
+
+FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")  # torchao's Float8LinearRecipeName values
+
+
+def _validate_precision(cfg: Config) -> None:
+    tr = cfg.train
+    if tr.precision not in ("bf16", "fp8"):
+        _fail("train.precision", tr.precision, "valid: bf16, fp8")
+    if tr.fp8_recipe not in FP8_RECIPES:
+        _fail("train.fp8_recipe", tr.fp8_recipe, f"valid: {', '.join(FP8_RECIPES)}")
+    if tr.precision != "fp8":
+        return
+    if tr.dtype not in ("auto", "bf16") and not tr.fp8_emulate:
+        _fail("train.dtype", tr.dtype, "train.precision=fp8 casts bf16 weights and activations; use train.dtype=bf16 "
+              "(or auto on a GPU)")
+    if cfg.parallel.pp > 1:
+        _fail("parallel.pp", cfg.parallel.pp, "train.precision=fp8 is not implemented for the pipeline executor's "
+              "B/W-split linears; use parallel.pp=1, or train.precision=bf16")
+    if tr.engine != "megatron":
+        _fail("train.engine", tr.engine, "train.precision=fp8 runs under the megatron engine; use train.engine=megatron")
+
+
 DEEPSPEED_INSTALL_HINT = ('pip install -e ".[deepspeed]" (on a machine without CUDA: '
                           'DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed)')
 
 
 def _validate_deepspeed(cfg: Config) -> None:
     ds, par = cfg.deepspeed, cfg.parallel
-    if ds.zero_stage not in (0, 1, 2, 3):
-        _fail("deepspeed.zero_stage", ds.zero_stage, "valid: 0, 1, 2, 3")
     if cfg.train.engine != "deepspeed":
         return
     if par.pp > 1:
@@ -472,19 +713,16 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     `world_size` adds the checks that need it (data-parallel divisibility); they run again once the
     launcher's WORLD_SIZE is known, still before any process group is created.
     """
+    validate_numbers(cfg)
     m, par, tr, d = cfg.model, cfg.parallel, cfg.train, cfg.data
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
-        _positive(f"model.{name}", getattr(m, name))
     if m.hidden_size % m.num_attention_heads:
         _fail("model.hidden_size", m.hidden_size, f"must be divisible by model.num_attention_heads={m.num_attention_heads}")
     groups = m.num_query_groups or m.num_attention_heads
-    if groups <= 0 or m.num_attention_heads % groups:
+    if m.num_attention_heads % groups:
         _fail("model.num_query_groups", m.num_query_groups, f"must divide model.num_attention_heads={m.num_attention_heads}")
     if (m.hidden_size // m.num_attention_heads) % 2:
         _fail("model.hidden_size", m.hidden_size, "head dim (hidden_size / num_attention_heads) must be even for RoPE")
 
-    _positive("parallel.tp", par.tp)
-    _positive("parallel.pp", par.pp)
     if m.num_attention_heads % par.tp:
         _fail("parallel.tp", par.tp, f"must divide model.num_attention_heads={m.num_attention_heads}")
     if groups % par.tp:
@@ -497,11 +735,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _fail("parallel.backend", par.backend, "valid: auto, nccl, gloo")
     if par.device == "cpu" and par.backend == "nccl":
         _fail("parallel.backend", par.backend, "nccl needs GPUs; use gloo (or auto) with parallel.device=cpu")
-    _positive("parallel.timeout_s", par.timeout_s)
     if par.sequence_parallel and par.tp == 1:
         _fail("parallel.sequence_parallel", True, "needs parallel.tp > 1")
 
-    _positive("data.seq_length", d.seq_length)
     if d.seq_length > m.max_position_embeddings:
         _fail("data.seq_length", d.seq_length, f"is longer than model.max_position_embeddings={m.max_position_embeddings}; "
               "shorten it or raise the model's maximum")
@@ -511,17 +747,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _fail("data.paths", d.paths, "data.kind=indexed needs at least one dataset prefix (path without .bin/.idx)")
     if d.weights is not None and len(d.weights) != len(d.paths):
         _fail("data.weights", d.weights, f"needs one weight per entry of data.paths ({len(d.paths)})")
-    if d.weights is not None and any(w < 0 for w in d.weights):
-        _fail("data.weights", d.weights, "weights must be non-negative")
     try:
         parts = [float(x) for x in d.split.split(",")]
         assert len(parts) == 3 and sum(parts) > 0 and parts[0] > 0
     except (ValueError, AssertionError):
         _fail("data.split", d.split, "give three comma-separated train,valid,test weights, e.g. 98,2,0")
 
-    _positive("train.steps", tr.steps)
-    _positive("train.global_batch", tr.global_batch)
-    _positive("train.micro_batch", tr.micro_batch)
     if tr.global_batch % tr.micro_batch:
         _fail("train.global_batch", tr.global_batch, f"must be a multiple of train.micro_batch={tr.micro_batch}")
     if tr.dtype not in ("auto", "fp32", "bf16", "fp16"):
@@ -532,51 +763,23 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         fused_kernel_set(tr.fused_kernels)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if tr.fused_loss_chunk_tokens is not None and tr.fused_loss_chunk_tokens <= 0:
-        _fail("train.fused_loss_chunk_tokens", tr.fused_loss_chunk_tokens, "must be a positive token count (or null)")
-    if tr.eval_interval < 0:
-        _fail("train.eval_interval", tr.eval_interval, "must be >= 0 (0: no evaluation)")
     if tr.eval_interval and par.pp > 1:
         _fail("train.eval_interval", tr.eval_interval, "evaluation runs without pipeline parallelism only; set "
               "train.eval_interval=0 with parallel.pp > 1")
-    if tr.eval_interval and tr.eval_steps < 1:
-        _fail("train.eval_steps", tr.eval_steps, "must be >= 1 when train.eval_interval is set")
-    if tr.max_consecutive_nonfinite < 1:
-        _fail("train.max_consecutive_nonfinite", tr.max_consecutive_nonfinite, "must be >= 1")
     if tr.engine not in ("megatron", "deepspeed"):
         _fail("train.engine", tr.engine, "valid: megatron, deepspeed")
     _validate_deepspeed(cfg)
+    _validate_precision(cfg)
 
     o = cfg.optim
-    if o.lr <= 0:
-        _fail("optim.lr", o.lr, "must be positive")
-    if o.min_lr < 0 or o.min_lr > o.lr:
+    if o.min_lr > o.lr:
         _fail("optim.min_lr", o.min_lr, f"must lie in [0, optim.lr={o.lr}]")
-    if o.warmup_steps < 0:
-        _fail("optim.warmup_steps", o.warmup_steps, "must be >= 0")
     if o.decay not in ("cosine", "linear", "constant"):
         _fail("optim.decay", o.decay, "valid: cosine, linear, constant")
-    if not (0 <= o.beta1 < 1):
-        _fail("optim.beta1", o.beta1, "must lie in [0, 1)")
-    if not (0 <= o.beta2 < 1):
-        _fail("optim.beta2", o.beta2, "must lie in [0, 1)")
-    if o.clip_grad < 0:
-        _fail("optim.clip_grad", o.clip_grad, "must be >= 0 (0 disables clipping)")
-
-    c = cfg.checkpoint
-    if c.interval < 0:
-        _fail("checkpoint.interval", c.interval, "must be >= 0 (0: save only at the end)")
-    if c.keep_last < 1:
-        _fail("checkpoint.keep_last", c.keep_last, "must be >= 1 so the newest checkpoint is never deleted")
-    if c.keep_every < 0:
-        _fail("checkpoint.keep_every", c.keep_every, "must be >= 0")
-    _positive("logging.interval", cfg.logging.interval)
 
     pl = cfg.pipeline
     if pl.schedule not in SCHEDULES:
         _fail("pipeline.schedule", pl.schedule, "valid: " + ", ".join(SCHEDULES))
-    if pl.microbatches is not None and pl.microbatches <= 0:
-        _fail("pipeline.microbatches", pl.microbatches, "must be positive")
     if par.pp > 1 and m.tie_embeddings:
         _fail("model.tie_embeddings", True, "with parallel.pp > 1 the embedding and the output layer live in different "
               "model chunks, which effdist's pipeline does not synchronise; set model.tie_embeddings=false or "
@@ -616,25 +819,21 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             _fail("ffn.layers", f.layers, f"layer indices must lie in [0, {m.num_layers - 1}]")
     width = ffn_width(cfg)
     if f.kind == "topk":
-        if f.topk_k <= 0 or resolve_count(f.topk_k, width) > width:
+        if resolve_count(f.topk_k, width) > width:
             _fail("ffn.topk_k", f.topk_k, f"must be a count in [1, {width}] or a fraction in (0, 1)")
         if f.topk_activation not in ("relu", "relu2"):
             _fail("ffn.topk_activation", f.topk_activation, "valid: relu, relu2")
     if f.kind == "moc":
-        if f.moc_k <= 0 or resolve_count(f.moc_k, width) > width:
+        if resolve_count(f.moc_k, width) > width:
             _fail("ffn.moc_k", f.moc_k, f"must be a count in [1, ffn width {width}] or a fraction in (0, 1)")
         if f.moc_structured and (width // par.tp) % 8:
             _fail("ffn.moc_structured", True, f"2:8 selection needs the per-rank FFN width ({width // par.tp}) divisible by 8")
     if f.kind == "elas":
-        if f.elas_expand <= 0:
-            _fail("ffn.elas_expand", f.elas_expand, "must be positive (1.5 keeps the SwiGLU parameter count)")
         if (width // par.tp) % 4:
             _fail("ffn.elas_expand", f.elas_expand, f"2:4 sparsity needs the per-rank FFN width ({width // par.tp}) divisible by 4")
         if f.elas_ste not in ("identity", "masked"):
             _fail("ffn.elas_ste", f.elas_ste, "valid: identity, masked")
-        if f.elas_warmup_steps < 0:
-            _fail("ffn.elas_warmup_steps", f.elas_warmup_steps, "must be >= 0")
-        if f.elas_rank is not None and not (0 < f.elas_rank <= min(m.hidden_size, width)):
+        if f.elas_rank is not None and f.elas_rank > min(m.hidden_size, width):
             _fail("ffn.elas_rank", f.elas_rank, f"must lie in [1, min(hidden_size, ffn width) = {min(m.hidden_size, width)}]")
 
     if world_size is not None:

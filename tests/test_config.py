@@ -95,3 +95,111 @@ def test_unknown_keys_and_bad_types_are_named(tmp_path):
 
 def test_defaults_are_valid():
     validate(Config())
+
+
+# ---------------------------------------------------------------------- every numeric field has a range
+
+def test_every_numeric_field_has_a_range_row():
+    """A new int/float field (or list of them) must get a NUMERIC_RANGES row, or this fails."""
+    from effdist.config import NUMERIC_RANGES, numeric_fields
+
+    fields = numeric_fields()
+    missing = sorted(set(fields) - set(NUMERIC_RANGES))
+    assert not missing, f"numeric config fields without a NUMERIC_RANGES row in effdist/config.py: {missing}"
+    stale = sorted(set(NUMERIC_RANGES) - set(fields))
+    assert not stale, f"NUMERIC_RANGES rows for fields that do not exist: {stale}"
+    # The walk reaches every section and sees Optional and list annotations.
+    assert fields["model.num_query_groups"] == (int, False)
+    assert fields["data.weights"] == (float, True)
+    assert fields["ffn.layers"] == (int, True)
+    assert fields["optim.lr"] == (float, False)
+    assert "train.fused_kernels" not in fields and "optim.distributed_optimizer" not in fields
+
+
+def test_the_walk_finds_numbers_in_a_new_section():
+    from dataclasses import dataclass, field
+
+    from effdist.config import numeric_fields
+
+    @dataclass
+    class Inner:
+        width: int = 1
+        flag: bool = False
+        rate: float | None = None
+        sizes: list[int] = field(default_factory=list)
+        names: list[str] = field(default_factory=list)
+        mixed: bool | list[str] = True
+
+    @dataclass
+    class Outer:
+        inner: Inner = field(default_factory=Inner)
+        label: str = "x"
+
+    assert numeric_fields(Outer) == {"inner.width": (int, False), "inner.rate": (float, False),
+                                     "inner.sizes": (int, True)}
+
+
+def _values_outside(rule, kind):
+    """Values the rule must reject: just past each bound, non-finite floats, int64 overflow."""
+    out = []
+    step = 1
+    if rule.low is not None:
+        out.append(rule.low if not rule.low_inclusive else rule.low - step)
+    if rule.high is not None:
+        out.append(rule.high if not rule.high_inclusive else rule.high + step)
+    elif kind is int:
+        out.append(2**63)
+    if kind is float:
+        out += [float("nan"), float("inf"), float("-inf")]
+    return out
+
+
+def _yaml(value):
+    if isinstance(value, float) and value != value:
+        return ".nan"
+    if value in (float("inf"), float("-inf")):
+        return "-.inf" if value < 0 else ".inf"
+    return repr(value)
+
+
+def _range_cases():
+    from effdist.config import NUMERIC_RANGES, numeric_fields
+
+    fields = numeric_fields()
+    for name, rule in NUMERIC_RANGES.items():
+        kind, is_list = fields[name]
+        for bad in _values_outside(rule, kind):
+            text = f"[{_yaml(bad)}]" if is_list else _yaml(bad)
+            yield pytest.param(name, text, id=f"{name}={text}")
+        if rule.positive_sum:
+            yield pytest.param(name, "[0, 0]", id=f"{name}=[0,0]")
+
+
+@pytest.mark.parametrize("name, text", list(_range_cases()))
+def test_every_range_rejects_values_outside_it(name, text):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/tiny-cpu.yaml", [f"{name}={text}"])
+    msg = str(e.value)
+    assert msg.startswith(f"{name} = "), msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=.nan", "optim.lr = nan: must be a finite number; the peak learning rate"),
+    ("optim.lr=.inf", "optim.lr = inf: must be a finite number"),
+    ("optim.eps=-1", "optim.eps = -1.0: must be a positive number; Adam's denominator epsilon"),
+    ("model.norm_eps=-1", "model.norm_eps = -1.0: must be a finite number in (0, 1)"),
+    ("model.rotary_base=0", "model.rotary_base = 0.0: must be a positive number; the RoPE base"),
+    ("model.init_std=-1", "model.init_std = -1.0: must be a positive number"),
+    ("model.make_vocab_size_divisible_by=0", "model.make_vocab_size_divisible_by = 0: must be a positive integer"),
+    ("train.seed=-1", "train.seed = -1: must be an integer in [0, 4294967295]"),
+    ("parallel.timeout_s=.nan", "parallel.timeout_s = nan: must be a finite number"),
+    ("data.sample_documents=0", "data.sample_documents = 0: must be a positive integer"),
+    ("data.weights=[0,0]", "data.weights = [0.0, 0.0]: must not be all zero"),
+    ("data.weights=[1,-1]", "data.weights = [1.0, -1.0]: element -1.0 must be a finite number >= 0"),
+    ("train.steps=1.0e+30", "train.steps = 1000000000000000019884624838656: does not fit in a 64-bit integer"),
+])
+def test_issue_21_examples_give_one_named_line(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/tiny-cpu.yaml", [override])
+    assert str(e.value).startswith(message), str(e.value)

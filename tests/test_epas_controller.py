@@ -4,6 +4,9 @@ state and inference regions."""
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -136,7 +139,10 @@ def test_boundary_needs_qk():
     ("epas.anchor_grad=median", "epas.anchor_grad"),
     ("epas.anchor_grad=mean train.engine=deepspeed", "epas.anchor_grad"),
 ])
-def test_config_validation_names_the_field(override, field):
+def test_config_validation_names_the_field(override, field, monkeypatch):
+    # train.engine=deepspeed first checks that DeepSpeed imports; a stand-in module lets the EPAS check
+    # run (and be tested) whether or not the optional DeepSpeed is installed.
+    monkeypatch.setitem(sys.modules, "deepspeed", sys.modules.get("deepspeed") or types.ModuleType("deepspeed"))
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(None, ["epas.enabled=true", "model.num_layers=4", *override.split()])
 
@@ -461,3 +467,12 @@ def test_fused_master_weight_adamw_updates_only_the_trainable_pieces():
     assert all(t is lists[0] for t in lists), "the piece lists are built once and reused while nothing changes"
     unfused = MasterWeightAdamW([torch.nn.Parameter(torch.zeros(2, 2))], cfg.optim, fused=False, tp_rank=0)
     assert not unfused.freeze_rows(frozen, v_pieces), "torch's unfused AdamW cannot"
+
+
+def test_the_start_line_says_when_the_final_region_is_reached_or_that_it_is_not():
+    from effdist.epas.schedule import describe_plan
+
+    cfg = load_config(None, ["epas.enabled=true", "model.num_layers=4", "epas.interval=20", "epas.final_region=2"])
+    assert describe_plan(cfg.epas, 4, 60).endswith("to region 2 (2 of 4 layers) at step 21")
+    short = describe_plan(cfg.epas, 4, 10)
+    assert "train.steps = 10, so it ends at region 1 without reaching it" in short

@@ -227,3 +227,35 @@ def test_plot_labels_and_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'nope'" in err and "no metrics.jsonl" in err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_a_log_file_gets_one_plain_line_per_update_with_mfu_and_memory():
+    from effdist.train.metrics import console_line
+
+    out = io.StringIO()
+    bar = ProgressBar(total_steps=10, stream=out)
+    for step in (2, 4, 6):
+        bar.update(step, {"loss": 2.0, "lr": 1e-3, "tokens_per_s": 10.0, "tflops": 1.0, "mfu": 0.412,
+                          "peak_mem_gib": 1.5})
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and "[" not in lines[0] and "\r" not in out.getvalue()
+    assert "MFU 41.2%" in lines[1] and "peak mem 1.50 GiB" in lines[1]
+    console_line("[effdist] note", stream=out)
+    assert out.getvalue().endswith("6/10  60%  loss 2.0000  lr 1.00e-03  10 tok/s  1 TFLOP/s  MFU 41.2%  "
+                                   "peak mem 1.50 GiB  eta 0:00:00\n[effdist] note\n")
+
+
+def test_a_line_written_during_a_terminal_bar_goes_above_it():
+    from effdist.train.metrics import console_line
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    bar = ProgressBar(total_steps=3, stream=out)
+    bar.update(1, {"loss": 1.0})
+    console_line("[effdist] EPAS: from step 2 layer 3 shares Q/K: region 1 of 2", stream=out)
+    bar.close()
+    text = out.getvalue()
+    assert "\r\x1b[K[effdist] EPAS: from step 2 layer 3 shares Q/K: region 1 of 2\nstep 1/3 [" in text

@@ -88,7 +88,10 @@ def test_fusion_needs_the_lever_cuda_the_megatron_engine_and_torch_support(monke
     applies = wgrad_fusion.wgrad_fusion_applies
     assert not applies(tiny_cfg("train.fused_kernels=true"), cpu, bf16)
     assert not applies(tiny_cfg("train.fused_kernels=true"), cpu, torch.float32)
-    assert not applies(tiny_cfg("train.fused_kernels=true", "train.engine=deepspeed"), cuda, bf16)
+    # Set after loading: validating train.engine=deepspeed needs the optional DeepSpeed installed.
+    deepspeed_engine = tiny_cfg("train.fused_kernels=true")
+    deepspeed_engine.train.engine = "deepspeed"
+    assert not applies(deepspeed_engine, cuda, bf16)
     assert not applies(tiny_cfg("train.fused_kernels=[rmsnorm,rope,swiglu,loss]"), cuda, bf16)
     assert not applies(tiny_cfg("train.fused_kernels=false"), cuda, bf16)
     assert probes == []  # none of these asks the GPU anything

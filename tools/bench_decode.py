@@ -27,6 +27,16 @@ layer skips its Wq/Wk rows and its K cache.
 
 Variants take turns (``--rounds``), each round in a rotated order; medians are reported. Caches and
 graphs are made once per (batch, context) and reused by every round.
+
+Sparse FFNs (``--ffn-kinds swiglu,moc,topk,elas``, also relu2): one model per kind at the shape's
+width (non-gated kinds elas/relu2 are --elas-expand x wider, as training makes them), decoded
+through its sparse FFN path (effdist.infer.ffn: Triton gather-GEMV on GPU, the torch reference on
+CPU), against the dense model of the same shape and weights (MoC -> SwiGLU, top-k -> its activation
+on every channel, ELAS and relu2 -> ReLU²), taking turns, at each batch (default 1,8,32), context
+(default 512) and EPAS region (default 0). "x dense" = sparse decode tokens/s / dense decode tokens/s.
+
+    python tools/bench_decode.py --ffn-kinds swiglu,moc,topk,elas --json decode_ffn.json
+    python tools/bench_decode.py --tiny --ffn-kinds moc,topk,elas     # CPU smoke test
 """
 
 from __future__ import annotations
@@ -44,8 +54,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from effdist.infer.cache import KVCache, SharingPlan  # noqa: E402
+from effdist.infer.ffn import FFN_KINDS, dense_counterpart  # noqa: E402
 from effdist.infer.graphs import DecodeRunner  # noqa: E402
-from effdist.infer.model import InferenceModel, ModelShape  # noqa: E402
+from effdist.infer.model import InferenceLayer, InferenceModel, ModelShape  # noqa: E402
+from effdist.kernels._common import HAVE_TRITON  # noqa: E402
 
 # name: (layers, hidden, heads, kv heads, ffn, vocab)
 SHAPES = {
@@ -205,6 +217,145 @@ def print_goal(rows: list[dict], modes: list[str], region: int) -> None:
                   f"{max(shared) / best_dense:.3f} x the best dense variant")
 
 
+# ---------------------------------------------------------------------------------------- sparse FFN kinds
+
+def with_dense_ffns(model: InferenceModel) -> InferenceModel:
+    """The same model (shared tensors) with every FFN replaced by its dense counterpart."""
+    layers = [InferenceLayer(l.input_norm, l.qkv, l.proj, l.mlp_norm, dense_counterpart(l.ffn)) for l in model.layers]
+    return InferenceModel(model.shape, model.embedding, layers, model.final_norm, model.output).eval()
+
+
+def ffn_options(kind: str, width: int, args) -> dict:
+    """random_ffn options of a kind, with the config's defaults (ffn.topk_k, ffn.moc_k as fractions)."""
+    from effdist.config import resolve_count
+
+    if kind == "topk":
+        return {"k": resolve_count(args.topk_k, width), "topk_activation": args.topk_activation}
+    if kind == "moc":
+        return {"k": resolve_count(args.moc_k, width), "moc_structured": args.moc_structured}
+    if kind == "elas":
+        return {"rank": args.elas_rank}
+    return {}
+
+
+def bench_ffn_point(models: dict[str, InferenceModel], batch: int, context: int, region: int, new_tokens: int,
+                    rounds: int, modes: list[str], bucket: int, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Median prefill / decode tokens/s of each model at one (batch, context, region), taking turns."""
+    first = next(iter(models.values()))
+    shape, device, dtype = first.shape, first.device, first.dtype
+    cuda = device.type == "cuda"
+    vocab = shape.vocab_size
+    gen = torch.Generator(device="cpu").manual_seed(seed + batch * 7919 + context)
+    prompt = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
+    plan = SharingPlan.for_region(shape.num_layers, region)
+    caches = {name: KVCache(plan, batch, context + new_tokens + 1, shape.num_kv_heads, shape.head_dim, dtype, device)
+              for name in models}
+    runners = {(name, mode): DecodeRunner(m, caches[name], cuda_graphs=mode == "graphs", bucket=bucket)
+               for name, m in models.items() for mode in modes}
+    samples = {name: {"prefill": [], **{mode: [] for mode in modes}} for name in models}
+
+    def run(name: str, record: bool) -> None:
+        for mode in modes:
+            with Timer(cuda) as t:
+                logits = models[name].prefill(prompt, plan, caches[name])
+            if record:
+                samples[name]["prefill"].append(t.seconds)
+            nxt = logits[:, :vocab].argmax(dim=-1)
+            with Timer(cuda) as t:
+                decode(runners[name, mode], nxt, new_tokens, vocab)
+            if record:
+                samples[name][mode].append(t.seconds)
+
+    names = list(models)
+    with torch.inference_mode():
+        for name in names:  # warm-up: kernels (Triton compilation), cuBLAS heuristics, graph capture
+            run(name, record=False)
+        for r in range(rounds):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                run(name, record=True)
+    out = {}
+    for name in names:
+        out[name] = {"prefill_tokens_per_s": batch * context / statistics.median(samples[name]["prefill"])}
+        for mode in modes:
+            out[name][f"decode_{mode}_tokens_per_s"] = batch * new_tokens / statistics.median(samples[name][mode])
+    del runners, caches
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def run_ffn_kinds(args, kinds: list[str], shape: ModelShape, ffn: int, device, dtype, batches, contexts, regions,
+                  new_tokens: int, rounds: int, modes: list[str], write_json) -> list[dict]:
+    cuda = device.type == "cuda"
+    kernel = "triton" if cuda and HAVE_TRITON else "torch-reference"
+    rows: list[dict] = []
+    for kind in kinds:
+        width = int(round(args.elas_expand * ffn)) if kind in ("elas", "relu2") else ffn
+        options = ffn_options(kind, width, args)
+        sparse = InferenceModel.random(shape, width, seed=0, device=device, dtype=dtype, ffn_kind=kind,
+                                       ffn_options=options).eval()
+        dense = with_dense_ffns(sparse)
+        ffn0 = sparse.layers[0].ffn
+        for batch in batches:
+            for context in contexts:
+                for region in regions:
+                    row = {"ffn_kind": kind, "dense_kind": dense.layers[0].ffn.kind, "batch": batch,
+                           "context": context, "region": region, "new_tokens": new_tokens, "ffn_width": width,
+                           "k": getattr(ffn0, "k", None), "sparse_decode": bool(ffn0.sparse), "kernel": kernel,
+                           **{key: value for key, value in options.items() if key != "k"}}
+                    # Channels a token keeps at most (top-k: k; MoC: K; ELAS: half; relu2: data-dependent).
+                    row["active_channels"] = {"topk": row["k"], "moc": row["k"], "elas": width // 2}.get(kind)
+                    try:
+                        point = bench_ffn_point({"sparse": sparse, "dense": dense}, batch, context, region,
+                                                new_tokens, rounds, modes, args.bucket)
+                    except torch.cuda.OutOfMemoryError as e:
+                        row["error"] = f"out of memory: {str(e)[:120]}"
+                        torch.cuda.empty_cache()
+                        rows.append(row)
+                        continue
+                    row.update(point["sparse"])
+                    row.update({f"dense_{key}": value for key, value in point["dense"].items()})
+                    for mode in modes:
+                        key = f"decode_{mode}_tokens_per_s"
+                        row[f"decode_{mode}_vs_dense"] = row[key] / row[f"dense_{key}"]
+                    rows.append(row)
+                    write_json(rows)
+                    print(f"  done {kind}, batch {batch}, context {context}, region {region}", flush=True)
+        del sparse, dense
+        if cuda:
+            torch.cuda.empty_cache()
+    for row in rows:  # against the SwiGLU model of the same shape too, where it was measured
+        base = next((r for r in rows if r["ffn_kind"] == "swiglu" and "error" not in r and "error" not in row
+                     and (r["batch"], r["context"], r["region"]) == (row["batch"], row["context"], row["region"])),
+                    None)
+        if base is not None:
+            for mode in modes:
+                key = f"decode_{mode}_tokens_per_s"
+                row[f"decode_{mode}_vs_swiglu"] = row[key] / base[key]
+    write_json(rows)
+    return rows
+
+
+def print_ffn_table(rows: list[dict], modes: list[str]) -> None:
+    head = ["kind", "batch", "ctx", "region", "dense"]
+    for mode in modes:
+        head += [f"decode {mode} tok/s", "dense tok/s", "x dense"]
+    lines = [head]
+    for r in rows:
+        line = [r["ffn_kind"], str(r["batch"]), str(r["context"]), str(r["region"]), r["dense_kind"]]
+        if "error" in r:
+            lines.append(line + [r["error"]])
+            continue
+        for mode in modes:
+            line += [f"{r[f'decode_{mode}_tokens_per_s']:,.1f}", f"{r[f'dense_decode_{mode}_tokens_per_s']:,.1f}",
+                     f"{r[f'decode_{mode}_vs_dense']:.3f}"]
+        lines.append(line)
+    widths = [max(len(l[i]) for l in lines if i < len(l)) for i in range(len(head))]
+    for l in lines:
+        print("  ".join(c.rjust(w) for c, w in zip(l, widths)))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU, small sizes (seconds)")
@@ -222,7 +373,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="default: cuda when available (cpu with --tiny)")
     p.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--ffn-kinds", default=None,
+                   help=f"comma-separated FFN kinds ({','.join(FFN_KINDS)}): sparse decode of each against the "
+                        "dense model of the same shape (see above); default: the EPAS region benchmark")
+    p.add_argument("--topk-k", type=float, default=0.1, help="top-k's k: a count or a fraction of the width")
+    p.add_argument("--topk-activation", choices=("relu", "relu2"), default="relu")
+    p.add_argument("--moc-k", type=float, default=0.1875, help="MoC's K: a count or a fraction of the width")
+    p.add_argument("--moc-structured", action="store_true", help="MoC 2:8 (top 2 of every 8 channels)")
+    p.add_argument("--elas-rank", type=int, default=None, help="low-rank ELAS fc1/fc2 of this rank")
+    p.add_argument("--elas-expand", type=float, default=1.5, help="width of elas/relu2 FFNs over the shape's ffn")
     args = p.parse_args(argv)
+    ffn_kinds = [k for k in (args.ffn_kinds or "").split(",") if k]
+    if set(ffn_kinds) - set(FFN_KINDS):
+        p.error(f"--ffn-kinds {args.ffn_kinds!r}: valid kinds are {', '.join(FFN_KINDS)}")
 
     tiny = args.tiny
     device = torch.device(args.device or ("cpu" if tiny or not torch.cuda.is_available() else "cuda"))
@@ -235,8 +398,12 @@ def main(argv: list[str] | None = None) -> int:
         return [int(x) for x in text.split(",")] if text else default
 
     batches = ints(args.batches, [1, 2] if tiny else [1, 8, 32])
-    contexts = ints(args.contexts, [16, 32] if tiny else [512, 2048])
-    regions = sorted(set(ints(args.regions, [0, 2, 3] if tiny else [0, 8, 12])) | {0})
+    if ffn_kinds:
+        contexts = ints(args.contexts, [16] if tiny else [512])
+        regions = ints(args.regions, [0])
+    else:
+        contexts = ints(args.contexts, [16, 32] if tiny else [512, 2048])
+        regions = sorted(set(ints(args.regions, [0, 2, 3] if tiny else [0, 8, 12])) | {0})
     new_tokens = args.new_tokens or (8 if tiny else 128)
     rounds = args.rounds or (1 if tiny else 3)
     bad = [r for r in regions if not 0 <= r < layers]
@@ -250,10 +417,34 @@ def main(argv: list[str] | None = None) -> int:
     shape = ModelShape(num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads,
                        vocab_size=vocab, padded_vocab_size=-(-vocab // 128) * 128,
                        max_positions=max(contexts) + new_tokens + 1)
-    model = InferenceModel.random(shape, ffn, seed=0, device=device, dtype=dtype).eval()
     cuda = device.type == "cuda"
     modes = (["graphs"] if cuda and not args.no_graphs else []) + (["eager"] if not cuda or not args.no_eager else [])
     where = torch.cuda.get_device_name(device) if cuda else "cpu"
+    if ffn_kinds:
+        print(f"{shape_name}: {layers} layers, hidden {hidden}, {heads} heads ({kv_heads} kv), ffn {ffn}, vocab "
+              f"{vocab}; {where}, {str(dtype).replace('torch.', '')}; FFN kinds {', '.join(ffn_kinds)} against the "
+              f"dense model of the same shape; {new_tokens} decode steps after each prompt, {rounds} rounds, medians",
+              flush=True)
+
+        def write_ffn_json(rows: list[dict]) -> None:
+            if not args.json:
+                return
+            out = {"mode": "ffn_kinds", "ffn_kinds": ffn_kinds, "shape": shape_name, "layers": layers,
+                   "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "ffn": ffn, "vocab": vocab,
+                   "device": where, "dtype": str(dtype).replace("torch.", ""), "new_tokens": new_tokens,
+                   "rounds": rounds, "bucket": args.bucket, "torch": torch.__version__,
+                   "command": " ".join(["python", "tools/bench_decode.py", *(argv if argv is not None else sys.argv[1:])]),
+                   "date": time.strftime("%Y-%m-%d", time.gmtime()), "results": rows}
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(out, indent=1))
+
+        rows = run_ffn_kinds(args, ffn_kinds, shape, ffn, device, dtype, batches, contexts, regions, new_tokens,
+                             rounds, modes, write_ffn_json)
+        print_ffn_table(rows, modes)
+        if args.json:
+            print(f"wrote {args.json}")
+        return 0
+    model = InferenceModel.random(shape, ffn, seed=0, device=device, dtype=dtype).eval()
     print(f"{shape_name}: {layers} layers, hidden {hidden}, {heads} heads ({kv_heads} kv), ffn {ffn}, vocab {vocab}; "
           f"{where}, {str(dtype).replace('torch.', '')}; {new_tokens} decode steps after each prompt, "
           f"{rounds} rounds, medians", flush=True)

@@ -6,7 +6,11 @@ reduction, clip, AdamW) on random tokens, against the bf16 matmul ceiling measur
     python tools/bench_train.py --tiny            # CPU smoke test
     torchrun --nproc_per_node 2 tools/bench_train.py --models llama-1b --set parallel.tp=2   # several GPUs
 
-Prints a table (tokens/s, model TFLOP/s, fraction of the in-run ceiling, peak memory) and writes JSON.
+Prints a table (tokens/s, model TFLOP/s, fraction of the in-run ceiling, peak memory) and writes JSON. With a
+train.precision=fp8 variant it also measures the e4m3 matmul ceiling (fraction_of_fp8_ceiling per FP8 run):
+
+    python tools/bench_train.py --models llama-1b --micro-batch llama-1b=8 --accum 2 \
+        --variant bf16= --variant fp8=train.precision=fp8 --variant fp8_rowwise="train.precision=fp8;train.fp8_recipe=rowwise"
 Model FLOPs per token = 6 x non-embedding matmul parameters + 6 x L x h x S (causal attention
 counted once) + the LM head, as in effdist.train.metrics.model_flops_per_token.
 """
@@ -40,6 +44,27 @@ def matmul_ceiling_tflops(device: torch.device, n: int = 8192, reps: int = 20) -
     for _ in range(reps):
         start.record()
         a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def fp8_matmul_ceiling_tflops(device: torch.device, n: int = 8192, reps: int = 20) -> float:
+    """e4m3 n^3 tensorwise-scaled matmul rate (torch._scaled_mm, bf16 output, fast accumulation: what the FP8
+    linears' forward GEMM runs) on random data: the ceiling FP8 variants are compared with."""
+    a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()  # column-major second operand
+    one = torch.ones((), device=device)
+    mm = lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=True)  # noqa: E731
+    for _ in range(3):
+        mm()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        mm()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
@@ -172,6 +197,11 @@ def main(argv=None) -> int:
         results["matmul_ceiling_tflops"] = matmul_ceiling_tflops(torch.device("cuda"))
     variants = [(v.partition("=")[0], [o for o in v.partition("=")[2].split(";") if o]) for v in args.variant]
     variants = variants or [("default", [])]
+    if torch.cuda.is_available() and any("train.precision=fp8" in o for _, vo in variants for o in args.overrides + vo):
+        try:
+            results["fp8_matmul_ceiling_tflops"] = fp8_matmul_ceiling_tflops(torch.device("cuda"))
+        except (RuntimeError, TypeError) as e:  # no FP8 on this GPU: the variants will say so themselves
+            results["fp8_matmul_ceiling_error"] = f"{type(e).__name__}: {e}"
     every = set(args.variant_models.split(",")) if args.variant_models else set(models)
     for name in models:
         mb = int(mbs.get(name, 4))
@@ -194,6 +224,9 @@ def main(argv=None) -> int:
             r["variant"] = vname
             if "matmul_ceiling_tflops" in results and "tflops" in r:
                 r["fraction_of_ceiling"] = r["tflops"] / results["matmul_ceiling_tflops"]
+            if "fp8_matmul_ceiling_tflops" in results and "tflops" in r and "train.precision=fp8" in overrides:
+                # Loose: attention, norms, the LM head and the loss stay bf16 in an FP8 run.
+                r["fraction_of_fp8_ceiling"] = r["tflops"] / results["fp8_matmul_ceiling_tflops"]
             first = next((x for x in results["runs"] if x["model"] == name and x["variant"] == variants[0][0]), None)
             if first and "tokens_per_s" in first and "tokens_per_s" in r:
                 r["speedup_vs_first_variant"] = r["tokens_per_s"] / first["tokens_per_s"]
@@ -205,7 +238,9 @@ def main(argv=None) -> int:
         torch.distributed.destroy_process_group()
     if rank != 0:
         return 0
-    print(f"\ndevice: {results['device']}  matmul ceiling: {results.get('matmul_ceiling_tflops', float('nan')):.0f} TFLOP/s")
+    print(f"\ndevice: {results['device']}  matmul ceiling: {results.get('matmul_ceiling_tflops', float('nan')):.0f} TFLOP/s"
+          + (f"  fp8 ceiling: {results['fp8_matmul_ceiling_tflops']:.0f} TFLOP/s" if "fp8_matmul_ceiling_tflops" in results
+             else ""))
     print(f"{'model':<12} {'variant':<10} {'mbs x seq':>10} {'tok/s':>10} {'TFLOP/s':>8} {'of ceil':>8} "
           f"{'vs first':>8} {'peak GiB':>9}")
     for r in results["runs"]:

@@ -5,11 +5,13 @@
 #   bash tools/gpu_h100_suite.sh train  OUTDIR   # dense step before/after each lever, EPAS throughput, checkpoint stall
 #   bash tools/gpu_h100_suite.sh parity OUTDIR   # 125M loss parity on real English text (EPAS and every FFN)
 #   bash tools/gpu_h100_suite.sh rest   OUTDIR   # decode, 350M end-to-end per FFN, DeepSpeed, kernels, GPU tests
+#   bash tools/gpu_h100_suite.sh fp8    OUTDIR   # FP8 linears: GPU numerics tests, llama-1b bf16 vs FP8 (needs torchao)
+#   bash tools/gpu_h100_suite.sh fp8_parity OUTDIR  # llama-125m loss, bf16 vs FP8, English corpus
 #
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|tests OUTDIR [SEED]}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|tests OUTDIR [SEED]}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -261,9 +263,23 @@ parity125m_long)
   parity_125m 300 500 20 long --timeout 140 --variant "dense=train.seed=1" \
     --variant "r9=train.seed=1,epas.final_region=9,$early"
   ;;
+fp8)
+  # Issue #27: FP8 linears (torchao float8): the GPU numerics tests, then llama-1b bf16 vs FP8 in one call, each
+  # variant in its own process (peak memory), micro-batch 8, global batch 16 (the issue's shape).
+  run 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8.py
+  run 420 python3 tools/bench_train.py --isolate --models llama-1b --micro-batch llama-1b=8 --accum 2 --steps 6 --warmup 3 \
+    --json "$out/bench_train_fp8_1b.json" --variant "bf16=" --variant "fp8=train.precision=fp8" \
+    --variant "fp8_rowwise=train.precision=fp8;train.fp8_recipe=rowwise" \
+    --variant "fp8_eager=train.precision=fp8;train.fp8_compile=false"
+  ;;
+fp8_parity)
+  # Issue #27: llama-125m loss after the same tokens, bf16 vs FP8 (tensorwise and rowwise), English corpus.
+  parity_125m 330 300 20 fp8 --variant bf16= --variant "fp8=train.precision=fp8" \
+    --variant "fp8_rowwise=train.precision=fp8,train.fp8_recipe=rowwise" --baseline fp8=bf16 --baseline fp8_rowwise=bf16
+  ;;
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, tests)"; exit 2 ;;
 esac
 exit 0

@@ -73,28 +73,23 @@ def preprocess(inputs: list[str], tokenizer_path: str | os.PathLike, output_pref
     import datasets
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from effdist.data.sources import load_documents
+    from effdist.data.sources import datasets_progress_bars, load_documents
 
     if workers < 1:
         raise DataError(f"workers = {workers}: must be at least 1")
     output_prefix = str(output_prefix)
     tok = load_tokenizer(tokenizer_path)
     documents = load_documents(list(inputs), text_key, txt_sample_by=txt_sample_by, hub_split=hub_split,
-                               hub_subset=hub_subset, cache_dir=cache_dir)
+                               hub_subset=hub_subset, cache_dir=cache_dir, progress=progress)
     if workers > 1:
         # Forked map workers and the Rust thread pool of a tokenizer used in the parent do not mix.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not progress:
-        datasets.disable_progress_bars()
-    try:
+    with datasets_progress_bars(progress):
         tokenized = documents.map(
             _encode_batch, batched=True, batch_size=ENCODE_BATCH, num_proc=workers if workers > 1 else None,
             remove_columns=["text"], fn_kwargs={"tokenizer_path": tok.path, "append_eod": append_eod},
             features=datasets.Features({"ids": datasets.Sequence(datasets.Value("int32"))}),
             desc="tokenizing")
-    finally:
-        if not progress:
-            datasets.enable_progress_bars()
 
     dtype = token_dtype(tok.vocab_size)
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ is taken as a hub dataset name, which needs network access.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -77,13 +78,36 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, list[str]]]:
     return groups
 
 
-def load_documents(inputs: list[str], text_key: str = "text", *, txt_sample_by: str = "document",
-                   hub_split: str = "train", hub_subset: str | None = None, cache_dir: str | None = None):
-    """Load every input into one Dataset with a single "text" column, in input order."""
+@contextlib.contextmanager
+def datasets_progress_bars(enabled: bool):
+    """HF datasets' progress bars on or off inside the block, as they were afterwards."""
     import datasets
 
+    was_enabled = datasets.is_progress_bar_enabled()
+    if enabled == was_enabled:
+        yield
+        return
+    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()
+
+
+def load_documents(inputs: list[str], text_key: str = "text", *, txt_sample_by: str = "document",
+                   hub_split: str = "train", hub_subset: str | None = None, cache_dir: str | None = None,
+                   progress: bool = True):
+    """Load every input into one Dataset with a single "text" column, in input order (with HF datasets'
+    "Generating train split" bars unless `progress` is false)."""
     if txt_sample_by not in TEXT_SAMPLE_BY:
         raise DataError(f"txt_sample_by = {txt_sample_by!r}: valid values are {', '.join(TEXT_SAMPLE_BY)}")
+    with datasets_progress_bars(progress):
+        return _load_documents(inputs, text_key, txt_sample_by, hub_split, hub_subset, cache_dir)
+
+
+def _load_documents(inputs, text_key, txt_sample_by, hub_split, hub_subset, cache_dir):
+    import datasets
+
     parts = []
     for fmt, items in expand_inputs(inputs):
         if fmt == "hub":

@@ -113,7 +113,8 @@ def train_tokenizer(files: list[str], vocab_size: int, output_path: str | os.Pat
     if vocab_size < minimum:
         raise DataError(f"vocab_size = {vocab_size}: a byte-level BPE needs at least {minimum} entries "
                         f"({BYTE_ALPHABET_SIZE} bytes + {len(specials)} special tokens); choose a larger vocabulary")
-    documents = load_documents(list(files), text_key, txt_sample_by=txt_sample_by, cache_dir=cache_dir)
+    documents = load_documents(list(files), text_key, txt_sample_by=txt_sample_by, cache_dir=cache_dir,
+                               progress=progress)
     if len(documents) == 0:
         raise DataError(f"tokenizer training input {list(files)} holds no documents")
 

@@ -39,7 +39,14 @@ import torch
 
 from effdist.config import Config
 from effdist.epas.adaptive import AdaptiveSchedule, Log, agree_on_growth, print_on_rank_zero
-from effdist.epas.schedule import blend_factors, check_schedule, layers_of_region, qk_uses, sharing_layers
+from effdist.epas.schedule import (
+    blend_factors,
+    check_schedule,
+    final_region_size,
+    layers_of_region,
+    qk_uses,
+    sharing_layers,
+)
 from effdist.model.shared_qk import EpasError, apply_region, epas_layers, qkv_row_blocks, value_block
 from effdist.train.optim import accumulated_grad
 
@@ -277,11 +284,24 @@ class EpasController:
         self._first_step_of_process = False
         self._last_layout = layout
         # Probing layers always start the step with empty statistics (apply_region clears them).
+        if region != self._region:
+            self._log(self._region_announcement(step, region))
         if region != self._region or blending != self._blending or probing or self._probing:
             self._switch(region, blending, probing)
         self._probe_step = step if probing else None
         self._step = step
         return len(region)
+
+    def _region_announcement(self, step: int, region: frozenset[int]) -> str:
+        """One console line when the sharing layers change (steps counted from 1, as on the console;
+        layers from 0, as in the config)."""
+        final = final_region_size(self.cfg.epas, self.num_layers)
+        if not region:
+            return f"EPAS: from step {step + 1} no layer shares Q/K: region 0 of {final}"
+        first, last = min(region), max(region)
+        layers = f"layer {first} shares" if first == last else f"layers {first}\u2013{last} share"
+        done = " (final)" if len(region) == final else ""
+        return f"EPAS: from step {step + 1} {layers} Q/K: region {len(region)} of {final}{done}"
 
     @torch.no_grad()
     def scale_shared_qk_grads(self) -> None:

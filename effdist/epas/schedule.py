@@ -187,3 +187,25 @@ def boundary_needs_qk(qk_consumers: frozenset[int] | set[int], first_layer_of_ne
     is in transition (`blend_factors`). `qk_consumers` is the set of such layers.
     """
     return first_layer_of_next_chunk in qk_consumers
+
+
+def describe_plan(epas: EpasConfig, num_layers: int, total_steps: int) -> str:
+    """One line for the start of a run: when sharing starts, where it grows to, and whether this run
+    gets there. Steps are counted from 1, as on the console (optimizer step s runs as console step s+1)."""
+    final = final_region_size(epas, num_layers)
+    start = epas.start_step + 1
+    of = f"{final} of {num_layers} layers"
+    if epas.mode == "adaptive":
+        return (f"EPAS (adaptive): from step {start}, every {epas.interval} steps, the next {epas.group_size} "
+                f"layer(s) join if their Q/K cosine reaches {epas.similarity_threshold}; at most {of}")
+    reach = steps_to_final_region(epas, num_layers) + 1
+    if epas.mode == "fixed":
+        plan = f"EPAS: {of} share Q/K from step {start}"
+    else:
+        plan = (f"EPAS: sharing Q/K starts at step {start} and grows by {epas.group_size} layer(s) every "
+                f"{epas.interval} steps to region {final} ({of}) at step {reach}")
+    if reach > total_steps:
+        last = region_size(epas, num_layers, total_steps - 1) if total_steps > 0 else 0
+        plan += (f"; this run has train.steps = {total_steps}, so it ends at region {last} without reaching it "
+                 "(lower epas.interval or epas.start_step, or raise train.steps)")
+    return plan

@@ -267,10 +267,12 @@ class Generator:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: Optional[str | torch.device] = None,
                         dtype: Optional[str | torch.dtype] = None, epas_region: Optional[int] = None,
-                        tokenizer: Optional[str] = None, cuda_graphs: Optional[bool] = None) -> "Generator":
+                        tokenizer: Optional[str] = None, cuda_graphs: Optional[bool] = None,
+                        sparse_decode: bool = True) -> "Generator":
         """Load a (possibly TP/PP-sharded) training checkpoint into this process. `device` defaults to
         CUDA when available, `dtype` to bf16 on CUDA and fp32 on CPU; `epas_region` is the default
-        region of later calls (else ``epas.inference_region`` of the config, else the trained region)."""
+        region of later calls (else ``epas.inference_region`` of the config, else the trained region);
+        ``sparse_decode=False`` decodes sparse FFNs (MoC, top-k, ELAS, ReLU²) with their dense math."""
         device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         dtype = _parse_dtype(dtype, device)
@@ -278,7 +280,8 @@ class Generator:
         cfg = info.config
         check_supported(cfg)
         tok, searched = find_tokenizer(info, tokenizer)
-        model = InferenceModel.from_state_dict(load_weights(info), cfg).to(device=device, dtype=dtype)
+        model = InferenceModel.from_state_dict(load_weights(info), cfg, step=info.step,
+                                               sparse_decode=sparse_decode).to(device=device, dtype=dtype)
         default = epas_region if epas_region is not None else cfg.epas.inference_region
         gen = cls(model, tokenizer=tok, trained_region=info.trained_region, direction=cfg.epas.direction,
                   default_region=default, cuda_graphs=cuda_graphs, tokenizer_search=searched)
@@ -534,6 +537,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on GPU")
+    p.add_argument("--dense-ffn-decode", action="store_true",
+                   help="decode MoC/top-k/ELAS/ReLU² FFNs with their dense math instead of the sparse gather-GEMV path")
     p.add_argument("--ignore-eod", action="store_true", help="do not stop at the end-of-document token")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
@@ -561,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
             warnings.filterwarnings("always", category=GenerationWarning)
             gen = Generator.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype,
                                             epas_region=args.epas_region, tokenizer=args.tokenizer,
-                                            cuda_graphs=False if args.no_cuda_graphs else None)
+                                            cuda_graphs=False if args.no_cuda_graphs else None,
+                                            sparse_decode=not args.dense_ffn_decode)
             out = gen.generate(prompts, args.max_new_tokens, temperature=args.temperature,
                                top_k=args.top_k or None, top_p=args.top_p, seed=args.seed,
                                stop_at_eod=not args.ignore_eod)

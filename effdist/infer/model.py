@@ -16,7 +16,11 @@ plain tensors and computes the same function (tested: its logits equal GPTModel'
 
 Weights: megatron's fused ``linear_qkv`` is interleaved per query group ([q heads of group g, k_g,
 v_g] for each g); here it is regrouped as [all Q; all K; all V], so the V rows a sharing layer uses
-are one contiguous block. SwiGLU ``linear_fc1`` is [gate; up]. RoPE is rotate-half with cos/sin
+are one contiguous block. SwiGLU ``linear_fc1`` is [gate; up]. The FFN of each layer is an
+effdist.infer.ffn module of the trained kind (swiglu, relu2, topk, moc, elas): prefill and
+``forward`` run its dense math (what the training module computes in eval mode); decode steps run
+its sparse path, which reads only the FFN weight rows of the channels each token keeps
+(``sparse_decode=False``: the dense math there too). RoPE is rotate-half with cos/sin
 rounded to the activation dtype, as megatron's unfused RoPE.
 """
 
@@ -31,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from effdist.infer.cache import KVCache, SharingPlan
+from effdist.infer.ffn import FFN_KINDS, InferenceFFN, ffn_from_weights, random_ffn
 from effdist.kernels.rmsnorm import rmsnorm
-from effdist.kernels.swiglu import swiglu
 
 try:  # the Triton kernels need triton and a GPU; the torch references run elsewhere
     import triton  # noqa: F401
@@ -41,7 +45,7 @@ try:  # the Triton kernels need triton and a GPU; the torch references run elsew
 except ImportError:  # pragma: no cover
     _HAVE_TRITON = False
 
-SUPPORTED_FFN_KINDS = ("swiglu", "relu2")
+SUPPORTED_FFN_KINDS = FFN_KINDS
 DECODE_ATTENTION = ("matmul", "sdpa")
 
 
@@ -80,17 +84,15 @@ class ModelShape:
 
 
 class InferenceLayer(nn.Module):
-    """One decoder layer's weights: qkv rows regrouped as [Q; K; V]."""
+    """One decoder layer's weights: qkv rows regrouped as [Q; K; V]; the FFN of its kind (effdist.infer.ffn)."""
 
-    def __init__(self, input_norm, qkv, proj, mlp_norm, fc1, fc2, gated: bool):
+    def __init__(self, input_norm, qkv, proj, mlp_norm, ffn: InferenceFFN):
         super().__init__()
         self.register_buffer("input_norm", input_norm)
         self.register_buffer("qkv", qkv)
         self.register_buffer("proj", proj)
         self.register_buffer("mlp_norm", mlp_norm)
-        self.register_buffer("fc1", fc1)
-        self.register_buffer("fc2", fc2)
-        self.gated = gated
+        self.ffn = ffn
 
 
 def regroup_qkv(fused: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
@@ -127,7 +129,8 @@ class InferenceModel(nn.Module):
     """The LLaMA decoder of an effdist checkpoint, for generation with any EPAS region."""
 
     def __init__(self, shape: ModelShape, embedding: torch.Tensor, layers: list[InferenceLayer],
-                 final_norm: torch.Tensor, output: Optional[torch.Tensor], decode_attention: str = "matmul"):
+                 final_norm: torch.Tensor, output: Optional[torch.Tensor], decode_attention: str = "matmul",
+                 sparse_decode: bool = True):
         super().__init__()
         if len(layers) != shape.num_layers:
             raise ValueError(f"{len(layers)} layers given, the shape says {shape.num_layers}")
@@ -148,12 +151,18 @@ class InferenceModel(nn.Module):
         self.register_buffer("rope_cos", freqs.cos().to(embedding.dtype), persistent=False)
         self.register_buffer("rope_sin", freqs.sin().to(embedding.dtype), persistent=False)
         self.decode_attention = decode_attention
+        # Decode steps run each sparse FFN through its gather-GEMV path (False: the dense math, as prefill).
+        self.sparse_decode = sparse_decode
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], cfg, **kwargs) -> "InferenceModel":
-        """From a TP=1 megatron GPTModel state dict (keys ``decoder.layers.{i}...``) and its effdist config."""
-        from effdist.model.ffn import ffn_kind_of_layer
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], cfg, *, step: Optional[int] = None,
+                        **kwargs) -> "InferenceModel":
+        """From a TP=1 megatron GPTModel state dict (keys ``decoder.layers.{i}...``) and its effdist config.
+        `step`: optimizer steps the weights were trained for (decides whether ELAS is past its dense
+        warm-up; None: assumed past it)."""
+        from effdist.config import resolve_count
+        from effdist.model.ffn import ffn_kind_of_layer, ffn_width_of_layer
 
         def take(key: str) -> torch.Tensor:
             if key not in state_dict:
@@ -165,6 +174,10 @@ class InferenceModel(nn.Module):
         # The padded vocabulary is whatever the weights have (it depends on the TP size they were made for).
         shape = ModelShape.from_config(cfg, padded_vocab_size=embedding.shape[0])
         nh, ng, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
+        f = cfg.ffn
+        # ElasMLP is dense ReLU² while the trainer's step (0-based) is below the warm-up; the last
+        # step of a checkpoint saved after `step` steps was step - 1.
+        elas_sparse = f.elas_warmup_steps == 0 or step is None or step - 1 >= f.elas_warmup_steps
 
         layers = []
         for i in range(shape.num_layers):
@@ -173,6 +186,11 @@ class InferenceModel(nn.Module):
                 raise UnsupportedModelError(f"layer {i} has ffn.kind = {kind!r}: effdist.infer runs "
                                             f"{', '.join(SUPPORTED_FFN_KINDS)} FFNs only")
             p = f"decoder.layers.{i}."
+            width = ffn_width_of_layer(cfg, i)
+            ffn = ffn_from_weights(kind, lambda name, p=p: take(p + "mlp." + name),
+                                   topk_k=resolve_count(f.topk_k, width), topk_activation=f.topk_activation,
+                                   moc_k=resolve_count(f.moc_k, width), moc_structured=f.moc_structured,
+                                   elas_sparse=elas_sparse)
             qkv = take(p + "self_attention.linear_qkv.weight")
             if qkv.shape != ((nh + 2 * ng) * d, shape.hidden_size):
                 raise UnsupportedModelError(f"{p}self_attention.linear_qkv.weight has shape {tuple(qkv.shape)}, "
@@ -182,16 +200,16 @@ class InferenceModel(nn.Module):
                 qkv=regroup_qkv(qkv, nh, ng, d),
                 proj=take(p + "self_attention.linear_proj.weight").clone(),
                 mlp_norm=take(p + "pre_mlp_layernorm.weight").clone(),
-                fc1=take(p + "mlp.linear_fc1.weight").clone(),
-                fc2=take(p + "mlp.linear_fc2.weight").clone(),
-                gated=kind == "swiglu"))
+                ffn=ffn))
         output = None if shape.tie_embeddings else take("output_layer.weight").clone()
         return cls(shape, embedding, layers, take("decoder.final_layernorm.weight").clone(), output, **kwargs)
 
     @classmethod
     def random(cls, shape: ModelShape, ffn_hidden_size: int, *, seed: int = 0, std: float = 0.02,
-               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, **kwargs) -> "InferenceModel":
-        """Random weights of a given shape (throughput benchmarks, tests); SwiGLU FFNs."""
+               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, ffn_kind: str = "swiglu",
+               ffn_options: Optional[dict] = None, **kwargs) -> "InferenceModel":
+        """Random weights of a given shape (throughput benchmarks, tests); FFNs of `ffn_kind`, `ffn_hidden_size`
+        wide, with `ffn_options` for effdist.infer.ffn.random_ffn (k, topk_activation, moc_structured, rank)."""
         gen = torch.Generator(device=device).manual_seed(seed)
         h, d = shape.hidden_size, shape.head_dim
 
@@ -202,8 +220,8 @@ class InferenceModel(nn.Module):
             return torch.ones(h, device=device, dtype=dtype)
 
         layers = [InferenceLayer(ones(), normal((shape.num_heads + 2 * shape.num_kv_heads) * d, h),
-                                 normal(h, shape.num_heads * d), ones(), normal(2 * ffn_hidden_size, h),
-                                 normal(h, ffn_hidden_size), gated=True)
+                                 normal(h, shape.num_heads * d), ones(),
+                                 random_ffn(ffn_kind, h, ffn_hidden_size, normal, **(ffn_options or {})))
                   for _ in range(shape.num_layers)]
         output = None if shape.tie_embeddings else normal(shape.padded_vocab_size, h)
         return cls(shape, normal(shape.padded_vocab_size, h), layers, ones(), output, **kwargs)
@@ -221,12 +239,11 @@ class InferenceModel(nn.Module):
         return rmsnorm(x, weight, self.shape.norm_eps, use_triton=x.is_cuda and _HAVE_TRITON)
 
     def _mlp(self, layer: InferenceLayer, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(self._norm(x, layer.mlp_norm), layer.fc1)
-        if layer.gated:
-            h = swiglu(h, use_triton=h.is_cuda and _HAVE_TRITON)
-        else:
-            h = torch.pow(F.relu(h), 2)
-        return F.linear(h, layer.fc2)
+        return layer.ffn.dense(self._norm(x, layer.mlp_norm))
+
+    def _mlp_decode(self, layer: InferenceLayer, x: torch.Tensor) -> torch.Tensor:
+        h = self._norm(x, layer.mlp_norm)
+        return layer.ffn.decode(h) if self.sparse_decode else layer.ffn.dense(h)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.embedding if self.output is None else self.output
@@ -349,5 +366,5 @@ class InferenceModel(nn.Module):
                     probs = torch.softmax(scores + bias, dim=-1, dtype=torch.float32).to(values.dtype)
                     a = torch.matmul(probs, values[:, :, :t])
             x = x + F.linear(a.reshape(b, nh * d), layer.proj)
-            x = x + self._mlp(layer, x)
+            x = x + self._mlp_decode(layer, x)
         return self._logits(x)

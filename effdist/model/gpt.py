@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from effdist.config import Config, ffn_width
+from effdist.config import Config, ConfigError, ffn_width, padded_vocab_size  # noqa: F401 (padded_vocab_size: re-exported)
+from effdist.model.fp8 import FP8_LINEARS, Fp8Gemm, Fp8Settings, require_fp8_support
 from effdist.model.fused import FusedLossGPTModel, fused_block_spec, fused_kernel_set, install_fused_rope
 from effdist.model.spec import DEFAULT_LINEARS, LinearImpl, block_spec
 from effdist.model.wgrad_fusion import guard_wgrad_fusion, install_wgrad_fusion, wgrad_fusion_applies
@@ -34,12 +35,6 @@ def _install_layer_offset() -> None:
 
 
 _install_layer_offset()
-
-
-def padded_vocab_size(cfg: Config) -> int:
-    """Round the vocab up so the embedding shards evenly over TP (as Megatron-LM does)."""
-    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tp
-    return ((cfg.model.vocab_size + multiple - 1) // multiple) * multiple
 
 
 def transformer_config(cfg: Config, dtype: torch.dtype, device: torch.device, num_layers: int | None = None,
@@ -93,6 +88,8 @@ def transformer_config(cfg: Config, dtype: torch.dtype, device: torch.device, nu
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
+        # No CUDA graphs; the field's default ("full") is deprecated and warns on every build.
+        cuda_graph_scope=[],
     )
 
 
@@ -115,6 +112,15 @@ def build_gpt(cfg: Config, dtype: torch.dtype, device: torch.device, layer_indic
         install_wgrad_fusion()  # before the linears: ColumnParallelLinear checks megatron's flag
     tcfg = transformer_config(cfg, dtype, device, rope_fusion="rope" in kernels, wgrad_fusion=wgrad)
     tcfg.effdist_layer_offset = layer_indices[0]
+    fp8 = Fp8Settings.from_config(cfg)
+    if fp8 is not None:
+        # FP8 GEMMs in the decoder's linears (effdist.model.fp8); the embedding and the LM head stay bf16.
+        require_fp8_support(cfg, device)
+        if linears is not DEFAULT_LINEARS:
+            raise ConfigError("train.precision = 'fp8': the pipeline executor's B/W-split linears have no FP8 GEMM; "
+                              "use parallel.pp=1, or train.precision=bf16")
+        linears = FP8_LINEARS
+        tcfg.effdist_fp8_gemm = Fp8Gemm(fp8)
     model_cls, extra = GPTModel, {}
     if "loss" in kernels:
         model_cls, extra = FusedLossGPTModel, {"loss_chunk_tokens": cfg.train.fused_loss_chunk_tokens}

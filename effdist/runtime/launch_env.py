@@ -15,6 +15,10 @@ tested with fake dicts. Three launchers are recognised, in this order:
    ``29500 + SLURM_JOB_ID % 10000`` (two jobs sharing a node then rarely collide).
 3. **single process**: neither -> rank 0 of 1 at ``MASTER_ADDR`` or 127.0.0.1, port ``MASTER_PORT`` or 29500.
 
+`rendezvous_host(hostlist)` picks the address of a job's first node that the other nodes can reach (the
+c10d rendezvous host of slurm/train.sbatch): ``python -m effdist.runtime.launch_env rendezvous-host
+"$SLURM_JOB_NODELIST"`` prints it.
+
 ``EFFDIST_LAUNCHER=torchrun|slurm|single`` forces one reading, e.g. ``single`` for a plain ``python -m
 effdist.train`` inside an ``salloc`` shell whose Slurm variables describe the allocation, not this process.
 
@@ -24,8 +28,12 @@ Inconsistent variables (rank >= world size, ``RANK`` without ``WORLD_SIZE``, a n
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
-from collections.abc import Mapping
+import socket
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 # EX_TEMPFAIL from sysexits.h: "try again later". The trainer exits with it after saving a checkpoint on
@@ -291,3 +299,90 @@ def _expand_name(name: str, hostlist: str) -> list[str]:
         width = len(lo)
         out += [f"{prefix}{i:0{width}d}{s}" for i in range(first, last + 1) for s in suffixes]
     return out
+
+
+# ------------------------------------------------------------------------------------ rendezvous address
+def resolve_host(name: str) -> list[str]:
+    """Every address `name` resolves to (getaddrinfo: /etc/hosts, DNS, ...), IPv4 first, in resolver order."""
+    try:
+        infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return []
+    addrs: list[str] = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for fam, _, _, _, sockaddr in infos:
+            if fam == family and sockaddr[0] not in addrs:
+                addrs.append(sockaddr[0])
+    return addrs
+
+
+def local_address_towards(addr: str) -> str | None:
+    """The address of the interface this host sends from to reach `addr` (a UDP connect sends no packet)."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((addr, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+def _is_loopback(addr: str) -> bool:
+    return ipaddress.ip_address(addr.split("%")[0]).is_loopback
+
+
+def rendezvous_host(hostlist: str, this_node: str | None = None,
+                    resolve: Callable[[str], Sequence[str]] = resolve_host,
+                    route_from_here: Callable[[str], str | None] = local_address_towards) -> str:
+    """The address at which the other nodes of a job reach its first node: where the c10d rendezvous runs.
+
+    `hostlist` is Slurm's compressed node list (``SLURM_JOB_NODELIST``); `this_node` the node this runs on
+    (``SLURMD_NODENAME``; the batch script runs on the first node). `hostname --ip-address` is not used: it
+    returns a loopback address on hosts whose /etc/hosts maps their own name to 127.0.1.1 (Debian's default).
+
+    1. The first node's name resolved: its first address that is not loopback (IPv4 before IPv6).
+    2. If it resolves only to loopback (or not at all) and this process runs on that node: the local
+       address this host uses to reach the first other node that resolves to a non-loopback address.
+    3. If every node resolves only to loopback, they are all this machine (one host, e.g. an emulated
+       cluster): the loopback address.
+    Otherwise a LaunchEnvError names the node, what it resolved to, and HEAD_ADDR as the way out.
+    """
+    nodes = expand_hostlist(hostlist)
+    if not nodes:
+        raise LaunchEnvError(f"host list {hostlist!r} is empty")
+    head, others = nodes[0], nodes[1:]
+    head_addrs = list(resolve(head))
+    routable = [a for a in head_addrs if not _is_loopback(a)]
+    if routable:
+        return routable[0]
+    other_addrs = {node: [a for a in resolve(node) if not _is_loopback(a)] for node in others}
+    if this_node == head:
+        for node, addrs in other_addrs.items():
+            for addr in addrs:
+                local = route_from_here(addr)
+                if local and not _is_loopback(local):
+                    return local
+    if head_addrs and not any(other_addrs.values()):
+        return head_addrs[0]
+    seen = ", ".join(head_addrs) if head_addrs else "nothing"
+    raise LaunchEnvError(f"the first node {head!r} of {hostlist!r} resolves to {seen} here, which the other nodes "
+                         "cannot reach: set HEAD_ADDR to its address on the cluster network")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m effdist.runtime.launch_env rendezvous-host NODELIST``: print the rendezvous host."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2 or args[0] != "rendezvous-host":
+        print("usage: python -m effdist.runtime.launch_env rendezvous-host NODELIST", file=sys.stderr)
+        return 2
+    try:
+        addr = rendezvous_host(args[1], this_node=os.environ.get("SLURMD_NODENAME"))
+    except LaunchEnvError as e:
+        print(f"effdist: {e}", file=sys.stderr)
+        return 1
+    print(f"[{addr}]" if ":" in addr else addr)  # torchrun reads host:port, so an IPv6 address gets brackets
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,6 +14,8 @@ loads with another (megatron reshards).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -34,6 +36,23 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupt, or does not fit this run."""
 
 
+class IncompatibleCheckpointError(CheckpointError):
+    """The checkpoint's tensors have other shapes than the configured model's (a config error: exit 2)."""
+
+
+class CheckpointSpaceError(CheckpointError):
+    """The checkpoint directory cannot take the next checkpoint (full, read-only, not writable)."""
+
+
+# Config keys that change the shape (or the set) of the tensors a checkpoint holds. Resuming across a
+# change of any of them cannot work; every other key (parallel layout, batch, schedule, ...) may change.
+SHAPE_KEYS = (
+    "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_query_groups",
+    "model.ffn_hidden_size", "model.vocab_size", "model.make_vocab_size_divisible_by", "model.tie_embeddings",
+    "ffn.kind", "ffn.layers", "ffn.elas_expand", "ffn.elas_rank",
+)
+
+
 def iter_name(step: int) -> str:
     return f"iter_{step:07d}"
 
@@ -48,6 +67,30 @@ def list_complete(ckpt_dir: Path) -> list[tuple[int, Path]]:
         if m and p.is_dir() and (p / MARKER).is_file():
             out.append((int(m.group(1)), p))
     return sorted(out)
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Every iter_N directory of `ckpt_dir` (complete or not, not the .tmp saves in progress), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _ITER_RE.match(p.name)) and p.is_dir())
+
+
+def shape_changes(saved_config: dict[str, Any], config: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, configured value) for every SHAPE_KEYS entry that differs."""
+    def get(d: dict[str, Any], key: str) -> Any:
+        section, name = key.split(".")
+        return d.get(section, {}).get(name, _MISSING)
+
+    out = []
+    for key in SHAPE_KEYS:
+        saved, now = get(saved_config, key), get(config, key)
+        if saved is not _MISSING and saved != now:
+            out.append((key, saved, now))
+    return out
+
+
+_MISSING = object()
 
 
 def read_marker(path: Path) -> dict[str, Any]:
@@ -213,7 +256,8 @@ class AsyncSaver:
 
     def poll(self) -> list[Path]:
         """Finalize a finished save, if any (collective: call at the same point on every rank)."""
-        done = self.queue.maybe_finalize_async_calls(blocking=False, no_dist=False)
+        with write_errors_named(self.in_flight or Path(".")):
+            done = self.queue.maybe_finalize_async_calls(blocking=False, no_dist=False)
         if done and self.in_flight is not None:
             path, self.in_flight = self.in_flight, None
             return [path]
@@ -223,7 +267,8 @@ class AsyncSaver:
         """Block until the save in flight is written and visible."""
         if self.in_flight is None:
             return []
-        self.queue.maybe_finalize_async_calls(blocking=True, no_dist=False)
+        with write_errors_named(self.in_flight):
+            self.queue.maybe_finalize_async_calls(blocking=True, no_dist=False)
         path, self.in_flight = self.in_flight, None
         return [path]
 
@@ -275,7 +320,12 @@ def make_visible(ckpt_dir: Path, tmp: Path, final: Path, step: int, marker: dict
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_atomic(ckpt_dir / "latest", final.name)
+    set_latest(ckpt_dir, final)
+
+
+def set_latest(ckpt_dir: Path, path: Path) -> None:
+    """Point ``ckpt_dir/latest`` (read by `effdist generate` and external tools) at checkpoint `path`."""
+    _write_atomic(ckpt_dir / "latest", path.name)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -318,12 +368,14 @@ def load_model_only(path: Path, model_chunks) -> None:
     _load_chunks(model_chunks, loaded["model"])
 
 
-def apply_retention(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
+def apply_retention(ckpt_dir: Path, keep_last: int, keep_every: int, current_step: int | None = None) -> list[Path]:
     """Delete complete checkpoints beyond the newest `keep_last`, except every `keep_every`-th step.
 
-    Never deletes the newest complete checkpoint. Returns the deleted paths.
+    Only checkpoints of the current line of history are candidates: none newer than `current_step`
+    (checkpoints of an abandoned line are moved aside by run_dir, never counted here). Never deletes the
+    newest complete checkpoint. Returns the deleted paths.
     """
-    complete = list_complete(ckpt_dir)
+    complete = [(s, p) for s, p in list_complete(ckpt_dir) if current_step is None or s <= current_step]
     if not complete:
         return []
     keep = {p for _, p in complete[-max(1, keep_last):]}
@@ -335,3 +387,108 @@ def apply_retention(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[Pat
             shutil.rmtree(p, ignore_errors=True)
             deleted.append(p)
     return deleted
+
+
+# ---------------------------------------------------------------------- disk space
+def checkpoint_bytes(path: Path) -> int:
+    """Bytes of a complete checkpoint, from its manifest (0 if it has none)."""
+    try:
+        return sum(int(size) for size, _ in read_marker(path).get("files", {}).values())
+    except (CheckpointError, TypeError, ValueError):
+        return 0
+
+
+def estimate_next_bytes(ckpt_dir: Path, fallback: int) -> int:
+    """Size of the next checkpoint: the newest complete one's (same model, same state), else `fallback`."""
+    complete = list_complete(ckpt_dir)
+    return (checkpoint_bytes(complete[-1][1]) if complete else 0) or fallback
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes for an unprivileged writer at `path` (its nearest existing ancestor).
+
+    EFFDIST_FAULT_FREE_BYTES replaces the answer (fault injection for tests and drills)."""
+    fake = os.environ.get("EFFDIST_FAULT_FREE_BYTES")
+    if fake:
+        return int(fake)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def space_problem(ckpt_dir: Path, step: int, needed: int) -> str | None:
+    """Why checkpoint `step` cannot be written into `ckpt_dir` now (None: it can). Called before a save, on
+    rank 0; the margin covers the manifest, the marker and file-system overhead."""
+    where = ckpt_dir
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not os.access(where, os.W_OK) or _read_only(where):
+        return (f"cannot save {iter_name(step)}: {where} is not writable (read-only file system or permissions); "
+                f"the checkpoints already there are intact. Make it writable or set checkpoint.dir, then resume "
+                "with --resume auto")
+    free = free_bytes(where)
+    if free < needed * 1.1:
+        return (f"not enough space to save {iter_name(step)} in {ckpt_dir}: about {_fmt_bytes(needed)} needed, "
+                f"{_fmt_bytes(free)} free; the checkpoints already there are intact. Free space (or lower "
+                "checkpoint.keep_last) or set checkpoint.dir, then resume with --resume auto")
+    return None
+
+
+def _read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+_WRITE_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+                 errno.EACCES: "permission denied", errno.EPERM: "not permitted", errno.EFBIG: "file too large"}
+
+
+# How the writers report a failed write when the errno does not survive (torch's zip writer, the
+# checkpoint writer's worker processes): matched in the message, last resort after the errno.
+_WRITE_FAILURE_TEXTS = ("file write failed", "PytorchStreamWriter failed", "unexpected pos", "No space left")
+
+
+@contextlib.contextmanager
+def write_errors_named(tmp: Path):
+    """A failed checkpoint write (disk full, quota, read-only, file size limit) becomes a CheckpointSpaceError
+    naming the path and the free space, instead of a traceback from deep inside the writer. The partial
+    .tmp save stays where it is (never visible as a checkpoint; the next save of that step replaces it)."""
+    try:
+        yield
+    except BaseException as e:  # torch's CheckpointException derives from BaseException
+        reason = _write_failure(e)
+        if reason is None:
+            raise
+        free = free_bytes(tmp.parent) if tmp.parent.exists() else 0
+        raise CheckpointSpaceError(
+            f"writing checkpoint {tmp} failed: {reason}; {_fmt_bytes(free)} free there; the complete checkpoints "
+            "beside it are intact. Free space or set checkpoint.dir, then resume with --resume auto") from None
+
+
+def _write_failure(e: BaseException) -> str | None:
+    """Why writing failed, if `e` (or what it wraps) is a failed file write; None for any other error."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    seen: list[BaseException] = []
+    cause: BaseException | None = e
+    while cause is not None and cause not in seen:
+        seen.append(cause)
+        if isinstance(cause, OSError) and cause.errno in _WRITE_ERRNOS:
+            return f"{_WRITE_ERRNOS[cause.errno]} ({cause.filename or cause})"
+        if isinstance(cause, CheckpointException):  # (exception, traceback) per failed rank
+            seen.extend(f[0] if isinstance(f, tuple) else f for f in cause.failures.values())
+        cause = cause.__cause__ or cause.__context__
+    for exc in seen:
+        if isinstance(exc, BaseException) and not isinstance(exc, CheckpointException):
+            text = str(exc)
+            if any(t in text for t in _WRITE_FAILURE_TEXTS):
+                return f"the file write failed ({text.strip().splitlines()[-1]})"
+    return None

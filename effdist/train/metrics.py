@@ -16,6 +16,11 @@ Number format:
 Resuming: ``MetricsLogger(..., resume_step=k)`` drops the entries with step > k (written after the
 checkpoint the run resumes from) so the file continues exactly, without duplicates; tensorboard events
 after step k are purged the same way.
+
+Rolling back (resuming an older checkpoint, see run_dir.py) keeps the abandoned line instead: the trainer
+appends ``{"event": "rollback", "step": k, "from_step": ..., "to": ..., "moved_to": ...}`` (an event
+record: no loss fields) and records before the newest event are never dropped. `current_line(records)`
+gives the step records of the current line only (what `effdist plot` draws).
 """
 
 from __future__ import annotations
@@ -89,6 +94,32 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
+def append_event(run_dir: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Append an event record (``{"event": "rollback", "step": k, ...}``: no loss fields, so step readers
+    skip it) to RUN_DIR/metrics.jsonl, flushed to disk before the run goes on."""
+    if "event" not in record or "step" not in record:
+        raise ValueError(f"an event record needs 'event' and 'step'; got keys {sorted(record)}")
+    path = Path(run_dir) / METRICS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({k: _json_value(k, v) for k, v in record.items()}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def current_line(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The step records of the run's current line of history: a rollback event to step k drops the
+    records after step k written before it (they stay in the file, as the abandoned line)."""
+    out: list[dict[str, Any]] = []
+    for r in records:
+        if "event" in r:
+            if r.get("event") == "rollback" and isinstance(r.get("step"), int):
+                out = [x for x in out if x["step"] <= r["step"]]
+        elif isinstance(r.get("step"), int):
+            out.append(r)
+    return out
+
+
 def model_flops_per_token(num_layers: int, hidden: int, ffn_hidden: int, num_heads: int, num_query_groups: int,
                           vocab: int, seq: int, gated: bool = True) -> float:
     """Training FLOPs (forward + backward) per token of a LLaMA-style decoder, the MFU numerator.
@@ -147,11 +178,13 @@ def _format_duration(seconds: float) -> str:
 
 
 class ProgressBar:
-    """One line on stderr: step/total, a bar, loss, throughput, ETA.
+    """The console line of a run, on stderr: step/total, loss, lr, tokens/s, TFLOP/s, MFU, memory, ETA.
 
-    On a terminal the line is rewritten in place with ``\\r``; in a log file (Slurm output) a plain line
-    is printed at the first update and then every `every` steps, so the file stays readable. The ETA uses the mean time per
-    step since the first update, which leaves out the slow first step (compilation, warm-up).
+    On a terminal the line is a bar rewritten in place with ``\\r``; in a pipe or a log file (Slurm
+    output) every update is a plain line of its own (the trainer updates once per logging.interval), or
+    every `every` steps when given. The ETA uses the mean time per step since the first update, which
+    leaves out the slow first step (compilation, warm-up). Other lines written through `console_line`
+    while a bar is shown go above it instead of being glued to it.
     """
 
     def __init__(self, total_steps: int, stream: TextIO | None = None, every: int | None = None,
@@ -160,11 +193,11 @@ class ProgressBar:
         self.stream = stream if stream is not None else sys.stderr
         isatty = getattr(self.stream, "isatty", None)
         self.interactive = bool(isatty and isatty())
-        self.every = every or max(1, self.total // 20)
+        self.every = every or 1
         self.clock = clock
         self._first: tuple[int, float] | None = None
         self._last_printed: int | None = None
-        self._dirty = False
+        self._shown = ""  # the bar currently on the terminal line ("" when none)
 
     def eta_s(self, step: int) -> float | None:
         now = self.clock()
@@ -174,42 +207,80 @@ class ProgressBar:
         return per_step * max(0, self.total - step)
 
     def line(self, step: int, record: Mapping[str, Any]) -> str:
-        width = 20
-        filled = min(width, int(width * step / self.total))
-        parts = [f"step {step}/{self.total} [{'#' * filled}{'.' * (width - filled)}] {100 * step / self.total:3.0f}%"]
-        loss = record.get("loss")
-        if isinstance(loss, (int, float)):
+        percent = f"{100 * step / self.total:3.0f}%"
+        if self.interactive:
+            width = 20
+            filled = min(width, int(width * step / self.total))
+            percent = f"[{'#' * filled}{'.' * (width - filled)}] {percent}"
+        parts = [f"step {step}/{self.total} {percent}"]
+
+        def number(key: str) -> float | None:
+            value = record.get(key)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            return value if ok else None
+
+        if (loss := number("loss")) is not None:
             parts.append(f"loss {loss:.4f}")
-        lr = record.get("lr")
-        if isinstance(lr, (int, float)):
+        elif "loss" in record:
+            parts.append("loss nan (update skipped)")
+        if (lr := number("lr")) is not None:
             parts.append(f"lr {lr:.2e}")
-        tps = record.get("tokens_per_s")
-        if isinstance(tps, (int, float)) and math.isfinite(tps):
+        if (tps := number("tokens_per_s")) is not None:
             parts.append(f"{tps:,.0f} tok/s")
-        tflops = record.get("tflops")
-        if isinstance(tflops, (int, float)) and math.isfinite(tflops):
+        if (tflops := number("tflops")) is not None:
             parts.append(f"{tflops:.3g} TFLOP/s")
+        if (mfu := number("mfu")) is not None:
+            parts.append(f"MFU {100 * mfu:.1f}%")
+        if (mem := number("peak_mem_gib")) is not None:
+            parts.append(f"peak mem {mem:.2f} GiB")
         eta = self.eta_s(step)
         parts.append(f"eta {_format_duration(eta)}" if eta is not None else "eta ?")
         return "  ".join(parts)
 
     def update(self, step: int, record: Mapping[str, Any]) -> None:
+        global _active_bar
         if self._first is None:
             self._first = (step, self.clock())
         if self.interactive:
-            self.stream.write("\r\x1b[K" + self.line(step, record))
-            self._dirty = True
+            self._shown = self.line(step, record)
+            self.stream.write("\r\x1b[K" + self._shown)
+            _active_bar = self
         elif self._last_printed is None or step - self._last_printed >= self.every or step >= self.total:
             # By distance, not `step % every`: the trainer may log every k steps with k not dividing `every`.
             self.stream.write(self.line(step, record) + "\n")
             self._last_printed = step
         self.stream.flush()
 
+    def write_above(self, text: str) -> None:
+        """Print `text` as a line of its own; on a terminal the bar is drawn again below it."""
+        if self._shown:
+            self.stream.write("\r\x1b[K" + text + "\n" + self._shown)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
     def close(self) -> None:
-        if self._dirty:
+        global _active_bar
+        if self._shown:
             self.stream.write("\n")
             self.stream.flush()
-            self._dirty = False
+            self._shown = ""
+        if _active_bar is self:
+            _active_bar = None
+
+
+# The bar on the terminal now, if any: console_line writes above it.
+_active_bar: ProgressBar | None = None
+
+
+def console_line(text: str, stream: TextIO | None = None) -> None:
+    """Write one line to the console (stderr), above the progress bar when one is shown there."""
+    stream = stream if stream is not None else sys.stderr
+    if _active_bar is not None and _active_bar.stream is stream:
+        _active_bar.write_above(text)
+    else:
+        stream.write(text + "\n")
+        stream.flush()
 
 
 class MetricsLogger:
@@ -237,10 +308,15 @@ class MetricsLogger:
             self.progress = ProgressBar(total_steps, stream=progress_stream, every=progress_every)
 
     def _truncate_after(self, resume_step: int) -> None:
-        """Keep the records of steps 1..resume_step; rewrite atomically so a crash here loses nothing."""
+        """Keep the records of steps 1..resume_step written since the newest event record, and every record
+        up to that event (an abandoned line of history stays in the file); rewrite atomically so a crash
+        here loses nothing."""
         if not self.path.exists():
             return
-        kept = [r for r in read_metrics(self.run_dir) if isinstance(r.get("step"), int) and r["step"] <= resume_step]
+        records = read_metrics(self.run_dir)
+        last_event = max((i for i, r in enumerate(records) if "event" in r), default=-1)
+        kept = records[:last_event + 1] + [r for r in records[last_event + 1:]
+                                           if isinstance(r.get("step"), int) and r["step"] <= resume_step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             for r in kept:

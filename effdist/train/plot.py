@@ -1,7 +1,8 @@
 """`effdist plot RUN_DIR [RUN_DIR ...] [--out loss.png] [--key loss]`: curves of runs in one PNG.
 
 Each run is read from its metrics.jsonl and labelled by its directory name. Steps where the value is
-null (a skipped non-finite step) leave a gap instead of a spike.
+null (a skipped non-finite step) leave a gap instead of a spike. After a rollback only the current line
+of history is drawn (the abandoned steps stay in the file, before the rollback event record).
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from effdist.train.metrics import METRICS_FILE, read_metrics
+from effdist.train.metrics import METRICS_FILE, current_line, read_metrics
 
 
 def series(run_dir: str | Path, key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of one metric; null values become NaN, i.e. gaps in the plot."""
+    """(steps, values) of one metric on the current line of history; null values become NaN, i.e. gaps."""
     steps, values = [], []
-    for rec in read_metrics(run_dir):
-        if "step" not in rec or key not in rec:
+    for rec in current_line(read_metrics(run_dir)):
+        if key not in rec:
             continue
         value = rec[key]
         steps.append(rec["step"])

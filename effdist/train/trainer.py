@@ -23,12 +23,14 @@ import torch.distributed as dist
 from effdist.config import Config, ConfigError, load_config, validate
 from effdist.runtime import lifecycle
 from effdist.train import checkpoint as ckpt
+from effdist.train import run_dir as run_directory
 from effdist.train.loss import masked_loss_sum
+from effdist.train.metrics import console_line
 from effdist.train.optim import MasterWeightAdamW, lr_at
 
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive non-finite losses or gradient norms."""
+    """Too many consecutive non-finite losses or gradient norms, a non-finite last step, or non-finite weights."""
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -37,7 +39,7 @@ def default_run_dir(cfg: Config) -> Path:
 
 def log(runtime, msg: str) -> None:
     if runtime is None or runtime.is_logging_rank:
-        print(f"[effdist] {msg}", file=sys.stderr, flush=True)
+        console_line(f"[effdist] {msg}")  # above the progress bar on a terminal
 
 
 def _peak_memory_gib(runtime) -> float:
@@ -50,10 +52,16 @@ def _peak_memory_gib(runtime) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, resume: str = "auto"):
+    def __init__(self, cfg: Config, run_dir: Path, resume: str = "auto", fresh: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resume = resume
+        self.fresh = fresh  # --fresh: with --resume none, move an earlier run aside instead of refusing
+        self.lock: run_directory.RunDirLock | None = None
+        # The newest checkpoint this run can go back to (named when the run stops on non-finite values).
+        self.last_good_checkpoint: Path | None = None
+        # Set when resuming moved newer checkpoints aside (rollback): recorded in metrics.jsonl as an event.
+        self.rollback: dict[str, Any] | None = None
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
@@ -63,6 +71,9 @@ class Trainer:
         self.engine = None
         # Fault injection for tests and drills: steps (1-based) whose loss is made NaN.
         self._nan_steps = {int(x) for x in os.environ.get("EFFDIST_FAULT_NAN_STEPS", "").split(",") if x.strip()}
+        # ... and steps after whose update one weight is set to +inf (an overflowed update).
+        self._inf_weight_steps = {int(x) for x in os.environ.get("EFFDIST_FAULT_INF_WEIGHT_STEPS", "").split(",")
+                                  if x.strip()}
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -74,8 +85,8 @@ class Trainer:
         self.guard.phase = "process group setup"
         self.runtime = rt = setup(cfg)
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        self._claim_run_dir()
         if rt.is_logging_rank:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         log(rt, f"{rt.world_size} process(es) on {rt.device.type}/{rt.backend}: tp={rt.tp} pp={rt.pp} dp={rt.dp}, "
                 f"dtype={str(rt.dtype).replace('torch.', '')}, run dir {self.run_dir}")
@@ -147,17 +158,47 @@ class Trainer:
         )
         n_local = sum(p.numel() for p in params)
         log(rt, f"model {cfg.model.name}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
-                f"{n_local / 1e6:.2f}M parameters on rank 0, ffn={cfg.ffn.kind}")
+                f"{n_local / 1e6:.2f}M parameters on rank 0, ffn={cfg.ffn.kind}{_precision_note(cfg)}")
 
     def _build_features(self) -> None:
         self.epas = None
         if self.cfg.epas.enabled:
             from effdist.epas.controller import EpasController
 
-            self.epas = EpasController(self.cfg, [ckpt.unwrap(c) for c in self.model_chunks], optimizer=self.optimizer)
+            from effdist.epas.schedule import describe_plan
+
+            rt = self.runtime
+            log(rt, describe_plan(self.cfg.epas, self.cfg.model.num_layers, self.cfg.train.steps))
+            self.epas = EpasController(self.cfg, [ckpt.unwrap(c) for c in self.model_chunks], optimizer=self.optimizer,
+                                       log=lambda message: log(rt, message))
             if self.pipeline is not None:
                 # Q/K cross a stage boundary whenever the sharing region spans it.
                 self.pipeline.use_epas(self.epas)
+
+    def _from_rank0(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (a decision only rank 0 can take, so all ranks act alike)."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _claim_run_dir(self) -> None:
+        """Rank 0 locks the run directory for the run's life and, for --resume none, refuses or (with
+        --fresh) moves an earlier run aside; every rank learns the outcome, so all stop together."""
+        rt = self.runtime
+        error = None
+        if rt.is_logging_rank:
+            try:
+                self.lock = run_directory.RunDirLock(self.run_dir)
+                self.lock.acquire()
+                if self.resume in ("none", "", None):
+                    moved = run_directory.start_over(self.run_dir, self.ckpt_dir, self.fresh)
+                    if moved is not None:
+                        log(rt, f"--fresh: moved the earlier run into {moved} (nothing deleted)")
+            except run_directory.RunDirError as e:
+                error = str(e)
+        error = self._from_rank0(error)
+        if error:
+            raise run_directory.RunDirError(error)
 
     # ------------------------------------------------------------------ resume
     def _maybe_resume(self) -> None:
@@ -190,28 +231,62 @@ class Trainer:
         else:
             common = ckpt.load(path, self.model_chunks, self.optimizer, rt, restore_rng=same_layout)
         self.step = int(common["step"])
+        if self.resume == "auto" and getattr(self, "_skipped_damaged", False):
+            self._make_current_line(path, "fallback")
         self.loader.load_state_dict(common["data"])
         self.nonfinite_in_a_row = int(common.get("nonfinite_in_a_row", 0))
         self.skipped_steps = int(common.get("skipped_steps", 0))
         if self.epas is not None and "epas" in common:
             self.epas.load_state_dict(common["epas"])
+        self.last_good_checkpoint = path
         log(rt, f"resumed from {path} at step {self.step}" + ("" if same_layout else
             f" (resharded from tp={marker.get('tp')} pp={marker.get('pp')} dp={marker.get('dp')})"))
+        if self.resume != "auto":
+            self._make_current_line(path, "rollback")
+
+    def _make_current_line(self, path: Path, reason: str) -> None:
+        """After loading `path`: move the checkpoints of this directory that are not on its line of
+        history (newer ones; all of them when `path` lies elsewhere) aside, so `--resume auto` and
+        retention continue from here. Rank 0 moves; the others wait."""
+        rt = self.runtime
+        if rt.is_logging_rank:
+            inside = path.resolve().parent == self.ckpt_dir.resolve()
+            keep_up_to = self.step if inside else -1
+            dest, moved = run_directory.roll_back(self.ckpt_dir, keep_up_to, reason=f"{reason} to {path}")
+            if moved:
+                log(rt, f"{reason} to step {self.step}: moved {len(moved)} checkpoint(s) of the abandoned line aside "
+                        f"into {dest} (kept): " + ", ".join(p.name for p in moved))
+                self.rollback = {"reason": reason, "to": str(path),
+                                 "from_step": max(int(p.name.split("_")[1].split(".")[0]) for p in moved),
+                                 "moved_to": str(dest)}
+            if inside:
+                ckpt.set_latest(self.ckpt_dir, path)
+        dist.barrier()
 
     def _newest_loadable(self) -> Path | None:
-        """The newest complete checkpoint that passes verification; a corrupt newer one is reported and
-        skipped. Rank 0 decides and tells the others, so every rank loads the same one."""
-        choice: list[str | None] = [None]
-        if self.runtime.is_logging_rank:
-            for _, path in reversed(ckpt.list_complete(self.ckpt_dir)):
+        """The newest checkpoint that passes verification; a damaged newer one (corrupt, or without its
+        effdist.json) is reported, skipped, and moved aside once the older one loaded. Checkpoints present
+        but none loadable is an error with one line per checkpoint: never a silent start from step 0.
+        Rank 0 decides and tells the others, so every rank loads the same one."""
+        rt = self.runtime
+        choice, problems = None, []
+        if rt.is_logging_rank:
+            for _, path in reversed(ckpt.list_checkpoints(self.ckpt_dir)):
                 try:
                     ckpt.verify(path, check_crc=self.cfg.checkpoint.verify_crc)
-                    choice[0] = str(path)
+                    choice = str(path)
                     break
                 except ckpt.CheckpointError as e:
-                    log(self.runtime, f"WARNING: {e}; falling back to the previous checkpoint")
-        dist.broadcast_object_list(choice, src=0)
-        return Path(choice[0]) if choice[0] else None
+                    problems.append(str(e))
+                    log(rt, f"WARNING: {e}; falling back to the previous checkpoint")
+        choice, problems = self._from_rank0((choice, problems))
+        if choice is None and problems:
+            raise ckpt.CheckpointError(
+                f"--resume auto: {len(problems)} checkpoint(s) in {self.ckpt_dir}, none loadable:\n  "
+                + "\n  ".join(problems) + "\nrestore one, resume an older copy with --resume CHECKPOINT_DIR, or start "
+                "over with --resume none --fresh")
+        self._skipped_damaged = bool(problems)
+        return Path(choice) if choice else None
 
     def _model_signature(self) -> dict[str, Any]:
         m = self.cfg.model
@@ -220,13 +295,20 @@ class Trainer:
                 "vocab_size": m.vocab_size, "tie_embeddings": m.tie_embeddings, "ffn_kind": self.cfg.ffn.kind}
 
     def _check_compatible(self, marker: dict[str, Any], path: Path) -> None:
-        saved = marker.get("model", {})
-        now = self._model_signature()
-        diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
-        if diff:
-            what = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-            raise ckpt.CheckpointError(f"checkpoint {path} was written for a different model ({what}); "
-                                       "use the config it was trained with, or a new run directory")
+        """Before loading: every config key that shapes the tensors must match the checkpoint's (the
+        parallel layout may change: checkpoints reshard)."""
+        if "config" in marker:
+            changes = ckpt.shape_changes(marker["config"], self.cfg.to_dict())
+        else:  # checkpoints written before the config was stored in the marker
+            saved = marker.get("model", {})
+            changes = [(k, saved.get(k), v) for k, v in self._model_signature().items() if saved.get(k) != v]
+        if changes:
+            what = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in changes)
+            fix = " ".join(f"--set {k}={a}" for k, a, _ in changes if "." in k)
+            raise ckpt.IncompatibleCheckpointError(
+                f"checkpoint {path} holds tensors of another shape ({what}); resume with its values"
+                + (f" ({fix})" if fix else "") + ", or start a new run in another --run-dir (checkpoint.init_from "
+                "needs the same shapes too)")
         saved_optim = marker.get("lr_schedule", {})
         now_optim = self._lr_signature()
         if saved_optim and saved_optim != now_optim:
@@ -249,6 +331,12 @@ class Trainer:
             num_layers=m.num_layers, hidden=m.hidden_size, ffn_hidden=ffn_width(cfg),
             num_heads=m.num_attention_heads, num_query_groups=m.num_query_groups or m.num_attention_heads,
             vocab=m.vocab_size, seq=cfg.data.seq_length, gated=cfg.ffn.kind in ("swiglu", "moc"))
+        if self.rollback is not None and rt.is_logging_rank:
+            from effdist.train.metrics import append_event
+
+            # Before the logger opens: it keeps every record up to the newest event, so the abandoned
+            # line's records stay in the file, and readers (plot) know where the current line restarts.
+            append_event(self.run_dir, dict(self.rollback, event="rollback", step=self.step))
         self.metrics = MetricsLogger(self.run_dir, enabled=rt.is_logging_rank, tensorboard=cfg.logging.tensorboard,
                                      total_steps=cfg.train.steps, progress_bar=cfg.logging.progress_bar,
                                      resume_step=self.step)
@@ -396,30 +484,74 @@ class Trainer:
             common["epas"] = self.epas.state_dict()
         rt, cc = self.runtime, self.cfg.checkpoint
         self._finish_saves()
+        self._check_weights_finite()
+        self._check_space()
         marker = {"model": self._model_signature(), "lr_schedule": self._lr_signature(), "tp": rt.tp, "pp": rt.pp,
                   "dp": rt.dp, "config": self.cfg.to_dict()}
+        step = self.step
 
         def retain():
-            ckpt.apply_retention(self.ckpt_dir, cc.keep_last, cc.keep_every)
+            ckpt.apply_retention(self.ckpt_dir, cc.keep_last, cc.keep_every, current_step=step)
 
         if self.saver is not None:
             path = self.saver.save(self.ckpt_dir, self.step, self.model_chunks, self.optimizer, rt, common, marker,
                                    after_finalize=retain)
             log(rt, f"saving checkpoint {path.name} in the background")
             return path
-        if self.engine is not None:
-            path = self.engine.save(self.ckpt_dir, self.step, common, marker)
-        else:
-            path = ckpt.save(self.ckpt_dir, self.step, self.model_chunks, self.optimizer, rt, common, marker)
+        with ckpt.write_errors_named(self.ckpt_dir / (ckpt.iter_name(self.step) + ".tmp")):
+            if self.engine is not None:
+                path = self.engine.save(self.ckpt_dir, self.step, common, marker)
+            else:
+                path = ckpt.save(self.ckpt_dir, self.step, self.model_chunks, self.optimizer, rt, common, marker)
         if rt.is_logging_rank:
             retain()
+        self.last_good_checkpoint = path
         log(rt, f"saved checkpoint {path}")
         return path
 
     def _finish_saves(self) -> None:
         if getattr(self, "saver", None) is not None:
             for p in self.saver.wait():
+                self.last_good_checkpoint = p
                 log(self.runtime, f"saved checkpoint {p}")
+
+    def _last_good(self) -> str:
+        if self.last_good_checkpoint is None:
+            return "none yet (this run has saved none and resumed from none)"
+        return str(self.last_good_checkpoint)
+
+    def _check_weights_finite(self) -> None:
+        """Never save non-finite weights: every rank checks its shards (for ZeRO-3 its partition), then all agree."""
+        bad = torch.zeros(1, device=self.runtime.device)
+        for chunk in self.model_chunks:
+            for p in chunk.parameters():
+                local = getattr(p, "ds_tensor", p)
+                if local.numel() and not bool(torch.isfinite(local.detach()).all()):
+                    bad += 1
+        dist.all_reduce(bad)
+        if bad.item() > 0:
+            raise NonFiniteError(
+                f"step {self.step}: {int(bad.item())} weight tensor(s) hold NaN or inf (the update overflowed); not "
+                f"saving them. Last good checkpoint: {self._last_good()}. Resume from it (--resume CHECKPOINT_DIR) "
+                f"with a lower optim.lr (now {self.cfg.optim.lr})")
+
+    def _check_space(self) -> None:
+        """Before each save, on rank 0: room for about one more checkpoint of the last one's size (for the
+        first save, an estimate from the parameter count), and a writable directory; all ranks agree."""
+        rt = self.runtime
+        problem = None
+        if rt.is_logging_rank:
+            problem = ckpt.space_problem(self.ckpt_dir, self.step,
+                                         ckpt.estimate_next_bytes(self.ckpt_dir, self._first_checkpoint_bytes()))
+        problem = self._from_rank0(problem)
+        if problem:
+            raise ckpt.CheckpointSpaceError(problem)
+
+    def _first_checkpoint_bytes(self) -> int:
+        """Model weights in their dtype plus fp32 master weights and two Adam moments, over all ranks."""
+        local = sum(p.numel() * p.element_size() for c in self.model_chunks for p in c.parameters())
+        elems = sum(p.numel() for c in self.model_chunks for p in c.parameters())
+        return (local + 12 * elems) * self.runtime.tp * self.runtime.pp
 
     def fit(self) -> int:
         """Train until train.steps; returns the process exit code."""
@@ -442,12 +574,15 @@ class Trainer:
             if not out.pop("finite") and self.nonfinite_in_a_row >= cfg.train.max_consecutive_nonfinite:
                 raise NonFiniteError(
                     f"{self.nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient norm (last at "
-                    f"step {self.step}); stopping without saving. Likely causes: learning rate too high "
-                    f"(optim.lr={cfg.optim.lr}), fp16 overflow, or corrupt data. Resume from the last good checkpoint "
-                    "with a lower optim.lr.")
+                    f"step {self.step + 1}); stopping without saving. Last good checkpoint: {self._last_good()}. "
+                    f"Likely causes: learning rate too high (optim.lr={cfg.optim.lr}), fp16 overflow, or corrupt data. "
+                    "Resume from the last good checkpoint with a lower optim.lr.")
             self.step += 1
             # From here a stop signal waits for the end of the step and a save (see lifecycle.ProcessGuard).
             self.guard.unsaved, self.guard.phase = True, "training"
+            if self.step in self._inf_weight_steps:
+                with torch.no_grad():
+                    next(self.model_chunks[0].parameters()).view(-1)[0] = float("inf")
             tokens_per_s = tokens_per_step / dt
             tflops = self.flops_per_token * tokens_per_s / rt.world_size / 1e12
             record = dict(out, step=self.step, tokens_per_s=tokens_per_s, tflops=tflops,
@@ -458,6 +593,7 @@ class Trainer:
                 record["val_loss"] = self.evaluate()
             if self.saver is not None:
                 for p in self.saver.poll():
+                    self.last_good_checkpoint = p
                     log(rt, f"saved checkpoint {p}")
             if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
                 self.metrics.log(record)
@@ -475,7 +611,13 @@ class Trainer:
                 last_saved = self.step
                 # An asynchronous save is not safe until finalized: a signal meanwhile still saves at step end.
                 self.guard.unsaved = self.saver is not None
-        if cfg.checkpoint.save_at_end and last_saved != self.step and self.nonfinite_in_a_row == 0:
+        if self.nonfinite_in_a_row:
+            self._finish_saves()
+            raise NonFiniteError(
+                f"the last step ({self.step}) had a non-finite loss or gradient norm, so the run has no finite final "
+                f"loss; not saving its state. Last good checkpoint: {self._last_good()}. Resume from it "
+                f"(--resume CHECKPOINT_DIR) with a lower optim.lr (now {cfg.optim.lr}), or check the data")
+        if cfg.checkpoint.save_at_end and last_saved != self.step:
             self.save()
         self._finish_saves()
         self.metrics.close()
@@ -505,33 +647,57 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--resume", default="auto",
                    help="auto: continue from the newest complete checkpoint in the run dir, if any (default); "
-                        "none: start from scratch; or a checkpoint directory")
+                        "none: start from scratch (refused where a run exists, unless --fresh); or a checkpoint "
+                        "directory (an older one of this run rolls back: the newer ones are moved aside, kept)")
+    p.add_argument("--fresh", action="store_true",
+                   help="with --resume none: move an earlier run in the run dir into RUN_DIR/previous/<time>/ "
+                        "(nothing is deleted) and start over")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, print the config changes, rank layout, pipeline schedule and per-rank memory "
+                        "estimate, and exit without starting anything")
+    p.add_argument("--world-size", "--nproc", dest="world_size", type=int, default=None, metavar="N",
+                   help="processes the dry run plans for (default: WORLD_SIZE of the launcher, else tp*pp)")
+    p.add_argument("--print-config", action="store_true", help="write the resolved config as YAML to stdout and exit")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from effdist.runtime.distributed import teardown, world_size_from_env
 
-    args = build_arg_parser().parse_args(argv)
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    if args.fresh and args.resume != "none":
+        parser.error(f"--fresh starts over: use it with --resume none (got --resume {args.resume})")
+    if args.dry_run or args.print_config:
+        from effdist.train import dry_run
+
+        return dry_run.run(args)
     overrides = [o for group in args.overrides for o in ([group] if isinstance(group, str) else group)]
     try:
+        from effdist.train.estimate import check_fits
+
         cfg = load_config(args.config, overrides)
         validate(cfg, world_size=world_size_from_env())
+        _check_precision_support(cfg)
+        # Absurd sizes (batch, sequence, width, steps) stop here with a named line, not an OOM minutes later.
+        check_fits(cfg, world_size_from_env())
     except ConfigError as e:
         print(f"effdist: config error: {e}", file=sys.stderr)
         return 2
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
-    trainer = Trainer(cfg, run_dir, resume=args.resume)
+    trainer = Trainer(cfg, run_dir, resume=args.resume, fresh=args.fresh)
     guard = trainer.guard
     try:
         trainer.setup()
         code = trainer.fit()
         guard.leaving = True
         return code
-    except (ConfigError, ckpt.CheckpointError, NonFiniteError, _data_error()) as e:
-        # Errors the user can act on: one clear line per rank instead of a traceback.
+    except (ConfigError, ckpt.CheckpointError, NonFiniteError, run_directory.RunDirError, _data_error()) as e:
+        # Errors the user can act on: one clear line per rank instead of a traceback. A command that does
+        # not fit the run directory or its checkpoints is a usage error (2); the rest are failures (1).
         _error_line(e)
-        return 1
+        usage = isinstance(e, (ConfigError, run_directory.RunDirError, ckpt.IncompatibleCheckpointError))
+        return 2 if usage else 1
     except lifecycle.Stopped as e:
         _error_line(e)
         return e.exit_code
@@ -553,12 +719,35 @@ def main(argv: list[str] | None = None) -> int:
             teardown()
         finally:
             guard.finish()
+            if trainer.lock is not None:
+                trainer.lock.release()
 
 
 def _error_line(error) -> None:
     from effdist.runtime.launch_env import resolve_dist_env
 
     print(f"effdist: error (rank {resolve_dist_env(os.environ).rank}): {error}", file=sys.stderr, flush=True)
+
+
+def _precision_note(cfg: Config) -> str:
+    t = cfg.train
+    if t.precision != "fp8":
+        return ""
+    return f", fp8 linears ({t.fp8_recipe}{', emulated' if t.fp8_emulate else ''}{', compiled' if t.fp8_compile and not t.fp8_emulate else ''})"
+
+
+def _check_precision_support(cfg: Config) -> None:
+    """train.precision=fp8 without torchao or FP8 hardware: a config error (exit 2) before any process group,
+    on the GPU this rank will use (LOCAL_RANK)."""
+    if cfg.train.precision != "fp8":
+        return
+    from effdist.model.fp8 import require_fp8_support
+    from effdist.runtime.distributed import choose_device
+
+    device, _ = choose_device(cfg)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    require_fp8_support(cfg, device)
 
 
 def _data_error() -> type[Exception]:

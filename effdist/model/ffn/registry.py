@@ -18,24 +18,11 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from effdist.config import Config, ffn_width, resolve_count
+from effdist.config import Config, ffn_kind_of_layer, ffn_width, ffn_width_of_layer, resolve_count
 from effdist.model.ffn.channel import MixtureOfChannelsMLP, TopKMLP
 from effdist.model.ffn.dense import ReLU2MLP, SwiGLUMLP
 from effdist.model.ffn.elas import ElasMLP
 from effdist.model.lowrank import LowRankColumnParallelLinear, LowRankRowParallelLinear
-
-
-def ffn_kind_of_layer(cfg: Config, layer_idx: int) -> str:
-    if cfg.ffn.layers is None or layer_idx in cfg.ffn.layers:
-        return cfg.ffn.kind
-    return "swiglu"
-
-
-def ffn_width_of_layer(cfg: Config, layer_idx: int) -> int:
-    """Intermediate width of the FFN of global layer `layer_idx` (all TP ranks together)."""
-    if ffn_kind_of_layer(cfg, layer_idx) == cfg.ffn.kind:
-        return ffn_width(cfg)
-    return cfg.model.ffn_hidden_size
 
 
 def swiglu_spec(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear) -> ModuleSpec:

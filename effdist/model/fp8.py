@@ -1,0 +1,264 @@
+"""FP8 training of the decoder's linear layers (``train.precision = fp8``), on torchao's float8 training.
+
+What runs in FP8. The GEMMs of every linear the layer specs build -- attention's ``linear_qkv`` and
+``linear_proj``, the FFN's ``linear_fc1`` (gate and up) and ``linear_fc2`` (down), also inside the sparse FFN
+kinds and ELAS's low-rank factors, and the V-row projection of EPAS sharing layers -- in forward (output),
+backward (input gradient) and the weight gradient. The embedding, the LM head (megatron builds the output layer
+itself, outside the specs), attention, norms and the loss stay in bf16.
+
+How. megatron-core's ColumnParallelLinear / RowParallelLinear are not ``nn.Linear`` (torchao's module swap does
+not see them), so `Fp8ColumnParallelLinear` / `Fp8RowParallelLinear` are those classes with their matmul
+(``_forward_impl``) replaced: the tensor-parallel communication megatron's Function does (sequence-parallel
+all-gather of the input with a reduce-scatter of its gradient, or the all-reduce of the input gradient) is done
+by megatron's autograd-aware mappings, and the GEMM by torchao's ``matmul_with_hp_or_float8_args``: it casts
+input and weight to float8 (e4m3) in forward and the output gradient (e5m2 for tensorwise, e4m3 for rowwise) in
+backward with dynamic scales, and runs ``torch._scaled_mm``. Everything else about the layers -- parameters,
+initialisation, checkpoint keys, the row-parallel output reduction -- is megatron's, so bf16 and FP8 checkpoints
+are interchangeable.
+
+Recipes (``train.fp8_recipe``), torchao's names:
+
+* ``tensorwise``: one scale per tensor (cuBLAS tensorwise kernel; torchtitan's default).
+* ``rowwise``: one scale per row of each operand, power-of-two scales (CUTLASS rowwise kernel), e4m3 for
+  gradients too. More accurate with outliers, slower per GEMM.
+* ``rowwise_with_gw_hp``: rowwise, with the weight-gradient GEMM in bf16.
+
+Scaling state. Every recipe scales dynamically: each scale is computed from the tensor it scales (its amax),
+in the same step. There is no amax history and no scale carried between steps (torchao removed delayed
+scaling), so there is nothing to checkpoint: a resumed FP8 run continues exactly like an uninterrupted one
+(tests/test_fp8.py checks that).
+
+Speed. torchao's casts are separate elementwise and reduction kernels when run eagerly (abs, amax, scale,
+cast: several passes over each activation). ``train.fp8_compile`` (default true, CUDA only) compiles the cast +
+GEMM of each linear with torch.compile, which fuses each cast into one or two kernels, as torchtitan does by
+compiling its whole block. The collectives stay outside the compiled region.
+
+Emulation. ``train.fp8_emulate`` runs torchao's emulated casts (values rounded to float8 and back, matmul in
+high precision): same numerics up to GEMM accumulation order, on any device, not faster. For tests (CPU) and for
+checking numerics on GPUs without FP8.
+
+Not FP8: the pipeline executor's B/W-split linears (``parallel.pp > 1`` is refused with fp8 by config
+validation), ELAS's 2:4 sparse GEMM (fc2's weight multiplied outside the linear), and the DeepSpeed engine
+(refused). Requirements: a CUDA GPU of compute capability >= 8.9 (Ada, Hopper, Blackwell) unless emulating,
+torchao (``pip install -e ".[fp8]"``), and GEMM dimensions that are multiples of 16 (every preset's are).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+)
+
+from effdist.config import FP8_RECIPES, Config, ConfigError
+from effdist.model.spec import LinearImpl
+
+FP8_MIN_CAPABILITY = (8, 9)
+TORCHAO_INSTALL_HINT = 'pip install "torchao>=0.17" (or pip install -e ".[fp8]")'
+
+
+class Fp8UnavailableError(ConfigError):
+    """train.precision = fp8 where FP8 cannot run: no torchao, CPU, or a GPU without FP8 tensor cores."""
+
+
+@contextlib.contextmanager
+def _quiet_import():
+    # torchao logs one line per optional C++ extension it cannot load (none is used here) and torch warns
+    # about an Enum it registers: noise on every rank, nothing a user can act on.
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@functools.lru_cache(maxsize=None)
+def torchao_float8():
+    """torchao's float8 training modules, imported once (raises Fp8UnavailableError without torchao)."""
+    try:
+        with _quiet_import():
+            import torchao.float8 as float8
+            from torchao.float8 import float8_linear, float8_training_tensor
+    except ImportError as e:
+        raise Fp8UnavailableError(f"train.precision = 'fp8': torchao is not installed ({e}); install it with "
+                                  f"{TORCHAO_INSTALL_HINT}, or use train.precision=bf16") from None
+    return float8, float8_linear, float8_training_tensor
+
+
+def fp8_hardware_problem(device: torch.device) -> Optional[str]:
+    """Why FP8 GEMMs cannot run on ``device`` (None when they can)."""
+    if device.type != "cuda":
+        return (f"this run is on {device.type}; FP8 GEMMs need a CUDA GPU of compute capability >= 8.9 "
+                "(Ada, Hopper or newer)")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < FP8_MIN_CAPABILITY:
+        return (f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}; FP8 GEMMs need "
+                ">= 8.9 (Ada, Hopper or newer)")
+    return None
+
+
+def require_fp8_support(cfg: Config, device: torch.device) -> None:
+    """Raise Fp8UnavailableError (one line naming train.precision and the fix) when ``cfg`` asks for FP8 and
+    this process cannot run it; nothing when it does not ask."""
+    if cfg.train.precision != "fp8":
+        return
+    torchao_float8()
+    if cfg.train.fp8_emulate:
+        return
+    problem = fp8_hardware_problem(device)
+    if problem:
+        raise Fp8UnavailableError(f"train.precision = 'fp8': {problem}; use train.precision=bf16 (or "
+                                  "train.fp8_emulate=true to check FP8 numerics without the speed)")
+
+
+@dataclass(frozen=True)
+class Fp8Settings:
+    """What ``train.fp8_*`` asks for; see the module docstring."""
+
+    recipe: str = "tensorwise"
+    compile: bool = True
+    emulate: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Optional["Fp8Settings"]:
+        if cfg.train.precision != "fp8":
+            return None
+        return cls(cfg.train.fp8_recipe, cfg.train.fp8_compile, cfg.train.fp8_emulate)
+
+
+class Fp8Gemm:
+    """``x @ weight.T`` for x [..., in] and weight [out, in] through torchao's float8 matmul (autograd: input and
+    weight gradients by FP8 GEMMs too), with one recipe's casts. ``compile`` is honoured on CUDA tensors."""
+
+    def __init__(self, settings: Fp8Settings):
+        if settings.recipe not in FP8_RECIPES:
+            raise ConfigError(f"train.fp8_recipe = {settings.recipe!r}: valid: {', '.join(FP8_RECIPES)}")
+        float8, float8_linear, training_tensor = torchao_float8()
+        config = float8.Float8LinearConfig.from_recipe_name(settings.recipe)
+        if settings.emulate:
+            config = dataclasses.replace(config, emulate=True)
+        self.settings = settings
+        self.config = config
+        # What torchao's Float8Linear builds from its config: one ScaledMMConfig per GEMM (output, grad_input,
+        # grad_weight).
+        self.mm_config = training_tensor.LinearMMConfig(*(
+            training_tensor.ScaledMMConfig(config.emulate, gemm.use_fast_accum, False, config.pad_inner_dim)
+            for gemm in (config.gemm_config_output, config.gemm_config_grad_input, config.gemm_config_grad_weight)))
+
+        function = float8_linear.matmul_with_hp_or_float8_args
+        mm_config = self.mm_config
+
+        def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            # x keeps its leading dimensions: torchao saves exactly the tensor it is given for the weight
+            # gradient, so the sparse FFNs' save_compactly (effdist.model.ffn.saved) still recognises their
+            # down projection's input.
+            return function.apply(x, weight.t(), mm_config, config)
+
+        self._eager = matmul
+        self._compiled = _compile(matmul) if settings.compile else None
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self._compiled is not None and x.is_cuda:
+            return self._compiled(x, weight)
+        return self._eager(x, weight)
+
+
+def _compile(fn: Callable) -> Callable:
+    # dynamo keeps one graph per input shape (qkv, proj, fc1, fc2, the V rows of sharing layers), and counts
+    # every Fp8Gemm's closure against one code object: more than its default of 8 recompilations.
+    import torch._dynamo
+
+    limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit_name, max(64, getattr(torch._dynamo.config, limit_name)))
+    return torch.compile(fn, dynamic=False)
+
+
+def _fp8_forward_impl(layer, input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
+                      grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None, **rest):
+    """megatron's ``linear_with_grad_accumulation_and_async_allreduce`` contract with an FP8 GEMM.
+
+    The weight gradient goes back through autograd (megatron DDP's hook adds it to ``main_grad``):
+    ``gradient_accumulation_fusion`` is not used here. Frozen weights and megatron's embedding-wgrad deferral
+    keep megatron's own Function.
+    """
+    if not weight.requires_grad or grad_output_buffer is not None or rest:
+        return super(_Fp8Linear, layer)._forward_impl(
+            input=input, weight=weight, bias=bias, gradient_accumulation_fusion=gradient_accumulation_fusion,
+            allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel,
+            grad_output_buffer=grad_output_buffer, wgrad_deferral_limit=wgrad_deferral_limit, tp_group=tp_group,
+            **rest)
+    group = tp_group if tp_group is not None else layer.tp_group
+    if sequence_parallel:
+        # All-gather along the sequence; backward reduce-scatters the input gradient (megatron's Function does
+        # the same around its GEMM, and saves only the local shard: here the gathered input is saved).
+        input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=group)
+    elif allreduce_dgrad:
+        input = copy_to_tensor_model_parallel_region(input, group=group)  # backward: all-reduce the input grad
+    output = fp8_gemm_of(layer)(input, weight)
+    if bias is not None:
+        output = output + bias
+    return output
+
+
+def fp8_gemm_of(layer) -> Fp8Gemm:
+    gemm = getattr(layer.config, "effdist_fp8_gemm", None)
+    if gemm is None:
+        raise RuntimeError(f"{type(layer).__name__} needs its TransformerConfig's effdist_fp8_gemm (build the model "
+                           "with effdist.model.gpt.build_gpt and train.precision=fp8)")
+    return gemm
+
+
+class _Fp8Linear:
+    """Mixin for a megatron linear: the Fp8Gemm on its TransformerConfig (``effdist_fp8_gemm``, set by
+    build_gpt; copies of the config made by FFN modules keep it) runs its matmul."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        return _fp8_forward_impl(self, input, weight, *args, **kwargs)
+
+
+class Fp8ColumnParallelLinear(_Fp8Linear, ColumnParallelLinear):
+    """megatron's ColumnParallelLinear with its GEMMs in FP8."""
+
+    def forward_rows(self, input_: torch.Tensor, rows: Callable[[torch.Tensor], torch.Tensor]):
+        """The layer applied with the output rows ``rows(weight)`` of its weight (EPAS: the V rows of
+        linear_qkv in a sharing layer), through the FP8 GEMM. The rows' gradient reaches the weight through
+        autograd (the other rows get zeros). Returns ``(output, output_bias)`` like forward."""
+        if self.allreduce_dgrad or self.sequence_parallel or self.explicit_expert_comm or self.disable_grad_reduce:
+            input_parallel = input_
+        else:
+            input_parallel = copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
+        bias = None
+        if self.bias is not None and not self.skip_bias_add:
+            bias = rows(self.bias.unsqueeze(-1)).reshape(-1)
+        output = self._forward_impl(input=input_parallel, weight=rows(self.weight), bias=bias,
+                                    gradient_accumulation_fusion=False, allreduce_dgrad=self.allreduce_dgrad,
+                                    sequence_parallel=self.sequence_parallel, tp_group=self.tp_group)
+        if self.gather_output:
+            output = gather_from_tensor_model_parallel_region(output, group=self.tp_group)
+        output_bias = rows(self.bias.unsqueeze(-1)).reshape(-1) if self.skip_bias_add and self.bias is not None else None
+        return output, output_bias
+
+
+class Fp8RowParallelLinear(_Fp8Linear, RowParallelLinear):
+    """megatron's RowParallelLinear with its GEMMs in FP8 (the output reduction is megatron's, in bf16)."""
+
+
+FP8_LINEARS = LinearImpl(column=Fp8ColumnParallelLinear, row=Fp8RowParallelLinear)
+
+
+def count_fp8_linears(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, _Fp8Linear) for m in model.modules())

@@ -1,0 +1,170 @@
+"""The life of a run directory: one trainer at a time, starting over, rolling back. Nothing is deleted.
+
+- **Lock.** The trainer holds an advisory ``fcntl.flock`` on ``RUN_DIR/effdist.lock`` for its whole life
+  and writes its host, pid and start time into the file. A second trainer on the same directory fails
+  at once with `RunDirLocked`, naming the holder. The kernel drops the lock when the holding process
+  ends, however it ends (SIGKILL included), so a stale lock file never blocks the next start.
+- **Starting over** (``--resume none``) in a directory that already holds a run is refused with
+  `RunDirNotEmpty` unless ``--fresh`` is given; then the old run (checkpoints, metrics.jsonl, tb/,
+  config.yaml) is moved into ``RUN_DIR/previous/<UTC time>/``.
+- **Rolling back** (``--resume CHECKPOINT`` older than the newest checkpoint): the newer checkpoints are
+  moved into ``CHECKPOINT_DIR/rolled-back/<UTC time>/``, so ``--resume auto`` continues the rollback
+  line and retention only ever sees the current line of history.
+
+Moves are renames inside one directory tree (never a copy and delete), so they are instant and atomic
+per entry. Everything here runs on global rank 0 only; the trainer tells the other ranks the outcome.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+LOCK_FILE = "effdist.lock"
+PREVIOUS_DIR = "previous"
+ROLLED_BACK_DIR = "rolled-back"
+# What a run writes into its directory (besides the data cache, which is derived and reusable).
+RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "tb", "config.yaml")
+_CHECKPOINT_ENTRY_RE = re.compile(r"^iter_(\d{7,})(\.tmp)?$")
+
+
+class RunDirError(RuntimeError):
+    """The run directory's state does not allow what was asked; the message says how to proceed."""
+
+
+class RunDirLocked(RunDirError):
+    """Another trainer holds the run directory."""
+
+
+class RunDirNotEmpty(RunDirError):
+    """--resume none in a directory that already holds a run, without --fresh."""
+
+
+class RunDirLock:
+    """An exclusive advisory lock on RUN_DIR/effdist.lock, held until `release` or the process ends."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunDirLocked(f"run directory {self.path.parent} is in use by another trainer ({holder}); wait "
+                               f"for it to finish or stop it, or use another --run-dir") from None
+        except OSError as e:
+            os.close(fd)
+            raise RunDirError(f"cannot lock {self.path} ({e.strerror}); on a file system without flock support "
+                              "use a run directory on one that has it (see docs/launch.md)") from None
+        info = {"host": socket.gethostname(), "pid": os.getpid(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return f"host {info['host']}, pid {info['pid']}, started {info['started']}"
+    except (OSError, ValueError, KeyError):
+        return "holder unknown: the lock file is being written"
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def _new_dir(parent: Path) -> Path:
+    """parent/<UTC time>, made now; -2, -3 ... when one of that second already exists."""
+    base = parent / _stamp()
+    candidate, n = base, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = base.with_name(f"{base.name}-{n}")
+
+
+def checkpoint_entries(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Every iter_N and iter_N.tmp entry of `ckpt_dir` (complete or not), by step."""
+    if not ckpt_dir.is_dir():
+        return []
+    out = []
+    for p in ckpt_dir.iterdir():
+        m = _CHECKPOINT_ENTRY_RE.match(p.name)
+        if m:
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def existing_run(run_dir: Path, ckpt_dir: Path) -> list[str]:
+    """What of an earlier run `run_dir` holds (empty: nothing, a new run may start here)."""
+    found = []
+    steps = [s for s, _ in checkpoint_entries(ckpt_dir)]
+    if steps:
+        found.append(f"{len(steps)} checkpoint(s) up to step {max(steps)} in {ckpt_dir}")
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append(f"{metrics} ({sum(1 for _ in open(metrics, 'rb'))} records)")
+    return found
+
+
+def start_over(run_dir: Path, ckpt_dir: Path, fresh: bool) -> Path | None:
+    """--resume none: refuse if an earlier run is there, unless `fresh`; then move it aside and return
+    where it went (None when there was nothing to move)."""
+    found = existing_run(run_dir, ckpt_dir)
+    if not found:
+        return None
+    if not fresh:
+        raise RunDirNotEmpty(
+            f"--resume none: run directory {run_dir} already holds a run ({'; '.join(found)}); continue it with "
+            "--resume auto, start over with --resume none --fresh (moves it into "
+            f"{run_dir / PREVIOUS_DIR}/<time>/, deletes nothing), or use another --run-dir")
+    dest = _new_dir(run_dir / PREVIOUS_DIR)
+    for name in RUN_ENTRIES:
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, dest / name)
+    if checkpoint_entries(ckpt_dir):
+        # checkpoint.dir elsewhere: its old checkpoints go into its own previous/<time>/ (a rename on the
+        # same file system, never a copy), and the run's previous/<time>/ says where.
+        aside = _new_dir(ckpt_dir / PREVIOUS_DIR)
+        for _, p in checkpoint_entries(ckpt_dir):
+            os.replace(p, aside / p.name)
+        if (ckpt_dir / "latest").exists():
+            os.replace(ckpt_dir / "latest", aside / "latest")
+        (dest / "checkpoints-moved-to").write_text(f"{aside}\n")
+    return dest
+
+
+def roll_back(ckpt_dir: Path, step: int, reason: str = "rollback") -> tuple[Path | None, list[Path]]:
+    """Move every checkpoint entry of `ckpt_dir` newer than `step` into rolled-back/<time>/ (kept, not
+    deleted). Returns (that directory, the moved entries' new paths); (None, []) when none is newer."""
+    newer = [p for s, p in checkpoint_entries(ckpt_dir) if s > step]
+    if not newer:
+        return None, []
+    dest = _new_dir(ckpt_dir / ROLLED_BACK_DIR)
+    (dest / "README").write_text(f"{reason}: moved here when the run went back to step {step}\n")
+    moved = []
+    for p in newer:
+        os.replace(p, dest / p.name)
+        moved.append(dest / p.name)
+    return dest, moved

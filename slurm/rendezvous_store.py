@@ -1,0 +1,50 @@
+"""`python slurm/rendezvous_store.py PORT`: host the c10d rendezvous store of one slurm/train.sbatch step.
+
+Why not let torchrun host it: with ``--rdzv_backend=c10d`` the agent on the first node hosts the store in
+its own process and exits as soon as its own workers are done, while the other nodes' agents still use
+the store. After a successful run they close the rendezvous through it (a DistNetworkError trace and a
+"failed to shutdown the rendezvous" warning); after a preemption, whose workers exit with 75 at nearly
+the same moment, an agent still polling it dies with a RendezvousConnectionError traceback and exit 1.
+Hosted here, by the batch script on the first node, the store outlives every agent (they are started
+with ``--rdzv_conf=is_host=0``, so none of them tries to host it), and the batch script stops this
+process by pid once srun has returned.
+
+Prints ``ready`` once it listens; runs until SIGTERM/SIGINT. SIGUSR1 is ignored: it may be sent to every
+process of the batch step, and it means "save and requeue" to the trainers, not "stop" to this store.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from datetime import timedelta
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not args[0].isdigit() or not 1 <= int(args[0]) <= 65535:
+        print(f"usage: python {sys.argv[0]} PORT (a TCP port, 1..65535); got {' '.join(args)!r}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    from torch.distributed import TCPStore
+
+    try:
+        # The server listens on every interface; "localhost" is only this process's own client.
+        store = TCPStore("localhost", int(args[0]), is_master=True, wait_for_workers=False,
+                         timeout=timedelta(seconds=60))
+    except (RuntimeError, ValueError) as e:
+        print(f"cannot host the rendezvous store on port {args[0]}: {e}".splitlines()[0], file=sys.stderr)
+        return 1
+    print("ready", flush=True)
+    try:
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
+    del store
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""What a user sees on the console of the tiny run: the effdist lines, one line per logged step, the
+EPAS plan and region changes, and no third-party warnings (Python's default warning filters, as a user has)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.launching import ROOT, TINY, clean_env
+
+
+def test_tiny_run_stderr_is_effdist_lines_only(tmp_path):
+    steps = 4
+    cmd = [sys.executable, "-m", "effdist.train", "--config", str(TINY), "--run-dir", str(tmp_path / "run"),
+           "--set", f"train.steps={steps}", "--set", "epas.enabled=true", "--set", "epas.interval=2",
+           "--set", "logging.tensorboard=false"]
+    env = clean_env()
+    env.pop("PYTHONWARNINGS")  # the other tests' launcher hides every warning; a user's shell does not
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stderr.splitlines()
+    step_lines = [line for line in lines if line.startswith("step ")]
+    other = [line for line in lines if not line.startswith(("step ", "[effdist] "))]
+    assert other == [], "\n".join(other)
+    assert len(step_lines) == steps and "peak mem" in step_lines[0]
+    assert any("EPAS: sharing Q/K starts at step 1" in line for line in lines)
+    assert any("EPAS: from step 3 layers 2\u20133 share Q/K: region 2 of 2 (final)" in line for line in lines)
+    assert len(lines) <= steps + 8, "\n".join(lines)

@@ -1,0 +1,74 @@
+"""Doc tables that come from code equal what tools/render_docs.py generates (docs cannot drift from the code)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.launching import clean_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def render_docs():
+    spec = importlib.util.spec_from_file_location("render_docs", ROOT / "tools/render_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["render_docs"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_generated_block_is_current(render_docs):
+    stale = render_docs.stale_blocks()
+    assert not stale, f"run `python tools/render_docs.py` and commit the docs; stale: {stale}"
+    registered = {(g.doc, g.name) for g in render_docs.REGISTRY}
+    assert {("docs/pipeline.md", "simulate-compare"), ("docs/configs.md", "presets"),
+            ("docs/configs.md", "config-ranges")} <= registered
+
+
+def test_the_blocks_hold_the_codes_numbers(render_docs):
+    """Spot checks that the generated text is the code's output, not a copy."""
+    from effdist.config import NUMERIC_RANGES
+
+    pipeline = (ROOT / "docs/pipeline.md").read_text()
+    assert "   effdist simulate --compare 1f1b,interleaved,zb-h1,v-min,v-half,v-zb --pp 4 --microbatches 16 \\" in pipeline
+    configs = (ROOT / "docs/configs.md").read_text()
+    for name in NUMERIC_RANGES:
+        assert f"| `{name}` |" in configs
+    assert "| `configs/tiny-cpu.yaml` | 250K | 4 × 64 | 128 |" in configs
+
+
+def test_replace_block_keeps_indentation_and_refuses_bad_markers(render_docs):
+    text = "a\n  <!-- generated:x -->\n  old\n  <!-- end generated:x -->\nb\n"
+    assert render_docs.replace_block(text, "x", "  new\n  lines") == \
+        "a\n  <!-- generated:x -->\n  new\n  lines\n  <!-- end generated:x -->\nb\n"
+    with pytest.raises(render_docs.MarkerError, match="found 0"):
+        render_docs.replace_block("no markers\n", "x", "new")
+    twice = text + text
+    with pytest.raises(render_docs.MarkerError, match="found 2"):
+        render_docs.replace_block(twice, "x", "new")
+
+
+def test_check_names_a_stale_block_and_rendering_fixes_it(render_docs, tmp_path):
+    for g in render_docs.REGISTRY:
+        (tmp_path / g.doc).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / g.doc, tmp_path / g.doc)
+    doc = tmp_path / "docs/pipeline.md"
+    doc.write_text(doc.read_text().replace("15.8%", "15.9%", 1))
+    assert render_docs.stale_blocks(tmp_path) == ["docs/pipeline.md: generated:simulate-compare"]
+    for path, (current, text) in render_docs.render_all(tmp_path).items():
+        path.write_text(text)
+    assert render_docs.stale_blocks(tmp_path) == []
+    assert doc.read_text() == (ROOT / "docs/pipeline.md").read_text()
+
+
+def test_the_script_exits_0_when_current():
+    proc = subprocess.run([sys.executable, "tools/render_docs.py", "--check"], cwd=ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

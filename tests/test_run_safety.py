@@ -1,0 +1,279 @@
+"""What an operator does to a run directory, in real processes (tiny-cpu, a few steps each): nothing is
+lost, nothing restarts silently.
+
+- one trainer per run directory (a second one exits at once naming the holder; SIGKILL frees the lock);
+- `--resume none` refuses where a run exists; `--resume none --fresh` moves it aside, deletes nothing;
+- a rollback sticks (the newer checkpoints are moved aside, `--resume auto` continues the rollback line,
+  metrics.jsonl records the rollback and plots draw the current line);
+- `--resume auto` with checkpoints but none loadable fails with one line per checkpoint;
+- resuming with a config that changes tensor shapes is a named error listing the keys;
+- a full disk, a failing write, non-finite weights or a non-finite last step: a named error, no
+  checkpoint written, the older ones intact.
+
+The scenarios share processes where one run's end is the next one's start, to keep the file at a few
+process launches per behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.launching import ROOT, TINY, clean_env
+
+pytestmark = pytest.mark.slow
+
+BASE = ["train.global_batch=8", "train.micro_batch=2", "data.seq_length=64", "logging.tensorboard=false",
+        "logging.progress_bar=false", "optim.warmup_steps=2", "checkpoint.keep_last=20"]
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+def _cmd(run: Path, overrides: list[str], resume: str = "auto", fresh: bool = False) -> list[str]:
+    args = ["--config", str(TINY), "--run-dir", str(run), "--resume", resume] + (["--fresh"] if fresh else [])
+    for o in overrides:
+        args += ["--set", o]
+    return [sys.executable, "-m", "effdist.train", *args]
+
+
+def _train(run: Path, data_cache: Path, extra: list[str], resume: str = "auto", fresh: bool = False,
+           env: dict[str, str] | None = None, preexec_fn=None) -> subprocess.CompletedProcess:
+    overrides = BASE + [f"data.cache_dir={data_cache}"] + extra
+    return subprocess.run(_cmd(run, overrides, resume, fresh), env=clean_env(**(env or {})), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn)
+
+
+def _names(ckpt_dir: Path) -> list[str]:
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.name.startswith("iter_"))
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _last_step(run: Path) -> int:
+    try:
+        steps = [r["step"] for r in _records(run) if "loss" in r]
+        return steps[-1] if steps else 0
+    except (OSError, ValueError):
+        return 0
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + 240
+    while _last_step(run) < step:
+        assert proc.poll() is None, f"the run ended before step {step}:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"no step {step} after 240 s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.1)
+
+
+def _error_lines(proc: subprocess.CompletedProcess) -> str:
+    return "\n".join(line for line in proc.stderr.splitlines() if "effdist" in line)
+
+
+def test_lock_start_over_rollback_and_fresh(tmp_path, data_cache):
+    from effdist.train.metrics import current_line, read_metrics
+    from effdist.train.plot import series
+
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    first = ["train.steps=400", "checkpoint.interval=4"]
+
+    # A long run holds the directory; a second trainer on it exits at once, naming the holder.
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        holder = subprocess.Popen(_cmd(run, BASE + [f"data.cache_dir={data_cache}"] + first), env=clean_env(),
+                                  cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for_step(run, 1, holder, log)
+            second = _train(run, data_cache, first)
+            assert second.returncode == 2, second.stderr[-3000:]
+            assert (f"is in use by another trainer (host {socket.gethostname()}, pid {holder.pid}, started"
+                    in second.stderr), second.stderr[-3000:]
+            assert "Traceback" not in second.stderr, second.stderr[-3000:]
+            # The first trainer's metrics are whole: the second one touched nothing.
+            _wait_for_step(run, 12, holder, log)
+            steps = [r["step"] for r in _records(run)]
+            assert steps == list(range(1, len(steps) + 1)), steps
+        finally:
+            # Killed as a preemption without warning would: the lock must die with it.
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait()
+    killed_at = [int(n[len("iter_"):]) for n in _names(ckpts) if not n.endswith(".tmp")]
+    assert {4, 8, 12} <= set(killed_at), killed_at
+
+    # Starting over in it is refused (and the refusal, not "in use", shows the lock died with SIGKILL).
+    refused = _train(run, data_cache, ["train.steps=4"], resume="none")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "already holds a run" in refused.stderr and "--fresh" in refused.stderr, _error_lines(refused)
+    assert {f"iter_{s:07d}" for s in killed_at} <= set(_names(ckpts))
+
+    # Roll back to step 4, stop at step 6 (as a preemption would), then --resume auto: it continues the
+    # rollback line, not the newer checkpoints of the abandoned one.
+    back = _train(run, data_cache, ["train.steps=6", "checkpoint.interval=2"], resume=str(ckpts / "iter_0000004"))
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert "moved" in back.stderr and "iter_0000012" in back.stderr, _error_lines(back)
+    assert _names(ckpts) == ["iter_0000004", "iter_0000006"], _names(ckpts)
+    aside = next((ckpts / "rolled-back").iterdir())
+    assert {"iter_0000008", "iter_0000012"} <= set(_names(aside)), _names(aside)
+    assert (ckpts / "latest").read_text() == "iter_0000006"
+
+    auto = _train(run, data_cache, ["train.steps=8", "checkpoint.interval=2"])
+    assert auto.returncode == 0, auto.stderr[-3000:]
+    assert f"resumed from {ckpts / 'iter_0000006'} at step 6" in auto.stderr, _error_lines(auto)
+    records = read_metrics(run)
+    events = [r for r in records if "event" in r]
+    assert len(events) == 1 and events[0]["event"] == "rollback" and events[0]["step"] == 4, events
+    assert events[0]["from_step"] >= 12
+    # The abandoned line is kept in the file (before the event); the current line is steps 1..8 once.
+    assert max(r["step"] for r in records[:records.index(events[0])]) >= 12
+    line = current_line(records)
+    assert [r["step"] for r in line] == list(range(1, 9))
+    steps, _ = series(run, "loss")
+    assert steps == list(range(1, 9))
+
+    # --resume none --fresh moves the whole run into previous/<time>/ and starts over.
+    fresh = _train(run, data_cache, ["train.steps=2", "checkpoint.interval=2"], resume="none", fresh=True)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    old = next((run / "previous").iterdir())
+    assert _names(old / "checkpoints") == ["iter_0000004", "iter_0000006", "iter_0000008"]
+    assert (old / "checkpoints" / "rolled-back").is_dir()
+    assert [r["step"] for r in current_line(read_metrics(old))] == list(range(1, 9))
+    assert _names(ckpts) == ["iter_0000002"]
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+
+
+def test_fresh_needs_resume_none(tmp_path):
+    proc = subprocess.run(_cmd(tmp_path / "run", BASE, resume="auto", fresh=True), env=clean_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--fresh starts over: use it with --resume none" in proc.stderr, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, data_cache):
+    """A finished 4-step run with checkpoints at steps 2 and 4, copied by each scenario."""
+    run = tmp_path_factory.mktemp("base") / "run"
+    proc = _train(run, data_cache, ["train.steps=4", "checkpoint.interval=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_no_loadable_checkpoint_and_shape_change_are_named(tmp_path, data_cache, four_steps):
+    from effdist.train import checkpoint as ckpt
+
+    # Every checkpoint damaged: one lost its effdist.json, one is truncated. Exit non-zero, one line each.
+    run = _copy(four_steps, tmp_path / "damaged")
+    (run / "checkpoints" / "iter_0000004" / "effdist.json").unlink()
+    victim = next((run / "checkpoints" / "iter_0000002").glob("*.distcp"))
+    victim.write_bytes(victim.read_bytes()[:10])
+    before = (run / "metrics.jsonl").read_text()
+    proc = _train(run, data_cache, ["train.steps=6", "checkpoint.interval=2"])
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "2 checkpoint(s)" in err and "none loadable" in err, _error_lines(proc)
+    assert "iter_0000004 has no readable effdist.json" in err and "truncated" in err, _error_lines(proc)
+    assert "resumed from" not in err and "done:" not in err
+    assert (run / "metrics.jsonl").read_text() == before
+    assert _names(run / "checkpoints") == ["iter_0000002", "iter_0000004"]
+
+    # A change of tensor shapes is refused before loading, naming every differing key and the fix.
+    run = _copy(four_steps, tmp_path / "reshaped")
+    proc = _train(run, data_cache, ["train.steps=6", "model.make_vocab_size_divisible_by=128",
+                                    "model.ffn_hidden_size=192"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert ("model.ffn_hidden_size: 176 in the checkpoint, 192 now; model.make_vocab_size_divisible_by: 64 in the "
+            "checkpoint, 128 now" in proc.stderr), _error_lines(proc)
+    assert "--set model.ffn_hidden_size=176 --set model.make_vocab_size_divisible_by=64" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    for name in ("iter_0000002", "iter_0000004"):
+        ckpt.verify(four_steps / "checkpoints" / name)
+
+
+def test_shape_keys_cover_ffn_and_vocab_but_not_the_layout():
+    from effdist.config import Config
+    from effdist.train.checkpoint import shape_changes
+
+    saved = Config().to_dict()
+    for key, value in [("ffn.elas_expand", 2.0), ("ffn.elas_rank", 16), ("ffn.kind", "elas"),
+                       ("model.make_vocab_size_divisible_by", 128), ("model.num_layers", 8),
+                       ("model.hidden_size", 128), ("model.num_attention_heads", 8)]:
+        now = Config().to_dict()
+        section, name = key.split(".")
+        now[section][name] = value
+        assert [k for k, _, _ in shape_changes(saved, now)] == [key]
+    now = Config().to_dict()
+    now["parallel"].update(tp=2, pp=2)
+    now["train"].update(steps=10, global_batch=64, micro_batch=1)
+    now["optim"]["distributed_optimizer"] = True
+    assert shape_changes(saved, now) == []
+
+
+def test_nonfinite_and_disk_failures_save_nothing(tmp_path, data_cache, four_steps):
+    from effdist.train import checkpoint as ckpt
+
+    # The newest checkpoint lost its manifest: reported, the older one resumed (and the damaged one moved
+    # aside, kept). Then the last step is NaN: non-zero exit naming the step and the last good checkpoint.
+    run = _copy(four_steps, tmp_path / "nan_last")
+    ckpts = run / "checkpoints"
+    (ckpts / "iter_0000004" / "effdist.json").unlink()
+    proc = _train(run, data_cache, ["train.steps=4", "checkpoint.interval=1"], env={"EFFDIST_FAULT_NAN_STEPS": "4"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "iter_0000004 has no readable effdist.json" in err and f"resumed from {ckpts / 'iter_0000002'}" in err, \
+        _error_lines(proc)
+    assert "the last step (4) had a non-finite loss" in err, _error_lines(proc)
+    assert f"Last good checkpoint: {ckpts / 'iter_0000003'}" in err, _error_lines(proc)
+    assert _names(ckpts) == ["iter_0000002", "iter_0000003"]
+    assert _names(next((ckpts / "rolled-back").iterdir())) == ["iter_0000004"]
+
+    # An update that overflowed the weights: the save refuses them.
+    run = _copy(four_steps, tmp_path / "inf_weights")
+    proc = _train(run, data_cache, ["train.steps=6", "checkpoint.interval=1"],
+                  env={"EFFDIST_FAULT_INF_WEIGHT_STEPS": "5"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "step 5: 1 weight tensor(s) hold NaN or inf" in proc.stderr, _error_lines(proc)
+    assert f"Last good checkpoint: {run / 'checkpoints' / 'iter_0000004'}" in proc.stderr
+    assert _names(run / "checkpoints") == ["iter_0000002", "iter_0000004"]
+
+    # Not enough free space for the next checkpoint (estimated from the last one): named before writing.
+    run = _copy(four_steps, tmp_path / "full")
+    proc = _train(run, data_cache, ["train.steps=6", "checkpoint.interval=2"], env={"EFFDIST_FAULT_FREE_BYTES": "1000"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    need = ckpt.checkpoint_bytes(run / "checkpoints" / "iter_0000004") / 2**20
+    assert (f"not enough space to save iter_0000006 in {run / 'checkpoints'}: about {need:.1f} MiB needed, 1000 B free"
+            in proc.stderr), _error_lines(proc)
+    assert _names(run / "checkpoints") == ["iter_0000002", "iter_0000004"]
+
+    # A write that really fails mid-save (files capped at 64 KiB by RLIMIT_FSIZE, as a full disk would):
+    # a named error with the path, no traceback, the older checkpoints intact.
+    run = _copy(four_steps, tmp_path / "write_fails")
+
+    def cap_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    proc = _train(run, data_cache, ["train.steps=6", "checkpoint.interval=2"], preexec_fn=cap_file_size)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"writing checkpoint {run / 'checkpoints' / 'iter_0000006.tmp'} failed: the file write failed" in proc.stderr, \
+        _error_lines(proc)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert _names(run / "checkpoints") == ["iter_0000002", "iter_0000004", "iter_0000006.tmp"]
+    for name in ("iter_0000002", "iter_0000004"):
+        ckpt.verify(run / "checkpoints" / name)
