@@ -44,6 +44,10 @@ import time
 from dataclasses import dataclass
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# effdist.runtime.launch_env.PREEMPTED_EXIT_CODE (not imported: that module is heavier than this one needs).
+PREEMPTED_EXIT_CODE = 75
+# How long the interpreter may take to exit once the main thread is done (teardown, helper shutdown).
+EXIT_GRACE_S = 30.0
 # How long the main thread gets to leave after a stop signal when there is nothing to save.
 STOP_GRACE_S = 10.0
 # How long a local peer may be gone before this process stops on its own (the main thread usually notices
@@ -57,15 +61,25 @@ _GOODBYE = "effdist/left/{rank}"
 
 
 class Stopped(BaseException):
-    """A stop signal arrived when there was nothing to save; the process should exit with `exit_code`.
+    """A stop signal arrived when this process had nothing new to save; it should exit with `exit_code`:
+    PREEMPTED_EXIT_CODE (75) when a checkpoint of the run holds everything done so far (`resume_point`:
+    the one it resumed from or saved last), so a requeue loses nothing; 128 + the signal when the run has
+    no checkpoint yet.
 
     A BaseException, like KeyboardInterrupt, so that `except Exception` in library code does not swallow it."""
 
-    def __init__(self, signum: int, phase: str):
+    def __init__(self, signum: int, phase: str, resume_point: str | None = None):
         self.signum = signum
-        self.exit_code = 128 + signum
-        super().__init__(f"stopped by {signal.Signals(signum).name} during {phase}: nothing to save yet "
-                         f"(exit code {self.exit_code}; start it again to continue)")
+        name = signal.Signals(signum).name
+        if resume_point:
+            self.exit_code = PREEMPTED_EXIT_CODE
+            text = (f"stopped by {name} during {phase}; nothing new to save: {resume_point} stays the checkpoint "
+                    f"to resume from (exit code {self.exit_code}, start it again with --resume auto)")
+        else:
+            self.exit_code = 128 + signum
+            text = (f"stopped by {name} during {phase}, before this run had anything to save (exit code "
+                    f"{self.exit_code}; start it again to begin)")
+        super().__init__(text)
 
 
 def say(msg: str) -> None:
@@ -86,8 +100,25 @@ def die_with_parent(expected_parent: int | None = None, sig: int = signal.SIGKIL
         os._exit(1)
 
 
+def become_helper(expected_parent: int | None = None) -> None:
+    """This process helps its parent (a trainer rank): it dies with the parent and leaves stop signals to
+    it. Launchers and schedulers signal whole process groups or cgroups (torchrun's killpg, Slurm's
+    scancel): a helper that died of that SIGTERM would break the save its rank is finishing, and a forked
+    helper would run the rank's inherited handler (and write to its wake-up pipe)."""
+    die_with_parent(expected_parent)
+    for s in (*STOP_SIGNALS, signal.SIGINT):
+        try:
+            signal.signal(s, signal.SIG_IGN)
+        except (ValueError, OSError):  # not the main thread of the child: keep what it has
+            return
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+
+
 def _bind_forked_child() -> None:
-    die_with_parent()
+    become_helper()
 
 
 _fork_hook_installed = False
@@ -121,7 +152,7 @@ def bind_megatron_async_helpers() -> None:
             from multiprocessing.managers import SyncManager
 
             manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-            manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+            manager.start(initializer=become_helper, initargs=(os.getpid(),))
             filesystem_async._results_queue = manager.Queue()
             filesystem_async._effdist_manager = manager  # keep the manager (and its process) referenced
         return original()
@@ -195,6 +226,9 @@ class ProcessGuard:
         self.signum: int | None = None
         self.leaving = False  # the main thread is on its way out: later signals change nothing
         self.phase = "setup"
+        # The checkpoint that holds everything this process did so far (resumed from or saved last): a stop
+        # with nothing new to save then exits 75 for a requeue. None until there is one.
+        self.resume_point: str | None = None
         self._installed = False
         self._deadline: float | None = None
         self._deadline_code = 1
@@ -206,7 +240,6 @@ class ProcessGuard:
         self._local_ranks: list[int] = []
         self._peers: dict[int, ProcessRecord] = {}
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
 
     # -- installation ------------------------------------------------------------------------
     def install(self, timeout_s: float) -> None:
@@ -235,12 +268,17 @@ class ProcessGuard:
         self._store, self._rank = store, rank
         self._local_ranks = [r for r in local_ranks if r != rank]
 
-    def finish(self) -> None:
-        """The main thread is done (any exit code): stop watching, tell the peers this was on purpose."""
+    def finish(self, exit_code: int) -> None:
+        """The main thread is done: stop watching peers and the launcher, tell the peers this was on purpose,
+        and bound what is left (interpreter exit, helper shutdown) to EXIT_GRACE_S; then exit with
+        `exit_code` regardless."""
         self.leaving = True
-        self._stop.set()
-        if self._store is not None:
+        if self._store_reachable():
             say_goodbye(self._store, self._rank)
+        self._parent = None
+        self._deadline = time.monotonic() + EXIT_GRACE_S
+        self._deadline_code = exit_code
+        self._deadline_why = f"the process did not exit within {EXIT_GRACE_S:g} s of finishing; exiting with {exit_code}"
 
     # -- signals -------------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame) -> None:
@@ -254,7 +292,19 @@ class ProcessGuard:
             self.requested = True
             return
         self.leaving = True
-        raise Stopped(signum, self.phase)
+        raise self.stopped(signum)
+
+    def stopped(self, signum: int | None = None) -> Stopped:
+        return Stopped(signum or self.signum or signal.SIGTERM, self.phase, self.resume_point)
+
+    def enter(self, phase: str) -> None:
+        """The main thread starts `phase` (named in the line a stop prints). Fault injection for tests and
+        drills: EFFDIST_FAULT_STALL_PHASE=<phase> holds global rank 0 there until it is signalled."""
+        self.phase = phase
+        if os.environ.get("EFFDIST_FAULT_STALL_PHASE") == phase and os.environ.get("RANK", "0") == "0":
+            say(f"fault injection (EFFDIST_FAULT_STALL_PHASE): rank 0 holds in {phase}")
+            while True:
+                time.sleep(3600)
 
     def _arm(self, signum: int) -> None:
         if self._deadline is not None:
@@ -264,24 +314,24 @@ class ProcessGuard:
             self._deadline = time.monotonic() + self.timeout_s
             self._deadline_why = (f"the step in progress and the checkpoint did not finish within "
                                   f"parallel.timeout_s={self.timeout_s:g} s of {name}; exiting without saving")
+            self._deadline_code = 128 + signum
         else:
             self._deadline = time.monotonic() + STOP_GRACE_S
-            self._deadline_why = f"stopped by {name} during {self.phase} (the main thread was busy in native code)"
-        self._deadline_code = 128 + signum
+            stopped = self.stopped(signum)
+            self._deadline_why = f"{stopped} (the main thread was busy in native code)"
+            self._deadline_code = stopped.exit_code
 
     # -- the watchdog thread --------------------------------------------------------------------
     def _watch(self) -> None:
         import select
 
         gone_since: dict[int, float] = {}
-        while not self._stop.is_set():
+        while True:
             ready, _, _ = select.select([self._wake_r], [], [], WATCH_INTERVAL_S)
             if ready:
                 for signum in os.read(self._wake_r, 64):
                     if signum in {int(s) for s in STOP_SIGNALS}:
                         self._arm(signum)
-            if self._stop.is_set():
-                return
             now = time.monotonic()
             if self._deadline is not None and now > self._deadline:
                 self._exit(self._deadline_code, self._deadline_why)
@@ -295,14 +345,12 @@ class ProcessGuard:
                     self._exit(PEER_LOST_EXIT_CODE, peer_lost_message(peer))
 
     def _exit(self, code: int, why: str) -> None:
-        if self._stop.is_set():
-            return
         print(f"effdist: error (rank {self._rank}): {why}", file=sys.stderr, flush=True)
         os._exit(code)
 
     def _load_peers(self) -> None:
         missing = [r for r in self._local_ranks if r not in self._peers]
-        if not missing or self._store is None:
+        if not missing or not self._store_reachable():
             return
         try:
             keys = [_KEY.format(rank=r) for r in missing]
@@ -321,7 +369,18 @@ class ProcessGuard:
         self._load_peers()
         return [p for p in self._peers.values() if not p.alive()]
 
+    def _store_reachable(self) -> bool:
+        """False when the store's host is known to be gone. With a plain env:// start global rank 0 hosts
+        the store (under torchrun its agent does): talking to a dead host makes c10d print stack traces."""
+        if self._store is None:
+            return False
+        host = None if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else 0
+        record = self._peers.get(host) if host is not None else None
+        return record is None or record.alive()
+
     def _said_goodbye(self, rank: int) -> bool:
+        if not self._store_reachable():
+            return False
         try:
             return bool(self._store.check([_GOODBYE.format(rank=rank)]))
         except Exception:  # noqa: BLE001 - store gone with its host: treat as not announced

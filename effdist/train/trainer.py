@@ -80,32 +80,43 @@ class Trainer:
         from effdist.runtime.distributed import setup
 
         cfg = self.cfg
-        # Before anything slow: a stop signal during setup ends the process promptly (nothing to save yet).
-        self.guard.install(timeout_s=cfg.parallel.timeout_s)
-        self.guard.phase = "process group setup"
-        self.runtime = rt = setup(cfg)
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        # Before anything slow: a stop signal during setup ends the process promptly; with exit code 75 when
+        # the checkpoint this run will resume from already holds everything (a requeue loses nothing).
+        self.guard.install(timeout_s=cfg.parallel.timeout_s)
+        self.guard.resume_point = self._planned_resume_point()
+        self.guard.enter("process group setup")
+        self.runtime = rt = setup(cfg)
         self._claim_run_dir()
         if rt.is_logging_rank:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         log(rt, f"{rt.world_size} process(es) on {rt.device.type}/{rt.backend}: tp={rt.tp} pp={rt.pp} dp={rt.dp}, "
                 f"dtype={str(rt.dtype).replace('torch.', '')}, run dir {self.run_dir}")
 
-        self.guard.phase = "data preparation"
         self._build_data()
-        self.guard.phase = "model construction"
+        self.guard.enter("model construction")
         self._build_model()
         self._build_features()
-        self.guard.phase = "resume"
+        self.guard.enter("resume")
         self._maybe_resume()
         self._build_metrics()
-        self.guard.phase = "the first step"
+        self.guard.enter("the first step")
+
+    def _planned_resume_point(self) -> str | None:
+        """The checkpoint --resume will load (a cheap look before anything starts; _maybe_resume decides)."""
+        if self.resume == "auto":
+            complete = ckpt.list_complete(self.ckpt_dir) if self.ckpt_dir.is_dir() else []
+            return str(complete[-1][1]) if complete else None
+        if self.resume in ("none", "", None):
+            return None
+        return str(self.resume)
 
     def _build_data(self) -> None:
         from effdist.data.loader import MicrobatchLoader, build_train_valid_datasets, prepare_data
 
         cfg, rt = self.cfg, self.runtime
         # One process builds corpus, tokenizer, index caches; the others wait and then read them.
+        self.guard.enter("data preparation")
         if rt.is_logging_rank:
             paths = prepare_data(cfg, self.run_dir)
         dist.barrier()
@@ -114,6 +125,7 @@ class Trainer:
         num_train = cfg.train.steps * cfg.train.global_batch
         num_valid = max(1, cfg.train.eval_steps * cfg.train.global_batch) if cfg.train.eval_interval else 0
         # Collective: megatron's builder writes the index caches on rank 0 and the others wait for them.
+        self.guard.enter("index building")
         self.train_ds, self.valid_ds = build_train_valid_datasets(cfg, paths, num_train, num_valid)
         self.loader = MicrobatchLoader(self.train_ds, global_batch=cfg.train.global_batch,
                                        micro_batch=cfg.train.micro_batch, dp_rank=rt.dp_rank, dp_size=rt.dp)
@@ -212,6 +224,7 @@ class Trainer:
                 raise ckpt.CheckpointError(f"--resume {path}: not a complete effdist checkpoint directory")
             ckpt.verify(path, check_crc=self.cfg.checkpoint.verify_crc)
         if path is None:
+            self.guard.resume_point = None
             if self.cfg.checkpoint.init_from and self.engine is not None:
                 self.engine.load_model_only(Path(self.cfg.checkpoint.init_from))
                 log(rt, f"initialised the model from {self.cfg.checkpoint.init_from}")
@@ -239,6 +252,7 @@ class Trainer:
         if self.epas is not None and "epas" in common:
             self.epas.load_state_dict(common["epas"])
         self.last_good_checkpoint = path
+        self.guard.resume_point = str(path)
         log(rt, f"resumed from {path} at step {self.step}" + ("" if same_layout else
             f" (resharded from tp={marker.get('tp')} pp={marker.get('pp')} dp={marker.get('dp')})"))
         if self.resume != "auto":
@@ -505,15 +519,19 @@ class Trainer:
                 path = ckpt.save(self.ckpt_dir, self.step, self.model_chunks, self.optimizer, rt, common, marker)
         if rt.is_logging_rank:
             retain()
-        self.last_good_checkpoint = path
-        log(rt, f"saved checkpoint {path}")
+        self._saved(path)
         return path
+
+    def _saved(self, path: Path) -> None:
+        """`path` is complete and visible on every rank."""
+        self.last_good_checkpoint = path
+        self.guard.resume_point = str(path)
+        log(self.runtime, f"saved checkpoint {path}")
 
     def _finish_saves(self) -> None:
         if getattr(self, "saver", None) is not None:
             for p in self.saver.wait():
-                self.last_good_checkpoint = p
-                log(self.runtime, f"saved checkpoint {p}")
+                self._saved(p)
 
     def _last_good(self) -> str:
         if self.last_good_checkpoint is None:
@@ -593,8 +611,7 @@ class Trainer:
                 record["val_loss"] = self.evaluate()
             if self.saver is not None:
                 for p in self.saver.poll():
-                    self.last_good_checkpoint = p
-                    log(rt, f"saved checkpoint {p}")
+                    self._saved(p)
             if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
                 self.metrics.log(record)
             due = cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0
@@ -687,40 +704,45 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     trainer = Trainer(cfg, run_dir, resume=args.resume, fresh=args.fresh)
     guard = trainer.guard
+    code = None
     try:
         trainer.setup()
         code = trainer.fit()
-        guard.leaving = True
-        return code
     except (ConfigError, ckpt.CheckpointError, NonFiniteError, run_directory.RunDirError, _data_error()) as e:
         # Errors the user can act on: one clear line per rank instead of a traceback. A command that does
         # not fit the run directory or its checkpoints is a usage error (2); the rest are failures (1).
         _error_line(e)
         usage = isinstance(e, (ConfigError, run_directory.RunDirError, ckpt.IncompatibleCheckpointError))
-        return 2 if usage else 1
+        code = 2 if usage else 1
     except lifecycle.Stopped as e:
         _error_line(e)
-        return e.exit_code
+        code = e.exit_code
     except RuntimeError as e:
-        # A peer that died (or that stopped on a signal) shows up here as a failed collective.
+        # A peer that died shows up here as a failed collective: name it. A peer that stopped on the same
+        # signal as this rank fails the collective too: then this is the signal's stop.
         guard.leaving = True
-        if guard.signum is not None:
-            stopped = lifecycle.Stopped(guard.signum, guard.phase)
-            _error_line(stopped)
-            return stopped.exit_code
         why = lifecycle.describe_lost_peer(e) if dist.is_initialized() and dist.get_world_size() > 1 else None
-        if why is None:
+        if why is not None and (guard.signum is None or guard.lost_peer() is not None):
+            _error_line(why)
+            code = lifecycle.PEER_LOST_EXIT_CODE
+        elif guard.signum is not None:
+            stopped = guard.stopped()
+            _error_line(stopped)
+            code = stopped.exit_code
+        else:
             raise
-        _error_line(why)
-        return lifecycle.PEER_LOST_EXIT_CODE
     finally:
-        guard.leaving = True
+        # Tell the peers this exit is on purpose and bound what is left (teardown, the interpreter's exit,
+        # helper shutdown) to lifecycle.EXIT_GRACE_S; an unexpected exception exits 1 if that hangs.
+        guard.finish(1 if code is None else code)
+        if code not in (0, PREEMPTED_EXIT_CODE) and getattr(trainer, "saver", None) is not None:
+            trainer.saver.abort()
         try:
             teardown()
         finally:
-            guard.finish()
             if trainer.lock is not None:
                 trainer.lock.release()
+    return code
 
 
 def _error_line(error) -> None:
