@@ -6,8 +6,8 @@ said otherwise): together, quickly, and with nothing left behind.
 - SIGKILL of the launcher: the workers notice, save, and are gone within parallel.timeout_s;
 - SIGKILL of one rank: every rank stops within seconds, one line names the dead rank, no traceback; its
   helper processes (megatron's asynchronous-save manager) die with it; without a launcher too;
-- SIGTERM while rank 0 is held in data preparation / index building / model construction: ends within a
-  bounded time with one line, exit 143 before the run has a checkpoint and 75 once it has one;
+- SIGTERM / SIGUSR1 while rank 0 is held in data preparation / index building / model construction: ends
+  within a bounded time with one line, exit 143 before the run has a checkpoint and 75 once it has one;
 - a torn megatron index cache (.npy) is rebuilt with one line; index files are written atomically.
 
 Processes are told apart by pid (their own sessions), never by name: other tests may run beside these.
@@ -175,21 +175,22 @@ def _no_stack_traces(text: str) -> None:
 
 def test_launcher_signals_save_and_resume_and_launcher_sigkill_stops_workers(tmp_path, data_cache):
     run_dir = tmp_path / "run"
-    # SIGUSR1 (Slurm's time-limit warning) mid-run: the workers save and the launcher exits 75.
-    run = Run(run_dir, data_cache, [], tag="usr1")
+    # SIGTERM to the launcher mid-run (kill, scancel, Slurm preemption): the workers save, exit 75.
+    run = Run(run_dir, data_cache, [], tag="term")
     try:
         run.wait_for("step 3", lambda: run.last_step() >= 3)
-        run.launcher.send_signal(signal.SIGUSR1)
+        run.launcher.send_signal(signal.SIGTERM)
         codes = run.finish()
     finally:
         run.close()
     assert codes == [PREEMPTED], run.text()[-4000:]
     first = _saved(run_dir)
     assert first and first[-1] >= 3, (first, run.text()[-4000:])
+    _no_stack_traces(run.text())
     assert not run.alive()
 
-    # Resume from it, then SIGKILL the launcher: each worker sees its parent gone, saves, and stops
-    # within parallel.timeout_s.
+    # `--resume auto` continues from that save. SIGKILL of the launcher: each worker sees its parent gone,
+    # saves, and stops within parallel.timeout_s.
     timeout_s = 30
     run = Run(run_dir, data_cache, [f"parallel.timeout_s={timeout_s}"], tag="kill")
     try:
@@ -203,27 +204,29 @@ def test_launcher_signals_save_and_resume_and_launcher_sigkill_stops_workers(tmp
     second = _saved(run_dir)
     assert second[-1] > first[-1], (second, run.text()[-4000:])
     assert took < timeout_s, took
-    assert "the launcher" in run.text() and "is gone" in run.text(), run.text()[-4000:]
+    assert run.text().count("is gone: stopping") == 1, run.text()[-4000:]
 
-    # A torn index cache (a run killed while megatron wrote it) is rebuilt with one line. Then SIGTERM to the
-    # launcher (kill, scancel, Slurm preemption): save, exit 75, and the next start resumes from that save.
+    # A torn index cache (a run killed while megatron wrote it) is rebuilt with one line. SIGUSR1 (Slurm's
+    # time-limit warning) while rank 0 builds the model: nothing new to save, the newest checkpoint holds
+    # everything, so 75 for a requeue.
     cache = next(data_cache.rglob("*-sample_index.npy"))
     size = cache.stat().st_size
     with open(cache, "r+b") as f:
         f.truncate(size // 2)
-    run = Run(run_dir, data_cache, [], tag="term")
+    run = Run(run_dir, data_cache, [], env={"EFFDIST_FAULT_STALL_PHASE": "model construction"}, tag="usr1")
     try:
-        run.wait_for("a step after the resume", lambda: run.last_step() > second[-1] + 1)
-        run.launcher.send_signal(signal.SIGTERM)
-        codes = run.finish()
+        run.wait_for("rank 0 in model construction", lambda: "holds in model construction" in run.text())
+        run.launcher.send_signal(signal.SIGUSR1)
+        codes = run.finish(timeout=60)
     finally:
         run.close()
     text = run.text()
     assert codes == [PREEMPTED], text[-4000:]
-    assert f"resumed from {run_dir / 'checkpoints' / f'iter_{second[-1]:07d}'}" in text, text[-4000:]
+    newest = run_dir / "checkpoints" / f"iter_{second[-1]:07d}"
+    assert f"stopped by SIGUSR1 during model construction; nothing new to save: {newest} stays" in text, text[-4000:]
     assert text.count(f"index cache {cache} is incomplete") == 1, text[-4000:]
     assert cache.stat().st_size == size
-    assert _saved(run_dir)[-1] > second[-1]
+    assert _saved(run_dir) == second
     _no_stack_traces(text)
     assert not run.alive()
 
@@ -256,10 +259,11 @@ def test_a_dead_rank_stops_every_rank_and_its_helpers(tmp_path, data_cache, dire
     assert len(named) == 1, text[-4000:]
 
 
-@pytest.mark.parametrize("phase", ["data preparation", "index building", "model construction"])
+@pytest.mark.parametrize("phase", ["data preparation", "index building"])
 def test_sigterm_while_starting_ends_promptly(tmp_path, data_cache, phase):
     """Rank 0 is held in `phase` (EFFDIST_FAULT_STALL_PHASE); rank 1 waits for it inside a collective (native
-    code: its Python signal handler cannot run there). The first start has no checkpoint (143)."""
+    code: its Python signal handler cannot run there). The first start has no checkpoint (143); model
+    construction with a checkpoint (75) is part of the first test."""
     run_dir = tmp_path / "run"
     env = {"EFFDIST_FAULT_STALL_PHASE": phase}
     run = Run(run_dir, data_cache, [], env=env)

@@ -82,8 +82,16 @@ class Stopped(BaseException):
         super().__init__(text)
 
 
+def _global_rank() -> int:
+    """From the launcher's variables (torchrun, srun direct); the process group may not exist yet."""
+    value = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    return int(value) if value.isdigit() else 0
+
+
 def say(msg: str) -> None:
-    print(f"[effdist] {msg}", file=sys.stderr, flush=True)
+    """A notice on global rank 0 only (every rank sees the same signal or the same launcher death)."""
+    if _global_rank() == 0:
+        print(f"[effdist] {msg}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------ parent death
@@ -301,7 +309,7 @@ class ProcessGuard:
         """The main thread starts `phase` (named in the line a stop prints). Fault injection for tests and
         drills: EFFDIST_FAULT_STALL_PHASE=<phase> holds global rank 0 there until it is signalled."""
         self.phase = phase
-        if os.environ.get("EFFDIST_FAULT_STALL_PHASE") == phase and os.environ.get("RANK", "0") == "0":
+        if os.environ.get("EFFDIST_FAULT_STALL_PHASE") == phase and _global_rank() == 0:
             say(f"fault injection (EFFDIST_FAULT_STALL_PHASE): rank 0 holds in {phase}")
             while True:
                 time.sleep(3600)
