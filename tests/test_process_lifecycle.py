@@ -282,3 +282,32 @@ def test_sigterm_while_starting_ends_promptly(tmp_path, data_cache, phase):
     assert f"stopped by SIGTERM during {phase}" in text, text[-4000:]
     _no_stack_traces(text)
     assert not run.alive()
+
+
+def test_index_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """What megatron's numpy.save becomes during the build: a write that dies before its rename leaves
+    neither a file at the final name nor a temporary one; a truncated file is found and removed."""
+    from effdist.data import index_cache
+
+    target = tmp_path / "x-sample_index.npy"
+    with index_cache.atomic_numpy_saves():
+        numpy.save(str(target), numpy.arange(1000, dtype=numpy.int64), allow_pickle=True)
+    assert numpy.array_equal(numpy.load(target), numpy.arange(1000))
+    assert index_cache.torn_reason(target) is None
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # stands for a signal between the write and the rename
+
+    other = tmp_path / "y-shuffle_index.npy"
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt), index_cache.atomic_numpy_saves():
+        numpy.save(str(other), numpy.arange(10), allow_pickle=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+    assert numpy.save is not None and numpy.save.__module__.startswith("numpy")
+
+    with open(target, "r+b") as f:
+        f.truncate(500)
+    assert "500 of 8128 bytes" in index_cache.torn_reason(target)
+    assert index_cache.remove_torn_caches(tmp_path) == [target]
+    assert not target.exists()
