@@ -1,28 +1,37 @@
-"""`python launch/torchrun.py [torchrun args]`: torchrun that keeps the trainer's "preempted" exit code.
+"""`python launch/torchrun.py [torchrun args]`: torchrun that stops the way a checkpointing trainer needs.
 
-Same arguments and behaviour as `torchrun` (it runs torch.distributed.run in this process), with two
-differences that checkpoint-on-preempt needs:
+Same arguments and behaviour as `torchrun` (it runs torch.distributed.run in this process), except for
+signals and the exit code:
 
-1. Exit code. When workers fail, torchrun exits with 1 whatever their codes were. Here, when every
-   failed worker exited with PREEMPTED_EXIT_CODE (75: saved a checkpoint, please requeue), this process
-   exits with 75 too, so `srun` and slurm/train.sbatch can tell a preemption from a crash. (Workers
-   that torchrun itself killed after the first exit, negative codes, are ignored; see all_preempted.)
-2. SIGUSR1. Slurm's time-limit warning (``#SBATCH --signal=B:USR1@120``, forwarded by the batch script
-   through srun) reaches this process; torchrun's own handlers ignore SIGUSR1 and its default action
-   would kill the launcher. Here it is forwarded to the worker processes (direct children only: their
-   own children, e.g. data-loader workers, would die of it), which save and exit with 75.
+1. SIGTERM and SIGUSR1 (Slurm's preemption and time-limit warning, `kill`, `scancel`) are forwarded to the
+   worker processes (direct children only: their own helpers die with them), and this process then waits
+   for the workers, which finish their step, save a checkpoint and exit with PREEMPTED_EXIT_CODE (75), or
+   exit at once with 128+signal when there was nothing to save yet (during setup or the first step). The
+   workers bound that themselves (`parallel.timeout_s`); when TORCH_ELASTIC_SHUTDOWN_TIMEOUT is set, the
+   workers still running that many seconds after the first signal are SIGKILLed. (Stock torchrun forwards
+   SIGTERM too but then always exits with 1, and SIGUSR1 kills it.) Before the workers exist (rendezvous)
+   a signal ends this process at once with 128+signal.
+2. Exit code: 75 when some worker exited with 75 and no worker exited with another code (workers that
+   torchrun killed after the first exit, negative codes, are ignored: see all_preempted); 0 when all
+   finished; 128+signal when a signal stopped workers that had nothing to save; 1 for any other failure,
+   after one line per failed worker (stock torchrun exits 1 for all of these).
+3. SIGINT, SIGHUP, SIGQUIT stay with torchrun (it forwards them, waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+   seconds, default 30, then SIGKILLs); this process then exits with 128+signal and one line.
 
-SIGTERM/SIGINT stay with torchrun: it forwards them to the workers and waits
-TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30) before SIGKILL.
+SIGKILL of this process cannot be handled here: each worker notices that its parent is gone and stops by
+itself, saving first when it can (effdist.runtime.lifecycle).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
-FORWARDED_SIGNALS = (signal.SIGUSR1,)
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREFIX = "[launch/torchrun]"
 
 
 def _preempted_exit_code() -> int:
@@ -34,17 +43,61 @@ def _preempted_exit_code() -> int:
     return PREEMPTED_EXIT_CODE
 
 
-def _forward_to_workers(signum: int, _frame) -> None:
-    import psutil
+def _say(msg: str) -> None:
+    print(f"{PREFIX} {msg}", file=sys.stderr, flush=True)
 
-    workers = psutil.Process().children(recursive=False)
-    print(f"[launch/torchrun] signal {signal.Signals(signum).name}: forwarding to {len(workers)} worker(s)",
-          file=sys.stderr, flush=True)
-    for worker in workers:
-        try:
-            worker.send_signal(signum)
-        except psutil.NoSuchProcess:
-            pass
+
+class Forwarder:
+    """Forwards SIGTERM/SIGUSR1 to the workers instead of letting torchrun tear them down."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._kill_timer: threading.Timer | None = None
+
+    def install(self) -> None:
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum: int, _frame) -> None:
+        import psutil
+
+        name = signal.Signals(signum).name
+        workers = psutil.Process().children(recursive=False)
+        if not workers:
+            from torch.distributed.elastic.multiprocessing.api import SignalException
+
+            raise SignalException(f"{name} before the workers started", sigval=signal.Signals(signum))
+        first = self.signum is None
+        self.signum = self.signum or signum
+        _say(f"{name}: forwarding to {len(workers)} worker(s); they save and exit (75) or stop at once (nothing "
+             "to save yet)")
+        for worker in workers:
+            try:
+                worker.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+        timeout = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+        if first and timeout:
+            self._kill_timer = threading.Timer(float(timeout), self._kill, args=(float(timeout),))
+            self._kill_timer.daemon = True
+            self._kill_timer.start()
+
+    def _kill(self, timeout: float) -> None:
+        import psutil
+
+        workers = psutil.Process().children(recursive=False)
+        if workers:
+            _say(f"{len(workers)} worker(s) still running {timeout:g} s after the signal "
+                 "(TORCH_ELASTIC_SHUTDOWN_TIMEOUT): SIGKILL")
+        for worker in workers:
+            try:
+                worker.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+    def cancel(self) -> None:
+        if self._kill_timer is not None:
+            self._kill_timer.cancel()
 
 
 def all_preempted(exit_codes: list[int], preempted_code: int) -> bool:
@@ -52,29 +105,55 @@ def all_preempted(exit_codes: list[int], preempted_code: int) -> bool:
 
     Negative codes (killed by a signal) do not count against it: once the first worker has exited,
     torchrun SIGTERMs the others, and a worker that was about to exit with 75 after the collective save
-    may die of that signal instead.
+    may die of that signal instead. A worker exits with 75 only after the collective save completed, so
+    one 75 proves the checkpoint is complete.
     """
     return preempted_code in exit_codes and all(code == preempted_code or code < 0 for code in exit_codes)
 
 
+def describe_failures(failures: dict) -> list[str]:
+    """One line per failed worker, the first failure first."""
+    lines = []
+    for rank, f in sorted(failures.items(), key=lambda kv: (kv[1].timestamp, kv[0])):
+        how = (f"killed by {signal.Signals(-f.exitcode).name}" if f.exitcode < 0 else f"exited with {f.exitcode}")
+        lines.append(f"rank {rank} (local rank {f.local_rank}, pid {f.pid}) {how}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed import run as torch_run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     preempted_code = _preempted_exit_code()
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, _forward_to_workers)
+    forwarder = Forwarder()
+    forwarder.install()
     args = torch_run.parse_args(sys.argv[1:] if argv is None else argv)
+    # torchrun installs its own handlers for --signals-to-handle when it starts the workers: keep it off ours.
+    ours = {s.name for s in FORWARDED_SIGNALS}
+    args.signals_to_handle = ",".join(s for s in args.signals_to_handle.split(",") if s.strip() not in ours)
     try:
         torch_run.run(args)
     except ChildFailedError as e:
         codes = [failure.exitcode for failure in e.failures.values()]
         if all_preempted(codes, preempted_code):
-            print(f"[launch/torchrun] workers saved and exited for a requeue: exit code {preempted_code}",
-                  file=sys.stderr, flush=True)
+            _say(f"workers saved and exited for a requeue: exit code {preempted_code}")
             return preempted_code
-        print(e.format_msg() if hasattr(e, "format_msg") else str(e), file=sys.stderr, flush=True)
+        stop_codes = {128 + s for s in FORWARDED_SIGNALS}
+        if forwarder.signum is not None and all(c in stop_codes or c < 0 or c == preempted_code for c in codes):
+            code = 128 + forwarder.signum
+            _say(f"workers stopped by {signal.Signals(forwarder.signum).name} before there was anything to save: "
+                 f"exit code {code}")
+            return code
+        _say("workers failed: " + "; ".join(describe_failures(e.failures)) + " (first failure first; see their "
+             "lines above)")
         return 1
+    except SignalException as e:
+        code = 128 + int(e.sigval)
+        _say(f"stopped by {e.sigval.name}: exit code {code}")
+        return code
+    finally:
+        forwarder.cancel()
     return 0
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from effdist.data.index_cache import atomic_numpy_saves, remove_torn_caches
 from effdist.data.verify import DataError, verify_indexed_dataset
 
 SAMPLE_CORPUS_SEED = 0
@@ -312,11 +313,20 @@ def build_train_valid_datasets(cfg, data_paths: DataPaths, num_train_samples: in
     cls = MockGPTDataset if data_paths.kind == "mock" else GPTDataset
     sizes = [num_train_samples, num_valid_samples, 0]
     builder = BlendedMegatronDatasetBuilder(cls, sizes, is_built_on_rank or (lambda: True), config)
-    with _rank_zero_without_process_group():
+    if config.path_to_cache and _builds_index_caches():
+        # The other ranks read the caches only after megatron's barrier, once this rank rebuilt them.
+        remove_torn_caches(config.path_to_cache)
+    with _rank_zero_without_process_group(), atomic_numpy_saves():
         train, valid, _ = builder.build()
     if train is not None and len(train) < num_train_samples:
         raise DataError(f"the training dataset has {len(train)} samples, fewer than the {num_train_samples} asked for")
     return train, (valid if num_valid_samples > 0 else None)
+
+
+def _builds_index_caches() -> bool:
+    """megatron writes the index caches on global rank 0 (every process when there is no process group)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 @contextlib.contextmanager

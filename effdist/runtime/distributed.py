@@ -102,6 +102,8 @@ def setup(cfg: Config) -> Runtime:
             os.environ.setdefault("MASTER_PORT", str(env.master_port))
             dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
                                     init_method="env://")
+    if env.world_size > 1:
+        _watch_peers(env)
 
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
@@ -130,6 +132,19 @@ def setup(cfg: Config) -> Runtime:
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
     )
+
+
+def _watch_peers(env) -> None:
+    """Record this process in the group's store and let the lifecycle watchdog watch the ranks on this host
+    (torchrun and Slurm number the ranks of a node consecutively), so a dead peer stops this rank within
+    seconds with a line naming it (effdist.runtime.lifecycle)."""
+    from effdist.runtime import lifecycle
+
+    store = dist.distributed_c10d._get_default_store()
+    rank = dist.get_rank()
+    lifecycle.register_process(store, rank)
+    first = rank - env.local_rank
+    lifecycle.guard().watch_peers(store, rank, list(range(first, first + env.local_world_size)))
 
 
 def _seed_cpu_tracker(seed: int) -> None:

@@ -297,6 +297,18 @@ class AsyncSaver:
         self.wait()
         self.queue.close()
 
+    def abort(self) -> None:
+        """The run is failing (a peer died, a stop without a save): end the background writer now instead of
+        letting it fail later against helpers that shut down at exit. Its checkpoint stays an unfinished
+        .tmp directory, which resuming never loads."""
+        for call in list(self.queue.async_calls):
+            process = getattr(call.async_caller, "process", None)
+            if process is not None and process.is_alive():
+                process.kill()
+                process.join(timeout=10)
+        self.queue.async_calls.clear()
+        self.in_flight = None
+
 
 def manifest(path: Path) -> dict[str, list[int]]:
     """Size and CRC32 of every file of a checkpoint, recorded in its marker to detect corruption."""

@@ -10,10 +10,8 @@ a TP=2 or DP=2 run follows a single-process run of the same global batch.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -24,14 +22,13 @@ import torch.distributed as dist
 
 from effdist.config import Config, ConfigError, load_config
 from effdist.model.hf_convert import CONVERTED_MARKER
+from effdist.runtime import lifecycle
 from effdist.train import checkpoint as ckpt
 from effdist.train import run_dir as run_directory
 from effdist.train.loss import masked_loss_sum
 from effdist.train.metrics import console_line
 from effdist.train.optim import MasterWeightAdamW, lr_at
 from effdist.train.preflight import validate_run
-
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class NonFiniteError(RuntimeError):
@@ -70,7 +67,8 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
-        self._preempt_requested = False
+        # SIGTERM/SIGUSR1, launcher and peer death, helpers (effdist.runtime.lifecycle).
+        self.guard = lifecycle.guard()
         # train.engine=deepspeed: an object owning model wrapping, step, save and load (None: megatron DDP here).
         self.engine = None
         # Fault injection for tests and drills: steps (1-based) whose loss is made NaN.
@@ -84,8 +82,13 @@ class Trainer:
         from effdist.runtime.distributed import setup
 
         cfg = self.cfg
-        self.runtime = rt = setup(cfg)
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        # Before anything slow: a stop signal during setup ends the process promptly; with exit code 75 when
+        # the checkpoint this run will resume from already holds everything (a requeue loses nothing).
+        self.guard.install(timeout_s=cfg.parallel.timeout_s)
+        self.guard.resume_point = self._planned_resume_point()
+        self.guard.enter("process group setup")
+        self.runtime = rt = setup(cfg)
         self._claim_run_dir()
         if rt.is_logging_rank:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -93,16 +96,29 @@ class Trainer:
                 f"dtype={str(rt.dtype).replace('torch.', '')}, run dir {self.run_dir}")
 
         self._build_data()
+        self.guard.enter("model construction")
         self._build_model()
         self._build_features()
+        self.guard.enter("resume")
         self._maybe_resume()
         self._build_metrics()
+        self.guard.enter("the first step")
+
+    def _planned_resume_point(self) -> str | None:
+        """The checkpoint --resume will load (a cheap look before anything starts; _maybe_resume decides)."""
+        if self.resume == "auto":
+            complete = ckpt.list_complete(self.ckpt_dir) if self.ckpt_dir.is_dir() else []
+            return str(complete[-1][1]) if complete else None
+        if self.resume in ("none", "", None):
+            return None
+        return str(self.resume)
 
     def _build_data(self) -> None:
         from effdist.data.loader import MicrobatchLoader, build_train_valid_datasets, prepare_data
 
         cfg, rt = self.cfg, self.runtime
         # One process builds corpus, tokenizer, index caches; the others wait and then read them.
+        self.guard.enter("data preparation")
         if rt.is_logging_rank:
             paths = prepare_data(cfg, self.run_dir)
         dist.barrier()
@@ -111,6 +127,7 @@ class Trainer:
         num_train = cfg.train.steps * cfg.train.global_batch
         num_valid = max(1, cfg.train.eval_steps * cfg.train.global_batch) if cfg.train.eval_interval else 0
         # Collective: megatron's builder writes the index caches on rank 0 and the others wait for them.
+        self.guard.enter("index building")
         self.train_ds, self.valid_ds = build_train_valid_datasets(cfg, paths, num_train, num_valid)
         self.loader = MicrobatchLoader(self.train_ds, global_batch=cfg.train.global_batch,
                                        micro_batch=cfg.train.micro_batch, dp_rank=rt.dp_rank, dp_size=rt.dp)
@@ -212,6 +229,7 @@ class Trainer:
                     if converted else ""))
             ckpt.verify(path, check_crc=self.cfg.checkpoint.verify_crc, progress=rt.is_logging_rank)
         if path is None:
+            self.guard.resume_point = None
             if self.cfg.checkpoint.init_from and self.engine is not None:
                 loaded = self.engine.load_model_only(Path(self.cfg.checkpoint.init_from), self.cfg.to_dict())
                 log(rt, f"initialised the model from {loaded}")
@@ -240,6 +258,7 @@ class Trainer:
         if self.epas is not None and "epas" in common:
             self.epas.load_state_dict(common["epas"])
         self.last_good_checkpoint = path
+        self.guard.resume_point = str(path)
         log(rt, f"resumed from {path} at step {self.step}" + ("" if same_layout else
             f" (resharded from tp={marker.get('tp')} pp={marker.get('pp')} dp={marker.get('dp')})"))
         if self.resume != "auto":
@@ -464,18 +483,9 @@ class Trainer:
                 "skipped_steps": self.skipped_steps}
 
     # ------------------------------------------------------------------ loop
-    def _install_signal_handlers(self) -> None:
-        def request(signum, _frame):
-            self._preempt_requested = True
-            log(self.runtime, f"received signal {signum}: will save a checkpoint after this step and exit")
-
-        for s in PREEMPT_SIGNALS:
-            with contextlib.suppress(ValueError):  # not in the main thread (tests)
-                signal.signal(s, request)
-
     def _preempt_agreed(self) -> bool:
         """All ranks stop together if any was signalled (Slurm signals every task, but not atomically)."""
-        flag = torch.tensor([1.0 if self._preempt_requested else 0.0], device=self.runtime.device)
+        flag = torch.tensor([1.0 if self.guard.requested else 0.0], device=self.runtime.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
@@ -508,15 +518,19 @@ class Trainer:
                 path = ckpt.save(self.ckpt_dir, self.step, self.model_chunks, self.optimizer, rt, common, marker)
         if rt.is_logging_rank:
             retain()
-        self.last_good_checkpoint = path
-        log(rt, f"saved checkpoint {path}")
+        self._saved(path)
         return path
+
+    def _saved(self, path: Path) -> None:
+        """`path` is complete and visible on every rank."""
+        self.last_good_checkpoint = path
+        self.guard.resume_point = str(path)
+        log(self.runtime, f"saved checkpoint {path}")
 
     def _finish_saves(self) -> None:
         if getattr(self, "saver", None) is not None:
             for p in self.saver.wait():
-                self.last_good_checkpoint = p
-                log(self.runtime, f"saved checkpoint {p}")
+                self._saved(p)
 
     def _last_good(self) -> str:
         if self.last_good_checkpoint is None:
@@ -593,7 +607,6 @@ class Trainer:
     def fit(self) -> int:
         """Train until train.steps; returns the process exit code."""
         cfg, rt = self.cfg, self.runtime
-        self._install_signal_handlers()
         self.saver = ckpt.AsyncSaver() if cfg.checkpoint.async_save else None
         if self.step >= cfg.train.steps:
             log(rt, f"nothing to do: the run in {self.run_dir} is already at step {self.step} of {cfg.train.steps} "
@@ -616,6 +629,8 @@ class Trainer:
                     f"Likely causes: learning rate too high (optim.lr={cfg.optim.lr}), fp16 overflow, or corrupt data. "
                     "Resume from the last good checkpoint with a lower optim.lr.")
             self.step += 1
+            # From here a stop signal waits for the end of the step and a save (see lifecycle.ProcessGuard).
+            self.guard.unsaved, self.guard.phase = True, "training"
             if self.step in self._inf_weight_steps:
                 with torch.no_grad():
                     next(self.model_chunks[0].parameters()).view(-1)[0] = float("inf")
@@ -629,12 +644,12 @@ class Trainer:
                 record["val_loss"] = self.evaluate()
             if self.saver is not None:
                 for p in self.saver.poll():
-                    self.last_good_checkpoint = p
-                    log(rt, f"saved checkpoint {p}")
+                    self._saved(p)
             if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
                 self.metrics.log(record)
             due = cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0
             if self._preempt_agreed():
+                self.guard.leaving = True
                 if self.nonfinite_in_a_row == 0:
                     self.save()
                 self._finish_saves()
@@ -644,6 +659,8 @@ class Trainer:
             if due and self.nonfinite_in_a_row == 0:
                 self.save()
                 last_saved = self.step
+                # An asynchronous save is not safe until finalized: a signal meanwhile still saves at step end.
+                self.guard.unsaved = self.saver is not None
         if self.nonfinite_in_a_row:
             self._finish_saves()
             raise NonFiniteError(
@@ -720,21 +737,52 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     trainer = Trainer(cfg, run_dir, resume=args.resume, fresh=args.fresh)
+    guard = trainer.guard
+    code = None
     try:
         trainer.setup()
-        return trainer.fit()
+        code = trainer.fit()
     except (ConfigError, ckpt.CheckpointError, NonFiniteError, run_directory.RunDirError, _data_error()) as e:
         # Errors the user can act on: one clear line per rank instead of a traceback. A command that does
         # not fit the run directory or its checkpoints is a usage error (2); the rest are failures (1).
-        from effdist.runtime.launch_env import resolve_dist_env
-
-        print(f"effdist: error (rank {resolve_dist_env(os.environ).rank}): {e}", file=sys.stderr, flush=True)
+        _error_line(e)
         usage = isinstance(e, (ConfigError, run_directory.RunDirError, ckpt.IncompatibleCheckpointError))
-        return 2 if usage else 1
+        code = 2 if usage else 1
+    except lifecycle.Stopped as e:
+        _error_line(e)
+        code = e.exit_code
+    except RuntimeError as e:
+        # A peer that died shows up here as a failed collective: name it. A peer that stopped on the same
+        # signal as this rank fails the collective too: then this is the signal's stop.
+        guard.leaving = True
+        why = lifecycle.describe_lost_peer(e) if dist.is_initialized() and dist.get_world_size() > 1 else None
+        if why is not None and (guard.signum is None or guard.lost_peer() is not None):
+            _error_line(why)
+            code = lifecycle.PEER_LOST_EXIT_CODE
+        elif guard.signum is not None:
+            stopped = guard.stopped()
+            _error_line(stopped)
+            code = stopped.exit_code
+        else:
+            raise
     finally:
-        teardown()
-        if trainer.lock is not None:
-            trainer.lock.release()
+        # Tell the peers this exit is on purpose and bound what is left (teardown, the interpreter's exit,
+        # helper shutdown) to lifecycle.EXIT_GRACE_S; an unexpected exception exits 1 if that hangs.
+        guard.finish(1 if code is None else code)
+        if code not in (0, PREEMPTED_EXIT_CODE) and getattr(trainer, "saver", None) is not None:
+            trainer.saver.abort()
+        try:
+            teardown()
+        finally:
+            if trainer.lock is not None:
+                trainer.lock.release()
+    return code
+
+
+def _error_line(error) -> None:
+    from effdist.runtime.launch_env import resolve_dist_env
+
+    print(f"effdist: error (rank {resolve_dist_env(os.environ).rank}): {error}", file=sys.stderr, flush=True)
 
 
 def _precision_note(cfg: Config) -> str:

@@ -1,0 +1,428 @@
+"""How a trainer process stops: on a signal, when its launcher dies, when a peer rank dies, and with its helpers.
+
+One `ProcessGuard` per process (`guard()`), installed by the trainer before anything slow starts:
+
+- **SIGTERM / SIGUSR1.** While there is unsaved training state (`guard.unsaved`, set by the trainer after
+  each step, cleared after each save) a signal only asks for a stop: the trainer finishes the step, saves and
+  exits with 75. Otherwise (data preparation, index building, model construction, resume, the first step
+  after a start or a save) there is nothing to save, and the handler raises `Stopped` at once: the process
+  exits with 128 + the signal number (143 for SIGTERM) after one line.
+- **Bounded.** A Python handler runs only between bytecodes of the main thread, so a main thread blocked in
+  C (a collective, a rendezvous, a long tensor operation) would delay it. The C-level signal handler also
+  writes to a wakeup pipe that a watchdog thread reads; the watchdog gives the main thread `STOP_GRACE_S`
+  (nothing to save) or `parallel.timeout_s` (finish the step and save) and then ends the process itself
+  with one line.
+- **The launcher died.** Under torchrun (``TORCHELASTIC_RUN_ID`` set) the launcher's agent is this process's
+  parent. When the parent changes (it was SIGKILLed and this process was re-parented) the watchdog sends
+  this process a SIGTERM, so it saves when it can and in any case stops within `parallel.timeout_s`. Plain
+  ``python -m effdist.train`` is not watched: ``nohup ... &`` then logging out must keep training.
+- **A peer died.** Every rank records its host, pid and start time in the process group's store
+  (`register_process`). The watchdog checks the ranks on its own host once a second; when one is gone
+  without having said goodbye (`say_goodbye`) it stops this process within seconds with one line naming
+  that rank (a peer blocked in a collective would otherwise wait up to the collective timeout with NCCL).
+  A communication error in the main thread is turned into the same line by `describe_lost_peer`.
+- **Helpers die with their rank.** Processes a rank forks (data-loader workers, megatron's asynchronous
+  checkpoint writer and its worker processes) get a parent-death signal. megatron's asynchronous checkpoint
+  writer also starts a `multiprocessing` manager process with the *spawn* method (a fresh interpreter,
+  ~100-300 MB: it re-imports the trainer) to collect write results; that manager would outlive a killed
+  rank forever. `bind_megatron_async_helpers` makes megatron start it with a parent-death signal too.
+
+Exit codes: 75 saved after a stop request (`PREEMPTED_EXIT_CODE`); 128 + signal when stopped before there
+was anything to save or when the save did not finish in time; `PEER_LOST_EXIT_CODE` when a peer died.
+This module imports no torch at the top: megatron's spawned manager process imports it to bind itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# effdist.runtime.launch_env.PREEMPTED_EXIT_CODE (not imported: that module is heavier than this one needs).
+PREEMPTED_EXIT_CODE = 75
+# How long the interpreter may take to exit once the main thread is done (teardown, helper shutdown).
+EXIT_GRACE_S = 30.0
+# How long the main thread gets to leave after a stop signal when there is nothing to save.
+STOP_GRACE_S = 10.0
+# How long a local peer may be gone before this process stops on its own (the main thread usually notices
+# first, through a failed collective, and reports it itself).
+PEER_GRACE_S = 3.0
+WATCH_INTERVAL_S = 0.5
+PEER_LOST_EXIT_CODE = 1
+_PR_SET_PDEATHSIG = 1
+_KEY = "effdist/proc/{rank}"
+_GOODBYE = "effdist/left/{rank}"
+
+
+class Stopped(BaseException):
+    """A stop signal arrived when this process had nothing new to save; it should exit with `exit_code`:
+    PREEMPTED_EXIT_CODE (75) when a checkpoint of the run holds everything done so far (`resume_point`:
+    the one it resumed from or saved last), so a requeue loses nothing; 128 + the signal when the run has
+    no checkpoint yet.
+
+    A BaseException, like KeyboardInterrupt, so that `except Exception` in library code does not swallow it."""
+
+    def __init__(self, signum: int, phase: str, resume_point: str | None = None):
+        self.signum = signum
+        name = signal.Signals(signum).name
+        if resume_point:
+            self.exit_code = PREEMPTED_EXIT_CODE
+            text = (f"stopped by {name} during {phase}; nothing new to save: {resume_point} stays the checkpoint "
+                    f"to resume from (exit code {self.exit_code}, start it again with --resume auto)")
+        else:
+            self.exit_code = 128 + signum
+            text = (f"stopped by {name} during {phase}, before this run had anything to save (exit code "
+                    f"{self.exit_code}; start it again to begin)")
+        super().__init__(text)
+
+
+def _global_rank() -> int:
+    """From the launcher's variables (torchrun, srun direct); the process group may not exist yet."""
+    value = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    return int(value) if value.isdigit() else 0
+
+
+def say(msg: str) -> None:
+    """A notice on global rank 0 only (every rank sees the same signal or the same launcher death)."""
+    if _global_rank() == 0:
+        print(f"[effdist] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ parent death
+
+def die_with_parent(expected_parent: int | None = None, sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send `sig` to this process when its parent exits (no-op elsewhere); exit now if the
+    parent is already gone (the fork happened just before it died)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if expected_parent is not None and os.getppid() != expected_parent:
+        os._exit(1)
+
+
+def become_helper(expected_parent: int | None = None) -> None:
+    """This process helps its parent (a trainer rank): it dies with the parent and leaves stop signals to
+    it. Launchers and schedulers signal whole process groups or cgroups (torchrun's killpg, Slurm's
+    scancel): a helper that died of that SIGTERM would break the save its rank is finishing, and a forked
+    helper would run the rank's inherited handler (and write to its wake-up pipe)."""
+    die_with_parent(expected_parent)
+    for s in (*STOP_SIGNALS, signal.SIGINT):
+        try:
+            signal.signal(s, signal.SIG_IGN)
+        except (ValueError, OSError):  # not the main thread of the child: keep what it has
+            return
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+
+
+def _bind_forked_child() -> None:
+    become_helper()
+
+
+_fork_hook_installed = False
+
+
+def bind_forked_children() -> None:
+    """Every process this one forks from now on dies when this one dies (data-loader workers, megatron's
+    checkpoint writer). Children started with fork+exec (subprocess, spawn) are not covered by this."""
+    global _fork_hook_installed
+    if not _fork_hook_installed and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_bind_forked_child)
+        _fork_hook_installed = True
+
+
+def bind_megatron_async_helpers() -> None:
+    """megatron.core.dist_checkpointing's async writer creates, on its first save, a spawn-context
+    `multiprocessing.Manager()` whose server process lives until the interpreter exits normally; after a
+    SIGKILL of the rank it is left behind. Create that manager ourselves, with an initializer that binds
+    its server to this process (megatron keeps it in the module global `_results_queue`)."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    if getattr(filesystem_async, "_effdist_bound", False):
+        return
+    original = filesystem_async._get_write_results_queue
+
+    def get_write_results_queue():
+        if filesystem_async._results_queue is None:
+            import multiprocessing
+            from multiprocessing.managers import SyncManager
+
+            manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+            manager.start(initializer=become_helper, initargs=(os.getpid(),))
+            filesystem_async._results_queue = manager.Queue()
+            filesystem_async._effdist_manager = manager  # keep the manager (and its process) referenced
+        return original()
+
+    filesystem_async._get_write_results_queue = get_write_results_queue
+    filesystem_async._effdist_bound = True
+
+
+# ------------------------------------------------------------------------------------ peers
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    rank: int
+    host: str
+    pid: int
+    start_ticks: int  # from /proc/PID/stat: tells a reused pid apart
+
+    def encode(self) -> str:
+        return f"{self.host} {self.pid} {self.start_ticks}"
+
+    @classmethod
+    def decode(cls, rank: int, raw: bytes | str) -> ProcessRecord:
+        host, pid, ticks = (raw.decode() if isinstance(raw, bytes) else raw).split()
+        return cls(rank, host, int(pid), int(ticks))
+
+    def alive(self) -> bool:
+        """Running (not a zombie) and still the same process."""
+        stat = _proc_stat(self.pid)
+        return stat is not None and stat[0] != "Z" and stat[1] == self.start_ticks
+
+    def describe(self) -> str:
+        return f"rank {self.rank} (pid {self.pid} on {self.host})"
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks) of a process, or None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return fields[0], int(fields[19])
+
+
+def this_process(rank: int) -> ProcessRecord:
+    stat = _proc_stat(os.getpid())
+    return ProcessRecord(rank, socket.gethostname(), os.getpid(), stat[1] if stat else 0)
+
+
+def register_process(store, rank: int) -> None:
+    """Record this rank's host, pid and start time in the process group's store (see `ProcessGuard`)."""
+    store.set(_KEY.format(rank=rank), this_process(rank).encode())
+
+
+def say_goodbye(store, rank: int) -> None:
+    """Tell the peers that this rank leaves on purpose, so its exit is not taken for a death."""
+    try:
+        store.set(_GOODBYE.format(rank=rank), "1")
+    except Exception:  # noqa: BLE001 - the store's host may have left first; nobody is left to tell
+        pass
+
+
+# ------------------------------------------------------------------------------------ the guard
+
+class ProcessGuard:
+    def __init__(self):
+        self.timeout_s = 600.0
+        self.unsaved = False  # set by the trainer: state exists that a save would keep
+        self.requested = False  # a stop was requested while there was state to save
+        self.signum: int | None = None
+        self.leaving = False  # the main thread is on its way out: later signals change nothing
+        self.phase = "setup"
+        # The checkpoint that holds everything this process did so far (resumed from or saved last): a stop
+        # with nothing new to save then exits 75 for a requeue. None until there is one.
+        self.resume_point: str | None = None
+        self._installed = False
+        self._deadline: float | None = None
+        self._deadline_code = 1
+        self._deadline_why = ""
+        self._wake_r = self._wake_w = -1
+        self._parent: int | None = None
+        self._store = None
+        self._rank = 0
+        self._local_ranks: list[int] = []
+        self._peers: dict[int, ProcessRecord] = {}
+        self._thread: threading.Thread | None = None
+
+    # -- installation ------------------------------------------------------------------------
+    def install(self, timeout_s: float) -> None:
+        """Handlers for SIGTERM/SIGUSR1, the watchdog thread, helper binding. Main thread only."""
+        self.timeout_s = float(timeout_s)
+        bind_forked_children()
+        bind_megatron_async_helpers()
+        if self._installed:
+            return
+        try:
+            for s in STOP_SIGNALS:
+                signal.signal(s, self._on_signal)
+        except ValueError:  # not the main thread (tests calling Trainer in a thread): leave signals alone
+            return
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        if os.environ.get("TORCHELASTIC_RUN_ID"):
+            self._parent = os.getppid()
+        self._installed = True
+        self._thread = threading.Thread(target=self._watch, name="effdist-watchdog", daemon=True)
+        self._thread.start()
+
+    def watch_peers(self, store, rank: int, local_ranks: list[int]) -> None:
+        """Watch the ranks that share this host (their records are read by the watchdog when they appear)."""
+        self._store, self._rank = store, rank
+        self._local_ranks = [r for r in local_ranks if r != rank]
+
+    def finish(self, exit_code: int) -> None:
+        """The main thread is done: stop watching peers and the launcher, tell the peers this was on purpose,
+        and bound what is left (interpreter exit, helper shutdown) to EXIT_GRACE_S; then exit with
+        `exit_code` regardless."""
+        self.leaving = True
+        if self._store_reachable():
+            say_goodbye(self._store, self._rank)
+        self._parent = None
+        self._deadline = time.monotonic() + EXIT_GRACE_S
+        self._deadline_code = exit_code
+        self._deadline_why = f"the process did not exit within {EXIT_GRACE_S:g} s of finishing; exiting with {exit_code}"
+
+    # -- signals -------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame) -> None:
+        if self.leaving:
+            return
+        first = self.signum is None
+        self.signum = self.signum or signum
+        if self.unsaved:
+            if first:
+                say(f"received {signal.Signals(signum).name}: will save a checkpoint after this step and exit")
+            self.requested = True
+            return
+        self.leaving = True
+        raise self.stopped(signum)
+
+    def stopped(self, signum: int | None = None) -> Stopped:
+        return Stopped(signum or self.signum or signal.SIGTERM, self.phase, self.resume_point)
+
+    def enter(self, phase: str) -> None:
+        """The main thread starts `phase` (named in the line a stop prints). Fault injection for tests and
+        drills: EFFDIST_FAULT_STALL_PHASE=<phase> holds global rank 0 there until it is signalled."""
+        self.phase = phase
+        if os.environ.get("EFFDIST_FAULT_STALL_PHASE") == phase and _global_rank() == 0:
+            say(f"fault injection (EFFDIST_FAULT_STALL_PHASE): rank 0 holds in {phase}")
+            while True:
+                time.sleep(3600)
+
+    def _arm(self, signum: int) -> None:
+        if self._deadline is not None:
+            return
+        name = signal.Signals(signum).name
+        if self.unsaved:
+            self._deadline = time.monotonic() + self.timeout_s
+            self._deadline_why = (f"the step in progress and the checkpoint did not finish within "
+                                  f"parallel.timeout_s={self.timeout_s:g} s of {name}; exiting without saving")
+            self._deadline_code = 128 + signum
+        else:
+            self._deadline = time.monotonic() + STOP_GRACE_S
+            stopped = self.stopped(signum)
+            self._deadline_why = f"{stopped} (the main thread was busy in native code)"
+            self._deadline_code = stopped.exit_code
+
+    # -- the watchdog thread --------------------------------------------------------------------
+    def _watch(self) -> None:
+        import select
+
+        gone_since: dict[int, float] = {}
+        while True:
+            ready, _, _ = select.select([self._wake_r], [], [], WATCH_INTERVAL_S)
+            if ready:
+                for signum in os.read(self._wake_r, 64):
+                    if signum in {int(s) for s in STOP_SIGNALS}:
+                        self._arm(signum)
+            now = time.monotonic()
+            if self._deadline is not None and now > self._deadline:
+                self._exit(self._deadline_code, self._deadline_why)
+            if self._parent is not None and os.getppid() != self._parent:
+                say(f"the launcher (pid {self._parent}) is gone: stopping (saving first if a step finished)")
+                self._parent = None
+                os.kill(os.getpid(), signal.SIGTERM)
+            for peer in [] if self.leaving else self._dead_local_peers():
+                since = gone_since.setdefault(peer.rank, now)
+                if now - since > PEER_GRACE_S and not self.leaving and not self._said_goodbye(peer.rank):
+                    self._exit(PEER_LOST_EXIT_CODE, peer_lost_message(peer))
+
+    def _exit(self, code: int, why: str) -> None:
+        print(f"effdist: error (rank {self._rank}): {why}", file=sys.stderr, flush=True)
+        os._exit(code)
+
+    def _load_peers(self) -> None:
+        missing = [r for r in self._local_ranks if r not in self._peers]
+        if not missing or not self._store_reachable():
+            return
+        try:
+            keys = [_KEY.format(rank=r) for r in missing]
+            if not self._store.check(keys):
+                return
+            for r, raw in zip(missing, self._store.multi_get(keys)):
+                record = ProcessRecord.decode(r, raw)
+                if record.host == socket.gethostname():
+                    self._peers[r] = record
+                else:  # not on this host after all (an unusual rank layout): not watched by pid
+                    self._local_ranks.remove(r)
+        except Exception:  # noqa: BLE001 - store unreachable: nothing to learn now
+            return
+
+    def _dead_local_peers(self) -> list[ProcessRecord]:
+        self._load_peers()
+        return [p for p in self._peers.values() if not p.alive()]
+
+    def _store_reachable(self) -> bool:
+        """False when the store's host is known to be gone. With a plain env:// start global rank 0 hosts
+        the store (under torchrun its agent does): talking to a dead host makes c10d print stack traces."""
+        if self._store is None:
+            return False
+        host = None if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else 0
+        record = self._peers.get(host) if host is not None else None
+        return record is None or record.alive()
+
+    def _said_goodbye(self, rank: int) -> bool:
+        if not self._store_reachable():
+            return False
+        try:
+            return bool(self._store.check([_GOODBYE.format(rank=rank)]))
+        except Exception:  # noqa: BLE001 - store gone with its host: treat as not announced
+            return False
+
+    # -- diagnosis for the main thread ----------------------------------------------------------
+    def lost_peer(self) -> ProcessRecord | None:
+        """A rank on this host that died without saying goodbye, if any."""
+        return next((p for p in self._dead_local_peers() if not self._said_goodbye(p.rank)), None)
+
+
+def peer_lost_message(peer: ProcessRecord) -> str:
+    return (f"{peer.describe()} died; stopping this rank too. Start the run again to resume from its newest "
+            "checkpoint (its log says why it died)")
+
+
+def describe_lost_peer(error: BaseException) -> str | None:
+    """One line for a communication error caused by a dead peer, or None when it is not one."""
+    g = guard()
+    peer = g.lost_peer()
+    if peer is not None:
+        return peer_lost_message(peer)
+    text = f"{type(error).__name__}: {error}"
+    markers = ("Connection reset", "Connection closed", "Connection refused", "Broken pipe", "DistNetworkError",
+               "DistStoreError", "Socket Timeout", "failed to recv", "NCCL communicator was aborted")
+    if any(m in text for m in markers):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return (f"lost the connection to another rank ({first[:200]}); a process on another host probably died: "
+                "see its log. Start the run again to resume from its newest checkpoint")
+    return None
+
+
+_GUARD = ProcessGuard()
+
+
+def guard() -> ProcessGuard:
+    return _GUARD

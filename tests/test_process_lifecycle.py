@@ -1,0 +1,313 @@
+"""How trainer processes stop, in real processes (gloo, tiny-cpu, 2 ranks through launch/torchrun.py unless
+said otherwise): together, quickly, and with nothing left behind.
+
+- SIGUSR1 / SIGTERM to the launcher: the workers save, the launcher exits 75, `--resume auto` continues
+  from that save;
+- SIGKILL of the launcher: the workers notice, save, and are gone within parallel.timeout_s;
+- SIGKILL of one rank: every rank stops within seconds, one line names the dead rank, no traceback; its
+  helper processes (megatron's asynchronous-save manager) die with it; without a launcher too;
+- SIGTERM / SIGUSR1 while rank 0 is held in data preparation / index building / model construction: ends
+  within a bounded time with one line, exit 143 before the run has a checkpoint and 75 once it has one;
+- a torn megatron index cache (.npy) is rebuilt with one line; index files are written atomically.
+
+Processes are told apart by pid (their own sessions), never by name: other tests may run beside these.
+The scenarios chain where one run's end is the next one's start, to keep the file at a few launches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy
+import psutil
+import pytest
+
+from tests.launching import ROOT, TINY, clean_env
+
+pytestmark = pytest.mark.slow
+
+LAUNCHER = ROOT / "launch" / "torchrun.py"
+BASE = ["train.global_batch=8", "train.micro_batch=2", "data.seq_length=64", "logging.tensorboard=false",
+        "logging.progress_bar=false", "optim.warmup_steps=2", "train.steps=400", "checkpoint.keep_last=50"]
+# A stop before a checkpoint exists / after one exists.
+NOTHING_SAVED, PREEMPTED = 128 + signal.SIGTERM, 75
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+class Run:
+    """One launch: launch/torchrun.py with 2 workers (or, with `direct`, 2 trainers started by hand with the
+    env:// variables, no launcher), output in a log file, in a session of its own."""
+
+    def __init__(self, run_dir: Path, data_cache: Path, extra: list[str], env: dict[str, str] | None = None,
+                 direct: bool = False, tag: str = "run"):
+        self.run_dir, self.log = run_dir, run_dir.parent / f"{run_dir.name}.{tag}.log"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        args = ["-m", "effdist.train", "--config", str(TINY), "--run-dir", str(run_dir)]
+        for o in BASE + [f"data.cache_dir={data_cache}"] + extra:
+            args += ["--set", o]
+        self._out = open(self.log, "w")
+        self.procs: list[subprocess.Popen] = []
+        self.direct = direct
+        if direct:
+            port = _free_port()
+            for rank in range(2):
+                rank_env = clean_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env or {}))
+                self.procs.append(subprocess.Popen([sys.executable, *args], env=rank_env, cwd=ROOT, stdout=self._out,
+                                                   stderr=subprocess.STDOUT, start_new_session=True))
+        else:
+            cmd = [sys.executable, str(LAUNCHER), "--standalone", "--nproc_per_node=2", *args]
+            self.procs.append(subprocess.Popen(cmd, env=clean_env(**(env or {})), cwd=ROOT, stdout=self._out,
+                                               stderr=subprocess.STDOUT, start_new_session=True))
+        self.launcher = self.procs[0]
+        self.seen: dict[int, psutil.Process] = {}
+
+    # -- watching ------------------------------------------------------------------------------
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def last_step(self) -> int:
+        try:
+            steps = [json.loads(line)["step"] for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()
+                     if line.strip() and '"loss"' in line]
+        except (OSError, ValueError, KeyError):
+            return 0
+        return steps[-1] if steps else 0
+
+    def wait_for(self, what: str, ok, timeout: float = 240) -> None:
+        deadline = time.time() + timeout
+        while not ok():
+            self.remember()
+            assert all(p.poll() is None for p in self.procs), f"ended before {what}:\n{self.text()[-4000:]}"
+            assert time.time() < deadline, f"no {what} after {timeout} s:\n{self.text()[-4000:]}"
+            time.sleep(0.1)
+        self.remember()
+
+    def remember(self) -> None:
+        """Note every process started under this launch (workers, their helpers) while they run."""
+        for p in self.procs:
+            try:
+                root = psutil.Process(p.pid)
+                for q in [root, *root.children(recursive=True)]:
+                    self.seen.setdefault(q.pid, q)
+            except psutil.NoSuchProcess:
+                pass
+
+    def workers(self) -> dict[int, psutil.Process]:
+        """Trainer processes by global rank (the launcher's children; their own forks carry RANK too)."""
+        if self.direct:
+            candidates = [self.seen[p.pid] for p in self.procs if p.pid in self.seen]
+        else:
+            candidates = psutil.Process(self.launcher.pid).children(recursive=False)
+        return {int(q.environ()["RANK"]): q for q in candidates}
+
+    def alive(self) -> list[str]:
+        """Processes of this launch still running (a recorded pid counts only while it is the same process)."""
+        left = []
+        for q in self.seen.values():
+            try:
+                if q.is_running() and q.status() != psutil.STATUS_ZOMBIE:
+                    left.append(f"{q.pid} (parent {q.ppid()}) {' '.join(q.cmdline())[:160]}")
+            except psutil.NoSuchProcess:
+                pass
+        return left
+
+    def wait_gone(self, timeout: float) -> float:
+        """Seconds until every process of this launch is gone (fails after `timeout`)."""
+        t0 = time.time()
+        while self.alive():
+            assert time.time() - t0 < timeout, (f"still running {timeout} s later: {self.alive()}\n"
+                                                f"{self.text()[-4000:]}")
+            for p in self.procs:
+                p.poll()
+            time.sleep(0.1)
+        return time.time() - t0
+
+    def finish(self, timeout: float = 120) -> list[int]:
+        try:
+            return [p.wait(timeout=timeout) for p in self.procs]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for q in self.seen.values():  # only what this launch started, by pid
+            try:
+                if q.is_running():
+                    q.kill()
+            except psutil.NoSuchProcess:
+                pass
+        for p in self.procs:
+            p.poll()
+        self._out.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _saved(run_dir: Path) -> list[int]:
+    ckpts = run_dir / "checkpoints"
+    return sorted(int(p.name.split("_")[1]) for p in ckpts.glob("iter_???????") if (p / "effdist.json").is_file())
+
+
+def _effdist_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "effdist" in line and ("error" in line or "launch/torchrun" in line)]
+
+
+def _no_stack_traces(text: str) -> None:
+    """Neither Python tracebacks nor c10d's C++ ones ("Exception raised from ... frame #0")."""
+    assert "Traceback" not in text and "Exception raised from" not in text, text[-4000:]
+
+
+def test_launcher_signals_save_and_resume_and_launcher_sigkill_stops_workers(tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    # SIGTERM to the launcher mid-run (kill, scancel, Slurm preemption): the workers save, exit 75.
+    run = Run(run_dir, data_cache, [], tag="term")
+    try:
+        run.wait_for("step 3", lambda: run.last_step() >= 3)
+        run.launcher.send_signal(signal.SIGTERM)
+        codes = run.finish()
+    finally:
+        run.close()
+    assert codes == [PREEMPTED], run.text()[-4000:]
+    first = _saved(run_dir)
+    assert first and first[-1] >= 3, (first, run.text()[-4000:])
+    _no_stack_traces(run.text())
+    assert not run.alive()
+
+    # `--resume auto` continues from that save. SIGKILL of the launcher: each worker sees its parent gone,
+    # saves, and stops within parallel.timeout_s.
+    timeout_s = 30
+    run = Run(run_dir, data_cache, [f"parallel.timeout_s={timeout_s}"], tag="kill")
+    try:
+        run.wait_for("a step after the resume", lambda: run.last_step() > first[-1] + 1)
+        assert f"resumed from {run_dir / 'checkpoints' / f'iter_{first[-1]:07d}'}" in run.text()
+        assert len(run.workers()) == 2
+        run.launcher.kill()
+        took = run.wait_gone(timeout=timeout_s + 5)
+    finally:
+        run.close()
+    second = _saved(run_dir)
+    assert second[-1] > first[-1], (second, run.text()[-4000:])
+    assert took < timeout_s, took
+    assert run.text().count("is gone: stopping") == 1, run.text()[-4000:]
+
+    # A torn index cache (a run killed while megatron wrote it) is rebuilt with one line. SIGUSR1 (Slurm's
+    # time-limit warning) while rank 0 builds the model: nothing new to save, the newest checkpoint holds
+    # everything, so 75 for a requeue.
+    cache = next(data_cache.rglob("*-sample_index.npy"))
+    size = cache.stat().st_size
+    with open(cache, "r+b") as f:
+        f.truncate(size // 2)
+    run = Run(run_dir, data_cache, [], env={"EFFDIST_FAULT_STALL_PHASE": "model construction"}, tag="usr1")
+    try:
+        run.wait_for("rank 0 in model construction", lambda: "holds in model construction" in run.text())
+        run.launcher.send_signal(signal.SIGUSR1)
+        codes = run.finish(timeout=60)
+    finally:
+        run.close()
+    text = run.text()
+    assert codes == [PREEMPTED], text[-4000:]
+    newest = run_dir / "checkpoints" / f"iter_{second[-1]:07d}"
+    assert f"stopped by SIGUSR1 during model construction; nothing new to save: {newest} stays" in text, text[-4000:]
+    assert text.count(f"index cache {cache} is incomplete") == 1, text[-4000:]
+    assert cache.stat().st_size == size
+    assert _saved(run_dir) == second
+    _no_stack_traces(text)
+    assert not run.alive()
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["launcher", "no-launcher"])
+def test_a_dead_rank_stops_every_rank_and_its_helpers(tmp_path, data_cache, direct):
+    """checkpoint.async_save=true starts megatron's spawn Manager in each rank on its first save: after a
+    SIGKILL of the rank it must not stay behind."""
+    run = Run(tmp_path / "run", data_cache, ["checkpoint.async_save=true", "checkpoint.interval=2"], direct=direct)
+    try:
+        run.wait_for("a background save", lambda: "in the background" in run.text() and run.last_step() >= 3)
+        workers = run.workers()
+        assert sorted(workers) == [0, 1]
+        # The rank that writes (with DP=2 rank 0 holds every shard to write) runs the Manager.
+        with_helper = [r for r, w in workers.items()
+                       if any("multiprocessing" in " ".join(h.cmdline()) for h in w.children(recursive=True))]
+        assert with_helper, f"no helper process running, nothing to check:\n{run.alive()}"
+        dead = with_helper[0]
+        victim = workers[dead]
+        victim.kill()
+        took = run.wait_gone(timeout=30)
+        codes = run.finish()
+    finally:
+        run.close()
+    text = run.text()
+    assert took < 20, took
+    assert all(c not in (0, PREEMPTED) for c in codes if c is not None), (codes, text[-4000:])
+    _no_stack_traces(text)
+    named = [line for line in _effdist_lines(text) if re.search(rf"rank {dead} \((local rank {dead}, )?pid {victim.pid}", line)]
+    assert len(named) == 1, text[-4000:]
+
+
+@pytest.mark.parametrize("phase", ["data preparation", "index building"])
+def test_sigterm_while_starting_ends_promptly(tmp_path, data_cache, phase):
+    """Rank 0 is held in `phase` (EFFDIST_FAULT_STALL_PHASE); rank 1 waits for it inside a collective (native
+    code: its Python signal handler cannot run there). The first start has no checkpoint (143); model
+    construction with a checkpoint (75) is part of the first test."""
+    run_dir = tmp_path / "run"
+    env = {"EFFDIST_FAULT_STALL_PHASE": phase}
+    run = Run(run_dir, data_cache, [], env=env)
+    try:
+        run.wait_for(f"rank 0 in {phase}", lambda: f"holds in {phase}" in run.text())
+        time.sleep(0.5)
+        t0 = time.time()
+        run.launcher.send_signal(signal.SIGTERM)
+        codes = run.finish(timeout=60)
+        took = time.time() - t0
+    finally:
+        run.close()
+    text = run.text()
+    assert codes == [NOTHING_SAVED], text[-4000:]
+    assert took < 25, took
+    assert f"stopped by SIGTERM during {phase}" in text, text[-4000:]
+    _no_stack_traces(text)
+    assert not run.alive()
+
+
+def test_index_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """What megatron's numpy.save becomes during the build: a write that dies before its rename leaves
+    neither a file at the final name nor a temporary one; a truncated file is found and removed."""
+    from effdist.data import index_cache
+
+    target = tmp_path / "x-sample_index.npy"
+    with index_cache.atomic_numpy_saves():
+        numpy.save(str(target), numpy.arange(1000, dtype=numpy.int64), allow_pickle=True)
+    assert numpy.array_equal(numpy.load(target), numpy.arange(1000))
+    assert index_cache.torn_reason(target) is None
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # stands for a signal between the write and the rename
+
+    other = tmp_path / "y-shuffle_index.npy"
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt), index_cache.atomic_numpy_saves():
+        numpy.save(str(other), numpy.arange(10), allow_pickle=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+    assert numpy.save is not None and numpy.save.__module__.startswith("numpy")
+
+    with open(target, "r+b") as f:
+        f.truncate(500)
+    assert "500 of 8128 bytes" in index_cache.torn_reason(target)
+    assert index_cache.remove_torn_caches(tmp_path) == [target]
+    assert not target.exists()
