@@ -295,7 +295,6 @@ class ChunkSeconds:
     forward: float
     backward_input: float
     backward_weight: float
-    tp_comm: float  # included in forward and backward_input
 
 
 def chunk_seconds(cal: Calibration, cfg, layers: range, micro_batch: int, sharing: frozenset[int]) -> ChunkSeconds:
@@ -316,7 +315,17 @@ def chunk_seconds(cal: Calibration, cfg, layers: range, micro_batch: int, sharin
             * cfg.model.hidden_size / cal.model["hidden_size"]
         f += head.forward_s * scale / cfg.parallel.tp
         b += head.backward_s * scale / cfg.parallel.tp
-    return ChunkSeconds(f + comm, b + comm, w, comm * 2)
+    return ChunkSeconds(f + comm, b + comm, w)
+
+
+def final_region_layers(cfg) -> frozenset[int]:
+    """The layers that share Q/K once EPAS reaches its final region (the deepest ones); none without EPAS."""
+    if not cfg.epas.enabled:
+        return frozenset()
+    from effdist.config import epas_final_region
+
+    n = epas_final_region(cfg)
+    return frozenset(range(cfg.model.num_layers - n, cfg.model.num_layers))
 
 
 def p2p_seconds(cfg, cal: Calibration, micro_batch: int, inter_node: bool = False) -> float:

@@ -91,7 +91,7 @@ def _calibrated_costs(args: argparse.Namespace, names: list[str]) -> Costs:
     """Seconds per 1F1B stage for --model's layers from --calibration (one Costs for every compared schedule:
     each is charged with the chunking of the first one named, so the comparison stays like for like)."""
     from effdist.config import ConfigError, load_config
-    from effdist.pipeline.calibration import CalibrationError, pipeline_costs, resolve
+    from effdist.pipeline.calibration import CalibrationError, final_region_layers, pipeline_costs, resolve
 
     if not args.model:
         raise _UsageError("--calibration needs --model CONFIG (the layers whose measured times to use)")
@@ -102,14 +102,8 @@ def _calibrated_costs(args: argparse.Namespace, names: list[str]) -> Costs:
         raise _UsageError(str(e)) from None
     cfg.parallel.pp = args.pp
     chunks = args.chunks_per_rank or 2 if names[0] == "interleaved" or names[0].startswith("v-") else 1
-    sharing: frozenset[int] = frozenset()
-    if cfg.epas.enabled:
-        from effdist.config import epas_final_region
-
-        n = epas_final_region(cfg)
-        sharing = frozenset(range(cfg.model.num_layers - n, cfg.model.num_layers))
     try:
-        return pipeline_costs(cal, cfg, args.pp * chunks, cfg.train.micro_batch, sharing)
+        return pipeline_costs(cal, cfg, args.pp * chunks, cfg.train.micro_batch, final_region_layers(cfg))
     except (CalibrationError, ValueError) as e:
         raise _UsageError(f"--calibration {args.calibration}: {e}") from None
 

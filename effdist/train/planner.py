@@ -25,9 +25,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from effdist.config import SCHEDULES, Config, ConfigError, epas_final_region, load_config
-from effdist.pipeline.calibration import Calibration, CalibrationError, pipeline_costs, resolve, ring_seconds
-from effdist.train.estimate import GIB, estimate, total_parameters, validated_schedule
+from effdist.config import SCHEDULES, Config, ConfigError, load_config
+from effdist.pipeline.calibration import (Calibration, CalibrationError, final_region_layers, pipeline_costs, resolve,
+                                          ring_seconds, tp_comm_seconds)
+from effdist.train.estimate import (GIB, build_plan_schedule, estimate, parameters_per_stage, stage_chunks,
+                                    total_parameters, validated_schedule)
 from effdist.train.preflight import validate_run
 
 # Microbatches the step-time simulation runs at most (a few times pp covers every schedule's warm-up and
@@ -158,46 +160,32 @@ def choices(base: Config, space: Space, global_batch: int) -> Iterable[Choice]:
                                     yield Choice(tp, pp, dp, schedule, mb, recompute, zero1, region, kind)
 
 
-def _sharing_layers(cfg: Config) -> frozenset[int]:
-    if not cfg.epas.enabled:
-        return frozenset()
-    n = epas_final_region(cfg)
-    return frozenset(range(cfg.model.num_layers - n, cfg.model.num_layers))  # deep_to_shallow: the deepest
-
-
 def predict_step(cfg: Config, cal: Calibration, space: Space, dp: int) -> tuple[float, float, dict[str, float]]:
     """(step seconds, bubble fraction, parts) of one optimizer step for a valid candidate config."""
     from effdist.pipeline.simulate import simulate
 
     m = cfg.microbatches_per_step(dp * cfg.parallel.tp * cfg.parallel.pp)
-    sharing = _sharing_layers(cfg)
+    sharing = final_region_layers(cfg)
     pp, tp = cfg.parallel.pp, cfg.parallel.tp
     ranks_per_node = space.gpus_per_node
     inter_node_pp = tp * pp > ranks_per_node  # megatron puts stages farthest apart: pp crosses nodes first
-    if pp == 1:
-        costs = pipeline_costs(cal, cfg, 1, cfg.train.micro_batch, sharing)
-        per_mb = costs.forward + costs.backward_input + costs.backward_weight
-        compute = m * per_mb
-        makespan, bubble = compute, 0.0
-        from effdist.pipeline.calibration import tp_comm_seconds
-        tp_comm = m * 2 * tp_comm_seconds(cfg, cal, cfg.train.micro_batch) * cfg.model.num_layers
-    else:
-        name = cfg.pipeline.schedule
-        chunks = cfg.pipeline.chunks_per_rank if name == "interleaved" else (2 if name.startswith("v-") else 1)
-        num_chunks = pp * chunks
-        costs = pipeline_costs(cal, cfg, num_chunks, cfg.train.micro_batch, sharing, inter_node_pp)
+    name = cfg.pipeline.schedule
+    chunks = 1 if pp == 1 else (cfg.pipeline.chunks_per_rank if name == "interleaved" else
+                                (2 if name.startswith("v-") else 1))
+    costs = pipeline_costs(cal, cfg, pp * chunks, cfg.train.micro_batch, sharing, inter_node_pp)
+    per_mb = costs.forward + costs.backward_input + costs.backward_weight
+    compute = m * per_mb
+    makespan = compute  # pp = 1: microbatches one after another, no bubble
+    if pp > 1:
         timed = min(m, max(MIN_TIMED_MICROBATCHES, TIMED_MICROBATCHES_PER_STAGE * pp))
         # The executor runs the schedule generated with equal costs (effdist.train.estimate builds the same one).
         schedule = validated_schedule(name, pp, timed, chunks if name == "interleaved" else 2)
-        sim = simulate(schedule, costs, check=False)
-        per_mb = costs.forward + costs.backward_input + costs.backward_weight
-        makespan = sim.makespan + (m - timed) * per_mb
-        compute = m * per_mb
-        bubble = max(0.0, 1.0 - compute / makespan) if makespan else 0.0
-        from effdist.pipeline.calibration import tp_comm_seconds
-        tp_comm = m * 2 * tp_comm_seconds(cfg, cal, cfg.train.micro_batch) * cfg.model.num_layers / pp
+        makespan = simulate(schedule, costs, check=False).makespan + (m - timed) * per_mb
+    bubble = max(0.0, 1.0 - compute / makespan) if makespan else 0.0
+    tp_comm = m * 2 * tp_comm_seconds(cfg, cal, cfg.train.micro_batch) * cfg.model.num_layers / pp
     # Data-parallel gradient reduction of this rank's parameters (fp32 main grads), after the last backward.
-    params_per_rank = max(s.parameters for s in estimate(cfg, dp * tp * pp, on_gpu=True, max_microbatches=1).stages)
+    chunks_by_stage = stage_chunks(cfg, build_plan_schedule(cfg, dp * tp * pp, max_microbatches=1))
+    params_per_rank = max(s.count for s in parameters_per_stage(cfg, chunks_by_stage))
     dp_inter_node = space.gpus > ranks_per_node and dp > 1
     gbps = cal.links["inter_node_gbps"] if dp_inter_node else cal.links["dp_gbps"]
     grad_bytes = 4.0 * params_per_rank
