@@ -342,7 +342,7 @@ def build_model(cfg, fused, seed: int = 7, device: torch.device = torch.device("
         install_fused_rope()
     tcfg = transformer_config(cfg, dtype, device)
     tcfg.apply_rope_fusion = "rope" in kernels  # (the lead passes it to TransformerConfig itself)
-    spec = fused_block_spec(block_spec(cfg, layers), kernels)
+    spec = fused_block_spec(block_spec(cfg.model, cfg.ffn, cfg.epas, layers), kernels)
     model = (FusedLossGPTModel if "loss" in kernels else GPTModel)(
         config=tcfg, transformer_layer_spec=spec, vocab_size=padded_vocab_size(cfg),
         max_sequence_length=cfg.model.max_position_embeddings, pre_process=True, post_process=True,

@@ -200,8 +200,12 @@ class Fp8Gemm:
         # the same casts (same dtypes, granularity and reduction axes, hence the same scales) as its fused
         # backward.
         def gemm_as_forward(operand_a, operand_b, gemm):
+            # Only the forward of ``cfg`` runs; its backward casts are set to the same pair so that torchao's
+            # config check (>= 0.18: both operands of every GEMM high-precision or both float8) accepts it.
             cfg = dataclasses.replace(config, cast_config_input=operand_a, cast_config_input_for_grad_weight=operand_a,
-                                      cast_config_weight=operand_b, cast_config_weight_for_grad_input=operand_b)
+                                      cast_config_weight=operand_b, cast_config_weight_for_grad_input=operand_b,
+                                      cast_config_grad_output=operand_b,
+                                      cast_config_grad_output_for_grad_weight=operand_b)
             mm = training_tensor.LinearMMConfig(*(training_tensor.ScaledMMConfig(
                 config.emulate, gemm.use_fast_accum, False, config.pad_inner_dim),) * 3)
 
