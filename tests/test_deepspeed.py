@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from effdist.config import ConfigError, load_config, validate
-from tests.launching import TINY, losses, run_train
+from tests.launching import TINY, in_parallel, losses, run_train
 
 STEPS = 6
 COMMON = [f"train.steps={STEPS}", "train.global_batch=8", "train.micro_batch=2", "data.seq_length=64",
@@ -146,25 +146,44 @@ def _assert_close(a: dict, b: dict, rel=REL):
 
 
 @pytest.fixture(scope="module")
-def default_engine_run(tmp_path_factory, data_cache):
+def runs(tmp_path_factory, data_cache):
+    """Every DeepSpeed-engine run, two at a time: {name: (run dir, process)}. The default engine's and ZeRO-2's
+    runs come first; the resumed ZeRO-2 run and the engine switch start from copies of their checkpoints."""
     pytest.importorskip("deepspeed")
-    run = tmp_path_factory.mktemp("megatron")
-    _run(run, data_cache)
-    return run
+    root = tmp_path_factory.mktemp("engines")
+    first = {
+        "megatron": lambda: _run(root / "megatron", data_cache),
+        "zero2": lambda: _run(root / "zero2", data_cache, "train.engine=deepspeed", "deepspeed.zero_stage=2"),
+    }
+    out = {name: (root / name, proc) for name, proc in in_parallel(first).items()}
+    resumed, switched = root / "resumed", root / "switched"
+    shutil.copytree(root / "zero2", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "iter_0000006")
+    (resumed / "checkpoints" / "latest").write_text("iter_0000003")
+    shutil.copytree(root / "megatron", switched)
+    second = {
+        "zero1": lambda: _run(root / "zero1", data_cache, "train.engine=deepspeed", "deepspeed.zero_stage=1",
+                              "checkpoint.interval=0", "checkpoint.save_at_end=false"),
+        "resumed": lambda: _run(resumed, data_cache, "train.engine=deepspeed", "deepspeed.zero_stage=2"),
+        "switched": lambda: _run(switched, data_cache, "train.engine=deepspeed", check=False),
+    }
+    out.update({name: (root / name, proc) for name, proc in in_parallel(second).items()})
+    return out
 
 
 @pytest.fixture(scope="module")
-def zero2_run(tmp_path_factory, data_cache):
-    pytest.importorskip("deepspeed")
-    run = tmp_path_factory.mktemp("zero2")
-    _run(run, data_cache, "train.engine=deepspeed", "deepspeed.zero_stage=2")
-    return run
+def default_engine_run(runs):
+    return runs["megatron"][0]
+
+
+@pytest.fixture(scope="module")
+def zero2_run(runs):
+    return runs["zero2"][0]
 
 
 @pytest.mark.slow
-def test_zero1_follows_the_default_engine(default_engine_run, tmp_path, data_cache):
-    run = tmp_path / "zero1"
-    proc = _run(run, data_cache, "train.engine=deepspeed", "deepspeed.zero_stage=1", "checkpoint.interval=0")
+def test_zero1_follows_the_default_engine(default_engine_run, runs):
+    run, proc = runs["zero1"]
     assert "under DeepSpeed ZeRO-1" in proc.stderr
     _assert_close(losses(run), losses(default_engine_run))
     _assert_close(_metric(run, "grad_norm"), _metric(default_engine_run, "grad_norm"))
@@ -202,12 +221,8 @@ def test_zero2_follows_the_default_engine_and_keeps_epas_rows(zero2_run, default
 
 
 @pytest.mark.slow
-def test_zero2_resume_continues_exactly(zero2_run, tmp_path, data_cache):
-    run = tmp_path / "resumed"
-    shutil.copytree(zero2_run, run)
-    shutil.rmtree(run / "checkpoints" / "iter_0000006")
-    (run / "checkpoints" / "latest").write_text("iter_0000003")
-    proc = _run(run, data_cache, "train.engine=deepspeed", "deepspeed.zero_stage=2")
+def test_zero2_resume_continues_exactly(zero2_run, runs):
+    run, proc = runs["resumed"]
     assert "resumed from" in proc.stderr and "at step 3" in proc.stderr
     assert losses(run) == losses(zero2_run)
     assert _metric(run, "grad_norm") == _metric(zero2_run, "grad_norm")
@@ -221,9 +236,7 @@ def test_zero2_resume_continues_exactly(zero2_run, tmp_path, data_cache):
 
 
 @pytest.mark.slow
-def test_checkpoints_of_the_other_engine_are_refused_clearly(default_engine_run, tmp_path, data_cache):
-    run = tmp_path / "switched"
-    shutil.copytree(default_engine_run, run)
-    proc = _run(run, data_cache, "train.engine=deepspeed", check=False)
+def test_checkpoints_of_the_other_engine_are_refused_clearly(runs):
+    _, proc = runs["switched"]
     assert proc.returncode == 1
     assert "was written by the megatron engine" in proc.stderr and "checkpoint.init_from=" in proc.stderr

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from tests.launching import ROOT, clean_env, losses, run_train
+from tests.launching import NO_CHECKPOINTS, ROOT, clean_env, in_parallel, losses, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +45,32 @@ def single(tmp_path_factory, data_cache):
     return run
 
 
+@pytest.fixture(scope="module")
+def runs(single, tmp_path_factory, data_cache):
+    """Every run the tests below compare with `single`, launched two at a time: {name: (run dir, process)}.
+    Runs whose checkpoints nothing reads skip saving (NO_CHECKPOINTS)."""
+    root = tmp_path_factory.mktemp("epas_runs")
+    common = EPAS + [f"data.cache_dir={data_cache}"]
+    # As if killed at step 5 (after the switches at steps 2 and 4): only the step-3 checkpoint survives.
+    resumed = root / "resumed"
+    shutil.copytree(single, resumed)
+    shutil.rmtree(resumed / "checkpoints" / f"iter_{STEPS:07d}")
+    shutil.rmtree(resumed / "checkpoints" / "iter_0000006")
+    (resumed / "checkpoints" / "latest").write_text("iter_0000003")
+    mean = common + ["epas.anchor_grad=mean", *NO_CHECKPOINTS]
+    layouts = {  # one-process runs between the two-process ones: each pair keeps both cores busy
+        "tp2": (common + ["parallel.tp=2", *NO_CHECKPOINTS], 2),
+        "mean_pp1": (mean, 1),
+        "pp2_1f1b": (common + ["parallel.pp=2", "pipeline.schedule=1f1b", *NO_CHECKPOINTS], 2),
+        "resumed": (common, 1),
+        "pp2_v-zb": (common + ["parallel.pp=2", "pipeline.schedule=v-zb", *NO_CHECKPOINTS], 2),
+        "mean_pp2": (mean + ["parallel.pp=2"], 2),
+    }
+    jobs = {name: (lambda name=name, o=o, n=n: run_train(root / name, o, nproc=n)) for name, (o, n) in layouts.items()}
+    jobs["init_from"] = lambda: _init_from(single / "checkpoints" / "iter_0000003", root / "fresh", data_cache)
+    return {name: (root / name, proc) for name, proc in in_parallel(jobs).items()}
+
+
 def test_region_grows_deep_to_shallow_on_schedule(single):
     # start 1, every 2 steps one more layer, up to 3 of 4 layers: steps are logged 1-based after running.
     assert _regions(single) == {1: 0, 2: 1, 3: 1, 4: 2, 5: 2, 6: 3, 7: 3}
@@ -73,31 +99,22 @@ def test_throughput_counts_the_flops_sharing_layers_execute(single):
     assert "dense-equiv" in line
 
 
-def test_tp2_matches_tp1_while_region_grows(single, tmp_path, data_cache):
-    run = tmp_path / "tp2"
-    run_train(run, EPAS + [f"data.cache_dir={data_cache}", "parallel.tp=2"], nproc=2)
+def test_tp2_matches_tp1_while_region_grows(single, runs):
+    run, _ = runs["tp2"]
     assert _regions(run) == _regions(single)
     for s, v in losses(single).items():
         assert losses(run)[s] == pytest.approx(v, rel=2e-5), s
 
 
-def test_resume_after_a_switch_continues_region_and_losses(single, tmp_path, data_cache):
-    run = tmp_path / "resumed"
-    shutil.copytree(single, run)
-    # As if killed at step 5 (after the switches at steps 2 and 4): only the step-3 checkpoint survives.
-    shutil.rmtree(run / "checkpoints" / f"iter_{STEPS:07d}")
-    shutil.rmtree(run / "checkpoints" / "iter_0000006")
-    (run / "checkpoints" / "latest").write_text("iter_0000003")
-    proc = run_train(run, EPAS + [f"data.cache_dir={data_cache}"])
+def test_resume_after_a_switch_continues_region_and_losses(single, runs):
+    run, proc = runs["resumed"]
     assert "resumed from" in proc.stderr
     assert _regions(run) == _regions(single)
     for s, v in losses(single).items():
         assert losses(run)[s] == pytest.approx(v, rel=1e-6, abs=0), s
 
 
-def test_init_from_loads_weights_into_a_fresh_run(single, tmp_path, data_cache):
-    """checkpoint.init_from puts a checkpoint's weights into a new run (continual pretraining)."""
-    source = single / "checkpoints" / "iter_0000003"
+def _init_from(source, fresh, data_cache) -> subprocess.CompletedProcess:
     script = textwrap.dedent(f"""
         import torch
         from pathlib import Path
@@ -106,7 +123,7 @@ def test_init_from_loads_weights_into_a_fresh_run(single, tmp_path, data_cache):
         from effdist.model.hf_convert import load_effdist_model
         overrides = {EPAS + [f"data.cache_dir={data_cache}"]!r} + ["checkpoint.init_from={source}"]
         cfg = load_config("{ROOT / 'configs/tiny-cpu.yaml'}", overrides)
-        t = Trainer(cfg, Path("{tmp_path / 'fresh'}"), resume="none")
+        t = Trainer(cfg, Path("{fresh}"), resume="none")
         t.setup()
         _, want = load_effdist_model("{source}", cfg)
         got = t.model_chunks[0].module.state_dict()
@@ -119,36 +136,35 @@ def test_init_from_loads_weights_into_a_fresh_run(single, tmp_path, data_cache):
         assert t.step == 0
         print("OK", n)
     """)
-    if __name__ != "__main__":
-        proc = subprocess.run([sys.executable, "-c", script], env=clean_env(), cwd=ROOT, capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
+    return subprocess.run([sys.executable, "-c", script], env=clean_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_init_from_loads_weights_into_a_fresh_run(runs):
+    """checkpoint.init_from puts a checkpoint's weights into a new run (continual pretraining)."""
+    _, proc = runs["init_from"]
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "v-zb"])
-def test_pp2_region_crossing_the_stage_boundary_matches_pp1(single, tmp_path, data_cache, schedule):
+def test_pp2_region_crossing_the_stage_boundary_matches_pp1(single, runs, schedule):
     """Layers 1-3 end up sharing: the anchor's Q/K cross the boundary (1f1b: between ranks; v-zb:
     four chunks, across ranks and at the V's local turn), and the losses equal the pp=1 run."""
-    run = tmp_path / f"pp2_{schedule}"
-    proc = run_train(run, EPAS + [f"data.cache_dir={data_cache}", "parallel.pp=2", f"pipeline.schedule={schedule}"],
-                     nproc=2)
+    run, proc = runs[f"pp2_{schedule}"]
     assert _regions(run) == _regions(single)
     for s, v in losses(single).items():
         assert losses(run)[s] == pytest.approx(v, rel=2e-5), (s, proc.stderr[-2000:])
 
 
-def test_mean_anchor_grad_pp2_matches_pp1_and_changes_the_gradient(single, tmp_path, data_cache):
+def test_mean_anchor_grad_pp2_matches_pp1_and_changes_the_gradient(single, runs):
     """epas.anchor_grad=mean divides the anchor's Wq/Wk gradient by its uses counted over the whole model:
     with pp=2 the anchor (layer 0) and the layers using its Q/K (1-3) sit on different stages, and both
     must count the same uses. The losses equal the one-process run, and the gradient norms differ from the
     exact-gradient run's (same first loss) by more than fp32 noise: the option is in effect through the
     trainer (its arithmetic: test_epas_controller.py). In this tiny model Q/K carry little of the norm, so
     the difference is small (~2e-4 at step 4)."""
-    mean = EPAS + [f"data.cache_dir={data_cache}", "epas.anchor_grad=mean"]
-    one = tmp_path / "mean_pp1"
-    run_train(one, mean)
-    two = tmp_path / "mean_pp2"
-    proc = run_train(two, mean + ["parallel.pp=2"], nproc=2)
+    one, _ = runs["mean_pp1"]
+    two, proc = runs["mean_pp2"]
     assert _regions(two) == _regions(one) == _regions(single)
     for s, v in losses(one).items():
         assert losses(two)[s] == pytest.approx(v, rel=2e-5), (s, proc.stderr[-2000:])

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.launching import losses, run_train
+from tests.launching import NO_CHECKPOINTS, in_parallel, losses, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +33,40 @@ def single_run(tmp_path_factory, data_cache):
     return run
 
 
+@pytest.fixture(scope="module")
+def runs(single_run, tmp_path_factory, data_cache):
+    """Every run the tests below compare with `single_run`, two at a time: {name: (run dir, process)}.
+    Runs whose checkpoints nothing reads skip saving (NO_CHECKPOINTS)."""
+    root = tmp_path_factory.mktemp("runs")
+    common = _common(data_cache)
+    # The run as it was after step 3 (its metrics and its step-3 checkpoint), to resume.
+    resumed = root / "resumed"
+    shutil.copytree(single_run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "iter_0000006")
+    (resumed / "checkpoints" / "latest").write_text("iter_0000003")
+    step3 = str(single_run / "checkpoints" / "iter_0000003")
+    layouts = {  # (overrides, processes, resume); one-process runs paired with two-process ones
+        "tp2": (common + ["parallel.tp=2", *NO_CHECKPOINTS], 2, "auto"),
+        "resumed": (common, 1, "auto"),
+        "tp2_sp": (common + ["parallel.tp=2", "parallel.sequence_parallel=true", *NO_CHECKPOINTS], 2, "auto"),
+        "dp2": (common + NO_CHECKPOINTS, 2, "auto"),
+        "resharded": (common + ["parallel.tp=2"], 2, step3),
+    }
+    jobs = {name: (lambda name=name, o=o, n=n, r=r: run_train(root / name, o, nproc=n, resume=r))
+            for name, (o, n, r) in layouts.items()}
+
+    def zero1_then_back_to_one_process():
+        zero1 = run_train(root / "zero1", common + ["optim.distributed_optimizer=true"], nproc=2)
+        return zero1, run_train(root / "zero1_to_single", common,
+                                resume=str(root / "zero1" / "checkpoints" / "iter_0000003"))
+
+    jobs = {"zero1": zero1_then_back_to_one_process, **jobs}
+    out = {name: (root / name, proc) for name, proc in in_parallel(jobs).items()}
+    zero1, back = out["zero1"][1]
+    out["zero1"], out["zero1_to_single"] = (root / "zero1", zero1), (root / "zero1_to_single", back)
+    return out
+
+
 def _assert_same(a: dict[int, float], b: dict[int, float], steps, rel=2e-5):
     for s in steps:
         assert a[s] == pytest.approx(b[s], rel=rel), f"step {s}: {a[s]} vs {b[s]}"
@@ -48,50 +82,34 @@ def test_single_process_trains_and_checkpoints(single_run):
     assert not any(n.endswith(".tmp") for n in names)
 
 
-def test_resume_continues_exactly(single_run, tmp_path, data_cache):
-    # Copy the run as it was after step 3 (its metrics and its step-3 checkpoint), then resume.
-    run = tmp_path / "resumed"
-    shutil.copytree(single_run, run)
-    shutil.rmtree(run / "checkpoints" / "iter_0000006")
-    (run / "checkpoints" / "latest").write_text("iter_0000003")
-    run_train(run, _common(data_cache))
+def test_resume_continues_exactly(single_run, runs):
+    run, _ = runs["resumed"]
     _assert_same(losses(run), losses(single_run), range(1, STEPS + 1), rel=1e-6)
 
 
-def test_tp2_and_dp2_match_single_process(single_run, tmp_path, data_cache):
-    tp2 = tmp_path / "tp2"
-    run_train(tp2, _common(data_cache) + ["parallel.tp=2"], nproc=2)
-    _assert_same(losses(tp2), losses(single_run), range(1, STEPS + 1))
-
+def test_tp2_and_dp2_match_single_process(single_run, runs):
+    _assert_same(losses(runs["tp2"][0]), losses(single_run), range(1, STEPS + 1))
     # Sequence parallelism: norm-weight gradients are partial per rank and must be summed over TP.
-    sp = tmp_path / "tp2_sp"
-    run_train(sp, _common(data_cache) + ["parallel.tp=2", "parallel.sequence_parallel=true"], nproc=2)
-    _assert_same(losses(sp), losses(single_run), range(1, STEPS + 1))
-
-    dp2 = tmp_path / "dp2"
-    run_train(dp2, _common(data_cache), nproc=2)
+    _assert_same(losses(runs["tp2_sp"][0]), losses(single_run), range(1, STEPS + 1))
+    dp2, _ = runs["dp2"]
     _assert_same(losses(dp2), losses(single_run), range(1, STEPS + 1))
     # Validation loss (every 3 steps) is the same mean over the same held-out batches however split.
     _assert_same(losses(dp2, "val_loss"), losses(single_run, "val_loss"), (3, 6))
 
 
-def test_tp1_checkpoint_loads_into_tp2(single_run, tmp_path, data_cache):
-    run = tmp_path / "resharded"
-    proc = run_train(run, _common(data_cache) + ["parallel.tp=2"], nproc=2,
-                     resume=str(single_run / "checkpoints" / "iter_0000003"))
+def test_tp1_checkpoint_loads_into_tp2(single_run, runs):
+    run, proc = runs["resharded"]
     assert "resharded from tp=1" in proc.stderr
     ls = losses(run)
     _assert_same(ls, losses(single_run), range(4, STEPS + 1))
 
 
-def test_distributed_optimizer_dp2_matches_and_reshards_to_dp1(single_run, tmp_path, data_cache):
+def test_distributed_optimizer_dp2_matches_and_reshards_to_dp1(single_run, runs):
     """ZeRO-1 (optimizer state sharded over DP=2) follows the single process, and its checkpoint,
     whose optimizer state each rank saved only for the weights it owns, resumes in one process."""
-    zero = tmp_path / "zero1"
-    run_train(zero, _common(data_cache) + ["optim.distributed_optimizer=true"], nproc=2)
+    zero, _ = runs["zero1"]
     _assert_same(losses(zero), losses(single_run), range(1, STEPS + 1))
 
-    back = tmp_path / "zero1_to_single"
-    proc = run_train(back, _common(data_cache), resume=str(zero / "checkpoints" / "iter_0000003"))
+    back, proc = runs["zero1_to_single"]
     assert "resharded from tp=1 pp=1 dp=2" in proc.stderr
     _assert_same(losses(back), losses(single_run), range(4, STEPS + 1))
