@@ -26,6 +26,7 @@ import hashlib
 import html
 import json
 import multiprocessing
+import os
 import re
 import subprocess
 import sys
@@ -577,16 +578,18 @@ class Deduplicator:
 def download_debs(directory: Path, packages: list[str], batch: int = 200) -> list[str]:
     """`apt-get download` the packages not yet in `directory` (a rerun resumes); the names apt could not fetch."""
     directory.mkdir(parents=True, exist_ok=True)
+    # As root, apt drops to the _apt user, which cannot write into a user's directory, and warns once per batch.
+    apt = ["apt-get", "download", "-q"] + (["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else [])
     have = {p.name.split("_", 1)[0] for p in directory.glob("*.deb")}
     todo = [p for p in packages if p not in have]
     failed = []
     for i in range(0, len(todo), batch):
         part = todo[i:i + batch]
-        if subprocess.run(["apt-get", "download", "-q", *part], cwd=directory,
+        if subprocess.run([*apt, *part], cwd=directory,
                           stdout=subprocess.DEVNULL).returncode != 0:
             have = {p.name.split("_", 1)[0] for p in directory.glob("*.deb")}
             for name in part:  # one bad name fails the batch: retry the missing ones alone
-                if name not in have and subprocess.run(["apt-get", "download", "-q", name], cwd=directory,
+                if name not in have and subprocess.run([*apt, name], cwd=directory,
                                                        stdout=subprocess.DEVNULL,
                                                        stderr=subprocess.DEVNULL).returncode != 0:
                     failed.append(name)
