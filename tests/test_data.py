@@ -3,10 +3,13 @@ the microbatch loader (DP slicing, resume), and the bad-data checks that run bef
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -500,3 +503,153 @@ def test_english_corpus_extractors():
     assert tool.markdown_to_text("<!-- meta -->\n# Head\n\nSee [this](http://x).\n") == "Head\n\nSee this."
     assert tool._unversioned("python3.11-doc") == tool._unversioned("python3-doc")
     assert tool._unversioned("linux-doc-6.1") == "linux-doc" != tool._unversioned("perl")
+
+
+# The large preset: package discovery, filters, dedup and the split by source package, on tiny synthetic .debs.
+
+_PROSE = ("This chapter explains how the server reads its configuration file and what each of the settings "
+          "does. When a value is missing, the default is used, and it is written to the log so that you can "
+          "see which one was chosen. {extra} You should keep a copy of the file before you change it, because "
+          "the server will not start if one of the values is not valid. ")
+
+
+def _prose(topic: str, repeat: int = 4) -> str:
+    return "\n\n".join(_PROSE.format(extra=f"The {topic} section number {i} is described here.")
+                       for i in range(repeat))
+
+
+def test_english_corpus_discovery_and_selection():
+    tool = _english_tool()
+    dump = "\n\n".join([
+        "Package: foo-doc\nSource: foo (1.0-1)\nSize: 1000\nDescription: manual for foo",
+        "Package: foo-doc\nSource: foo\nSize: 9\nDescription: older stanza of the same package",
+        "Package: bar-doc\nSize: 2000\nDescription: bar user guide",
+        "Package: libbaz-dev-doc\nSource: baz\nSize: 500\nDescription: baz API documentation",
+        "Package: libghc-qux-doc\nSource: haskell-qux\nSize: 500\nDescription: qux; documentation",
+        "Package: huge-doc\nSize: 50000000\nDescription: huge manual",
+        "Package: foo\nSize: 100\nDescription: not documentation",
+    ])
+    found = {p.package: p for p in tool.parse_dumpavail(dump)}
+    assert sorted(found) == ["bar-doc", "foo-doc", "huge-doc", "libbaz-dev-doc", "libghc-qux-doc"]
+    assert found["foo-doc"].source == "foo" and found["foo-doc"].size == 1000
+    assert found["bar-doc"].source == "bar-doc"  # no Source field: the binary is its own source
+    chosen, skipped = tool.select_packages(list(found.values()), max_deb_mb=30, budget_mb=1)
+    assert [c.package for c in chosen] == ["bar-doc", "foo-doc"]
+    assert skipped == {"api_reference_description": 1, "generated_family": 1, "deb_too_large": 1, "over_budget": 0}
+    chosen, skipped = tool.select_packages(list(found.values()), max_deb_mb=30, budget_mb=0.0025)
+    assert len(chosen) == 1 and skipped["over_budget"] == 1
+
+
+def test_english_corpus_path_and_language_filters():
+    tool = _english_tool()
+    keep = ["usr/share/doc/foo/guide.html", "./usr/share/doc/foo/html/intro.rst.gz", "usr/share/info/foo.info-2.gz",
+            "usr/share/doc/foo/README", "usr/share/doc/foo/manual/en/setup.txt"]
+    assert [tool.path_verdict(p) for p in keep] == [None] * len(keep)
+    drop = {"usr/share/doc/foo/de/guide.html": "translation", "usr/share/doc/foo/guide.fr.html": "translation",
+            "usr/share/doc/foo/translations/x.txt": "translation", "usr/share/doc/foo/pt_BR/x.html": "translation",
+            "usr/share/doc/foo/changelog.Debian.gz": "not_text_format", "usr/share/doc/foo/CHANGES.txt": "changelog", "usr/share/doc/foo/NEWS.md": "changelog",
+            "usr/share/doc/foo/copyright": "not_text_format", "usr/share/doc/foo/LICENSE.txt": "licence_or_credits",
+            "usr/share/doc/foo/html/genindex.html": "generated_index",
+            "usr/share/doc/foo/html/_sources/a.rst.txt": "generated_index",
+            "usr/share/doc/foo/api/index-files/index-1.html": "generated_index",
+            "usr/share/doc/foo/logo.png": "not_text_format", "usr/lib/foo/notes.txt": "outside_doc_dirs"}
+    assert {p: tool.path_verdict(p) for p in drop} == drop
+
+    filters = tool.Filters(min_chars=100)
+    assert tool.text_verdict(_prose("logging"), filters) is None
+    german = ("Dieses Kapitel erklärt, wie der Server seine Konfigurationsdatei liest und was jede Einstellung "
+              "bewirkt. Wenn ein Wert fehlt, wird der Standardwert verwendet und im Protokoll vermerkt. ") * 4
+    assert tool.text_verdict(german, filters) == "not_english_prose"
+    code = "int main(int argc, char **argv) {\n  return foo_bar(argc, argv, FLAG_X | FLAG_Y);\n}\n" * 8
+    assert tool.text_verdict(code, filters) == "not_english_prose"
+    assert tool.text_verdict("0x1f 0x2e 12.5 33.1 | 44 55 66 | 77 88 99 " * 10, filters) == "not_letters"
+    assert tool.text_verdict("Too short.", filters) == "too_short"
+    assert tool.info_to_text("\x1f\nFile: foo.info,  Node: Top\n\nFoo does things.\n* Menu:\n") == "Foo does things."
+
+
+def test_english_corpus_dedup_exact_and_near():
+    tool = _english_tool()
+    dedup = tool.Deduplicator()
+    text = _prose("cache") + " Version 1.2.3 of the manual."
+    assert dedup.verdict(text) is None
+    assert dedup.verdict("  " + text.upper().replace(" ", "\n  ")) == "exact_duplicate"
+    assert dedup.verdict(text.replace("1.2.3", "2.0.1").replace(",", ";")) == "near_duplicate"
+    assert dedup.verdict(_prose("network")) is None
+
+
+def _make_deb(directory: Path, package: str, files: dict[str, str]) -> Path:
+    root = directory / package
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(f"Package: {package}\nVersion: 1.0\nArchitecture: all\n"
+                                             f"Maintainer: t <t@example.org>\nDescription: test docs\n")
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(gzip.compress(text.encode()) if rel.endswith(".gz") else text.encode())
+    deb = directory / f"{package}_1.0_all.deb"
+    subprocess.run(["dpkg-deb", "--build", "-Zgzip", str(root), str(deb)], check=True, capture_output=True)
+    return deb
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb to build the test packages")
+def test_english_corpus_split_by_source_and_manifest(tmp_path):
+    import argparse
+
+    tool = _english_tool()
+    shared = _prose("shared appendix")
+    # Two binary packages per source; the split must follow the source, so choose sources that land on both sides.
+    # Letters only: names that differ in digits alone would make near-duplicate documents.
+    names = ["src" + "".join(chr(97 + int(d)) for d in str(i)) for i in range(40)]
+    heldout = [n for n in names if tool.is_heldout(n, 50.0)][:2]
+    train = [n for n in names if not tool.is_heldout(n, 50.0)][:2]
+    assert len(heldout) == 2 and len(train) == 2
+    packages, debs = [], {}
+    for source in heldout + train:
+        for suffix in ("user-doc", "dev-doc"):
+            name = f"{source}-{suffix}"
+            doc = f"usr/share/doc/{name}"
+            debs[name] = _make_deb(tmp_path / "build", name, {
+                f"{doc}/guide.html": f"<html><body><p>{_prose(name)}</p></body></html>",
+                f"{doc}/intro.rst.gz": "Intro\n=====\n\n" + _prose(name + " intro"),
+                f"{doc}/appendix.txt": shared,  # the same file in every package: kept once, in training
+                f"{doc}/de/guide.html": "<p>Dieses Kapitel erklärt alles.</p>",
+                f"{doc}/CHANGES.txt": "foo (1.0) unstable; urgency=low\n\n  * Initial release.\n",
+                f"{doc}/api/class_x.html": "<!-- Generated by javadoc --><p>" + _prose("x") + "</p>",
+            })
+            packages.append(tool.DocPackage(name, source, debs[name].stat().st_size))
+    ordered = sorted(packages, key=lambda c: (tool.is_heldout(c.source, 50.0), c.package))
+    args = argparse.Namespace(preset="large", heldout_percent=50.0, max_deb_mb=30, download_budget_mb=10, workers=1)
+    out = tmp_path / "corpus" / "corpus.jsonl"
+    filters = tool.Filters(min_chars=100)
+    assert tool.write_corpus(out, ordered, debs, filters, args, {p.package: p for p in packages}, [],
+                             {"over_budget": 0}, len(packages), time.monotonic()) == 0
+
+    train_docs = [json.loads(line) for line in out.read_text().splitlines()]
+    heldout_docs = [json.loads(line) for line in (out.parent / "corpus.heldout.jsonl").read_text().splitlines()]
+    assert {d["source"] for d in train_docs} == set(train)
+    assert {d["source"] for d in heldout_docs} == set(heldout)
+    assert {d["package"] for d in heldout_docs} == {f"{s}-{x}" for s in heldout for x in ("user-doc", "dev-doc")}
+    # Only the English prose survives: no translation, changelog or generated page; the shared file once.
+    assert {Path(d["path"]).name for d in train_docs + heldout_docs} == {"guide.html", "intro.rst.gz",
+                                                                          "appendix.txt"}
+    assert [d["path"].endswith("appendix.txt") for d in train_docs + heldout_docs].count(True) == 1
+    assert all(not d["path"].endswith("appendix.txt") for d in heldout_docs)
+    assert "=====" not in next(d["text"] for d in train_docs if d["path"].endswith(".rst.gz"))
+
+    manifest = json.loads((out.parent / "corpus.manifest.json").read_text())
+    assert manifest["schema"] == "effdist.english_corpus.v1" and manifest["preset"] == "large"
+    assert manifest["files"] == {"train": "corpus.jsonl", "heldout": "corpus.heldout.jsonl"}
+    for split, docs in (("train", train_docs), ("heldout", heldout_docs)):
+        entry = manifest["splits"][split]
+        assert entry["documents"] == len(docs)
+        assert entry["characters"] == sum(len(d["text"]) for d in docs)
+        assert entry["estimated_tokens"] == int(entry["characters"] / 4.0)
+        assert entry["packages"] == sorted({d["package"] for d in docs})
+        assert entry["source_packages"] == len({d["source"] for d in docs})
+    assert not set(manifest["splits"]["train"]["packages"]) & set(manifest["splits"]["heldout"]["packages"])
+    counts = manifest["counts"]
+    assert counts["dropped_translation"] == 8 and counts["dropped_changelog"] == 8
+    assert counts["dropped_generated_api_page"] == 8 and counts["dropped_exact_duplicate"] == 7
+    assert counts["files_kept"] == 8 * 3 and counts["files_seen"] == 8 * 6
+    assert manifest["split_rule"]["by"] == "debian_source_package"
+    assert {"min_chars", "min_english_share", "min_letters_share", "dedup"} <= set(manifest["filters"])
