@@ -12,7 +12,7 @@
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|tests OUTDIR [SEED]}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|h200_7b_cal|fp8_quality125|fp8_quality1b|tests OUTDIR [SEED]}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -290,9 +290,30 @@ fp8_profile)
   run 115 python3 tools/bench_torchtitan.py --steps 8 --warmup 4 --timeout 110 --json "$out/bench_torchtitan_1b.json" \
     --variant "float8_compile=--model.converters float8 --quantize.linear.float8.filter_fqns output"
   ;;
+h200_7b_cal)
+  # Issue #27: llama-7b on one H200 (fp32 master weights, main grads and AdamW state alone are ~113 GiB: over an
+  # 80 GB card), full recompute, bf16 vs FP8 in one call, micro-batch 1, global batch 16, each in its own process.
+  run 330 python3 tools/bench_train.py --isolate --models llama-7b --micro-batch llama-7b=1 --accum 16 --steps 3 \
+    --warmup 2 --set train.recompute=true --json "$out/bench_train_fp8_7b.json" --variant bf16= \
+    --variant fp8=train.precision=fp8
+  # Issue #26: the shipped H200 calibration tables (the micro-batches of the 4x H200 p=4 runs in docs/results).
+  run 150 python3 -m effdist.cli calibrate --config llama-1b --micro-batches 1,2,4,8 --variants dense,epas,relu2 \
+    --out "$out/h200-llama-1b.json"
+  run 110 python3 -m effdist.cli calibrate --config llama-7b --micro-batches 1,2 --variants dense,epas \
+    --out "$out/h200-llama-7b.json"
+  ;;
+fp8_quality125)
+  # Issue #27 item 3: llama-125m loss after the same tokens, bf16 vs FP8 (tensorwise), 500 steps, English corpus.
+  parity_125m 400 500 20 fp8_500 --timeout 190 --variant bf16= --variant "fp8=train.precision=fp8" --baseline fp8=bf16
+  ;;
+fp8_quality1b)
+  # Issue #27 item 3: the same at llama-1b (micro-batch 8, global batch 16), 500 steps.
+  parity_model 1b 8 560 500 20 fp8_500 --timeout 270 --variant bf16= --variant "fp8=train.precision=fp8" \
+    --baseline fp8=bf16
+  ;;
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, h200_7b_cal, fp8_quality125, fp8_quality1b, tests)"; exit 2 ;;
 esac
 exit 0
