@@ -203,9 +203,14 @@ def test_simulate_draws_in_seconds_with_a_calibration(tmp_path, capsys):
     cal_path = synthetic(cfg).save(tmp_path / "cal.json")
     rc = simulate_cli.main(["--schedule", "1f1b", "--pp", "2", "--microbatches", "4", "--model",
                             str(CONFIGS / "llama-1b.yaml"), "--calibration", str(cal_path), "--json",
-                            str(tmp_path / "s.json")])
+                            str(tmp_path / "s.json"), "--svg", str(tmp_path / "s.svg"), "--png", str(tmp_path / "s.png")])
     assert rc == 0
     data = json.loads((tmp_path / "s.json").read_text())
+    # The pictures read in milliseconds: the axis says so and the title's makespan is the JSON's, in ms.
+    svg = (tmp_path / "s.svg").read_text()
+    assert "time (ms, from the calibration)" in svg and "simulation units" not in svg
+    assert f"makespan={data['makespan'] * 1000:.3g} ms" in svg
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     cfg.parallel.pp = 2
     costs = pipeline_costs(Calibration.load(cal_path), cfg, 2, cfg.train.micro_batch, frozenset())
     assert data["costs"]["forward"] == pytest.approx(costs.forward)

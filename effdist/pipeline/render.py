@@ -54,15 +54,23 @@ def _fmt(x: float) -> str:
     return f"{x:.2f}".rstrip("0").rstrip(".")
 
 
-def _title(result: SimulationResult) -> str:
+def _time_text(t: float, seconds: bool) -> str:
+    """A simulated time as written in the pictures: milliseconds when the costs are calibrated seconds (a
+    llama-1b step is tens to hundreds of ms), else simulation units."""
+    return f"{t * 1000.0:.3g} ms" if seconds else _fmt(t)
+
+
+def _title(result: SimulationResult, seconds: bool = False) -> str:
     s = result.schedule
     return (f"{s.name}: pp={s.pp}, microbatches={s.num_microbatches}, chunks/rank={s.num_chunks // s.pp}, "
-            f"makespan={_fmt(result.makespan)}, bubble={100 * result.bubble_rate:.1f}%, "
+            f"makespan={_time_text(result.makespan, seconds)}, bubble={100 * result.bubble_rate:.1f}%, "
             f"peak activation={_fmt(result.peak_activation_units)} units")
 
 
-def render_svg(results: SimulationResult | Sequence[SimulationResult], width: int = 1200) -> str:
-    """The SVG document as a string."""
+def render_svg(results: SimulationResult | Sequence[SimulationResult], width: int = 1200,
+               seconds: bool = False) -> str:
+    """The SVG document as a string. `seconds`: the costs were calibrated seconds (effdist simulate
+    --calibration); the axis, titles and tooltips then read in milliseconds."""
     results = _as_list(results)
     span = max(r.makespan for r in results) or 1.0
     plot_w = width - _LABEL_W - _PEAK_W
@@ -82,7 +90,7 @@ def render_svg(results: SimulationResult | Sequence[SimulationResult], width: in
 
     for result in results:
         schedule = result.schedule
-        parts.append(f'<text x="4" y="{y + 18}" font-size="13" font-weight="bold">{escape(_title(result))}</text>')
+        parts.append(f'<text x="4" y="{y + 18}" font-size="13" font-weight="bold">{escape(_title(result, seconds))}</text>')
         y += _TITLE_H
         peak_all = max(result.peak_activation_units, 1e-12)
         for rank, row in enumerate(result.timings):
@@ -92,7 +100,8 @@ def render_svg(results: SimulationResult | Sequence[SimulationResult], width: in
             for t in row:
                 a = t.action
                 x0, w = _LABEL_W + t.start * scale, max((t.end - t.start) * scale, 0.5)
-                tip = f"rank {rank}: {a} (chunk {a.chunk}, microbatch {a.microbatch}) {_fmt(t.start)}-{_fmt(t.end)}"
+                tip = (f"rank {rank}: {a} (chunk {a.chunk}, microbatch {a.microbatch}) "
+                       f"{_time_text(t.start, seconds)}-{_time_text(t.end, seconds)}")
                 parts.append(
                     f'<rect x="{x0:.2f}" y="{top}" width="{w:.2f}" height="{_ROW_BAR}" '
                     f'fill="{action_colour(a.kind, local[a.chunk])}" stroke="#ffffff" stroke-width="0.5" '
@@ -117,18 +126,22 @@ def render_svg(results: SimulationResult | Sequence[SimulationResult], width: in
         t = span * i / 10
         x = _LABEL_W + t * scale
         parts.append(f'<path d="M{x:.2f} {y}v4" stroke="#333333"/>')
-        parts.append(f'<text x="{x:.2f}" y="{y + 16}" font-size="10" text-anchor="middle">{_fmt(t)}</text>')
-    y += 22
+        tick = f"{t * 1000.0:.3g}" if seconds else _fmt(t)
+        parts.append(f'<text x="{x:.2f}" y="{y + 16}" font-size="10" text-anchor="middle">{tick}</text>')
+    label = "time (ms, from the calibration)" if seconds else "time (simulation units)"
+    parts.append(f'<text x="{_LABEL_W + plot_w / 2:.2f}" y="{y + 32}" font-size="11" text-anchor="middle">{label}</text>')
+    y += 38
     head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y}" viewBox="0 0 {width} {y}" '
             f'font-family="sans-serif">')
     background = f'<path d="M0 0H{width}V{y}H0Z" fill="#ffffff"/>'
     return "\n".join([head, background, *parts, "</svg>\n"])
 
 
-def write_svg(results: SimulationResult | Sequence[SimulationResult], path: str | Path, width: int = 1200) -> Path:
+def write_svg(results: SimulationResult | Sequence[SimulationResult], path: str | Path, width: int = 1200,
+              seconds: bool = False) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_svg(results, width))
+    path.write_text(render_svg(results, width, seconds))
     return path
 
 
@@ -183,27 +196,28 @@ def _finish(plt, fig, path: str | Path, dpi: int, memory: bool) -> Path:
 
 
 def write_png(results: SimulationResult | Sequence[SimulationResult], path: str | Path, dpi: int = 110,
-              time_label: str = "time (simulation units)") -> Path:
-    """The same picture through matplotlib (Agg backend; no display needed); `time_label` names the x axis
-    (seconds when the costs came from a calibration)."""
+              seconds: bool = False) -> Path:
+    """The same picture through matplotlib (Agg backend; no display needed); `seconds` as in `render_svg`
+    (the x axis then reads in ms)."""
     plt = _pyplot()
     results = _as_list(results)
     heights = [r.schedule.pp * 0.45 + 0.6 for r in results]
     fig, axes = plt.subplots(len(results), 1, figsize=(14, sum(heights) + 0.8), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
-    span = max(r.makespan for r in results) or 1.0
+    scale = 1000.0 if seconds else 1.0  # calibrated seconds are drawn in ms
+    span = max(r.makespan for r in results) * scale or 1.0
     for ax, result in zip(axes[:, 0], results):
         schedule = result.schedule
         peak_all = max(result.peak_activation_units, 1e-12)
-        _draw_actions(ax, schedule, result.timings, px_per_unit=14 * dpi * 0.85 / span)
+        _draw_actions(ax, schedule, result.timings, px_per_unit=14 * dpi * 0.85 / span, scale=scale)
         for rank in range(schedule.pp):
             curve = result.ranks[rank].memory_units + [(result.makespan, 0.0)]
-            xs = [p[0] for p in curve]
+            xs = [p[0] * scale for p in curve]
             ys = [rank + 0.95 - 0.33 * p[1] / peak_all for p in curve]
             ax.fill_between(xs, [rank + 0.95] * len(xs), ys, step="post", color=MEMORY_COLOUR, alpha=0.6, linewidth=0)
             ax.text(span * 1.005, rank + 0.8, f"peak {_fmt(result.ranks[rank].peak_activation_units)}", fontsize=7, va="center")
-        _rank_axis(ax, schedule.pp, span, _title(result))
-    axes[-1, 0].set_xlabel(time_label, fontsize=8)
+        _rank_axis(ax, schedule.pp, span, _title(result, seconds))
+    axes[-1, 0].set_xlabel("time (ms, from the calibration)" if seconds else "time (simulation units)", fontsize=8)
     return _finish(plt, fig, path, dpi, memory=True)
 
 

@@ -192,11 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     if args.svg:
         from effdist.pipeline.render import write_svg
-        write_svg(results, args.svg)
+        write_svg(results, args.svg, seconds=bool(args.calibration))
     if args.png:
         from effdist.pipeline.render import write_png
-        write_png(results, args.png, time_label="time (s, from the calibration)" if args.calibration else
-                  "time (simulation units)")
+        write_png(results, args.png, seconds=bool(args.calibration))
     return 0
 
 
