@@ -3,8 +3,10 @@
 The rule (also written as an HTML comment at the top of README.md):
 - every line of every ```bash block is run (a line ending in `\\` continues on the next one; comment lines
   are dropped); other blocks (output examples) and the "Everyday commands" table are not run;
-- the commands run one at a time with `bash -c`, in README order, from a fresh temporary directory that holds a
-  copy of configs/ and launch/ (what a checkout has and the commands read) and nothing else;
+- the commands run with `bash -c`, in README order, from a fresh temporary directory that holds a copy of
+  configs/ and launch/ (what a checkout has and the commands read) and nothing else; a training command may
+  start while the training command just before it still runs (each trains into its own run directory, which
+  test_every_training_example_has_its_own_run_dir checks), every other command waits for all before it;
 - every train command (`effdist train`, `-m effdist.train`, `launch/run.sh`) gets STEP_OVERRIDE appended (before
   a `>` redirect or a trailing comment), and every one that trains (not --dry-run / --print-config) must print
   "done: 2 steps" and write that step's loss: a second example reusing a run directory would print "nothing to do"
@@ -163,14 +165,32 @@ def readme_run(tmp_path_factory) -> tuple[Path, dict[int, tuple[subprocess.Compl
                     PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]]),
                     PYTHON=sys.executable)
     results = {}
+    running: list[tuple[Command, subprocess.Popen, float]] = []
+
+    logs = tmp_path_factory.mktemp("readme_logs")
+
+    def finish(entry: tuple[Command, subprocess.Popen, float]) -> None:
+        c, proc, start = entry
+        proc.wait(timeout=600)
+        out, err = ((logs / f"{c.index}.{name}").read_text() for name in ("out", "err"))
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        results[c.index] = done, time.monotonic() - start
+        print(f"{results[c.index][1]:6.1f}s rc={proc.returncode} $ {c.to_run}", flush=True)
+
     for c in COMMANDS:
         if c.skip_reason:
             continue
-        start = time.monotonic()
-        proc = subprocess.run(["bash", "-o", "pipefail", "-c", c.to_run], cwd=work, env=env, capture_output=True,
-                              text=True, timeout=600)
-        results[c.index] = proc, time.monotonic() - start
-        print(f"{results[c.index][1]:6.1f}s rc={proc.returncode} $ {c.to_run}", flush=True)
+        # Two training runs side by side keep both cores busy; anything else sees every earlier command done.
+        keep = 1 if c.trains and all(r[0].trains for r in running) else 0
+        while len(running) > keep:
+            finish(running.pop(0))
+        # Output to files, not pipes: a run left unread while the other is waited for must never block.
+        with open(logs / f"{c.index}.out", "w") as out, open(logs / f"{c.index}.err", "w") as err:
+            proc = subprocess.Popen(["bash", "-o", "pipefail", "-c", c.to_run], cwd=work, env=env, stdout=out,
+                                    stderr=err, text=True)
+        running.append((c, proc, time.monotonic()))
+    while running:
+        finish(running.pop(0))
     return work, results
 
 
