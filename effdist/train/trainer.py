@@ -154,7 +154,7 @@ class Trainer:
             from effdist.model.gpt import build_gpt
 
             self.pipeline = None
-            chunks = [build_gpt(cfg, rt.dtype, rt.device)]
+            chunks = [build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, rt.dtype, rt.device)]
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                 use_distributed_optimizer=False)
         self.model_chunks = [
@@ -803,7 +803,7 @@ def _check_precision_support(cfg: Config) -> None:
     device, _ = choose_device(cfg)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    require_fp8_support(cfg, device)
+    require_fp8_support(cfg.train, device)
 
 
 def _data_error() -> type[Exception]:
