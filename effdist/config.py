@@ -43,6 +43,12 @@ class ModelConfig:
     # Round the embedding table up to a multiple of this (times tp) so it shards evenly.
     make_vocab_size_divisible_by: int = 64
 
+    def padded_vocab_size(self, tp: int) -> int:
+        """The embedding table's rows: the vocab rounded up so it shards evenly over `tp` ranks (as Megatron-LM
+        does)."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return ((self.vocab_size + multiple - 1) // multiple) * multiple
+
 
 @dataclass
 class ParallelConfig:
@@ -712,8 +718,7 @@ def ffn_width_of_layer(cfg: Config, layer_idx: int) -> int:
 
 def padded_vocab_size(cfg: Config) -> int:
     """The embedding table's rows: the vocab rounded up so it shards evenly over TP (as Megatron-LM does)."""
-    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tp
-    return ((cfg.model.vocab_size + multiple - 1) // multiple) * multiple
+    return cfg.model.padded_vocab_size(cfg.parallel.tp)
 
 
 FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")  # torchao's Float8LinearRecipeName values

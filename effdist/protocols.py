@@ -94,15 +94,21 @@ class ContextExtras(BoundaryExtras):
 class StepHook(Protocol):
     """A feature that acts at fixed points of every optimizer step (EPAS: effdist.epas.controller).
 
-    The trainer calls, in this order and on every rank:
-    ``begin_step(step)`` before the step's first forward (returns the value the trainer logs for it, e.g.
-    EPAS's region size); ``after_backward()`` once the gradients are reduced over data-parallel ranks, before
-    the gradient norm; ``after_optimizer_step(optimizer)`` after a finite update. ``state_dict()`` goes into
-    every checkpoint and ``load_state_dict(state)`` gets it back on resume. With pipeline parallelism the
-    trainer hands ``boundary_extras(chunk_layers)`` (the global layer indices of each chunk) to the executor.
+    The trainer holds a list of them (effdist.train.trainer.Trainer: EPAS when epas.enabled, then those its
+    ``hooks`` argument builds) and calls every hook, in that order and on every rank, at each point:
+    ``begin_step(step)`` before the step's first forward (returns a value the trainer logs in metrics.jsonl
+    under ``begin_step_metric``, unless that is None: EPAS logs its region size as ``epas_region``);
+    ``after_backward()`` once the gradients are reduced over data-parallel ranks, before the gradient norm;
+    ``after_optimizer_step(optimizer)`` after a finite update. ``state_dict()`` goes into every checkpoint
+    under the key ``name`` (EPAS: ``"epas"``; unique among the hooks) and ``load_state_dict(state)`` gets it
+    back on resume. With pipeline parallelism the trainer asks each hook for ``boundary_extras(chunk_layers)``
+    (the global layer indices of each chunk) and hands the executor the one that is not None.
     """
 
-    def begin_step(self, step: int) -> int: ...
+    name: str
+    begin_step_metric: Optional[str]
+
+    def begin_step(self, step: int) -> Any: ...
 
     def after_backward(self) -> None: ...
 

@@ -65,7 +65,7 @@ def effdist_logits(path):
     with one_process_megatron():
         cfg, sd = load_effdist_model(path)
         cfg.epas.enabled = False
-        model = build_gpt(cfg, torch.float32, torch.device("cpu"))
+        model = build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, torch.float32, torch.device("cpu"))
         model.load_state_dict(sd, strict=True)
         positions = torch.arange(TOKENS.shape[1]).unsqueeze(0).expand_as(TOKENS)
         with torch.no_grad():

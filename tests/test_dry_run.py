@@ -135,7 +135,8 @@ def test_parameter_count_matches_the_built_model(megatron_one_process, overrides
     from effdist.train.estimate import total_parameters
 
     cfg = load_config(TINY, overrides + ["train.fused_kernels=false"])
-    assert total_parameters(cfg) == count_parameters(build_gpt(cfg, torch.float32, torch.device("cpu")))
+    model = build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, torch.float32, torch.device("cpu"))
+    assert total_parameters(cfg) == count_parameters(model)
 
 
 @pytest.mark.parametrize("tp, pp, dp", [(2, 2, 1), (2, 1, 3), (1, 4, 2), (2, 2, 2)])

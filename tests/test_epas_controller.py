@@ -184,7 +184,7 @@ def build(cfg, dtype=torch.float32, seed=5):
 
     torch.manual_seed(seed)
     _seed_cpu_tracker(seed)
-    return build_gpt(cfg, dtype, torch.device("cpu"))
+    return build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, dtype, torch.device("cpu"))
 
 
 def qk_rows(t: torch.Tensor, cfg) -> torch.Tensor:

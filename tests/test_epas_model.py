@@ -31,7 +31,8 @@ def build(cfg, seed: int = 7, **kwargs):
 
     torch.manual_seed(seed)
     _seed_cpu_tracker(seed)
-    return build_gpt(cfg, torch.float32, torch.device("cpu"), **kwargs)
+    return build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, torch.float32, torch.device("cpu"),
+                     **kwargs)
 
 
 def batch(seed: int = 3):

@@ -71,7 +71,7 @@ def test_redundancy_measure_sees_identical_qk(megatron_one_process):
     tool = _tool("layer_redundancy")
     cfg = load_config(None, ["epas.enabled=true", "model.init_std=0.2"])
     torch.manual_seed(0)
-    model = build_gpt(cfg, torch.float32, torch.device("cpu"))
+    model = build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, torch.float32, torch.device("cpu"))
     layers = model.decoder.layers
     with torch.no_grad():
         layers[1].self_attention.linear_proj.weight.zero_()
@@ -117,7 +117,8 @@ def test_bench_epas_reads_a_new_batch_every_step_through_the_trainer_loader(mega
         return batch
 
     loader.next_step = recording_next
-    trainee = tool.Trainee(cfg, build_gpt(cfg, torch.float32, torch.device("cpu")), torch.device("cpu"), loader)
+    model = build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, torch.float32, torch.device("cpu"))
+    trainee = tool.Trainee(cfg, model, torch.device("cpu"), loader)
     losses = [trainee.step() for _ in range(2)]
     assert loader.consumed_samples == 2 * cfg.train.micro_batch and all(loss > 0 for loss in losses)
     assert not torch.equal(seen[0], seen[1])

@@ -43,7 +43,7 @@ def worker(tp: int, sequence_parallel: bool, out: str, master_fused: bool) -> No
                              "optim.weight_decay=0.1", *EPAS])
     torch.manual_seed(11)
     _seed_cpu_tracker(11)
-    model = build_gpt(cfg, torch.float32, torch.device("cpu"))
+    model = build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, torch.float32, torch.device("cpu"))
     if master_fused:
         from effdist.train.optim import MasterWeightAdamW
 

@@ -44,7 +44,8 @@ def _build(sets: list[str], dtype: torch.dtype):
     cfg = load_config(None, [f"model.hidden_size={H}", "model.num_attention_heads=4", "model.ffn_hidden_size=704"]
                       + sets)
     torch.manual_seed(0)
-    return build_module(build_mlp_spec(cfg.ffn, cfg.model, 0), config=transformer_config(cfg, dtype, torch.device("cuda")))
+    tcfg = transformer_config(cfg.model, cfg.parallel, cfg.ffn, dtype, torch.device("cuda"))
+    return build_module(build_mlp_spec(cfg.ffn, cfg.model, 0), config=tcfg)
 
 
 def _run(module, x, dout):

@@ -33,7 +33,7 @@ def _build(cfg, layer: int = 0, dtype=torch.float32):
 
     torch.manual_seed(0)
     return build_module(build_mlp_spec(cfg.ffn, cfg.model, layer),
-                        config=transformer_config(cfg, dtype, torch.device("cpu")))
+                        config=transformer_config(cfg.model, cfg.parallel, cfg.ffn, dtype, torch.device("cpu")))
 
 
 def _input(seed: int = 1, dtype=torch.float32) -> torch.Tensor:
@@ -271,7 +271,8 @@ def test_lowrank_linears_compose_and_initialise_to_the_target_std():
     from effdist.model.gpt import transformer_config
     from effdist.model.lowrank import LowRankColumnParallelLinear, LowRankRowParallelLinear
 
-    tcfg = transformer_config(_cfg(), torch.float32, torch.device("cpu"))
+    cfg = _cfg()
+    tcfg = transformer_config(cfg.model, cfg.parallel, cfg.ffn, torch.float32, torch.device("cpu"))
     torch.manual_seed(0)
     col = build_module(ModuleSpec(LowRankColumnParallelLinear, params={"rank": 16}), 256, 384, config=tcfg,
                        init_method=tcfg.init_method, bias=False, gather_output=False, skip_bias_add=True)
@@ -323,7 +324,8 @@ def test_invalid_module_settings_are_rejected():
     from effdist.model.ffn.elas import ElasMLP
     from effdist.model.gpt import transformer_config
 
-    tcfg = transformer_config(_cfg(), torch.float32, torch.device("cpu"))
+    cfg = _cfg()
+    tcfg = transformer_config(cfg.model, cfg.parallel, cfg.ffn, torch.float32, torch.device("cpu"))
     subs = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     with pytest.raises(ValueError, match="top-k"):
         TopKMLP(tcfg, subs, k=FFN + 1, ffn_hidden_size=FFN)
@@ -363,7 +365,7 @@ def test_sparse_ffns_defer_weight_gradients_with_split_linears(sets):
     from effdist.pipeline.wgrad import WEIGHT_GRAD_STORE, SplitColumnParallelLinear, SplitRowParallelLinear
 
     cfg = _cfg(*sets)
-    tcfg = transformer_config(cfg, torch.float64, torch.device("cpu"))
+    tcfg = transformer_config(cfg.model, cfg.parallel, cfg.ffn, torch.float64, torch.device("cpu"))
     torch.manual_seed(0)
     plain = build_module(build_mlp_spec(cfg.ffn, cfg.model, 0), config=tcfg)
     torch.manual_seed(0)

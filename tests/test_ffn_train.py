@@ -55,7 +55,7 @@ def _train(sets: list[str], tp: int, masked_ste: bool) -> list[float]:
     cfg = load_config(None, sets + [f"parallel.tp={tp}"])
     torch.manual_seed(SEED)
     _seed_cpu_tracker(SEED)
-    model = build_gpt(cfg, torch.float32, torch.device("cpu"))
+    model = build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, torch.float32, torch.device("cpu"))
     for mod in model.modules():
         if isinstance(mod, ElasMLP) and masked_ste:
             mod.ste = "masked"

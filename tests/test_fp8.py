@@ -69,7 +69,7 @@ def test_cpu_and_old_gpus_get_one_line(monkeypatch):
 
     cfg = load_config(None, ["train.precision=fp8"])
     with pytest.raises(Fp8UnavailableError) as e:
-        require_fp8_support(cfg, torch.device("cpu"))
+        require_fp8_support(cfg.train, torch.device("cpu"))
     assert str(e.value).startswith("train.precision = 'fp8': this run is on cpu") and "train.precision=bf16" in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -77,12 +77,12 @@ def test_cpu_and_old_gpus_get_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pytest.raises(Fp8UnavailableError, match=r"A100-SXM4-80GB has compute capability 8\.0; FP8 GEMMs need >= 8\.9"):
-        require_fp8_support(cfg, torch.device("cuda", 0))
+        require_fp8_support(cfg.train, torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    require_fp8_support(cfg, torch.device("cuda", 0))
+    require_fp8_support(cfg.train, torch.device("cuda", 0))
     # Emulation runs anywhere; bf16 never checks.
-    require_fp8_support(load_config(None, ["train.precision=fp8", "train.fp8_emulate=true"]), torch.device("cpu"))
-    require_fp8_support(load_config(None, []), torch.device("cpu"))
+    require_fp8_support(load_config(None, ["train.precision=fp8", "train.fp8_emulate=true"]).train, torch.device("cpu"))
+    require_fp8_support(load_config(None, []).train, torch.device("cpu"))
 
 
 def test_missing_torchao_is_named(monkeypatch):
@@ -93,7 +93,7 @@ def test_missing_torchao_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.float8", None)
     try:
         with pytest.raises(fp8.Fp8UnavailableError) as e:
-            fp8.require_fp8_support(load_config(None, ["train.precision=fp8", "train.fp8_emulate=true"]),
+            fp8.require_fp8_support(load_config(None, ["train.precision=fp8", "train.fp8_emulate=true"]).train,
                                     torch.device("cpu"))
     finally:
         fp8.torchao_float8.cache_clear()
@@ -169,10 +169,12 @@ def test_decoder_linears_are_fp8_and_checkpoint_keys_unchanged(megatron_one_proc
     from effdist.model.gpt import build_gpt
 
     extra = [f"ffn.kind={ffn}"] + (["ffn.elas_warmup_steps=0"] if ffn == "elas" else [])
+    cfg, cfg_bf16 = _tiny(*extra), _tiny(*extra, "train.precision=bf16")
     torch.manual_seed(0)
-    model = build_gpt(_tiny(*extra), torch.float32, torch.device("cpu"))
+    model = build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, torch.float32, torch.device("cpu"))
     torch.manual_seed(0)
-    plain = build_gpt(_tiny(*extra, "train.precision=bf16"), torch.float32, torch.device("cpu"))
+    plain = build_gpt(cfg_bf16.model, cfg_bf16.parallel, cfg_bf16.train, cfg_bf16.ffn, cfg_bf16.epas, torch.float32,
+                      torch.device("cpu"))
     layer = model.decoder.layers[0]
     assert isinstance(layer.self_attention.linear_qkv, Fp8ColumnParallelLinear)
     assert isinstance(layer.self_attention.linear_proj, Fp8RowParallelLinear)
@@ -201,8 +203,9 @@ def test_epas_sharing_layer_projects_v_rows_in_fp8(megatron_one_process, monkeyp
     from effdist.model import fp8
     from effdist.model.gpt import build_gpt
 
+    cfg = _tiny("epas.enabled=true")
     torch.manual_seed(0)
-    model = build_gpt(_tiny("epas.enabled=true"), torch.float32, torch.device("cpu"))
+    model = build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, torch.float32, torch.device("cpu"))
     apply_region([model], {3})  # layer 3 shares layer 2's Q/K
     sharing = [layer for layer in model.decoder.layers if layer.self_attention.sharing]
     assert len(sharing) == 1
@@ -272,8 +275,8 @@ def tp_worker(out: str) -> None:
         cfg = load_config(None, ["model.num_layers=1", f"model.hidden_size={hidden}", "model.num_attention_heads=2",
                                  f"model.ffn_hidden_size={ffn}", "parallel.tp=2",
                                  f"parallel.sequence_parallel={str(sp).lower()}"])
-        tcfg = transformer_config(cfg, torch.float32, torch.device("cpu"))
-        tcfg.effdist_fp8_gemm = Fp8Gemm(Fp8Settings("rowwise", compile=False, emulate=True))
+        tcfg = transformer_config(cfg.model, cfg.parallel, cfg.ffn, torch.float32, torch.device("cpu"),
+                                  fp8_gemm=Fp8Gemm(Fp8Settings("rowwise", compile=False, emulate=True)))
         fc1 = Fp8ColumnParallelLinear(hidden, ffn, config=tcfg, init_method=torch.nn.init.zeros_, bias=False,
                                       gather_output=False, tp_group=tp_group)
         fc2 = Fp8RowParallelLinear(ffn, hidden, config=tcfg, init_method=torch.nn.init.zeros_, bias=False,
@@ -507,10 +510,12 @@ def _model_loss_close_to_bf16():
     base = ["model.num_layers=4", "model.hidden_size=256", "model.num_attention_heads=4", "model.ffn_hidden_size=512",
             "model.vocab_size=512", "train.fused_kernels=false"]
     dev = torch.device("cuda")
+    cfg_bf16, cfg_fp8 = load_config(None, base), load_config(None, base + ["train.precision=fp8"])
     torch.manual_seed(0)
-    bf16 = build_gpt(load_config(None, base), torch.bfloat16, dev)
+    bf16 = build_gpt(cfg_bf16.model, cfg_bf16.parallel, cfg_bf16.train, cfg_bf16.ffn, cfg_bf16.epas, torch.bfloat16,
+                     dev)
     torch.manual_seed(0)
-    fp8 = build_gpt(load_config(None, base + ["train.precision=fp8"]), torch.bfloat16, dev)
+    fp8 = build_gpt(cfg_fp8.model, cfg_fp8.parallel, cfg_fp8.train, cfg_fp8.ffn, cfg_fp8.epas, torch.bfloat16, dev)
     fp8.load_state_dict(bf16.state_dict())
     tokens = torch.randint(0, 512, (4, 256), device=dev)
     pos = torch.arange(256, device=dev).expand(4, 256)

@@ -47,7 +47,7 @@ def effdist_logits(cfg, sd, tokens, epas_region: int | None = None):
     cfg = config_from_dict(cfg.to_dict())
     if epas_region is not None:
         cfg.epas.enabled = True
-    model = build_gpt(cfg, torch.float32, torch.device("cpu"))
+    model = build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, torch.float32, torch.device("cpu"))
     model.load_state_dict(sd, strict=True)
     if epas_region is not None:
         set_region([model], epas_region)

@@ -340,7 +340,7 @@ def build_model(cfg, fused, seed: int = 7, device: torch.device = torch.device("
     kernels = fused_kernel_set(fused)
     if "rope" in kernels:
         install_fused_rope()
-    tcfg = transformer_config(cfg, dtype, device)
+    tcfg = transformer_config(cfg.model, cfg.parallel, cfg.ffn, dtype, device)
     tcfg.apply_rope_fusion = "rope" in kernels  # (the lead passes it to TransformerConfig itself)
     spec = fused_block_spec(block_spec(cfg.model, cfg.ffn, cfg.epas, layers), kernels)
     model = (FusedLossGPTModel if "loss" in kernels else GPTModel)(
@@ -428,7 +428,7 @@ def test_switched_off_it_is_todays_model_bit_for_bit(megatron_one_process):
     cfg = tiny_cfg("train.fused_kernels=false")  # the switch off: megatron's own code paths
     torch.manual_seed(7)
     _seed_cpu_tracker(7)
-    today = build_gpt(cfg, torch.float32, torch.device("cpu"))
+    today = build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, torch.float32, torch.device("cpu"))
     loss, grads = loss_and_grads(build_model(cfg, fused=False))
     loss_today, grads_today = loss_and_grads(today)
     assert torch.equal(loss, loss_today)

@@ -351,7 +351,7 @@ def _reference(cfg, mbs, region=None):
     from effdist.model.gpt import build_gpt
 
     torch.manual_seed(cfg.train.seed)
-    model = build_gpt(cfg, torch.float32, torch.device("cpu"))
+    model = build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, torch.float32, torch.device("cpu"))
     if region is not None:
         from effdist.model.shared_qk import apply_region
 
@@ -465,7 +465,9 @@ def _phase_pp4(report: dict) -> None:
 
     report["keys"] = {}
     torch.manual_seed(1)
-    full_keys = _sharded_keys([build_gpt(_cfg(8, 1, "1f1b", 1), torch.float32, torch.device("cpu"))])
+    single = _cfg(8, 1, "1f1b", 1)
+    full_keys = _sharded_keys([build_gpt(single.model, single.parallel, single.train, single.ffn, single.epas,
+                                         torch.float32, torch.device("cpu"))])
     for name in ("1f1b", "interleaved", "v-zb"):
         pipe, _ = _pipeline(_cfg(8, 4, name, 8), rt)
         gathered: list = [None] * dist.get_world_size()
@@ -529,8 +531,8 @@ def _extras_reference(cfg, mbs, layout):
     torch.manual_seed(cfg.train.seed)
     from effdist.model.gpt import build_gpt, gpt_chunk_builder
 
-    full = build_gpt(cfg, torch.float32, torch.device("cpu"))
-    build = gpt_chunk_builder(cfg, torch.float32, torch.device("cpu"))
+    full = build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, torch.float32, torch.device("cpu"))
+    build = gpt_chunk_builder(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, torch.float32, torch.device("cpu"))
     chunks = [build_chunk(build, layout, c, SPLIT_LINEARS) for c in range(layout.num_chunks)]
     copy_from_full_model(chunks, range(layout.num_chunks), layout, full)
     n = _tokens(mbs)
@@ -677,7 +679,8 @@ def _split_linear_checks() -> dict:
         deferred = 0
         for linears in (DEFAULT_LINEARS, SPLIT_LINEARS):
             torch.manual_seed(77)
-            model = build_gpt(cfg, torch.float32, torch.device("cpu"), linears=linears)
+            model = build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, torch.float32, torch.device("cpu"),
+                              linears=linears)
             loss = 0.0
             for i, mb in enumerate(mbs):
                 per_token = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
@@ -700,7 +703,7 @@ def _split_linear_checks() -> dict:
     from effdist.pipeline.wgrad import SplitColumnParallelLinear
 
     cfg = _cfg(2, 1, "1f1b", 1, tp=2)
-    tcfg = transformer_config(cfg, torch.float32, torch.device("cpu"))
+    tcfg = transformer_config(cfg.model, cfg.parallel, cfg.ffn, torch.float32, torch.device("cpu"))
     torch.manual_seed(5)
     layer = SplitColumnParallelLinear(64, 96, config=tcfg, init_method=tcfg.init_method, bias=False, gather_output=False)
 

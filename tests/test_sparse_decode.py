@@ -92,7 +92,8 @@ def test_dense_math_equals_megatron_gptmodel(ffn, region, step, last_step):
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
     with one_process_megatron():
         torch.manual_seed(0)
-        gpt = build_gpt(cfg, torch.float32, torch.device("cpu")).eval()
+        gpt = build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, torch.float32,
+                        torch.device("cpu")).eval()
         with torch.no_grad():
             for name, p in gpt.named_parameters():
                 if "norm" in name:

@@ -86,22 +86,22 @@ def test_fusion_needs_the_lever_cuda_the_megatron_engine_and_torch_support(monke
     monkeypatch.setattr(wgrad_fusion, "fp32_accumulating_gemm_available", probe)
     supported = True
     applies = wgrad_fusion.wgrad_fusion_applies
-    assert not applies(tiny_cfg("train.fused_kernels=true"), cpu, bf16)
-    assert not applies(tiny_cfg("train.fused_kernels=true"), cpu, torch.float32)
+    assert not applies(tiny_cfg("train.fused_kernels=true").train, cpu, bf16)
+    assert not applies(tiny_cfg("train.fused_kernels=true").train, cpu, torch.float32)
     # Set after loading: validating train.engine=deepspeed needs the optional DeepSpeed installed.
     deepspeed_engine = tiny_cfg("train.fused_kernels=true")
     deepspeed_engine.train.engine = "deepspeed"
-    assert not applies(deepspeed_engine, cuda, bf16)
-    assert not applies(tiny_cfg("train.fused_kernels=[rmsnorm,rope,swiglu,loss]"), cuda, bf16)
-    assert not applies(tiny_cfg("train.fused_kernels=false"), cuda, bf16)
+    assert not applies(deepspeed_engine.train, cuda, bf16)
+    assert not applies(tiny_cfg("train.fused_kernels=[rmsnorm,rope,swiglu,loss]").train, cuda, bf16)
+    assert not applies(tiny_cfg("train.fused_kernels=false").train, cuda, bf16)
     assert probes == []  # none of these asks the GPU anything
-    assert applies(tiny_cfg("train.fused_kernels=true"), cuda, bf16)
-    assert applies(tiny_cfg(), cuda, torch.float16)
+    assert applies(tiny_cfg("train.fused_kernels=true").train, cuda, bf16)
+    assert applies(tiny_cfg().train, cuda, torch.float16)
     assert probes == [(cuda, bf16), (cuda, torch.float16)]
-    assert applies(tiny_cfg(), cuda, torch.float32) and len(probes) == 2  # fp32 operands: plain addmm_
+    assert applies(tiny_cfg().train, cuda, torch.float32) and len(probes) == 2  # fp32 operands: plain addmm_
     supported = False
     with pytest.warns(UserWarning, match="wgrad.*accumulated unfused"):
-        assert not applies(tiny_cfg(), cuda, bf16)
+        assert not applies(tiny_cfg().train, cuda, bf16)
 
 
 def test_the_fp32_accumulating_gemm_is_not_probed_off_cuda():
@@ -161,9 +161,10 @@ def build(cfg, seed: int = 7, forced: bool = False, linears=None):
     _seed_cpu_tracker(seed)
     original = gpt.wgrad_fusion_applies
     if forced:
-        gpt.wgrad_fusion_applies = lambda cfg, device, dtype: "wgrad" in fused_kernel_set(cfg.train.fused_kernels)
+        gpt.wgrad_fusion_applies = lambda train, device, dtype: "wgrad" in fused_kernel_set(train.fused_kernels)
     try:
-        return gpt.build_gpt(cfg, torch.float32, torch.device("cpu"), linears=linears or DEFAULT_LINEARS)
+        return gpt.build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, torch.float32, torch.device("cpu"),
+                             linears=linears or DEFAULT_LINEARS)
     finally:
         gpt.wgrad_fusion_applies = original
 
@@ -330,7 +331,8 @@ def compare_lever_on_off(device: torch.device, dtype: torch.dtype, size: list[st
     for name, (on, off, extra) in cases.items():
         cfg_on = tiny_cfg(*size, *extra, f"train.fused_kernels={on}")
         cfg_off = tiny_cfg(*size, *extra, f"train.fused_kernels={off}")
-        model_on, model_off = build_gpt(cfg_on, dtype, device), build_gpt(cfg_off, dtype, device)
+        model_on = build_gpt(cfg_on.model, cfg_on.parallel, cfg_on.train, cfg_on.ffn, cfg_on.epas, dtype, device)
+        model_off = build_gpt(cfg_off.model, cfg_off.parallel, cfg_off.train, cfg_off.ffn, cfg_off.epas, dtype, device)
         assert model_on.config.gradient_accumulation_fusion, f"{name}: build_gpt left the fusion off"
         assert not model_off.config.gradient_accumulation_fusion, f"{name}: the fusion is on without the lever"
         params_on, params_off = dict(model_on.named_parameters()), dict(model_off.named_parameters())
@@ -401,7 +403,7 @@ def test_the_gpu_comparison_runs_on_cpu_with_the_fusion_forced(megatron_one_proc
     from effdist.model.fused import fused_kernel_set
 
     monkeypatch.setattr(gpt, "wgrad_fusion_applies",
-                        lambda cfg, device, dtype: "wgrad" in fused_kernel_set(cfg.train.fused_kernels))
+                        lambda train, device, dtype: "wgrad" in fused_kernel_set(train.fused_kernels))
     report = compare_lever_on_off(torch.device("cpu"), torch.float32, ["model.num_layers=2"], seq=SEQ)
     assert len(report) == 2 and all(" 0/" in line for line in report), report
 

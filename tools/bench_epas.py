@@ -227,8 +227,8 @@ def bench_shape(shape: str, fractions: list[float], warmup: int, steps: int, rou
         for kind in ("dense", "epas"):
             cfg = make_config(shape, epas=kind == "epas", micro_batch=micro_batch, data_overrides=data_overrides)
             reseed(cuda)  # both start from the same weights
-            trainees[kind] = Trainee(cfg, build_gpt(cfg, dtype, device), device,
-                                     data_loader(cfg, samples_per_model, data_dir))
+            model = build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, dtype, device)
+            trainees[kind] = Trainee(cfg, model, device, data_loader(cfg, samples_per_model, data_dir))
     except Exception as e:  # e.g. out of memory: report it for every variant
         for row in rows.values():
             row["error"] = f"{type(e).__name__}: {e}"

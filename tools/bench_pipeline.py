@@ -252,8 +252,8 @@ def time_megatron_1f1b(args, rt, kernels: str = "fused") -> dict:
         raise SystemExit(f"megatron's 1F1B needs model.num_layers ({L}) divisible by pp ({pp})")
     per = L // pp
     _free_memory(rt)
-    model = build_gpt(cfg, rt.dtype, rt.device, list(range(rank * per, (rank + 1) * per)), pre_process=rank == 0,
-                      post_process=rank == pp - 1)
+    model = build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, rt.dtype, rt.device,
+                      list(range(rank * per, (rank + 1) * per)), pre_process=rank == 0, post_process=rank == pp - 1)
     # What megatron's schedule reads from the model config (build_gpt builds standalone chunks: pp = 1 there).
     model.config.pipeline_model_parallel_size = pp
     model.config.deallocate_pipeline_outputs = True
@@ -317,7 +317,7 @@ def check_schedule(args, schedule: str, rt) -> dict:
             tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
 
     seed()
-    reference = build_gpt(cfg, rt.dtype, rt.device)
+    reference = build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, rt.dtype, rt.device)
     ref_loss = 0.0
     for mb in mbs:
         per_token = reference(*(mb[k].to(rt.device) for k in ("tokens", "position_ids")), None,

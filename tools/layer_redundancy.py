@@ -175,7 +175,7 @@ def load_model(args, device: torch.device, dtype: torch.dtype):
     cfg.epas.enabled = True
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sequence_parallel = 1, 1, False
     cfg.train.recompute = False
-    model = build_gpt(cfg, dtype, device)
+    model = build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, dtype, device)
     if sd is not None:
         model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
     return cfg, model.eval()

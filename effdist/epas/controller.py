@@ -175,7 +175,13 @@ class _FrozenRows:
 
 class EpasController:
     """One EPAS decision per optimizer step, identical on all ranks (a pure function of the step, or, in
-    adaptive mode, of the step and the decisions rank 0 broadcast)."""
+    adaptive mode, of the step and the decisions rank 0 broadcast). The trainer drives it as a
+    effdist.protocols.StepHook."""
+
+    # StepHook: the checkpoint key of its state (what every EPAS checkpoint holds; effdist.infer reads the
+    # trained region from it) and the metrics.jsonl field of begin_step's region size.
+    name = "epas"
+    begin_step_metric = "epas_region"
 
     def __init__(self, cfg: Config, model_chunks: list[torch.nn.Module], optimizer=None, log: Optional[Log] = None):
         if not cfg.epas.enabled:

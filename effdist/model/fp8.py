@@ -65,7 +65,7 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_tensor_model_parallel_region,
 )
 
-from effdist.config import FP8_RECIPES, Config, ConfigError
+from effdist.config import FP8_RECIPES, ConfigError, TrainConfig
 from effdist.model.spec import LinearImpl
 
 FP8_MIN_CAPABILITY = (8, 9)
@@ -135,13 +135,13 @@ def fp8_hardware_problem(device: torch.device) -> Optional[str]:
     return None
 
 
-def require_fp8_support(cfg: Config, device: torch.device) -> None:
-    """Raise Fp8UnavailableError (one line naming train.precision and the fix) when ``cfg`` asks for FP8 and
+def require_fp8_support(train: TrainConfig, device: torch.device) -> None:
+    """Raise Fp8UnavailableError (one line naming train.precision and the fix) when ``train`` asks for FP8 and
     this process cannot run it; nothing when it does not ask."""
-    if cfg.train.precision != "fp8":
+    if train.precision != "fp8":
         return
     torchao_float8()
-    if cfg.train.fp8_emulate:
+    if train.fp8_emulate:
         return
     problem = fp8_hardware_problem(device)
     if problem:
@@ -158,10 +158,11 @@ class Fp8Settings:
     emulate: bool = False
 
     @classmethod
-    def from_config(cls, cfg: Config) -> Optional["Fp8Settings"]:
-        if cfg.train.precision != "fp8":
+    def from_train(cls, train: TrainConfig) -> Optional["Fp8Settings"]:
+        """The settings of ``train.precision = 'fp8'``; None for any other precision."""
+        if train.precision != "fp8":
             return None
-        return cls(cfg.train.fp8_recipe, cfg.train.fp8_compile, cfg.train.fp8_emulate)
+        return cls(train.fp8_recipe, train.fp8_compile, train.fp8_emulate)
 
 
 class Fp8Gemm:

@@ -326,7 +326,7 @@ def _cpu_model(cfg: Config, dtype: torch.dtype):
 
     single = config_from_dict(cfg.to_dict())
     single.parallel.tp, single.parallel.pp, single.parallel.sequence_parallel = 1, 1, False
-    return build_gpt(single, dtype, torch.device("cpu"))
+    return build_gpt(single.model, single.parallel, single.train, single.ffn, single.epas, dtype, torch.device("cpu"))
 
 
 def save_dist_checkpoint(out_dir: str | Path, sd: dict[str, torch.Tensor], cfg: Config) -> Path:

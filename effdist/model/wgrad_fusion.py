@@ -132,13 +132,13 @@ def fp32_accumulating_gemm_available(device: torch.device, dtype: torch.dtype = 
     return bool(torch.equal(acc.cpu().double(), expected))
 
 
-def wgrad_fusion_applies(cfg, device: torch.device, dtype: torch.dtype) -> bool:
+def wgrad_fusion_applies(train, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `build_gpt` builds with megatron's gradient-accumulation fusion: ``"wgrad"`` in
     ``train.fused_kernels``, a CUDA device, the megatron engine (its DDP gives every weight a ``main_grad``;
     DeepSpeed does not) and, for 16-bit weights, `fp32_accumulating_gemm_available` (else a warning and off)."""
-    if "wgrad" not in fused_kernel_set(cfg.train.fused_kernels):
+    if "wgrad" not in fused_kernel_set(train.fused_kernels):
         return False
-    if device.type != "cuda" or cfg.train.engine != "megatron":
+    if device.type != "cuda" or train.engine != "megatron":
         return False
     if dtype in (torch.bfloat16, torch.float16) and not fp32_accumulating_gemm_available(device, dtype):
         warnings.warn(f"train.fused_kernels includes wgrad, but torch {torch.__version__} cannot accumulate a "

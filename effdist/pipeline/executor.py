@@ -523,7 +523,8 @@ def build_pipeline(cfg, runtime, *, schedule: Optional[Schedule] = None, measure
     else:
         fixed = schedule
     layout = chunk_layout(cfg.model.num_layers, schedule.placement)
-    chunks = build_model_chunks(gpt_chunk_builder(cfg, runtime.dtype, runtime.device), layout, runtime.pp_rank,
+    build_chunk = gpt_chunk_builder(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, runtime.dtype, runtime.device)
+    chunks = build_model_chunks(build_chunk, layout, runtime.pp_rank,
                                 runtime.device, cfg.train.seed, SPLIT_LINEARS, init=init)
     group = parallel_state.get_pipeline_model_parallel_group()
     if getattr(runtime, "is_logging_rank", True):

@@ -57,7 +57,7 @@ def measure_model(cfg, variant: str, num_layers: int, micro_batch: int, reps: in
 
     c = _variant_config(cfg, variant)
     c.model.num_layers = num_layers
-    model = build_gpt(c, dtype, device)
+    model = build_gpt(c.model, c.parallel, c.train, c.ffn, c.epas, dtype, device)
     if variant == "epas":
         from effdist.model.shared_qk import apply_region
 

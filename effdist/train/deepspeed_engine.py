@@ -280,7 +280,7 @@ class DeepSpeedEngine:
 
         self.cfg, self.runtime = cfg, runtime
         self.zero_stage = cfg.deepspeed.zero_stage
-        model = build_gpt(cfg, runtime.dtype, runtime.device)
+        model = build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, runtime.dtype, runtime.device)
         params = [p for p in model.parameters() if p.requires_grad]
         self.num_local_parameters = sum(p.numel() for p in params)
         cpu_adam = cfg.deepspeed.offload_optimizer and runtime.is_cuda

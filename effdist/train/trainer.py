@@ -15,13 +15,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from effdist.config import Config, ConfigError, load_config
 from effdist.model.hf_convert import CONVERTED_MARKER
+from effdist.protocols import StepHook
 from effdist.runtime import lifecycle
 from effdist.train import checkpoint as ckpt
 from effdist.train import run_dir as run_directory
@@ -53,8 +54,22 @@ def _peak_memory_gib(runtime) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+# What the trainer itself keeps in a checkpoint's common state; a StepHook's name must differ from these.
+TRAINER_STATE_KEYS = ("step", "data", "nonfinite_in_a_row", "skipped_steps")
+
+HookBuilder = Callable[["Trainer"], StepHook]
+
+
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, resume: str = "auto", fresh: bool = False):
+    """The training loop of one process.
+
+    `hooks`: builders of extra StepHooks (effdist.protocols), each called with the trainer once its model
+    chunks, optimizer and runtime exist (before resuming); the trainer then calls every hook at each point of
+    every step and checkpoints its state under its name, as it does for EPAS (docs/architecture.md).
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, resume: str = "auto", fresh: bool = False,
+                 hooks: Sequence[HookBuilder] = ()):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resume = resume
@@ -71,6 +86,9 @@ class Trainer:
         self.guard = lifecycle.guard()
         # train.engine=deepspeed: an object owning model wrapping, step, save and load (None: megatron DDP here).
         self.engine = None
+        # The StepHooks of this run, in calling order (_build_features): EPAS when enabled, then `hooks`.
+        self.hook_builders = list(hooks)
+        self.hooks: list[StepHook] = []
         # Fault injection for tests and drills: steps (1-based) whose loss is made NaN.
         self._nan_steps = {int(x) for x in os.environ.get("EFFDIST_FAULT_NAN_STEPS", "").split(",") if x.strip()}
         # ... and steps after whose update one weight is set to +inf (an overflowed update).
@@ -154,7 +172,7 @@ class Trainer:
             from effdist.model.gpt import build_gpt
 
             self.pipeline = None
-            chunks = [build_gpt(cfg, rt.dtype, rt.device)]
+            chunks = [build_gpt(cfg.model, cfg.parallel, cfg.train, cfg.ffn, cfg.epas, rt.dtype, rt.device)]
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                 use_distributed_optimizer=False)
         self.model_chunks = [
@@ -175,19 +193,33 @@ class Trainer:
                 f"{n_local / 1e6:.2f}M parameters on rank 0, ffn={cfg.ffn.kind}{_precision_note(cfg)}")
 
     def _build_features(self) -> None:
-        self.epas = None
+        """The run's StepHooks: EPAS (epas.enabled), then one from each builder of the `hooks` argument."""
+        rt = self.runtime
+        self.hooks = []
         if self.cfg.epas.enabled:
             from effdist.epas.controller import EpasController
 
             from effdist.epas.schedule import describe_plan
 
-            rt = self.runtime
             log(rt, describe_plan(self.cfg.epas, self.cfg.model.num_layers, self.cfg.train.steps))
-            self.epas = EpasController(self.cfg, [ckpt.unwrap(c) for c in self.model_chunks], optimizer=self.optimizer,
-                                       log=lambda message: log(rt, message))
-            if self.pipeline is not None:
-                # Q/K cross a stage boundary whenever the sharing region spans it.
-                self.pipeline.set_boundary_extras(self.epas.boundary_extras(self.pipeline.layout.layers))
+            self.hooks.append(EpasController(self.cfg, [ckpt.unwrap(c) for c in self.model_chunks],
+                                             optimizer=self.optimizer, log=lambda message: log(rt, message)))
+        self.hooks += [build(self) for build in self.hook_builders]
+        names = [hook.name for hook in self.hooks]
+        clash = sorted({n for n in names if names.count(n) > 1 or n in TRAINER_STATE_KEYS})
+        if clash:
+            raise ValueError(f"StepHook name(s) {clash} repeat, or are among the trainer's own checkpoint keys "
+                             f"{TRAINER_STATE_KEYS}: give each hook its own name")
+        if self.pipeline is not None:
+            # What crosses a stage boundary besides the hidden states (EPAS: Q/K, whenever the sharing region
+            # spans the boundary); the executor carries one such object.
+            extras = [(hook.name, e) for hook in self.hooks
+                      if (e := hook.boundary_extras(self.pipeline.layout.layers)) is not None]
+            if len(extras) > 1:
+                raise ValueError(f"StepHooks {[name for name, _ in extras]} each send tensors across pipeline "
+                                 "boundaries; the executor carries one BoundaryExtras: combine them in one hook")
+            if extras:
+                self.pipeline.set_boundary_extras(extras[0][1])
 
     def _from_rank0(self, value: Any) -> Any:
         """Rank 0's `value` on every rank (a decision only rank 0 can take, so all ranks act alike)."""
@@ -255,8 +287,9 @@ class Trainer:
         self.loader.load_state_dict(common["data"])
         self.nonfinite_in_a_row = int(common.get("nonfinite_in_a_row", 0))
         self.skipped_steps = int(common.get("skipped_steps", 0))
-        if self.epas is not None and "epas" in common:
-            self.epas.load_state_dict(common["epas"])
+        for hook in self.hooks:
+            if hook.name in common:
+                hook.load_state_dict(common[hook.name])
         self.last_good_checkpoint = path
         self.guard.resume_point = str(path)
         log(rt, f"resumed from {path} at step {self.step}" + ("" if same_layout else
@@ -416,7 +449,7 @@ class Trainer:
             for mod in chunk.modules():
                 if hasattr(mod, "on_train_step"):
                     mod.on_train_step(self.step)
-        region = self.epas.begin_step(self.step) if self.epas is not None else 0
+        begun = self._begin_step()
 
         microbatches = self.loader.next_step()
         local_tokens = sum(float(mb["loss_mask"].sum()) for mb in microbatches)
@@ -424,7 +457,7 @@ class Trainer:
         dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
         tokens_in_global_batch = float(counts.item())
         if self.engine is not None:
-            return self._engine_step(microbatches, tokens_in_global_batch, region)
+            return self._engine_step(microbatches, tokens_in_global_batch, begun)
 
         for chunk in self.model_chunks:
             chunk.zero_grad_buffer()
@@ -443,8 +476,8 @@ class Trainer:
             dist.all_reduce(loss_t, group=parallel_state.get_pipeline_model_parallel_group())
         loss = float(loss_t.item()) / tokens_in_global_batch
 
-        if self.epas is not None:
-            self.epas.after_backward()
+        for hook in self.hooks:
+            hook.after_backward()
         self.optimizer.collect_grads()
         grad_norm = self.optimizer.grad_norm()
         lr = lr_at(self.step, cfg.optim, cfg.train.steps)
@@ -452,8 +485,8 @@ class Trainer:
         if finite:
             self.optimizer.clip(grad_norm)
             self.optimizer.step(lr)
-            if self.epas is not None:
-                self.epas.after_optimizer_step(self.optimizer)
+            for hook in self.hooks:
+                hook.after_optimizer_step(self.optimizer)
             self.nonfinite_in_a_row = 0
         else:
             self.optimizer.zero_grads()
@@ -461,16 +494,30 @@ class Trainer:
             self.skipped_steps += 1
             log(rt, f"WARNING: step {self.step}: non-finite loss={loss} or grad_norm={grad_norm}; update skipped "
                     f"({self.nonfinite_in_a_row} in a row, limit {cfg.train.max_consecutive_nonfinite})")
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "epas_region": region, "finite": finite,
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **begun, "finite": finite,
                 "skipped_steps": self.skipped_steps}
 
-    def _engine_step(self, microbatches, tokens_in_global_batch: float, region: int) -> dict[str, Any]:
+    def _begin_step(self) -> dict[str, Any]:
+        """Every hook's begin_step; the values they log, by metrics field (``epas_region``, a core field, is 0
+        without EPAS)."""
+        begun: dict[str, Any] = {"epas_region": 0}
+        for hook in self.hooks:
+            value = hook.begin_step(self.step)
+            if hook.begin_step_metric is not None:
+                begun[hook.begin_step_metric] = value
+        return begun
+
+    def _after_engine_update(self, optimizer) -> None:
+        for hook in self.hooks:
+            hook.after_optimizer_step(optimizer)
+
+    def _engine_step(self, microbatches, tokens_in_global_batch: float, begun: dict[str, Any]) -> dict[str, Any]:
         """train_step for an engine that owns backward, gradient reduction, clipping and the update."""
         cfg = self.cfg
         if self.step + 1 in self._nan_steps:
             tokens_in_global_batch = float("nan")  # poisons the loss and every gradient of this step
         lr = lr_at(self.step, cfg.optim, cfg.train.steps)
-        after_update = self.epas.after_optimizer_step if self.epas is not None else None
+        after_update = self._after_engine_update if self.hooks else None
         loss, grad_norm, finite = self.engine.train_step(microbatches, tokens_in_global_batch, lr, after_update)
         if finite:
             self.nonfinite_in_a_row = 0
@@ -479,7 +526,7 @@ class Trainer:
             self.skipped_steps += 1
             log(self.runtime, f"WARNING: step {self.step}: non-finite loss={loss} or grad_norm={grad_norm}; update "
                               f"skipped ({self.nonfinite_in_a_row} in a row, limit {cfg.train.max_consecutive_nonfinite})")
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "epas_region": region, "finite": finite,
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **begun, "finite": finite,
                 "skipped_steps": self.skipped_steps}
 
     # ------------------------------------------------------------------ loop
@@ -493,8 +540,8 @@ class Trainer:
         """Checkpoint the state after `self.step` steps (in the background with checkpoint.async_save)."""
         common = {"step": self.step, "data": self.loader.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row,
                   "skipped_steps": self.skipped_steps}
-        if self.epas is not None:
-            common["epas"] = self.epas.state_dict()
+        for hook in self.hooks:
+            common[hook.name] = hook.state_dict()
         rt, cc = self.runtime, self.cfg.checkpoint
         self._finish_saves()
         self._check_weights_finite()
@@ -803,7 +850,7 @@ def _check_precision_support(cfg: Config) -> None:
     device, _ = choose_device(cfg)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    require_fp8_support(cfg, device)
+    require_fp8_support(cfg.train, device)
 
 
 def _data_error() -> type[Exception]:
