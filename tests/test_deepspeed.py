@@ -152,7 +152,8 @@ def runs(tmp_path_factory, data_cache):
     pytest.importorskip("deepspeed")
     root = tmp_path_factory.mktemp("engines")
     first = {
-        "megatron": lambda: _run(root / "megatron", data_cache),
+        # Its step-6 checkpoint is what the engine switch finds; nothing reads a step-3 one.
+        "megatron": lambda: _run(root / "megatron", data_cache, "checkpoint.interval=0"),
         "zero2": lambda: _run(root / "zero2", data_cache, "train.engine=deepspeed", "deepspeed.zero_stage=2"),
     }
     out = {name: (root / name, proc) for name, proc in in_parallel(first).items()}
@@ -164,7 +165,9 @@ def runs(tmp_path_factory, data_cache):
     second = {
         "zero1": lambda: _run(root / "zero1", data_cache, "train.engine=deepspeed", "deepspeed.zero_stage=1",
                               "checkpoint.interval=0", "checkpoint.save_at_end=false"),
-        "resumed": lambda: _run(resumed, data_cache, "train.engine=deepspeed", "deepspeed.zero_stage=2"),
+        # Saves only its final checkpoint, which the test compares with the uninterrupted run's.
+        "resumed": lambda: _run(resumed, data_cache, "train.engine=deepspeed", "deepspeed.zero_stage=2",
+                                "checkpoint.interval=0"),
         "switched": lambda: _run(switched, data_cache, "train.engine=deepspeed", check=False),
     }
     out.update({name: (root / name, proc) for name, proc in in_parallel(second).items()})

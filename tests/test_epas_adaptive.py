@@ -8,7 +8,7 @@ Real processes: the trainer with TP=1, TP=2 and PP=2 (probing and sharing across
 resume between a decision and its join; and a worker (this file) with layers built to be similar, so that
 probes say yes twice and then no, under DP=2 and TP=2 where rank 1 alone would decide otherwise.
 
-Worker: ``torchrun --nproc_per_node=N tests/test_epas_adaptive.py --tp T --out F [--sabotage]``.
+Worker: ``torchrun --nproc_per_node=N tests/test_epas_adaptive.py --out DIR LAYOUT...`` (LAYOUTS, in turn).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -438,19 +437,43 @@ def _epas_state(checkpoint: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
+def launches(tmp_path_factory):
+    """Every real-process run of this file, two at a time: the one-process trainer run (then resumed from its
+    step-4 checkpoint), the TP=2 and PP=2 trainer runs (one data cache) and the worker launches. The TP=2/PP=2
+    and resumed runs save only at the end (the tests read their final EPAS state)."""
+    from tests.launching import in_parallel
+
+    root = tmp_path_factory.mktemp("adaptive")
+    run = RUN + [f"data.cache_dir={root / 'data'}"]
+    final_only = ["checkpoint.interval=0"]
+
+    def single_then_resumed():
+        single = run_train(root / "single", run)
+        # Killed after step 4: its metrics and its step-4 checkpoint.
+        resumed = root / "resumed"
+        shutil.copytree(root / "single", resumed)
+        for later in (8, 12):
+            shutil.rmtree(resumed / "checkpoints" / f"iter_{later:07d}")
+        (resumed / "checkpoints" / "latest").write_text("iter_0000004")
+        return single.stderr, run_train(resumed, run + final_only).stderr
+
+    jobs = {"single": single_then_resumed,
+            "tp2": lambda: run_train(root / "tp2", run + final_only + ["parallel.tp=2"], 2),
+            "pp2": lambda: run_train(root / "pp2", run + final_only + ["parallel.pp=2"], 2),
+            "workers": lambda: _run_workers(root / "workers")}
+    out = in_parallel(jobs)
+    out["single"], out["resumed"] = out["single"]
+    return root, out
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, data_cache):
-    run = tmp_path_factory.mktemp("adaptive_single")
-    proc = run_train(run, RUN + [f"data.cache_dir={data_cache}"])
-    return run, proc.stderr
+def single(launches):
+    root, out = launches
+    return root / "single", out["single"]
 
 
 @pytest.mark.slow
-def test_trainer_tp2_and_pp2_follow_one_process(single, tmp_path, data_cache):
+def test_trainer_tp2_and_pp2_follow_one_process(single, launches):
     """Same decisions, regions and losses with TP=2 and with PP=2, where layer 2 (first of stage 1) probes at
     step 3 against layer 1's Q/K, blends with them at step 4 and shares them from step 5."""
     run, stderr = single
@@ -461,36 +484,28 @@ def test_trainer_tp2_and_pp2_follow_one_process(single, tmp_path, data_cache):
     state = _epas_state(run / "checkpoints" / "iter_0000004")
     assert state["step"] == 3 and state["sharing_layers"] == [3]
     assert state["adaptive"]["joins"] == [[2, 5], [3, 3]]  # decided at step 3, joins after step 4's blend
-    runs = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"]}
-    with ThreadPoolExecutor(len(runs)) as pool:
-        procs = {name: pool.submit(run_train, tmp_path / name, RUN + [f"data.cache_dir={data_cache}", *extra], 2)
-                 for name, extra in runs.items()}
-        procs = {name: p.result() for name, p in procs.items()}
+    root, _ = launches
     reference = losses(run)
-    for name in runs:
-        assert _regions(tmp_path / name) == REGIONS, name
-        got = losses(tmp_path / name)
+    for name in ("tp2", "pp2"):
+        assert _regions(root / name) == REGIONS, name
+        got = losses(root / name)
         for s, v in reference.items():
             assert got[s] == pytest.approx(v, rel=2e-5), (name, s)
-        final = _epas_state(tmp_path / name / "checkpoints" / f"iter_{STEPS:07d}")["adaptive"]
+        final = _epas_state(root / name / "checkpoints" / f"iter_{STEPS:07d}")["adaptive"]
         assert final["joins"] == [[1, 7], [2, 5], [3, 3]]
         want = _epas_state(run / "checkpoints" / f"iter_{STEPS:07d}")["adaptive"]["probes"]
         assert [p["similarity"] for p in final["probes"]] == [pytest.approx(p["similarity"], abs=1e-5) for p in want]
 
 
 @pytest.mark.slow
-def test_trainer_resume_between_a_decision_and_its_join(single, tmp_path, data_cache):
+def test_trainer_resume_between_a_decision_and_its_join(single, launches):
     """Killed after step 4 (layer 2 decided at step 3, blending at step 4, joining at 5): the resumed run
     takes the decided joins from the checkpoint, probes only from step 5 on, and repeats region and losses."""
     source, _ = single
-    run = tmp_path / "resumed"
-    shutil.copytree(source, run)
-    for later in (8, 12):
-        shutil.rmtree(run / "checkpoints" / f"iter_{later:07d}")
-    (run / "checkpoints" / "latest").write_text("iter_0000004")
-    proc = run_train(run, RUN + [f"data.cache_dir={data_cache}"])
-    assert "resumed from" in proc.stderr
-    assert "epas probe at step 5: layers [1]" in proc.stderr and "epas probe at step 3" not in proc.stderr
+    root, out = launches
+    run, stderr = root / "resumed", out["resumed"]
+    assert "resumed from" in stderr
+    assert "epas probe at step 5: layers [1]" in stderr and "epas probe at step 3" not in stderr
     assert _regions(run) == REGIONS
     for s, v in losses(source).items():
         assert losses(run)[s] == pytest.approx(v, rel=1e-6, abs=0), s
@@ -511,15 +526,31 @@ ADAPTIVE = ["epas.mode=adaptive", "epas.similarity_threshold=0.5", "epas.start_s
             "epas.group_size=1", "epas.transition_steps=0"]
 
 
-def worker(tp: int, out: str, sabotage: bool) -> None:
+# name: (processes, tp, sabotage); the two-process layouts run one after the other in one launch.
+LAYOUTS = {"single": (1, 1, False), "dp2": (2, 1, True), "tp2": (2, 2, True)}
+
+
+def worker(names: list[str], out: Path) -> None:
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
     from effdist.runtime import cpu_compat
 
     cpu_compat.install()
     dist.init_process_group("gloo")
+    for name in names:
+        _, tp, sabotage = LAYOUTS[name]
+        record = train_similar_layers(tp, sabotage)
+        (out / f"{name}.rank{dist.get_rank()}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
+def train_similar_layers(tp: int, sabotage: bool) -> dict:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
     rank = dist.get_rank()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tp, 1, create_gloo_process_groups=False)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     dp_group = parallel_state.get_data_parallel_group()
@@ -557,30 +588,34 @@ def worker(tp: int, out: str, sabotage: bool) -> None:
             record["grow"].append(metrics["epas_grow"])
             record["similarity"].append(metrics["epas_similarity"])
     record["threshold"] = cfg.epas.similarity_threshold
-    Path(f"{out}.rank{rank}.json").write_text(json.dumps(record))
     parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    return record
 
 
-def _launch(nproc: int, tp: int, out: Path, sabotage: bool) -> subprocess.Popen:
+def _run_workers(out: Path) -> dict[str, list[dict]]:
+    """The one-process worker and the two-process one (DP=2, then TP=2) side by side: {layout: [record per rank]}."""
+    out.mkdir(parents=True, exist_ok=True)
     env = clean_env(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(Path(__file__).resolve()), "--tp", str(tp), "--out", str(out)] + (["--sabotage"] if sabotage else [])
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launches = {1: ["single"], 2: ["dp2", "tp2"]}
+    procs = {nproc: subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                      f"--nproc_per_node={nproc}", str(Path(__file__).resolve()), "--out", str(out),
+                                      *names], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+             for nproc, names in launches.items()}
+    for nproc, proc in procs.items():
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{launches[nproc]} failed:\n{output[-6000:]}"
+    return {name: [json.loads((out / f"{name}.rank{r}.json").read_text()) for r in range(nproc)]
+            for name, (nproc, _, _) in LAYOUTS.items()}
 
 
 @pytest.mark.slow
-def test_rank_zero_decides_for_every_layout(tmp_path):
+def test_rank_zero_decides_for_every_layout(launches):
     """Similar layers grow the region twice, then a probe says no twice. DP=2 and TP=2 measure the same cosines
     (statistics summed over all ranks) and switch at the same steps as one process, although rank 1 there has
     a threshold of 1.0 that would refuse every probe: the decision is rank 0's, broadcast."""
-    runs = {"single": (1, 1, False), "dp2": (2, 1, True), "tp2": (2, 2, True)}
-    procs = {name: _launch(n, tp, tmp_path / name, sabotage) for name, (n, tp, sabotage) in runs.items()}
-    results = {}
-    for name, proc in procs.items():
-        output, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"{name} failed:\n{output[-6000:]}"
-        results[name] = [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in range(runs[name][0])]
+    _, out = launches
+    results = out["workers"]
     reference = results["single"][0]
     assert reference["regions"] == [0, 1, 1, 2, 2, 2, 2, 2]
     assert reference["probing"] == [[3], [], [2], [], [1], [], [1], []]
@@ -598,8 +633,7 @@ def test_rank_zero_decides_for_every_layout(tmp_path):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tp", type=int, required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--sabotage", action="store_true")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("layouts", nargs="+", choices=sorted(LAYOUTS))
     args = parser.parse_args()
-    worker(args.tp, args.out, args.sabotage)
+    worker(args.layouts, args.out)

@@ -3,7 +3,10 @@ run step for step while the region grows, in real gloo processes launched with t
 AdamW (the controller restores the frozen rows) and with MasterWeightAdamW on the fused kernel (the
 optimizer leaves the rows of each rank's shard alone).
 
-This file is also the worker: ``torchrun --nproc_per_node=N tests/test_epas_tp.py --tp N --out F``.
+This file is also the worker: ``torchrun --nproc_per_node=2 tests/test_epas_tp.py --out F`` trains every
+scenario of RUNS in turn in the same two processes (one launch: each process costs seconds of imports). The
+TP=1 references run on both ranks with tensor parallelism 1 (each rank a whole model, nothing reduced
+between them), exactly as one process would.
 """
 
 from __future__ import annotations
@@ -21,9 +24,27 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
 # The region grows by one layer per step from step 1: sizes 0, 1, 2, 3, 3.
 EPAS = ["epas.enabled=true", "epas.start_step=1", "epas.interval=1", "epas.group_size=1", "epas.final_region=3"]
+# name: (tp, sequence parallelism, MasterWeightAdamW on the fused kernel)
+RUNS = {"tp1": (1, False, False), "tp2": (2, False, False), "tp2_sp": (2, True, False),
+        "tp1_fused": (1, False, True), "tp2_fused": (2, False, True)}
 
 
-def worker(tp: int, sequence_parallel: bool, out: str, master_fused: bool) -> None:
+def worker(out: str) -> None:
+    import torch.distributed as dist
+
+    from effdist.runtime import cpu_compat
+
+    cpu_compat.install()
+    dist.init_process_group("gloo")
+    results = {name: train(tp, sp, fused) for name, (tp, sp, fused) in RUNS.items()}
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def train(tp: int, sequence_parallel: bool, master_fused: bool) -> dict:
+    """STEPS steps of one scenario at tensor parallelism `tp` ({losses, regions}); the frozen-row checks
+    are asserted on every rank."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -31,11 +52,10 @@ def worker(tp: int, sequence_parallel: bool, out: str, master_fused: bool) -> No
     from effdist.config import load_config
     from effdist.epas import EpasController
     from effdist.model.gpt import build_gpt
-    from effdist.runtime import cpu_compat
     from effdist.runtime.distributed import _seed_cpu_tracker
 
-    cpu_compat.install()
-    dist.init_process_group("gloo")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tp, 1, create_gloo_process_groups=False)
     cfg = load_config(None, ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
                              "model.num_query_groups=2", "model.ffn_hidden_size=96", "model.vocab_size=128",
@@ -47,7 +67,8 @@ def worker(tp: int, sequence_parallel: bool, out: str, master_fused: bool) -> No
     if master_fused:
         from effdist.train.optim import MasterWeightAdamW
 
-        optimizer = MasterWeightAdamW(list(model.parameters()), cfg.optim, fused=True, tp_rank=dist.get_rank(),
+        optimizer = MasterWeightAdamW(list(model.parameters()), cfg.optim, fused=True,
+                                      tp_rank=parallel_state.get_tensor_model_parallel_rank(),
                                       model_parallel_group=parallel_state.get_model_parallel_group())
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -86,34 +107,25 @@ def worker(tp: int, sequence_parallel: bool, out: str, master_fused: bool) -> No
     assert not torch.equal(blocks(qkv)[:, heads // groups + 1], v_at_switch)
     if master_fused:
         assert len(optimizer._trainable_pieces) == 3, "the optimizer itself leaves the rows alone"
-    if dist.get_rank() == 0:
-        Path(out).write_text(json.dumps({"losses": losses, "regions": regions}))
     parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    return {"losses": losses, "regions": regions}
 
 
-def _launch(tp: int, sequence_parallel: bool, out: Path, master_fused: bool = False) -> subprocess.Popen:
+def _launch(out: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}",
-           str(Path(__file__).resolve()), "--tp", str(tp), "--out", str(out)]
-    if sequence_parallel:
-        cmd.append("--sequence-parallel")
-    if master_fused:
-        cmd.append("--master-fused")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).resolve()), "--out", str(out)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.slow
 def test_tp2_follows_tp1_while_the_region_grows(tmp_path):
-    runs = {"tp1": (1, False, False), "tp2": (2, False, False), "tp2_sp": (2, True, False),
-            "tp1_fused": (1, False, True), "tp2_fused": (2, False, True)}
-    procs = {name: _launch(tp, sp, tmp_path / f"{name}.json", fused) for name, (tp, sp, fused) in runs.items()}
-    results = {}
-    for name, proc in procs.items():
-        output, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"{name} failed:\n{output[-6000:]}"
-        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    proc = _launch(tmp_path / "results.json")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"the worker failed:\n{output[-6000:]}"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == set(RUNS)
     reference = results["tp1"]
     assert reference["regions"] == [0, 1, 2, 3, 3]
     assert reference["losses"][-1] < reference["losses"][0]
@@ -126,9 +138,5 @@ def test_tp2_follows_tp1_while_the_region_grows(tmp_path):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tp", type=int, required=True)
-    parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--master-fused", action="store_true")
-    args = parser.parse_args()
-    worker(args.tp, args.sequence_parallel, args.out, args.master_fused)
+    worker(parser.parse_args().out)

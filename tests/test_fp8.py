@@ -324,19 +324,49 @@ COMMON = [f"train.steps={STEPS}", "train.global_batch=8", "train.micro_batch=2",
           "train.precision=fp8", "train.fp8_emulate=true"]
 
 
+EPAS_TOPK = ["epas.enabled=true", "epas.interval=2", "ffn.kind=topk"]
+
+
 @pytest.fixture(scope="module")
-def fp8_run(tmp_path_factory):
-    from tests.launching import run_train
+def fp8_runs(tmp_path_factory):
+    """Every FP8 trainer run of the tests below, two at a time, on one data cache: {name: (run dir, process)}.
+    The single-process run saves at steps 3 and 6 and is then resumed from step 3; runs whose checkpoints
+    nothing reads skip saving (NO_CHECKPOINTS)."""
+    if not HAVE_TORCHAO:
+        pytest.skip("torchao is not installed (pip install -e '.[fp8]')")
+    from tests.launching import NO_CHECKPOINTS, in_parallel, run_train
 
     data = tmp_path_factory.mktemp("data")
-    run = tmp_path_factory.mktemp("fp8")
-    proc = run_train(run, COMMON + [f"data.cache_dir={data}"])
-    return run, data, proc
+    root = tmp_path_factory.mktemp("fp8")
+    common = COMMON + [f"data.cache_dir={data}"]
+
+    def single_then_resumed():
+        single = run_train(root / "single", common)
+        # The run as it was after step 3 (its metrics and its step-3 checkpoint), to resume.
+        resumed = root / "resumed"
+        shutil.copytree(root / "single", resumed)
+        shutil.rmtree(resumed / "checkpoints" / "iter_0000006")
+        (resumed / "checkpoints" / "latest").write_text("iter_0000003")
+        return single, run_train(resumed, common)
+
+    layouts = {  # (overrides, processes); one-process runs paired with two-process ones
+        "tp2": (common + ["parallel.tp=2", "parallel.sequence_parallel=true", *NO_CHECKPOINTS], 2),
+        "epas_one": (common + EPAS_TOPK + NO_CHECKPOINTS, 1),
+        "epas_tp2": (common + EPAS_TOPK + ["parallel.tp=2", "parallel.sequence_parallel=true", *NO_CHECKPOINTS], 2),
+        "pp2": (common + ["parallel.pp=2", "pipeline.schedule=zb-h1", *NO_CHECKPOINTS], 2),
+    }
+    jobs = {"single": single_then_resumed,
+            **{name: (lambda name=name, o=o, n=n: run_train(root / name, o, nproc=n))
+               for name, (o, n) in layouts.items()}}
+    out = {name: (root / name, proc) for name, proc in in_parallel(jobs).items()}
+    single, resumed = out["single"][1]
+    out["single"], out["resumed"] = (root / "single", single), (root / "resumed", resumed)
+    return out
 
 
 @needs_torchao
-def test_fp8_run_logs_no_torchao_noise(fp8_run):
-    *_, proc = fp8_run
+def test_fp8_run_logs_no_torchao_noise(fp8_runs):
+    _, proc = fp8_runs["single"]
     assert "fp8 linears (tensorwise, emulated)" in proc.stderr, proc.stderr[-3000:]
     noise = [line for line in proc.stderr.splitlines()
              if "Failed to load" in line or "is an Enum subclass" in line or "torchao" in line.lower()]
@@ -344,27 +374,22 @@ def test_fp8_run_logs_no_torchao_noise(fp8_run):
 
 
 @needs_torchao
-def test_fp8_training_resumes_exactly(fp8_run, tmp_path):
+def test_fp8_training_resumes_exactly(fp8_runs):
     """Tensorwise (like every torchao recipe) scales dynamically: each scale comes from the tensor's amax in the
     same step, so there is no scaling state to checkpoint. Resuming at step 3 must still reproduce the
     uninterrupted run's losses bit for bit, and its final weights."""
-    from tests.launching import losses, run_train
+    from tests.launching import losses
 
-    single, data, _ = fp8_run
+    single, _ = fp8_runs["single"]
     ls = losses(single)
     assert sorted(ls) == list(range(1, STEPS + 1)) and ls[STEPS] < ls[1]
-    run = tmp_path / "resumed"
-    shutil.copytree(single, run)
-    shutil.rmtree(run / "checkpoints" / "iter_0000006")
-    (run / "checkpoints" / "latest").write_text("iter_0000003")
-    proc = run_train(run, COMMON + [f"data.cache_dir={data}"])
+    run, proc = fp8_runs["resumed"]
     assert "resumed from" in proc.stderr
     resumed = losses(run)
     assert {s: resumed[s] for s in ls} == ls
     final, final_resumed = _model_state(single / "checkpoints" / "iter_0000006"), _model_state(run / "checkpoints" / "iter_0000006")
     assert final.keys() == final_resumed.keys() and final
     assert all(torch.equal(final[k], final_resumed[k]) for k in final), [k for k in final if not torch.equal(final[k], final_resumed[k])]
-
 
 def _model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint (megatron's torch_dist format is torch.distributed.checkpoint's), by key."""
@@ -387,32 +412,24 @@ def _model_state(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 @needs_torchao
-def test_fp8_training_tp2_sequence_parallel_follows_single_process(fp8_run, tmp_path):
+def test_fp8_training_tp2_sequence_parallel_follows_single_process(fp8_runs):
     """End to end through the trainer at TP=2 with sequence parallelism. Tensorwise scales are per TP shard, so
     the runs agree to FP8 rounding, not bit for bit (the layer-level test above is exact)."""
-    from tests.launching import losses, run_train
+    from tests.launching import losses
 
-    single, data, _ = fp8_run
-    run = tmp_path / "tp2"
-    run_train(run, COMMON + [f"data.cache_dir={data}", "parallel.tp=2", "parallel.sequence_parallel=true"], nproc=2)
-    a, b = losses(run), losses(single)
+    a, b = losses(fp8_runs["tp2"][0]), losses(fp8_runs["single"][0])
     for s in range(1, STEPS + 1):
         assert a[s] == pytest.approx(b[s], rel=3e-3), (s, a[s], b[s])
 
 
 @needs_torchao
-def test_fp8_epas_and_sparse_ffn_tp2_sequence_parallel_follow_single_process(fp8_run, tmp_path):
+def test_fp8_epas_and_sparse_ffn_tp2_sequence_parallel_follow_single_process(fp8_runs):
     """EPAS sharing layers (layer 3 shares Q/K from step 1, layers 2-3 from step 3: their V rows go through the
     FP8 GEMM) with top-k FFNs (fc1/fc2 are FP8 linears), through the trainer: one process against TP=2 with
     sequence parallelism, within FP8 rounding."""
-    from tests.launching import losses, run_train
+    from tests.launching import losses
 
-    _, data, _ = fp8_run
-    extra = COMMON + [f"data.cache_dir={data}", "epas.enabled=true", "epas.interval=2", "ffn.kind=topk",
-                      "checkpoint.interval=0"]
-    one, two = tmp_path / "one", tmp_path / "tp2"
-    proc = run_train(one, extra)
-    run_train(two, extra + ["parallel.tp=2", "parallel.sequence_parallel=true"], nproc=2)
+    (one, proc), (two, _) = fp8_runs["epas_one"], fp8_runs["epas_tp2"]
     assert "fp8 linears" in proc.stderr
     a, b = losses(two), losses(one)
     assert sorted(b) == list(range(1, STEPS + 1)) and all(map(math.isfinite, b.values())) and b[STEPS] < b[1]
@@ -423,18 +440,15 @@ def test_fp8_epas_and_sparse_ffn_tp2_sequence_parallel_follow_single_process(fp8
 
 
 @needs_torchao
-def test_fp8_pipeline_zero_bubble_follows_single_process(fp8_run, tmp_path):
+def test_fp8_pipeline_zero_bubble_follows_single_process(fp8_runs):
     """PP=2 with a zero-bubble schedule (weight-gradient GEMMs deferred to W actions) in FP8: the pipeline
     executor's B/W-split linears run the same FP8 GEMMs as pp=1 (tensorwise scales are per whole tensor, which PP
     does not split), so the losses follow the single-process FP8 run to float rounding."""
-    from tests.launching import losses, run_train
+    from tests.launching import losses
 
-    single, data, _ = fp8_run
-    run = tmp_path / "pp2"
-    proc = run_train(run, COMMON + [f"data.cache_dir={data}", "parallel.pp=2", "pipeline.schedule=zb-h1",
-                                    "checkpoint.interval=0", "checkpoint.save_at_end=false"], nproc=2)
+    run, proc = fp8_runs["pp2"]
     assert "fp8 linears" in proc.stderr
-    a, b = losses(run), losses(single)
+    a, b = losses(run), losses(fp8_runs["single"][0])
     assert sorted(a) == sorted(b)
     for s in range(1, STEPS + 1):
         assert a[s] == pytest.approx(b[s], rel=2e-5), (s, a[s], b[s])

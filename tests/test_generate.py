@@ -17,6 +17,7 @@ import json
 import runpy
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -252,14 +253,24 @@ def test_bad_checkpoint_paths(tmp_path):
 # ---------------------------------------------------------------------------------------- end to end
 
 # Two training processes: marked slow like the other multi-process tests (~15 s on 2 cores).
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """A tiny EPAS model trained with TP=2 on two processes; the region reached 2 of 4 layers."""
+@pytest.fixture(scope="module", autouse=True)
+def training(tmp_path_factory):
+    """A tiny EPAS model trained with TP=2 on two processes (the region reaches 2 of 4 layers), started with this
+    module's first test so that it trains beside the in-process tests: (run directory, future)."""
     run_dir = tmp_path_factory.mktemp("gen") / "run"
-    run_train(run_dir, ["train.steps=3", "epas.enabled=true", "epas.interval=1", "epas.final_region=2",
-                        "data.sample_documents=200", "data.seq_length=64", "train.global_batch=4",
-                        "logging.tensorboard=false", "logging.progress_bar=false", "parallel.tp=2"], nproc=2,
-              resume="none")
+    with ThreadPoolExecutor(1) as pool:
+        yield run_dir, pool.submit(
+            run_train, run_dir, ["train.steps=3", "epas.enabled=true", "epas.interval=1", "epas.final_region=2",
+                                 "data.sample_documents=200", "data.seq_length=64", "train.global_batch=4",
+                                 "logging.tensorboard=false", "logging.progress_bar=false", "parallel.tp=2"],
+            nproc=2, resume="none")
+
+
+@pytest.fixture(scope="module")
+def trained_run(training):
+    """The finished run of `training`."""
+    run_dir, future = training
+    future.result()
     return run_dir
 
 

@@ -523,14 +523,31 @@ def tp_worker(out: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_fused_loss_and_model_under_tensor_parallelism(tmp_path):
+@pytest.fixture(scope="module", autouse=True)
+def subprocess_checks(tmp_path_factory):
+    """The TP=2 worker launch and the benchmark's smoke run, started with this module's first test so that they
+    run beside the in-process tests (which leave the second core idle): {name: (output path, future of the
+    finished process)}; the two tests below wait for theirs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("subprocesses")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    out = tmp_path / "errors"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-           "--worker", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    tp_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+              "--worker", str(root / "errors")]
+    bench_env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    bench_cmd = [sys.executable, str(ROOT / "tools" / "bench_kernels.py"), "--tiny", "--json", str(root / "kernels.json")]
+    with ThreadPoolExecutor(1) as pool:  # one launch at a time, beside the in-process tests
+        yield {"tp": (root / "errors", pool.submit(subprocess.run, tp_cmd, cwd=ROOT, env=env, capture_output=True,
+                                                   text=True, timeout=300)),
+               "bench": (root / "kernels.json", pool.submit(subprocess.run, bench_cmd, cwd=ROOT, env=bench_env,
+                                                            capture_output=True, text=True, timeout=300))}
+
+
+@pytest.mark.slow
+def test_fused_loss_and_model_under_tensor_parallelism(subprocess_checks):
+    out, future = subprocess_checks["tp"]
+    proc = future.result()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     for rank in (0, 1):
         errors = json.loads(Path(f"{out}.rank{rank}").read_text())
@@ -541,11 +558,9 @@ def test_fused_loss_and_model_under_tensor_parallelism(tmp_path):
 
 # ---------------------------------------------------------------------------------------- benchmark
 
-def test_bench_kernels_tiny_runs_on_cpu(tmp_path):
-    out = tmp_path / "kernels.json"
-    env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_kernels.py"), "--tiny", "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def test_bench_kernels_tiny_runs_on_cpu(subprocess_checks):
+    out, future = subprocess_checks["bench"]
+    proc = future.result()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     seen = {(r["kernel"], r["impl"], r["pass"]) for r in rows}

@@ -9,7 +9,23 @@ import torch
 # First: importing it chooses Triton's CPU interpreter (on machines without CUDA) before triton is imported.
 from tests.kernel_testing import needs_interpreter, requires_gpu  # isort: skip
 
-from effdist.kernels.topk_select import topk_select, topk_select_reference, topk_select_triton
+from effdist.kernels import topk_select as topk_module  # noqa: E402
+from effdist.kernels.topk_select import topk_select, topk_select_config, topk_select_reference, topk_select_triton
+
+# A few rows through the multi-row layout (ROWS > 1, last program partly full): the layout topk_select_config
+# picks for a training-sized call (300 rows), without interpreting that many programs on the CPU.
+MANY_ROWS, FEW_ROWS = 300, 11
+
+
+def _multi_row_config(width: int) -> tuple[int, int, int]:
+    config = topk_select_config(MANY_ROWS, width)
+    assert config[0] > 1 and FEW_ROWS % config[0], config  # several rows per program, a partial last one
+    return config
+
+
+def _force_multi_row_layout(monkeypatch) -> None:
+    """topk_select_triton with the layout of a 300-row call whatever the number of rows."""
+    monkeypatch.setattr(topk_module, "topk_select_config", lambda rows, width: _multi_row_config(width))
 
 
 def test_reference_is_the_topk_set_in_channel_order_ties_to_lower_channels():
@@ -24,8 +40,11 @@ def test_reference_is_the_topk_set_in_channel_order_ties_to_lower_channels():
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows,width,k", [(3, 40, 7), (300, 96, 18), (2, 33, 33), (5, 20, 1)])
-def test_triton_equals_reference(dtype, rows, width, k):
+@pytest.mark.parametrize("rows,width,k", [(3, 40, 7), (MANY_ROWS, 96, 18), (2, 33, 33), (5, 20, 1)])
+def test_triton_equals_reference(dtype, rows, width, k, monkeypatch):
+    if rows == MANY_ROWS:  # the multi-row layout, on a few rows
+        _force_multi_row_layout(monkeypatch)
+        rows = FEW_ROWS
     g = torch.Generator().manual_seed(rows + width)
     scores = torch.randn(rows, width, generator=g).to(dtype)
     scores[0, :5] = scores[0, 5]  # ties (bf16/fp16 make many more)
@@ -38,9 +57,10 @@ def test_triton_equals_reference(dtype, rows, width, k):
 
 
 @needs_interpreter
-def test_triton_several_rows_per_program_and_negative_rows():
-    # 300 rows take the multi-row layout (see topk_select_config); all-negative and constant rows.
-    scores = torch.randn(300, 64, generator=torch.Generator().manual_seed(3)) - 5
+def test_triton_several_rows_per_program_and_negative_rows(monkeypatch):
+    _force_multi_row_layout(monkeypatch)
+    # 300 rows take the multi-row layout (see topk_select_config; here on 11 rows); all-negative and constant rows.
+    scores = torch.randn(FEW_ROWS, 64, generator=torch.Generator().manual_seed(3)) - 5
     scores[7] = 2.5
     idx, _ = topk_select_triton(scores, 10)
     assert torch.equal(idx, topk_select_reference(scores, 10)[0])
@@ -86,11 +106,13 @@ def test_fused_reference_is_select_activate_at_the_topk():
 @needs_interpreter
 @pytest.mark.parametrize("act", ["swiglu", "relu", "relu2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,width,k", [(3, 40, 7), (300, 24, 5)])
+@pytest.mark.parametrize("rows,width,k", [(3, 40, 7), (MANY_ROWS, 24, 5)])
 def test_fused_triton_equals_reference(act, dtype, rows, width, k):
     src_width = 2 * width if act == "swiglu" else width
-    src = torch.randn(rows, src_width, generator=torch.Generator().manual_seed(rows)).to(dtype)
-    got = topk_select_activate_triton(src, k, width, act, torch.int16)
+    # 300 rows: the multi-row layout of a 300-row call, on a few rows.
+    config = _multi_row_config(width) if rows == MANY_ROWS else None
+    src = torch.randn(FEW_ROWS if config else rows, src_width, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    got = topk_select_activate_triton(src, k, width, act, torch.int16, config=config)
     want = topk_select_activate_reference(src, k, width, act, torch.int16)
     z, a, b, idx = got
     assert torch.equal(idx, want[3]) and torch.equal(a, want[1])

@@ -69,15 +69,30 @@ def _check_ok(outcomes) -> None:
 
 
 @pytest.fixture(scope="module")
-def pp4(tmp_path_factory):
-    data, outcomes = launch(4, "pp4", tmp_path_factory.mktemp("pp4"))
+def launches(tmp_path_factory):
+    """Every worker launch, two at a time: {phase: (rank 0's report, [(exit code, stderr) per rank], seconds)}.
+    The failure phases mostly wait (on timeouts, on a dead peer), so they run beside the busy pp=4/pp=2 ones."""
+    from tests.launching import in_parallel
+
+    def timed(nproc: int, phase: str, timeout: float):
+        t0 = time.monotonic()
+        data, outcomes = launch(nproc, phase, tmp_path_factory.mktemp(phase), timeout=timeout)
+        return data, outcomes, time.monotonic() - t0
+
+    return in_parallel({"pp4": lambda: timed(4, "pp4", 240), "fail": lambda: timed(2, "fail", 120),
+                        "pp2": lambda: timed(2, "pp2", 240), "dead": lambda: timed(2, "dead", 120)})
+
+
+@pytest.fixture(scope="module")
+def pp4(launches):
+    data, outcomes, _ = launches["pp4"]
     _check_ok(outcomes)
     return data
 
 
 @pytest.fixture(scope="module")
-def pp2(tmp_path_factory):
-    data, outcomes = launch(2, "pp2", tmp_path_factory.mktemp("pp2"))
+def pp2(launches):
+    data, outcomes, _ = launches["pp2"]
     _check_ok(outcomes)
     return data
 
@@ -182,11 +197,10 @@ def test_measured_peak_activation_matches_simulator(pp4, schedule, microbatches)
             f"(b_frees {entry['b_frees']})")
 
 
-def test_signature_mismatch_and_silent_peer_fail_fast(tmp_path):
+def test_signature_mismatch_and_silent_peer_fail_fast(launches):
     """Ranks that disagree about a boundary (or about recording a timeline) all raise; a tensor of the wrong shape
     raises on its producer, and the peer waiting for it gets an error after parallel.timeout_s instead of hanging."""
-    t0 = time.monotonic()
-    _, outcomes = launch(2, "fail", tmp_path, timeout=120)
+    _, outcomes, seconds = launches["fail"]
     _check_ok(outcomes)
     for rank, (_, err) in enumerate(outcomes):
         assert "SIGNATURE-ERROR" in err and "disagree about what crosses" in err, f"rank {rank}:\n{err[-3000:]}"
@@ -194,17 +208,16 @@ def test_signature_mismatch_and_silent_peer_fail_fast(tmp_path):
     assert "SHAPE-ERROR" in outcomes[0][1] and "boundary signature is" in outcomes[0][1], outcomes[0][1][-3000:]
     assert "PEER-ERROR" in outcomes[1][1], outcomes[1][1][-3000:]
     assert "parallel.timeout_s" in outcomes[1][1]
-    assert time.monotonic() - t0 < 90
+    assert seconds < 90
 
 
-def test_dead_peer_gives_an_error_not_a_hang(tmp_path):
-    t0 = time.monotonic()
-    _, outcomes = launch(2, "dead", tmp_path, timeout=120)
+def test_dead_peer_gives_an_error_not_a_hang(launches):
+    _, outcomes, seconds = launches["dead"]
     assert outcomes[1][0] == 3, "rank 1 was meant to die with exit code 3"
     code, err = outcomes[0]
     assert code == 0, err[-3000:]
     assert "PEER-ERROR" in err and "pipeline rank 0" in err and "died" in err, err[-3000:]
-    assert time.monotonic() - t0 < 90
+    assert seconds < 90
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -217,28 +230,41 @@ TRAIN = ["model.num_layers=4", "train.steps=3", "train.global_batch=8", "train.m
 
 
 @pytest.fixture(scope="module")
-def train_data(tmp_path_factory):
-    return tmp_path_factory.mktemp("train-data")
+def trainer_launches(tmp_path_factory):
+    """The trainer runs (pp=1, and pp=2 with each schedule of test_trainer_pp2_matches_pp1) on one data cache and
+    tools/bench_pipeline.py --tiny, two at a time: {name: run directory} and bench: (process, json, picture dir)."""
+    from tests.launching import clean_env, in_parallel, run_train
 
+    data = tmp_path_factory.mktemp("train-data")
+    root = tmp_path_factory.mktemp("trainer")
 
-@pytest.fixture(scope="module")
-def pp1_losses(tmp_path_factory, train_data):
-    from tests.launching import losses, run_train
+    def train(name: str, extra: list[str], nproc: int):
+        run_train(root / name, TRAIN + [f"data.cache_dir={data}", *extra], nproc=nproc, resume="none")
+        return root / name
 
-    run = tmp_path_factory.mktemp("pp1")
-    run_train(run, TRAIN + [f"data.cache_dir={train_data}"], resume="none")
-    return losses(run)
+    def bench():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "tools" / "bench_pipeline.py"), "--tiny", "--schedules", "1f1b,zb-h1,v-min", "--json",
+               str(root / "bench.json"), "--timeline-dir", str(root / "timelines")]
+        proc = subprocess.run(cmd, env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        return proc, root / "bench.json", root / "timelines"
+
+    jobs = {"pp1": lambda: train("pp1", [], 1), "bench": bench}
+    for schedule in ("1f1b", "v-zb"):
+        # The memory probe is off by default (its hooks and all-gather cost step time) and on by a flag: one case each.
+        probe = ["pipeline.measure_memory=true"] if schedule == "1f1b" else []
+        jobs[schedule] = (lambda schedule=schedule, probe=probe: train(
+            schedule, ["parallel.pp=2", f"pipeline.schedule={schedule}", *probe], 2))
+    return in_parallel(jobs)
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "v-zb"])
-def test_trainer_pp2_matches_pp1(tmp_path, train_data, pp1_losses, schedule):
-    from tests.launching import run_train
+def test_trainer_pp2_matches_pp1(trainer_launches, schedule):
+    from tests.launching import losses
 
-    run = tmp_path / schedule
-    # The memory probe is off by default (its hooks and all-gather cost step time) and on by a flag: one case each.
+    pp1_losses = losses(trainer_launches["pp1"])
+    run = trainer_launches[schedule]
     probe = schedule == "1f1b"
-    run_train(run, TRAIN + [f"data.cache_dir={train_data}", "parallel.pp=2", f"pipeline.schedule={schedule}"]
-              + (["pipeline.measure_memory=true"] if probe else []), nproc=2, resume="none")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == sorted(pp1_losses)
     for r in records:
@@ -251,14 +277,8 @@ def test_trainer_pp2_matches_pp1(tmp_path, train_data, pp1_losses, schedule):
             assert not any(k.startswith("pipeline_") for k in r), r
 
 
-def test_bench_tiny_smoke(tmp_path):
-    from tests.launching import clean_env
-
-    out, pictures = tmp_path / "bench.json", tmp_path / "timelines"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tools" / "bench_pipeline.py"), "--tiny", "--schedules", "1f1b,zb-h1,v-min", "--json", str(out),
-           "--timeline-dir", str(pictures)]
-    proc = subprocess.run(cmd, env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_bench_tiny_smoke(trainer_launches):
+    proc, out, pictures = trainer_launches["bench"]
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(out.read_text())
     # Like for like: every schedule with effdist's fused kernels and with megatron-core's modules (on GPU

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,22 @@ from effdist.train.estimate import GIB, build_plan_schedule, estimate, layer_act
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def calibration_under_torchrun(tmp_path_factory):
+    """`effdist calibrate` in 2 processes under torchrun, started with this module's first test so that it runs
+    beside the in-process tests (which leave the second core idle); test_calibrate_under_torchrun_measures_the_links
+    waits for it. Yields (the calibration file, the future of the finished process)."""
+    from tests.launching import clean_env
+
+    out = tmp_path_factory.mktemp("torchrun-calibration") / "cal.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "effdist.cli",
+           "calibrate", "--config", str(CONFIGS / "tiny-cpu.yaml"), "--micro-batches", "1", "--variants", "dense",
+           "--reps", "1", "--out", str(out)]
+    with ThreadPoolExecutor(1) as pool:
+        yield out, pool.submit(subprocess.run, cmd, env=clean_env(), cwd=ROOT, capture_output=True, text=True,
+                               timeout=300)
 
 
 def synthetic(cfg, seconds_per_gflop: float = 2e-3, head_s: float = 1e-3, optimizer_s_per_param: float = 1e-10,
@@ -246,17 +265,9 @@ def test_shipped_calibrations_load_and_plan_uses_them_by_default(capsys):
     assert rc == 0 and "h100-llama-1b" in out and "run it with:" in out
 
 
-def test_calibrate_under_torchrun_measures_the_links(tmp_path):
-    import subprocess
-    import sys
-
-    from launching import clean_env
-
-    out = tmp_path / "cal.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "effdist.cli",
-           "calibrate", "--config", str(CONFIGS / "tiny-cpu.yaml"), "--micro-batches", "1", "--variants", "dense",
-           "--reps", "1", "--out", str(out)]
-    proc = subprocess.run(cmd, env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_calibrate_under_torchrun_measures_the_links(calibration_under_torchrun):
+    out, future = calibration_under_torchrun
+    proc = future.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     cal = Calibration.load(out)
     assert cal.links["source"].startswith("measured: all-reduce") and "gloo" in cal.links["source"]

@@ -47,17 +47,17 @@ def runs(single_run, tmp_path_factory, data_cache):
     step3 = str(single_run / "checkpoints" / "iter_0000003")
     layouts = {  # (overrides, processes, resume); one-process runs paired with two-process ones
         "tp2": (common + ["parallel.tp=2", *NO_CHECKPOINTS], 2, "auto"),
-        "resumed": (common, 1, "auto"),
+        "resumed": (common + NO_CHECKPOINTS, 1, "auto"),
         "tp2_sp": (common + ["parallel.tp=2", "parallel.sequence_parallel=true", *NO_CHECKPOINTS], 2, "auto"),
         "dp2": (common + NO_CHECKPOINTS, 2, "auto"),
-        "resharded": (common + ["parallel.tp=2"], 2, step3),
+        "resharded": (common + ["parallel.tp=2", *NO_CHECKPOINTS], 2, step3),
     }
     jobs = {name: (lambda name=name, o=o, n=n, r=r: run_train(root / name, o, nproc=n, resume=r))
             for name, (o, n, r) in layouts.items()}
 
     def zero1_then_back_to_one_process():
         zero1 = run_train(root / "zero1", common + ["optim.distributed_optimizer=true"], nproc=2)
-        return zero1, run_train(root / "zero1_to_single", common,
+        return zero1, run_train(root / "zero1_to_single", common + NO_CHECKPOINTS,
                                 resume=str(root / "zero1" / "checkpoints" / "iter_0000003"))
 
     jobs = {"zero1": zero1_then_back_to_one_process, **jobs}
