@@ -1,6 +1,9 @@
 """Reliability in real processes: SIGKILL at random steps (also during an async save) then resume gives
 exactly the uninterrupted loss sequence (TP=2 and DP=2); corrupt checkpoints are detected and skipped;
-SIGTERM saves and exits for a requeue; non-finite steps are skipped, counted, and stop the run."""
+SIGTERM saves and exits for a requeue; non-finite steps are skipped, counted, and stop the run.
+
+Launches are few: the killed runs and their references go two at a time from one fixture, and the
+single-process scenarios chain in one run directory (each starts where the previous one ended)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from effdist.runtime.launch_env import PREEMPTED_EXIT_CODE
-from tests.launching import ROOT, TINY, clean_env, losses, run_train
+from tests.launching import NO_CHECKPOINTS, ROOT, TINY, clean_env, in_parallel, losses, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -70,28 +73,69 @@ def _kill_at(run_dir: Path, overrides: list[str], nproc: int, step: int, during_
             proc.wait()
 
 
-@pytest.mark.parametrize("layout, nproc, seed, during_save", [("tp2", 2, 11, False), ("dp2", 2, 12, True)])
-def test_sigkill_then_resume_reproduces_uninterrupted_run(tmp_path, data_cache, layout, nproc, seed, during_save):
-    """TP=2 killed at a random step; DP=2 killed at a random step while an async save is being written."""
-    overrides = BASE + [f"data.cache_dir={data_cache}", "checkpoint.async_save=true"]
-    if layout == "tp2":
-        overrides.append("parallel.tp=2")
-    reference = tmp_path / "reference"
-    run_train(reference, overrides, nproc=nproc)
+LAYOUTS = {"tp2": dict(nproc=2, seed=11, during_save=False), "dp2": dict(nproc=2, seed=12, during_save=True)}
 
-    rng = random.Random(seed)
-    run = tmp_path / "killed"
-    _kill_at(run, overrides, nproc, step=rng.randint(3, STEPS - 2), during_save=during_save)
-    assert not any(p.name.endswith(".tmp") and (p / "effdist.json").exists()
-                   for p in (run / "checkpoints").iterdir()), "a half-written checkpoint looks complete"
-    run_train(run, overrides, nproc=nproc)
-    got, want = losses(run), losses(reference)
+
+def _sigkill_overrides(layout: str, data_cache: Path) -> list[str]:
+    overrides = BASE + [f"data.cache_dir={data_cache}", "checkpoint.async_save=true"]
+    return overrides + (["parallel.tp=2"] if layout == "tp2" else [])
+
+
+def _killed_and_resumed(run: Path, layout: str, data_cache: Path) -> list[str]:
+    """Kill a run at a random step, note what looks like a complete checkpoint but is half-written, resume."""
+    spec, overrides = LAYOUTS[layout], _sigkill_overrides(layout, data_cache)
+    step = random.Random(spec["seed"]).randint(3, STEPS - 2)
+    _kill_at(run, overrides, spec["nproc"], step=step, during_save=spec["during_save"])
+    half_written = [p.name for p in (run / "checkpoints").iterdir()
+                    if p.name.endswith(".tmp") and (p / "effdist.json").exists()]
+    run_train(run, overrides, nproc=spec["nproc"])
+    return half_written
+
+
+@pytest.fixture(scope="module")
+def sigkilled_runs(tmp_path_factory, data_cache):
+    """Both layouts' killed-then-resumed runs and their uninterrupted references, launched two at a time.
+
+    The references only give losses: they skip saving (a save does not change what a step computes, which
+    the comparison itself proves: the killed runs save every 2 steps)."""
+    root = tmp_path_factory.mktemp("sigkill")
+    jobs = {}
+    for layout, spec in LAYOUTS.items():
+        jobs[f"{layout}/killed"] = (lambda layout=layout: _killed_and_resumed(root / layout / "killed", layout,
+                                                                                data_cache))
+        jobs[f"{layout}/reference"] = (lambda layout=layout, spec=spec: run_train(
+            root / layout / "reference", _sigkill_overrides(layout, data_cache) + NO_CHECKPOINTS,
+            nproc=spec["nproc"]))
+    done = in_parallel(jobs)
+    return {layout: (root / layout, done[f"{layout}/killed"]) for layout in LAYOUTS}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sigkill_then_resume_reproduces_uninterrupted_run(sigkilled_runs, layout):
+    """TP=2 killed at a random step; DP=2 killed at a random step while an async save is being written."""
+    root, half_written = sigkilled_runs[layout]
+    assert not half_written, f"a half-written checkpoint looks complete: {half_written}"
+    got, want = losses(root / "killed"), losses(root / "reference")
     assert sorted(got) == list(range(1, STEPS + 1))
     for s in range(1, STEPS + 1):
         assert got[s] == pytest.approx(want[s], rel=1e-6, abs=0), f"step {s}: {got[s]} vs {want[s]}"
 
 
-def test_corrupt_checkpoint_falls_back_and_sigterm_requeues(tmp_path, data_cache):
+def _train(run: Path, overrides: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(run, overrides, 1), env=clean_env(**env), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _checkpoints(run: Path) -> set[str]:
+    return {p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("iter_")}
+
+
+def test_corrupt_checkpoint_falls_back_sigterm_requeues_and_nonfinite_steps_are_skipped_then_stop_the_run(
+        tmp_path, data_cache):
+    """One run directory through four launches (each scenario starts where the previous one ended):
+    SIGTERM mid-run saves and exits for a requeue; a checkpoint that fails its CRC is skipped for the older
+    one, and on the way a non-finite step is skipped and counted while the run finishes; a truncated
+    checkpoint is caught by its size, and then three non-finite steps in a row stop the run unsaved."""
     overrides = BASE + [f"data.cache_dir={data_cache}"]
     run = tmp_path / "run"
     # SIGTERM mid-run: a complete checkpoint at the step it stopped, and the requeue exit code.
@@ -118,35 +162,30 @@ def test_corrupt_checkpoint_falls_back_and_sigterm_requeues(tmp_path, data_cache
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
-    proc = run_train(run, overrides + [f"train.steps={STEPS + 2}"])
+    # The run that falls back to step 6 gets a non-finite loss at step 9: skipped, counted, and it finishes.
+    nan_step = STEPS + 1
+    proc = _train(run, overrides + [f"train.steps={STEPS + 2}"], EFFDIST_FAULT_NAN_STEPS=str(nan_step))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fails its CRC32 check" in proc.stderr and "falling back" in proc.stderr, proc.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / f'iter_{STEPS - 2:07d}'}" in proc.stderr
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in recs if r.get("step") == nan_step][-1]
+    assert skipped["loss"] is None or skipped["loss"] != skipped["loss"] or str(skipped["loss"]) == "nan"
+    assert recs[-1]["step"] == STEPS + 2 and recs[-1]["skipped_steps"] == 1
+    assert "update skipped" in proc.stderr
 
-    # A truncated file is caught by its size alone.
+    # A truncated file is caught by its size alone. The run that falls back then has 3 non-finite steps in
+    # a row (its limit): it stops with a named error and saves nothing (no periodic saves in between either).
     older = run / "checkpoints" / f"iter_{STEPS + 2:07d}"
     victim = next(older.rglob("*.distcp"))
     victim.write_bytes(victim.read_bytes()[:10])
-    proc = run_train(run, overrides + [f"train.steps={STEPS + 3}", "checkpoint.verify_crc=false"])
+    before = _checkpoints(run)
+    nan_steps = [STEPS + 1, STEPS + 2, STEPS + 3]
+    proc = _train(run, overrides + [f"train.steps={STEPS + 4}", "checkpoint.verify_crc=false",
+                                    "train.max_consecutive_nonfinite=3", "checkpoint.interval=0"],
+                  EFFDIST_FAULT_NAN_STEPS=",".join(map(str, nan_steps)))
     assert "truncated" in proc.stderr, proc.stderr[-3000:]
-
-
-def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, data_cache):
-    overrides = BASE + [f"data.cache_dir={data_cache}", "checkpoint.interval=0"]
-    run = tmp_path / "one_nan"
-    env_run = dict(EFFDIST_FAULT_NAN_STEPS="3")
-    proc = subprocess.run(_cmd(run, overrides, 1), env=clean_env(**env_run), cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert recs[2]["loss"] is None or recs[2]["loss"] != recs[2]["loss"] or str(recs[2]["loss"]) == "nan"
-    assert recs[-1]["skipped_steps"] == 1
-    assert "update skipped" in proc.stderr
-
-    run = tmp_path / "many_nan"
-    proc = subprocess.run(_cmd(run, overrides + ["train.max_consecutive_nonfinite=3"], 1),
-                          env=clean_env(EFFDIST_FAULT_NAN_STEPS="3,4,5"), cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    assert f"resumed from {run / 'checkpoints' / f'iter_{STEPS:07d}'}" in proc.stderr, proc.stderr[-3000:]
     assert proc.returncode != 0
-    assert "3 consecutive steps had a non-finite loss" in proc.stderr
-    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir()), \
-        "a checkpoint was written from a non-finite state"
+    assert "3 consecutive steps had a non-finite loss" in proc.stderr, proc.stderr[-3000:]
+    assert _checkpoints(run) <= before, f"a checkpoint was written from a non-finite state: {_checkpoints(run) - before}"
