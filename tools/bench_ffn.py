@@ -135,7 +135,7 @@ def transformer_config(shape: str, dtype: torch.dtype, device: torch.device):
     hidden, heads, ffn, _ = SHAPES[shape]
     cfg = load_config(None, [f"model.hidden_size={hidden}", f"model.num_attention_heads={heads}",
                              f"model.num_query_groups={heads}", f"model.ffn_hidden_size={ffn}", "model.num_layers=1"])
-    return make(cfg, dtype, device, num_layers=1)
+    return make(cfg.model, cfg.parallel, cfg.ffn, dtype, device, num_layers=1)
 
 
 def saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
