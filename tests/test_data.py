@@ -336,6 +336,37 @@ def test_prepare_sample_builds_once_and_fits_the_model(tmp_path):
     assert prepare_data(cfg, tmp_path).prefixes != paths.prefixes
 
 
+def test_runs_sharing_a_cache_build_the_sample_dataset_once(tmp_path):
+    """Two runs that share data.cache_dir start together: the second waits for the first's build and reuses it.
+    (Without the lock it built too and replaced the directory that the first run's ranks were reading.)"""
+    import fcntl
+
+    from effdist.data import loader
+    from tests.launching import ROOT, clean_env
+
+    overrides = ["data.sample_documents=100", "model.vocab_size=300", f"data.cache_dir={tmp_path / 'cache'}"]
+    cfg = load_config(None, overrides)
+    directory = loader.sample_data_dir(cfg, tmp_path)
+    directory.parent.mkdir(parents=True)
+    code = ("from effdist.config import load_config; from effdist.data.loader import prepare_data; "
+            f"prepare_data(load_config(None, {overrides!r}), {str(tmp_path)!r})")
+    with open(directory.with_name(f"{directory.name}.lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the first run is building
+        second = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), text=True,
+                                  stderr=subprocess.PIPE)
+        try:
+            first_line = second.stderr.readline()
+            assert first_line == f"[effdist] waiting for another process that builds {directory}\n", first_line
+            loader._build_sample(cfg, directory)  # the first run's build, finished while the second waits
+            built = (directory / f"{loader.SAMPLE_PREFIX_NAME}.bin").stat()
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+            rest = second.communicate(timeout=120)[1]
+    assert second.returncode == 0 and rest == "", rest
+    now = (directory / f"{loader.SAMPLE_PREFIX_NAME}.bin").stat()
+    assert (now.st_ino, now.st_mtime_ns) == (built.st_ino, built.st_mtime_ns)  # reused, not rebuilt
+
+
 def test_sample_needs_a_byte_level_vocabulary(tmp_path):
     cfg = load_config(None, ["model.vocab_size=200", f"data.cache_dir={tmp_path}"])
     with pytest.raises(DataError, match="model.vocab_size = 200"):

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +94,9 @@ def _prepare_sample(cfg, run_dir, build: bool) -> DataPaths:
 
     directory = sample_data_dir(cfg, run_dir)
     if build and not _sample_is_current(cfg, directory):
-        _build_sample(cfg, directory)
+        with _building(directory):
+            if not _sample_is_current(cfg, directory):  # another process may have built it meanwhile
+                _build_sample(cfg, directory)
     prefix = str(directory / SAMPLE_PREFIX_NAME)
     tokenizer_path = directory / "tokenizer.json"
     if not tokenizer_path.is_file() or not Path(prefix + ".idx").is_file():
@@ -130,6 +133,30 @@ def _sample_is_current(cfg, directory: Path) -> bool:
     from effdist.data.tokenizer import file_sha256
 
     return meta.get("tokenizer_sha256") == file_sha256(tokenizer)
+
+
+@contextlib.contextmanager
+def _building(directory: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `<directory>.lock` while the sample dataset is built.
+
+    Why: runs that share data.cache_dir (two jobs, or tests side by side) may start at the same moment; without
+    it each builds, and the later one replaces the directory while the earlier one's ranks read from it. The
+    kernel drops the lock when its holder ends, however it ends, so a killed build never blocks the next one.
+    """
+    import fcntl
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    lock = directory.with_name(f"{directory.name}.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[effdist] waiting for another process that builds {directory}", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor drops the flock
 
 
 def _build_sample(cfg, directory: Path) -> None:
