@@ -67,13 +67,16 @@ def _snapshot():
     from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.tensor_parallel import layers
     from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.core.transformer import transformer_block, transformer_layer
 
     owners = {"transformer_layer": transformer_layer, "transformer_block": transformer_block,
-              "rope_utils": rope_utils, "layers": layers, "mrandom": mrandom, "torch.cuda": torch.cuda}
+              "rope_utils": rope_utils, "layers": layers, "mrandom": mrandom, "torch.cuda": torch.cuda,
+              "filesystem_async": filesystem_async}
     names = ["get_transformer_layer_offset", "fused_apply_rotary_pos_emb", "fused_weight_gradient_mlp_cuda",
              "_grad_accum_fusion_available", "_CUDA_RNG_STATE_TRACKER", "_CUDA_RNG_STATE_TRACKER_INITIALIZED",
-             "_get_cuda_rng_state", "_set_cuda_rng_state", "initialize_rng_tracker", "current_device", "synchronize"]
+             "_get_cuda_rng_state", "_set_cuda_rng_state", "initialize_rng_tracker", "current_device", "synchronize",
+             "_get_write_results_queue"]
     state = {(o, n): getattr(owner, n, "<absent>") for o, owner in owners.items() for n in names if hasattr(owner, n)
              or n == "fused_weight_gradient_mlp_cuda"}
     state["sys.modules"] = sys.modules.get("fused_weight_gradient_mlp_cuda", "<absent>")
@@ -89,14 +92,20 @@ def _install_then_uninstall_restores_every_attribute():
         mp.install_cpu()
     assert mp.fill_rope_slot(kernel) is True
     assert mp.fill_wgrad_extension(extension) is True and mp.fill_wgrad_extension(extension) is True
-    assert mp.installed_patches() == ["layer-offset", "rope-slot", "wgrad-extension", "cpu"]
+    with mp.write_results_in_process():
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        # A synchronous save's results stay in this process: no manager is started for them.
+        assert type(filesystem_async._get_write_results_queue()).__module__ == "queue"
+        assert filesystem_async._results_queue is None
+    assert mp.installed_patches() == ["layer-offset", "rope-slot", "wgrad-extension", "cpu", "write-results"]
     after = _snapshot()
     changed = {k[1] if isinstance(k, tuple) else k for k in before if before[k] is not after[k]}
     assert changed == {
         "get_transformer_layer_offset", "fused_apply_rotary_pos_emb", "fused_weight_gradient_mlp_cuda",
         "_grad_accum_fusion_available", "_CUDA_RNG_STATE_TRACKER", "_CUDA_RNG_STATE_TRACKER_INITIALIZED",
         "_get_cuda_rng_state", "_set_cuda_rng_state", "initialize_rng_tracker", "current_device", "synchronize",
-        "sys.modules"}, changed
+        "_get_write_results_queue", "sys.modules"}, changed
     from megatron.core.transformer import transformer_layer
 
     assert transformer_layer.get_transformer_layer_offset(types.SimpleNamespace(effdist_layer_offset=5)) == 5

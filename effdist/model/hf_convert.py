@@ -334,13 +334,16 @@ def save_dist_checkpoint(out_dir: str | Path, sd: dict[str, torch.Tensor], cfg: 
     with its config: effdist_model.json (read back by effdist) and config.yaml (`effdist train --config`)."""
     from megatron.core import dist_checkpointing
 
+    from effdist.runtime.megatron_patches import write_results_in_process
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = next(iter(sd.values())).dtype
     with one_process_megatron():
         model = _cpu_model(cfg, dtype)
         model.load_state_dict(sd, strict=False)
-        dist_checkpointing.save({"model": model.sharded_state_dict(prefix="model.")}, str(out_dir))
+        with write_results_in_process():
+            dist_checkpointing.save({"model": model.sharded_state_dict(prefix="model.")}, str(out_dir))
     (out_dir / CONVERTED_MARKER).write_text(json.dumps({"format": TORCH_FORMAT, "config": cfg.to_dict()}))
     (out_dir / "config.yaml").write_text(cfg.to_yaml())
     return out_dir

@@ -25,7 +25,8 @@ One `ProcessGuard` per process (`guard()`), installed by the trainer before anyt
   checkpoint writer and its worker processes) get a parent-death signal. megatron's asynchronous checkpoint
   writer also starts a `multiprocessing` manager process with the *spawn* method (a fresh interpreter,
   ~100-300 MB: it re-imports the trainer) to collect write results; that manager would outlive a killed
-  rank forever. `bind_megatron_async_helpers` makes megatron start it with a parent-death signal too.
+  rank forever. `bind_megatron_async_helpers` makes megatron start it with a parent-death signal too (and only
+  for asynchronous saves: a synchronous save keeps its results in the rank).
 
 Exit codes: 75 saved after a stop request (`PREEMPTED_EXIT_CODE`); 128 + signal when stopped before there
 was anything to save or when the save did not finish in time; `PEER_LOST_EXIT_CODE` when a peer died.
@@ -142,31 +143,17 @@ def bind_forked_children() -> None:
 
 
 def bind_megatron_async_helpers() -> None:
-    """megatron.core.dist_checkpointing's async writer creates, on its first save, a spawn-context
+    """megatron.core.dist_checkpointing's asynchronous writer collects its results through a spawn-context
     `multiprocessing.Manager()` whose server process lives until the interpreter exits normally; after a
-    SIGKILL of the rank it is left behind. Create that manager ourselves, with an initializer that binds
-    its server to this process (megatron keeps it in the module global `_results_queue`)."""
+    SIGKILL of the rank it would be left behind. Have it started with an initializer that binds its server to
+    this process (patch ``write-results`` in effdist.runtime.megatron_patches, which also keeps synchronous
+    saves from starting it at all)."""
     try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-    except ImportError:
+        from effdist.runtime.megatron_patches import install_write_results
+
+        install_write_results(initializer=become_helper, initargs=(os.getpid(),))
+    except ImportError:  # no megatron-core: nothing to bind
         return
-    if getattr(filesystem_async, "_effdist_bound", False):
-        return
-    original = filesystem_async._get_write_results_queue
-
-    def get_write_results_queue():
-        if filesystem_async._results_queue is None:
-            import multiprocessing
-            from multiprocessing.managers import SyncManager
-
-            manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-            manager.start(initializer=become_helper, initargs=(os.getpid(),))
-            filesystem_async._results_queue = manager.Queue()
-            filesystem_async._effdist_manager = manager  # keep the manager (and its process) referenced
-        return original()
-
-    filesystem_async._get_write_results_queue = get_write_results_queue
-    filesystem_async._effdist_bound = True
 
 
 # ------------------------------------------------------------------------------------ peers

@@ -24,6 +24,14 @@ Nothing is installed by importing a module; the callers named with each group in
    dist_checkpointing synchronises before host copies); megatron's tensor-parallel RNG tracker forks the CPU
    generator, and recompute saves and restores the CPU generator's state. Code paths that still hard-code
    ``"cuda"`` (megatron's optimizer wrappers, clip_grads, pipeline schedules) are not used by effdist on CPU.
+5. ``write-results`` (`install_write_results`, called by effdist.runtime.lifecycle.bind_megatron_async_helpers
+   and by `write_results_in_process`): ``filesystem_async._get_write_results_queue``, where a checkpoint's
+   write results travel from the writer to the finalize step. megatron always creates a *spawn*-context
+   ``multiprocessing.Manager`` for them: a fresh interpreter that imports torch (~1.3 s CPU, and the first
+   save waits for it) and, unbound, outlives a SIGKILLed rank. The replacement hands a synchronous save
+   (inside `write_results_in_process`: writer and finalize run in this process) a plain ``queue.Queue``, and
+   an asynchronous one (written in a forked process) the manager, started with the caller's initializer
+   (the trainer binds it to its rank: it dies with the rank).
 
 **Overrides**: effdist subclasses that replace a private method of megatron, or rely on the body of one
 (which arguments it passes, which hook it calls). They stay in their classes; `RELIANCES` lists each with
@@ -114,7 +122,8 @@ LAYER_OFFSET = PatchSet("layer-offset")
 ROPE_SLOT = PatchSet("rope-slot")
 WGRAD_EXTENSION = PatchSet("wgrad-extension")
 CPU = PatchSet("cpu")
-PATCH_SETS = (LAYER_OFFSET, ROPE_SLOT, WGRAD_EXTENSION, CPU)
+WRITE_RESULTS = PatchSet("write-results")
+PATCH_SETS = (LAYER_OFFSET, ROPE_SLOT, WGRAD_EXTENSION, CPU, WRITE_RESULTS)
 
 
 def installed_patches() -> list[str]:
@@ -242,6 +251,51 @@ def install_cpu() -> None:
     CPU.set_attr(mrandom, "initialize_rng_tracker", lambda *a, **k: None)
 
 
+# ------------------------------------------------------------------------------------ 5. write results
+
+_results_in_process = 0  # >0 while a synchronous save runs in this process (write_results_in_process)
+
+
+def install_write_results(initializer: Callable | None = None, initargs: tuple = ()) -> None:
+    """Route dist_checkpointing's write results: an in-process queue for synchronous saves (inside
+    `write_results_in_process`), else megatron's spawn-context manager queue, its server process started with
+    ``initializer(*initargs)``. Idempotent: the first call's initializer is kept."""
+    if WRITE_RESULTS.installed:
+        return
+    check_version()
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    def get_write_results_queue():
+        if _results_in_process:
+            import queue
+
+            return queue.Queue()  # put by the writer, read by finalize: both in this process
+        if filesystem_async._results_queue is None:
+            import multiprocessing
+            from multiprocessing.managers import SyncManager
+
+            manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+            manager.start(initializer=initializer, initargs=initargs)
+            filesystem_async._effdist_manager = manager  # keep the manager (and its process) referenced
+            filesystem_async._results_queue = manager.Queue()
+        return filesystem_async._results_queue
+
+    WRITE_RESULTS.set_attr(filesystem_async, "_get_write_results_queue", get_write_results_queue)
+
+
+@contextlib.contextmanager
+def write_results_in_process():
+    """Around a synchronous ``dist_checkpointing.save``: its write results stay in this process (no manager
+    process is started for them)."""
+    global _results_in_process
+    install_write_results()
+    _results_in_process += 1
+    try:
+        yield
+    finally:
+        _results_in_process -= 1
+
+
 # ------------------------------------------------------------------------------------ what effdist relies on
 
 @dataclass(frozen=True)
@@ -284,6 +338,12 @@ RELIANCES: tuple[Reliance, ...] = (
              "replaced by a no-op: it would install a CUDA tracker over the CPU one", "as above"),
     Reliance("megatron.core.tensor_parallel.random:get_cuda_rng_tracker", "6b91df8078dcd24b", "cpu",
              "returns the module global _CUDA_RNG_STATE_TRACKER that the CPU patch sets", "as above"),
+    Reliance("megatron.core.dist_checkpointing.strategies.filesystem_async:_get_write_results_queue", "349269cbdd569d41",
+             "write-results", "replaced: in-process queue for synchronous saves, a bound manager otherwise",
+             "megatron collecting a synchronous save's results without a manager process"),
+    Reliance("megatron.core.dist_checkpointing.strategies.filesystem_async:FileSystemWriterAsync", "806d015cf7502ef2",
+             "write-results", "prepare_write_data gets the queue, write_preloaded_data_multiproc puts one result, "
+             "retrieve_write_results reads it with get_nowait (raising queue.Empty)", "as above"),
     Reliance("megatron.core.models.gpt.gpt_model:GPTModel._postprocess", "4505ad260ada9b1e",
              "effdist.model.fused.FusedLossGPTModel",
              "private method overridden: the training loss without fp32 logits; binds its signature by name",

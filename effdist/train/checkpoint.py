@@ -200,10 +200,13 @@ def save(ckpt_dir: Path, step: int, model_chunks, optimizer, runtime, common: di
     """Write a complete checkpoint for `step` and make it visible atomically. Collective."""
     from megatron.core import dist_checkpointing
 
+    from effdist.runtime.megatron_patches import write_results_in_process
+
     tmp, final = _start_save(ckpt_dir, step, runtime)
     optimizer.ensure_state()
     sd = build_state_dict(model_chunks, optimizer, runtime, common)
-    dist_checkpointing.save(sd, str(tmp))
+    with write_results_in_process():
+        dist_checkpointing.save(sd, str(tmp))
     _barrier()
     if runtime.is_logging_rank:
         make_visible(ckpt_dir, tmp, final, step, marker)
