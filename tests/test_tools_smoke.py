@@ -96,6 +96,10 @@ def test_bench_checkpoint_tiny(tmp_path):
     out = tmp_path / "ckpt.json"
     _run(["tools/bench_checkpoint.py", "--tiny", "--dir", str(tmp_path / "ck"), "--json", str(out)], tmp_path)
     r = json.loads(out.read_text())
-    # The async save returns after staging: far less stall than writing synchronously.
-    assert r["async_save_call_s"] < r["sync_stall_s"]
+    # Both saves ran and the background one became visible within the polled steps. Which stalls less is a
+    # question for real sizes (docs/results, GPU): the tiny model's files take milliseconds to write, less than
+    # forking the background writer, so the smoke test does not compare the two.
+    assert 0 < r["sync_stall_s"] and 0 < r["async_save_call_s"] <= r["async_stall_s"]
+    assert 1 <= r["async_steps_until_visible"] < 200
+    assert r["stall_ratio_async_vs_sync"] == pytest.approx(r["async_stall_s"] / r["sync_stall_s"])
     assert r["checkpoint_bytes_on_disk"] > 0
