@@ -136,3 +136,35 @@ def test_patches_install_only_when_asked_and_uninstall_exactly():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), timeout=600,
                          cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip().endswith("clean"), out.stderr[-3000:]
+
+
+def lazy_jit_checks():
+    """Run in a new interpreter: megatron imported through import_megatron compiles nothing at import, and the
+    lazy torch.compile behaves as torch.compile from the first call on."""
+    import torch.nn as nn
+
+    mp.import_megatron()
+    from megatron.core import jit
+
+    assert "torch._inductor" not in sys.modules, "megatron's import compiled its fusions"
+    assert torch.compile.__module__ == "torch" and jit.jit_fuser.__name__ == "lazy_compile"
+
+    def double(x):
+        return 2 * x
+
+    with mp._lazy_torch_compile():
+        lazy = torch.compile(double, backend="eager")
+        decorated = torch.compile(backend="eager")(double)
+        module = torch.compile(nn.Identity(), backend="eager")
+    assert lazy.__name__ == "double" and lazy is not double
+    for f in (lazy, decorated):
+        assert torch.equal(f(torch.arange(3.0)), torch.tensor([0.0, 2.0, 4.0]))
+    assert isinstance(module, nn.Module)  # not wrapped: compiled as torch does
+    print("lazy")
+
+
+def test_megatron_imports_without_compiling_its_fusions():
+    code = "from tests.test_megatron_patches import lazy_jit_checks; lazy_jit_checks()"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), timeout=600,
+                         cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip().endswith("lazy"), out.stderr[-3000:]

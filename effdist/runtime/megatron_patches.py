@@ -32,6 +32,13 @@ Nothing is installed by importing a module; the callers named with each group in
    (inside `write_results_in_process`: writer and finalize run in this process) a plain ``queue.Queue``, and
    an asynchronous one (written in a forked process) the manager, started with the caller's initializer
    (the trainer binds it to its rank: it dies with the rank).
+6. ``lazy-jit`` (`import_megatron`, through `megatron_version`, i.e. before any install above and so before
+   the trainer's first megatron import): megatron binds ``jit_fuser = torch.compile`` and decorates about 40
+   functions with it at import time; the first ``torch.compile`` call imports torch._dynamo and inductor,
+   ~0.9 s of CPU in every process whether or not a decorated function ever runs. While megatron imports,
+   ``torch.compile(fn)`` returns a wrapper that calls ``torch.compile(fn)`` on its first call, which is when
+   torch would compile anyway; ``torch.compile`` itself is restored at once. Not a `PatchSet`: nothing stays
+   replaced (``jit_fuser`` keeps the lazy decorator).
 
 **Overrides**: effdist subclasses that replace a private method of megatron, or rely on the body of one
 (which arguments it passes, which hook it calls). They stay in their classes; `RELIANCES` lists each with
@@ -44,6 +51,7 @@ Each patch and override names what would let it go in its entry (``exit``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import inspect
@@ -65,9 +73,44 @@ class MegatronVersionError(RuntimeError):
 
 
 def megatron_version() -> str:
-    import megatron.core
+    return import_megatron().__version__
 
-    return megatron.core.__version__
+
+def import_megatron():
+    """``megatron.core``, imported with its jit fuser made lazy (patch 6, ``lazy-jit``) when this is the first
+    import in the process."""
+    if "megatron.core" not in sys.modules:
+        with _lazy_torch_compile():
+            import megatron.core  # noqa: F401
+    return sys.modules["megatron.core"]
+
+
+@contextlib.contextmanager
+def _lazy_torch_compile():
+    """While megatron-core imports, ``torch.compile(fn)`` returns a wrapper that compiles on its first call."""
+    real = torch.compile
+
+    def lazy_compile(model=None, **kwargs):
+        if model is None:  # decorator with arguments: @torch.compile(mode=...)
+            return lambda fn: lazy_compile(fn, **kwargs)
+        if not inspect.isfunction(model):  # modules and other callables: as torch would
+            return real(model, **kwargs)
+        compiled = None
+
+        @functools.wraps(model)
+        def call(*args, **kw):
+            nonlocal compiled
+            if compiled is None:
+                compiled = real(model, **kwargs)
+            return compiled(*args, **kw)
+
+        return call
+
+    torch.compile = lazy_compile
+    try:
+        yield
+    finally:
+        torch.compile = real
 
 
 def _as_tuple(version: str) -> tuple[int, ...]:
@@ -344,6 +387,9 @@ RELIANCES: tuple[Reliance, ...] = (
     Reliance("megatron.core.dist_checkpointing.strategies.filesystem_async:FileSystemWriterAsync", "806d015cf7502ef2",
              "write-results", "prepare_write_data gets the queue, write_preloaded_data_multiproc puts one result, "
              "retrieve_write_results reads it with get_nowait (raising queue.Empty)", "as above"),
+    Reliance("megatron.core.jit:enable_jit_fuser", "0714694302faf5a4", "lazy-jit",
+             "binds jit_fuser to torch.compile at import (torch >= 2.2), so the decorators get the lazy wrapper",
+             "megatron deferring torch.compile, or importing its fusions only where they are used"),
     Reliance("megatron.core.models.gpt.gpt_model:GPTModel._postprocess", "4505ad260ada9b1e",
              "effdist.model.fused.FusedLossGPTModel",
              "private method overridden: the training loss without fp32 logits; binds its signature by name",
