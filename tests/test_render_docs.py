@@ -50,6 +50,16 @@ def test_every_benchmark_table_is_generated_from_json(render_docs):
     assert names == {g.name for g in render_docs.REGISTRY if g.doc == "docs/benchmarks.md"}
 
 
+def test_sparse_ffn_measurements_are_generated_from_json(render_docs):
+    """docs/sparse_ffn.md's measured tables (FFN block, end to end, decode) are written from their JSON (issue 23)."""
+    import re
+
+    text = (ROOT / "docs/sparse_ffn.md").read_text()
+    names = set(re.findall(r"<!-- generated:([\w-]+) -->", text))
+    assert names == {"sparse-ffn-block", "sparse-ffn-train", "sparse-ffn-decode"}
+    assert names == {g.name for g in render_docs.REGISTRY if g.doc == "docs/sparse_ffn.md"}
+
+
 def test_benchmark_tables_follow_their_json(render_docs, monkeypatch):
     """The tables are the JSON's numbers: the FFN table shows bench_ffn_h100.json (re-measured for issue 23; the
     table it replaced contradicted its JSON), the p=4 1B micro-batch-1 table holds V-ZB's 0.83x, and a changed

@@ -520,7 +520,8 @@ def ffn_train_fused_select() -> str:
     for variant, (label, goal) in FFN_GOALS.items():
         r = run_of(name, variant)
         speed, mem = r["tokens_per_s"] / base["tokens_per_s"], r["peak_mem_gib"] / base["peak_mem_gib"]
-        met = "met" if speed >= goal and mem <= 0.80 else "not met"
+        short = [what for what, ok in (("speed", speed >= goal), ("memory", mem <= 0.80)) if not ok]
+        met = f"not met ({', '.join(short)})" if short else "met"
         rows.append((label, n0(r["tokens_per_s"]), f3(speed), f2(r["peak_mem_gib"]), f2(mem),
                      f"≥ {goal:.2f} at ≤ 0.80: {met}"))
     return table(["FFN", "tokens/s", "vs SwiGLU", "peak GiB", "vs SwiGLU", "goal"], rows)
@@ -564,7 +565,44 @@ TABLES: dict[str, Callable[[], str]] = {
 }
 
 
+# ---------------------------------------------------------------------------------------------- docs/sparse_ffn.md
+
+SPARSE_FFN_DOC = "docs/sparse_ffn.md"
+FFN_BLOCK_ROWS = (("swiglu", "swiglu"), ("moc", "moc (K = 0.1875 f)"), ("moc-2:8", "moc-2:8"),
+                  ("topk-relu", "topk-relu (10%, non-gated, width f)"), ("relu2", "relu2 (width 1.5 f)"),
+                  ("elas", "elas (identity STE)"), ("elas-masked", "elas-masked"),
+                  ("elas-cslt", "elas-cslt (cuSPARSELt forced)"), ("elas-masked-cslt", "elas-masked-cslt"),
+                  ("relu2-lowrank", "relu2-lowrank (r = h/4)"), ("elas-lowrank", "elas-lowrank"))
+FFN_BLOCK_POINTS = (("llama-350m", 16384, "350m 16k"), ("llama-350m", 65536, "350m 64k"),
+                    ("llama-1b", 16384, "1b 16k"), ("llama-1b", 65536, "1b 64k"))
+
+
+def ffn_block_all_shapes() -> str:
+    """Every variant at every shape of one bench_ffn run: ms (time vs its baseline), saved bytes vs baseline."""
+    results = load("bench_ffn_h100.json")["results"]
+
+    def find(variant, shape, tokens):
+        (r,) = [r for r in results if (r["variant"], r["shape"], r["tokens"]) == (variant, shape, tokens)]
+        return r
+
+    rows = []
+    for variant, label in FFN_BLOCK_ROWS:
+        points = [find(variant, shape, tokens) for shape, tokens, _ in FFN_BLOCK_POINTS]
+        baseline = points[0].get("baseline")
+        cells = [f2(r["ms"]) + (f" ({r['time_vs_baseline']:.2f})" if baseline else "") for r in points]
+        rows.append((label, baseline or "—", *cells, f3(points[0]["bytes_vs_baseline"]) if baseline else "—"))
+    return table(["variant", "baseline", *(name for _, _, name in FFN_BLOCK_POINTS), "saved vs baseline"], rows)
+
+
+SPARSE_FFN_TABLES: dict[str, Callable[[], str]] = {
+    "sparse-ffn-block": ffn_block_all_shapes, "sparse-ffn-train": ffn_train_fused_select,
+    "sparse-ffn-decode": decode_ffn,
+}
+
+
 def register(generated) -> None:
     """Add every table to tools/render_docs.py's registry (`generated` is its decorator)."""
     for name, render in TABLES.items():
         generated(DOC, name)(render)
+    for name, render in SPARSE_FFN_TABLES.items():
+        generated(SPARSE_FFN_DOC, name)(render)
