@@ -131,11 +131,17 @@ def fresh_process_checks():
     print("clean")
 
 
-def test_patches_install_only_when_asked_and_uninstall_exactly():
-    code = "from tests.test_megatron_patches import fresh_process_checks; fresh_process_checks()"
+def _in_a_new_interpreter(checks: str) -> str:
+    """Run this module's function `checks` in a fresh interpreter (nothing imported yet); its stdout."""
+    code = f"from tests.test_megatron_patches import {checks}; {checks}()"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), timeout=600,
                          cwd=ROOT)
-    assert out.returncode == 0 and out.stdout.strip().endswith("clean"), out.stderr[-3000:]
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip()
+
+
+def test_patches_install_only_when_asked_and_uninstall_exactly():
+    assert _in_a_new_interpreter("fresh_process_checks").endswith("clean")
 
 
 def lazy_jit_checks():
@@ -164,7 +170,4 @@ def lazy_jit_checks():
 
 
 def test_megatron_imports_without_compiling_its_fusions():
-    code = "from tests.test_megatron_patches import lazy_jit_checks; lazy_jit_checks()"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), timeout=600,
-                         cwd=ROOT)
-    assert out.returncode == 0 and out.stdout.strip().endswith("lazy"), out.stderr[-3000:]
+    assert _in_a_new_interpreter("lazy_jit_checks").endswith("lazy")
