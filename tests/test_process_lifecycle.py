@@ -231,6 +231,19 @@ def test_launcher_signals_save_and_resume_and_launcher_sigkill_stops_workers(tmp
     assert not run.alive()
 
 
+def test_a_launcher_death_is_announced_once_even_when_the_run_ends_first(capsys, monkeypatch):
+    """Rank 1's watchdog may notice the dead launcher first; the stop the ranks agree on can then end rank 0 before
+    its own watchdog looks. finish() says it then, and the watchdog and finish() say it once between them."""
+    from effdist.runtime import lifecycle
+
+    monkeypatch.setenv("RANK", "0")
+    guard = lifecycle.ProcessGuard()
+    guard._parent = os.getppid() + 1_000_000  # the launcher this rank was started by, no longer its parent
+    guard.finish(PREEMPTED)
+    assert guard._launcher_gone() is False
+    assert capsys.readouterr().err.count("is gone: stopping") == 1
+
+
 @pytest.mark.parametrize("direct", [False, True], ids=["launcher", "no-launcher"])
 def test_a_dead_rank_stops_every_rank_and_its_helpers(tmp_path, data_cache, direct):
     """checkpoint.async_save=true starts megatron's spawn Manager in each rank on its first save: after a

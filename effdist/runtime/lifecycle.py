@@ -230,6 +230,7 @@ class ProcessGuard:
         self._deadline_why = ""
         self._wake_r = self._wake_w = -1
         self._parent: int | None = None
+        self._parent_lock = threading.Lock()  # the watchdog and finish() both may notice the launcher gone
         self._store = None
         self._rank = 0
         self._local_ranks: list[int] = []
@@ -270,7 +271,11 @@ class ProcessGuard:
         self.leaving = True
         if self._store_reachable():
             say_goodbye(self._store, self._rank)
-        self._parent = None
+        # Another rank may have noticed the launcher's death first and the agreed stop ended this rank before its
+        # watchdog looked: say it here, so the log tells why the run stopped whichever rank saw it.
+        self._launcher_gone()
+        with self._parent_lock:
+            self._parent = None
         self._deadline = time.monotonic() + EXIT_GRACE_S
         self._deadline_code = exit_code
         self._deadline_why = f"the process did not exit within {EXIT_GRACE_S:g} s of finishing; exiting with {exit_code}"
@@ -330,14 +335,21 @@ class ProcessGuard:
             now = time.monotonic()
             if self._deadline is not None and now > self._deadline:
                 self._exit(self._deadline_code, self._deadline_why)
-            if self._parent is not None and os.getppid() != self._parent:
-                say(f"the launcher (pid {self._parent}) is gone: stopping (saving first if a step finished)")
-                self._parent = None
+            if self._launcher_gone():
                 os.kill(os.getpid(), signal.SIGTERM)
             for peer in [] if self.leaving else self._dead_local_peers():
                 since = gone_since.setdefault(peer.rank, now)
                 if now - since > PEER_GRACE_S and not self.leaving and not self._said_goodbye(peer.rank):
                     self._exit(PEER_LOST_EXIT_CODE, peer_lost_message(peer))
+
+    def _launcher_gone(self) -> bool:
+        """True (after one notice) for the first caller that finds the watched launcher gone; then never again."""
+        with self._parent_lock:
+            if self._parent is None or os.getppid() == self._parent:
+                return False
+            say(f"the launcher (pid {self._parent}) is gone: stopping (saving first if a step finished)")
+            self._parent = None
+            return True
 
     def _exit(self, code: int, why: str) -> None:
         print(f"effdist: error (rank {self._rank}): {why}", file=sys.stderr, flush=True)
