@@ -98,6 +98,9 @@ def _install_then_uninstall_restores_every_attribute():
         # A synchronous save's results stay in this process: no manager is started for them.
         assert type(filesystem_async._get_write_results_queue()).__module__ == "queue"
         assert filesystem_async._results_queue is None
+    # The trainer binds the asynchronous saves' manager after such a save installed the patch without one.
+    mp.install_write_results(initializer=print, initargs=("bound",))
+    assert mp._manager_initializer == (print, ("bound",))
     assert mp.installed_patches() == ["layer-offset", "rope-slot", "wgrad-extension", "cpu", "write-results"]
     after = _snapshot()
     changed = {k[1] if isinstance(k, tuple) else k for k in before if before[k] is not after[k]}

@@ -297,12 +297,17 @@ def install_cpu() -> None:
 # ------------------------------------------------------------------------------------ 5. write results
 
 _results_in_process = 0  # >0 while a synchronous save runs in this process (write_results_in_process)
+_manager_initializer: tuple[Callable | None, tuple] = (None, ())  # what the manager's server runs first
 
 
 def install_write_results(initializer: Callable | None = None, initargs: tuple = ()) -> None:
     """Route dist_checkpointing's write results: an in-process queue for synchronous saves (inside
     `write_results_in_process`), else megatron's spawn-context manager queue, its server process started with
-    ``initializer(*initargs)``. Idempotent: the first call's initializer is kept."""
+    ``initializer(*initargs)``. Idempotent; an initializer given later (the trainer's, after a conversion saved
+    in the same process) still applies to a manager not started yet."""
+    global _manager_initializer
+    if initializer is not None:
+        _manager_initializer = (initializer, initargs)
     if WRITE_RESULTS.installed:
         return
     check_version()
@@ -318,7 +323,7 @@ def install_write_results(initializer: Callable | None = None, initargs: tuple =
             from multiprocessing.managers import SyncManager
 
             manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-            manager.start(initializer=initializer, initargs=initargs)
+            manager.start(initializer=_manager_initializer[0], initargs=_manager_initializer[1])
             filesystem_async._effdist_manager = manager  # keep the manager (and its process) referenced
             filesystem_async._results_queue = manager.Queue()
         return filesystem_async._results_queue
