@@ -367,7 +367,18 @@ def test_runs_sharing_a_cache_build_the_sample_dataset_once(tmp_path):
     assert (now.st_ino, now.st_mtime_ns) == (built.st_ino, built.st_mtime_ns)  # reused, not rebuilt
 
 
-def test_sample_needs_a_byte_level_vocabulary(tmp_path):
+def test_a_killed_builds_staging_directory_is_removed_by_the_next_build(tmp_path):
+    cfg = load_config(None, ["data.sample_documents=100", "model.vocab_size=300", f"data.cache_dir={tmp_path}"])
+    from effdist.data.loader import sample_data_dir
+
+    directory = sample_data_dir(cfg, tmp_path)
+    left = directory.with_name(f"{directory.name}.building-999999")  # a build SIGKILLed mid-way
+    (left / "hf-cache").mkdir(parents=True)
+    prepare_data(cfg, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [directory.name, f"{directory.name}.lock"]
+
+
+
     cfg = load_config(None, ["model.vocab_size=200", f"data.cache_dir={tmp_path}"])
     with pytest.raises(DataError, match="model.vocab_size = 200"):
         prepare_data(cfg, tmp_path)

@@ -173,8 +173,11 @@ def _build_sample(cfg, directory: Path) -> None:
                         f"that many entries, which needs more than {BYTE_ALPHABET_SIZE} (the bytes plus the "
                         "end-of-document token); raise model.vocab_size or use data.kind=mock")
     directory.parent.mkdir(parents=True, exist_ok=True)
+    # Called under _building's lock, so no other build of this dataset runs: staging directories left by builds
+    # that were killed (SIGKILL, OOM) are derived data and go.
+    for stale in directory.parent.glob(f"{directory.name}.building-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     staging = directory.with_name(f"{directory.name}.building-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     hf_cache = staging / "hf-cache"
     corpus = write_sample_corpus(staging / "corpus.jsonl", cfg.data.sample_documents, SAMPLE_CORPUS_SEED)
