@@ -378,7 +378,7 @@ def test_a_killed_builds_staging_directory_is_removed_by_the_next_build(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == [directory.name, f"{directory.name}.lock"]
 
 
-
+def test_sample_needs_a_byte_level_vocabulary(tmp_path):
     cfg = load_config(None, ["model.vocab_size=200", f"data.cache_dir={tmp_path}"])
     with pytest.raises(DataError, match="model.vocab_size = 200"):
         prepare_data(cfg, tmp_path)
