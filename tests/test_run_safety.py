@@ -104,8 +104,9 @@ def test_lock_start_over_rollback_and_fresh(tmp_path, data_cache):
             assert (f"is in use by another trainer (host {socket.gethostname()}, pid {holder.pid}, started"
                     in second.stderr), second.stderr[-3000:]
             assert "Traceback" not in second.stderr, second.stderr[-3000:]
-            # The first trainer's metrics are whole: the second one touched nothing.
-            _wait_for_step(run, 12, holder, log)
+            # The first trainer's metrics are whole: the second one touched nothing. Step 13 is logged after the
+            # (synchronous) save at step 12 is visible, so the kill below cannot land inside that save.
+            _wait_for_step(run, 13, holder, log)
             steps = [r["step"] for r in _records(run)]
             assert steps == list(range(1, len(steps) + 1)), steps
         finally:
