@@ -12,7 +12,7 @@
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|h200_7b_cal|fp8_quality125|fp8_quality1b|tests OUTDIR [SEED]}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|tests OUTDIR [SEED]}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -293,9 +293,16 @@ fp8_profile)
 h200_7b_cal)
   # Issue #27: llama-7b on one H200 (fp32 master weights, main grads and AdamW state alone are ~113 GiB: over an
   # 80 GB card), full recompute, bf16 vs FP8 in one call, micro-batch 1, global batch 16, each in its own process.
-  run 330 python3 tools/bench_train.py --isolate --models llama-7b --micro-batch llama-7b=1 --accum 16 --steps 3 \
+  bash "$0" fp8_7b "$out"
+  bash "$0" h200_cal "$out"
+  ;;
+fp8_7b)
+  # The llama-7b half of h200_7b_cal (about 3-4 minutes on an H200).
+  run 280 python3 tools/bench_train.py --isolate --models llama-7b --micro-batch llama-7b=1 --accum 16 --steps 3 \
     --warmup 2 --set train.recompute=true --json "$out/bench_train_fp8_7b.json" --variant bf16= \
     --variant fp8=train.precision=fp8
+  ;;
+h200_cal)
   # Issue #26: the shipped H200 calibration tables (the micro-batches of the 4x H200 p=4 runs in docs/results).
   run 150 python3 -m effdist.cli calibrate --config llama-1b --micro-batches 1,2,4,8 --variants dense,epas,relu2 \
     --out "$out/h200-llama-1b.json"
@@ -314,6 +321,6 @@ fp8_quality1b)
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, h200_7b_cal, fp8_quality125, fp8_quality1b, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, tests)"; exit 2 ;;
 esac
 exit 0
