@@ -16,7 +16,7 @@ from effdist.pipeline.memory_model import (
 )
 from effdist.pipeline.render import render_svg, write_png, write_svg
 from effdist.pipeline.schedules import SCHEDULE_NAMES, build_schedule
-from effdist.pipeline.simulate import Costs, simulate
+from effdist.pipeline.simulate import Costs, rank_seconds, simulate
 from effdist.pipeline.simulate_cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +77,55 @@ def test_hand_built_schedule_timeline_and_memory():
     assert [r.peak_activation_units for r in result.ranks] == [2, 1]
     assert result.ranks[0].memory_units == [(0.0, 1.0), (1.0, 2.0), (7.0, 1.0), (10.0, 0.0)]
 
+
+
+@pytest.mark.parametrize("name", SCHEDULE_NAMES)
+def test_chunk_costs_equal_to_the_stage_costs_reproduce_the_default_exactly(name):
+    # Dyadic costs and chunk fractions (1, 1/2): costs x fraction is exact, so the timelines must match bit for bit.
+    costs = Costs(1.0, 1.5, 0.75, 0.25)
+    schedule = build_schedule(name, 4, 9, costs=costs)
+    f = schedule.placement.chunk_fraction()
+    per_chunk = [Costs(costs.forward * f, costs.backward_input * f, costs.backward_weight * f)] * schedule.num_chunks
+    old, new = simulate(schedule, costs), simulate(schedule, costs, chunk_costs=per_chunk)
+    assert new.makespan == old.makespan and new.bubble_rate == old.bubble_rate
+    assert [[(t.action, t.start, t.end) for t in row] for row in new.timings] == \
+        [[(t.action, t.start, t.end) for t in row] for row in old.timings]
+    assert old.chunk_costs is None and "chunk_costs" not in old.to_dict()
+    assert new.to_dict()["chunk_costs"][0] == per_chunk[0].to_dict()
+    with pytest.raises(ValueError, match="chunk_costs has 1 entries"):
+        simulate(schedule, costs, chunk_costs=per_chunk[:1])
+
+
+def test_one_heavy_chunk_by_hand_on_a_v_schedule():
+    # V-Min, pp = 2, 2 microbatches: chunks 0 and 3 on rank 0, 1 and 2 on rank 1. Chunk 3 holds the LM head and
+    # loss: F = 2, B = 2 (W = 1); every other chunk F = B = W = 1 (seconds of the whole chunk), no latency.
+    schedule = build_schedule("v-min", 2, 2)
+    assert schedule.placement.rank_of_chunk == (0, 1, 1, 0)
+    light, heavy = Costs(1, 1, 1), Costs(2, 2, 1)
+    result = simulate(schedule, Costs(comm=0.0), chunk_costs=[light, light, light, heavy])
+    # Hand timeline (start, end); each action waits for its rank and its producers:
+    #   rank 0: 0F0 0-1, 0F1 1-2, 3F0 3-5 (after 2F0), 3B0 5-7, 3W0 7-8, 3F1 8-10, 0B0 10-11 (after 1B0 at 9),
+    #           3B1 11-13, 0W0 13-14, 3W1 14-15, 0B1 15-16 (after 1B1), 0W1 16-17
+    #   rank 1: 1F0 1-2, 2F0 2-3, 1F1 3-4, 2F1 4-5, 2B0 7-8 (after 3B0), 1B0 8-9, 2W0 9-10, 1W0 10-11,
+    #           2B1 13-14 (after 3B1), 1B1 14-15, 2W1 15-16, 1W1 16-17
+    want = [
+        [(0, 1), (1, 2), (3, 5), (5, 7), (7, 8), (8, 10), (10, 11), (11, 13), (13, 14), (14, 15), (15, 16), (16, 17)],
+        [(1, 2), (2, 3), (3, 4), (4, 5), (7, 8), (8, 9), (9, 10), (10, 11), (13, 14), (14, 15), (15, 16), (16, 17)],
+    ]
+    assert [[(t.start, t.end) for t in row] for row in result.timings] == want
+    assert result.makespan == 17
+    assert rank_seconds(schedule, [light, light, light, heavy]) == [8, 6]  # per microbatch: 3 + 5 and 3 + 3
+    assert result.bubble_rate == pytest.approx(1 - (2 * 8 + 2 * 6) / (2 * 17))
+    # The old model charged every chunk as the heavy one (per 1F1B stage: 2 chunks x the slowest): much later.
+    slowest = Costs(2 * heavy.forward, 2 * heavy.backward_input, 2 * heavy.backward_weight)
+    assert simulate(schedule, slowest).makespan >= 2 * 2 * 5 > 17
+
+
+def test_chunk_costs_take_the_latency_from_costs():
+    # 1F1B, pp = 2, one microbatch: 0F0, (comm) 1F0, 1BW0, (comm) 0BW0.
+    schedule = build_schedule("1f1b", 2, 1)
+    result = simulate(schedule, Costs(comm=0.5), chunk_costs=[Costs(1, 2, 3, comm=9), Costs(2, 3, 4, comm=9)])
+    assert result.makespan == 1 + 0.5 + 2 + (3 + 4) + 0.5 + (2 + 3)
 
 # ------------------------------------------------------------------------------------------ memory
 

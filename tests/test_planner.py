@@ -15,10 +15,11 @@ import pytest
 
 from effdist.config import SCHEDULES, load_config
 from effdist.pipeline.calibration import (DEFAULT_LINKS, Calibration, CalibrationError, HeadCost, LayerCost,
-                                          chunk_seconds, layer_matmul_flops, model_shape, pipeline_costs)
+                                          chunk_seconds, layer_matmul_flops, model_shape, pipeline_chunk_costs,
+                                          pipeline_costs)
 from effdist.pipeline.memory_model import chunk_activation_bytes
 from effdist.pipeline.schedules import build_schedule
-from effdist.pipeline.simulate import simulate
+from effdist.pipeline.simulate import Costs, rank_seconds, simulate
 from effdist.train import planner
 from effdist.train.preflight import validate_run
 from effdist.train.estimate import GIB, build_plan_schedule, estimate, layer_activation_bytes
@@ -87,6 +88,11 @@ def test_layer_costs_are_the_calibrated_times_split_over_tp_and_b_w():
     assert costs.forward == pytest.approx(last.forward)
     v_costs = pipeline_costs(cal, cfg, 4, 4, frozenset())  # V: 4 chunks of 4 layers, 2 per rank
     assert v_costs.forward == pytest.approx(2 * (4 * 0.010 + 0.004))
+    # Per chunk (what the step time uses): each chunk its own layers, the head on the last chunk only.
+    v_chunks = pipeline_chunk_costs(cal, cfg, 4, 4, frozenset())
+    assert [c.forward for c in v_chunks] == pytest.approx([0.040, 0.040, 0.040, 0.044])
+    assert v_chunks[3].backward_input == pytest.approx(4 * 0.020 * 0.75 + 0.008)
+    assert v_chunks[3].backward_weight == pytest.approx(4 * 0.020 * 0.25) and v_chunks[3].comm == v_costs.comm
     with pytest.raises(CalibrationError, match="moc"):
         cal.layer("moc", 4)
 
@@ -173,18 +179,48 @@ def test_pipeline_step_time_is_the_simulated_makespan_in_seconds():
     cal = synthetic(cfg, optimizer_s_per_param=0.0, links={"latency_s": 0.0})
     validate_run(cfg, world_size=4)
     step, bubble, parts = planner.predict_step(cfg, cal, planner.Space(gpus=4), dp=1)
-    costs = pipeline_costs(cal, cfg, 8, 2, frozenset())
-    sim = simulate(build_schedule("v-half", 4, 16), costs)
+    per_chunk = pipeline_chunk_costs(cal, cfg, 8, 2, frozenset())  # each chunk its own layers; the head on chunk 7
+    schedule = build_schedule("v-half", 4, 16)
+    sim = simulate(schedule, Costs(comm=per_chunk[0].comm), chunk_costs=per_chunk)
     assert step == pytest.approx(sim.makespan)
     assert 0 < bubble < 1 and parts["dp_comm"] == 0.0
-    # More microbatches than the simulation runs: the steady state adds one F+B+W of the slowest stage each.
-    big = load_config(CONFIGS / "llama-1b.yaml", ["parallel.pp=2", "pipeline.schedule=1f1b", "train.micro_batch=1",
-                                                 "train.global_batch=200"])
-    validate_run(big, world_size=2)
-    step_big, _, _ = planner.predict_step(big, cal, planner.Space(gpus=2), dp=1)
-    c2 = pipeline_costs(cal, big, 2, 1, frozenset())
-    full = simulate(build_schedule("1f1b", 2, 200), c2)
-    assert step_big == pytest.approx(full.makespan, rel=1e-4)  # the extrapolation leaves out the p2p sends
+    assert bubble == pytest.approx(1 - 16 * max(rank_seconds(schedule, per_chunk)) / sim.makespan)
+    # More microbatches than the simulation runs: the steady state adds one F+B+W of the slowest rank each, for
+    # 1F1B (1 chunk per rank) and for V-Min and interleaved (2 chunks per rank, the head on one of them).
+    for name, pp in (("1f1b", 2), ("v-min", 2), ("interleaved", 2), ("v-zb", 4)):
+        big = load_config(CONFIGS / "llama-1b.yaml", [f"parallel.pp={pp}", f"pipeline.schedule={name}",
+                                                     "train.micro_batch=1", "train.global_batch=200"])
+        validate_run(big, world_size=pp)
+        step_big, _, _ = planner.predict_step(big, cal, planner.Space(gpus=pp), dp=1)
+        chunks = 1 if name == "1f1b" else 2
+        c2 = pipeline_chunk_costs(cal, big, pp * chunks, 1, frozenset())
+        full = simulate(build_schedule(name, pp, 200), Costs(comm=c2[0].comm), chunk_costs=c2)
+        assert step_big == pytest.approx(full.makespan, rel=1e-4), name  # the extrapolation leaves out the sends
+
+
+def test_v_min_bubble_falls_when_the_head_weighs_on_its_own_chunk_only():
+    # A heavy LM head + loss (as large as 2 layers at this shape), 2 layers per chunk. The old model charged every
+    # chunk of V-Min as the chunk holding the head, so the head weighed on all 8 chunks (bubble ~26%); now it
+    # sits on chunk 7 (rank 0) only, and the others are as fast as their layers.
+    cfg = load_config(CONFIGS / "llama-1b.yaml", ["parallel.pp=4", "pipeline.schedule=v-min", "train.micro_batch=1",
+                                                 "train.global_batch=16"])
+    validate_run(cfg, world_size=4)
+    layer = chunk_seconds(synthetic(cfg), cfg, range(0, 1), 1, frozenset())
+    cal = synthetic(cfg, head_s=(layer.forward + layer.backward_input + layer.backward_weight) * 2 / 3,
+                    optimizer_s_per_param=0.0)
+    step, bubble, _ = planner.predict_step(cfg, cal, planner.Space(gpus=4), dp=1)
+    schedule = build_schedule("v-min", 4, 16)
+    per_chunk = pipeline_chunk_costs(cal, cfg, 8, 1, frozenset())
+    assert per_chunk[7].forward > 1.5 * per_chunk[6].forward and per_chunk[0].forward == per_chunk[6].forward
+    new = simulate(schedule, Costs(comm=per_chunk[0].comm), chunk_costs=per_chunk)
+    assert step == pytest.approx(new.makespan)
+    assert bubble == pytest.approx(1 - 16 * max(rank_seconds(schedule, per_chunk)) / new.makespan)
+    # The old model: every chunk at the slowest chunk's cost (per 1F1B stage: 2 chunks).
+    old_costs = pipeline_costs(cal, cfg, 8, 1, frozenset())
+    old = simulate(schedule, old_costs)
+    old_bubble = 1 - 16 * (old_costs.forward + old_costs.backward_input + old_costs.backward_weight) / old.makespan
+    assert step < 0.85 * old.makespan
+    assert old_bubble > 0.2 and bubble < old_bubble / 2
 
 
 def test_plan_command_json_and_errors(tmp_path, capsys):
@@ -233,9 +269,13 @@ def test_simulate_draws_in_seconds_with_a_calibration(tmp_path, capsys):
     cfg.parallel.pp = 2
     costs = pipeline_costs(Calibration.load(cal_path), cfg, 2, cfg.train.micro_batch, frozenset())
     assert data["costs"]["forward"] == pytest.approx(costs.forward)
-    # 1F1B with fused BW: (m + pp - 1) x (F + B + W) plus the sends on the critical path.
-    per = costs.forward + costs.backward_input + costs.backward_weight
-    assert data["makespan"] >= 5 * per and math.isfinite(data["makespan"])
+    # Each chunk at its own cost: the last (LM head and loss) is the slower one.
+    first, last = pipeline_chunk_costs(Calibration.load(cal_path), cfg, 2, cfg.train.micro_batch, frozenset())
+    assert data["chunk_costs"] == [first.to_dict(), last.to_dict()] and last.forward == costs.forward
+    # 1F1B with fused BW: the first stage's F and BW of one microbatch, the last stage's of all 4, two sends.
+    per = [c.forward + c.backward_input + c.backward_weight for c in (first, last)]
+    assert data["makespan"] == pytest.approx(per[0] + 4 * per[1] + 2 * first.comm)
+    assert data["makespan"] < 5 * per[1] and math.isfinite(data["makespan"])
     capsys.readouterr()
     rc = simulate_cli.main(["--schedule", "1f1b", "--pp", "2", "--microbatches", "4", "--calibration", str(cal_path)])
     assert rc == 2 and "--model" in capsys.readouterr().err

@@ -335,17 +335,32 @@ def p2p_seconds(cfg, cal: Calibration, micro_batch: int, inter_node: bool = Fals
     return nbytes / (gbps * 1e9) + cal.links["latency_s"]
 
 
-def pipeline_costs(cal: Calibration, cfg, num_chunks: int, micro_batch: int, sharing: frozenset[int],
-                   inter_node: bool = False):
-    """simulate.Costs in seconds for a schedule of `num_chunks` chunks: every chunk is charged as the slowest one
-    (the simulator takes one cost per 1F1B stage; the slowest chunk sets the pipeline's pace), scaled to a
-    1F1B stage (num_chunks / pp chunks)."""
+def pipeline_chunk_costs(cal: Calibration, cfg, num_chunks: int, micro_batch: int, sharing: frozenset[int],
+                         inter_node: bool = False):
+    """One simulate.Costs per chunk of a schedule of `num_chunks` chunks (chunk c holds the layers
+    `layer_partition(num_layers, num_chunks)[c]`), in seconds of one microbatch through that chunk as a whole:
+    `chunk_seconds`, so only the chunk with the last layer carries the LM head and loss. Each has comm = the p2p
+    send. Give them to `simulate(..., chunk_costs=...)`."""
     from effdist.pipeline.memory_model import layer_partition
     from effdist.pipeline.simulate import Costs
 
+    comm = p2p_seconds(cfg, cal, micro_batch, inter_node)
     parts = [chunk_seconds(cal, cfg, r, micro_batch, sharing) for r in layer_partition(cfg.model.num_layers, num_chunks)]
+    # Costs wants positive times; a chunk without weight GEMMs would have W = 0.
+    return [Costs(forward=p.forward, backward_input=p.backward_input, backward_weight=max(p.backward_weight, 1e-12),
+                  comm=comm) for p in parts]
+
+
+def pipeline_costs(cal: Calibration, cfg, num_chunks: int, micro_batch: int, sharing: frozenset[int],
+                   inter_node: bool = False):
+    """simulate.Costs in seconds per 1F1B stage (num_chunks / pp chunks) with every chunk charged as the slowest
+    one: the summary `effdist simulate --calibration` prints and hands the schedule generators. Step times use
+    each chunk's own cost (`pipeline_chunk_costs`), since the head and loss sit on one chunk only."""
+    from effdist.pipeline.simulate import Costs
+
+    parts = pipeline_chunk_costs(cal, cfg, num_chunks, micro_batch, sharing, inter_node)
     per_stage = num_chunks / cfg.parallel.pp
     return Costs(forward=max(p.forward for p in parts) * per_stage,
                  backward_input=max(p.backward_input for p in parts) * per_stage,
                  backward_weight=max(max(p.backward_weight for p in parts) * per_stage, 1e-12),
-                 comm=p2p_seconds(cfg, cal, micro_batch, inter_node))
+                 comm=parts[0].comm)

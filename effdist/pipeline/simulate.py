@@ -8,6 +8,12 @@ Durations. `Costs` gives the time of one microbatch through one **1F1B stage** (
 a chunk that is a fraction `f` of a stage (1/2 for V schedules, 1/v for interleaved) takes `f` times as long, so
 makespans of schedules with different chunk counts are comparable. A fused BW takes backward_input +
 backward_weight. Communication latency is not scaled.
+Chunks of unequal cost (the chunk with the LM head and loss, the one with the embedding, EPAS sharing layers):
+`chunk_costs` gives one `Costs` per chunk, each the time of one microbatch through **that chunk as a whole** (not
+scaled by `f`); every action of chunk c then takes `chunk_costs[c].of(kind)`. The latency between ranks stays
+`costs.comm` (the chunks' own `comm` are not read). Without `chunk_costs` every chunk costs `costs` x `f`, as
+before. `rank_seconds` sums a rank's chunks (F + B + W of one microbatch): the slowest rank's sum bounds the
+steady-state time per microbatch from below (V-Min, for one, idles in its steady state when F, B and W differ).
 
 Memory. An F adds its chunk's activation when it starts; a B frees `b_frees` of it when it ends (the part only the
 input gradient needed), the W frees the rest; a BW frees all. Units: one unit is the activation of one microbatch
@@ -124,6 +130,7 @@ class SimulationResult:
     makespan: float
     bubble_rate: float
     ranks: list[RankResult] = field(default_factory=list)
+    chunk_costs: list[Costs] | None = None  # per-chunk costs when simulated with them (then `costs` gives only comm)
 
     @property
     def peak_activation_units(self) -> float:
@@ -147,6 +154,8 @@ class SimulationResult:
             "costs": self.costs.to_dict(),
             "ranks": [],
         }
+        if self.chunk_costs is not None:
+            out["chunk_costs"] = [c.to_dict() for c in self.chunk_costs]
         if self.peak_activation_bytes is not None:
             out["peak_activation_bytes"] = self.peak_activation_bytes
         for r in self.ranks:
@@ -187,7 +196,7 @@ def _memory_walk(timings: list[Timing], sizes: Sequence[float], b_frees: float) 
 
 def simulate(schedule: Schedule, costs: Costs | None = None, b_frees: float = 0.0,
              chunk_units: Sequence[float] | None = None, chunk_bytes: Sequence[float] | None = None,
-             check: bool = True) -> SimulationResult:
+             check: bool = True, chunk_costs: Sequence[Costs] | None = None) -> SimulationResult:
     """Simulate `schedule` (validated first).
 
     b_frees: fraction of a chunk's activation that its B frees (the rest waits for W); 0 keeps everything until W,
@@ -196,6 +205,8 @@ def simulate(schedule: Schedule, costs: Costs | None = None, b_frees: float = 0.
     chunk_bytes: the same in bytes (see memory_model.chunk_activation_bytes); adds peak_activation_bytes.
     check: validate the schedule first; False only for a schedule validated before (the planner simulates one
       schedule under many costs).
+    chunk_costs: one Costs per chunk, seconds (or units) of one microbatch through that whole chunk, used instead of
+      `costs` x the chunk fraction; `costs` then supplies only the latency between ranks (`comm`).
     """
     costs = costs or Costs()
     if not 0.0 <= b_frees <= 1.0:
@@ -208,17 +219,31 @@ def simulate(schedule: Schedule, costs: Costs | None = None, b_frees: float = 0.
         if sizes is not None and len(sizes) != schedule.num_chunks:
             raise ValueError(f"{name} has {len(sizes)} entries; the schedule has {schedule.num_chunks} chunks")
 
+    per_chunk = list(chunk_costs) if chunk_costs is not None else None
+    if per_chunk is not None:
+        if len(per_chunk) != schedule.num_chunks:
+            raise ValueError(f"chunk_costs has {len(per_chunk)} entries; the schedule has "
+                             f"{schedule.num_chunks} chunks")
+        if not all(isinstance(c, Costs) for c in per_chunk):
+            raise ValueError("chunk_costs: give one simulate.Costs per chunk")
+
     kinds = schedule.backward_kind()
     rank_of = schedule.placement.rank_of_chunk
+    if per_chunk is None:
+        def duration(a: Action) -> float:
+            return costs.of(a.kind) * fraction
+    else:
+        def duration(a: Action) -> float:
+            return per_chunk[a.chunk].of(a.kind)
     times = run_in_order(
         schedule.actions,
         producers=lambda a: schedule.producers(a, kinds),
-        duration=lambda a: costs.of(a.kind) * fraction,
+        duration=duration,
         latency=lambda p, a: 0.0 if rank_of[p.chunk] == rank_of[a.chunk] else costs.comm,
     )
     timings = [[Timing(a, rank, *times[a]) for a in acts] for rank, acts in enumerate(schedule.actions)]
     makespan = max((t.end for row in timings for t in row), default=0.0)
-    result = SimulationResult(schedule, costs, b_frees, timings, makespan, 0.0)
+    result = SimulationResult(schedule, costs, b_frees, timings, makespan, 0.0, chunk_costs=per_chunk)
     total_busy = 0.0
     for rank, row in enumerate(timings):
         busy = sum(t.end - t.start for t in row)
@@ -230,3 +255,12 @@ def simulate(schedule: Schedule, costs: Costs | None = None, b_frees: float = 0.
         result.ranks.append(rank_result)
     result.bubble_rate = 1.0 - total_busy / (schedule.pp * makespan) if makespan else 0.0
     return result
+
+
+def rank_seconds(schedule: Schedule, chunk_costs: Sequence[Costs]) -> list[float]:
+    """Per rank, F + B + W of one microbatch through all of its chunks (`chunk_costs` as in `simulate`): the
+    slowest rank's value is the least each microbatch can add to a step (the pipeline's compute per microbatch)."""
+    if len(chunk_costs) != schedule.num_chunks:
+        raise ValueError(f"chunk_costs has {len(chunk_costs)} entries; the schedule has {schedule.num_chunks} chunks")
+    return [sum(chunk_costs[c].forward + chunk_costs[c].backward_input + chunk_costs[c].backward_weight
+                for c in schedule.placement.chunks_of(r)) for r in range(schedule.pp)]

@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 from effdist.pipeline.ir import ScheduleError
 from effdist.pipeline.schedules import SCHEDULE_NAMES, build_schedule
@@ -87,11 +88,14 @@ def _chunk_bytes(args: argparse.Namespace, name: str, num_chunks: int) -> list[f
         raise _UsageError(f"--model {args.model} with {name}: {e}") from None
 
 
-def _calibrated_costs(args: argparse.Namespace, names: list[str]) -> Costs:
-    """Seconds per 1F1B stage for --model's layers from --calibration (one Costs for every compared schedule:
-    each is charged with the chunking of the first one named, so the comparison stays like for like)."""
+def _calibrated_costs(args: argparse.Namespace, names: list[str]) -> tuple[Costs, Callable[[int], list[Costs]]]:
+    """From --calibration, for --model's layers: (seconds per 1F1B stage, every chunk charged as the slowest, with
+    the chunking of the first schedule named: what the schedule generators and the title get, one Costs for every
+    compared schedule; a function giving each chunk's own seconds for a schedule of n chunks: what the simulation
+    runs, so the LM head and loss weigh on their own chunk only)."""
     from effdist.config import ConfigError, load_config
-    from effdist.pipeline.calibration import CalibrationError, final_region_layers, pipeline_costs, resolve
+    from effdist.pipeline.calibration import (CalibrationError, final_region_layers, pipeline_chunk_costs,
+                                              pipeline_costs, resolve)
 
     if not args.model:
         raise _UsageError("--calibration needs --model CONFIG (the layers whose measured times to use)")
@@ -102,8 +106,16 @@ def _calibrated_costs(args: argparse.Namespace, names: list[str]) -> Costs:
         raise _UsageError(str(e)) from None
     cfg.parallel.pp = args.pp
     chunks = args.chunks_per_rank or 2 if names[0] == "interleaved" or names[0].startswith("v-") else 1
+    sharing = final_region_layers(cfg)
+
+    def per_chunk(num_chunks: int) -> list[Costs]:
+        try:
+            return pipeline_chunk_costs(cal, cfg, num_chunks, cfg.train.micro_batch, sharing)
+        except (CalibrationError, ValueError) as e:
+            raise _UsageError(f"--calibration {args.calibration}: {e}") from None
+
     try:
-        return pipeline_costs(cal, cfg, args.pp * chunks, cfg.train.micro_batch, final_region_layers(cfg))
+        return pipeline_costs(cal, cfg, args.pp * chunks, cfg.train.micro_batch, sharing), per_chunk
     except (CalibrationError, ValueError) as e:
         raise _UsageError(f"--calibration {args.calibration}: {e}") from None
 
@@ -123,9 +135,12 @@ def _run(args: argparse.Namespace) -> list[SimulationResult]:
             raise _UsageError(f"--chunks-per-rank {args.chunks_per_rank}: must be >= 1")
     if not 0.0 <= args.b_frees <= 1.0:
         raise _UsageError(f"--b-frees {args.b_frees}: a fraction in [0, 1]")
+    per_chunk: Callable[[int], list[Costs]] | None = None
     try:
-        costs = _calibrated_costs(args, names) if args.calibration else Costs(args.cost_f, args.cost_b, args.cost_w,
-                                                                             args.cost_comm)
+        if args.calibration:
+            costs, per_chunk = _calibrated_costs(args, names)
+        else:
+            costs = Costs(args.cost_f, args.cost_b, args.cost_w, args.cost_comm)
     except ValueError as e:
         raise _UsageError(str(e).replace("Costs.forward", "--cost-f").replace("Costs.backward_input", "--cost-b")
                           .replace("Costs.backward_weight", "--cost-w").replace("Costs.comm", "--cost-comm")) from None
@@ -137,7 +152,9 @@ def _run(args: argparse.Namespace) -> list[SimulationResult]:
         except ScheduleError as e:
             raise _UsageError(str(e)) from None
         chunk_bytes = _chunk_bytes(args, name, schedule.num_chunks)
-        results.append(simulate(schedule, costs, b_frees=args.b_frees, chunk_bytes=chunk_bytes))
+        chunk_costs = per_chunk(schedule.num_chunks) if per_chunk else None
+        results.append(simulate(schedule, costs, b_frees=args.b_frees, chunk_bytes=chunk_bytes,
+                                chunk_costs=chunk_costs))
     return results
 
 
@@ -161,7 +178,9 @@ def format_table(results: list[SimulationResult]) -> str:
 
     s = results[0].schedule
     c = results[0].costs
-    title = (f"pp={pp} microbatches={s.num_microbatches} costs F={c.forward:.4g} B={c.backward_input:.4g} "
+    which = "" if results[0].chunk_costs is None else \
+        " of the slowest chunk per 1F1B stage (each chunk runs at its own)"
+    title = (f"pp={pp} microbatches={s.num_microbatches} costs{which} F={c.forward:.4g} B={c.backward_input:.4g} "
              f"W={c.backward_weight:.4g} comm={c.comm:.4g}; peak activation per rank r0..r{pp - 1} in units of one "
              "microbatch on one 1F1B stage")
     return "\n".join([title, line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])

@@ -9,9 +9,10 @@ For every candidate the planner predicts
       the largest rank must fit the budget less `--reserve` (CUDA context, allocator slack, NCCL buffers).
   step time: per-layer forward / backward-input / backward-weight seconds from a calibration
       (`effdist calibrate`; effdist.pipeline.calibration), divided over tp, plus tensor-parallel collectives;
-      with pp > 1 the schedule simulator runs the step on those costs (bubbles, B/W split, p2p sends) and gives
-      the makespan; then the data-parallel gradient reduction (not overlapped: effdist reduces after the last
-      backward) and the optimizer step (calibrated seconds per parameter).
+      with pp > 1 the schedule simulator runs the step on those costs, each chunk with its own layers (the LM head
+      and loss only on the last chunk), and gives the makespan (bubbles, B/W split, p2p sends); then the
+      data-parallel gradient reduction (not overlapped: effdist reduces after the last backward) and the
+      optimizer step (calibrated seconds per parameter).
 What is not modelled is said in docs/plan.md (e.g. tp > 1 GEMM efficiency loss unless calibrated on several GPUs).
 """
 
@@ -26,16 +27,17 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from effdist.config import SCHEDULES, Config, ConfigError, load_config
-from effdist.pipeline.calibration import (Calibration, CalibrationError, final_region_layers, pipeline_costs, resolve,
-                                          ring_seconds, tp_comm_seconds)
+from effdist.pipeline.calibration import (Calibration, CalibrationError, final_region_layers, pipeline_chunk_costs,
+                                          resolve, ring_seconds, tp_comm_seconds)
 from effdist.train.estimate import (GIB, build_plan_schedule, estimate, parameters_per_stage, stage_chunks,
                                     total_parameters, validated_schedule)
 from effdist.train.preflight import validate_run
 
 # Microbatches the step-time simulation runs at most (a few times pp covers every schedule's warm-up and
-# cool-down); beyond, every extra microbatch adds one steady-state F + B + W of the slowest stage (all six
-# schedules are periodic between warm-up and cool-down; the p2p sends of the extra microbatches are left
-# out, which the tests bound at 0.01% of a 200-microbatch step).
+# cool-down). Beyond, the step is simulated once more at twice as many, and every further microbatch adds the
+# time per microbatch between the two: all six schedules are periodic between warm-up and cool-down, but the
+# period is not always the slowest rank's F + B + W (summed over its chunks): V-Min idles in its steady state
+# when F, B and W differ, and 1F1B waits for the p2p sends; the measured difference holds both.
 TIMED_MICROBATCHES_PER_STAGE = 4
 MIN_TIMED_MICROBATCHES = 16
 DEFAULT_MICRO_BATCHES = (1, 2, 4, 8, 16)
@@ -162,7 +164,7 @@ def choices(base: Config, space: Space, global_batch: int) -> Iterable[Choice]:
 
 def predict_step(cfg: Config, cal: Calibration, space: Space, dp: int) -> tuple[float, float, dict[str, float]]:
     """(step seconds, bubble fraction, parts) of one optimizer step for a valid candidate config."""
-    from effdist.pipeline.simulate import simulate
+    from effdist.pipeline.simulate import Costs, rank_seconds, simulate
 
     m = cfg.microbatches_per_step(dp * cfg.parallel.tp * cfg.parallel.pp)
     sharing = final_region_layers(cfg)
@@ -172,15 +174,30 @@ def predict_step(cfg: Config, cal: Calibration, space: Space, dp: int) -> tuple[
     name = cfg.pipeline.schedule
     chunks = 1 if pp == 1 else (cfg.pipeline.chunks_per_rank if name == "interleaved" else
                                 (2 if name.startswith("v-") else 1))
-    costs = pipeline_costs(cal, cfg, pp * chunks, cfg.train.micro_batch, sharing, inter_node_pp)
-    per_mb = costs.forward + costs.backward_input + costs.backward_weight
-    compute = m * per_mb
-    makespan = compute  # pp = 1: microbatches one after another, no bubble
-    if pp > 1:
+    # Each chunk its own cost: only the chunk with the last layer runs the LM head and loss.
+    chunk_costs = pipeline_chunk_costs(cal, cfg, pp * chunks, cfg.train.micro_batch, sharing, inter_node_pp)
+    if pp == 1:  # microbatches one after another, no bubble
+        only = chunk_costs[0]
+        per_mb = only.forward + only.backward_input + only.backward_weight
+        makespan = compute = m * per_mb
+    else:
         timed = min(m, max(MIN_TIMED_MICROBATCHES, TIMED_MICROBATCHES_PER_STAGE * pp))
-        # The executor runs the schedule generated with equal costs (effdist.train.estimate builds the same one).
-        schedule = validated_schedule(name, pp, timed, chunks if name == "interleaved" else 2)
-        makespan = simulate(schedule, costs, check=False).makespan + (m - timed) * per_mb
+        cpr = chunks if name == "interleaved" else 2
+        link = Costs(comm=chunk_costs[0].comm)
+
+        def simulated(microbatches: int) -> float:
+            # The executor runs the schedule generated with equal costs (effdist.train.estimate builds the same one).
+            return simulate(validated_schedule(name, pp, microbatches, cpr), link, check=False,
+                            chunk_costs=chunk_costs).makespan
+
+        schedule = validated_schedule(name, pp, timed, cpr)
+        per_mb = max(rank_seconds(schedule, chunk_costs))  # the slowest rank's F + B + W over its chunks
+        compute = m * per_mb
+        makespan = simulated(timed)
+        if m > timed:  # the steady state's time per microbatch, measured: see TIMED_MICROBATCHES_PER_STAGE
+            longer = min(m, 2 * timed)
+            makespan, before = simulated(longer), makespan
+            makespan += (m - longer) * (makespan - before) / (longer - timed)
     bubble = max(0.0, 1.0 - compute / makespan) if makespan else 0.0
     tp_comm = m * 2 * tp_comm_seconds(cfg, cal, cfg.train.micro_batch) * cfg.model.num_layers / pp
     # Data-parallel gradient reduction of this rank's parameters (fp32 main grads), after the last backward.
