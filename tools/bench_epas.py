@@ -170,7 +170,9 @@ def kernel_profile(step, steps: int) -> dict:
         wall = (time.perf_counter() - t0) / steps
     kernels: dict[str, list[float]] = {}
     for evt in prof.key_averages():
-        if evt.device_type != torch.autograd.DeviceType.CUDA:
+        # record_function ranges (e.g. "Optimizer.step#AdamW.step") appear on the GPU too, spanning the kernels
+        # they launched: counting them would count those kernels twice.
+        if evt.device_type != torch.autograd.DeviceType.CUDA or getattr(evt, "is_user_annotation", False):
             continue
         us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0.0)
         entry = kernels.setdefault(evt.key[:120], [0.0, 0])

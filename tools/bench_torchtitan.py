@@ -115,16 +115,36 @@ def worker(tt_args: list[str], out: str, warmup: int) -> None:
                    "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}, f)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The tool's own options and the rest (torchtitan's), for the launcher and for a variant's worker process."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # never read a torchtitan option as an abbreviation of ours
     p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                    help="a named run; ARGS: extra torchtitan CLI arguments (shell-quoted)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=4, help="steps left out of the median (compilation)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per variant")
-    p.add_argument("--json", required=True)
+    p.add_argument("--json", help="where the results go (required)")
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
-    args, rest = p.parse_known_args()
+    args, rest = p.parse_known_args(argv)
+    # The worker is started without --json: the launcher writes the JSON from the worker's --worker-out file.
+    if args.worker_out is None:
+        if args.json is None:
+            p.error("the following arguments are required: --json")
+        if rest:
+            p.error(f"unrecognized arguments: {' '.join(rest)} (torchtitan options go inside --variant NAME=ARGS)")
+    return args, rest
+
+
+def worker_command(json_path: str, name: str, extra: str, steps: int, warmup: int) -> tuple[list[str], list[str], str]:
+    """(command, torchtitan arguments, part file) of one variant's worker process."""
+    tt_args = BASE + ["--training.steps", str(steps), "--compile.enable"] + shlex.split(extra)
+    out = f"{json_path}.{name}.part"
+    return [sys.executable, __file__, "--worker-out", out, "--warmup", str(warmup), *tt_args], tt_args, out
+
+
+def main() -> None:
+    args, rest = parse()
     if args.worker_out:
         worker(rest, args.worker_out, args.warmup)
         return
@@ -133,9 +153,7 @@ def main() -> None:
     runs = []
     for spec in args.variant or ["float8_compile=--model.converters float8"]:
         name, _, extra = spec.partition("=")
-        tt_args = BASE + ["--training.steps", str(args.steps), "--compile.enable"] + shlex.split(extra)
-        out = f"{args.json}.{name}.part"
-        cmd = [sys.executable, __file__, "--worker-out", out, "--warmup", str(args.warmup), *tt_args]
+        cmd, tt_args, out = worker_command(args.json, name, extra, args.steps, args.warmup)
         print(f"=== torchtitan {name}: {' '.join(tt_args)}", flush=True)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)

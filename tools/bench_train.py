@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -103,11 +104,15 @@ class RandomTokens:
 
 
 # Kernel categories of a profile (first match wins): where an FP8 step's time goes against bf16's.
+# Inductor names a fused kernel after the ops in it, so the FP8 casts (triton_poi_fused__scaled_mm__to_copy_...)
+# carry "_scaled_mm" although they run no GEMM: compiled kernels are matched first. cuBLAS's Hopper GEMMs are
+# nvjet_[sm90_]<a><b>tst...: "tst"/"tss" bf16, a "q" (e4m3) or "r" (e5m2) operand FP8 (qqtst forward, qrtst the
+# gradient GEMMs).
 KERNEL_CATEGORIES = (
-    ("attention", ("flash", "fmha", "attention", "sdpa")),
-    ("fp8 gemm", ("e4m3", "e5m2", "f8f8", "fp8", "qqtst", "_scaled_mm")),
-    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "sm90_")),
     ("compiled (triton)", ("triton_",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("fp8 gemm", ("e4m3", "e5m2", "f8f8", "fp8", "_scaled_mm", re.compile(r"nvjet_(sm\d+_)?[qr][qr]t"))),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "sm90_")),
     ("optimizer", ("multi_tensor", "adam", "foreach")),
     ("communication", ("nccl",)),
     ("copy / fill", ("memcpy", "memset", "copy_kernel", "fill")),
@@ -120,7 +125,9 @@ def categorise(kernels: dict[str, dict]) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, k in kernels.items():
         low = name.lower()
-        cat = next((c for c, keys in KERNEL_CATEGORIES if any(key in low for key in keys)), "other elementwise")
+        cat = next((c for c, keys in KERNEL_CATEGORIES
+                    if any(key.search(low) if isinstance(key, re.Pattern) else key in low for key in keys)),
+                   "other elementwise")
         out[cat] = out.get(cat, 0.0) + k["ms"]
     return {c: round(ms, 3) for c, ms in sorted(out.items(), key=lambda kv: -kv[1])}
 

@@ -510,6 +510,77 @@ def fp8() -> str:
                   "of FP8 ceiling", "of FP8 datasheet", "peak GiB"], rows)
 
 
+FP8_PROFILE = "bench_train_fp8_1b_profile_h100.json"
+FP8_PROFILE_ROWS = (("bf16", "bf16"), ("fp8", "fp8 tensorwise, compiled"), ("bf16_mbs16", "bf16"),
+                    ("fp8_mbs16", "fp8 tensorwise, compiled"))
+
+
+def fp8_profile_speed() -> str:
+    """The speed rows of the profile run (tools/gpu_h100_suite.sh fp8_profile): micro-batch 8 and 16."""
+    device = load(FP8_PROFILE)["device"]
+    base = run_of(FP8_PROFILE, "bf16")
+    rows = []
+    for variant, label in FP8_PROFILE_ROWS:
+        r = run_of(FP8_PROFILE, variant)
+        is_fp8 = variant.startswith("fp8")
+        rows.append((label, r["micro_batch"], n0(r["tokens_per_s"]), f3(r["tokens_per_s"] / base["tokens_per_s"]),
+                     f"{r['tflops']:.0f}", pct(r["fraction_of_ceiling"]), datasheet_mfu(r["tflops"], device),
+                     pct(r["fraction_of_fp8_ceiling"]) if is_fp8 else "–",
+                     datasheet_mfu(r["tflops"], device, fp8=True) if is_fp8 else "–", f1(r["peak_mem_gib"])))
+    return table(["variant", "micro-batch", "tokens/s", "vs bf16 (mb 8)", "model TFLOP/s", "of bf16 ceiling",
+                  "of bf16 datasheet", "of FP8 ceiling", "of FP8 datasheet", "peak GiB"], rows)
+
+
+def _profile_categories(profile: dict) -> dict[str, float]:
+    """GPU ms per step by category from a profile's per-kernel times, with tools/bench_train.py's categories.
+    record_function ranges that torch.profiler also reports on the GPU ("Optimizer.step#AdamW.step") span
+    kernels counted already: left out (the profiler of tools/bench_epas.py drops them since 2026-12-06)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_train import categorise
+
+    return categorise({k: v for k, v in profile["kernels"].items() if "#" not in k})
+
+
+def fp8_profile_categories() -> str:
+    """Where the llama-1b step's GPU time goes, bf16 against FP8 (micro-batch 8, one profiled step each)."""
+    bf16, fp8 = (run_of(FP8_PROFILE, v)["profile"] for v in ("bf16", "fp8"))
+    cats = [_profile_categories(p) for p in (bf16, fp8)]
+    order = sorted(set(cats[0]) | set(cats[1]), key=lambda c: -(cats[0].get(c, 0.0) + cats[1].get(c, 0.0)))
+    rows = [(c, *(f1(x[c]) if c in x else "–" for x in cats),
+             f"{cats[1].get(c, 0.0) - cats[0].get(c, 0.0):+.1f}") for c in order]
+    kernel = [sum(x.values()) for x in cats]
+    rows.append(("all GPU kernels", *(bold(f1(k)) for k in kernel), f"{kernel[1] - kernel[0]:+.1f}"))
+    walls = [p["wall_ms_per_step"] for p in (bf16, fp8)]
+    rows.append(("wall time of the profiled step", *(f1(w) for w in walls), f"{walls[1] - walls[0]:+.1f}"))
+    return table(["category (GPU ms per step)", "bf16", "fp8", "fp8 - bf16"], rows)
+
+
+FP8_QUALITY = (("loss_parity_125m_fp8_h200.json", "llama-125m", "H200", "2026-12-05", "fp8"),
+               ("loss_parity_125m_fp8_500_h100.json", "llama-125m", "H100", "2026-12-06", "fp8"),
+               ("loss_parity_1b_fp8_300_h100.json", "llama-1b", "H100", "2026-12-06", "fp8"))
+
+
+def fp8_quality() -> str:
+    """FP8 (tensorwise) vs bf16 training loss after the same tokens, same seed and data order."""
+    import math
+
+    rows = []
+    for name, model, card, date, key in FP8_QUALITY:
+        base, run = _parity(name, "bf16"), _parity(name, key)
+        steps = len(run["curve"])
+        finite = all(math.isfinite(loss) for curve in (base["curve"], run["curve"]) for _, loss in curve)
+        half = _window_ratio(run, base, steps // 2)
+        ratio = run["ratio_vs_baseline"]
+        rows.append((model, card, date, steps, f"{run['tokens'] / 1e6:.1f}M", f4(base["final_loss"]),
+                     f4(run["final_loss"]), f4(half), bold(f4(ratio)),
+                     "yes" if abs(ratio - 1) <= 0.005 else "no (below bf16)" if ratio < 1 else "no",
+                     "none" if finite else "NaN/inf"))
+    return table(["model", "card", "date", "steps", "tokens", "bf16 final loss", "fp8 final loss",
+                  "fp8 / bf16 at half the steps", "fp8 / bf16 at the end", "within ±0.5%", "NaN"], rows)
+
+
 FFN_GOALS = {"moc": ("MoC (K = 0.1875 f)", 0.95), "topk": ("top-k ReLU (10%)", 0.97)}
 
 
@@ -649,6 +720,15 @@ SPARSE_FFN_TABLES: dict[str, Callable[[], str]] = {
 }
 
 
+# ---------------------------------------------------------------------------------------------- docs/fp8.md
+
+FP8_DOC = "docs/fp8.md"
+FP8_TABLES: dict[str, Callable[[], str]] = {
+    "fp8-speed": fp8, "fp8-profile-speed": fp8_profile_speed, "fp8-profile": fp8_profile_categories,
+    "fp8-quality": fp8_quality,
+}
+
+
 def register(generated) -> None:
     """Add every table to tools/render_docs.py's registry (`generated` is its decorator)."""
     for name, render in TABLES.items():
@@ -659,3 +739,5 @@ def register(generated) -> None:
             generated(DOC, name)(render)
     for name, render in SPARSE_FFN_TABLES.items():
         generated(SPARSE_FFN_DOC, name)(render)
+    for name, render in FP8_TABLES.items():
+        generated(FP8_DOC, name)(render)

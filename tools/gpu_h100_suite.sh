@@ -8,6 +8,8 @@
 #   bash tools/gpu_h100_suite.sh fp8    OUTDIR   # FP8 linears: GPU numerics tests, llama-1b bf16 vs FP8 (needs torchao)
 #   bash tools/gpu_h100_suite.sh fp8_parity OUTDIR  # llama-125m loss, bf16 vs FP8, English corpus
 #   bash tools/gpu_h100_suite.sh fp8_profile OUTDIR # llama-1b bf16 vs FP8 kernel profile, micro-batch 16, torchtitan
+#   bash tools/gpu_h100_suite.sh fp8_7b OUTDIR      # llama-7b bf16 vs FP8, full recompute (needs an H200)
+#   bash tools/gpu_h100_suite.sh h200_cal OUTDIR    # effdist calibrate, llama-1b and llama-7b (the shipped H200 tables)
 #
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
