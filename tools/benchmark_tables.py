@@ -683,6 +683,8 @@ TABLES: dict[str, Callable[[], str]] = {
 # Tables whose section of docs/benchmarks.md is not written yet: registered once the doc holds their markers
 # (until then the registry and the doc's markers stay equal, tests/test_render_docs.py).
 PENDING_TABLES: dict[str, Callable[[], str]] = {"bench-plan-validation-p4": plan_validation_p4}
+# The same comparison with the H100 calibration (no H200 one yet): the wrong card, kept for what it shows.
+TABLES["bench-plan-validation-p4-h100cal"] = lambda: plan_validation_p4(RESULTS / "plan_validation_p4_h100cal.json")
 
 
 # ---------------------------------------------------------------------------------------------- docs/sparse_ffn.md
