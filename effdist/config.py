@@ -392,14 +392,34 @@ def _set_dotted(cfg: Config, assignment: str) -> None:
     _apply(cfg, nested, "")
 
 
+# The shipped configs (configs/*.yaml beside the package): every command that takes a config file also takes a
+# preset's name (`--config llama-1b`), as `effdist presets` lists them.
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def preset_names() -> list[str]:
+    return sorted(f.stem for f in PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
+
+
+def preset_or_path(name_or_path: str | os.PathLike) -> Path:
+    """The file itself where it exists, else configs/<name>.yaml where `name_or_path` is a preset's name."""
+    p = Path(name_or_path)
+    preset = PRESET_DIR / f"{p}.yaml"
+    if not p.is_file() and p.name == str(p) and preset.is_file():
+        return preset
+    return p
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 check: bool = True) -> Config:
     """Load a YAML config (or the defaults), apply --set overrides, and validate the result (unless not `check`)."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
+        p = preset_or_path(path)
         if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist. Shipped configs live in configs/, e.g. configs/tiny-cpu.yaml")
+            names = ", ".join(preset_names())
+            raise ConfigError(f"config file '{p}' does not exist. Shipped configs live in configs/, e.g. configs/tiny-cpu.yaml"
+                              + (f"; a preset's name works too ({names})" if names else ""))
         with open(p) as f:
             try:
                 data = yaml.safe_load(f) or {}

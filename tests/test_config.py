@@ -78,6 +78,20 @@ def test_world_size_checks():
         validate(cfg, world_size=2)
 
 
+def test_a_presets_name_loads_it_from_any_directory(tmp_path, monkeypatch):
+    """`--config llama-1b` (every command that loads a config) means configs/llama-1b.yaml; a file of that name
+    in the working directory still wins, and a wrong name lists the presets."""
+    monkeypatch.chdir(tmp_path)
+    by_name, by_path = load_config("llama-125m"), load_config(Path(__file__).parents[1] / "configs" / "llama-125m.yaml")
+    assert by_name == by_path and by_name.model.num_layers == 12
+    (tmp_path / "llama-125m").write_text("model:\n  num_layers: 3\n")
+    assert load_config("llama-125m").model.num_layers == 3
+    with pytest.raises(ConfigError, match=r"'llama-9b' does not exist.*a preset's name works too \(.*llama-1b.*tiny-cpu"):
+        load_config("llama-9b")
+    with pytest.raises(ConfigError, match="does not exist"):  # a path is never read as a preset's name
+        load_config("sub/llama-125m")
+
+
 def test_unknown_keys_and_bad_types_are_named(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'train.stepz'"):
         load_config(None, ["train.stepz=3"])

@@ -264,6 +264,15 @@ def test_cli_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_cli_model_takes_a_presets_name(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--compare", "1f1b,v-min", "--pp", "4", "--microbatches", "8", "--model", "llama-1b",
+                 "--json", "out.json"]) == 0
+    assert "peak GiB" in capsys.readouterr().out
+    first, v_min = json.loads((tmp_path / "out.json").read_text())["schedules"]
+    assert 0 < v_min["peak_activation_bytes"] < first["peak_activation_bytes"]
+
+
 def test_tools_script_is_the_same_entry_point():
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "simulate_pipeline.py"), "--compare", "1f1b,v-zb",
                            "--pp", "2", "--microbatches", "3"], capture_output=True, text=True, timeout=60)

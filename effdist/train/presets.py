@@ -16,17 +16,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from effdist.config import ConfigError, load_config
+from effdist.config import PRESET_DIR, ConfigError, load_config, preset_or_path
 from effdist.train.estimate import total_parameters
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def resolve_config_path(name_or_path: str) -> str:
     """A config file path, or a preset's name (`llama-1b` means configs/llama-1b.yaml) where no such file exists."""
-    if not os.path.exists(name_or_path) and (PRESET_DIR / f"{name_or_path}.yaml").exists():
-        return str(PRESET_DIR / f"{name_or_path}.yaml")
-    return name_or_path
+    return str(preset_or_path(name_or_path))
 
 
 @dataclass(frozen=True)
