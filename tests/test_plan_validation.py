@@ -117,11 +117,10 @@ def test_the_numbers_are_the_planners(h100):
     from effdist.config import load_config
     from effdist.pipeline.calibration import Calibration
     from effdist.train.planner import Space, plan
-    from effdist.train.presets import resolve_config_path
 
     _, _, data = h100
     cal = Calibration.load(H100_1B)
-    base = load_config(resolve_config_path("llama-1b"), bench_plan.PIPELINE_BENCH_OVERRIDES)
+    base = load_config("llama-1b", bench_plan.PIPELINE_BENCH_OVERRIDES)
     for r in (r for r in data["rows"] if r["predicted"]):
         space = Space(gpus=4, schedules=(r["schedule"],), micro_batches=(r["micro_batch"],), recompute=(False,),
                       zero1=(False,), max_tp=1)

@@ -54,9 +54,8 @@ def predict(model: str, overrides: list[str], cal) -> tuple[float, float, dict]:
     from effdist.train.preflight import validate_run
     from effdist.train.estimate import GIB, estimate
     from effdist.train.planner import Space, predict_step
-    from effdist.train.presets import resolve_config_path
 
-    cfg = load_config(resolve_config_path(model), overrides)
+    cfg = load_config(model, overrides)
     validate_run(cfg, world_size=1)
     step, _, parts = predict_step(cfg, cal, Space(gpus=1), dp=1)
     return (cfg.train.global_batch * cfg.data.seq_length / step,
@@ -138,7 +137,6 @@ def predict_pipeline_row(run: dict, record: dict, cal, cal_info: dict) -> dict:
     from effdist.train.estimate import GIB, estimate
     from effdist.train.planner import MIN_TIMED_MICROBATCHES, Choice, Space, candidate_config, predict_step
     from effdist.train.preflight import validate_run
-    from effdist.train.presets import resolve_config_path
 
     pp, mb, m, seq = run["pp"], run["micro_batch"], run["microbatches"], run["seq_length"]
     recompute = bool(record.get("recompute", run.get("recompute", False)))
@@ -154,7 +152,7 @@ def predict_pipeline_row(run: dict, record: dict, cal, cal_info: dict) -> dict:
     if why is None:
         try:
             extra = [f"pipeline.chunks_per_rank={record['chunks_per_rank']}"] if "chunks_per_rank" in record else []
-            base = load_config(resolve_config_path(run["model"]), PIPELINE_BENCH_OVERRIDES + extra)
+            base = load_config(run["model"], PIPELINE_BENCH_OVERRIDES + extra)
             choice = Choice(tp=1, pp=pp, dp=1, schedule=record["schedule"], micro_batch=mb, recompute=recompute,
                             zero1=False, epas_region=0.0, ffn_kind=base.ffn.kind)
             # What effdist.train.planner.plan does for one candidate.

@@ -209,7 +209,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from effdist.config import ConfigError, load_config, validate
-    from effdist.train.presets import resolve_config_path
 
     args = _parser().parse_args(argv)
     try:
@@ -229,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"effdist calibrate: --reps {args.reps}: must be >= 1", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(resolve_config_path(args.config), args.overrides)
+        cfg = load_config(args.config, args.overrides)
         validate(cfg)
     except ConfigError as e:
         print(f"effdist calibrate: config error: {e}", file=sys.stderr)

@@ -344,7 +344,6 @@ def _fail(msg: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from effdist.train.presets import resolve_config_path
 
     args = _parser().parse_args(argv)
     if args.gpus < 1:
@@ -370,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad or not schedules:
         return _fail(f"--schedules {args.schedules}: valid: {', '.join(SCHEDULES)}")
     try:
-        cfg = load_config(resolve_config_path(args.config), args.overrides)
+        cfg = load_config(args.config, args.overrides)
         validate_run(cfg)  # the world-size checks are each candidate's
         cal = resolve(args.calibration or _default_calibration(cfg))
     except (ConfigError, CalibrationError) as e:

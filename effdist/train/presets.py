@@ -16,14 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from effdist.config import PRESET_DIR, ConfigError, load_config, preset_or_path
+from effdist.config import PRESET_DIR, ConfigError, load_config
 from effdist.train.estimate import total_parameters
-
-
-
-def resolve_config_path(name_or_path: str) -> str:
-    """A config file path, or a preset's name (`llama-1b` means configs/llama-1b.yaml) where no such file exists."""
-    return str(preset_or_path(name_or_path))
 
 
 @dataclass(frozen=True)
