@@ -491,6 +491,18 @@ FP8 = (("bf16", "bf16"), ("fp8", "fp8 tensorwise, compiled"), ("fp8_rowwise", "f
        ("fp8_eager", "fp8 tensorwise, eager"))
 
 
+FP8_SPEED_COLUMNS = ("tokens/s", "vs bf16", "model TFLOP/s", "of bf16 ceiling", "of bf16 datasheet", "of FP8 ceiling",
+                     "of FP8 datasheet", "peak GiB")
+
+
+def _fp8_speed_cells(r: dict, base: dict, device: str, is_fp8: bool) -> tuple[str, ...]:
+    """FP8_SPEED_COLUMNS of one tools/bench_train.py run against its bf16 baseline."""
+    return (n0(r["tokens_per_s"]), f3(r["tokens_per_s"] / base["tokens_per_s"]), f"{r['tflops']:.0f}",
+            pct(r["fraction_of_ceiling"]), datasheet_mfu(r["tflops"], device),
+            pct(r["fraction_of_fp8_ceiling"]) if is_fp8 else "–",
+            datasheet_mfu(r["tflops"], device, fp8=True) if is_fp8 else "–", f1(r["peak_mem_gib"]))
+
+
 def fp8() -> str:
     rows = []
     for card, name in (("H100", "bench_train_fp8_1b_h100.json"), ("H200", "bench_train_fp8_1b_h200.json")):
@@ -500,14 +512,8 @@ def fp8() -> str:
             runs = [r for r in load(name)["runs"] if r.get("variant") == variant]
             if not runs:
                 continue
-            r = runs[0]
-            is_fp8 = variant != "bf16"
-            rows.append((card, label, n0(r["tokens_per_s"]), f3(r["tokens_per_s"] / base["tokens_per_s"]),
-                         f"{r['tflops']:.0f}", pct(r["fraction_of_ceiling"]), datasheet_mfu(r["tflops"], device),
-                         pct(r["fraction_of_fp8_ceiling"]) if is_fp8 else "–",
-                         datasheet_mfu(r["tflops"], device, fp8=True) if is_fp8 else "–", f1(r["peak_mem_gib"])))
-    return table(["card", "variant", "tokens/s", "vs bf16", "model TFLOP/s", "of bf16 ceiling", "of bf16 datasheet",
-                  "of FP8 ceiling", "of FP8 datasheet", "peak GiB"], rows)
+            rows.append((card, label, *_fp8_speed_cells(runs[0], base, device, variant != "bf16")))
+    return table(["card", "variant", *FP8_SPEED_COLUMNS], rows)
 
 
 FP8_PROFILE = "bench_train_fp8_1b_profile_h100.json"
@@ -522,13 +528,9 @@ def fp8_profile_speed() -> str:
     rows = []
     for variant, label in FP8_PROFILE_ROWS:
         r = run_of(FP8_PROFILE, variant)
-        is_fp8 = variant.startswith("fp8")
-        rows.append((label, r["micro_batch"], n0(r["tokens_per_s"]), f3(r["tokens_per_s"] / base["tokens_per_s"]),
-                     f"{r['tflops']:.0f}", pct(r["fraction_of_ceiling"]), datasheet_mfu(r["tflops"], device),
-                     pct(r["fraction_of_fp8_ceiling"]) if is_fp8 else "–",
-                     datasheet_mfu(r["tflops"], device, fp8=True) if is_fp8 else "–", f1(r["peak_mem_gib"])))
-    return table(["variant", "micro-batch", "tokens/s", "vs bf16 (mb 8)", "model TFLOP/s", "of bf16 ceiling",
-                  "of bf16 datasheet", "of FP8 ceiling", "of FP8 datasheet", "peak GiB"], rows)
+        rows.append((label, r["micro_batch"], *_fp8_speed_cells(r, base, device, variant.startswith("fp8"))))
+    columns = ["vs bf16 (mb 8)" if c == "vs bf16" else c for c in FP8_SPEED_COLUMNS]
+    return table(["variant", "micro-batch", *columns], rows)
 
 
 def _profile_categories(profile: dict) -> dict[str, float]:
