@@ -90,7 +90,9 @@ def test_lock_start_over_rollback_and_fresh(tmp_path, data_cache):
 
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
-    first = ["train.steps=400", "checkpoint.interval=4"]
+    # keep_every: steps 4, 8 and 12 survive however far the holder gets before the kill (on a fast machine it
+    # runs ~100 steps while the second trainer starts); the step count is out of its reach in that time.
+    first = ["train.steps=100000", "checkpoint.interval=4", "checkpoint.keep_every=4"]
 
     # A long run holds the directory; a second trainer on it exits at once, naming the holder.
     log = tmp_path / "first.log"
