@@ -280,3 +280,33 @@ def test_nonfinite_and_disk_failures_save_nothing(tmp_path, data_cache, four_ste
     assert _names(run / "checkpoints") == ["iter_0000002", "iter_0000004", "iter_0000006.tmp"]
     for name in ("iter_0000002", "iter_0000004"):
         ckpt.verify(run / "checkpoints" / name)
+
+
+def test_ctrl_c_stops_at_once_with_one_line_naming_the_checkpoint(tmp_path, data_cache):
+    """SIGINT (Ctrl-C) is not a save signal: the run stops now, says what is lost and where to resume, no
+    traceback; the checkpoints it wrote stay and the lock dies with it."""
+    run = tmp_path / "run"
+    log = tmp_path / "int.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_cmd(run, BASE + [f"data.cache_dir={data_cache}", "train.steps=100000",
+                                                  "checkpoint.interval=2"]),
+                                env=clean_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for_step(run, 3, proc, log)  # step 3 is logged after the save at step 2 is visible
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    text = log.read_text()
+    assert rc == 128 + signal.SIGINT, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    line = next(line for line in text.splitlines() if "interrupted (SIGINT) at step" in line)
+    named = line.split("the last checkpoint is ", 1)[1].split(" (--resume auto continues from it)", 1)[0]
+    complete = [n for n in _names(run / "checkpoints") if not n.endswith(".tmp")]
+    # The newest complete one (or the one before it, if the signal fell between a save's rename and its notice).
+    assert Path(named).parent == run / "checkpoints" and Path(named).name in complete[-2:], (line, complete)
+    # The lock died with the process: a start-over is refused for the run it holds, not for "in use".
+    again = _train(run, data_cache, ["train.steps=1"], resume="none")
+    assert again.returncode == 2 and "already holds a run" in again.stderr, _error_lines(again)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -798,6 +799,16 @@ def main(argv: list[str] | None = None) -> int:
     except lifecycle.Stopped as e:
         _error_line(e)
         code = e.exit_code
+    except KeyboardInterrupt:
+        # Ctrl-C (SIGINT) stops at once, as in megatron and torchtitan, but with one line instead of a traceback
+        # per rank; SIGTERM/SIGUSR1 are the signals that save first (docs/launch.md).
+        guard.leaving = True
+        code = 128 + signal.SIGINT
+        last = trainer.last_good_checkpoint
+        resume = (f"the last checkpoint is {last} (--resume auto continues from it)" if last is not None
+                  else "no checkpoint yet")
+        _error_line(f"interrupted (SIGINT) at step {trainer.step}: steps since the last save are lost; {resume}. "
+                    "To stop with a save, send SIGTERM or SIGUSR1 instead")
     except RuntimeError as e:
         # A peer that died shows up here as a failed collective: name it. A peer that stopped on the same
         # signal as this rank fails the collective too: then this is the signal's stop.
