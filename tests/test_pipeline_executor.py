@@ -298,6 +298,12 @@ def test_bench_tiny_smoke(trainer_launches):
         picture = json.loads((pictures / f"{name}.json").read_text())
         assert picture["measured"]["bubble_rates"] == r["measured_bubble_rates"]
         assert len(picture["measured"]["actions"]) == len(picture["simulated"]["actions"]) > 0
+        # The simulation with each chunk's own measured costs (what the picture draws) beside the uniform one.
+        chunks = r["fitted_chunk_costs_s"]
+        assert len(chunks) == (4 if r["schedule"] == "v-min" else 2) and all(c["forward"] > 0 for c in chunks), r
+        assert len(r["fitted_chunk_bubble_rates"]) == 2 and 0 <= r["fitted_chunk_bubble_rate"] < 1, r
+        assert picture["simulated_per_chunk"]["chunk_costs_s"] == chunks
+        assert len(picture["simulated_per_chunk"]["actions"]) == len(picture["measured"]["actions"])
     assert "tokens/s" in proc.stdout and "v-min" in proc.stdout
 
 

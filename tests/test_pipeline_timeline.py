@@ -10,7 +10,7 @@ import time
 import pytest
 
 from effdist.pipeline import timeline
-from effdist.pipeline.ir import BW, F, Action
+from effdist.pipeline.ir import BW, F, W, Action
 from effdist.pipeline.render import write_measured_png
 from effdist.pipeline.schedules import build_schedule
 from effdist.pipeline.simulate import Costs, Timing, simulate
@@ -130,3 +130,44 @@ def test_measured_png_refuses_records_of_another_schedule(tmp_path):
     with pytest.raises(ValueError, match="differ from schedule zb-h1"):
         write_measured_png(measured, simulate(build_schedule("zb-h1", 2, 4)), tmp_path / "t.png")
     assert not (tmp_path / "t.png").exists()
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zb-h1", "v-min", "interleaved"])
+def test_fit_chunk_costs_keeps_a_slow_last_chunk_that_fit_costs_averages_away(name):
+    # The last chunk carries the LM head and loss: 1.8x the others' time, as on the p=4 runs of docs/benchmarks.md.
+    schedule = build_schedule(name, 4, 8, chunks_per_rank=2) if name == "interleaved" else build_schedule(name, 4, 8)
+    base = Costs(forward=3.0, backward_input=2.0, backward_weight=1.5)
+    chunks = [base] * (schedule.num_chunks - 1) + [Costs(5.4, 3.6, 2.7)]
+    measured = simulate(schedule, chunk_costs=chunks)
+    fitted = timeline.fit_chunk_costs(_flat(measured), schedule)
+    fused = not any(a.kind is W for row in schedule.actions for a in row)  # one BW action: B + W, split evenly
+    for got, want in zip(fitted, chunks):
+        assert got.forward == pytest.approx(want.forward)
+        if fused:
+            assert got.backward_input == got.backward_weight == pytest.approx(
+                (want.backward_input + want.backward_weight) / 2)
+        else:
+            assert (got.backward_input, got.backward_weight) == pytest.approx((want.backward_input, want.backward_weight))
+    # Simulated again with them: the measured timeline exactly (nothing unmodelled in a simulated one).
+    again = simulate(schedule, chunk_costs=fitted)
+    assert again.makespan == pytest.approx(measured.makespan)
+    assert [r.bubble_rate for r in again.ranks] == pytest.approx([r.bubble_rate for r in measured.ranks])
+    # One cost for every chunk (the median) hides the slow stage: a step at least 5% shorter than measured.
+    uniform = simulate(schedule, timeline.fit_costs(_flat(measured), schedule))
+    assert uniform.makespan < 0.95 * measured.makespan, (uniform.makespan, measured.makespan)
+
+
+def test_measured_png_titles_per_chunk_costs(tmp_path, monkeypatch):
+    from effdist.pipeline import render
+
+    schedule = build_schedule("1f1b", 2, 4)
+    measured = _flat(simulate(schedule, chunk_costs=[Costs(0.010, 0.012, 0.012), Costs(0.015, 0.020, 0.020)]))
+    per_chunk = simulate(schedule, chunk_costs=timeline.fit_chunk_costs(measured, schedule))
+    titles = []
+    real = render._rank_axis
+    monkeypatch.setattr(render, "_rank_axis", lambda ax, pp, span, title: (titles.append(title), real(ax, pp, span, title)))
+    write_measured_png(measured, per_chunk, tmp_path / "t.png", simulated_in_seconds=True)
+    assert titles[1].startswith("simulated, costs per chunk F 10-15 ms, B 12-20 ms, W 12-20 ms: makespan="), titles[1]
+    uniform = simulate(schedule, timeline.fit_costs(measured, schedule))
+    write_measured_png(measured, uniform, tmp_path / "u.png", simulated_in_seconds=True)
+    assert titles[3].startswith("simulated, costs per stage F "), titles[3]

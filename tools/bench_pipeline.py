@@ -217,9 +217,12 @@ def record_timeline(out_dir: Path, pipe, step, b_frees: float, rt, kernels: str 
     schedule = pipe.last_schedule
     seen = timeline.bubbles(timeline.by_rank(measured, schedule.pp))
     fitted = simulate(schedule, timeline.fit_costs(measured, schedule), b_frees=b_frees)
+    # Each chunk at its own measured cost: what is left between this and the measured bubble is not stage imbalance
+    # (the LM head and loss on the last chunk) but what the simulator does not model (waits, launch gaps).
+    per_chunk = simulate(schedule, b_frees=b_frees, chunk_costs=timeline.fit_chunk_costs(measured, schedule))
     name = schedule.name
     stem = timeline_stem(name, kernels)
-    png = write_measured_png(measured, fitted, out_dir / f"{stem}.png", simulated_in_seconds=True)
+    png = write_measured_png(measured, per_chunk, out_dir / f"{stem}.png", simulated_in_seconds=True)
     (out_dir / f"{stem}.json").write_text(json.dumps({
         "schedule": name, "pp": schedule.pp, "microbatches": schedule.num_microbatches,
         "clock": "seconds since each rank's step start; the starts are aligned by a barrier of the pipeline group",
@@ -229,12 +232,22 @@ def record_timeline(out_dir: Path, pipe, step, b_frees: float, rt, kernels: str 
         "simulated": {"costs_s": fitted.costs.to_dict(), "makespan_s": fitted.makespan,
                       "bubble_rate": fitted.bubble_rate, "bubble_rates": [r.bubble_rate for r in fitted.ranks],
                       "actions": timeline.to_dicts([t for row in fitted.timings for t in row])},
+        "simulated_per_chunk": {"chunk_costs_s": [c.to_dict() for c in per_chunk.chunk_costs],
+                                "makespan_s": per_chunk.makespan, "bubble_rate": per_chunk.bubble_rate,
+                                "bubble_rates": [r.bubble_rate for r in per_chunk.ranks],
+                                "actions": timeline.to_dicts([t for row in per_chunk.timings for t in row])},
     }, indent=1))
-    print(f"timeline {name}: bubble per rank measured {' '.join(f'{100 * b:.1f}%' for b in seen.ranks)}, simulated "
-          f"with the measured op times {' '.join(f'{100 * r.bubble_rate:.1f}%' for r in fitted.ranks)} -> {png}",
-          flush=True)
+    def percent(rates) -> str:
+        return " ".join(f"{100 * b:.1f}%" for b in rates)
+
+    print(f"timeline {name}: bubble per rank measured {percent(seen.ranks)}, simulated with the measured op times "
+          f"{percent(r.bubble_rate for r in fitted.ranks)}, with each chunk's own "
+          f"{percent(r.bubble_rate for r in per_chunk.ranks)} -> {png}", flush=True)
     return {"measured_bubble_rate": seen.overall, "measured_bubble_rates": seen.ranks,
-            "fitted_costs_s": fitted.costs.to_dict(), "fitted_bubble_rate": fitted.bubble_rate}
+            "fitted_costs_s": fitted.costs.to_dict(), "fitted_bubble_rate": fitted.bubble_rate,
+            "fitted_chunk_costs_s": [c.to_dict() for c in per_chunk.chunk_costs],
+            "fitted_chunk_makespan_s": per_chunk.makespan, "fitted_chunk_bubble_rate": per_chunk.bubble_rate,
+            "fitted_chunk_bubble_rates": [r.bubble_rate for r in per_chunk.ranks]}
 
 
 def time_megatron_1f1b(args, rt, kernels: str = "fused") -> dict:

@@ -235,11 +235,11 @@ def write_measured_png(measured: Sequence[Timing], simulated: SimulationResult, 
     measured_ms = seen.makespan * 1000.0
     if simulated_in_seconds:
         sim_scale = 1000.0
-        costs = _costs_text(simulated.costs, 1000.0, " ms")
+        costs = _costs_text(simulated.costs, 1000.0, " ms", simulated.chunk_costs)
         how = f"makespan={_fmt(simulated.makespan * 1000.0)} ms"
     else:
         sim_scale = measured_ms / (simulated.makespan or 1.0)
-        costs = _costs_text(simulated.costs)
+        costs = _costs_text(simulated.costs, chunk_costs=simulated.chunk_costs)
         how = (f"makespan={_fmt(simulated.makespan)} units, drawn at {sim_scale:.3g} ms per unit to match the "
                "measured one")
     span = max(measured_ms, simulated.makespan * sim_scale) or 1.0
@@ -257,14 +257,23 @@ def write_measured_png(measured: Sequence[Timing], simulated: SimulationResult, 
                f"chunks/rank={schedule.num_chunks // schedule.pp}, step={_fmt(measured_ms)} ms, "
                f"bubble={100 * seen.overall:.1f}%")
     _rank_axis(bottom, schedule.pp, span,
-               f"simulated, costs per stage {costs}: {how}, "
+               f"simulated, {costs}: {how}, "
                f"bubble={100 * simulated.bubble_rate:.1f}%")
     bottom.set_xlabel("time since the step start (ms)", fontsize=8)
     return _finish(plt, fig, path, dpi, memory=False)
 
 
-def _costs_text(costs, scale: float = 1.0, unit: str = "") -> str:
-    parts = [("F", costs.forward), ("B", costs.backward_input), ("W", costs.backward_weight)]
+def _costs_text(costs, scale: float = 1.0, unit: str = "", chunk_costs=None) -> str:
+    """`costs per stage F 10.4 ms, B 14.1 ms, W 14.1 ms`; with per-chunk costs, each kind's range over the chunks
+    (`costs per chunk F 10.1-12.0 ms, ...`)."""
+    def number(values) -> str:
+        low, high = min(values) * scale, max(values) * scale
+        return f"{low:.3g}{unit}" if f"{low:.3g}" == f"{high:.3g}" else f"{low:.3g}-{high:.3g}{unit}"
+
+    each = chunk_costs if chunk_costs else [costs]
+    parts = [("F", [c.forward for c in each]), ("B", [c.backward_input for c in each]),
+             ("W", [c.backward_weight for c in each])]
     if costs.comm:
-        parts.append(("comm", costs.comm))
-    return ", ".join(f"{name} {value * scale:.3g}{unit}" for name, value in parts)
+        parts.append(("comm", [costs.comm]))
+    return ("costs per chunk " if chunk_costs else "costs per stage ") + ", ".join(
+        f"{name} {number(values)}" for name, values in parts)

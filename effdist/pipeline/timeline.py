@@ -33,8 +33,8 @@ import torch.distributed as dist
 from effdist.pipeline.ir import B, BW, F, W, Action, ActionKind, Schedule
 from effdist.pipeline.simulate import Costs, Timing
 
-__all__ = ["StepRecorder", "Bubbles", "bubbles", "by_rank", "check_against", "fit_costs", "from_dicts",
-           "gather_timings", "to_dicts"]
+__all__ = ["StepRecorder", "Bubbles", "bubbles", "by_rank", "check_against", "fit_chunk_costs", "fit_costs",
+           "from_dicts", "gather_timings", "to_dicts"]
 
 
 class StepRecorder:
@@ -168,13 +168,27 @@ def bubbles(rows: Sequence[Sequence[Timing]]) -> Bubbles:
 
 def fit_costs(timings: Sequence[Timing], schedule: Schedule) -> Costs:
     """Simulator costs (seconds per microbatch through one 1F1B stage) from measured durations: the median of each
-    kind divided by the schedule's chunk fraction. A fused BW splits evenly into B and W when no split action ran."""
+    kind divided by the schedule's chunk fraction. A fused BW splits evenly into B and W when no split action ran.
+    One cost for every chunk: a stage that is slower than the others (the LM head and loss on the last chunk)
+    is averaged away; `fit_chunk_costs` keeps it."""
     fraction = schedule.placement.chunk_fraction()
+    return _median_costs(timings, "fit_costs", divisor=fraction)
+
+
+def fit_chunk_costs(timings: Sequence[Timing], schedule: Schedule) -> list[Costs]:
+    """One Costs per chunk (seconds of one microbatch through that chunk: `simulate(..., chunk_costs=...)`), the
+    medians of that chunk's own actions. With these the simulated timeline differs from the measured one only by
+    what the simulator does not model (waits for transfers and peers, launch gaps), not by stage imbalance."""
+    return [_median_costs([t for t in timings if t.action.chunk == c], f"fit_chunk_costs (chunk {c})")
+            for c in range(schedule.num_chunks)]
+
+
+def _median_costs(timings: Sequence[Timing], who: str, divisor: float = 1.0) -> Costs:
     durations: dict[ActionKind, list[float]] = {F: [], B: [], W: [], BW: []}
     for t in timings:
-        durations[t.action.kind].append((t.end - t.start) / fraction)
+        durations[t.action.kind].append((t.end - t.start) / divisor)
     if not durations[F]:
-        raise ValueError("fit_costs: the timeline has no F action; record a training step")
+        raise ValueError(f"{who}: the timeline has no F action; record a training step")
     tiny = 1e-12  # Costs wants positive times; an empty W of a chunk without split linears can measure ~0
 
     def median(kind: ActionKind) -> Optional[float]:
@@ -184,6 +198,6 @@ def fit_costs(timings: Sequence[Timing], schedule: Schedule) -> Costs:
     backward_input, backward_weight, fused = median(B), median(W), median(BW)
     if backward_input is None or backward_weight is None:
         if fused is None:
-            raise ValueError("fit_costs: the timeline has neither B and W nor BW actions")
+            raise ValueError(f"{who}: the timeline has neither B and W nor BW actions")
         backward_input = backward_weight = fused / 2
     return Costs(forward=forward, backward_input=backward_input, backward_weight=backward_weight)
