@@ -290,7 +290,10 @@ def test_ctrl_c_stops_at_once_with_one_line_naming_the_checkpoint(tmp_path, data
     with open(log, "w") as out:
         proc = subprocess.Popen(_cmd(run, BASE + [f"data.cache_dir={data_cache}", "train.steps=100000",
                                                   "checkpoint.interval=2"]),
-                                env=clean_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                env=clean_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                # As from a terminal: a process that inherits SIGINT ignored (pytest-xdist's workers,
+                                # a shell's background job) keeps ignoring it, as it should.
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             _wait_for_step(run, 3, proc, log)  # step 3 is logged after the save at step 2 is visible
             proc.send_signal(signal.SIGINT)
