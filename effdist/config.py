@@ -215,7 +215,8 @@ class FFNConfig:
     elas_expand: float = 1.5
     elas_warmup_steps: int = 0
     elas_rank: int | None = None  # low-rank factorised up/down projections; None = full rank
-    # cuSPARSELt 2:4 GEMMs on GPU, auto-timed per shape: used only where they measure faster than dense.
+    # cuSPARSELt 2:4 GEMM for fc2's forward on GPU, only where this GPU's measured table
+    # (configs/kernel_tables/sparse24-*.json) has it faster than dense at that shape; dense elsewhere.
     elas_sparse_kernels: bool = True
     # Straight-through gradient of the 2:4 selection: "identity" (dL/dh passes unmasked, as in the ELAS
     # draft) or "masked" (only the kept entries get gradient).

@@ -109,19 +109,26 @@ def test_elas_cusparselt_down_projection_matches_dense(ste, rank):
         assert (s.float() - d.float()).abs().max() <= 2e-2 * d.float().abs().max() + 1e-6
 
 
-def test_elas_auto_sparse_gemm_times_once_and_agrees_with_dense():
-    from effdist.model.ffn import elas as elas_mod
+def test_elas_auto_sparse_gemm_follows_the_measured_table_and_agrees_with_dense(monkeypatch):
+    from effdist.model.ffn import sparse_gemm_table as table
 
     module = _build(["ffn.kind=elas"], torch.bfloat16)
     assert module.sparse_gemm == "auto"
     module.sparse_min_tokens = 0
     x = torch.randn(512, 2, H, device="cuda", dtype=torch.bfloat16)
     dout = torch.randn_like(x)
-    before = len(elas_mod._PAYS_CACHE)
-    out_auto, _ = _run(module, x, dout)
-    assert len(elas_mod._PAYS_CACHE) == before + 1  # one timing for this shape, cached
-    chose_sparse = module.used_sparse_gemm
+    out_features, in_features = module._sharded_fc2().weight.shape
+    chosen = {}
+    for name, sparse_ms in (("sparse", 1.0), ("dense", 3.0)):
+        entry = table.Entry(1024, in_features, out_features, "bf16", dense_ms=2.0, sparse_ms=sparse_ms)
+        monkeypatch.setattr(table, "shipped_tables", lambda entry=entry: (table.Table(
+            torch.cuda.get_device_name(0), (entry,)),))
+        chosen[name], _ = _run(module, x, dout)
+        assert module.used_sparse_gemm == (name == "sparse"), name
+    monkeypatch.setattr(table, "shipped_tables", lambda: ())  # no table for this GPU: dense
+    _run(module, x, dout)
+    assert not module.used_sparse_gemm
+    out_auto = chosen["sparse"]
     module.sparse_gemm = "never"
     out_dense, _ = _run(module, x, dout)
     assert (out_auto.float() - out_dense.float()).abs().max() <= 2e-2 * out_dense.float().abs().max()
-    print(f"auto chose {'cuSPARSELt' if chose_sparse else 'dense'} for 1024 tokens")

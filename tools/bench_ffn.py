@@ -3,6 +3,14 @@
 
     python tools/bench_ffn.py --json ffn.json        # llama-350m and llama-1b FFN shapes, 16k and 64k tokens, bf16, GPU
     python tools/bench_ffn.py --tiny                  # CPU smoke test (tiny shapes, fp32), seconds
+    python tools/bench_ffn.py --sparse24-table configs/kernel_tables/sparse24-h100.json   # GPU: ELAS's fc2 table
+    python tools/bench_ffn.py --sparse24-from-blocks docs/results/bench_ffn_h100.json \
+        --sparse24-table configs/kernel_tables/sparse24-h100.json                        # the same from a block run
+
+The table says, per GPU and fc2 shape, whether ELAS's fc2 forward runs as a 2:4 sparse GEMM through cuSPARSELt
+(effdist.model.ffn.sparse_gemm_table, read by ffn.elas_sparse_kernels at run time): `--sparse24-table` times the
+dense GEMM against compress + cuSPARSELt at the ELAS fc2 shape of each --shapes preset and --tokens count;
+`--sparse24-from-blocks` converts the elas / elas-cslt pairs of a block benchmark's JSON instead.
 
 One FFN block (the module that sits in a decoder layer's mlp slot, TP = 1) per variant, on input
 [tokens, 1, hidden]. For each: the median time of forward + backward (weights' and input's
@@ -286,6 +294,56 @@ def bench_kernels(shape: str, tokens: int, dtype, device, reps: int, warmup: int
     return rows
 
 
+def fc2_shape(shape: str) -> tuple[int, int]:
+    """ELAS fc2's weight as (in_features, out_features) at a SHAPES preset (full rank, TP = 1)."""
+    hidden, _, f, _ = SHAPES[shape]
+    return int(round(ELAS_EXPAND * f)), hidden
+
+
+def sparse24_entries(shapes, token_counts, dtype, dtype_name: str, device, reps: int, warmup: int) -> list:
+    """The fc2 forward GEMM of ELAS at each shape and token count: y @ W.T (y 2:4-sparse, as ELAS's fc2 input)
+    against compress + cuSPARSELt, median ms of CUDA-event timings."""
+    from effdist.kernels.sparse24 import sparsify24
+    from effdist.model.ffn.elas import _cslt_matmul
+    from effdist.model.ffn.sparse_gemm_table import Entry
+
+    def timed(fn) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    entries = []
+    for shape in shapes:
+        in_features, out_features = fc2_shape(shape)
+        weight = torch.randn(out_features, in_features, device=device, dtype=dtype) * 0.02
+        for tokens in token_counts:
+            h = torch.randn(tokens, in_features, device=device, dtype=dtype)
+            y = sparsify24(h, relu2=True, write_dense=True, write_compressed=False)[0]
+            with torch.no_grad():
+                dense_ms = timed(lambda: y @ weight.t())
+                sparse_ms = timed(lambda: _cslt_matmul(y, weight))
+            entries.append(Entry(tokens, in_features, out_features, dtype_name, dense_ms, sparse_ms, "gemm"))
+            print(f"{shape:<11} {tokens:>6} fc2 [{out_features}, {in_features}]: dense {dense_ms:.3f} ms, "
+                  f"compress + cuSPARSELt {sparse_ms:.3f} ms -> {'sparse' if sparse_ms < dense_ms else 'dense'}")
+    return entries
+
+
+def write_sparse24_table(table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table.to_dict(), indent=1) + "\n")
+    verdicts = ", ".join(f"{e.tokens}x[{e.out_features},{e.in_features}] {'sparse' if e.sparse_pays else 'dense'}"
+                         for e in table.entries)
+    print(f"sparse24 table for {table.device} -> {path}: {verdicts}")
+
+
 def add_ratios(rows: list[dict]) -> None:
     index = {(r["shape"], r["tokens"], r["variant"]): r for r in rows}
     for r in rows:
@@ -332,7 +390,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel table")
     p.add_argument("--json", type=Path, default=None, help="write all rows to this JSON file")
+    p.add_argument("--sparse24-table", type=Path, default=None, metavar="OUT",
+                   help="write ELAS's fc2 sparse-vs-dense table (GPU: time the GEMMs; or --sparse24-from-blocks)")
+    p.add_argument("--sparse24-from-blocks", type=Path, default=None, metavar="JSON",
+                   help="with --sparse24-table: build it from a block run's --json (elas vs elas-cslt rows)")
     args = p.parse_args(argv)
+    command = "python tools/bench_ffn.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.sparse24_from_blocks or args.sparse24_table:
+        return sparse24_table_main(p, args, command)
 
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -374,6 +439,44 @@ def main(argv: list[str] | None = None) -> int:
                                         indent=1))
     failed = [r for r in rows if "error" in r]
     return 1 if failed and len(failed) == len(rows) else 0
+
+
+def sparse24_table_main(p: argparse.ArgumentParser, args, command: str) -> int:
+    from datetime import date
+
+    from effdist.model.ffn.sparse_gemm_table import Table, TableError, table_from_block_rows
+
+    if args.sparse24_table is None:
+        p.error("--sparse24-from-blocks needs --sparse24-table OUT (where the table goes)")
+    if args.sparse24_from_blocks:
+        try:
+            blocks = json.loads(args.sparse24_from_blocks.read_text())
+            table = table_from_block_rows(
+                blocks["results"], blocks["device"], blocks["dtype"], {s: fc2_shape(s) for s in SHAPES},
+                {"torch": blocks.get("torch", "?"), "date": blocks.get("date", "?"), "command": command,
+                 "source": f"{args.sparse24_from_blocks} ({blocks.get('command', 'block benchmark')}): forward + "
+                           "backward of the ELAS block with fc2 dense (elas, elas-masked) and with cuSPARSELt "
+                           "forced (-cslt); the pair with the smaller sparse gain per shape"})
+        except (OSError, ValueError, KeyError, TableError) as e:
+            p.error(f"--sparse24-from-blocks {args.sparse24_from_blocks}: {e}")
+        write_sparse24_table(table, args.sparse24_table)
+        return 0
+    if not torch.cuda.is_available() or not hasattr(torch, "_cslt_sparse_mm"):
+        p.error("--sparse24-table times cuSPARSELt GEMMs: it needs a CUDA GPU and a torch with torch._cslt_sparse_mm "
+                "(or give --sparse24-from-blocks JSON)")
+    dtype_name = args.dtype or "bf16"
+    if dtype_name == "fp32":
+        p.error("--dtype fp32: cuSPARSELt's 2:4 GEMM takes bf16 or fp16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    device = torch.device("cuda", 0)
+    shapes = args.shapes or ["llama-350m", "llama-1b"]
+    entries = sparse24_entries(shapes, args.tokens or [16384, 32768, 65536], dtype, dtype_name, device,
+                               args.reps or 10, args.warmup if args.warmup is not None else 3)
+    meta = {"torch": torch.__version__, "date": date.today().isoformat(), "command": command,
+            "source": "fc2 forward GEMM alone: y @ W.T against torch._cslt_compress + torch._cslt_sparse_mm"}
+    write_sparse24_table(Table(torch.cuda.get_device_name(0), tuple(entries), None, tuple(meta.items())),
+                         args.sparse24_table)
+    return 0
 
 
 if __name__ == "__main__":

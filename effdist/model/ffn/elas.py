@@ -23,10 +23,11 @@ h only); the trainer calls `on_train_step(step)` (0-based, the same on every ran
 GPU (`sparse_gemm`): fc2's forward GEMM can take the 2:4 operand through cuSPARSELt
 (``torch._cslt_compress`` + ``torch._cslt_sparse_mm``, algorithm chosen once per shape by
 ``torch._cslt_sparse_mm_search``); its backward GEMMs stay dense. "auto" (ffn.elas_sparse_kernels)
-times both ways once per shape, from `sparse_min_tokens` tokens on, and keeps the faster (the same
-choice on every TP rank of the layer); "always" forces it where the shapes allow, "never" disables it.
+takes it, from `sparse_min_tokens` tokens on, where the measured table of this GPU says it is faster at
+that shape (effdist.model.ffn.sparse_gemm_table; no timing at run time, so every rank and every run
+chooses alike) and runs dense elsewhere; "always" forces it where the shapes allow, "never" disables it.
 On an H100 in bf16 it does not pay: compressing the activation alone costs more than the dense GEMM
-(tools/bench_ffn.py; docs/sparse_ffn.md). That path computes fc2 with its own autograd function on fc2's
+(tools/bench_ffn.py; docs/sparse_ffn.md; configs/kernel_tables/sparse24-h100.json). That path computes fc2 with its own autograd function on fc2's
 (or its sharded factor's) weight, so a B/W-split linear substituted for fc2 does not defer that weight
 gradient.
 """
@@ -36,7 +37,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core.activations import squared_relu
 from megatron.core.tensor_parallel import (
     reduce_from_tensor_model_parallel_region,
@@ -45,9 +45,11 @@ from megatron.core.tensor_parallel import (
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 
 from effdist.kernels.sparse24 import DECOMPRESS_RELU2_GRAD, DECOMPRESS_SQUARE, decompress24, relu2_grad, sparsify24
+from effdist.model.ffn import sparse_gemm_table
 from effdist.model.ffn.dense import mlp_config
 from effdist.model.ffn.saved import save_compactly
 from effdist.model.lowrank import LowRankRowParallelLinear
+from effdist.runtime.lifecycle import say
 
 STE_MODES = ("identity", "masked")
 SPARSE_GEMM_MODES = ("auto", "always", "never")
@@ -108,35 +110,20 @@ def _cslt_matmul(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch._cslt_sparse_mm(packed, dense, alg_id=_cslt_alg(packed, dense))
 
 
-def _median_ms(fn, reps: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_SAID: set[str] = set()
 
 
-_PAYS_CACHE: dict[tuple, bool] = {}
-
-
-def sparse_gemm_pays(y: torch.Tensor, weight: torch.Tensor, tp_group=None) -> bool:
-    """Whether compress + cuSPARSELt beats the dense GEMM for this shape (timed once, then cached)."""
-    key = (tuple(y.shape), tuple(weight.shape), y.dtype, y.device.index)
-    if key not in _PAYS_CACHE:
-        with torch.no_grad():
-            dense_ms = _median_ms(lambda: y @ weight.t())
-            sparse_ms = _median_ms(lambda: _cslt_matmul(y, weight))
-        flag = torch.tensor([1 if sparse_ms < dense_ms else 0], device=y.device)
-        if tp_group is not None and dist.get_world_size(tp_group) > 1:
-            # Every TP rank of the layer takes the same path.
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=tp_group)
-        _PAYS_CACHE[key] = bool(flag.item())
-    return _PAYS_CACHE[key]
+def sparse_gemm_pays(y: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether this GPU's measured table (effdist.model.ffn.sparse_gemm_table) has compress + cuSPARSELt beat the
+    dense GEMM at y's shape; says the choice once per shape and process (rank 0)."""
+    choice = sparse_gemm_table.choose(torch.cuda.get_device_name(y.device), y.shape[0], weight.shape[1],
+                                      weight.shape[0], _DTYPE_NAMES.get(y.dtype, str(y.dtype)))
+    line = f"ELAS fc2 2:4 ({tuple(y.shape)} x weight {tuple(weight.shape)}): {choice.why}"
+    if line not in _SAID:
+        _SAID.add(line)
+        say(line)
+    return choice.sparse
 
 
 class _Sparse24Linear(torch.autograd.Function):
@@ -239,7 +226,7 @@ class ElasMLP(MLP):
             return False
         if self.sparse_gemm == "always":
             return True
-        return n >= self.sparse_min_tokens and sparse_gemm_pays(y, weight, self.tp_group)
+        return n >= self.sparse_min_tokens and sparse_gemm_pays(y, weight)
 
     def _fc2_sparse(self, y, parts, rebuild, lead):
         fc2 = self._sharded_fc2()
