@@ -10,11 +10,12 @@
 #   bash tools/gpu_h100_suite.sh fp8_profile OUTDIR # llama-1b bf16 vs FP8 kernel profile, micro-batch 16, torchtitan
 #   bash tools/gpu_h100_suite.sh fp8_7b OUTDIR      # llama-7b bf16 vs FP8, full recompute (needs an H200)
 #   bash tools/gpu_h100_suite.sh h200_cal OUTDIR    # effdist calibrate, llama-1b and llama-7b (the shipped H200 tables)
+#   bash tools/gpu_h100_suite.sh sparse24_table OUTDIR  # ELAS fc2 sparse-vs-dense GEMM table of this card (#23)
 #
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|tests OUTDIR [SEED]}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|tests OUTDIR [SEED]}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -320,9 +321,16 @@ fp8_quality1b)
   parity_model 1b 8 560 500 20 fp8_500 --timeout 270 --variant bf16= --variant "fp8=train.precision=fp8" \
     --baseline fp8=bf16
   ;;
+sparse24_table)
+  # Issue #23 item 3: ELAS's fc2 sparse-vs-dense table of this card (GEMM alone, bf16; about a minute), and the GPU
+  # test of the module following a table. The JSON goes to configs/kernel_tables/ as sparse24-<card>.json.
+  card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o -i -E 'h100|h200|a100|b200' | tr 'A-Z' 'a-z')
+  run 120 python3 tools/bench_ffn.py --sparse24-table "$out/sparse24-${card:-gpu}.json"
+  run 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ffn_gpu.py -k sparse_gemm
+  ;;
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, sparse24_table, tests)"; exit 2 ;;
 esac
 exit 0
