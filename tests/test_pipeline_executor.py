@@ -220,6 +220,36 @@ def test_dead_peer_gives_an_error_not_a_hang(launches):
     assert seconds < 90
 
 
+def test_a_transfer_that_fails_to_post_names_the_peer_and_why(monkeypatch):
+    """The dead peer can also show when a rank posts its next transfers (gloo: "Connection closed by peer") rather
+    than while it waits: the same explanation either way (a CI run once hit this path)."""
+    import torch
+    import torch.distributed as dist
+
+    from effdist.pipeline import p2p
+    from effdist.pipeline.schedules import build_schedule
+    from effdist.protocols import TensorSpec
+
+    class Op:  # dist.P2POp without a process group
+        def __init__(self, op, tensor, peer, group=None, tag=0):
+            self.peer = peer
+
+    def closed(ops):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:62649")
+
+    monkeypatch.setattr(dist, "P2POp", Op)
+    monkeypatch.setattr(dist, "batch_isend_irecv", closed)
+    schedule = build_schedule("zb-h1", 2, 4)
+    spec = (TensorSpec((4, 1, 8), torch.float32),)
+    transfers = p2p.StepTransfers(p2p.CommPlan.build(schedule, 1), [spec], group=None, global_ranks=[5, 9],
+                                  device=torch.device("cpu"), timeout_s=5)
+    with pytest.raises(p2p.PipelineCommError) as err:
+        transfers.advance()  # rank 1 starts by posting its receives from rank 0 (global rank 5)
+    message = str(err.value)
+    assert message.startswith("pipeline rank 1: posting") and "with global rank(s) 5" in message, message
+    assert "Connection closed by peer" in message and "The peer process probably died" in message, message
+
+
 # ---------------------------------------------------------------------------------------------- trainer
 
 TRAIN = ["model.num_layers=4", "train.steps=3", "train.global_batch=8", "train.micro_batch=2", "data.seq_length=64",

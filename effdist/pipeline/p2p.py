@@ -176,7 +176,11 @@ class StepTransfers:
         try:
             works = dist.batch_isend_irecv(ops)
         except Exception as e:  # noqa: BLE001 - re-raised with the context a user needs
-            raise PipelineCommError(f"pipeline rank {self.plan.rank}: posting {len(ops)} P2P operations failed: {e}") from e
+            peers = sorted({op.peer for op in ops})
+            raise PipelineCommError(
+                f"pipeline rank {self.plan.rank}: posting {len(ops)} P2P operations (with global rank(s) "
+                f"{', '.join(map(str, peers))}) failed: {e}. The peer process probably died or raised an error (see "
+                "its log).") from e
         if len(works) == len(ops):
             for (msg, kind), work in zip(owners, works):
                 (self._sends if kind == "send" else self._recv)[msg][1].append(work)
