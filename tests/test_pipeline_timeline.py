@@ -147,7 +147,8 @@ def test_fit_chunk_costs_keeps_a_slow_last_chunk_that_fit_costs_averages_away(na
             assert got.backward_input == got.backward_weight == pytest.approx(
                 (want.backward_input + want.backward_weight) / 2)
         else:
-            assert (got.backward_input, got.backward_weight) == pytest.approx((want.backward_input, want.backward_weight))
+            assert (got.backward_input, got.backward_weight) == pytest.approx(
+                (want.backward_input, want.backward_weight))
     # Simulated again with them: the measured timeline exactly (nothing unmodelled in a simulated one).
     again = simulate(schedule, chunk_costs=fitted)
     assert again.makespan == pytest.approx(measured.makespan)
@@ -165,7 +166,12 @@ def test_measured_png_titles_per_chunk_costs(tmp_path, monkeypatch):
     per_chunk = simulate(schedule, chunk_costs=timeline.fit_chunk_costs(measured, schedule))
     titles = []
     real = render._rank_axis
-    monkeypatch.setattr(render, "_rank_axis", lambda ax, pp, span, title: (titles.append(title), real(ax, pp, span, title)))
+
+    def rank_axis(ax, pp, span, title):
+        titles.append(title)
+        real(ax, pp, span, title)
+
+    monkeypatch.setattr(render, "_rank_axis", rank_axis)
     write_measured_png(measured, per_chunk, tmp_path / "t.png", simulated_in_seconds=True)
     assert titles[1].startswith("simulated, costs per chunk F 10-15 ms, B 12-20 ms, W 12-20 ms: makespan="), titles[1]
     uniform = simulate(schedule, timeline.fit_costs(measured, schedule))

@@ -1,6 +1,7 @@
 """ELAS's fc2 sparse-vs-dense choice from a measured table (effdist.model.ffn.sparse_gemm_table), no GPU needed:
 the lookup rules, the errors a broken table gives, the shipped tables, and tools/bench_ffn.py writing one.
-The module's use of the table on a GPU is tests/test_ffn_gpu.py::test_elas_auto_sparse_gemm_follows_the_measured_table_and_agrees_with_dense."""
+The module's use of the table on a GPU: test_elas_auto_sparse_gemm_follows_the_measured_table_and_agrees_with_dense
+in tests/test_ffn_gpu.py."""
 
 from __future__ import annotations
 

@@ -27,9 +27,9 @@ takes it, from `sparse_min_tokens` tokens on, where the measured table of this G
 that shape (effdist.model.ffn.sparse_gemm_table; no timing at run time, so every rank and every run
 chooses alike) and runs dense elsewhere; "always" forces it where the shapes allow, "never" disables it.
 On an H100 in bf16 it does not pay: compressing the activation alone costs more than the dense GEMM
-(tools/bench_ffn.py; docs/sparse_ffn.md; configs/kernel_tables/sparse24-h100.json). That path computes fc2 with its own autograd function on fc2's
-(or its sharded factor's) weight, so a B/W-split linear substituted for fc2 does not defer that weight
-gradient.
+(tools/bench_ffn.py; docs/sparse_ffn.md; configs/kernel_tables/sparse24-h100.json). That path computes
+fc2 with its own autograd function on fc2's (or its sharded factor's) weight, so a B/W-split linear
+substituted for fc2 does not defer that weight gradient.
 """
 
 from __future__ import annotations
