@@ -110,6 +110,7 @@ def test_elas_cusparselt_down_projection_matches_dense(ste, rank):
 
 
 def test_elas_auto_sparse_gemm_follows_the_measured_table_and_agrees_with_dense(monkeypatch):
+    from effdist.model.ffn import elas as elas_mod
     from effdist.model.ffn import sparse_gemm_table as table
 
     module = _build(["ffn.kind=elas"], torch.bfloat16)
@@ -123,11 +124,16 @@ def test_elas_auto_sparse_gemm_follows_the_measured_table_and_agrees_with_dense(
         entry = table.Entry(1024, in_features, out_features, "bf16", dense_ms=2.0, sparse_ms=sparse_ms)
         monkeypatch.setattr(table, "shipped_tables", lambda entry=entry: (table.Table(
             torch.cuda.get_device_name(0), (entry,)),))
+        elas_mod._table_choice.cache_clear()  # looked up once per shape: forget the last table's answer
         chosen[name], _ = _run(module, x, dout)
         assert module.used_sparse_gemm == (name == "sparse"), name
     monkeypatch.setattr(table, "shipped_tables", lambda: ())  # no table for this GPU: dense
+    elas_mod._table_choice.cache_clear()
     _run(module, x, dout)
     assert not module.used_sparse_gemm
+    looked_up = elas_mod._table_choice.cache_info().misses
+    _run(module, x, dout)  # the same shape again: no new lookup in the forward pass
+    assert elas_mod._table_choice.cache_info().misses == looked_up
     out_auto = chosen["sparse"]
     module.sparse_gemm = "never"
     out_dense, _ = _run(module, x, dout)

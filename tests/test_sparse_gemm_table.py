@@ -105,3 +105,27 @@ def test_bench_ffn_writes_a_table_from_blocks_and_refuses_to_time_without_a_gpu(
     with pytest.raises(SystemExit) as exit_:
         bench_ffn.main(["--sparse24-table", str(tmp_path / "t.json")])
     assert exit_.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_elas_looks_the_table_up_once_per_shape_and_says_it(monkeypatch, capsys):
+    """ElasMLP's `auto` path (effdist.model.ffn.elas.sparse_gemm_pays) off the GPU: the device name and tables are
+    stand-ins, the lookup and the line rank 0 prints are the real ones; no work per forward after the first."""
+    from effdist.model.ffn import elas
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: GPU)
+    monkeypatch.setattr(table, "shipped_tables",
+                        lambda: (_table(table.Entry(16384, 64, 32, "bf16", dense_ms=2.0, sparse_ms=1.0)),))
+    elas._table_choice.cache_clear()
+    y, weight = torch.zeros(16384, 64, dtype=torch.bfloat16), torch.zeros(32, 64, dtype=torch.bfloat16)
+    try:
+        assert elas.sparse_gemm_pays(y, weight) and elas.sparse_gemm_pays(y, weight)
+        assert not elas.sparse_gemm_pays(y[:, :48], weight[:, :48])  # another shape: not in the table, dense
+        assert elas._table_choice.cache_info().misses == 2
+    finally:
+        elas._table_choice.cache_clear()
+    said = [line for line in capsys.readouterr().err.splitlines() if "ELAS fc2 2:4" in line]
+    assert said == [
+        "[effdist] ELAS fc2 2:4 ((16384, 64) x weight (32, 64)): sparse GEMM: at 16384 tokens the table measured "
+        "weight [32, 64] bf16 1 ms sparse against 2 ms dense (gemm)",
+        f"[effdist] ELAS fc2 2:4 ((16384, 48) x weight (32, 48)): no measured entry for weight [32, 48] bf16 on {GPU}: "
+        f"dense GEMM; {table.MEASURE_HINT}"], said

@@ -34,6 +34,7 @@ substituted for fc2 does not defer that weight gradient.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -111,18 +112,19 @@ def _cslt_matmul(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-_SAID: set[str] = set()
 
 
 def sparse_gemm_pays(y: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether this GPU's measured table (effdist.model.ffn.sparse_gemm_table) has compress + cuSPARSELt beat the
-    dense GEMM at y's shape; says the choice once per shape and process (rank 0)."""
-    choice = sparse_gemm_table.choose(torch.cuda.get_device_name(y.device), y.shape[0], weight.shape[1],
-                                      weight.shape[0], _DTYPE_NAMES.get(y.dtype, str(y.dtype)))
-    line = f"ELAS fc2 2:4 ({tuple(y.shape)} x weight {tuple(weight.shape)}): {choice.why}"
-    if line not in _SAID:
-        _SAID.add(line)
-        say(line)
+    dense GEMM at y's shape (looked up once per shape and process, which rank 0 says)."""
+    return _table_choice(y.device.index, tuple(y.shape), tuple(weight.shape), y.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _table_choice(device_index: int, y_shape: tuple[int, int], weight_shape: tuple[int, int], dtype) -> bool:
+    choice = sparse_gemm_table.choose(torch.cuda.get_device_name(device_index), y_shape[0], weight_shape[1],
+                                      weight_shape[0], _DTYPE_NAMES.get(dtype, str(dtype)))
+    say(f"ELAS fc2 2:4 ({y_shape} x weight {weight_shape}): {choice.why}")
     return choice.sparse
 
 
