@@ -230,6 +230,20 @@ def bench_variant(v: Variant, shape: str, tokens: int, tcfg, dtype, device, reps
     return row
 
 
+def median_gpu_ms(fn, reps: int, warmup: int) -> float:
+    """Median wall ms of `fn` on the GPU (synchronized before and after each call), after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def bench_kernels(shape: str, tokens: int, dtype, device, reps: int, warmup: int) -> list[dict]:
     """Triton kernels against their torch references (on CPU both run the reference: GPU only)."""
     from effdist.config import resolve_count
@@ -243,18 +257,6 @@ def bench_kernels(shape: str, tokens: int, dtype, device, reps: int, warmup: int
     hidden, _, f, _ = SHAPES[shape]
     w = int(round(ELAS_EXPAND * f))
     rows = []
-
-    def timed(fn) -> float:
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
 
     h = torch.randn(tokens, w, device=device, dtype=dtype)
     dy = torch.randn(tokens, w, device=device, dtype=dtype)
@@ -286,8 +288,8 @@ def bench_kernels(shape: str, tokens: int, dtype, device, reps: int, warmup: int
     for name, triton_fn, ref_fn in cases:
         row = {"shape": shape, "tokens": tokens, "kernel": name}
         try:
-            row["triton_ms"] = timed(triton_fn)
-            row["torch_ms"] = timed(ref_fn) if ref_fn is not None else None
+            row["triton_ms"] = median_gpu_ms(triton_fn, reps, warmup)
+            row["torch_ms"] = median_gpu_ms(ref_fn, reps, warmup) if ref_fn is not None else None
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         rows.append(row)
@@ -302,23 +304,10 @@ def fc2_shape(shape: str) -> tuple[int, int]:
 
 def sparse24_entries(shapes, token_counts, dtype, dtype_name: str, device, reps: int, warmup: int) -> list:
     """The fc2 forward GEMM of ELAS at each shape and token count: y @ W.T (y 2:4-sparse, as ELAS's fc2 input)
-    against compress + cuSPARSELt, median ms of CUDA-event timings."""
+    against compress + cuSPARSELt, median ms (`median_gpu_ms`, as the kernel table)."""
     from effdist.kernels.sparse24 import sparsify24
     from effdist.model.ffn.elas import _cslt_matmul
     from effdist.model.ffn.sparse_gemm_table import Entry
-
-    def timed(fn) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
 
     entries = []
     for shape in shapes:
@@ -328,8 +317,8 @@ def sparse24_entries(shapes, token_counts, dtype, dtype_name: str, device, reps:
             h = torch.randn(tokens, in_features, device=device, dtype=dtype)
             y = sparsify24(h, relu2=True, write_dense=True, write_compressed=False)[0]
             with torch.no_grad():
-                dense_ms = timed(lambda: y @ weight.t())
-                sparse_ms = timed(lambda: _cslt_matmul(y, weight))
+                dense_ms = median_gpu_ms(lambda: y @ weight.t(), reps, warmup)
+                sparse_ms = median_gpu_ms(lambda: _cslt_matmul(y, weight), reps, warmup)
             entries.append(Entry(tokens, in_features, out_features, dtype_name, dense_ms, sparse_ms, "gemm"))
             print(f"{shape:<11} {tokens:>6} fc2 [{out_features}, {in_features}]: dense {dense_ms:.3f} ms, "
                   f"compress + cuSPARSELt {sparse_ms:.3f} ms -> {'sparse' if sparse_ms < dense_ms else 'dense'}")
