@@ -537,10 +537,7 @@ def _profile_categories(profile: dict) -> dict[str, float]:
     """GPU ms per step by category from a profile's per-kernel times, with tools/bench_train.py's categories.
     record_function ranges that torch.profiler also reports on the GPU ("Optimizer.step#AdamW.step") span
     kernels counted already: left out (the profiler of tools/bench_epas.py drops them since 2026-12-06)."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "tools"))
-    from bench_train import categorise
+    from bench_train import categorise  # a sibling: whoever imported this module has tools/ on sys.path
 
     return categorise({k: v for k, v in profile["kernels"].items() if "#" not in k})
 
