@@ -175,6 +175,22 @@ def test_rope_matches_reference_on_megatrons_qkv_views(dtype, seq, batch, groups
     assert_close(g, r, dtype, "rope gradient into the QKV output")
 
 
+def test_rope_tables_are_made_once_per_freqs_and_again_when_it_changes():
+    # megatron hands every layer the same freqs tensor: its cos/sin tables are made once, and made again when
+    # the tensor is another one or was written in place (a stale table would rotate by the old angles).
+    t = randn(6, 2, 4, 16, dtype=torch.bfloat16, seed=20)
+    freqs = rope_freqs(6, 16) + 0.3
+    first = rope_mod._cos_sin(freqs, torch.bfloat16)
+    assert all(a is b for a, b in zip(rope_mod._cos_sin(freqs, torch.bfloat16), first))
+    assert torch.equal(first[0], torch.cos(freqs).reshape(6, 16).to(torch.bfloat16))
+    assert rope_mod._cos_sin(freqs, torch.float32)[0].dtype == torch.float32
+    assert_close(apply_rope(t, freqs, use_triton=True), rope_reference(t, freqs), torch.bfloat16, "rope")
+    freqs.mul_(2.0)
+    assert_close(apply_rope(t, freqs, use_triton=True), rope_reference(t, freqs), torch.bfloat16, "rope, freqs changed")
+    other = rope_freqs(6, 16) + 0.7
+    assert_close(apply_rope(t, other, use_triton=True), rope_reference(t, other), torch.bfloat16, "rope, other freqs")
+
+
 def test_rope_layouts_the_kernel_does_not_cover_use_the_reference():
     t = randn(5, 2, 3, 16, dtype=torch.float32, seed=16)
     for freqs, interleaved in ((rope_freqs(5, 16), True), (rope_freqs(5, 8), False)):
@@ -256,8 +272,8 @@ def _h100_compile_cases():
                   {"BLOCK": swiglu_mod._BLOCK}, 4))
     for backward in (False, True):
         cases.append((f"rope backward={backward}", rope_mod._kernel(), {
-            "t_ptr": act, "freqs_ptr": "*fp32", "out_ptr": act, "batch": "i32", "heads": "i32", "half": "i32",
-            "t_stride_s": "i32", "t_stride_b": "i32", "t_stride_h": "i32", "freqs_stride_s": "i32"},
+            "t_ptr": act, "cos_ptr": act, "sin_ptr": act, "out_ptr": act, "batch": "i32", "heads": "i32",
+            "half": "i32", "t_stride_s": "i32", "t_stride_b": "i32", "t_stride_h": "i32"},
             {"BACKWARD": backward, "BLOCK_H": 32, "BLOCK_D": 64}, 4))
     ce_sig = {"logits_ptr": act, "labels_ptr": "*i64", "lse_ptr": "*fp32", "row_stride": "i32", "vocab": "i32",
               "vocab_start": "i32"}

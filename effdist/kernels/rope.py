@@ -5,9 +5,10 @@ megatron's unfused RoPE (``rope_utils._apply_rotary_pos_emb_bshd``) takes the co
 frequency table on every call, then runs ``t*cos``, a rotate-half made of two slices, a negation and
 a concatenation, ``*sin``, an add and a final concatenation: about ten passes over Q (and again over
 K), and as many again in the backward. The kernel reads each element once and writes it once; a
-program handles all heads of one (position, batch) row, so cos/sin are computed once per row and
-reused across heads. It reads Q/K through their strides (they are strided views into the fused QKV
-GEMM output) and writes a contiguous result.
+program handles all heads of one (position, batch) row. cos/sin are read from [s, head_dim] tables made
+once per frequency tensor (megatron hands every layer the same one), not computed in the kernel. It reads
+Q/K through their strides (they are strided views into the fused QKV GEMM output) and writes a contiguous
+result.
 
 Semantics are the reference's: cos/sin are rounded to the activation dtype before use, as megatron's
 unfused path does; products and the sum are done in fp32 and rounded once.
@@ -19,6 +20,7 @@ the reference otherwise.
 """
 
 import functools
+import weakref
 
 import torch
 
@@ -76,22 +78,22 @@ def _kernel():
     """The Triton kernel, decorated on first use (Triton reads TRITON_INTERPRET at decoration)."""
 
     @triton.jit
-    def rope(t_ptr, freqs_ptr, out_ptr, batch, heads, half, t_stride_s, t_stride_b, t_stride_h, freqs_stride_s,
+    def rope(t_ptr, cos_ptr, sin_ptr, out_ptr, batch, heads, half, t_stride_s, t_stride_b, t_stride_h,
              BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
         row = tl.program_id(0)
         s = row // batch
         b = row % batch
         cols = tl.arange(0, BLOCK_D)
         col_mask = cols < half
-        freqs_row = freqs_ptr + s.to(tl.int64) * freqs_stride_s
         ty = out_ptr.dtype.element_ty
-        f1 = tl.load(freqs_row + cols, mask=col_mask, other=0.0)
-        f2 = tl.load(freqs_row + half + cols, mask=col_mask, other=0.0)
-        # Rounded to the activation dtype first, as the reference does.
-        cos1 = tl.cos(f1).to(ty).to(tl.float32)
-        cos2 = tl.cos(f2).to(ty).to(tl.float32)
-        sin1 = tl.sin(f1).to(ty).to(tl.float32)
-        sin2 = tl.sin(f2).to(ty).to(tl.float32)
+        # cos/sin come as tables in the activation dtype (`_cos_sin`): computing them here cost each thread
+        # two libdevice sin/cos per element it moved, which made the kernel compute-bound at ~40% of HBM
+        # bandwidth on an H100.
+        table_row = s.to(tl.int64) * (2 * half)
+        cos1 = tl.load(cos_ptr + table_row + cols, mask=col_mask, other=0.0).to(tl.float32)
+        cos2 = tl.load(cos_ptr + table_row + half + cols, mask=col_mask, other=0.0).to(tl.float32)
+        sin1 = tl.load(sin_ptr + table_row + cols, mask=col_mask, other=0.0).to(tl.float32)
+        sin2 = tl.load(sin_ptr + table_row + half + cols, mask=col_mask, other=0.0).to(tl.float32)
         # forward: o1 = x1 cos1 - x2 sin1, o2 = x2 cos2 + x1 sin2. backward (the transpose, for a
         # gradient): d1 = g1 cos1 + g2 sin2, d2 = g2 cos2 - g1 sin1: the same with (sin1, sin2) -> (-sin2, -sin1).
         if BACKWARD:
@@ -117,7 +119,29 @@ def _kernel():
     return rope
 
 
-def _launch(t: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.Tensor:
+# The last tables made, for the freqs tensor they were made from. megatron's RotaryEmbedding hands every
+# layer's Q and K the same tensor (and the same again in later steps: it caches it per sequence length), so
+# one entry serves them all; the weak reference lets the freqs tensor go when megatron drops it.
+_last_tables: list = [None]
+
+
+def _cos_sin(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of ``freqs`` [s, 1, 1, d] as contiguous [s, d] tables rounded to ``dtype`` (the rounding
+    the reference does), made once per freqs tensor."""
+    last = _last_tables[0]
+    # Under CUDA-graph capture the tables are made inside the graph: a cached table would be replayed as a
+    # constant however the freqs buffer changes between replays.
+    if last is not None and not (freqs.is_cuda and torch.cuda.is_current_stream_capturing()):
+        ref, version, table_dtype, cos, sin = last
+        if ref() is freqs and version == freqs._version and table_dtype == dtype:
+            return cos, sin
+    flat = freqs.reshape(freqs.shape[0], freqs.shape[-1])
+    cos, sin = torch.cos(flat).to(dtype).contiguous(), torch.sin(flat).to(dtype).contiguous()
+    _last_tables[0] = (weakref.ref(freqs), freqs._version, dtype, cos, sin)
+    return cos, sin
+
+
+def _launch(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
     if t.stride(-1) != 1:
         t = t.contiguous()
     seq, batch, heads, head_dim = t.shape
@@ -127,18 +151,19 @@ def _launch(t: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.Tenso
     # Up to 2048 elements per half-tile: no register spills up to head_dim 128 (checked with ptxas, sm_90).
     block_h = max(1, min(triton.next_power_of_2(heads), 2048 // block_d))
     if seq * batch and heads:
-        _kernel()[(seq * batch,)](t, freqs, out, batch, heads, half, t.stride(0), t.stride(1), t.stride(2),
-                                  freqs.stride(0), BACKWARD=backward, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4)
+        _kernel()[(seq * batch,)](t, cos, sin, out, batch, heads, half, t.stride(0), t.stride(1), t.stride(2),
+                                  BACKWARD=backward, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4)
     return out
 
 
 class _RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(freqs)
-        return _launch(t, freqs, backward=False)
+        cos, sin = _cos_sin(freqs, t.dtype)
+        ctx.save_for_backward(cos, sin)
+        return _launch(t, cos, sin, backward=False)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (freqs,) = ctx.saved_tensors
-        return _launch(grad, freqs, backward=True), None
+        cos, sin = ctx.saved_tensors
+        return _launch(grad, cos, sin, backward=True), None
