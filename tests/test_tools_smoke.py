@@ -78,10 +78,10 @@ def test_bench_torchtitan_worker_command_parses():
     from bench_torchtitan import parse, worker_command
 
     cmd, tt_args, out = worker_command("/tmp/tt.json", "float8_compile",
-                                       "--model.converters float8 --quantize.linear.float8.filter_fqns output", 8, 4)
+                                       "--model.converters quantize.linear.float8 --quantize.linear.float8.filter_fqns output", 8, 4)
     args, rest = parse(cmd[2:])
     assert (args.worker_out, args.warmup, rest) == (out, 4, tt_args)
-    assert rest[-4:] == ["--model.converters", "float8", "--quantize.linear.float8.filter_fqns", "output"]
+    assert rest[-4:] == ["--model.converters", "quantize.linear.float8", "--quantize.linear.float8.filter_fqns", "output"]
     assert "--training.steps" in rest and rest[rest.index("--training.steps") + 1] == "8"
     with pytest.raises(SystemExit):  # the launcher still needs --json
         parse(["--variant", "x="])

@@ -13,7 +13,7 @@ blocks and the loss, fused AdamW, gradient clipping -- with three substitutions 
 One GPU, one process (run it under torchrun or let it set the single-rank environment itself):
 
     python tools/bench_torchtitan.py --json tt.json --variant bf16_compile= \\
-        --variant "float8_compile=--model.converters float8 --quantize.linear.float8.filter_fqns output"
+        --variant "float8_compile=--model.converters quantize.linear.float8 --quantize.linear.float8.filter_fqns output"
 
 Each variant runs in its own process. Every variant gets: --activation_checkpoint.mode none (effdist's
 benchmark does not recompute), --compile.enable, local batch 8, global batch 16, seq 2048 unless overridden.
@@ -151,7 +151,7 @@ def main() -> None:
     import torch
 
     runs = []
-    for spec in args.variant or ["float8_compile=--model.converters float8"]:
+    for spec in args.variant or ["float8_compile=--model.converters quantize.linear.float8"]:
         name, _, extra = spec.partition("=")
         cmd, tt_args, out = worker_command(args.json, name, extra, args.steps, args.warmup)
         print(f"=== torchtitan {name}: {' '.join(tt_args)}", flush=True)

@@ -8,6 +8,7 @@
 #   bash tools/gpu_h100_suite.sh fp8    OUTDIR   # FP8 linears: GPU numerics tests, llama-1b bf16 vs FP8 (needs torchao)
 #   bash tools/gpu_h100_suite.sh fp8_parity OUTDIR  # llama-125m loss, bf16 vs FP8, English corpus
 #   bash tools/gpu_h100_suite.sh fp8_profile OUTDIR # llama-1b bf16 vs FP8 kernel profile, micro-batch 16, torchtitan
+#   bash tools/gpu_h100_suite.sh fp8_titan OUTDIR   # llama-1b effdist bf16 / FP8 and torchtitan float8, one call
 #   bash tools/gpu_h100_suite.sh fp8_7b OUTDIR      # llama-7b bf16 vs FP8, full recompute (needs an H200)
 #   bash tools/gpu_h100_suite.sh h200_cal OUTDIR    # effdist calibrate, llama-1b and llama-7b (the shipped H200 tables)
 #   bash tools/gpu_h100_suite.sh sparse24_table OUTDIR  # ELAS fc2 sparse-vs-dense GEMM table of this card (#23)
@@ -15,7 +16,7 @@
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|tests OUTDIR [SEED]}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|fp8_titan|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|tests OUTDIR [SEED]}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -291,7 +292,16 @@ fp8_profile)
     --variant fp8=train.precision=fp8 --variant "fp8_mbs16=train.precision=fp8;train.micro_batch=16;train.global_batch=16" \
     --variant "bf16_mbs16=train.micro_batch=16;train.global_batch=16"
   run 115 python3 tools/bench_torchtitan.py --steps 8 --warmup 4 --timeout 110 --json "$out/bench_torchtitan_1b.json" \
-    --variant "float8_compile=--model.converters float8 --quantize.linear.float8.filter_fqns output"
+    --variant "float8_compile=--model.converters quantize.linear.float8 --quantize.linear.float8.filter_fqns output"
+  ;;
+fp8_titan)
+  # Issue #27 goal 2's ratio alone: effdist bf16 and FP8 (tensorwise, compiled) at llama-1b micro-batch 8, then
+  # torchtitan 0.2.2 float8 + compile at the same shape, in one call (about 4 minutes; fp8_profile without the
+  # profiles and the micro-batch-16 lever).
+  run 170 python3 tools/bench_train.py --isolate --models llama-1b --micro-batch llama-1b=8 --accum 2 --steps 6 --warmup 3 \
+    --json "$out/bench_train_fp8_1b_titan.json" --variant bf16= --variant fp8=train.precision=fp8
+  run 115 python3 tools/bench_torchtitan.py --steps 8 --warmup 4 --timeout 110 --json "$out/bench_torchtitan_1b.json" \
+    --variant "float8_compile=--model.converters quantize.linear.float8 --quantize.linear.float8.filter_fqns output"
   ;;
 h200_7b_cal)
   # Issue #27: llama-7b on one H200 (fp32 master weights, main grads and AdamW state alone are ~113 GiB: over an
@@ -331,6 +341,6 @@ sparse24_table)
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, sparse24_table, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, fp8_titan, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, sparse24_table, tests)"; exit 2 ;;
 esac
 exit 0
