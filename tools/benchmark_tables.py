@@ -142,6 +142,30 @@ def kernels() -> str:
                   f"Triton GB/s (of {data['peak_gbps'] / 1000:.0f} TB/s)"], rows)
 
 
+def rope_ab() -> str:
+    """The RoPE kernel before (sin/cos per element) and after (cos/sin tables): kernel medians of three runs
+    each, and the llama-1b bf16 step with each kernel in its own process."""
+    ab = load("bench_rope_ab_h100.json")
+    rows = []
+    for model, label in (("llama-1b", "llama-1b [2048, 8, 32, 64]"), ("llama-350m", "llama-350m [2048, 8, 16, 64]")):
+        for pass_ in ("fwd", "fwd+bwd"):
+            ms = {v: [r["ms"] for run in ab[v] for r in run if r["model"] == model and r["pass"] == pass_]
+                  for v in ("old", "new")}
+            old, new = (statistics.median(ms[v]) for v in ("old", "new"))
+            gbps = [r["gbps"] for run in ab["new"] for r in run if r["model"] == model and r["pass"] == pass_]
+            rows.append((label, pass_, f3(old), f3(new), f"{old / new:.2f}×",
+                         f"{n0(statistics.median(gbps))} ({100 * statistics.median(gbps) / ab['peak_gbps']:.0f}%)",
+                         " / ".join(f3(x) for x in ms["new"])))
+    step = load("bench_train_rope_ab_1b_h100.json")
+    before, after = (run_of("bench_train_rope_ab_1b_h100.json", v) for v in ("rope_before", "rope_after"))
+    rows.append(("llama-1b bf16 step, mb 8 (tokens/s)", "train", n0(before["tokens_per_s"]),
+                 n0(after["tokens_per_s"]), f"{after['tokens_per_s'] / before['tokens_per_s']:.3f}×",
+                 f"{after['tflops']:.0f} TFLOP/s (before {before['tflops']:.0f})", ""))
+    assert step["device"] == ab["device"]
+    return table(["RoPE Q+K", "pass", "before (ms)", "after (ms)", "speed-up", "after: GB/s (of 3 TB/s)",
+                  "after, each run"], rows)
+
+
 # ---------------------------------------------------------------------------------------------- EPAS throughput
 
 def _epas_rows(name: str, model: str, label: str, with_dense: bool = True) -> list[tuple]:
@@ -556,9 +580,35 @@ def fp8_profile_categories() -> str:
     return table(["category (GPU ms per step)", "bf16", "fp8", "fp8 - bf16"], rows)
 
 
+TITAN_RUNS = (("25 timed steps", "bench_train_fp8_1b_titan_h100.json", "bench_torchtitan_1b_h100.json"),
+              ("6 / 4 timed steps", "bench_train_fp8_1b_titan_short_h100.json", "bench_torchtitan_1b_short_h100.json"))
+
+
+def fp8_torchtitan() -> str:
+    """effdist bf16 / FP8 against torchtitan 0.2.2 float8 + compile (and bf16 + compile), llama-1b, same call."""
+    rows = []
+    for label, ours_name, titan_name in TITAN_RUNS:
+        ours, titan = load(ours_name), load(titan_name)
+        assert ours["device"] == titan["device"] and ours["date"] == titan["date"]
+        tt = {r["variant"]: r for r in titan["runs"]}
+        bf16, fp8 = run_of(ours_name, "bf16"), run_of(ours_name, "fp8")
+        for r, name, tt_key in ((fp8, "effdist fp8 / torchtitan float8 + compile", "float8_compile"),
+                                (bf16, "effdist bf16 / torchtitan bf16 + compile", "bf16_compile")):
+            if tt_key not in tt:
+                continue
+            t = tt[tt_key]
+            rows.append((label, name, n0(r["tokens_per_s"]), n0(t["tokens_per_s"]),
+                         bold(f3(r["tokens_per_s"] / t["tokens_per_s"])), f1(r["peak_mem_gib"]), f1(t["peak_mem_gib"])))
+        rows.append((label, "effdist fp8 / effdist bf16", n0(fp8["tokens_per_s"]), "", f3(fp8["tokens_per_s"] / bf16["tokens_per_s"]),
+                     "", ""))
+    return table(["run", "ratio", "effdist tokens/s", "torchtitan tokens/s", "ratio", "effdist peak GiB",
+                  "torchtitan peak GiB"], rows)
+
+
 FP8_QUALITY = (("loss_parity_125m_fp8_h200.json", "llama-125m", "H200", "2026-12-05", "fp8"),
                ("loss_parity_125m_fp8_500_h100.json", "llama-125m", "H100", "2026-12-06", "fp8"),
-               ("loss_parity_1b_fp8_300_h100.json", "llama-1b", "H100", "2026-12-06", "fp8"))
+               ("loss_parity_1b_fp8_300_h100.json", "llama-1b", "H100", "2026-12-06", "fp8"),
+               ("loss_parity_1b_fp8_500_h100.json", "llama-1b", "H100", "2026-12-06", "fp8"))
 
 
 def fp8_quality() -> str:
@@ -667,7 +717,7 @@ def plan_validation_p4(path: Path | None = None) -> str:
 
 TABLES: dict[str, Callable[[], str]] = {
     "bench-dense-baseline": dense_baseline, "bench-dense-levers": dense_levers, "bench-dense-presets": dense_presets,
-    "bench-kernels": kernels, "bench-epas-h100": epas_h100, "bench-epas-history": epas_history,
+    "bench-kernels": kernels, "bench-rope-ab": rope_ab, "bench-epas-h100": epas_h100, "bench-epas-history": epas_history,
     "bench-epas-mbs4": epas_mbs4, "bench-epas-h200": epas_h200, "bench-parity-125m": parity_125m,
     "bench-parity-transitions": transitions, "bench-parity-clipping": clipping, "bench-parity-350m": parity_350m,
     "bench-parity-regions": regions, "bench-parity-long": long_runs, "bench-ffn-block": ffn_block,
@@ -726,7 +776,7 @@ SPARSE_FFN_TABLES: dict[str, Callable[[], str]] = {
 FP8_DOC = "docs/fp8.md"
 FP8_TABLES: dict[str, Callable[[], str]] = {
     "fp8-speed": fp8, "fp8-profile-speed": fp8_profile_speed, "fp8-profile": fp8_profile_categories,
-    "fp8-quality": fp8_quality,
+    "fp8-quality": fp8_quality, "fp8-torchtitan": fp8_torchtitan,
 }
 
 
