@@ -296,12 +296,14 @@ fp8_profile)
   ;;
 fp8_titan)
   # Issue #27 goal 2's ratio alone: effdist bf16 and FP8 (tensorwise, compiled) at llama-1b micro-batch 8, then
-  # torchtitan 0.2.2 float8 + compile at the same shape, in one call (about 4 minutes; fp8_profile without the
-  # profiles and the micro-batch-16 lever).
-  run 170 python3 tools/bench_train.py --isolate --models llama-1b --micro-batch llama-1b=8 --accum 2 --steps 6 --warmup 3 \
+  # torchtitan 0.2.2 float8 + compile and bf16 + compile at the same shape, in one call (about 2-3 minutes).
+  # 25 timed steps after 5 warm-ups on both sides: with 6 timed steps effdist's FP8 rate varied by 4% between
+  # runs of one day (docs/fp8.md).
+  run 220 python3 tools/bench_train.py --isolate --models llama-1b --micro-batch llama-1b=8 --accum 2 --steps 25 --warmup 5 \
     --json "$out/bench_train_fp8_1b_titan.json" --variant bf16= --variant fp8=train.precision=fp8
-  run 115 python3 tools/bench_torchtitan.py --steps 8 --warmup 4 --timeout 110 --json "$out/bench_torchtitan_1b.json" \
-    --variant "float8_compile=--model.converters quantize.linear.float8 --quantize.linear.float8.filter_fqns output"
+  run 250 python3 tools/bench_torchtitan.py --steps 25 --warmup 5 --timeout 120 --json "$out/bench_torchtitan_1b.json" \
+    --variant "float8_compile=--model.converters quantize.linear.float8 --quantize.linear.float8.filter_fqns output" \
+    --variant bf16_compile=
   ;;
 h200_7b_cal)
   # Issue #27: llama-7b on one H200 (fp32 master weights, main grads and AdamW state alone are ~113 GiB: over an
