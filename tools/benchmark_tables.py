@@ -149,13 +149,13 @@ def rope_ab() -> str:
     rows = []
     for model, label in (("llama-1b", "llama-1b [2048, 8, 32, 64]"), ("llama-350m", "llama-350m [2048, 8, 16, 64]")):
         for pass_ in ("fwd", "fwd+bwd"):
-            ms = {v: [r["ms"] for run in ab[v] for r in run if r["model"] == model and r["pass"] == pass_]
-                  for v in ("old", "new")}
-            old, new = (statistics.median(ms[v]) for v in ("old", "new"))
-            gbps = [r["gbps"] for run in ab["new"] for r in run if r["model"] == model and r["pass"] == pass_]
+            picked = {v: [r for run in ab[v] for r in run if r["model"] == model and r["pass"] == pass_]
+                      for v in ("old", "new")}
+            old, new, gbps = (statistics.median(r[key] for r in picked[v])
+                              for v, key in (("old", "ms"), ("new", "ms"), ("new", "gbps")))
             rows.append((label, pass_, f3(old), f3(new), f"{old / new:.2f}×",
-                         f"{n0(statistics.median(gbps))} ({100 * statistics.median(gbps) / ab['peak_gbps']:.0f}%)",
-                         " / ".join(f3(x) for x in ms["new"])))
+                         f"{n0(gbps)} ({100 * gbps / ab['peak_gbps']:.0f}%)",
+                         " / ".join(f3(r["ms"]) for r in picked["new"])))
     step = load("bench_train_rope_ab_1b_h100.json")
     before, after = (run_of("bench_train_rope_ab_1b_h100.json", v) for v in ("rope_before", "rope_after"))
     rows.append(("llama-1b bf16 step, mb 8 (tokens/s)", "train", n0(before["tokens_per_s"]),
