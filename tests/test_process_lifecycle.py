@@ -9,6 +9,7 @@ said otherwise): together, quickly, and with nothing left behind.
 - SIGTERM / SIGUSR1 while rank 0 is held in data preparation / index building / model construction: ends
   within a bounded time with one line, exit 143 before the run has a checkpoint and 75 once it has one;
 - a torn megatron index cache (.npy) is rebuilt with one line; index files are written atomically.
+- a Ctrl-C that Python drops (inside an at-fork hook) still stops the process, with one line (one process).
 
 Processes are told apart by pid (their own sessions), never by name: other tests may run beside these.
 The scenarios chain where one run's end is the next one's start, to keep the file at a few launches.
@@ -242,6 +243,57 @@ def test_a_launcher_death_is_announced_once_even_when_the_run_ends_first(capsys,
     guard.finish(PREEMPTED)
     assert guard._launcher_gone() is False
     assert capsys.readouterr().err.count("is gone: stopping") == 1
+
+
+# A process whose Ctrl-C lands inside an at-fork hook, as when a checkpoint writer forks: Python drops the
+# KeyboardInterrupt raised there ("Exception ignored in ..."), and the fork returns as if nothing happened.
+_CTRL_C_DURING_FORK = """
+import os, signal, sys, threading, time
+from effdist.runtime import lifecycle
+
+guard = lifecycle.guard()
+guard.install(timeout_s=600)
+guard.resume_point = "/runs/x/checkpoints/iter_0000004"
+os.register_at_fork(after_in_parent=lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.2)))
+child = os.fork()
+if child == 0:
+    os._exit(0)
+os.waitpid(child, 0)
+print("the fork returned", flush=True)
+if sys.argv[1] == "boundary":
+    try:
+        guard.raise_if_interrupted()
+    except KeyboardInterrupt:
+        print("raised again at the step boundary", flush=True)
+        guard.finish(130)
+        sys.exit(130)
+    sys.exit(0)
+threading.Event().wait()  # the main thread never reaches a boundary: the watchdog must end it
+"""
+
+
+@pytest.mark.parametrize("where", ["boundary", "stuck"])
+def test_a_ctrl_c_python_drops_is_not_lost(tmp_path, where):
+    """The Ctrl-C of a CI failure: SIGINT while megatron's checkpoint writer forked was swallowed and the run
+    trained on. The guard raises it again at the next step boundary; a main thread that never gets there is
+    ended by the watchdog STOP_GRACE_S later, with the checkpoint to resume from."""
+    from effdist.runtime import lifecycle
+
+    t0 = time.time()
+    done = subprocess.run([sys.executable, "-c", _CTRL_C_DURING_FORK, where], env=clean_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    took = time.time() - t0
+    out = done.stdout + done.stderr
+    assert "the fork returned" in out, out  # the KeyboardInterrupt did not leave os.fork(): it was dropped
+    assert "Traceback" not in out and "Exception ignored" not in out, out
+    assert done.returncode == 128 + signal.SIGINT, out
+    if where == "boundary":
+        assert "raised again at the step boundary" in out, out
+    else:
+        assert took < lifecycle.STOP_GRACE_S + 10, took
+        assert ("interrupted (SIGINT) during setup: the main thread did not stop within 10 s, exiting now; steps "
+                "since the last save are lost; the last checkpoint is /runs/x/checkpoints/iter_0000004 "
+                "(--resume auto continues from it)") in out, out
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["launcher", "no-launcher"])

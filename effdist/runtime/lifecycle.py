@@ -12,6 +12,13 @@ One `ProcessGuard` per process (`guard()`), installed by the trainer before anyt
   writes to a wakeup pipe that a watchdog thread reads; the watchdog gives the main thread `STOP_GRACE_S`
   (nothing to save) or `parallel.timeout_s` (finish the step and save) and then ends the process itself
   with one line.
+- **SIGINT (Ctrl-C)** does not save: it raises KeyboardInterrupt in the main thread, which the trainer turns
+  into one line naming the checkpoint to resume from. Python runs a handler wherever the main thread is, and
+  drops an exception raised inside an at-fork hook, a finalizer or a weakref callback ("Exception ignored
+  in ..."): a Ctrl-C that lands while a checkpoint writer forks would be lost and training would go on. So
+  the guard remembers the interrupt: `raise_if_interrupted` (each step and phase boundary) raises it again,
+  and the watchdog ends the process with one line if the main thread has not left `STOP_GRACE_S` later. The
+  dropped one is not printed (a `sys.unraisablehook` keeps it quiet): one line per stop, no traceback.
 - **The launcher died.** Under torchrun (``TORCHELASTIC_RUN_ID`` set) the launcher's agent is this process's
   parent. When the parent changes (it was SIGKILLed and this process was re-parented) the watchdog sends
   this process a SIGTERM, so it saves when it can and in any case stops within `parallel.timeout_s`. Plain
@@ -220,6 +227,7 @@ class ProcessGuard:
         self.requested = False  # a stop was requested while there was state to save
         self.signum: int | None = None
         self.leaving = False  # the main thread is on its way out: later signals change nothing
+        self.interrupted = False  # a SIGINT arrived (its KeyboardInterrupt may have been swallowed)
         self.phase = "setup"
         # The checkpoint that holds everything this process did so far (resumed from or saved last): a stop
         # with nothing new to save then exits 75 for a requeue. None until there is one.
@@ -236,6 +244,7 @@ class ProcessGuard:
         self._local_ranks: list[int] = []
         self._peers: dict[int, ProcessRecord] = {}
         self._thread: threading.Thread | None = None
+        self._unraisablehook = sys.unraisablehook
 
     # -- installation ------------------------------------------------------------------------
     def install(self, timeout_s: float) -> None:
@@ -248,6 +257,12 @@ class ProcessGuard:
         try:
             for s in STOP_SIGNALS:
                 signal.signal(s, self._on_signal)
+            # Only where Python's own Ctrl-C handler is in place: a SIGINT inherited as ignored (a shell's
+            # background job, nohup) stays ignored.
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                signal.signal(signal.SIGINT, self._on_interrupt)
+                self._unraisablehook = sys.unraisablehook
+                sys.unraisablehook = self._on_unraisable
         except ValueError:  # not the main thread (tests calling Trainer in a thread): leave signals alone
             return
         self._wake_r, self._wake_w = os.pipe()
@@ -294,12 +309,35 @@ class ProcessGuard:
         self.leaving = True
         raise self.stopped(signum)
 
+    def _on_interrupt(self, _signum: int, _frame) -> None:
+        if self.leaving:  # already on its way out (a requeue save, the exit itself): the deadlines bound it
+            return
+        self.interrupted = True
+        raise KeyboardInterrupt
+
+    def _on_unraisable(self, unraisable) -> None:
+        if issubclass(unraisable.exc_type, KeyboardInterrupt) and self.interrupted:
+            return  # dropped by Python, raised again at the next boundary: not worth a traceback
+        self._unraisablehook(unraisable)
+
+    def raise_if_interrupted(self) -> None:
+        """Raise the KeyboardInterrupt of a Ctrl-C that Python dropped (see the module notes). Main thread."""
+        if self.interrupted and not self.leaving:
+            raise KeyboardInterrupt
+
+    def interrupted_line(self) -> str:
+        """What a Ctrl-C stop leaves to resume from, for the line that reports it."""
+        if self.resume_point:
+            return f"the last checkpoint is {self.resume_point} (--resume auto continues from it)"
+        return "no checkpoint yet"
+
     def stopped(self, signum: int | None = None) -> Stopped:
         return Stopped(signum or self.signum or signal.SIGTERM, self.phase, self.resume_point)
 
     def enter(self, phase: str) -> None:
         """The main thread starts `phase` (named in the line a stop prints). Fault injection for tests and
         drills: EFFDIST_FAULT_STALL_PHASE=<phase> holds global rank 0 there until it is signalled."""
+        self.raise_if_interrupted()
         self.phase = phase
         if os.environ.get("EFFDIST_FAULT_STALL_PHASE") == phase and _global_rank() == 0:
             say(f"fault injection (EFFDIST_FAULT_STALL_PHASE): rank 0 holds in {phase}")
@@ -310,6 +348,14 @@ class ProcessGuard:
         if self._deadline is not None:
             return
         name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            self._deadline = time.monotonic() + STOP_GRACE_S
+            # Worded when it fires: a save may complete meanwhile.
+            self._deadline_why = lambda: (f"interrupted (SIGINT) during {self.phase}: the main thread did not stop "
+                                          f"within {STOP_GRACE_S:g} s, exiting now; steps since the last save are "
+                                          f"lost; {self.interrupted_line()}")
+            self._deadline_code = 128 + signal.SIGINT
+            return
         if self.unsaved:
             self._deadline = time.monotonic() + self.timeout_s
             self._deadline_why = (f"the step in progress and the checkpoint did not finish within "
@@ -330,11 +376,12 @@ class ProcessGuard:
             ready, _, _ = select.select([self._wake_r], [], [], WATCH_INTERVAL_S)
             if ready:
                 for signum in os.read(self._wake_r, 64):
-                    if signum in {int(s) for s in STOP_SIGNALS}:
+                    if signum in {int(s) for s in STOP_SIGNALS} or (signum == signal.SIGINT and not self.leaving):
                         self._arm(signum)
             now = time.monotonic()
             if self._deadline is not None and now > self._deadline:
-                self._exit(self._deadline_code, self._deadline_why)
+                why = self._deadline_why
+                self._exit(self._deadline_code, why() if callable(why) else why)
             if self._launcher_gone():
                 os.kill(os.getpid(), signal.SIGTERM)
             for peer in [] if self.leaving else self._dead_local_peers():

@@ -665,6 +665,7 @@ class Trainer:
         if rt.is_cuda:
             torch.cuda.reset_peak_memory_stats()
         while self.step < cfg.train.steps:
+            self.guard.raise_if_interrupted()  # a Ctrl-C that Python dropped during the last step or save
             t0 = time.perf_counter()
             out = self.train_step()
             if rt.is_cuda:
