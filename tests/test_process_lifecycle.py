@@ -9,7 +9,7 @@ said otherwise): together, quickly, and with nothing left behind.
 - SIGTERM / SIGUSR1 while rank 0 is held in data preparation / index building / model construction: ends
   within a bounded time with one line, exit 143 before the run has a checkpoint and 75 once it has one;
 - a torn megatron index cache (.npy) is rebuilt with one line; index files are written atomically.
-- a Ctrl-C that Python drops (inside an at-fork hook) still stops the process, with one line (one process).
+- a Ctrl-C or SIGTERM that Python drops (inside an at-fork hook) still stops the process, with one line (one process).
 
 Processes are told apart by pid (their own sessions), never by name: other tests may run beside these.
 The scenarios chain where one run's end is the next one's start, to keep the file at a few launches.
@@ -254,7 +254,8 @@ from effdist.runtime import lifecycle
 guard = lifecycle.guard()
 guard.install(timeout_s=600)
 guard.resume_point = "/runs/x/checkpoints/iter_0000004"
-os.register_at_fork(after_in_parent=lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.2)))
+signum = signal.SIGTERM if sys.argv[1] == "sigterm" else signal.SIGINT
+os.register_at_fork(after_in_parent=lambda: (os.kill(os.getpid(), signum), time.sleep(0.2)))
 child = os.fork()
 if child == 0:
     os._exit(0)
@@ -272,11 +273,12 @@ threading.Event().wait()  # the main thread never reaches a boundary: the watchd
 """
 
 
-@pytest.mark.parametrize("where", ["boundary", "stuck"])
-def test_a_ctrl_c_python_drops_is_not_lost(tmp_path, where):
+@pytest.mark.parametrize("where", ["boundary", "stuck", "sigterm"])
+def test_a_stop_python_drops_is_not_lost(tmp_path, where):
     """The Ctrl-C of a CI failure: SIGINT while megatron's checkpoint writer forked was swallowed and the run
     trained on. The guard raises it again at the next step boundary; a main thread that never gets there is
-    ended by the watchdog STOP_GRACE_S later, with the checkpoint to resume from."""
+    ended by the watchdog STOP_GRACE_S later, with the checkpoint to resume from. A SIGTERM stop dropped the
+    same way (nothing to save) is ended by the watchdog too."""
     from effdist.runtime import lifecycle
 
     t0 = time.time()
@@ -286,6 +288,12 @@ def test_a_ctrl_c_python_drops_is_not_lost(tmp_path, where):
     out = done.stdout + done.stderr
     assert "the fork returned" in out, out  # the KeyboardInterrupt did not leave os.fork(): it was dropped
     assert "Traceback" not in out and "Exception ignored" not in out, out
+    if where == "sigterm":
+        assert done.returncode == PREEMPTED, out
+        assert took < lifecycle.STOP_GRACE_S + 10, took
+        assert ("stopped by SIGTERM during setup; nothing new to save: /runs/x/checkpoints/iter_0000004 stays the "
+                "checkpoint to resume from") in out, out
+        return
     assert done.returncode == 128 + signal.SIGINT, out
     if where == "boundary":
         assert "raised again at the step boundary" in out, out

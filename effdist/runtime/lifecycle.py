@@ -261,10 +261,10 @@ class ProcessGuard:
             # background job, nohup) stays ignored.
             if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
                 signal.signal(signal.SIGINT, self._on_interrupt)
-                self._unraisablehook = sys.unraisablehook
-                sys.unraisablehook = self._on_unraisable
         except ValueError:  # not the main thread (tests calling Trainer in a thread): leave signals alone
             return
+        self._unraisablehook = sys.unraisablehook
+        sys.unraisablehook = self._on_unraisable
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
@@ -316,8 +316,11 @@ class ProcessGuard:
         raise KeyboardInterrupt
 
     def _on_unraisable(self, unraisable) -> None:
-        if issubclass(unraisable.exc_type, KeyboardInterrupt) and self.interrupted:
-            return  # dropped by Python, raised again at the next boundary: not worth a traceback
+        # A stop this guard raised where Python drops it (module notes): a Ctrl-C is raised again at the next
+        # boundary, a SIGTERM/SIGUSR1 stop is ended by the watchdog with its line. Neither is worth a traceback.
+        if (issubclass(unraisable.exc_type, KeyboardInterrupt) and self.interrupted) or \
+                issubclass(unraisable.exc_type, Stopped):
+            return
         self._unraisablehook(unraisable)
 
     def raise_if_interrupted(self) -> None:
