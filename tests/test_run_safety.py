@@ -313,3 +313,42 @@ def test_ctrl_c_stops_at_once_with_one_line_naming_the_checkpoint(tmp_path, data
     # The lock died with the process: a start-over is refused for the run it holds, not for "in use".
     again = _train(run, data_cache, ["train.steps=1"], resume="none")
     assert again.returncode == 2 and "already holds a run" in again.stderr, _error_lines(again)
+
+
+# The trainer, with the second checkpoint save interrupted by a real SIGINT inside code that wraps whatever it
+# catches, as torch.distributed.checkpoint does (a KeyboardInterrupt in a save comes out as a CheckpointException).
+_CTRL_C_IN_A_WRAPPING_SAVE = """
+import os, signal, sys, time
+from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.utils import _wrap_exception
+
+real, calls = dist_checkpointing.save, []
+
+def save(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except BaseException as e:
+            raise CheckpointException("write_data", {0: _wrap_exception(e)})
+        sys.exit("the SIGINT did not interrupt the save")
+    return real(*args, **kwargs)
+
+dist_checkpointing.save = save
+from effdist.train.trainer import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_inside_a_library_that_wraps_it_is_still_the_interrupt(tmp_path, data_cache):
+    run = tmp_path / "run"
+    args = _cmd(run, BASE + [f"data.cache_dir={data_cache}", "train.steps=6", "checkpoint.interval=2"])[3:]
+    done = subprocess.run([sys.executable, "-c", _CTRL_C_IN_A_WRAPPING_SAVE, *args], env=clean_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert done.returncode == 128 + signal.SIGINT, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert (f"interrupted (SIGINT) at step 4: steps since the last save are lost; the last checkpoint is "
+            f"{run / 'checkpoints' / 'iter_0000002'} (--resume auto continues from it)") in done.stderr, _error_lines(done)

@@ -801,21 +801,15 @@ def main(argv: list[str] | None = None) -> int:
         _error_line(e)
         code = e.exit_code
     except KeyboardInterrupt:
-        # Ctrl-C (SIGINT) stops at once, as in megatron and torchtitan, but with one line instead of a traceback
-        # per rank; SIGTERM/SIGUSR1 are the signals that save first (docs/launch.md).
-        guard.leaving = True
-        code = 128 + signal.SIGINT
-        last = trainer.last_good_checkpoint
-        resume = (f"the last checkpoint is {last} (--resume auto continues from it)" if last is not None
-                  else "no checkpoint yet")
-        _error_line(f"interrupted (SIGINT) at step {trainer.step}: steps since the last save are lost; {resume}. "
-                    "To stop with a save, send SIGTERM or SIGUSR1 instead")
+        code = _interrupted(trainer)
     except RuntimeError as e:
         # A peer that died shows up here as a failed collective: name it. A peer that stopped on the same
         # signal as this rank fails the collective too: then this is the signal's stop.
         guard.leaving = True
         why = lifecycle.describe_lost_peer(e) if dist.is_initialized() and dist.get_world_size() > 1 else None
-        if why is not None and (guard.signum is None or guard.lost_peer() is not None):
+        if guard.interrupted:  # Ctrl-C reaches every rank of a terminal's process group: not a peer's death
+            code = _interrupted(trainer)
+        elif why is not None and (guard.signum is None or guard.lost_peer() is not None):
             _error_line(why)
             code = lifecycle.PEER_LOST_EXIT_CODE
         elif guard.signum is not None:
@@ -824,6 +818,12 @@ def main(argv: list[str] | None = None) -> int:
             code = stopped.exit_code
         else:
             raise
+    except BaseException:
+        # Library code that wraps what it catches (torch.distributed.checkpoint turns a KeyboardInterrupt in a
+        # save into a CheckpointException): still the Ctrl-C's stop.
+        if not guard.interrupted:
+            raise
+        code = _interrupted(trainer)
     finally:
         # Tell the peers this exit is on purpose and bound what is left (teardown, the interpreter's exit,
         # helper shutdown) to lifecycle.EXIT_GRACE_S; an unexpected exception exits 1 if that hangs.
@@ -836,6 +836,18 @@ def main(argv: list[str] | None = None) -> int:
             if trainer.lock is not None:
                 trainer.lock.release()
     return code
+
+
+def _interrupted(trainer: Trainer) -> int:
+    """Ctrl-C (SIGINT) stops at once, as in megatron and torchtitan, but with one line instead of a traceback per
+    rank; SIGTERM/SIGUSR1 are the signals that save first (docs/launch.md). Returns the exit code."""
+    trainer.guard.leaving = True
+    last = trainer.last_good_checkpoint
+    resume = (f"the last checkpoint is {last} (--resume auto continues from it)" if last is not None
+              else "no checkpoint yet")
+    _error_line(f"interrupted (SIGINT) at step {trainer.step}: steps since the last save are lost; {resume}. "
+                "To stop with a save, send SIGTERM or SIGUSR1 instead")
+    return 128 + signal.SIGINT
 
 
 def _error_line(error) -> None:
