@@ -75,7 +75,11 @@ def test_bench_torchtitan_worker_command_parses():
     """The launcher starts each variant's worker without --json (it writes the JSON itself): the worker must
     parse its own command line, and torchtitan's options must reach torchtitan untouched."""
     sys.path.insert(0, str(ROOT / "tools"))
-    from bench_torchtitan import parse, worker_command
+    from bench_torchtitan import DEFAULT_VARIANTS, parse, worker_command
+
+    # Run bare, the tool compares like for like with effdist (its LM head stays bf16 in effdist's FP8).
+    assert [v.split("=")[0] for v in DEFAULT_VARIANTS] == ["float8_compile", "bf16_compile"]
+    assert DEFAULT_VARIANTS[0].endswith("--quantize.linear.float8.filter_fqns output")
 
     cmd, tt_args, out = worker_command("/tmp/tt.json", "float8_compile",
                                        "--model.converters quantize.linear.float8 --quantize.linear.float8.filter_fqns output", 8, 4)

@@ -12,8 +12,11 @@ blocks and the loss, fused AdamW, gradient clipping -- with three substitutions 
 
 One GPU, one process (run it under torchrun or let it set the single-rank environment itself):
 
-    python tools/bench_torchtitan.py --json tt.json --variant bf16_compile= \\
-        --variant "float8_compile=--model.converters quantize.linear.float8 --quantize.linear.float8.filter_fqns output"
+    python tools/bench_torchtitan.py --json tt.json
+
+runs the default pair, float8 + compile with the output layer left in bf16 (as effdist's FP8 keeps its LM head)
+and bf16 + compile; `--variant NAME=ARGS` (repeatable) runs others instead, e.g.
+`--variant "float8_all=--model.converters quantize.linear.float8"` (the LM head in float8 too).
 
 Each variant runs in its own process. Every variant gets: --activation_checkpoint.mode none (effdist's
 benchmark does not recompute), --compile.enable, local batch 8, global batch 16, seq 2048 unless overridden.
@@ -35,6 +38,10 @@ BASE = ["--model.name", "llama3", "--model.flavor", "effdist_1b", "--training.lo
         "--training.global_batch_size", "16", "--training.seq_len", "2048", "--activation_checkpoint.mode", "none",
         "--metrics.log_freq", "1000", "--checkpoint.no-enable", "--lr_scheduler.warmup_steps", "2"]
 VOCAB = 32000
+# Like for like with effdist's bf16 and FP8 runs: effdist keeps the LM head in bf16, so torchtitan's float8
+# converter leaves its `output` linear alone too.
+DEFAULT_VARIANTS = ["float8_compile=--model.converters quantize.linear.float8 --quantize.linear.float8.filter_fqns output",
+                    "bf16_compile="]
 
 
 def _stub_datasets() -> None:
@@ -120,7 +127,8 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # never read a torchtitan option as an abbreviation of ours
     p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
-                   help="a named run; ARGS: extra torchtitan CLI arguments (shell-quoted)")
+                   help="a named run; ARGS: extra torchtitan CLI arguments (shell-quoted). Default: float8 + "
+                        "compile with the output layer in bf16, and bf16 + compile (effdist's FP8 and bf16 runs)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=4, help="steps left out of the median (compilation)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per variant")
@@ -151,7 +159,7 @@ def main() -> None:
     import torch
 
     runs = []
-    for spec in args.variant or ["float8_compile=--model.converters quantize.linear.float8"]:
+    for spec in args.variant or DEFAULT_VARIANTS:
         name, _, extra = spec.partition("=")
         cmd, tt_args, out = worker_command(args.json, name, extra, args.steps, args.warmup)
         print(f"=== torchtitan {name}: {' '.join(tt_args)}", flush=True)
