@@ -273,6 +273,40 @@ threading.Event().wait()  # the main thread never reaches a boundary: the watchd
 """
 
 
+# A SIGTERM asked for a save at the end of the step; the save hangs (a slow file system), and the operator presses
+# Ctrl-C: the process must end STOP_GRACE_S later, not after parallel.timeout_s.
+_CTRL_C_DURING_A_REQUESTED_SAVE = """
+import os, signal, threading, time
+from effdist.runtime import lifecycle
+
+guard = lifecycle.guard()
+guard.install(timeout_s=600)
+guard.resume_point = "/runs/x/checkpoints/iter_0000004"
+guard.unsaved, guard.phase = True, "training"
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.5)
+assert guard.requested
+guard.leaving = True  # the trainer's preemption path: save, then exit 75
+print("saving", flush=True)
+os.kill(os.getpid(), signal.SIGINT)
+threading.Event().wait()  # the save that never ends
+"""
+
+
+def test_ctrl_c_bounds_a_save_that_a_sigterm_asked_for(tmp_path):
+    from effdist.runtime import lifecycle
+
+    t0 = time.time()
+    done = subprocess.run([sys.executable, "-c", _CTRL_C_DURING_A_REQUESTED_SAVE], env=clean_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    took = time.time() - t0
+    out = done.stdout + done.stderr
+    assert done.returncode == 128 + signal.SIGINT and took < lifecycle.STOP_GRACE_S + 10, (took, out)
+    assert "received SIGTERM: will save a checkpoint after this step and exit" in out, out
+    assert "interrupted (SIGINT) during training: still running 10 s later, exiting now" in out, out
+    assert "Traceback" not in out, out
+
+
 @pytest.mark.parametrize("where", ["boundary", "stuck", "sigterm"])
 def test_a_stop_python_drops_is_not_lost(tmp_path, where):
     """The Ctrl-C of a CI failure: SIGINT while megatron's checkpoint writer forked was swallowed and the run
@@ -299,9 +333,9 @@ def test_a_stop_python_drops_is_not_lost(tmp_path, where):
         assert "raised again at the step boundary" in out, out
     else:
         assert took < lifecycle.STOP_GRACE_S + 10, took
-        assert ("interrupted (SIGINT) during setup: the main thread did not stop within 10 s, exiting now; steps "
-                "since the last save are lost; the last checkpoint is /runs/x/checkpoints/iter_0000004 "
-                "(--resume auto continues from it)") in out, out
+        assert ("interrupted (SIGINT) during setup: still running 10 s later, exiting now; steps since the last "
+                "save are lost; the last checkpoint is /runs/x/checkpoints/iter_0000004 (--resume auto continues "
+                "from it)") in out, out
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["launcher", "no-launcher"])

@@ -17,8 +17,9 @@ One `ProcessGuard` per process (`guard()`), installed by the trainer before anyt
   drops an exception raised inside an at-fork hook, a finalizer or a weakref callback ("Exception ignored
   in ..."): a Ctrl-C that lands while a checkpoint writer forks would be lost and training would go on. So
   the guard remembers the interrupt: `raise_if_interrupted` (each step and phase boundary) raises it again,
-  and the watchdog ends the process with one line if the main thread has not left `STOP_GRACE_S` later. The
-  dropped one is not printed (a `sys.unraisablehook` keeps it quiet): one line per stop, no traceback.
+  and the watchdog ends the process with one line if it is still running `STOP_GRACE_S` later (also when the
+  main thread was already on its way out, e.g. saving after a SIGTERM). The dropped one is not printed (a
+  `sys.unraisablehook` keeps it quiet): one line per stop, no traceback.
 - **The launcher died.** Under torchrun (``TORCHELASTIC_RUN_ID`` set) the launcher's agent is this process's
   parent. When the parent changes (it was SIGKILLed and this process was re-parented) the watchdog sends
   this process a SIGTERM, so it saves when it can and in any case stops within `parallel.timeout_s`. Plain
@@ -245,6 +246,7 @@ class ProcessGuard:
         self._peers: dict[int, ProcessRecord] = {}
         self._thread: threading.Thread | None = None
         self._unraisablehook = sys.unraisablehook
+        self._deadline_lock = threading.Lock()  # the watchdog and finish() both set the deadline
 
     # -- installation ------------------------------------------------------------------------
     def install(self, timeout_s: float) -> None:
@@ -291,9 +293,13 @@ class ProcessGuard:
         self._launcher_gone()
         with self._parent_lock:
             self._parent = None
-        self._deadline = time.monotonic() + EXIT_GRACE_S
-        self._deadline_code = exit_code
-        self._deadline_why = f"the process did not exit within {EXIT_GRACE_S:g} s of finishing; exiting with {exit_code}"
+        due = time.monotonic() + EXIT_GRACE_S
+        with self._deadline_lock:
+            if self._deadline is not None and self._deadline_code == 128 + signal.SIGINT and self._deadline <= due:
+                return  # a Ctrl-C's bound is shorter: keep it
+            self._deadline, self._deadline_code = due, exit_code
+            self._deadline_why = (f"the process did not exit within {EXIT_GRACE_S:g} s of finishing; exiting with "
+                                  f"{exit_code}")
 
     # -- signals -------------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame) -> None:
@@ -347,18 +353,23 @@ class ProcessGuard:
             while True:
                 time.sleep(3600)
 
+    def _arm_interrupt(self) -> None:
+        """Ctrl-C: whatever the main thread is doing (a step, a save that a SIGTERM asked for, the exit), the
+        process ends STOP_GRACE_S later at the latest."""
+        due = time.monotonic() + STOP_GRACE_S
+        with self._deadline_lock:
+            if self._deadline is not None and self._deadline <= due:
+                return
+            self._deadline, self._deadline_code = due, 128 + signal.SIGINT
+            # Worded when it fires: a save may complete meanwhile.
+            self._deadline_why = lambda: (f"interrupted (SIGINT) during {self.phase}: still running "
+                                          f"{STOP_GRACE_S:g} s later, exiting now; steps since the last save are "
+                                          f"lost; {self.interrupted_line()}")
+
     def _arm(self, signum: int) -> None:
         if self._deadline is not None:
             return
         name = signal.Signals(signum).name
-        if signum == signal.SIGINT:
-            self._deadline = time.monotonic() + STOP_GRACE_S
-            # Worded when it fires: a save may complete meanwhile.
-            self._deadline_why = lambda: (f"interrupted (SIGINT) during {self.phase}: the main thread did not stop "
-                                          f"within {STOP_GRACE_S:g} s, exiting now; steps since the last save are "
-                                          f"lost; {self.interrupted_line()}")
-            self._deadline_code = 128 + signal.SIGINT
-            return
         if self.unsaved:
             self._deadline = time.monotonic() + self.timeout_s
             self._deadline_why = (f"the step in progress and the checkpoint did not finish within "
@@ -379,12 +390,16 @@ class ProcessGuard:
             ready, _, _ = select.select([self._wake_r], [], [], WATCH_INTERVAL_S)
             if ready:
                 for signum in os.read(self._wake_r, 64):
-                    if signum in {int(s) for s in STOP_SIGNALS} or (signum == signal.SIGINT and not self.leaving):
-                        self._arm(signum)
+                    if signum == signal.SIGINT:
+                        self._arm_interrupt()
+                    elif signum in {int(s) for s in STOP_SIGNALS}:
+                        with self._deadline_lock:
+                            self._arm(signum)
             now = time.monotonic()
-            if self._deadline is not None and now > self._deadline:
-                why = self._deadline_why
-                self._exit(self._deadline_code, why() if callable(why) else why)
+            with self._deadline_lock:
+                due, code, why = self._deadline, self._deadline_code, self._deadline_why
+            if due is not None and now > due:
+                self._exit(code, why() if callable(why) else why)
             if self._launcher_gone():
                 os.kill(os.getpid(), signal.SIGTERM)
             for peer in [] if self.leaving else self._dead_local_peers():
