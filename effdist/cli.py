@@ -38,15 +38,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name = COMMANDS[name][0]
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and module_name.startswith(e.name):
-            print(f"effdist: the {name!r} command is not available in this build ({module_name} is missing)",
-                  file=sys.stderr)
-            return 2
-        raise
-    rc = module.main(rest)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and module_name.startswith(e.name):
+                print(f"effdist: the {name!r} command is not available in this build ({module_name} is missing)",
+                      file=sys.stderr)
+                return 2
+            raise
+        rc = module.main(rest)
+    except KeyboardInterrupt:
+        return interrupted_while_starting()
     return int(rc or 0)
+
+
+def interrupted_while_starting() -> int:
+    """Ctrl-C before a command handles it itself (imports of torch and megatron take seconds): one line, exit 130,
+    not a traceback from inside an import."""
+    print("effdist: interrupted (SIGINT) while starting; nothing was saved", file=sys.stderr, flush=True)
+    return 128 + 2
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ lost, nothing restarts silently.
 - resuming with a config that changes tensor shapes is a named error listing the keys;
 - a full disk, a failing write, non-finite weights or a non-finite last step: a named error, no
   checkpoint written, the older ones intact.
+- Ctrl-C: at once, one line naming the checkpoint to resume from; also while starting (imports, data
+  preparation) and inside library code that wraps the KeyboardInterrupt.
 
 The scenarios share processes where one run's end is the next one's start, to keep the file at a few
 process launches per behaviour.
@@ -314,6 +316,41 @@ def test_ctrl_c_stops_at_once_with_one_line_naming_the_checkpoint(tmp_path, data
     again = _train(run, data_cache, ["train.steps=1"], resume="none")
     assert again.returncode == 2 and "already holds a run" in again.stderr, _error_lines(again)
 
+
+
+# A Ctrl-C while a module is imported (torch and megatron take seconds to import): an import hook raises the
+# KeyboardInterrupt at the import of `module`, every time it is tried.
+_CTRL_C_AT_IMPORT = """
+import sys
+
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == sys.argv[1]:
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, CtrlC())
+from effdist.cli import main
+sys.exit(main(["train", *sys.argv[2:]]))
+"""
+
+
+@pytest.mark.parametrize("module, line", [
+    ("torch", "effdist: interrupted (SIGINT) while starting; nothing was saved"),
+    # Inside the trainer's setup: the stop's line, and its teardown does not import megatron again.
+    ("megatron.core.nccl_allocator", "interrupted (SIGINT) at step 0: steps since the last save are lost; no "
+                                     "checkpoint yet"),
+    # While the sample dataset is built: its staging directory goes with the stop.
+    ("effdist.data.sources", "interrupted (SIGINT) at step 0: steps since the last save are lost; no "
+                             "checkpoint yet"),
+], ids=["before-the-trainer", "in-setup", "building-data"])
+def test_ctrl_c_while_starting_is_one_line(tmp_path, module, line):
+    cache = tmp_path / "data"
+    args = _cmd(tmp_path / "run", BASE + [f"data.cache_dir={cache}", "train.steps=2"])[3:]
+    done = subprocess.run([sys.executable, "-c", _CTRL_C_AT_IMPORT, module, *args], env=clean_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + signal.SIGINT, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and line in done.stderr, done.stderr[-3000:]
+    assert not list(cache.glob("**/*.building-*")), list(cache.rglob("*"))
 
 # The trainer, with the second checkpoint save interrupted by a real SIGINT inside code that wraps whatever it
 # catches, as torch.distributed.checkpoint does (a KeyboardInterrupt in a save comes out as a CheckpointException).

@@ -162,10 +162,6 @@ def _building(directory: Path) -> Iterator[None]:
 def _build_sample(cfg, directory: Path) -> None:
     """Corpus -> tokenizer of model.vocab_size entries -> .bin/.idx, built beside the final directory
     and renamed into place, so a crash or a concurrent run never leaves a half-built dataset there."""
-    from effdist.data.preprocess import preprocess
-    from effdist.data.sample_corpus import write_sample_corpus
-    from effdist.data.tokenizer import train_tokenizer
-
     from effdist.data.tokenizer import BYTE_ALPHABET_SIZE
 
     if cfg.model.vocab_size <= BYTE_ALPHABET_SIZE:
@@ -179,6 +175,19 @@ def _build_sample(cfg, directory: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     staging = directory.with_name(f"{directory.name}.building-{os.getpid()}")
     staging.mkdir(parents=True)
+    try:
+        _build_sample_in(cfg, directory, staging)
+    except BaseException:  # a stop (Ctrl-C, SIGTERM) or a failure: no half-built staging directory stays behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _build_sample_in(cfg, directory: Path, staging: Path) -> None:
+    """The build itself, in `staging`, then renamed to `directory`."""
+    from effdist.data.preprocess import preprocess
+    from effdist.data.sample_corpus import write_sample_corpus
+    from effdist.data.tokenizer import train_tokenizer
+
     hf_cache = staging / "hf-cache"
     corpus = write_sample_corpus(staging / "corpus.jsonl", cfg.data.sample_documents, SAMPLE_CORPUS_SEED)
     train_tokenizer([str(corpus)], cfg.model.vocab_size, staging / "tokenizer.json", cache_dir=str(hf_cache),

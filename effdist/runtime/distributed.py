@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import os
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -167,9 +168,10 @@ def teardown(keep_process_group: bool = False) -> None:
     another under torchrun): a process group started anew on torchrun's store can read the previous
     group's rendezvous keys, and its ranks then wait for peers that are gone (gloo: connection refused).
     """
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
+    # Not imported here: a run stopped (Ctrl-C) while megatron was being imported has nothing of it to end, and
+    # importing it again over the half-initialised modules fails with an unrelated traceback.
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and getattr(parallel_state, "model_parallel_is_initialized", lambda: False)():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized() and not keep_process_group:
         dist.destroy_process_group()

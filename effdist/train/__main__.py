@@ -2,7 +2,8 @@
 
 import sys
 
-from effdist.train.trainer import main
+from effdist.cli import main as cli_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the CLI: a Ctrl-C while torch and megatron are imported ends with one line, not a traceback.
+    sys.exit(cli_main(["train", *sys.argv[1:]]))
