@@ -48,15 +48,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         rc = module.main(rest)
     except KeyboardInterrupt:
-        return interrupted_while_starting()
+        # Ctrl-C where the command does not handle it itself (the trainer does once it has started; imports of
+        # torch and megatron take seconds): one line and exit 130, not a traceback from inside an import.
+        what = "while starting; nothing was saved" if name == "train" else "(Ctrl-C)"
+        print(f"effdist {name}: interrupted (SIGINT) {what}", file=sys.stderr, flush=True)
+        return 128 + 2
     return int(rc or 0)
-
-
-def interrupted_while_starting() -> int:
-    """Ctrl-C before a command handles it itself (imports of torch and megatron take seconds): one line, exit 130,
-    not a traceback from inside an import."""
-    print("effdist: interrupted (SIGINT) while starting; nothing was saved", file=sys.stderr, flush=True)
-    return 128 + 2
 
 
 if __name__ == "__main__":

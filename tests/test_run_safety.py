@@ -335,7 +335,7 @@ sys.exit(main(["train", *sys.argv[2:]]))
 
 
 @pytest.mark.parametrize("module, line", [
-    ("torch", "effdist: interrupted (SIGINT) while starting; nothing was saved"),
+    ("torch", "effdist train: interrupted (SIGINT) while starting; nothing was saved"),
     # Inside the trainer's setup: the stop's line, and its teardown does not import megatron again.
     ("megatron.core.nccl_allocator", "interrupted (SIGINT) at step 0: steps since the last save are lost; no "
                                      "checkpoint yet"),
