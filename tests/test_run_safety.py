@@ -318,6 +318,25 @@ def test_ctrl_c_stops_at_once_with_one_line_naming_the_checkpoint(tmp_path, data
 
 
 
+
+def test_wrong_run_dir_or_resume_is_one_line_and_exit_2(tmp_path, data_cache):
+    """Found before anything starts where possible; nothing is created or changed."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    done = _train(a_file, data_cache, ["train.steps=1"])
+    assert done.returncode == 2 and f"--run-dir {a_file} is a file, not a directory" in done.stderr, done.stderr
+    assert a_file.read_text() == "mine"
+    run = tmp_path / "run"
+    done = _train(run, data_cache, ["train.steps=1"], resume="latest")
+    assert done.returncode == 2 and "--resume latest: no such directory. --resume takes auto" in done.stderr, done.stderr
+    assert not run.exists()
+    unfinished = tmp_path / "old" / "checkpoints" / "iter_0000004.tmp"
+    unfinished.mkdir(parents=True)
+    done = _train(run, data_cache, ["train.steps=1"], resume=str(unfinished))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"--resume {unfinished}: not a complete effdist checkpoint directory; it is a save that never finished" \
+        in done.stderr, _error_lines(done)
+
 # A Ctrl-C while a module is imported (torch and megatron take seconds to import): an import hook raises the
 # KeyboardInterrupt at the import of `module`, every time it is tried.
 _CTRL_C_AT_IMPORT = """

@@ -44,6 +44,10 @@ class IncompatibleCheckpointError(CheckpointError):
     """The checkpoint's tensors have other shapes than the configured model's (a config error: exit 2)."""
 
 
+class NotACheckpointError(CheckpointError):
+    """--resume names a directory that holds no complete effdist checkpoint (a usage error: exit 2)."""
+
+
 class CheckpointSpaceError(CheckpointError):
     """The checkpoint directory cannot take the next checkpoint (full, read-only, not writable)."""
 

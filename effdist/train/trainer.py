@@ -256,10 +256,13 @@ class Trainer:
         elif self.resume not in ("none", "", None):
             path = Path(self.resume)
             if not (path / ckpt.MARKER).is_file():
-                converted = (path / CONVERTED_MARKER).is_file()
-                raise ckpt.CheckpointError(f"--resume {path}: not a complete effdist checkpoint directory" + (
-                    f"; it is a converted model: start a run from it with --set checkpoint.init_from={path}"
-                    if converted else ""))
+                if (path / CONVERTED_MARKER).is_file():
+                    hint = f"; it is a converted model: start a run from it with --set checkpoint.init_from={path}"
+                elif path.name.endswith(".tmp"):
+                    hint = "; it is a save that never finished: give a complete one, or --resume auto"
+                else:
+                    hint = " (a checkpoint directory is an iter_NNNNNNN directory under the run's checkpoints/)"
+                raise ckpt.NotACheckpointError(f"--resume {path}: not a complete effdist checkpoint directory{hint}")
             ckpt.verify(path, check_crc=self.cfg.checkpoint.verify_crc, progress=rt.is_logging_rank)
         if path is None:
             self.guard.resume_point = None
@@ -785,6 +788,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"effdist: config error: {e}", file=sys.stderr)
         return 2
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+    problem = _command_line_problem(run_dir, args.resume, cfg)
+    if problem:
+        print(f"effdist: error: {problem}", file=sys.stderr)
+        return 2
     trainer = Trainer(cfg, run_dir, resume=args.resume, fresh=args.fresh)
     guard = trainer.guard
     code = None
@@ -795,7 +802,8 @@ def main(argv: list[str] | None = None) -> int:
         # Errors the user can act on: one clear line per rank instead of a traceback. A command that does
         # not fit the run directory or its checkpoints is a usage error (2); the rest are failures (1).
         _error_line(e)
-        usage = isinstance(e, (ConfigError, run_directory.RunDirError, ckpt.IncompatibleCheckpointError))
+        usage = isinstance(e, (ConfigError, run_directory.RunDirError, ckpt.IncompatibleCheckpointError,
+                               ckpt.NotACheckpointError))
         code = 2 if usage else 1
     except lifecycle.Stopped as e:
         _error_line(e)
@@ -836,6 +844,21 @@ def main(argv: list[str] | None = None) -> int:
             if trainer.lock is not None:
                 trainer.lock.release()
     return code
+
+
+def _command_line_problem(run_dir: Path, resume: str, cfg: Config) -> str | None:
+    """--run-dir or --resume that cannot work, found before anything starts (exit 2, one line)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        return (f"--run-dir {run_dir} is a file, not a directory: give a directory for the run (created if missing; "
+                "config.yaml, metrics.jsonl and checkpoints/ go there)")
+    if resume in ("auto", "none", "", None) or Path(resume).is_dir():
+        return None
+    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+    complete = ckpt.list_complete(ckpt_dir) if ckpt_dir.is_dir() else []
+    example = (f"the newest of this run is {complete[-1][1]}" if complete
+               else f"e.g. {ckpt_dir / ckpt.iter_name(1000)}")
+    return (f"--resume {resume}: no such directory. --resume takes auto (the newest complete checkpoint in the run "
+            f"directory, the default), none (start from scratch) or a checkpoint directory ({example})")
 
 
 def _interrupted(trainer: Trainer) -> int:
