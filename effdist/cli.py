@@ -28,6 +28,11 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First, before seconds of imports: the launcher (torchrun) that started this process, so that its death is
+    # noticed even when it comes before the trainer watches for it.
+    from effdist.runtime.lifecycle import note_launcher, report_interrupt
+
+    note_launcher()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -47,12 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             raise
         rc = module.main(rest)
-    except KeyboardInterrupt:
-        # Ctrl-C where the command does not handle it itself (the trainer does once it has started; imports of
-        # torch and megatron take seconds): one line and exit 130, not a traceback from inside an import.
-        what = "while starting; nothing was saved" if name == "train" else "(Ctrl-C)"
-        print(f"effdist {name}: interrupted (SIGINT) {what}", file=sys.stderr, flush=True)
-        return 128 + 2
+    except KeyboardInterrupt:  # where the command does not handle it itself (the trainer does once started)
+        return report_interrupt(name, while_starting=name == "train")
     return int(rc or 0)
 
 

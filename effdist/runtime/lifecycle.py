@@ -22,8 +22,13 @@ One `ProcessGuard` per process (`guard()`), installed by the trainer before anyt
   `sys.unraisablehook` keeps it quiet): one line per stop, no traceback.
 - **The launcher died.** Under torchrun (``TORCHELASTIC_RUN_ID`` set) the launcher's agent is this process's
   parent. When the parent changes (it was SIGKILLed and this process was re-parented) the watchdog sends
-  this process a SIGTERM, so it saves when it can and in any case stops within `parallel.timeout_s`. Plain
-  ``python -m effdist.train`` is not watched: ``nohup ... &`` then logging out must keep training.
+  this process a SIGTERM, so it saves when it can and in any case stops within `parallel.timeout_s`. The
+  parent is noted by the entry point (`note_launcher`) before seconds of imports, so a launcher that dies
+  while the process starts is noticed too. A launcher often takes the reader of the process's output with it
+  (``torchrun ... | tee log``): stdout/stderr pipes with no reader are then pointed at /dev/null
+  (`silence_broken_console`) so that no thread dies of a BrokenPipeError, the watchdog least of all (it
+  survives any error). Plain ``python -m effdist.train`` is not watched: ``nohup ... &`` then logging out
+  must keep training.
 - **A peer died.** Every rank records its host, pid and start time in the process group's store
   (`register_process`). The watchdog checks the ranks on its own host once a second; when one is gone
   without having said goodbye (`say_goodbye`) it stops this process within seconds with one line naming
@@ -100,7 +105,73 @@ def _global_rank() -> int:
 def say(msg: str) -> None:
     """A notice on global rank 0 only (every rank sees the same signal or the same launcher death)."""
     if _global_rank() == 0:
-        print(f"[effdist] {msg}", file=sys.stderr, flush=True)
+        _print_to_console(f"[effdist] {msg}")
+
+
+def _print_to_console(line: str) -> None:
+    """Write to stderr; where nobody reads it any more (a launcher or a `| tee` that died), silence the console
+    instead of failing: a stop must not end in a BrokenPipeError before its save."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # broken pipe, closed stream
+        silence_broken_console()
+
+
+def silence_broken_console() -> list[int]:
+    """Point stdout/stderr at /dev/null where they are pipes whose reader is gone (every later write would raise
+    BrokenPipeError in whatever thread logs next). Returns the file descriptors silenced."""
+    import select
+
+    silenced = []
+    for fd in (1, 2):
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            broken = any(events & (select.POLLERR | select.POLLNVAL) for _, events in poller.poll(0))
+        except (OSError, ValueError):
+            continue
+        if broken:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+            silenced.append(fd)
+    return silenced
+
+
+def report_interrupt(command: str, while_starting: bool) -> int:
+    """One line for a Ctrl-C that a command did not handle itself (torch and megatron take seconds to import:
+    no traceback from inside an import); returns the exit code, 130."""
+    what = "while starting; nothing was saved" if while_starting else "(Ctrl-C)"
+    _print_to_console(f"effdist {command}: interrupted (SIGINT) {what}")
+    return 128 + signal.SIGINT
+
+
+# The launcher this process was started by, noted by `note_launcher` as early as the entry point runs: a launcher
+# that dies while torch and megatron are still being imported (seconds) must still be noticed.
+_LAUNCHER_PID: int | None = None
+
+
+def note_launcher() -> None:
+    """Under torchrun (``TORCHELASTIC_RUN_ID``), remember the parent process now; `ProcessGuard.install` watches it."""
+    global _LAUNCHER_PID
+    if os.environ.get("TORCHELASTIC_RUN_ID") and _LAUNCHER_PID is None:
+        parent = os.getppid()
+        # Already orphaned (the launcher died while this interpreter started): re-parented to an init process,
+        # which is no launcher. A torchrun agent is a Python process, also where it is PID 1 of a container.
+        _LAUNCHER_PID = _GONE_BEFORE_NOTED if parent == 1 and not _runs_python(1) else parent
+
+
+_GONE_BEFORE_NOTED = -1  # no process has this pid: the watchdog finds the launcher gone on its first look
+
+
+def _runs_python(pid: int) -> bool:
+    """Whether process `pid` runs a Python interpreter (True where that cannot be read: never a false alarm)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")[:2]
+    except OSError:
+        return True
+    return any(b"python" in os.path.basename(a) or b"torchrun" in a for a in args)
 
 
 # ------------------------------------------------------------------------------------ parent death
@@ -271,7 +342,7 @@ class ProcessGuard:
         os.set_blocking(self._wake_w, False)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         if os.environ.get("TORCHELASTIC_RUN_ID"):
-            self._parent = os.getppid()
+            self._parent = _LAUNCHER_PID if _LAUNCHER_PID is not None else os.getppid()
         self._installed = True
         self._thread = threading.Thread(target=self._watch, name="effdist-watchdog", daemon=True)
         self._thread.start()
@@ -383,42 +454,51 @@ class ProcessGuard:
 
     # -- the watchdog thread --------------------------------------------------------------------
     def _watch(self) -> None:
-        import select
-
         gone_since: dict[int, float] = {}
         while True:
-            ready, _, _ = select.select([self._wake_r], [], [], WATCH_INTERVAL_S)
-            if ready:
-                for signum in os.read(self._wake_r, 64):
-                    if signum == signal.SIGINT:
-                        self._arm_interrupt()
-                    elif signum in {int(s) for s in STOP_SIGNALS}:
-                        with self._deadline_lock:
-                            self._arm(signum)
-            now = time.monotonic()
-            with self._deadline_lock:
-                due, code, why = self._deadline, self._deadline_code, self._deadline_why
-            if due is not None and now > due:
-                self._exit(code, why() if callable(why) else why)
-            if self._launcher_gone():
-                os.kill(os.getpid(), signal.SIGTERM)
-            for peer in [] if self.leaving else self._dead_local_peers():
-                since = gone_since.setdefault(peer.rank, now)
-                if now - since > PEER_GRACE_S and not self.leaving and not self._said_goodbye(peer.rank):
-                    self._exit(PEER_LOST_EXIT_CODE, peer_lost_message(peer))
+            try:
+                self._watch_once(gone_since)
+            except Exception:  # noqa: BLE001 - the watchdog bounds every stop: no single failure may end it
+                time.sleep(WATCH_INTERVAL_S)
+
+    def _watch_once(self, gone_since: dict[int, float]) -> None:
+        import select
+
+        ready, _, _ = select.select([self._wake_r], [], [], WATCH_INTERVAL_S)
+        if ready:
+            for signum in os.read(self._wake_r, 64):
+                if signum == signal.SIGINT:
+                    self._arm_interrupt()
+                elif signum in {int(s) for s in STOP_SIGNALS}:
+                    with self._deadline_lock:
+                        self._arm(signum)
+        now = time.monotonic()
+        with self._deadline_lock:
+            due, code, why = self._deadline, self._deadline_code, self._deadline_why
+        if due is not None and now > due:
+            self._exit(code, why() if callable(why) else why)
+        if self._launcher_gone():
+            os.kill(os.getpid(), signal.SIGTERM)
+        for peer in [] if self.leaving else self._dead_local_peers():
+            since = gone_since.setdefault(peer.rank, now)
+            if now - since > PEER_GRACE_S and not self.leaving and not self._said_goodbye(peer.rank):
+                self._exit(PEER_LOST_EXIT_CODE, peer_lost_message(peer))
 
     def _launcher_gone(self) -> bool:
         """True (after one notice) for the first caller that finds the watched launcher gone; then never again."""
         with self._parent_lock:
             if self._parent is None or os.getppid() == self._parent:
                 return False
+            silence_broken_console()  # a launcher that died often took the reader of our output with it
             say(f"the launcher (pid {self._parent}) is gone: stopping (saving first if a step finished)")
             self._parent = None
             return True
 
     def _exit(self, code: int, why: str) -> None:
-        print(f"effdist: error (rank {self._rank}): {why}", file=sys.stderr, flush=True)
-        os._exit(code)
+        try:
+            _print_to_console(f"effdist: error (rank {self._rank}): {why}")
+        finally:
+            os._exit(code)
 
     def _load_peers(self) -> None:
         missing = [r for r in self._local_ranks if r not in self._peers]

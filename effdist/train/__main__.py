@@ -2,8 +2,14 @@
 
 import sys
 
-from effdist.cli import main as cli_main
+from effdist.runtime.lifecycle import note_launcher, report_interrupt
 
 if __name__ == "__main__":
-    # Through the CLI: a Ctrl-C while torch and megatron are imported ends with one line, not a traceback.
-    sys.exit(cli_main(["train", *sys.argv[1:]]))
+    note_launcher()  # before seconds of imports: the launcher's death is noticed even while this process starts
+    try:
+        from effdist.train.trainer import main
+
+        code = main()
+    except KeyboardInterrupt:  # before the trainer handles Ctrl-C itself: one line, not a traceback from an import
+        code = report_interrupt("train", while_starting=True)
+    sys.exit(code)
