@@ -249,6 +249,25 @@ os.kill(os.getpid(), 9)
 """
 
 
+def test_a_console_nobody_reads_is_silenced_not_fatal():
+    """stderr a pipe whose reader died: the next write would raise BrokenPipeError in whichever thread logs; the
+    guard's console writes point it at /dev/null instead (stdout, still read, is left alone)."""
+    script = """
+import os, sys
+from effdist.runtime import lifecycle
+r, w = os.pipe()
+os.dup2(w, 2)
+os.close(r)  # the reader is gone
+lifecycle.say("this line has no reader")  # must not raise
+print("silenced", lifecycle.silence_broken_console(), flush=True)  # already silenced by say(): nothing left to do
+print("still writable", file=sys.stderr, flush=True)
+print("done", flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=clean_env(RANK="0"), cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.splitlines() == ["silenced []", "done"], (done.stdout, done.stderr)
+
+
 def _running(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

@@ -128,7 +128,7 @@ def silence_broken_console() -> list[int]:
             poller = select.poll()
             poller.register(fd, select.POLLOUT)
             broken = any(events & (select.POLLERR | select.POLLNVAL) for _, events in poller.poll(0))
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # no poll() on this platform: leave the console alone
             continue
         if broken:
             null = os.open(os.devnull, os.O_WRONLY)
