@@ -79,6 +79,23 @@ def test_bytes_and_stages_without_a_count():
     assert out.getvalue().endswith("loading iter_0000010: reading model weights 0s\n")
 
 
+def test_a_last_error_line_does_not_glue_onto_the_step_bar():
+    """A run that stops (Ctrl-C, a named error) while its step bar is on the terminal: end_bar ends the bar's line,
+    keeping its last state, before the error is written."""
+    from effdist.train.metrics import ProgressBar
+
+    out = Tty()
+    bar = ProgressBar(10, stream=out)
+    bar.update(3, {"loss": 2.5})
+    assert progress.active() is bar
+    progress.end_bar()
+    out.write("effdist: error (rank 0): interrupted\n")
+    assert out.getvalue().endswith("loss 2.5000  eta ?\neffdist: error (rank 0): interrupted\n"), out.getvalue()
+    assert progress.active() is None
+    progress.end_bar()  # nothing shown: nothing written
+    assert out.getvalue().endswith("interrupted\n")
+
+
 def test_effdist_progress_forces_the_mode(monkeypatch):
     from effdist.train.metrics import ProgressBar
 

@@ -495,7 +495,10 @@ class ProcessGuard:
             return True
 
     def _exit(self, code: int, why: str) -> None:
+        from effdist.runtime.progress import end_bar
+
         try:
+            end_bar()
             _print_to_console(f"effdist: error (rank {self._rank}): {why}")
         finally:
             os._exit(code)

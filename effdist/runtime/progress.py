@@ -48,6 +48,8 @@ class _Bar(Protocol):
 
     def write_above(self, text: str) -> None: ...
 
+    def close(self) -> None: ...
+
 
 # The bar on the terminal now, if any: console_line writes above it.
 _active: Optional[_Bar] = None
@@ -60,6 +62,18 @@ def set_active(bar: Optional[_Bar]) -> None:
 
 def active() -> Optional[_Bar]:
     return _active
+
+
+def end_bar() -> None:
+    """End the line of the bar on the terminal, if any (before a last error line, which would otherwise be glued
+    to the bar's text)."""
+    bar = _active
+    if bar is not None:
+        try:
+            bar.close()
+        except (OSError, ValueError):  # the console is gone
+            pass
+        set_active(None)
 
 
 def write_above(stream: TextIO, shown: str, text: str) -> None:

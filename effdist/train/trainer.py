@@ -875,7 +875,9 @@ def _interrupted(trainer: Trainer) -> int:
 
 def _error_line(error) -> None:
     from effdist.runtime.launch_env import resolve_dist_env
+    from effdist.runtime.progress import end_bar
 
+    end_bar()  # on a terminal the step bar is still on the line: the error goes on a line of its own
     print(f"effdist: error (rank {resolve_dist_env(os.environ).rank}): {error}", file=sys.stderr, flush=True)
 
 
