@@ -138,6 +138,13 @@ def silence_broken_console() -> list[int]:
     return silenced
 
 
+def resume_hint(checkpoint) -> str:
+    """What a Ctrl-C stop leaves to resume from (the last complete checkpoint, or None), for the line that reports it."""
+    if checkpoint:
+        return f"the last checkpoint is {checkpoint} (--resume auto continues from it)"
+    return "no checkpoint yet"
+
+
 def report_interrupt(command: str, while_starting: bool) -> int:
     """One line for a Ctrl-C that a command did not handle itself (torch and megatron take seconds to import:
     no traceback from inside an import); returns the exit code, 130."""
@@ -405,12 +412,6 @@ class ProcessGuard:
         if self.interrupted and not self.leaving:
             raise KeyboardInterrupt
 
-    def interrupted_line(self) -> str:
-        """What a Ctrl-C stop leaves to resume from, for the line that reports it."""
-        if self.resume_point:
-            return f"the last checkpoint is {self.resume_point} (--resume auto continues from it)"
-        return "no checkpoint yet"
-
     def stopped(self, signum: int | None = None) -> Stopped:
         return Stopped(signum or self.signum or signal.SIGTERM, self.phase, self.resume_point)
 
@@ -435,7 +436,7 @@ class ProcessGuard:
             # Worded when it fires: a save may complete meanwhile.
             self._deadline_why = lambda: (f"interrupted (SIGINT) during {self.phase}: still running "
                                           f"{STOP_GRACE_S:g} s later, exiting now; steps since the last save are "
-                                          f"lost; {self.interrupted_line()}")
+                                          f"lost; {resume_hint(self.resume_point)}")
 
     def _arm(self, signum: int) -> None:
         if self._deadline is not None:

@@ -41,6 +41,11 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / cfg.name
 
 
+def checkpoint_dir(cfg: Config, run_dir: Path) -> Path:
+    """Where the run's checkpoints go: checkpoint.dir, else RUN_DIR/checkpoints."""
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+
+
 def log(runtime, msg: str) -> None:
     if runtime is None or runtime.is_logging_rank:
         console_line(f"[effdist] {msg}")  # above the progress bar on a terminal
@@ -101,7 +106,7 @@ class Trainer:
         from effdist.runtime.distributed import setup
 
         cfg = self.cfg
-        self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        self.ckpt_dir = checkpoint_dir(cfg, self.run_dir)
         # Before anything slow: a stop signal during setup ends the process promptly; with exit code 75 when
         # the checkpoint this run will resume from already holds everything (a requeue loses nothing).
         self.guard.install(timeout_s=cfg.parallel.timeout_s)
@@ -853,7 +858,7 @@ def _command_line_problem(run_dir: Path, resume: str, cfg: Config) -> str | None
                 "config.yaml, metrics.jsonl and checkpoints/ go there)")
     if resume in ("auto", "none", "", None) or Path(resume).is_dir():
         return None
-    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+    ckpt_dir = checkpoint_dir(cfg, run_dir)
     complete = ckpt.list_complete(ckpt_dir) if ckpt_dir.is_dir() else []
     example = (f"the newest of this run is {complete[-1][1]}" if complete
                else f"e.g. {ckpt_dir / ckpt.iter_name(1000)}")
@@ -865,11 +870,9 @@ def _interrupted(trainer: Trainer) -> int:
     """Ctrl-C (SIGINT) stops at once, as in megatron and torchtitan, but with one line instead of a traceback per
     rank; SIGTERM/SIGUSR1 are the signals that save first (docs/launch.md). Returns the exit code."""
     trainer.guard.leaving = True
-    last = trainer.last_good_checkpoint
-    resume = (f"the last checkpoint is {last} (--resume auto continues from it)" if last is not None
-              else "no checkpoint yet")
-    _error_line(f"interrupted (SIGINT) at step {trainer.step}: steps since the last save are lost; {resume}. "
-                "To stop with a save, send SIGTERM or SIGUSR1 instead")
+    _error_line(f"interrupted (SIGINT) at step {trainer.step}: steps since the last save are lost; "
+                f"{lifecycle.resume_hint(trainer.last_good_checkpoint)}. To stop with a save, send SIGTERM or SIGUSR1 "
+                "instead")
     return 128 + signal.SIGINT
 
 
