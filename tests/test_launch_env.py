@@ -23,6 +23,7 @@ from effdist.runtime.launch_env import (
     parse_tasks_per_node,
     resolve_dist_env,
 )
+from tests.launching import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_SH = ROOT / "launch" / "run.sh"
@@ -196,21 +197,13 @@ def test_parse_tasks_per_node():
         parse_tasks_per_node("0")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_torchrun_environment_of_two_uneven_nodes(tmp_path):
     """The variables a real torchrun sets (two agents on this machine: 2 + 1 workers) resolve as expected."""
     worker = tmp_path / "worker.py"
     worker.write_text("import os, json\nfrom effdist.runtime.launch_env import resolve_dist_env\n"
                       f"e = resolve_dist_env(os.environ)\nopen(r'{tmp_path}/rank' + str(e.rank), 'w')"
                       ".write(json.dumps(e.__dict__))\n")
-    port = _free_port()
+    port = free_port()
     agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
                                 f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port}",
                                 "--monitor-interval=0.1", str(worker)], env=_worker_env(), cwd=ROOT,

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.launching import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULES = ("1f1b", "interleaved", "zb-h1", "v-min", "v-half", "v-zb")
@@ -30,19 +31,13 @@ pytestmark = pytest.mark.slow
 
 # ---------------------------------------------------------------------------------------------- launching
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(nproc: int, phase: str, tmp_path: Path, timeout: float = 240) -> tuple[dict, list[tuple[int, str]]]:
     """Run `phase` in `nproc` processes; returns (rank 0's report, [(exit code, stderr) per rank])."""
     report = tmp_path / f"{phase}.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_",
                                                                     "TORCHELASTIC", "GROUP_RANK", "SLURM_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), WORLD_SIZE=str(nproc), EFFDIST_TEST_REPORT=str(report),
+               MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc), EFFDIST_TEST_REPORT=str(report),
                EFFDIST_TEST_DIR=str(tmp_path))
     procs = []
     for rank in range(nproc):

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ import numpy
 import psutil
 import pytest
 
-from tests.launching import ROOT, TINY, clean_env
+from tests.launching import ROOT, TINY, clean_env, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +62,7 @@ class Run:
         self.procs: list[subprocess.Popen] = []
         self.direct = direct
         if direct:
-            port = _free_port()
+            port = free_port()
             for rank in range(2):
                 rank_env = clean_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env or {}))
@@ -153,12 +152,6 @@ class Run:
         for p in self.procs:
             p.poll()
         self._out.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _saved(run_dir: Path) -> list[int]:
@@ -268,6 +261,23 @@ print("done", flush=True)
     assert done.returncode == 0 and done.stdout.splitlines() == ["silenced []", "done"], (done.stdout, done.stderr)
 
 
+def test_the_trainers_last_error_line_with_nobody_reading_is_not_a_second_error():
+    """The trainer's error line (a failed run, a stop) went through a plain print: with the reader of stderr gone
+    it raised BrokenPipeError over the exit code and the cleanup after it."""
+    script = """
+import os, sys
+from effdist.train.trainer import _error_line
+r, w = os.pipe()
+os.dup2(w, 2)
+os.close(r)  # the reader is gone
+_error_line("a config field is wrong")  # must not raise
+print("done", flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=clean_env(RANK="0"), cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.splitlines() == ["done"], (done.stdout, done.stderr)
+
+
 def _running(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -283,7 +293,7 @@ def test_a_worker_outlives_neither_a_launcher_that_died_early_nor_its_broken_out
     launchers = {}
     for delay in ("0.3", "8"):
         launchers[delay] = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCHER_THAT_DIES, delay, str(TINY), str(_free_port()), str(tmp_path / delay),
+            [sys.executable, "-c", _LAUNCHER_THAT_DIES, delay, str(TINY), str(free_port()), str(tmp_path / delay),
              str(data_cache)], env=clean_env(), cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
     workers = {delay: int(proc.stdout.readline()) for delay, proc in launchers.items()}
     try:

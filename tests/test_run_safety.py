@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launching import ROOT, TINY, clean_env
+from tests.launching import ROOT, TINY, clean_env, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -336,6 +336,19 @@ def test_wrong_run_dir_or_resume_is_one_line_and_exit_2(tmp_path, data_cache):
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert f"--resume {unfinished}: not a complete effdist checkpoint directory; it is a save that never finished" \
         in done.stderr, _error_lines(done)
+
+def test_a_launch_whose_processes_cannot_meet_is_one_line_and_exit_2(tmp_path, data_cache):
+    """Launcher variables set by hand (a half-copied torchrun line, one rank of two started): the variable to fix
+    or the processes that never arrived, in one line, not a traceback from the launch code or from c10d."""
+    done = _train(tmp_path / "a", data_cache, ["train.steps=1"], env={"RANK": "0"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "effdist: launch error: RANK=0 is set but WORLD_SIZE is not" in done.stderr, done.stderr
+    lonely = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    done = _train(tmp_path / "b", data_cache, ["train.steps=1", "parallel.timeout_s=3"], env=lonely)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert (f"rank 0 of WORLD_SIZE=2 waited parallel.timeout_s=3 s at 127.0.0.1:{lonely['MASTER_PORT']} and not "
+            "every process arrived: start all 2") in done.stderr, _error_lines(done)
+
 
 # A Ctrl-C while a module is imported (torch and megatron take seconds to import): an import hook raises the
 # KeyboardInterrupt at the import of `module`, every time it is tried.

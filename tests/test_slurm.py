@@ -25,6 +25,7 @@ import pytest
 
 from effdist.runtime import launch_env
 from effdist.runtime.launch_env import PREEMPTED_EXIT_CODE, LaunchEnvError, rendezvous_host
+from tests.launching import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "slurm" / "train.sbatch"
@@ -36,12 +37,6 @@ def _executable(path: Path, body: str) -> Path:
     path.write_text("#!/bin/bash\n" + body)
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------ the fakes
@@ -357,7 +352,7 @@ def test_sbatch_head_address_from_the_node_list(fake_slurm):
 
 def test_sbatch_hosts_the_real_rendezvous_store_and_falls_back_when_the_port_is_taken(fake_slurm):
     tmp, env = fake_slurm
-    port = _free_port()
+    port = free_port()
     proc = _sbatch(env, FAKE_STORE="real", RDZV_PORT=str(port), HEAD_ADDR="127.0.0.1")
     assert proc.returncode == 0, proc.stderr
     assert [_read(tmp / f"store.seen.{node}").strip() for node in NODES] == ["up", "up"]  # listening during the step
@@ -386,7 +381,7 @@ def test_rendezvous_store_usage(args):
 def test_rendezvous_store_serves_ignores_sigusr1_and_stops_on_sigterm():
     from torch.distributed import TCPStore
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, str(STORE), str(port)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:

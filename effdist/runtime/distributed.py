@@ -63,6 +63,18 @@ def choose_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+class RendezvousError(RuntimeError):
+    """The processes of the run did not all meet: a usage problem (a rank not started, a wrong address or world
+    size), not a failure of the run itself."""
+
+
+def _rendezvous_problem(rank: int, world_size: int, timeout_s: float, error: Exception) -> str:
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    return (f"rank {rank} of WORLD_SIZE={world_size} waited parallel.timeout_s={timeout_s:g} s at {where} and not "
+            f"every process arrived: start all {world_size} (torchrun --nproc-per-node/--nnodes start them "
+            f"together), or correct WORLD_SIZE, MASTER_ADDR or MASTER_PORT (torch: {str(error).strip()})")
+
+
 def world_size_from_env() -> int:
     from effdist.runtime.launch_env import resolve_dist_env
 
@@ -101,8 +113,11 @@ def setup(cfg: Config) -> Runtime:
         else:
             os.environ.setdefault("MASTER_ADDR", env.master_addr)
             os.environ.setdefault("MASTER_PORT", str(env.master_port))
-            dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
-                                    init_method="env://")
+            try:
+                dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                                        init_method="env://")
+            except (dist.DistStoreError, dist.DistNetworkError) as e:
+                raise RendezvousError(_rendezvous_problem(env.rank, env.world_size, cfg.parallel.timeout_s, e)) from e
     if env.world_size > 1:
         _watch_peers(env)
 

@@ -96,7 +96,7 @@ class Stopped(BaseException):
         super().__init__(text)
 
 
-def _global_rank() -> int:
+def global_rank() -> int:
     """From the launcher's variables (torchrun, srun direct); the process group may not exist yet."""
     value = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
     return int(value) if value.isdigit() else 0
@@ -104,11 +104,11 @@ def _global_rank() -> int:
 
 def say(msg: str) -> None:
     """A notice on global rank 0 only (every rank sees the same signal or the same launcher death)."""
-    if _global_rank() == 0:
-        _print_to_console(f"[effdist] {msg}")
+    if global_rank() == 0:
+        print_to_console(f"[effdist] {msg}")
 
 
-def _print_to_console(line: str) -> None:
+def print_to_console(line: str) -> None:
     """Write to stderr; where nobody reads it any more (a launcher or a `| tee` that died), silence the console
     instead of failing: a stop must not end in a BrokenPipeError before its save."""
     try:
@@ -149,7 +149,7 @@ def report_interrupt(command: str, while_starting: bool) -> int:
     """One line for a Ctrl-C that a command did not handle itself (torch and megatron take seconds to import:
     no traceback from inside an import); returns the exit code, 130."""
     what = "while starting; nothing was saved" if while_starting else "(Ctrl-C)"
-    _print_to_console(f"effdist {command}: interrupted (SIGINT) {what}")
+    print_to_console(f"effdist {command}: interrupted (SIGINT) {what}")
     return 128 + signal.SIGINT
 
 
@@ -420,7 +420,7 @@ class ProcessGuard:
         drills: EFFDIST_FAULT_STALL_PHASE=<phase> holds global rank 0 there until it is signalled."""
         self.raise_if_interrupted()
         self.phase = phase
-        if os.environ.get("EFFDIST_FAULT_STALL_PHASE") == phase and _global_rank() == 0:
+        if os.environ.get("EFFDIST_FAULT_STALL_PHASE") == phase and global_rank() == 0:
             say(f"fault injection (EFFDIST_FAULT_STALL_PHASE): rank 0 holds in {phase}")
             while True:
                 time.sleep(3600)
@@ -500,7 +500,7 @@ class ProcessGuard:
 
         try:
             end_bar()
-            _print_to_console(f"effdist: error (rank {self._rank}): {why}")
+            print_to_console(f"effdist: error (rank {self._rank}): {why}")
         finally:
             os._exit(code)
 

@@ -770,7 +770,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from effdist.runtime.distributed import teardown, world_size_from_env
+    from effdist.runtime.distributed import RendezvousError, teardown, world_size_from_env
+    from effdist.runtime.launch_env import LaunchEnvError
 
     parser = build_arg_parser()
     args = parser.parse_args(argv)
@@ -792,6 +793,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"effdist: config error: {e}", file=sys.stderr)
         return 2
+    except LaunchEnvError as e:
+        print(f"effdist: launch error: {e}", file=sys.stderr)
+        return 2
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     problem = _command_line_problem(run_dir, args.resume, cfg)
     if problem:
@@ -803,12 +807,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer.setup()
         code = trainer.fit()
-    except (ConfigError, ckpt.CheckpointError, NonFiniteError, run_directory.RunDirError, _data_error()) as e:
+    except (ConfigError, ckpt.CheckpointError, NonFiniteError, run_directory.RunDirError, RendezvousError,
+            _data_error()) as e:
         # Errors the user can act on: one clear line per rank instead of a traceback. A command that does
         # not fit the run directory or its checkpoints is a usage error (2); the rest are failures (1).
         _error_line(e)
         usage = isinstance(e, (ConfigError, run_directory.RunDirError, ckpt.IncompatibleCheckpointError,
-                               ckpt.NotACheckpointError))
+                               ckpt.NotACheckpointError, RendezvousError))
         code = 2 if usage else 1
     except lifecycle.Stopped as e:
         _error_line(e)
@@ -877,11 +882,12 @@ def _interrupted(trainer: Trainer) -> int:
 
 
 def _error_line(error) -> None:
-    from effdist.runtime.launch_env import resolve_dist_env
     from effdist.runtime.progress import end_bar
 
     end_bar()  # on a terminal the step bar is still on the line: the error goes on a line of its own
-    print(f"effdist: error (rank {resolve_dist_env(os.environ).rank}): {error}", file=sys.stderr, flush=True)
+    # Through the guard's writer: with nobody reading stderr any more (a `| tee` that died) the line must not
+    # raise BrokenPipeError over the exit code and the cleanup that follow it.
+    lifecycle.print_to_console(f"effdist: error (rank {lifecycle.global_rank()}): {error}")
 
 
 def _precision_note(cfg: Config) -> str:
