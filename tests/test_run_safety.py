@@ -348,6 +348,7 @@ def test_a_launch_whose_processes_cannot_meet_is_one_line_and_exit_2(tmp_path, d
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert (f"rank 0 of WORLD_SIZE=2 waited parallel.timeout_s=3 s at 127.0.0.1:{lonely['MASTER_PORT']} and not "
             "every process arrived: start all 2") in done.stderr, _error_lines(done)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing was written
 
 
 # A Ctrl-C while a module is imported (torch and megatron take seconds to import): an import hook raises the
