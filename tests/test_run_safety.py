@@ -212,6 +212,63 @@ def test_no_loadable_checkpoint_and_shape_change_are_named(tmp_path, data_cache,
         ckpt.verify(four_steps / "checkpoints" / name)
 
 
+def test_missing_checkpoints_and_resumes_from_elsewhere_never_restart_silently(tmp_path, data_cache, four_steps):
+    """--resume auto must not start at step 0 over a run whose checkpoints went missing, nor replace the records
+    of a run that never saved; a resume from another run's checkpoint moves this run's line aside only when it
+    trains, and the line it left is named afterwards."""
+    from effdist.train.metrics import read_metrics
+
+    # Every checkpoint gone, `latest` still naming one (a moved or unmounted checkpoint directory): refused.
+    run = _copy(four_steps, tmp_path / "vanished")
+    for name in _names(run / "checkpoints"):
+        shutil.rmtree(run / "checkpoints" / name)
+    before = (run / "metrics.jsonl").read_text()
+    proc = _train(run, data_cache, ["train.steps=6", "checkpoint.interval=2"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"--resume auto: {run / 'checkpoints' / 'latest'} names iter_0000004, which does not exist" in proc.stderr, \
+        _error_lines(proc)
+    assert (run / "metrics.jsonl").read_text() == before
+
+    # Only the newest gone: continue from the one before, say so, keep the records of the steps redone.
+    run = _copy(four_steps, tmp_path / "newest-gone")
+    shutil.rmtree(run / "checkpoints" / "iter_0000004")
+    proc = _train(run, data_cache, ["train.steps=6", "checkpoint.interval=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "latest names iter_0000004, which does not exist; continuing from iter_0000002" in proc.stderr
+    records = read_metrics(run)
+    steps = [r.get("step") if "event" not in r else "event" for r in records]
+    assert steps == [1, 2, 3, 4, "event", 3, 4, 5, 6], steps
+
+    # A run that never saved: its records move into previous/<time>/, the new run starts at 0 beside them.
+    run = _copy(four_steps, tmp_path / "never-saved")
+    shutil.rmtree(run / "checkpoints")
+    proc = _train(run, data_cache, ["train.steps=2", "checkpoint.interval=2"])
+    assert proc.returncode == 0 and "which never saved, moved into" in proc.stderr, proc.stderr[-3000:]
+    (previous,) = (run / "previous").iterdir()
+    assert (previous / "metrics.jsonl").read_text() == before
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+
+    # --resume at another run's checkpoint with nothing to train: nothing of this run moves.
+    mine = _copy(four_steps, tmp_path / "mine")
+    other = four_steps / "checkpoints" / "iter_0000004"
+    proc = _train(mine, data_cache, ["train.steps=4", "checkpoint.interval=2"], resume=str(other))
+    assert proc.returncode == 0 and "nothing to do" in proc.stderr, proc.stderr[-3000:]
+    assert _names(mine / "checkpoints") == ["iter_0000002", "iter_0000004"]
+    assert (mine / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
+    # ... with steps to train: this run's checkpoints and `latest` move aside together, the new line saves here.
+    proc = _train(mine, data_cache, ["train.steps=6", "checkpoint.interval=2"], resume=str(other))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _names(mine / "checkpoints") == ["iter_0000006"]
+    (aside,) = (mine / "checkpoints" / "rolled-back").iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == ["README", "iter_0000002", "iter_0000004", "latest"]
+    # ... and when the new line's save is lost too, --resume auto names where this run's own checkpoints went.
+    shutil.rmtree(mine / "checkpoints" / "iter_0000006")
+    (mine / "checkpoints" / "latest").unlink()
+    proc = _train(mine, data_cache, ["train.steps=8", "checkpoint.interval=2"])
+    assert proc.returncode == 2 and "were moved aside into" in proc.stderr, proc.stderr[-3000:]
+    assert str(aside / "iter_0000004") in proc.stderr, _error_lines(proc)
+
+
 def test_shape_keys_cover_ffn_and_vocab_but_not_the_layout():
     from effdist.config import Config
     from effdist.train.checkpoint import shape_changes

@@ -128,6 +128,41 @@ def existing_run(run_dir: Path, ckpt_dir: Path) -> list[str]:
     return found
 
 
+class RunDirMissingCheckpoints(RunDirError):
+    """--resume auto found no checkpoint where the directory says this run had some."""
+
+
+def continue_without_checkpoint(run_dir: Path, ckpt_dir: Path) -> Path | None:
+    """--resume auto with no checkpoint entry in `ckpt_dir`. Where the directory says this run had checkpoints
+    (a `latest` naming one, or this run's checkpoints moved aside into rolled-back/), starting at step 0 would
+    silently throw the run away (a checkpoint directory moved or not mounted, a resume from elsewhere): refuse.
+    Where only the records of a run that never saved are there (metrics.jsonl, tb/, config.yaml), move them
+    into previous/<time>/ and return it, so the new run's records do not replace them."""
+    if checkpoint_entries(ckpt_dir):
+        return None
+    latest = ckpt_dir / "latest"
+    named = latest.read_text().strip() if latest.is_file() else ""
+    if named:
+        raise RunDirMissingCheckpoints(
+            f"--resume auto: {latest} names {named}, which does not exist, and {ckpt_dir} holds no other "
+            "checkpoint (moved, deleted, or a file system not mounted?): restore it, give --resume CHECKPOINT, or "
+            "start over with --resume none --fresh (moves the old run aside, deletes nothing)")
+    aside = sorted((s, p) for d in (ckpt_dir / ROLLED_BACK_DIR).glob("*") if d.is_dir()
+                   for s, p in checkpoint_entries(d))
+    if aside:
+        raise RunDirMissingCheckpoints(
+            f"--resume auto: {ckpt_dir} holds no checkpoint; {len(aside)} of this run's were moved aside into "
+            f"{ckpt_dir / ROLLED_BACK_DIR}/ (the newest: {aside[-1][1]}) when it resumed from another run's "
+            "checkpoint: give --resume CHECKPOINT, or start over with --resume none --fresh")
+    if not existing_run(run_dir, ckpt_dir):
+        return None
+    dest = _new_dir(run_dir / PREVIOUS_DIR)
+    for name in RUN_ENTRIES:
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, dest / name)
+    return dest
+
+
 def start_over(run_dir: Path, ckpt_dir: Path, fresh: bool) -> Path | None:
     """--resume none: refuse if an earlier run is there, unless `fresh`; then move it aside and return
     where it went (None when there was nothing to move)."""
@@ -157,14 +192,19 @@ def start_over(run_dir: Path, ckpt_dir: Path, fresh: bool) -> Path | None:
 
 def roll_back(ckpt_dir: Path, step: int, reason: str = "rollback") -> tuple[Path | None, list[Path]]:
     """Move every checkpoint entry of `ckpt_dir` newer than `step` into rolled-back/<time>/ (kept, not
-    deleted). Returns (that directory, the moved entries' new paths); (None, []) when none is newer."""
+    deleted); with step < 0 (the run continues from another run's checkpoint) all of them and the `latest`
+    pointer, which belongs to their line. Returns (that directory, the moved entries' new paths); (None, [])
+    when none is newer."""
     newer = [p for s, p in checkpoint_entries(ckpt_dir) if s > step]
     if not newer:
         return None, []
     dest = _new_dir(ckpt_dir / ROLLED_BACK_DIR)
-    (dest / "README").write_text(f"{reason}: moved here when the run went back to step {step}\n")
+    when = f"went back to step {step}" if step >= 0 else "continued from another run's checkpoint"
+    (dest / "README").write_text(f"{reason}: moved here when the run {when}\n")
     moved = []
     for p in newer:
         os.replace(p, dest / p.name)
         moved.append(dest / p.name)
+    if step < 0 and (ckpt_dir / "latest").exists():
+        os.replace(ckpt_dir / "latest", dest / "latest")
     return dest, moved

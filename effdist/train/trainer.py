@@ -246,6 +246,11 @@ class Trainer:
                     moved = run_directory.start_over(self.run_dir, self.ckpt_dir, self.fresh)
                     if moved is not None:
                         log(rt, f"--fresh: moved the earlier run into {moved} (nothing deleted)")
+                elif self.resume == "auto":
+                    moved = run_directory.continue_without_checkpoint(self.run_dir, self.ckpt_dir)
+                    if moved is not None:
+                        log(rt, f"no checkpoint to continue from: the records of the earlier run, which never saved, "
+                                f"moved into {moved} (nothing deleted); starting at step 0")
             except run_directory.RunDirError as e:
                 error = str(e)
         error = self._from_rank0(error)
@@ -303,7 +308,7 @@ class Trainer:
         self.guard.resume_point = str(path)
         log(rt, f"resumed from {path} at step {self.step}" + ("" if same_layout else
             f" (resharded from tp={marker.get('tp')} pp={marker.get('pp')} dp={marker.get('dp')})"))
-        if self.resume != "auto":
+        if self.resume != "auto" and self.step < self.cfg.train.steps:  # with nothing to train, nothing moves
             self._make_current_line(path, "rollback")
 
     def _make_current_line(self, path: Path, reason: str) -> None:
@@ -321,6 +326,8 @@ class Trainer:
                 self.rollback = {"reason": reason, "to": str(path),
                                  "from_step": max(int(p.name.split("_")[1].split(".")[0]) for p in moved),
                                  "moved_to": str(dest)}
+            elif reason == "fallback":  # the newer checkpoint vanished: nothing to move, the event keeps the records
+                self.rollback = {"reason": reason, "to": str(path), "from_step": None, "moved_to": None}
             if inside:
                 ckpt.set_latest(self.ckpt_dir, path)
         dist.barrier()
@@ -341,6 +348,13 @@ class Trainer:
                 except ckpt.CheckpointError as e:
                     problems.append(str(e))
                     log(rt, f"WARNING: {e}; falling back to the previous checkpoint")
+            latest = self.ckpt_dir / "latest"
+            named = latest.read_text().strip() if latest.is_file() else ""
+            if choice is not None and named and not (self.ckpt_dir / named).exists():
+                # The newest save is gone (deleted, or lost with a file system): its steps are redone, and their
+                # records stay in metrics.jsonl before a fallback event, as for a damaged checkpoint.
+                problems.append(f"{latest} names {named}, which does not exist")
+                log(rt, f"WARNING: {problems[-1]}; continuing from {Path(choice).name}, the newest complete checkpoint")
         choice, problems = self._from_rank0((choice, problems))
         if choice is None and problems:
             raise ckpt.CheckpointError(
@@ -666,7 +680,7 @@ class Trainer:
         self.saver = ckpt.AsyncSaver() if cfg.checkpoint.async_save else None
         if self.step >= cfg.train.steps:
             log(rt, f"nothing to do: the run in {self.run_dir} is already at step {self.step} of {cfg.train.steps} "
-                    "(raise train.steps, or start over with --resume none or another --run-dir)")
+                    "(raise train.steps, or start over with --resume none --fresh or another --run-dir)")
             return 0
         tokens_per_step = cfg.train.global_batch * cfg.data.seq_length
         last_saved = self.step
