@@ -4,6 +4,8 @@ functions and through `effdist convert` (torch file and dist_checkpointing direc
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -127,6 +129,53 @@ def test_convert_command_both_ways(tmp_path, fmt):
     tokens = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(tokens).logits, hf_model(tokens).logits, rtol=0, atol=0)
+
+
+def test_conversions_replace_nothing_unasked(tmp_path, capsys):
+    """A conversion into a run directory replaced its config.yaml; into an earlier export it replaced the model
+    silently, or left other shards beside the new model.safetensors."""
+    _, path = make_hf_model(tmp_path)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("mine\n")
+    (run / "metrics.jsonl").write_text("")
+    assert main(["from-hf", "--hf-dir", str(path), "--out", str(run), "--format", "dist", "--overwrite"]) == 2
+    assert f"--out {run} is a training run directory (it holds metrics.jsonl, checkpoints)" in capsys.readouterr().err
+    assert (run / "config.yaml").read_text() == "mine\n"
+
+    pt = tmp_path / "model.pt"
+    assert main(["from-hf", "--hf-dir", str(path), "--out", str(pt)]) == 0
+    before = pt.read_bytes()
+    assert main(["from-hf", "--hf-dir", str(path), "--out", str(pt), "--dtype", "bf16"]) == 2
+    assert f"--out {pt} exists: give a new name, or --overwrite to replace it" in capsys.readouterr().err
+    assert pt.read_bytes() == before
+    assert main(["from-hf", "--hf-dir", str(path), "--out", str(pt), "--dtype", "bf16", "--overwrite"]) == 0
+    assert pt.read_bytes() != before
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("mine\n")
+    assert main(["from-hf", "--hf-dir", str(path), "--out", str(tmp_path / "new.pt"), "--config-out", str(mine)]) == 2
+    assert f"--config-out {mine} exists" in capsys.readouterr().err and mine.read_text() == "mine\n"
+
+    hf = tmp_path / "exported"
+    assert main(["to-hf", "--checkpoint", str(pt), "--out", str(hf)]) == 0
+    assert oct((hf / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    assert main(["to-hf", "--checkpoint", str(pt), "--out", str(hf)]) == 2
+    assert f"--out {hf} is not empty (config.json, model.safetensors)" in capsys.readouterr().err
+    (hf / "model-00001-of-00002.safetensors").write_bytes(b"x")
+    assert main(["to-hf", "--checkpoint", str(pt), "--out", str(hf), "--overwrite"]) == 2
+    assert "holds other weight files (model-00001-of-00002.safetensors)" in capsys.readouterr().err
+    (hf / "model-00001-of-00002.safetensors").unlink()
+    assert main(["to-hf", "--checkpoint", str(pt), "--out", str(hf), "--overwrite"]) == 0
+    assert main(["to-hf", "--checkpoint", str(pt), "--out", str(hf / "config.json")]) == 2
+    assert "is a file; this conversion writes a directory" in capsys.readouterr().err
+    assert main(["from-hf", "--hf-dir", str(path), "--out", "/proc/effdist/model.pt"]) == 1
+    assert capsys.readouterr().err.startswith("effdist convert: cannot write /proc/effdist")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_unsupported_checkpoints_are_named(tmp_path):

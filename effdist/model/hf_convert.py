@@ -26,6 +26,7 @@ does not fit is one ConversionError listing each missing, unexpected or mis-shap
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -302,8 +303,11 @@ def save_hf_checkpoint(out_dir: str | Path, hf_sd: dict[str, torch.Tensor], cfg:
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = next(iter(hf_sd.values())).dtype
     (out_dir / "config.json").write_text(json.dumps(hf_config_from(cfg, dtype), indent=2))
-    save_file({k: v.contiguous() for k, v in hf_sd.items()}, str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
+    weights = out_dir / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in hf_sd.items()}, str(weights), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights, 0o666 & ~umask)  # safetensors writes 0600; readable like config.json beside it
     return out_dir
 
 

@@ -42,6 +42,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                          "always comes from the HF config.json")
     to.add_argument("--config-out", default=None, help="also write the resulting effdist config (YAML) here")
     to.add_argument("--dtype", choices=("keep", "fp32", "bf16"), default="keep")
+    to.add_argument("--overwrite", action="store_true", help="replace an earlier conversion at --out / --config-out")
     back = sub.add_parser(TO_HF[0], aliases=list(TO_HF[1:]), help="effdist model -> HF LLaMA directory")
     back.add_argument("--checkpoint", required=True,
                       help="a run directory (its newest complete checkpoint), its checkpoints/ directory, one "
@@ -50,7 +51,59 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       help="effdist YAML of the model (only for a dist checkpoint that does not carry its config)")
     back.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
     back.add_argument("--dtype", choices=("keep", "fp32", "bf16"), default="keep")
+    back.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     return p
+
+
+# A directory holding any of these is a training run's: a conversion never writes into one.
+_RUN_ENTRIES = ("metrics.jsonl", "checkpoints", "effdist.lock")
+# Weight files of a Hugging Face directory that model.safetensors would silently sit beside.
+_HF_WEIGHTS = ("*.safetensors", "*.bin", "*.index.json", "*.pth")
+
+
+def output_problem(out: Path, kind: str, overwrite: bool) -> str | None:
+    """Why writing a conversion to `out` (kind "file" or "dir") would replace or mix with what is there, or None.
+    Nothing a user made is replaced unless --overwrite says so; a run directory or other weights never are."""
+    if not out.exists():
+        return None
+    if kind == "file":
+        if out.is_dir():
+            return f"--out {out} is a directory; --format torch writes one file: give a file name"
+        return None if overwrite else f"--out {out} exists: give a new name, or --overwrite to replace it"
+    if not out.is_dir():
+        return f"--out {out} is a file; this conversion writes a directory: give a directory name"
+    run = [name for name in _RUN_ENTRIES if (out / name).exists()]
+    if run:
+        return (f"--out {out} is a training run directory (it holds {', '.join(run)}): writing the model there "
+                "would replace its config.yaml; give another --out")
+    held = sorted(p.name for p in out.iterdir())
+    if held and not overwrite:
+        shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+        return f"--out {out} is not empty ({shown}): give a new directory, or --overwrite to replace the model there"
+    return None
+
+
+def _hf_weights_beside(out: Path) -> list[str]:
+    """Weight files in an HF --out directory that the export would not replace (model.safetensors it does)."""
+    if not out.is_dir():
+        return []
+    return sorted({p.name for pattern in _HF_WEIGHTS for p in out.glob(pattern)} - {"model.safetensors"})
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    if args.direction in TO_EFFDIST:
+        problem = output_problem(Path(args.out), "file" if args.format == "torch" else "dir", args.overwrite)
+        if problem is None and args.config_out:
+            problem = output_problem(Path(args.config_out), "file", args.overwrite)
+            problem = problem and problem.replace("--out", "--config-out")
+    else:
+        problem = output_problem(Path(args.out), "dir", args.overwrite)
+        stale = _hf_weights_beside(Path(args.out))
+        if problem is None and stale:
+            problem = (f"--out {args.out} holds other weight files ({', '.join(stale)}) that would sit beside the new "
+                       "model.safetensors and be loaded with it: give a new directory, or move them away")
+    if problem:
+        raise ConversionError(problem)
 
 
 def _cast(sd: dict, dtype: str) -> dict:
@@ -118,6 +171,7 @@ def _read_failure(e: BaseException) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     try:
+        _check_outputs(args)
         if args.direction in TO_EFFDIST:
             hf_to_effdist(args)
         else:
@@ -125,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConversionError, ConfigError, ckpt.CheckpointError) as e:
         print(f"effdist convert: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an output that cannot be written (read-only, missing parent, a file in the way)
+        print(f"effdist convert: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 1
     except BaseException as e:  # torch's CheckpointException derives from BaseException
         reason = _read_failure(e)
         if reason is None:
