@@ -20,7 +20,11 @@ nproc=$1
 config=$2
 shift 2
 [[ $nproc =~ ^[1-9][0-9]*$ ]] || { echo "$0: NPROC must be a positive integer, got '$nproc'" >&2; usage; }
-[[ -f $config ]] || { echo "$0: config file '$config' not found" >&2; exit 2; }
+# A config file, or a preset's name (llama-1b) that effdist resolves itself.
+if [[ ! -f $config && ( $config == */* || $config == *.yaml || $config == *.yml ) ]]; then
+    echo "$0: config file '$config' not found" >&2
+    exit 2
+fi
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 

@@ -13,8 +13,9 @@ signals and the exit code:
    a signal ends this process at once with 128+signal.
 2. Exit code: 75 when some worker exited with 75 and no worker exited with another code (workers that
    torchrun killed after the first exit, negative codes, are ignored: see all_preempted); 0 when all
-   finished; 128+signal when a signal stopped workers that had nothing to save; 1 for any other failure,
-   after one line per failed worker (stock torchrun exits 1 for all of these).
+   finished; 128+signal when a signal stopped workers that had nothing to save; 2 when the workers refused
+   to start (a usage or config error, each says why, the same code `effdist train` gives); 1 for any other
+   failure, after one line per failed worker (stock torchrun exits 1 for all of these).
 3. SIGINT, SIGHUP, SIGQUIT stay with torchrun (it forwards them, waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT
    seconds, default 30, then SIGKILLs); this process then exits with 128+signal and one line.
 
@@ -24,6 +25,7 @@ itself, saving first when it can (effdist.runtime.lifecycle).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -41,6 +43,14 @@ def _preempted_exit_code() -> int:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from effdist.runtime.launch_env import PREEMPTED_EXIT_CODE
     return PREEMPTED_EXIT_CODE
+
+
+class _SaidByUs(logging.Filter):
+    """torchrun's own lines about workers that exited ("failed (exitcode: 75)" on a clean preemption) and the
+    SIGTERMs it sends the others: this launcher's closing line says the same per worker, with what it means."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(("failed (exitcode", "Sending process")))
 
 
 def _say(msg: str) -> None:
@@ -111,10 +121,20 @@ def all_preempted(exit_codes: list[int], preempted_code: int) -> bool:
     return preempted_code in exit_codes and all(code == preempted_code or code < 0 for code in exit_codes)
 
 
+USAGE_EXIT_CODE = 2  # effdist train: a usage or config error, found before training starts
+
+
+def all_refused(exit_codes: list[int]) -> bool:
+    """The workers that exited themselves all refused to start (exit 2); the others torchrun killed after."""
+    return USAGE_EXIT_CODE in exit_codes and all(code == USAGE_EXIT_CODE or code < 0 for code in exit_codes)
+
+
 def describe_failures(failures: dict) -> list[str]:
-    """One line per failed worker, the first failure first."""
+    """One line per failed worker, the first failure first. Timestamps are whole seconds: within one, a worker
+    killed by SIGTERM (what torchrun sends the others once one has failed) comes after the rest."""
     lines = []
-    for rank, f in sorted(failures.items(), key=lambda kv: (kv[1].timestamp, kv[0])):
+    order = sorted(failures.items(), key=lambda kv: (kv[1].timestamp, kv[1].exitcode == -signal.SIGTERM, kv[0]))
+    for rank, f in order:
         how = (f"killed by {signal.Signals(-f.exitcode).name}" if f.exitcode < 0 else f"exited with {f.exitcode}")
         lines.append(f"rank {rank} (local rank {f.local_rank}, pid {f.pid}) {how}")
     return lines
@@ -128,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     preempted_code = _preempted_exit_code()
     forwarder = Forwarder()
     forwarder.install()
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_SaidByUs())
     args = torch_run.parse_args(sys.argv[1:] if argv is None else argv)
     # torchrun installs its own handlers for --signals-to-handle when it starts the workers: keep it off ours.
     ours = {s.name for s in FORWARDED_SIGNALS}
@@ -139,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         if all_preempted(codes, preempted_code):
             _say(f"workers saved and exited for a requeue: exit code {preempted_code}")
             return preempted_code
+        if all_refused(codes):
+            _say(f"workers refused to start (see their lines above): exit code {USAGE_EXIT_CODE}")
+            return USAGE_EXIT_CODE
         stop_codes = {128 + s for s in FORWARDED_SIGNALS}
         if forwarder.signum is not None and all(c in stop_codes or c < 0 or c == preempted_code for c in codes):
             code = 128 + forwarder.signum

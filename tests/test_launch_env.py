@@ -273,6 +273,9 @@ def test_run_sh_builds_the_torchrun_command(tmp_path):
     assert bad.returncode == 2 and "NPROC" in bad.stderr
     missing = subprocess.run(["bash", str(RUN_SH), "1", "nope.yaml"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert missing.returncode == 2 and "nope.yaml" in missing.stderr
+    # A preset's name is passed on for effdist to resolve, as `effdist train --config llama-1b` does.
+    preset = subprocess.run(["bash", str(RUN_SH), "1", "tiny-cpu"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert preset.returncode == 75 and "tiny-cpu" in record.read_text().splitlines(), preset.stderr
 
 
 # ------------------------------------------------------------------------------------------ launch/torchrun.py
@@ -306,6 +309,27 @@ def test_torchrun_wrapper_passes_75_through_and_maps_other_failures_to_1(tmp_pat
     env.update(CODE_OF_RANK_1="3", DELAY_OF_RANK_0="3")
     proc = subprocess.run(_wrapper_cmd(worker), env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr[-2000:]
+    # The one closing line names each worker, the crash first (rank 0, killed by torchrun, after it), and
+    # torchrun's own lines about the same exits are not repeated.
+    assert "workers failed: rank 1 (local rank 1" in proc.stderr and "exited with 3; rank 0" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert "failed (exitcode" not in proc.stderr and "closing signal" not in proc.stderr, proc.stderr[-2000:]
+    # Workers that refuse to start (a config error: effdist train exits 2) give the launch exit code 2 as well.
+    env.update(CODE_OF_RANK_0="2", CODE_OF_RANK_1="2", DELAY_OF_RANK_0="0")
+    proc = subprocess.run(_wrapper_cmd(worker), env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "workers refused to start" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_first_failure_first_within_one_second():
+    """torchrun's failure timestamps are whole seconds: a worker it SIGTERMed after another failed is listed
+    after that one, even with a lower rank."""
+    from types import SimpleNamespace as Failure
+
+    failures = {0: Failure(timestamp=100, exitcode=-signal.SIGTERM, local_rank=0, pid=10),
+                1: Failure(timestamp=100, exitcode=-signal.SIGKILL, local_rank=1, pid=11)}
+    assert torchrun_wrapper.describe_failures(failures) == [
+        "rank 1 (local rank 1, pid 11) killed by SIGKILL", "rank 0 (local rank 0, pid 10) killed by SIGTERM"]
+    assert torchrun_wrapper.all_refused([2, -15]) and not torchrun_wrapper.all_refused([2, 1])
 
 
 def test_torchrun_wrapper_forwards_sigusr1_to_workers(tmp_path):

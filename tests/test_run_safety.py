@@ -406,6 +406,12 @@ def test_a_launch_whose_processes_cannot_meet_is_one_line_and_exit_2(tmp_path, d
     assert (f"rank 0 of WORLD_SIZE=2 waited parallel.timeout_s=3 s at 127.0.0.1:{lonely['MASTER_PORT']} and not "
             "every process arrived: start all 2") in done.stderr, _error_lines(done)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing was written
+    # Through the launcher, a config error is exit 2 as with `effdist train`, said once per node, not per rank.
+    done = subprocess.run(["bash", str(ROOT / "launch" / "run.sh"), "2", str(TINY), "--run-dir", str(tmp_path / "c"),
+                           "--set", "train.bogus=1"], env=clean_env(OMP_NUM_THREADS="1"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("effdist: config error: unknown config key 'train.bogus'") == 1, \
+        done.stderr[-3000:]
 
 
 # A Ctrl-C while a module is imported (torch and megatron take seconds to import): an import hook raises the

@@ -805,15 +805,15 @@ def main(argv: list[str] | None = None) -> int:
         # Absurd sizes (batch, sequence, width, steps) stop here with a named line, not an OOM minutes later.
         check_fits(cfg, world_size_from_env())
     except ConfigError as e:
-        print(f"effdist: config error: {e}", file=sys.stderr)
+        _refusal(f"effdist: config error: {e}")
         return 2
     except LaunchEnvError as e:
-        print(f"effdist: launch error: {e}", file=sys.stderr)
+        _refusal(f"effdist: launch error: {e}")
         return 2
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     problem = _command_line_problem(run_dir, args.resume, cfg)
     if problem:
-        print(f"effdist: error: {problem}", file=sys.stderr)
+        _refusal(f"effdist: error: {problem}")
         return 2
     trainer = Trainer(cfg, run_dir, resume=args.resume, fresh=args.fresh)
     guard = trainer.guard
@@ -893,6 +893,13 @@ def _interrupted(trainer: Trainer) -> int:
                 f"{lifecycle.resume_hint(trainer.last_good_checkpoint)}. To stop with a save, send SIGTERM or SIGUSR1 "
                 "instead")
     return 128 + signal.SIGINT
+
+
+def _refusal(line: str) -> None:
+    """A usage error found before any process group: every process of a launch finds the same one, so it is said
+    once per node (local rank 0), not once per process."""
+    if (os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or "0") == "0":
+        lifecycle.print_to_console(line)
 
 
 def _error_line(error) -> None:
