@@ -30,7 +30,7 @@ def usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     # First, before seconds of imports: the launcher (torchrun) that started this process, so that its death is
     # noticed even when it comes before the trainer watches for it.
-    from effdist.runtime.lifecycle import note_launcher, report_interrupt
+    from effdist.runtime.lifecycle import note_launcher, report_interrupt, report_os_error
 
     note_launcher()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         rc = module.main(rest)
     except KeyboardInterrupt:  # where the command does not handle it itself (the trainer does once started)
         return report_interrupt(name, while_starting=name == "train")
+    except OSError as e:  # an output that cannot be written, an input that cannot be read: name it, no traceback
+        return report_os_error(name, e)
     return int(rc or 0)
 
 

@@ -27,3 +27,14 @@ def test_tiny_run_stderr_is_effdist_lines_only(tmp_path):
     assert any("EPAS: sharing Q/K starts at step 1" in line for line in lines)
     assert any("EPAS: from step 3 layers 2\u20133 share Q/K: region 2 of 2 (final)" in line for line in lines)
     assert len(lines) <= steps + 8, "\n".join(lines)
+
+
+def test_outputs_that_cannot_be_written_are_one_line(tmp_path):
+    """Any command: a file it cannot write (a missing or read-only parent, a directory in the way) is one line
+    naming it, exit 1, not a traceback."""
+    cmd = [sys.executable, "-m", "effdist.cli", "simulate", "--schedule", "1f1b", "--pp", "2", "--microbatches", "4",
+           "--json", "/proc/effdist/plan.json"]
+    done = subprocess.run(cmd, env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == ("effdist simulate: No such file or directory: /proc/effdist "
+                                                    "(EFFDIST_TRACEBACK=1 shows where)")

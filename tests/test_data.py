@@ -126,6 +126,11 @@ def test_tokenizer_cli_train_and_show(tmp_path, built, capsys):
     printed = capsys.readouterr().out
     assert "decoded: 'Ben has two cats.'" in printed
     assert tokenizer_module.main(["show", str(tmp_path / "missing.json")]) == 1
+    # --output a directory: the tokenizer.json goes in it (as `show` reads it); nothing stray is left beside it.
+    rc = tokenizer_module.main(["train", "--input", str(built["corpus_b"]), "--vocab-size", "300", "--output",
+                                str(tmp_path / "cli"), "--cache-dir", built["hf"]])
+    assert rc == 0 and sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["tokenizer.json"]
+
 
 
 # ------------------------------------------------------------------------------------------ preprocess

@@ -137,10 +137,15 @@ def train_tokenizer(files: list[str], vocab_size: int, output_path: str | os.Pat
 
         backend.train_from_iterator(batches(), trainer=trainer, length=len(documents))
     out = Path(output_path)
+    if out.is_dir() or str(output_path).endswith(os.sep):  # a directory: the file goes in it, as `show` reads it
+        out = out / "tokenizer.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    backend.save(str(tmp))
-    os.replace(tmp, out)
+    try:
+        backend.save(str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)  # a save or rename that failed leaves no stray file beside the output
     return out
 
 
@@ -155,7 +160,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="text/json/jsonl/parquet files, directories or glob patterns")
     t.add_argument("--vocab-size", type=int, required=True,
                    help="entries including the 256 bytes and special tokens (use the model's model.vocab_size)")
-    t.add_argument("--output", required=True, help="where to write tokenizer.json")
+    t.add_argument("--output", required=True, help="where to write tokenizer.json (a file, or a directory to hold it)")
     t.add_argument("--text-key", default="text", help="field holding the text in json/jsonl/parquet (default: text)")
     t.add_argument("--special-tokens", nargs="*", default=[],
                    help=f"extra special tokens ({EOD_TOKEN} is always added)")

@@ -153,6 +153,17 @@ def report_interrupt(command: str, while_starting: bool) -> int:
     return 128 + signal.SIGINT
 
 
+def report_os_error(command: str, error: OSError) -> int:
+    """One line for a file the command could not read or write (read-only, a directory where a file was
+    meant, a missing parent), naming it; returns the exit code, 1. EFFDIST_TRACEBACK=1 raises it instead."""
+    if os.environ.get("EFFDIST_TRACEBACK"):
+        raise error
+    where = error.filename if error.filename is not None else ""
+    print_to_console(f"effdist {command}: {error.strerror or error}" + (f": {where}" if where else "")
+                     + " (EFFDIST_TRACEBACK=1 shows where)")
+    return 1
+
+
 # The launcher this process was started by, noted by `note_launcher` as early as the entry point runs: a launcher
 # that dies while torch and megatron are still being imported (seconds) must still be noticed.
 _LAUNCHER_PID: int | None = None
