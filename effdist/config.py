@@ -312,7 +312,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str):
             s = value.strip()
             if s.startswith("["):
-                value = yaml.safe_load(s)
+                try:
+                    value = yaml.safe_load(s)
+                except yaml.YAMLError as e:
+                    raise ConfigError(f"{where} = {s!r}: not a valid list ({str(getattr(e, 'problem', '') or e).strip()})"
+                                      "; e.g. [1, 2] or 1,2") from None
             else:
                 value = [v for v in s.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
@@ -386,7 +390,12 @@ def _set_dotted(cfg: Config, assignment: str) -> None:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set train.steps=100")
     key, raw = assignment.split("=", 1)
     parts = key.strip().split(".")
-    value: Any = yaml.safe_load(raw) if raw.strip() != "" else ""
+    try:
+        value: Any = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as e:
+        problem = str(getattr(e, "problem", "") or e).strip()
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({problem}); quote it for the shell, "
+                          "e.g. --set 'data.paths=[a.jsonl, b.jsonl]'") from None
     nested: Any = value
     for p in reversed(parts):
         nested = {p: nested}

@@ -212,6 +212,8 @@ def test_every_range_rejects_values_outside_it(name, text):
     ("data.weights=[0,0]", "data.weights = [0.0, 0.0]: must not be all zero"),
     ("data.weights=[1,-1]", "data.weights = [1.0, -1.0]: element -1.0 must be a finite number >= 0"),
     ("train.steps=1.0e+30", "train.steps = 1000000000000000019884624838656: does not fit in a 64-bit integer"),
+    # An unclosed bracket (the shell ate the quotes) was a yaml.ScannerError traceback.
+    ("data.paths=[a,b", "--set 'data.paths=[a,b': the value is not valid YAML (expected ',' or ']'"),
 ])
 def test_issue_21_examples_give_one_named_line(override, message):
     with pytest.raises(ConfigError) as e:

@@ -95,6 +95,17 @@ def test_dry_run_names_an_invalid_world_size(nothing_may_start, capsys):
         "effdist: config error: parallel.tp = 2: tp*pp = 2 must divide the number of processes (3)"]
 
 
+def test_world_size_without_dry_run_is_refused_not_ignored(nothing_may_start, capsys):
+    """--nproc 2 used to train one process silently: the flag only sizes a dry run."""
+    from effdist.train.trainer import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", TINY, "--nproc", "2"])
+    assert stop.value.code == 2
+    assert "--world-size/--nproc 2 only sizes a --dry-run; to train with 2 processes start them with launch/run.sh 2" \
+        in capsys.readouterr().err
+
+
 def test_print_config_round_trips(nothing_may_start, capsys, tmp_path):
     rc, out, err = _train(["--config", TINY, "--set", "train.steps=9", "--set", "ffn.kind=elas",
                            "--print-config"], capsys)

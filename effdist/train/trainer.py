@@ -795,6 +795,10 @@ def main(argv: list[str] | None = None) -> int:
         from effdist.train import dry_run
 
         return dry_run.run(args)
+    if args.world_size is not None:
+        parser.error(f"--world-size/--nproc {args.world_size} only sizes a --dry-run; to train with {args.world_size} "
+                     f"processes start them with launch/run.sh {args.world_size} CONFIG (or torchrun --nproc-per-node "
+                     f"{args.world_size} -m effdist.train ...)")
     overrides = [o for group in args.overrides for o in ([group] if isinstance(group, str) else group)]
     try:
         from effdist.train.estimate import check_fits
