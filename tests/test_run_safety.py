@@ -269,6 +269,19 @@ def test_missing_checkpoints_and_resumes_from_elsewhere_never_restart_silently(t
     assert str(aside / "iter_0000004") in proc.stderr, _error_lines(proc)
 
 
+def test_a_damaged_metrics_file_is_named_not_a_traceback(tmp_path, data_cache, four_steps):
+    from effdist.train.plot import main as plot_main
+
+    run = _copy(four_steps, tmp_path / "edited")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:1] + ["{oops"] + lines[1:]) + "\n")
+    proc = _train(run, data_cache, ["train.steps=6", "checkpoint.interval=2"])
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"{run / 'metrics.jsonl'}:2: not a JSON object" in proc.stderr, _error_lines(proc)
+    assert _names(run / "checkpoints") == ["iter_0000002", "iter_0000004"]
+    assert plot_main([str(run), "--out", str(tmp_path / "loss.png")]) == 2
+
+
 def test_shape_keys_cover_ffn_and_vocab_but_not_the_layout():
     from effdist.config import Config
     from effdist.train.checkpoint import shape_changes

@@ -81,6 +81,10 @@ def format_record(record: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+class MetricsFileError(ValueError):
+    """RUN_DIR/metrics.jsonl has a line that is not a JSON object (not the torn last line of a killed writer)."""
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Every record of RUN_DIR/metrics.jsonl, in file order. A torn last line (the writer was killed
     mid-write) is ignored; a malformed line elsewhere is an error naming the line."""
@@ -97,7 +101,8 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             if i == len(lines) - 1:
                 break
-            raise ValueError(f"{path}:{i + 1}: not a JSON object ({e})") from None
+            raise MetricsFileError(f"{path}:{i + 1}: not a JSON object ({e}); mend or remove that line (the "
+                                   "records are one JSON object per line)") from None
     return records
 
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from effdist.train.metrics import METRICS_FILE, current_line, read_metrics
+from effdist.train.metrics import METRICS_FILE, MetricsFileError, current_line, read_metrics
 
 
 def series(run_dir: str | Path, key: str) -> tuple[list[int], list[float]]:
@@ -72,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     problems = []
     for run_dir in args.run_dirs:
-        steps, _ = series(run_dir, args.key)
+        try:
+            steps, _ = series(run_dir, args.key)
+        except MetricsFileError as e:
+            problems.append(str(e))
+            continue
         if not (run_dir / METRICS_FILE).is_file():
             problems.append(f"{run_dir}: no {METRICS_FILE}")
         elif not steps:

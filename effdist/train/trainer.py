@@ -28,7 +28,7 @@ from effdist.runtime import lifecycle
 from effdist.train import checkpoint as ckpt
 from effdist.train import run_dir as run_directory
 from effdist.train.loss import masked_loss_sum
-from effdist.train.metrics import console_line
+from effdist.train.metrics import MetricsFileError, console_line
 from effdist.train.optim import MasterWeightAdamW, lr_at
 from effdist.train.preflight import validate_run
 
@@ -826,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.setup()
         code = trainer.fit()
     except (ConfigError, ckpt.CheckpointError, NonFiniteError, run_directory.RunDirError, RendezvousError,
-            _data_error()) as e:
+            MetricsFileError, _data_error()) as e:
         # Errors the user can act on: one clear line per rank instead of a traceback. A command that does
         # not fit the run directory or its checkpoints is a usage error (2); the rest are failures (1).
         _error_line(e)
