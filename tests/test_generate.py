@@ -317,6 +317,19 @@ def test_checkpoint_without_its_tokenizer(trained_run, tmp_path, capsys):
     rc = main(["--checkpoint", str(moved), "--prompt-ids", "10,20,30", "--max-new-tokens", "4", "--ignore-eod"])
     captured = capsys.readouterr()
     assert rc == 0 and captured.out.startswith("[0] [10, 20, 30] -> [")
+    # A tokenizer of more entries than the model's vocabulary (another run's) is refused, not used.
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"w{i}": i for i in range(1000)} | {"<|endoftext|>": 1000}
+    Tokenizer(models.WordLevel(vocab, unk_token="w0")).save(str(tmp_path / "big.json"))
+    rc = main(["--checkpoint", str(moved), "--prompt", "w1 w2", "--tokenizer", str(tmp_path / "big.json")])
+    assert rc == 2 and "has 1001 entries but the model was trained with model.vocab_size" in capsys.readouterr().err
+    # A device this torch cannot use: one line.
+    rc = main(["--checkpoint", str(moved), "--prompt-ids", "1,2", "--device", "tpu"])
+    assert rc == 2 and "--device 'tpu': expected cpu or cuda[:N]" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        rc = main(["--checkpoint", str(moved), "--prompt-ids", "1,2", "--device", "cuda"])
+        assert rc == 2 and "this torch sees no CUDA GPU; use --device cpu" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------- benchmark

@@ -243,13 +243,17 @@ class Generator:
         CUDA when available, `dtype` to bf16 on CUDA and fp32 on CPU; `epas_region` is the default
         region of later calls (else ``epas.inference_region`` of the config, else the trained region);
         ``sparse_decode=False`` decodes sparse FFNs (MoC, top-k, ELAS, ReLU²) with their dense math."""
-        device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        device = _parse_device(device)
         dtype = _parse_dtype(dtype, device)
         info = read_checkpoint_info(path)
         cfg = info.config
         check_supported(cfg)
         tok, searched = find_tokenizer(info, tokenizer)
+        if tok is not None and tok.vocab_size > cfg.model.vocab_size:
+            where = f"--tokenizer {tokenizer}" if tokenizer is not None else f"the tokenizer {tok.path}"
+            raise GenerationError(f"{where} has {tok.vocab_size} entries but the model was trained with "
+                                  f"model.vocab_size {cfg.model.vocab_size}: its ids would index past the embedding; "
+                                  "give the tokenizer the run trained with")
         model = InferenceModel.from_state_dict(load_weights(info), cfg, step=info.step,
                                                sparse_decode=sparse_decode).to(device=device, dtype=dtype)
         default = epas_region if epas_region is not None else cfg.epas.inference_region
@@ -512,6 +516,24 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eod", action="store_true", help="do not stop at the end-of-document token")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
+
+
+def _parse_device(device: Optional[str | torch.device]) -> torch.device:
+    """--device: cpu or cuda[:N]; None is CUDA when available. A device this torch cannot use is a usage error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise GenerationError(f"--device {device!r}: expected cpu or cuda[:N]") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GenerationError(f"--device {device}: this torch sees no CUDA GPU; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise GenerationError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif parsed.type != "cpu":
+        raise GenerationError(f"--device {device!r}: expected cpu or cuda[:N]")
+    return parsed
 
 
 def main(argv: list[str] | None = None) -> int:
