@@ -242,7 +242,13 @@ def test_plan_command_json_and_errors(tmp_path, capsys):
     assert rc == 1 and "nothing fits" in text and "smallest need" in text
     for args, needle in ((["--gpus", "0"], "--gpus 0"), (["--gpus", "6", "--nodes", "4"], "--nodes 4"),
                          (["--gpus", "4", "--schedules", "gpipe"], "--schedules gpipe"),
-                         (["--gpus", "4", "--epas-regions", "1.5"], "--epas-regions 1.5")):
+                         (["--gpus", "4", "--epas-regions", "1.5"], "--epas-regions 1.5"),
+                         # accepted (or a TypeError, or "no valid layout") before
+                         (["--gpus", "4", "--top", "0"], "--top 0: plans to print"),
+                         (["--gpus", "4", "--reserve", "-1"], "--reserve -1.0"),
+                         (["--gpus", "4", "--gpu-memory", "inf"], "--gpu-memory inf"),
+                         (["--gpus", "4", "--max-tp", "0"], "--max-tp 0"),
+                         (["--gpus", "4", "--ffn-kinds", "bogus"], "--ffn-kinds bogus: bogus unknown; valid: swiglu")):
         rc = planner.main(["--config", "llama-350m", "--gpu-memory", "80", "--calibration", str(cal_path)] + args)
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and needle in err[0]

@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from effdist.config import SCHEDULES, Config, ConfigError, load_config
+from effdist.config import FFN_KINDS, SCHEDULES, Config, ConfigError, load_config
 from effdist.pipeline.calibration import (Calibration, CalibrationError, final_region_layers, pipeline_chunk_costs,
                                           resolve, ring_seconds, tp_comm_seconds)
 from effdist.train.estimate import (GIB, build_plan_schedule, estimate, parameters_per_stage, stage_chunks,
@@ -350,8 +351,16 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--gpus {args.gpus}: must be >= 1")
     if args.nodes < 1 or args.gpus % args.nodes:
         return _fail(f"--nodes {args.nodes}: must divide --gpus {args.gpus} (the same GPUs on every node)")
+    if not (math.isfinite(args.reserve) and args.reserve >= 0):
+        return _fail(f"--reserve {args.reserve}: GiB kept free on each GPU, a finite number >= 0")
+    if not math.isfinite(args.gpu_memory):
+        return _fail(f"--gpu-memory {args.gpu_memory}: the memory of one GPU in GiB, e.g. 80")
     if not args.gpu_memory > args.reserve:
         return _fail(f"--gpu-memory {args.gpu_memory}: must exceed --reserve {args.reserve} GiB")
+    if args.top < 1:
+        return _fail(f"--top {args.top}: plans to print, >= 1")
+    if args.max_tp is not None and args.max_tp < 1:
+        return _fail(f"--max-tp {args.max_tp}: must be >= 1")
     for flag, value in (("--global-batch", args.global_batch), ("--seq", args.seq)):
         if value is not None and value < 1:
             return _fail(f"{flag} {value}: must be >= 1")
@@ -375,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CalibrationError) as e:
         return _fail(str(e))
     kinds = tuple(k.strip() for k in args.ffn_kinds.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in FFN_KINDS]
+    if unknown:
+        return _fail(f"--ffn-kinds {args.ffn_kinds}: {', '.join(unknown)} unknown; valid: {', '.join(FFN_KINDS)}")
     space = Space(gpus=args.gpus, nodes=args.nodes, schedules=schedules, micro_batches=mbs,
                   recompute=(False,) if args.no_recompute else (False, True),
                   zero1=(False,) if args.no_zero else (False, True), epas_regions=regions, ffn_kinds=kinds,
