@@ -287,12 +287,15 @@ def test_simulate_draws_in_seconds_with_a_calibration(tmp_path, capsys):
     assert rc == 2 and "--model" in capsys.readouterr().err
 
 
-def test_calibrate_measures_a_tiny_model_on_cpu(tmp_path):
+def test_calibrate_measures_a_tiny_model_on_cpu(tmp_path, capsys):
     from effdist.train import calibrate
 
     out = tmp_path / "cal.json"
     assert calibrate.main(["--config", str(CONFIGS / "tiny-cpu.yaml"), "--micro-batches", "1", "--variants",
                            "dense,epas", "--reps", "1", "--out", str(out)]) == 0
+    # Said first, before measurements that take minutes on a CPU: what is measured, and that a CPU is no GPU.
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("effdist calibrate: tiny, micro-batches 1, variants dense,epas, on the CPU: no CUDA GPU")
     cal = Calibration.load(out)
     assert cal.device == "cpu" and cal.variants() == {"dense", "epas"} and cal.optimizer_s_per_param > 0
     assert calibrate.main(["--config", str(CONFIGS / "tiny-cpu.yaml"), "--variants", "sparse", "--out", str(out)]) == 2

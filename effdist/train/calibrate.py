@@ -238,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{done}/{total}] {what}", file=sys.stderr, flush=True)
 
     argv = sys.argv[1:] if argv is None else argv
+    if int(os.environ.get("RANK", "0")) == 0:  # what is measured, before the first (slow) measurement
+        import torch
+
+        where = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else
+                 "the CPU: no CUDA GPU here, so these times will not describe a GPU (calibrate where you will train)")
+        print(f"effdist calibrate: {cfg.model.name}, micro-batches {','.join(map(str, mbs))}, variants "
+              f"{','.join(variants)}, on {where}", file=sys.stderr, flush=True)
     links = measure_links()
     if links is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return 0  # ranks other than 0 only take part in the link measurement
