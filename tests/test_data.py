@@ -168,11 +168,11 @@ def test_preprocess_cli_workers_txt_and_blank_records(tmp_path, built):
                                    str(tmp_path / "bad"), "--cache-dir", built["hf"], "--quiet"]) == 1
 
 
-def test_inputs_are_files_patterns_or_hub_names(tmp_path):
+def test_inputs_are_files_patterns_or_hub_names(tmp_path, monkeypatch):
     from effdist.data.sources import expand_inputs
 
     for name in ("a.jsonl", "b.jsonl", "c.parquet", "notes.txt.gz"):
-        (tmp_path / name).write_text("")
+        (tmp_path / name).write_text("{}\n")
     groups = expand_inputs([str(tmp_path / "*.jsonl"), str(tmp_path / "c.parquet"), "owner/name",
                             str(tmp_path / "notes.txt.gz")])
     assert groups == [("json", [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]),
@@ -185,6 +185,17 @@ def test_inputs_are_files_patterns_or_hub_names(tmp_path):
     (tmp_path / "table.csv").write_text("")
     with pytest.raises(DataError, match="unsupported format"):
         expand_inputs([str(tmp_path / "table.csv")])
+    # An empty file named on its own is said to be empty (datasets failed with a bare StopIteration); one of a
+    # pattern adds nothing. "dir/name" with dir a local directory is a mistyped path, not a hub dataset.
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="empty.jsonl' is empty"):
+        expand_inputs([str(tmp_path / "empty.jsonl")])
+    assert expand_inputs([str(tmp_path / "*.jsonl")]) == [("json", [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")])]
+    (tmp_path / "corpus").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert expand_inputs(["owner/wiki-part"]) == [("hub", ["owner/wiki-part"])]
+    with pytest.raises(DataError, match="input file 'corpus/wiki-part' does not exist"):
+        expand_inputs(["corpus/wiki-part"])
 
 
 def test_token_dtype_threshold():

@@ -36,8 +36,22 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 def _looks_like_hub_name(spec: str) -> bool:
-    """"name" or "owner/name" without a file extension (only asked when no such local path exists)."""
-    return bool(_HUB_NAME.match(spec)) and file_format(spec) is None
+    """"name" or "owner/name" without a file extension (only asked when no such local path exists). "dir/name"
+    where dir is a local directory is a mistyped path, not a hub dataset to look up over the network."""
+    return bool(_HUB_NAME.match(spec)) and file_format(spec) is None and not ("/" in spec and
+                                                                              os.path.isdir(spec.split("/")[0]))
+
+
+def _why(error: BaseException) -> str:
+    """The reason of a reader's failure: datasets wraps the real one (a UnicodeDecodeError, an empty file) in
+    "An error occurred while generating the dataset", or raises one with no message."""
+    reasons, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error).strip().splitlines()
+        reasons.append(f"{type(error).__name__}: {text[-1]}" if text else type(error).__name__)
+        error = error.__cause__ or error.__context__
+    return " <- ".join(dict.fromkeys(reasons))
 
 
 def expand_inputs(inputs: list[str]) -> list[tuple[str, list[str]]]:
@@ -72,6 +86,10 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, list[str]]]:
             if fmt is None:
                 raise DataError(f"input file '{f}': unsupported format; use one of "
                                 f"{', '.join(sorted(FORMATS))} (optionally {'/'.join(COMPRESSION_SUFFIXES)})")
+            if os.path.getsize(f) == 0:  # datasets' readers fail on it with a bare StopIteration
+                if f == spec:
+                    raise DataError(f"input file '{f}' is empty")
+                continue  # one empty file of a directory or pattern adds no documents
             add(fmt, f)
     if not groups:
         raise DataError("no input given: pass local text/json/jsonl/parquet files or a hub dataset name")
@@ -123,7 +141,7 @@ def _load_documents(inputs, text_key, txt_sample_by, hub_split, hub_subset, cach
                 ds = datasets.load_dataset(fmt, data_files=items, split="train", cache_dir=cache_dir, **kwargs)
             except Exception as e:
                 shown = f"{items[:3]}{' ...' if len(items) > 3 else ''}"
-                raise DataError(f"could not read {fmt} input(s) {shown}: {e}") from None
+                raise DataError(f"could not read {fmt} input(s) {shown}: {_why(e)}") from None
             source = items[0] if len(items) == 1 else f"{items[0]} (+{len(items) - 1} more)"
         column = "text" if fmt == "text" else text_key
         if column not in ds.column_names:
