@@ -426,6 +426,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     cfg = Config()
     if path is not None:
         p = preset_or_path(path)
+        if p.is_dir():
+            raise ConfigError(f"config '{p}' is a directory: give a YAML file in it (or a preset's name)")
         if not p.is_file():
             names = ", ".join(preset_names())
             raise ConfigError(f"config file '{p}' does not exist. Shipped configs live in configs/, e.g. configs/tiny-cpu.yaml"

@@ -78,6 +78,11 @@ def test_world_size_checks():
         validate(cfg, world_size=2)
 
 
+def test_a_config_directory_is_named_as_one():
+    with pytest.raises(ConfigError, match="is a directory: give a YAML file in it"):
+        load_config(ROOT / "configs")
+
+
 def test_a_presets_name_loads_it_from_any_directory(tmp_path, monkeypatch):
     """`--config llama-1b` (every command that loads a config) means configs/llama-1b.yaml; a file of that name
     in the working directory still wins, and a wrong name lists the presets."""

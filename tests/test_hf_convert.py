@@ -170,6 +170,11 @@ def test_conversions_replace_nothing_unasked(tmp_path, capsys):
     assert "is a file; this conversion writes a directory" in capsys.readouterr().err
     assert main(["from-hf", "--hf-dir", str(path), "--out", "/proc/effdist/model.pt"]) == 1
     assert capsys.readouterr().err.startswith("effdist convert: cannot write /proc/effdist")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert main(["from-hf", "--hf-dir", str(broken), "--out", str(tmp_path / "b.pt")]) == 2
+    assert "config.json is not valid JSON" in capsys.readouterr().err
 
 
 def _umask() -> int:

@@ -276,7 +276,12 @@ def load_hf_checkpoint(hf_dir: str | Path, progress: bool = True) -> tuple[dict[
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{hf_dir} has no config.json: give a Hugging Face model directory")
-    hf_config = json.loads(config_path.read_text())
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{config_path} is not valid JSON ({e})") from None
+    if not isinstance(hf_config, dict):
+        raise ConversionError(f"{config_path} holds {type(hf_config).__name__}, expected a JSON object")
     files = sorted(hf_dir.glob("*.safetensors"))
     if files:
         from safetensors.torch import load_file as read
