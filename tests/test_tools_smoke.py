@@ -129,3 +129,14 @@ def test_bench_checkpoint_tiny(tmp_path):
     assert 1 <= r["async_steps_until_visible"] < 200
     assert r["stall_ratio_async_vs_sync"] == pytest.approx(r["async_stall_s"] / r["sync_stall_s"])
     assert r["checkpoint_bytes_on_disk"] > 0
+
+
+def test_gpu_kernel_benchmarks_say_they_need_a_gpu():
+    """tools/bench_sparse24_tile.py times GPU kernels only: on a machine without one it says so in one line."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the tool runs for real (suite part sparse24_table)")
+    proc = subprocess.run([sys.executable, "tools/bench_sparse24_tile.py"], cwd=ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "it needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr

@@ -338,6 +338,7 @@ sparse24_table)
   # test of the module following a table. The JSON goes to configs/kernel_tables/ as sparse24-<card>.json.
   card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o -i -E 'h100|h200|a100|b200' | tr 'A-Z' 'a-z')
   run 120 python3 tools/bench_ffn.py --sparse24-table "$out/sparse24-${card:-gpu}.json"
+  run 120 python3 tools/bench_sparse24_tile.py --json "$out/sparse24_tile.json"
   run 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ffn_gpu.py -k sparse_gemm
   ;;
 tests)
