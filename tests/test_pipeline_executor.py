@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.launching import free_port
-
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULES = ("1f1b", "interleaved", "zb-h1", "v-min", "v-half", "v-zb")
 MEMORY_SCHEDULES = ("1f1b", "v-half", "v-min", "v-zb")
@@ -33,6 +31,8 @@ pytestmark = pytest.mark.slow
 
 def launch(nproc: int, phase: str, tmp_path: Path, timeout: float = 240) -> tuple[dict, list[tuple[int, str]]]:
     """Run `phase` in `nproc` processes; returns (rank 0's report, [(exit code, stderr) per rank])."""
+    from tests.launching import free_port  # here, not at the top: the workers run this file as a script
+
     report = tmp_path / f"{phase}.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_",
                                                                     "TORCHELASTIC", "GROUP_RANK", "SLURM_"))}
