@@ -96,6 +96,27 @@ def test_read_metrics_reports_a_corrupt_line(tmp_path):
     assert read_metrics(tmp_path / "nowhere") == []
 
 
+def test_a_tensorboard_that_cannot_write_is_turned_off_in_one_line(tmp_path, capsys):
+    """A run directory made read-only mid-run: tensorboard's writer thread died with a traceback, the next
+    write raised it again and ended the run. Now one line, and metrics.jsonl goes on."""
+    import time
+
+    with _logger(tmp_path, tensorboard=True) as m:
+        m.log(_record(1, 1.0))
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        m._tb.file_writer.event_writer._general_file_writer.write = refuse
+        for s in range(2, 6):
+            m.log(_record(s, float(s)))
+            time.sleep(0.05)  # the writer thread fails in the background; a later write sees it
+    err = capsys.readouterr().err
+    assert err.count("WARNING: tensorboard logging off: cannot write") == 1, err
+    assert "Traceback" not in err and "Exception in thread" not in err, err
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
+
+
 def test_tensorboard_scalars_and_purge_on_resume(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

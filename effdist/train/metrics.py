@@ -345,10 +345,13 @@ class MetricsLogger:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._tb is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(f"train/{key}", value, global_step=row["step"])
-            self._tb.flush()
+            try:
+                for key, value in row.items():
+                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self._tb.add_scalar(f"train/{key}", value, global_step=row["step"])
+                self._tb.flush()
+            except Exception as e:  # noqa: BLE001 - tensorboard re-raises its writer thread's error, of any type
+                self._tensorboard_failed(e)
         if self.progress is not None:
             self.progress.update(row["step"], row)
         return row
@@ -360,8 +363,26 @@ class MetricsLogger:
             self._file.close()
             self._file = None
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except Exception:  # noqa: BLE001 - said when it first failed; closing must not fail the run's end
+                pass
             self._tb = None
+
+    def _tensorboard_failed(self, error: Exception) -> None:
+        """tensorboard/ is auxiliary: a write that fails (a read-only or vanished directory, a full disk) turns it
+        off with one line; training and metrics.jsonl go on (a save into the same place fails on its own terms)."""
+        tb, self._tb = self._tb, None
+        try:
+            tb.close()
+        except Exception:  # noqa: BLE001
+            pass
+        line = (f"[effdist] WARNING: tensorboard logging off: cannot write {self.run_dir / TB_DIR} "
+                f"({type(error).__name__}: {error}); metrics.jsonl is still written")
+        if self.progress is not None:
+            self.progress.write_above(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -377,4 +398,23 @@ def _open_tensorboard(log_dir: Path, purge_step: int):
     except ImportError as e:  # tensorboard is optional at run time: metrics.jsonl has everything
         print(f"[effdist] tensorboard logging off ({e}); metrics.jsonl is still written", file=sys.stderr)
         return None
+    _quiet_tensorboard_writer_thread()
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+def _quiet_tensorboard_writer_thread() -> None:
+    """tensorboard's writer thread dies with its error printed as a thread traceback, then re-raises it on the
+    next write, where MetricsLogger says it in one line: leave the thread's copy unprinted."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "_effdist_tensorboard", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, Exception):
+            return
+        previous(args)
+
+    hook._effdist_tensorboard = True
+    threading.excepthook = hook
