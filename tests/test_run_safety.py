@@ -248,6 +248,12 @@ def test_missing_checkpoints_and_resumes_from_elsewhere_never_restart_silently(t
     assert (previous / "metrics.jsonl").read_text() == before
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
 
+    # A changed global batch is said on resume (the data goes on by samples consumed).
+    run = _copy(four_steps, tmp_path / "bigger-batch")
+    proc = _train(run, data_cache, ["train.steps=5", "checkpoint.interval=2", "train.global_batch=16"])
+    assert proc.returncode == 0 and "train.global_batch changed since iter_0000004: 8 -> 16" in proc.stderr, \
+        proc.stderr[-3000:]
+
     # --resume at another run's checkpoint with nothing to train: nothing of this run moves.
     mine = _copy(four_steps, tmp_path / "mine")
     other = four_steps / "checkpoints" / "iter_0000004"

@@ -389,6 +389,11 @@ class Trainer:
         now_optim = self._lr_signature()
         if saved_optim and saved_optim != now_optim:
             log(self.runtime, f"WARNING: the LR schedule changed since {path.name}: {saved_optim} -> {now_optim}")
+        saved_train = marker.get("config", {}).get("train", {})
+        before, now = saved_train.get("global_batch"), self.cfg.train.global_batch
+        if before is not None and before != now:
+            log(self.runtime, f"train.global_batch changed since {path.name}: {before} -> {now} sequences per step; "
+                              "the data continues after the samples already consumed")
 
     def _lr_signature(self) -> dict[str, Any]:
         o = self.cfg.optim
