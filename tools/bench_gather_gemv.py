@@ -9,9 +9,7 @@ GEMV over all rows (F.linear) and the bandwidth its bytes imply, for a sweep of 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from effdist.kernels import gather_gemv as gg  # noqa: E402
 from tools.bench_topk_select import gpu_ms as time_ms  # noqa: E402  (GPU time through a CUDA graph)
+from tools.gpu_result import write_gpu_json  # noqa: E402
 
 
 def main() -> int:
@@ -68,10 +67,7 @@ def main() -> int:
                 print(r["batch"], r["slots"], r["kernel"], {k: r[k] for k in r if k.isupper() or k in ("split", "num_warps")},
                       f"{r['ms'] * 1e3:.1f} us ({r['GB_per_s']:.0f} GB/s), dense GEMV {dense_ms * 1e3:.1f} us", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16",
-            "date": time.strftime("%Y-%m-%d", time.gmtime()),
-            "command": "python tools/bench_gather_gemv.py " + " ".join(sys.argv[1:]), "results": rows}, indent=1))
+        write_gpu_json(args.json, "bench_gather_gemv.py", results=rows)
     return 0
 
 

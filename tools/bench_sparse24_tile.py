@@ -18,14 +18,14 @@ Median GPU time of 20 calls after 5 warm-ups (CUDA events), ms.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.gpu_result import write_gpu_json  # noqa: E402
 
 SHAPES = (("350m", 4224, 1024), ("1b", 8448, 2048))
 TOKENS = (16384, 65536)
@@ -95,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                               if t + "_fwd" in r else f"{t}: {r.get(t + '_err', '?')[:60]}"
                               for t in ("cslt", "cutlass")), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16",
-            "date": time.strftime("%Y-%m-%d", time.gmtime()),
-            "command": "python tools/bench_sparse24_tile.py " + " ".join(sys.argv[1:]), "results": rows}, indent=1))
+        write_gpu_json(args.json, "bench_sparse24_tile.py", results=rows)
     return 0
 
 

@@ -15,10 +15,8 @@ Each time is GPU time: 20 calls captured in one CUDA graph, replayed, median of 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from effdist.kernels.channel_select import select_activate  # noqa: E402
 from effdist.kernels.topk_select import topk_select_activate_triton, topk_select_config, topk_select_triton  # noqa: E402
+from tools.gpu_result import write_gpu_json  # noqa: E402
 
 SELECT_CASES = [(1, 5632, 1056), (1, 5632, 563), (32, 5632, 1056), (16384, 2816, 528), (16384, 5632, 1056)]
 # (rows, width, k, act): MoC K = 0.1875 f (SwiGLU: src is 2f wide), top-k k = 0.1 f
@@ -104,11 +103,7 @@ def main() -> int:
         print(f"fused {act} {n} x {w} k {k}: topk+select_activate {sep:.3f} ms; fused "
               + ", ".join(f"{c} {m:.3f}" for c, m in row["fused_ms"].items()), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16",
-            "date": time.strftime("%Y-%m-%d", time.gmtime()),
-            "command": "python tools/bench_topk_select.py " + " ".join(sys.argv[1:]),
-            "select": select, "fused": fused}, indent=1))
+        write_gpu_json(args.json, "bench_topk_select.py", select=select, fused=fused)
     return 0
 
 
