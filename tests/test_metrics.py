@@ -247,6 +247,9 @@ def test_plot_labels_and_errors(tmp_path, capsys):
     assert plot.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
     assert "'nope'" in err and "no metrics.jsonl" in err
+    _write_run(tmp_path / "diverged", [float("nan"), float("inf")])  # written as null: nothing to draw
+    assert plot.main([str(tmp_path / "diverged"), "--out", str(tmp_path / "o.png")]) == 2
+    assert "every 'loss' of its 2 records is null (non-finite)" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
 
 

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     problems = []
     for run_dir in args.run_dirs:
         try:
-            steps, _ = series(run_dir, args.key)
+            steps, values = series(run_dir, args.key)
         except MetricsFileError as e:
             problems.append(str(e))
             continue
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(f"{run_dir}: no {METRICS_FILE}")
         elif not steps:
             problems.append(f"{run_dir}: no record has the field {args.key!r}")
+        elif all(v != v for v in values):  # every value null (NaN): the chart would be empty
+            problems.append(f"{run_dir}: every {args.key!r} of its {len(steps)} records is null (non-finite)")
     if problems:
         print("effdist plot: " + "; ".join(problems), file=sys.stderr)
         return 2
