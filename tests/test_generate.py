@@ -295,6 +295,19 @@ def test_generate_cli_on_a_tp2_training_checkpoint(trained_run, capsys):
     rc = main(["--checkpoint", str(trained_run), "--prompt", "x", "--epas-region", "4"])
     assert rc == 2 and "at most 3 can share" in capsys.readouterr().err
 
+    # --tokenizer: the run's own is taken quietly; another one (here a word-level one) is said to be another.
+    (own,) = [p for p in trained_run.rglob("tokenizer.json") if "previous" not in p.parts]
+    rc = main(["--checkpoint", str(trained_run), "--prompt", "The cat", "--max-new-tokens", "2", "--tokenizer", str(own)])
+    assert rc == 0 and "warning" not in capsys.readouterr().err
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"w{i}": i for i in range(100)} | {"<|endoftext|>": 100}
+    Tokenizer(models.WordLevel(vocab, unk_token="w0")).save(str(trained_run.parent / "other.json"))
+    rc = main(["--checkpoint", str(trained_run), "--prompt", "w1 w2", "--max-new-tokens", "2", "--tokenizer",
+               str(trained_run.parent / "other.json")])
+    err = capsys.readouterr().err
+    assert rc == 0 and "other.json is not the tokenizer the training data" in err, err
+
 
 @pytest.mark.slow
 def test_trained_checkpoint_cached_equals_recomputed(trained_run):

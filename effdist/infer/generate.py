@@ -142,9 +142,11 @@ def find_tokenizer(info: CheckpointInfo, explicit: Optional[str] = None):
 
     if explicit is not None:
         try:
-            return load_tokenizer(explicit), None
+            tok = load_tokenizer(explicit)
         except DataError as e:
             raise GenerationError(f"--tokenizer: {e}") from None
+        _warn_if_not_the_training_tokenizer(info, tok)
+        return tok, None
     cfg = info.config
     bases = [b for b in (Path.cwd(), info.run_dir) if b is not None]
     candidates: list[Path] = []
@@ -168,6 +170,30 @@ def find_tokenizer(info: CheckpointInfo, explicit: Optional[str] = None):
             except DataError:
                 continue
     return None, [str(c) for c in dict.fromkeys(candidates)]
+
+
+def _warn_if_not_the_training_tokenizer(info: CheckpointInfo, tok) -> None:
+    """A --tokenizer other than the one the training data was tokenized with (its .meta.json records the file's
+    sha256) decodes the model's ids into other text: say so, naming the one that was used."""
+    from effdist.data.preprocess import read_meta
+
+    cfg = info.config
+    bases = [b for b in (Path.cwd(), info.run_dir) if b is not None]
+    prefixes = [Path(p) for p in cfg.data.paths]
+    if cfg.data.kind == "sample" and info.run_dir is not None:
+        from effdist.data.loader import SAMPLE_PREFIX_NAME, sample_data_dir
+
+        prefixes.append(sample_data_dir(cfg, info.run_dir) / SAMPLE_PREFIX_NAME)
+    for prefix in prefixes:
+        for base in ([prefix] if prefix.is_absolute() else [b / prefix for b in bases]):
+            meta = read_meta(base)
+            if meta and meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != tok.sha256():
+                warnings.warn(f"--tokenizer {tok.path} is not the tokenizer the training data {base} was made with "
+                              f"({meta.get('tokenizer', 'see its .meta.json')}): the text will not be what the model "
+                              "means", GenerationWarning, stacklevel=2)
+                return
+            if meta:
+                return
 
 
 # ---------------------------------------------------------------------------------------- sampling
