@@ -126,10 +126,20 @@ def test_tokenizer_cli_train_and_show(tmp_path, built, capsys):
     printed = capsys.readouterr().out
     assert "decoded: 'Ben has two cats.'" in printed
     assert tokenizer_module.main(["show", str(tmp_path / "missing.json")]) == 1
-    # --output a directory: the tokenizer.json goes in it (as `show` reads it); nothing stray is left beside it.
-    rc = tokenizer_module.main(["train", "--input", str(built["corpus_b"]), "--vocab-size", "300", "--output",
-                                str(tmp_path / "cli"), "--cache-dir", built["hf"]])
-    assert rc == 0 and sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["tokenizer.json"]
+    # --output a directory: the tokenizer.json goes in it (as `show` reads it). The one already there (datasets
+    # may have been made with it) is refused in one line naming --overwrite, before any training: an input that
+    # does not exist is not even read; with --overwrite it is replaced and nothing stray is left beside it.
+    before = out.read_bytes()
+    again = ["train", "--input", str(built["corpus_a"]), "--vocab-size", "300", "--output", str(tmp_path / "cli"),
+             "--cache-dir", built["hf"]]
+    capsys.readouterr()
+    assert tokenizer_module.main(again[:2] + [str(tmp_path / "missing.jsonl")] + again[3:]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"--output {out} exists" in err and "--overwrite" in err, err
+    assert out.read_bytes() == before
+    assert tokenizer_module.main(again + ["--overwrite"]) == 0
+    assert out.read_bytes() != before  # trained on the other corpus
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["tokenizer.json"]
 
 
 
@@ -166,6 +176,34 @@ def test_preprocess_cli_workers_txt_and_blank_records(tmp_path, built):
     # Wrong text field: a named error, exit status 1.
     assert preprocess_module.main(["--input", str(src), "--tokenizer", str(built["tokenizer"]), "--output-prefix",
                                    str(tmp_path / "bad"), "--cache-dir", built["hf"], "--quiet"]) == 1
+
+
+def test_preprocess_replaces_a_dataset_only_when_asked(tmp_path, built, capsys):
+    """A dataset at --output-prefix (perhaps one a run trains on) is refused in one line that names it and
+    --overwrite, before any tokenizing (a missing input is not even read), and is left as it was."""
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": "Only this document."}) + "\n")
+    prefix = tmp_path / "data"
+    args = ["--tokenizer", str(built["tokenizer"]), "--output-prefix", str(prefix), "--cache-dir", built["hf"],
+            "--quiet"]
+    assert preprocess_module.main(["--input", str(built["corpus_a"])] + args) == 0
+    made = {ext: (tmp_path / f"data{ext}").read_bytes() for ext in (".bin", ".idx", ".meta.json")}
+    documents = read_meta(prefix)["documents"]
+    capsys.readouterr()
+    assert preprocess_module.main(["--input", str(tmp_path / "missing.jsonl")] + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"--output-prefix {prefix} already holds a dataset" in err, err
+    assert f"{documents:,} documents" in err and "--overwrite" in err
+    assert {ext: (tmp_path / f"data{ext}").read_bytes() for ext in made} == made
+    # Half a dataset (only the .idx left) is still someone's file: refused the same way.
+    (tmp_path / "data.bin").rename(tmp_path / "kept.bin")
+    assert preprocess_module.main(["--input", str(src)] + args) == 2
+    (tmp_path / "kept.bin").rename(tmp_path / "data.bin")
+    assert preprocess_module.main(["--input", str(src)] + args + ["--overwrite"]) == 0
+    assert read_meta(prefix)["documents"] == 1 and _read_documents(str(prefix)) == [
+        load_tokenizer(built["tokenizer"]).encode("Only this document.") + [load_tokenizer(built["tokenizer"]).eod]]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("data")) == [
+        "data.bin", "data.idx", "data.meta.json"]
 
 
 def test_inputs_are_files_patterns_or_hub_names(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from effdist.data.tokenizer import load_tokenizer
-from effdist.data.verify import DataError
+from effdist.data.verify import DataError, OutputExists
 from effdist.runtime.progress import Progress, is_terminal
 
 META_FORMAT = "effdist-indexed-v1"
@@ -73,8 +73,9 @@ def _encode_batch(batch: dict, tokenizer_path: str, append_eod: bool) -> dict:
 def preprocess(inputs: list[str], tokenizer_path: str | os.PathLike, output_prefix: str | os.PathLike,
                text_key: str = "text", workers: int = 1, *, append_eod: bool = True, txt_sample_by: str = "document",
                hub_split: str = "train", hub_subset: str | None = None, cache_dir: str | None = None,
-               progress: bool = True) -> str:
-    """Write <output_prefix>.bin/.idx (+ .meta.json) from `inputs`; return `output_prefix`."""
+               progress: bool = True, overwrite: bool = False) -> str:
+    """Write <output_prefix>.bin/.idx (+ .meta.json) from `inputs`; return `output_prefix`. A dataset already at
+    `output_prefix` is replaced only with `overwrite` (else `OutputExists`, before any work)."""
     import datasets
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
@@ -83,6 +84,8 @@ def preprocess(inputs: list[str], tokenizer_path: str | os.PathLike, output_pref
     if workers < 1:
         raise DataError(f"workers = {workers}: must be at least 1")
     output_prefix = str(output_prefix)
+    if not overwrite:
+        refuse_existing_dataset(output_prefix)
     tok = load_tokenizer(tokenizer_path)
     # HF datasets' own bars only on a terminal (in a log they are one long line of \r updates).
     documents = load_documents(list(inputs), text_key, txt_sample_by=txt_sample_by, hub_split=hub_split,
@@ -149,6 +152,18 @@ def preprocess(inputs: list[str], tokenizer_path: str | os.PathLike, output_pref
     return output_prefix
 
 
+def refuse_existing_dataset(prefix: str) -> None:
+    """Raise OutputExists naming what is at `prefix` (its files and, from its .meta.json, what it holds)."""
+    present = [str(p) for p in (Path(prefix + ".bin"), Path(prefix + ".idx"), meta_path(prefix)) if p.exists()]
+    if not present:
+        return
+    meta = read_meta(prefix) or {}
+    counts = [f"{meta[key]:,} {key}" for key in ("documents", "tokens") if isinstance(meta.get(key), int)]
+    held = f": {', '.join(counts)}" if counts else ""
+    raise OutputExists(f"--output-prefix {prefix} already holds a dataset ({', '.join(present)}{held}); pass "
+                       "--overwrite to replace it, or choose another --output-prefix")
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="effdist preprocess",
                                 description="Tokenize text into megatron .bin/.idx datasets (one EOD token after "
@@ -166,6 +181,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", default=None, help="configuration/subset of a hub dataset")
     p.add_argument("--cache-dir", default=None, help="HF datasets cache (default: the HF default)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset already at --output-prefix (by default that is refused)")
     return p
 
 
@@ -174,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prefix = preprocess(args.input, args.tokenizer, args.output_prefix, args.text_key, args.workers,
                             append_eod=not args.no_eod, txt_sample_by=args.txt_sample_by, hub_split=args.split,
-                            hub_subset=args.subset, cache_dir=args.cache_dir, progress=not args.quiet)
+                            hub_subset=args.subset, cache_dir=args.cache_dir, progress=not args.quiet,
+                            overwrite=args.overwrite)
+    except OutputExists as e:
+        print(f"effdist preprocess: error: {e}", file=sys.stderr)
+        return 2
     except DataError as e:
         print(f"effdist preprocess: error: {e}", file=sys.stderr)
         return 1

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from effdist.data.verify import DataError
+from effdist.data.verify import DataError, OutputExists
 from effdist.runtime.progress import Progress, is_terminal
 
 EOD_TOKEN = "<|endoftext|>"
@@ -95,20 +95,34 @@ def load_tokenizer(path: str | os.PathLike, eod_token: str | None = None) -> Tok
     return Tokenizer(backend, str(p), eod_token)
 
 
+def tokenizer_output(output_path: str | os.PathLike) -> Path:
+    """The tokenizer.json that `train_tokenizer` writes for `output_path` (a directory holds one, as `show` reads it)."""
+    out = Path(output_path)
+    if out.is_dir() or str(output_path).endswith(os.sep):
+        out = out / "tokenizer.json"
+    return out
+
+
 def train_tokenizer(files: list[str], vocab_size: int, output_path: str | os.PathLike, text_key: str = "text", *,
                     special_tokens: list[str] | None = None, min_frequency: int = 2,
-                    txt_sample_by: str = "document", cache_dir: str | None = None, progress: bool = True) -> Path:
+                    txt_sample_by: str = "document", cache_dir: str | None = None, progress: bool = True,
+                    overwrite: bool = False) -> Path:
     """Train a byte-level BPE of at most `vocab_size` entries (bytes + merges + special tokens) on local
     files and write it to `output_path` (a tokenizer.json). The end-of-document token is always included.
 
     A small corpus may support fewer merges than asked for; the result then has fewer entries, which is
-    fine for a model whose embedding has `vocab_size` rows.
+    fine for a model whose embedding has `vocab_size` rows. A tokenizer already at the output is replaced only with
+    `overwrite` (else `OutputExists`, before any work): datasets made with it would no longer match it.
     """
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     from effdist.data.sources import load_documents
 
+    out = tokenizer_output(output_path)
+    if out.exists() and not overwrite:
+        raise OutputExists(f"--output {out} exists (datasets made with that tokenizer record its sha256 and would "
+                           "no longer match a new one); pass --overwrite to replace it, or choose another --output")
     specials = [EOD_TOKEN] + [t for t in (special_tokens or []) if t != EOD_TOKEN]
     minimum = BYTE_ALPHABET_SIZE + len(specials)
     if vocab_size < minimum:
@@ -136,9 +150,6 @@ def train_tokenizer(files: list[str], vocab_size: int, output_path: str | os.Pat
             bar.stage("counting pairs and merging")
 
         backend.train_from_iterator(batches(), trainer=trainer, length=len(documents))
-    out = Path(output_path)
-    if out.is_dir() or str(output_path).endswith(os.sep):  # a directory: the file goes in it, as `show` reads it
-        out = out / "tokenizer.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     try:
@@ -168,6 +179,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     t.add_argument("--txt-sample-by", choices=("document", "paragraph", "line"), default="document",
                    help="for .txt inputs: what one document is (default: a whole file)")
     t.add_argument("--cache-dir", default=None, help="HF datasets cache for the parsed inputs")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a tokenizer already at --output (by default that is refused)")
     s = sub.add_parser("show", help="load a tokenizer.json and print its vocabulary size, EOD id and an encoding")
     s.add_argument("path", help="tokenizer.json or a directory holding one")
     s.add_argument("--text", default="The quick brown fox jumps over the lazy dog.", help="text to encode")
@@ -181,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "train":
             out = train_tokenizer(args.input, args.vocab_size, args.output, args.text_key,
                                   special_tokens=args.special_tokens, min_frequency=args.min_frequency,
-                                  txt_sample_by=args.txt_sample_by, cache_dir=args.cache_dir)
+                                  txt_sample_by=args.txt_sample_by, cache_dir=args.cache_dir,
+                                  overwrite=args.overwrite)
             tok = load_tokenizer(out)
             print(f"wrote {out}: {tok.vocab_size} entries (asked for {args.vocab_size}), "
                   f"end of document {tok.eod_token!r} = id {tok.eod}")
@@ -191,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{tok.path}: {tok.vocab_size} entries, end of document {tok.eod_token!r} = id {tok.eod}")
             print(f"{args.text!r} -> {len(ids)} tokens {ids}")
             print(f"decoded: {tok.decode(ids)!r}")
+    except OutputExists as e:
+        print(f"effdist tokenizer: error: {e}", file=sys.stderr)
+        return 2
     except DataError as e:
         print(f"effdist tokenizer: error: {e}", file=sys.stderr)
         return 1

@@ -36,6 +36,11 @@ class DataError(ValueError):
     """Training data is missing, malformed or does not fit the model. The message says which file and the fix."""
 
 
+class OutputExists(DataError):
+    """A data command's output is already there (a dataset or tokenizer someone made, perhaps one that runs train
+    on): it is replaced only when the user passes --overwrite. A usage error (exit 2), said before any work."""
+
+
 @dataclass(frozen=True)
 class IndexedDatasetSummary:
     prefix: str
@@ -47,7 +52,7 @@ class IndexedDatasetSummary:
 
 
 def _rebuild_hint(prefix: str) -> str:
-    return f"rebuild it with `effdist preprocess --input ... --tokenizer ... --output-prefix {prefix}`"
+    return f"rebuild it with `effdist preprocess --input ... --tokenizer ... --output-prefix {prefix} --overwrite`"
 
 
 def _rebuild_sentence(prefix: str) -> str:
