@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.launching import ROOT, TINY, clean_env, free_port
 
@@ -248,6 +249,16 @@ def test_missing_checkpoints_and_resumes_from_elsewhere_never_restart_silently(t
     assert (previous / "metrics.jsonl").read_text() == before
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
 
+    # Loading an older checkpoint of this run with nothing to train changes nothing: its newer checkpoints, the
+    # records of the steps after it (tensorboard's too) and config.yaml stay as they were.
+    run = _copy(four_steps, tmp_path / "nothing-to-do")
+    kept = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "effdist.lock"}
+    proc = _train(run, data_cache, ["train.steps=2", "checkpoint.interval=2", "logging.tensorboard=true"],
+                  resume=str(run / "checkpoints" / "iter_0000002"))
+    assert proc.returncode == 0 and "nothing to do" in proc.stderr, proc.stderr[-3000:]
+    now = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "effdist.lock"}
+    assert now == kept, sorted(set(now) ^ set(kept)) or [str(k) for k in now if now[k] != kept.get(k)]
+
     # A changed global batch is said on resume (the data goes on by samples consumed).
     run = _copy(four_steps, tmp_path / "bigger-batch")
     proc = _train(run, data_cache, ["train.steps=5", "checkpoint.interval=2", "train.global_batch=16"])
@@ -257,14 +268,19 @@ def test_missing_checkpoints_and_resumes_from_elsewhere_never_restart_silently(t
     # --resume at another run's checkpoint with nothing to train: nothing of this run moves.
     mine = _copy(four_steps, tmp_path / "mine")
     other = four_steps / "checkpoints" / "iter_0000004"
-    proc = _train(mine, data_cache, ["train.steps=4", "checkpoint.interval=2"], resume=str(other))
+    config_yaml = (mine / "config.yaml").read_text()
+    proc = _train(mine, data_cache, ["train.steps=4", "checkpoint.interval=2", "logging.interval=7"],
+                  resume=str(other))
     assert proc.returncode == 0 and "nothing to do" in proc.stderr, proc.stderr[-3000:]
     assert _names(mine / "checkpoints") == ["iter_0000002", "iter_0000004"]
+    # config.yaml still describes the invocation that trained here, not the one that found nothing to do.
+    assert (mine / "config.yaml").read_text() == config_yaml
     assert (mine / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
     # ... with steps to train: this run's checkpoints and `latest` move aside together, the new line saves here.
     proc = _train(mine, data_cache, ["train.steps=6", "checkpoint.interval=2"], resume=str(other))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _names(mine / "checkpoints") == ["iter_0000006"]
+    assert yaml.safe_load((mine / "config.yaml").read_text())["train"]["steps"] == 6
     (aside,) = (mine / "checkpoints" / "rolled-back").iterdir()
     assert sorted(p.name for p in aside.iterdir()) == ["README", "iter_0000002", "iter_0000004", "latest"]
     # ... and when the new line's save is lost too, --resume auto names where this run's own checkpoints went.

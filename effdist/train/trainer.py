@@ -114,8 +114,10 @@ class Trainer:
         self.guard.enter("process group setup")
         self.runtime = rt = setup(cfg)
         self._claim_run_dir()
-        if rt.is_logging_rank:
-            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        if rt.is_logging_rank and not (self.run_dir / "config.yaml").exists():
+            # A run directory's config.yaml describes the invocation that last trained there: an earlier run's
+            # is replaced in fit(), once this one has steps to train (not by one that finds nothing to do).
+            self._write_config_yaml()
         log(rt, f"{rt.world_size} process(es) on {rt.device.type}/{rt.backend}: tp={rt.tp} pp={rt.pp} dp={rt.dp}, "
                 f"dtype={str(rt.dtype).replace('torch.', '')}, run dir {self.run_dir}")
 
@@ -127,6 +129,14 @@ class Trainer:
         self._maybe_resume()
         self._build_metrics()
         self.guard.enter("the first step")
+
+    def _write_config_yaml(self) -> None:
+        path = self.run_dir / "config.yaml"
+        text = self.cfg.to_yaml()
+        if not path.is_file() or path.read_text() != text:
+            tmp = path.with_name(f"config.yaml.tmp{os.getpid()}")
+            tmp.write_text(text)
+            os.replace(tmp, path)  # a reader never sees half a config
 
     def _planned_resume_point(self) -> str | None:
         """The checkpoint --resume will load (a cheap look before anything starts; _maybe_resume decides)."""
@@ -405,13 +415,16 @@ class Trainer:
         from effdist.train.metrics import MetricsLogger
 
         cfg, rt = self.cfg, self.runtime
-        if self.rollback is not None and rt.is_logging_rank:
+        # With nothing to train (fit() says so and returns) this invocation leaves the run's records as they are:
+        # opening the logger would drop the records after the loaded step, and tensorboard would start a file.
+        records = rt.is_logging_rank and self.step < cfg.train.steps
+        if self.rollback is not None and records:
             from effdist.train.metrics import append_event
 
             # Before the logger opens: it keeps every record up to the newest event, so the abandoned
             # line's records stay in the file, and readers (plot) know where the current line restarts.
             append_event(self.run_dir, dict(self.rollback, event="rollback", step=self.step))
-        self.metrics = MetricsLogger(self.run_dir, enabled=rt.is_logging_rank, tensorboard=cfg.logging.tensorboard,
+        self.metrics = MetricsLogger(self.run_dir, enabled=records, tensorboard=cfg.logging.tensorboard,
                                      total_steps=cfg.train.steps, progress_bar=cfg.logging.progress_bar,
                                      resume_step=self.step)
 
@@ -687,6 +700,8 @@ class Trainer:
             log(rt, f"nothing to do: the run in {self.run_dir} is already at step {self.step} of {cfg.train.steps} "
                     "(raise train.steps, or start over with --resume none --fresh or another --run-dir)")
             return 0
+        if rt.is_logging_rank:
+            self._write_config_yaml()
         tokens_per_step = cfg.train.global_batch * cfg.data.seq_length
         last_saved = self.step
         if rt.is_cuda:
