@@ -140,3 +140,27 @@ def test_gpu_kernel_benchmarks_say_they_need_a_gpu():
     proc = subprocess.run([sys.executable, "tools/bench_sparse24_tile.py"], cwd=ROOT, env=clean_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "it needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_activation_memory_probe_and_accounting(tmp_path):
+    """tools/probe_activation_memory.py runs the trainer's forward per FFN kind (CPU: saved tensors per module;
+    MoC's fc2 keeps no dense input, its recipe stands in), and tools/ffn_memory_accounting.py splits the shipped
+    training peaks into parameters and activations against the per-kind accounting."""
+    out = tmp_path / "probe.json"
+    _run(["tools/probe_activation_memory.py", "--tiny", "--json", str(out), "--variant", "swiglu=",
+          "--variant", "moc=ffn.kind=moc"], tmp_path)
+    swiglu, moc = json.loads(out.read_text())["rows"]
+    assert "RowParallelLinear" in swiglu["saved_bytes_per_token_layer"]  # fc2 saves its dense input
+    assert "RowParallelLinear" not in moc["saved_bytes_per_token_layer"]  # ... MoC's is a recipe
+    assert 0 < moc["saved_bytes"] < swiglu["saved_bytes"]
+
+    out = tmp_path / "accounting.json"
+    _run(["tools/ffn_memory_accounting.py", "--json", str(out)], tmp_path)
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["ffn_kind"] for r in rows} >= {"moc", "topk", "elas", "relu2"}
+    for r in rows:
+        # The parts add up to the measured difference; relu2 keeps what SwiGLU keeps at the same width.
+        assert r["gap_bytes_per_token_layer"] == pytest.approx(
+            r["activation_bytes_per_token_layer_vs_swiglu"] - r["accounted_bytes_per_token_layer_vs_swiglu"])
+        if r["ffn_kind"] == "relu2":
+            assert r["accounted_bytes_per_token_layer_vs_swiglu"] == 0

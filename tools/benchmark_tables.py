@@ -793,9 +793,27 @@ def ffn_block_all_shapes() -> str:
     return table(["variant", "baseline", *(name for _, _, name in FFN_BLOCK_POINTS), "saved vs baseline"], rows)
 
 
+FFN_ACCOUNTING_LABELS = {"moc": "MoC (K = 0.1875 f)", "topk": "top-k ReLU (10%)", "elas": "ELAS (identity STE)",
+                         "relu2": "ReLU² (width 1.5 f)"}
+
+
+def ffn_memory_accounting() -> str:
+    """Each sparse FFN's training peak against SwiGLU's, split into parameters and activations per token and
+    layer, against the saved-tensor accounting (tools/ffn_memory_accounting.py)."""
+    rows = []
+    for r in load("ffn_memory_accounting.json")["rows"]:
+        rows.append((r["model"], f"`{r['run']}`", FFN_ACCOUNTING_LABELS.get(r["ffn_kind"], r["ffn_kind"]),
+                     f2(r["peak_gib"]), f3(r["peak_ratio"]), n0(r["activation_bytes_per_token_layer_vs_swiglu"]),
+                     n0(r["accounted_bytes_per_token_layer_vs_swiglu"]), n0(r["gap_bytes_per_token_layer"]),
+                     n0(r["dense_fc2_input_bytes_per_token"]), f3(r["peak_ratio_without_gap"])))
+    return table(["model", "run (docs/results)", "FFN", "peak GiB", "vs SwiGLU", "activations vs SwiGLU, B/token/layer",
+                  "accounting says", "gap", "fc2 dense input, B/token", "vs SwiGLU without the gap"], rows)
+
+
 SPARSE_FFN_TABLES: dict[str, Callable[[], str]] = {
     "sparse-ffn-block": ffn_block_all_shapes, "sparse-ffn-train": ffn_train_fused_select,
     "sparse-ffn-train-select": ffn_train_select, "sparse-ffn-decode": decode_ffn,
+    "sparse-ffn-memory-accounting": ffn_memory_accounting,
 }
 
 

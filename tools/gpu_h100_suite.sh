@@ -12,11 +12,12 @@
 #   bash tools/gpu_h100_suite.sh fp8_7b OUTDIR      # llama-7b bf16 vs FP8, full recompute (needs an H200)
 #   bash tools/gpu_h100_suite.sh h200_cal OUTDIR    # effdist calibrate, llama-1b and llama-7b (the shipped H200 tables)
 #   bash tools/gpu_h100_suite.sh sparse24_table OUTDIR  # ELAS fc2 sparse-vs-dense GEMM table of this card (#23)
+#   bash tools/gpu_h100_suite.sh ffn_memory OUTDIR  # what a training forward keeps alive per FFN kind, and where (#23)
 #
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|fp8_titan|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|tests OUTDIR [SEED]}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|fp8_titan|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|ffn_memory|tests OUTDIR [SEED]}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -340,6 +341,12 @@ sparse24_table)
   run 120 python3 tools/bench_ffn.py --sparse24-table "$out/sparse24-${card:-gpu}.json"
   run 120 python3 tools/bench_sparse24_tile.py --json "$out/sparse24_tile.json"
   run 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ffn_gpu.py -k sparse_gemm
+  ;;
+ffn_memory)
+  # Issue #23 item 1: the sparse FFNs' peaks in training are one dense fc2 input per token and layer above their
+  # saved-tensor accounting (docs/sparse_ffn.md, "Where the memory goes in training"). One trainer forward per FFN
+  # kind, llama-350m at micro-batch 8: saved tensors per module against the allocator, and where the rest was allocated.
+  run 300 python3 tools/probe_activation_memory.py --model llama-350m --json "$out/probe_activation_memory.json"
   ;;
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py

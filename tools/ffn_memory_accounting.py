@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Measured training peaks of the sparse FFNs against their saved-tensor accounting (no GPU needed).
+
+    python tools/ffn_memory_accounting.py --json docs/results/ffn_memory_accounting.json
+
+For every FFN variant of a `tools/bench_train.py` run that has a SwiGLU row in the same run (same model,
+micro-batch, one process per variant), the peak difference to SwiGLU is split into what the parameters explain
+(weights, fp32 gradients and AdamW state: effdist.train.estimate, the same numbers `effdist train --dry-run`
+prints) and the rest, the activations, per token and layer. That rest is compared with the per-kind saved-tensor
+accounting (effdist.model.ffn.memory, held to the modules by tests/test_ffn_modules.py) with the fused SwiGLU
+the runs used. `gap` is what the variant keeps per token and layer beyond its accounting; `gap / fc2 input` is
+that gap over the bytes of fc2's dense input, which MoC, top-k and ELAS replace by a recipe
+(effdist.model.ffn.saved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RUNS = ("bench_train_ffn_350m_h100.json", "bench_train_ffn_350m_select64_h100.json",
+        "bench_train_ffn_1b_select64_h100.json")
+GIB = 2**30
+
+
+def _config(row: dict):
+    from effdist.config import load_config
+
+    return load_config(ROOT / "configs" / f"{row['model']}.yaml", list(row["overrides"]))
+
+
+def _static_bytes(cfg) -> float:
+    from effdist.train.estimate import estimate
+
+    peak = estimate(cfg, 1, on_gpu=True).peak
+    return peak.weights + peak.gradients + peak.optimizer
+
+
+def account(run_file: Path) -> list[dict]:
+    from effdist.model.ffn.memory import dense_fc2_input_bytes, saved_bytes_per_token
+
+    data = json.loads(run_file.read_text())
+    rows = [r for r in data["runs"] if r.get("peak_mem_gib")]
+    out = []
+    for base in (r for r in rows if r.get("variant") == "swiglu"):
+        base_cfg = _config(base)
+        tokens = base_cfg.train.micro_batch * base_cfg.data.seq_length
+        layers = base_cfg.model.num_layers
+        base_saved = saved_bytes_per_token(base_cfg.ffn, base_cfg.model)
+        for row in rows:
+            if row is base or row["model"] != base["model"] or row.get("micro_batch") != base.get("micro_batch"):
+                continue
+            cfg = _config(row)
+            if cfg.ffn.kind == "swiglu":
+                continue
+            static = _static_bytes(cfg) - _static_bytes(base_cfg)
+            measured = (row["peak_mem_gib"] - base["peak_mem_gib"]) * GIB
+            per_token_layer = (measured - static) / (tokens * layers)  # activation change, bytes per token and layer
+            predicted = saved_bytes_per_token(cfg.ffn, cfg.model) - base_saved
+            fc2_input = dense_fc2_input_bytes(cfg.ffn, cfg.model)
+            gap = per_token_layer - predicted
+            out.append({
+                "run": run_file.name, "model": row["model"], "variant": row["variant"], "ffn_kind": cfg.ffn.kind,
+                "micro_batch": cfg.train.micro_batch, "peak_gib": row["peak_mem_gib"],
+                "swiglu_peak_gib": base["peak_mem_gib"], "parameters_bytes_vs_swiglu": static,
+                "activation_bytes_per_token_layer_vs_swiglu": per_token_layer,
+                "accounted_bytes_per_token_layer_vs_swiglu": predicted, "gap_bytes_per_token_layer": gap,
+                "dense_fc2_input_bytes_per_token": fc2_input, "gap_over_fc2_input": gap / fc2_input,
+                "peak_ratio": row["peak_mem_gib"] / base["peak_mem_gib"],
+                "peak_ratio_without_gap": (row["peak_mem_gib"] * GIB - gap * tokens * layers) / (base["peak_mem_gib"] * GIB),
+            })
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="*", help=f"bench_train JSONs (default: {', '.join(RUNS)} in docs/results)")
+    p.add_argument("--json", default=None, help="write the rows here")
+    args = p.parse_args(argv)
+    files = [Path(r) for r in args.runs] or [ROOT / "docs" / "results" / r for r in RUNS]
+    rows = [r for f in files for r in account(f)]
+    print(f"{'run':<42} {'variant':<8} {'peak':>6} {'vs SwiGLU':>9} {'act. B/tok/layer':>17} {'accounted':>10} "
+          f"{'gap':>7} {'gap/fc2 in':>10} {'ratio w/o gap':>13}")
+    for r in rows:
+        print(f"{r['run']:<42} {r['variant']:<8} {r['peak_gib']:>6.2f} {r['peak_ratio']:>9.3f} "
+              f"{r['activation_bytes_per_token_layer_vs_swiglu']:>17,.0f} {r['accounted_bytes_per_token_layer_vs_swiglu']:>10,.0f} "
+              f"{r['gap_bytes_per_token_layer']:>7,.0f} {r['gap_over_fc2_input']:>10.3f} {r['peak_ratio_without_gap']:>13.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "command": "python tools/ffn_memory_accounting.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "device": "no GPU: derived from the bench_train runs named in each row (1x H100)",
+            "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
