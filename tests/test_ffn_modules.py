@@ -100,16 +100,17 @@ def test_topk_and_elas_saved_activations_match_predictions():
 
 
 def test_the_saved_bytes_model_is_what_every_kind_saves():
-    """effdist.model.ffn.memory, the per-kind accounting that tools and the planner use, equals what each module
-    saves (megatron's own SwiGLU here: the fused kernel's autograd function runs on GPU only)."""
-    from effdist.model.ffn.memory import saved_bytes_per_token
+    """effdist.pipeline.memory_model.ffn_saved_bytes_per_token, the per-kind accounting that tools and the
+    planner use, equals what each module saves (megatron's own SwiGLU here: the fused kernel's autograd function
+    runs on GPU only)."""
+    from effdist.pipeline.memory_model import ffn_saved_bytes_per_token
 
     x = _input()
     for sets in (["ffn.kind=swiglu"], ["ffn.kind=relu2"], ["ffn.kind=moc"], ["ffn.kind=moc", "ffn.moc_structured=true"],
                  ["ffn.kind=topk"], ["ffn.kind=topk", "ffn.topk_k=7"], ["ffn.kind=elas"],
                  ["ffn.kind=elas", "ffn.elas_ste=masked"]):
         cfg = _cfg(*sets)
-        predicted = N * saved_bytes_per_token(cfg.ffn, cfg.model, element_bytes=4, fused_swiglu=False)
+        predicted = N * ffn_saved_bytes_per_token(cfg.ffn, cfg.model, element_bytes=4, fused_swiglu=False)
         assert saved_bytes(_build(cfg), x) == predicted, sets
 
 

@@ -697,6 +697,12 @@ def plan_validation() -> str:
                   "measured peak GiB", "ratio"], rows)
 
 
+def plan_ffn_memory() -> str:
+    rows = [(f"`{r['run']}`", r["model"], r["variant"], f2(r["predicted_peak_gib"]), f2(r["measured_peak_gib"]),
+             f3(r["ratio"])) for r in load("ffn_memory_accounting.json")["planner"]]
+    return table(["run (docs/results)", "model", "variant", "predicted peak GiB", "measured peak GiB", "ratio"], rows)
+
+
 PLAN_VALIDATION_P4 = "plan_validation_p4_h200.json"
 
 
@@ -752,7 +758,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "bench-pipeline-p4-1b-mb4": pipeline_p4("pipeline_p4_1b_mb4_h200x4.json"),
     "bench-pipeline-p4-1b-mb1": pipeline_p4("pipeline_p4_1b_mb1_h200x4.json"), "bench-checkpoint": checkpoint,
     "bench-decode": decode, "bench-deepspeed-1gpu": deepspeed_1gpu, "bench-deepspeed-2gpu": deepspeed_2gpu,
-    "bench-fp8": fp8, "bench-plan-validation": plan_validation,
+    "bench-fp8": fp8, "bench-plan-validation": plan_validation, "bench-plan-ffn-memory": plan_ffn_memory,
     "bench-ffn-train-fused-select": ffn_train_fused_select, "bench-ffn-train-select": ffn_train_select,
     "bench-decode-ffn": decode_ffn,
 }

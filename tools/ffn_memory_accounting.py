@@ -7,7 +7,7 @@ For every FFN variant of a `tools/bench_train.py` run that has a SwiGLU row in t
 micro-batch, one process per variant), the peak difference to SwiGLU is split into what the parameters explain
 (weights, fp32 gradients and AdamW state: effdist.train.estimate, the same numbers `effdist train --dry-run`
 prints) and the rest, the activations, per token and layer. That rest is compared with the per-kind saved-tensor
-accounting (effdist.model.ffn.memory, held to the modules by tests/test_ffn_modules.py) with the fused SwiGLU
+accounting (effdist.pipeline.memory_model, held to the modules by tests/test_ffn_modules.py) with the fused SwiGLU
 the runs used. `gap` is what the variant keeps per token and layer beyond its accounting; `gap / fc2 input` is
 that gap over the bytes of fc2's dense input, which MoC, top-k and ELAS replace by a recipe
 (effdist.model.ffn.saved).
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RUNS = ("bench_train_ffn_350m_h100.json", "bench_train_ffn_350m_select64_h100.json",
-        "bench_train_ffn_1b_select64_h100.json")
+        "bench_train_ffn_1b_select64_h100.json", "bench_train_ffn_350m_select64_outlier_h100.json")
 GIB = 2**30
 
 
@@ -42,7 +42,7 @@ def _static_bytes(cfg) -> float:
 
 
 def account(run_file: Path) -> list[dict]:
-    from effdist.model.ffn.memory import dense_fc2_input_bytes, saved_bytes_per_token
+    from effdist.pipeline.memory_model import dense_fc2_input_bytes, ffn_saved_bytes_per_token
 
     data = json.loads(run_file.read_text())
     rows = [r for r in data["runs"] if r.get("peak_mem_gib")]
@@ -51,7 +51,7 @@ def account(run_file: Path) -> list[dict]:
         base_cfg = _config(base)
         tokens = base_cfg.train.micro_batch * base_cfg.data.seq_length
         layers = base_cfg.model.num_layers
-        base_saved = saved_bytes_per_token(base_cfg.ffn, base_cfg.model)
+        base_saved = ffn_saved_bytes_per_token(base_cfg.ffn, base_cfg.model)
         for row in rows:
             if row is base or row["model"] != base["model"] or row.get("micro_batch") != base.get("micro_batch"):
                 continue
@@ -61,7 +61,7 @@ def account(run_file: Path) -> list[dict]:
             static = _static_bytes(cfg) - _static_bytes(base_cfg)
             measured = (row["peak_mem_gib"] - base["peak_mem_gib"]) * GIB
             per_token_layer = (measured - static) / (tokens * layers)  # activation change, bytes per token and layer
-            predicted = saved_bytes_per_token(cfg.ffn, cfg.model) - base_saved
+            predicted = ffn_saved_bytes_per_token(cfg.ffn, cfg.model) - base_saved
             fc2_input = dense_fc2_input_bytes(cfg.ffn, cfg.model)
             gap = per_token_layer - predicted
             out.append({
@@ -74,6 +74,22 @@ def account(run_file: Path) -> list[dict]:
                 "peak_ratio": row["peak_mem_gib"] / base["peak_mem_gib"],
                 "peak_ratio_without_gap": (row["peak_mem_gib"] * GIB - gap * tokens * layers) / (base["peak_mem_gib"] * GIB),
             })
+    return out
+
+
+def planner_rows(run_file: Path) -> list[dict]:
+    """Every row of a run against the planner's peak memory for its config (effdist.train.estimate, on a GPU)."""
+    from effdist.train.estimate import estimate
+
+    out = []
+    for row in json.loads(run_file.read_text())["runs"]:
+        if not row.get("peak_mem_gib"):
+            continue
+        cfg = _config(row)
+        predicted = estimate(cfg, 1, on_gpu=True).peak.total / GIB
+        out.append({"run": run_file.name, "model": row["model"], "variant": row["variant"], "ffn_kind": cfg.ffn.kind,
+                    "micro_batch": cfg.train.micro_batch, "predicted_peak_gib": predicted,
+                    "measured_peak_gib": row["peak_mem_gib"], "ratio": predicted / row["peak_mem_gib"]})
     return out
 
 
@@ -90,11 +106,17 @@ def main(argv=None) -> int:
         print(f"{r['run']:<42} {r['variant']:<8} {r['peak_gib']:>6.2f} {r['peak_ratio']:>9.3f} "
               f"{r['activation_bytes_per_token_layer_vs_swiglu']:>17,.0f} {r['accounted_bytes_per_token_layer_vs_swiglu']:>10,.0f} "
               f"{r['gap_bytes_per_token_layer']:>7,.0f} {r['gap_over_fc2_input']:>10.3f} {r['peak_ratio_without_gap']:>13.3f}")
+    planner = [r for f in files for r in planner_rows(f)]
+    print(f"\nthe planner's peak (effdist.train.estimate) against the same runs:\n{'run':<50} {'variant':<12} "
+          f"{'predicted':>9} {'measured':>9} {'ratio':>6}")
+    for r in planner:
+        print(f"{r['run']:<50} {r['variant']:<12} {r['predicted_peak_gib']:>9.2f} {r['measured_peak_gib']:>9.2f} "
+              f"{r['ratio']:>6.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "command": "python tools/ffn_memory_accounting.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "device": "no GPU: derived from the bench_train runs named in each row (1x H100)",
-            "rows": rows}, indent=1) + "\n")
+            "rows": rows, "planner": planner}, indent=1) + "\n")
     return 0
 
 

@@ -34,6 +34,7 @@ Sizes checked before start (`check_fits`):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
@@ -41,7 +42,9 @@ from typing import Iterable
 
 from effdist.config import (INT64_MAX, Config, ConfigError, ffn_kind_of_layer, ffn_width_of_layer,
                             padded_vocab_size)
-from effdist.pipeline.memory_model import ActivationShape, chunk_activation_bytes, layer_partition, megatron_layer_bytes
+from effdist.pipeline.memory_model import (COMPACT_FFN_KINDS, ActivationShape, chunk_activation_bytes,
+                                           dense_fc2_input_bytes, ffn_saved_bytes_per_token, layer_partition,
+                                           megatron_layer_bytes)
 
 GIB = 2**30
 # Microbatches the dry run simulates at most: every schedule reaches its peak activation within its warm-up
@@ -227,13 +230,37 @@ def _activation_shape(cfg: Config, on_gpu: bool) -> ActivationShape:
                            bytes_per_element=weight_bytes(cfg, on_gpu))
 
 
-def layer_activation_bytes(cfg: Config, on_gpu: bool) -> float:
-    """Bytes one layer keeps for backward per microbatch; with train.recompute only its input."""
+# Measured in training on an H100 (docs/sparse_ffn.md, "Where the memory goes in training"): MoC, top-k and ELAS keep
+# one dense fc2 input per token and layer beyond their saved-tensor accounting, in every run. Counted, so plans that
+# use them are not promised memory they will not get, until its cause is found (tools/probe_activation_memory.py).
+COMPACT_FFN_KEEPS_DENSE_FC2_INPUT_ON_GPU = True
+
+
+def ffn_bytes_per_token_vs_swiglu(cfg: Config, layer: int) -> float:
+    """Bytes per token that the FFN of `layer` keeps for backward on a GPU beyond the fused SwiGLU of the model's
+    width, which the per-layer formula stands for (negative: less)."""
+    kind = cfg.ffn.kind_of_layer(layer)
+    if kind == "swiglu":
+        return 0.0
+    par, e = cfg.parallel, weight_bytes(cfg, on_gpu=True)
+    kwargs = dict(element_bytes=e, tp=par.tp, sequence_parallel=par.sequence_parallel)
+    swiglu = ffn_saved_bytes_per_token(dataclasses.replace(cfg.ffn, kind="swiglu", layers=None), cfg.model, layer,
+                                       **kwargs)
+    extra = ffn_saved_bytes_per_token(cfg.ffn, cfg.model, layer, **kwargs) - swiglu
+    if kind in COMPACT_FFN_KINDS and COMPACT_FFN_KEEPS_DENSE_FC2_INPUT_ON_GPU:
+        extra += dense_fc2_input_bytes(cfg.ffn, cfg.model, layer, element_bytes=e, tp=par.tp)
+    return extra
+
+
+def layer_activation_bytes(cfg: Config, on_gpu: bool, layer: int = 0) -> float:
+    """Bytes layer `layer` keeps for backward per microbatch; with train.recompute only its input. On a GPU the
+    layer's FFN kind counts (megatron's formula stands for a SwiGLU layer); on CPU the formula alone."""
     shape = _activation_shape(cfg, on_gpu)
+    tokens = shape.seq_length * shape.micro_batch
     if cfg.train.recompute:
-        tokens = shape.seq_length * shape.micro_batch
         return tokens * shape.hidden_size * shape.bytes_per_element / (shape.tp if shape.sequence_parallel else 1)
-    return megatron_layer_bytes(shape)
+    ffn = ffn_bytes_per_token_vs_swiglu(cfg, layer) * tokens if on_gpu else 0.0
+    return megatron_layer_bytes(shape) + ffn
 
 
 def _zero_shards(cfg: Config) -> tuple[bool, bool, bool]:
@@ -253,13 +280,13 @@ def estimate(cfg: Config, world_size: int, on_gpu: bool, max_microbatches: int =
     schedule = build_plan_schedule(cfg, world_size, max_microbatches)
     chunks_by_stage = stage_chunks(cfg, schedule)
     params = parameters_per_stage(cfg, chunks_by_stage)
-    per_layer = layer_activation_bytes(cfg, on_gpu)
+    per_layer = [layer_activation_bytes(cfg, on_gpu, i) for i in range(cfg.model.num_layers)]
     recompute_extra = megatron_layer_bytes(_activation_shape(cfg, on_gpu)) if cfg.train.recompute else 0.0
     simulation = None
     if schedule is None:
-        activations = [cfg.model.num_layers * per_layer + recompute_extra]
+        activations = [sum(per_layer) + recompute_extra]
     else:
-        chunk_bytes = chunk_activation_bytes(cfg.model.num_layers, schedule.num_chunks, lambda _: per_layer)
+        chunk_bytes = chunk_activation_bytes(cfg.model.num_layers, schedule.num_chunks, per_layer.__getitem__)
         simulation = simulate(schedule, chunk_bytes=chunk_bytes, check=False)  # validated when built
         activations = [r.peak_activation_bytes + recompute_extra for r in simulation.ranks]
     wb = weight_bytes(cfg, on_gpu)
