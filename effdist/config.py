@@ -843,6 +843,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _fail("parallel.backend", par.backend, "nccl needs GPUs; use gloo (or auto) with parallel.device=cpu")
     if par.sequence_parallel and par.tp == 1:
         _fail("parallel.sequence_parallel", True, "needs parallel.tp > 1")
+    if par.sequence_parallel and cfg.data.seq_length % par.tp:
+        _fail("data.seq_length", cfg.data.seq_length, f"must be a multiple of parallel.tp={par.tp} with "
+              "parallel.sequence_parallel=true (each tensor-parallel rank holds 1/tp of the sequence); change "
+              "data.seq_length or set parallel.sequence_parallel=false")
 
     if d.seq_length > m.max_position_embeddings:
         _fail("data.seq_length", d.seq_length, f"is longer than model.max_position_embeddings={m.max_position_embeddings}; "

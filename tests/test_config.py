@@ -68,6 +68,16 @@ def test_invalid_values_name_field_and_fix(override, field, hint):
     assert hint in msg, msg
 
 
+def test_sequence_parallel_needs_a_sequence_that_tp_divides():
+    # megatron's scatter to the sequence-parallel region asserts deep inside the first forward otherwise
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/tiny-cpu.yaml", ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                                      "data.seq_length=127"])
+    assert str(e.value).startswith("data.seq_length = 127: must be a multiple of parallel.tp=2"), str(e.value)
+    load_config(ROOT / "configs/tiny-cpu.yaml", ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                                 "data.seq_length=126"])
+
+
 def test_world_size_checks():
     cfg = load_config(ROOT / "configs/tiny-cpu.yaml", ["parallel.tp=2"])
     validate(cfg, world_size=2)
