@@ -833,6 +833,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _fail("parallel.tp", par.tp, f"must divide model.num_attention_heads={m.num_attention_heads}")
     if groups % par.tp:
         _fail("parallel.tp", par.tp, f"must divide the number of key/value heads model.num_query_groups={groups}")
+    if ffn_width(cfg) < 1:
+        _fail("ffn.elas_expand", cfg.ffn.elas_expand, f"gives ffn.kind={cfg.ffn.kind} an FFN width of 0 (elas_expand x "
+              f"model.ffn_hidden_size={m.ffn_hidden_size}, rounded); raise it (1.5 keeps the SwiGLU parameter count)")
     if ffn_width(cfg) % par.tp:
         _fail("parallel.tp", par.tp, f"must divide the FFN width {ffn_width(cfg)}")
     if par.device not in ("auto", "cuda", "cpu"):

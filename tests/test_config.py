@@ -78,6 +78,14 @@ def test_sequence_parallel_needs_a_sequence_that_tp_divides():
                                                  "data.seq_length=126"])
 
 
+@pytest.mark.parametrize("kind", ["elas", "relu2"])
+def test_an_elas_expand_that_rounds_the_ffn_width_to_zero_is_named(kind):
+    # it used to pass validation and fail in the first forward with a reshape RuntimeError traceback
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/tiny-cpu.yaml", [f"ffn.kind={kind}", "ffn.elas_expand=0.001"])
+    assert str(e.value).startswith(f"ffn.elas_expand = 0.001: gives ffn.kind={kind} an FFN width of 0"), str(e.value)
+
+
 def test_world_size_checks():
     cfg = load_config(ROOT / "configs/tiny-cpu.yaml", ["parallel.tp=2"])
     validate(cfg, world_size=2)
