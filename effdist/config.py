@@ -838,6 +838,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
               f"model.ffn_hidden_size={m.ffn_hidden_size}, rounded); raise it (1.5 keeps the SwiGLU parameter count)")
     if ffn_width(cfg) % par.tp:
         _fail("parallel.tp", par.tp, f"must divide the FFN width {ffn_width(cfg)}")
+    if m.ffn_hidden_size % par.tp and any(cfg.ffn.kind_of_layer(i) != cfg.ffn.kind for i in range(m.num_layers)):
+        _fail("parallel.tp", par.tp, f"must divide model.ffn_hidden_size={m.ffn_hidden_size}, the width of the layers "
+              f"outside ffn.layers={cfg.ffn.layers} (they keep swiglu)")
     if par.device not in ("auto", "cuda", "cpu"):
         _fail("parallel.device", par.device, "valid: auto, cuda, cpu")
     if par.backend not in ("auto", "nccl", "gloo"):

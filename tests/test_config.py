@@ -86,6 +86,15 @@ def test_an_elas_expand_that_rounds_the_ffn_width_to_zero_is_named(kind):
     assert str(e.value).startswith(f"ffn.elas_expand = 0.001: gives ffn.kind={kind} an FFN width of 0"), str(e.value)
 
 
+def test_tp_must_divide_the_width_of_the_layers_outside_ffn_layers():
+    # layers 0 and 3 keep swiglu at width 171; megatron asserted in ColumnParallelLinear on every rank otherwise
+    overrides = ["ffn.kind=elas", "ffn.layers=[1,2]", "model.ffn_hidden_size=171", "parallel.tp=2"]
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/tiny-cpu.yaml", overrides)
+    assert str(e.value).startswith("parallel.tp = 2: must divide model.ffn_hidden_size=171"), str(e.value)
+    load_config(ROOT / "configs/tiny-cpu.yaml", overrides[:1] + ["ffn.layers=[0,1,2,3]"] + overrides[2:])
+
+
 def test_world_size_checks():
     cfg = load_config(ROOT / "configs/tiny-cpu.yaml", ["parallel.tp=2"])
     validate(cfg, world_size=2)
