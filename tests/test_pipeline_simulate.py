@@ -258,6 +258,12 @@ def test_cli_compare_with_model_writes_schedules_list_and_pictures(tmp_path, cap
     (["--pp", "4", "--microbatches", "4"], "give --schedule NAME or --compare"),
     (["--schedule", "v-min", "--pp", "4", "--microbatches", "4", "--model", "no/such.yaml"], "does not exist"),
     (["--schedule", "v-min", "--pp", "4"], "required: --microbatches"),
+    # sizes that would run for hours and grow memory until the OOM killer ends them
+    (["--schedule", "1f1b", "--pp", "4", "--microbatches", "10000000000"],
+     "--microbatches 10000000000: 4 ranks x 10000000000 microbatches x 1 chunk(s) per rank is more than 1,000,000"),
+    (["--schedule", "v-zb", "--pp", "10000", "--microbatches", "1"], "--pp 10000: 10000 ranks x 2 chunk(s)"),
+    (["--schedule", "interleaved", "--pp", "4", "--microbatches", "16", "--chunks-per-rank", "1000000"],
+     "--chunks-per-rank 1000000: 4 ranks x 1000000 chunk(s)"),
 ])
 def test_cli_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     assert main(argv) == 2

@@ -20,6 +20,10 @@ from effdist.pipeline.schedules import SCHEDULE_NAMES, build_schedule
 from effdist.pipeline.simulate import Costs, SimulationResult, simulate
 
 GIB = 1024 ** 3
+# pp x microbatches x chunks per rank above which one simulation takes minutes and gigabytes (1f1b at pp=8 with
+# 100,000 microbatches, 800,000 of them: about 40 s and 0.8 GB on one core); the bubble and the peak settle after a
+# few times pp microbatches, so nothing is learned beyond it.
+MAX_CHUNK_PASSES = 1_000_000
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -133,6 +137,19 @@ def _run(args: argparse.Namespace) -> list[SimulationResult]:
                               "per rank; drop the flag or set it to 2")
         if args.chunks_per_rank < 1:
             raise _UsageError(f"--chunks-per-rank {args.chunks_per_rank}: must be >= 1")
+    chunks = max(1 if n in ("1f1b", "zb-h1") else (args.chunks_per_rank or 2) if n == "interleaved" else 2
+                 for n in names)
+    # V-ZB builds at least 2p-1 microbatches whatever m is; count every schedule as if it did
+    if args.pp * 2 * args.pp * chunks > MAX_CHUNK_PASSES:
+        flag = f"--chunks-per-rank {chunks}" if args.pp * 2 * args.pp * 2 <= MAX_CHUNK_PASSES else f"--pp {args.pp}"
+        raise _UsageError(f"{flag}: {args.pp} ranks x {chunks} chunk(s) per rank is more than the simulator handles "
+                          f"({MAX_CHUNK_PASSES:,} chunk passes per step, at 2 x pp microbatches); lower it")
+    if args.pp * args.microbatches * chunks > MAX_CHUNK_PASSES:
+        fits = min(4 * args.pp, MAX_CHUNK_PASSES // (args.pp * chunks))
+        raise _UsageError(f"--microbatches {args.microbatches}: {args.pp} ranks x {args.microbatches} microbatches x "
+                          f"{chunks} chunk(s) per rank is more than {MAX_CHUNK_PASSES:,} chunk passes to simulate "
+                          f"(minutes and gigabytes); the bubble and peak memory settle after a few times pp "
+                          f"microbatches: use e.g. --microbatches {fits}")
     if not 0.0 <= args.b_frees <= 1.0:
         raise _UsageError(f"--b-frees {args.b_frees}: a fraction in [0, 1]")
     per_chunk: Callable[[int], list[Costs]] | None = None
