@@ -243,6 +243,9 @@ def test_plan_command_json_and_errors(tmp_path, capsys):
     for args, needle in ((["--gpus", "0"], "--gpus 0"), (["--gpus", "6", "--nodes", "4"], "--nodes 4"),
                          (["--gpus", "4", "--schedules", "gpipe"], "--schedules gpipe"),
                          (["--gpus", "4", "--epas-regions", "1.5"], "--epas-regions 1.5"),
+                         # every candidate of it failed validation and the plan said "no valid layout ... divides"
+                         (["--gpus", "4", "--epas-regions", "0,0.01"],
+                          "--epas-regions 0,0.01: 0.01 of 24 layers rounds down to 0 sharing layers"),
                          # accepted (or a TypeError, or "no valid layout") before
                          (["--gpus", "4", "--top", "0"], "--top 0: plans to print"),
                          (["--gpus", "4", "--reserve", "-1"], "--reserve -1.0"),

@@ -383,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
         cal = resolve(args.calibration or _default_calibration(cfg))
     except (ConfigError, CalibrationError) as e:
         return _fail(str(e))
+    layers = cfg.model.num_layers
+    empty = [r for r in regions if 0 < r and math.floor(r * layers) < 1]  # as epas.final_region rounds
+    if empty:
+        return _fail(f"--epas-regions {args.epas_regions}: {empty[0]:g} of {layers} layers rounds down to 0 sharing "
+                     f"layers; give fractions of at least 1/{layers} (0 alone keeps EPAS off)")
     kinds = tuple(k.strip() for k in args.ffn_kinds.split(",") if k.strip())
     unknown = [k for k in kinds if k not in FFN_KINDS]
     if unknown:
