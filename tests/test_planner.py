@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from effdist.config import SCHEDULES, load_config
+from effdist.config import SCHEDULES, load_config, validate
 from effdist.pipeline.calibration import (DEFAULT_LINKS, Calibration, CalibrationError, HeadCost, LayerCost,
                                           chunk_seconds, layer_matmul_flops, model_shape, pipeline_chunk_costs,
                                           pipeline_costs)
@@ -221,6 +221,18 @@ def test_v_min_bubble_falls_when_the_head_weighs_on_its_own_chunk_only():
     old_bubble = 1 - 16 * (old_costs.forward + old_costs.backward_input + old_costs.backward_weight) / old.makespan
     assert step < 0.85 * old.makespan
     assert old_bubble > 0.2 and bubble < old_bubble / 2
+
+
+def test_the_overrides_of_a_longer_seq_than_the_model_has_positions_for_start(tmp_path, capsys):
+    cfg = load_config(CONFIGS / "llama-350m.yaml")
+    cal_path = synthetic(cfg).save(tmp_path / "cal.json")
+    seq = 2 * cfg.model.max_position_embeddings
+    rc = planner.main(["--config", "llama-350m", "--gpus", "4", "--gpu-memory", "80", "--calibration", str(cal_path),
+                       "--micro-batches", "1", "--seq", str(seq), "--json"])
+    best = json.loads(capsys.readouterr().out)["plans"][0]
+    assert rc == 0 and f"data.seq_length={seq}" in best["overrides"]
+    # "run it with" used to give only data.seq_length, which the trainer refuses (longer than max_position_embeddings)
+    validate(load_config(CONFIGS / "llama-350m.yaml", best["overrides"]), world_size=4)
 
 
 def test_plan_command_json_and_errors(tmp_path, capsys):

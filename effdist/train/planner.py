@@ -79,6 +79,8 @@ class Choice:
             out.append(f"train.global_batch={global_batch}")
         if seq is not None:
             out.append(f"data.seq_length={seq}")
+            if seq > cfg.model.max_position_embeddings:  # as candidate_config planned it
+                out.append(f"model.max_position_embeddings={seq}")
         return out
 
 
