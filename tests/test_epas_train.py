@@ -114,6 +114,18 @@ def test_resume_after_a_switch_continues_region_and_losses(single, runs):
         assert losses(run)[s] == pytest.approx(v, rel=1e-6, abs=0), s
 
 
+def test_resume_with_other_epas_settings_is_one_line_and_exit_2(single, data_cache, tmp_path):
+    # The controller's EpasError used to end the run with a traceback and exit 1, like a crash.
+    common = EPAS + [f"data.cache_dir={data_cache}"]
+    proc = run_train(tmp_path / "other", common + ["epas.transition_steps=0"], check=False,
+                     resume=str(single / "checkpoints" / "iter_0000003"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("effdist: error")]
+    assert len(errors) == 1 and "epas.transition_steps = 1, this config has 0" in errors[0], errors
+    assert "--set epas.transition_steps=1" in errors[0], errors
+
+
 def _init_from(source, fresh, data_cache) -> subprocess.CompletedProcess:
     script = textwrap.dedent(f"""
         import torch

@@ -477,7 +477,8 @@ class EpasController:
         saved_transition = state.get("schedule", {}).get("transition_steps", 0)
         if saved_transition != self.cfg.epas.transition_steps:
             raise EpasError(f"the checkpoint was trained with epas.transition_steps = {saved_transition}, this config "
-                            f"has {self.cfg.epas.transition_steps}: resume with the value the run was trained with")
+                            f"has {self.cfg.epas.transition_steps}: resume with the value the run was trained with "
+                            f"(--set epas.transition_steps={saved_transition}), or start a new run from the weights")
         if self._adaptive is not None:
             self._adaptive.joins = dict(joins)
             self._probes = [dict(p) for p in (state.get("adaptive") or {}).get("probes", [])]

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from effdist.config import Config, ConfigError, load_config
 from effdist.model.hf_convert import CONVERTED_MARKER
+from effdist.model.shared_qk import EpasError
 from effdist.protocols import StepHook
 from effdist.runtime import lifecycle
 from effdist.train import checkpoint as ckpt
@@ -313,7 +314,10 @@ class Trainer:
         self.skipped_steps = int(common.get("skipped_steps", 0))
         for hook in self.hooks:
             if hook.name in common:
-                hook.load_state_dict(common[hook.name])
+                try:
+                    hook.load_state_dict(common[hook.name])
+                except EpasError as e:  # this config's epas settings do not continue the checkpoint's schedule
+                    raise ckpt.IncompatibleCheckpointError(f"checkpoint {path}: {e}") from None
         self.last_good_checkpoint = path
         self.guard.resume_point = str(path)
         log(rt, f"resumed from {path} at step {self.step}" + ("" if same_layout else
