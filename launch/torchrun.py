@@ -150,6 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     forwarder.install()
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_SaidByUs())
     args = torch_run.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        nproc = torch_run.determine_local_world_size(args.nproc_per_node)
+    except ValueError as e:  # torchrun raises it from deep inside, as a traceback
+        nproc, why = 0, f" ({e})"
+    else:
+        why = ""
+    if nproc < 1:
+        _say(f"--nproc_per_node {args.nproc_per_node}: give a positive number of worker processes per node, or auto, "
+             f"cpu, gpu{why}: exit code {USAGE_EXIT_CODE}")
+        return USAGE_EXIT_CODE
     # torchrun installs its own handlers for --signals-to-handle when it starts the workers: keep it off ours.
     ours = {s.name for s in FORWARDED_SIGNALS}
     args.signals_to_handle = ",".join(s for s in args.signals_to_handle.split(",") if s.strip() not in ours)

@@ -320,6 +320,18 @@ def test_torchrun_wrapper_passes_75_through_and_maps_other_failures_to_1(tmp_pat
     assert proc.returncode == 2 and "workers refused to start" in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.parametrize("nproc", ["0", "-1", "abc"])
+def test_torchrun_wrapper_names_a_bad_nproc_per_node_in_one_line(nproc, tmp_path):
+    # torchrun itself fails with an AssertionError or ValueError traceback and exit 1
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "torchrun.py"), "--standalone",
+                           f"--nproc_per_node={nproc}", str(tmp_path / "never_started.py")],
+                          env=_worker_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"[launch/torchrun] --nproc_per_node {nproc}: give a positive"), \
+        proc.stderr[-2000:]
+
+
 def test_first_failure_first_within_one_second():
     """torchrun's failure timestamps are whole seconds: a worker it SIGTERMed after another failed is listed
     after that one, even with a lower rank."""
