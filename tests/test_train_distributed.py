@@ -113,3 +113,17 @@ def test_distributed_optimizer_dp2_matches_and_reshards_to_dp1(single_run, runs)
     back, proc = runs["zero1_to_single"]
     assert "resharded from tp=1 pp=1 dp=2" in proc.stderr
     _assert_same(losses(back), losses(single_run), range(4, STEPS + 1))
+
+
+def test_resharding_that_changes_the_vocabulary_padding_says_the_loss_moves(tmp_path):
+    """520 tokens pad to 576 rows at tp=1 and to 640 at tp=2: megatron's padded logits are not masked, so the loss
+    of the resharded run jumps (by about ln(584/520) here). It used to do so without a word."""
+    common = COMMON + [f"data.cache_dir={tmp_path / 'data'}", "model.vocab_size=520", "train.steps=2",
+                       "train.eval_interval=0", "checkpoint.interval=0"]
+    run_train(tmp_path / "tp1", common)
+    proc = run_train(tmp_path / "tp2", common + ["parallel.tp=2", "train.steps=3", *NO_CHECKPOINTS], nproc=2,
+                     resume=str(tmp_path / "tp1" / "checkpoints" / "iter_0000002"))
+    warned = [line for line in proc.stderr.splitlines() if "was trained with parallel.tp=1, which pads" in line]
+    assert len(warned) == 1, proc.stderr[-3000:]
+    assert "model.vocab_size=520 to 576 output rows; parallel.tp=2 pads it to 640" in warned[0], warned
+    assert sorted(losses(tmp_path / "tp2")) == [3], proc.stderr[-3000:]

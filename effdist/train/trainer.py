@@ -399,6 +399,20 @@ class Trainer:
                 f"checkpoint {path} holds tensors of another shape ({what}); resume with its values"
                 + (f" ({fix})" if fix else "") + ", or start a new run in another --run-dir (checkpoint.init_from "
                 "needs the same shapes too)")
+        saved_tp, tp = marker.get("tp"), self.runtime.tp
+        if isinstance(saved_tp, int) and saved_tp != tp:
+            # Same vocabulary and divisor (checked above), another tp: megatron pads the output layer to another row
+            # count, and its padded logits are not masked, so the softmax runs over another set of logits.
+            before, now = self.cfg.model.padded_vocab_size(saved_tp), self.cfg.model.padded_vocab_size(tp)
+            if before != now:
+                added = now > before
+                log(self.runtime,
+                    f"WARNING: {path.name} was trained with parallel.tp={saved_tp}, which pads "
+                    f"model.vocab_size={self.cfg.model.vocab_size} to {before} output rows; parallel.tp={tp} pads it "
+                    f"to {now}, and the padded logits enter the softmax, so the loss will not continue where it "
+                    f"stopped ({'untrained' if added else 'trained'} rows {min(before, now)}-{max(before, now) - 1} "
+                    f"are {'added' if added else 'dropped'}); resume with a parallel.tp that pads to {before} rows "
+                    f"(e.g. parallel.tp={saved_tp}) to continue exactly")
         saved_optim = marker.get("lr_schedule", {})
         now_optim = self._lr_signature()
         if saved_optim and saved_optim != now_optim:
