@@ -95,6 +95,14 @@ def test_dry_run_names_an_invalid_world_size(nothing_may_start, capsys):
         "effdist: config error: parallel.tp = 2: tp*pp = 2 must divide the number of processes (3)"]
 
 
+@pytest.mark.parametrize("n", ["0", "-2"])
+def test_dry_run_names_a_world_size_below_one(n, nothing_may_start, capsys):
+    # --world-size 0 used to plan for the default (tp x pp processes) and say the config was valid
+    rc, out, err = _train(["--config", TINY, "--dry-run", "--world-size", n], capsys)
+    assert rc == 2, err
+    assert err.strip() == f"effdist: config error: --world-size {n}: must be a positive number of processes", err
+
+
 def test_world_size_without_dry_run_is_refused_not_ignored(nothing_may_start, capsys):
     """--nproc 2 used to train one process silently: the flag only sizes a dry run."""
     from effdist.train.trainer import main

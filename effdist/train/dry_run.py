@@ -168,7 +168,7 @@ def run(args) -> int:
     try:
         cfg = load_config(args.config, overrides)
         validate_run(cfg)
-        world_size = args.world_size or default_world_size(cfg)
+        world_size = args.world_size if args.world_size is not None else default_world_size(cfg)
         if world_size < 1:
             raise ConfigError(f"--world-size {world_size}: must be a positive number of processes")
         if args.print_config:
