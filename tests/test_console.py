@@ -38,3 +38,10 @@ def test_outputs_that_cannot_be_written_are_one_line(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1] == ("effdist simulate: No such file or directory: /proc/effdist "
                                                     "(EFFDIST_TRACEBACK=1 shows where)")
+    # A file where the output's directory would be: mkdir said "File exists", which reads as if the output were there
+    (tmp_path / "plans").write_text("")
+    cmd[-1] = str(tmp_path / "plans" / "plan.json")
+    done = subprocess.run(cmd, env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (f"effdist simulate: a file is in the way of a directory to create: "
+                                                    f"{tmp_path / 'plans'} (EFFDIST_TRACEBACK=1 shows where)")

@@ -49,6 +49,7 @@ This module imports no torch at the top: megatron's spawned manager process impo
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import signal
 import socket
@@ -159,7 +160,10 @@ def report_os_error(command: str, error: OSError) -> int:
     if os.environ.get("EFFDIST_TRACEBACK"):
         raise error
     where = error.filename if error.filename is not None else ""
-    print_to_console(f"effdist {command}: {error.strerror or error}" + (f": {where}" if where else "")
+    what = error.strerror or error
+    if error.errno == errno.EEXIST and where and os.path.exists(where) and not os.path.isdir(where):
+        what = "a file is in the way of a directory to create"  # mkdir(parents=True) of an output under a file
+    print_to_console(f"effdist {command}: {what}" + (f": {where}" if where else "")
                      + " (EFFDIST_TRACEBACK=1 shows where)")
     return 1
 
