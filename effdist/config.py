@@ -912,6 +912,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if bad:
             _fail("ffn.layers", f.layers, f"layer indices must lie in [0, {m.num_layers - 1}]")
     width = ffn_width(cfg)
+    for name, k in (("topk_k", f.topk_k), ("moc_k", f.moc_k)):
+        if f.kind == name[:-2] and k >= 1 and not float(k).is_integer():
+            _fail(f"ffn.{name}", k, f"a count must be a whole number of channels (or give a fraction of the FFN "
+                                    f"width in (0, 1)); it would be cut to {int(k)}")
     if f.kind == "topk":
         if resolve_count(f.topk_k, width) > width:
             _fail("ffn.topk_k", f.topk_k, f"must be a count in [1, {width}] or a fraction in (0, 1)")

@@ -95,6 +95,16 @@ def test_tp_must_divide_the_width_of_the_layers_outside_ffn_layers():
     load_config(ROOT / "configs/tiny-cpu.yaml", overrides[:1] + ["ffn.layers=[0,1,2,3]"] + overrides[2:])
 
 
+@pytest.mark.parametrize("kind", ["topk", "moc"])
+def test_a_k_above_one_must_be_a_whole_count(kind):
+    # 2.5 was cut to 2 channels without a word (epas.final_region refuses the same)
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/tiny-cpu.yaml", [f"ffn.kind={kind}", f"ffn.{kind}_k=2.5"])
+    assert str(e.value).startswith(f"ffn.{kind}_k = 2.5: a count must be a whole number"), str(e.value)
+    load_config(ROOT / "configs/tiny-cpu.yaml", [f"ffn.kind={kind}", f"ffn.{kind}_k=2"])
+    load_config(ROOT / "configs/tiny-cpu.yaml", [f"ffn.kind={kind}", f"ffn.{kind}_k=0.25"])
+
+
 def test_world_size_checks():
     cfg = load_config(ROOT / "configs/tiny-cpu.yaml", ["parallel.tp=2"])
     validate(cfg, world_size=2)
