@@ -124,6 +124,12 @@ def test_resume_with_other_epas_settings_is_one_line_and_exit_2(single, data_cac
     errors = [line for line in proc.stderr.splitlines() if line.startswith("effdist: error")]
     assert len(errors) == 1 and "epas.transition_steps = 1, this config has 0" in errors[0], errors
     assert "--set epas.transition_steps=1" in errors[0], errors
+    # EPAS off on resume used to go on silently with the sharing layers' stale Q/K weights
+    proc = run_train(tmp_path / "dense", common + ["epas.enabled=false"], check=False,
+                     resume=str(single / "checkpoints" / "iter_0000003"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("effdist: error")]
+    assert len(errors) == 1 and "share Q/K there (EPAS), and epas.enabled=false would" in errors[0], errors
 
 
 def _init_from(source, fresh, data_cache) -> subprocess.CompletedProcess:

@@ -312,6 +312,13 @@ class Trainer:
         self.loader.load_state_dict(common["data"])
         self.nonfinite_in_a_row = int(common.get("nonfinite_in_a_row", 0))
         self.skipped_steps = int(common.get("skipped_steps", 0))
+        saved_epas = common.get("epas") or {}
+        if saved_epas.get("sharing_layers") and not any(hook.name == "epas" for hook in self.hooks):
+            raise ckpt.IncompatibleCheckpointError(
+                f"checkpoint {path}: layers {saved_epas['sharing_layers']} share Q/K there (EPAS), and "
+                "epas.enabled=false would switch them back to their own Q/K, whose weights stopped training at the "
+                "switch: resume with --set epas.enabled=true and the epas settings "
+                "the run was trained with, or start a new run from the weights (--set checkpoint.init_from=...)")
         for hook in self.hooks:
             if hook.name in common:
                 try:
