@@ -890,6 +890,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     pl = cfg.pipeline
     if pl.schedule not in SCHEDULES:
         _fail("pipeline.schedule", pl.schedule, "valid: " + ", ".join(SCHEDULES))
+    if par.pp > 1 and pl.schedule.startswith("v-") and pl.chunks_per_rank != 2:
+        _fail("pipeline.chunks_per_rank", pl.chunks_per_rank, f"pipeline.schedule={pl.schedule} places exactly 2 chunks "
+              "on each rank (the V shape); leave it at 2, or use pipeline.schedule=interleaved for another count")
 
     e = cfg.epas
     if e.mode not in ("progressive", "fixed", "adaptive"):
@@ -942,7 +945,11 @@ def validate_world_size(cfg: Config, world_size: int) -> None:
     """The checks that need the number of processes (data-parallel divisibility)."""
     par, tr, pl = cfg.parallel, cfg.train, cfg.pipeline
     if world_size % cfg.model_parallel_size:
-        _fail("parallel.tp", par.tp, f"tp*pp = {cfg.model_parallel_size} must divide the number of processes ({world_size})")
+        # Named after the one the user set to more than 1 (both when both are): either may be the one to change.
+        field = "parallel.tp" if par.pp == 1 else "parallel.pp" if par.tp == 1 else "parallel.tp*parallel.pp"
+        value = par.tp if par.pp == 1 else par.pp if par.tp == 1 else f"{par.tp}*{par.pp}"
+        raise ConfigError(f"{field} = {value}: tp*pp = {cfg.model_parallel_size} must divide the number of processes "
+                          f"({world_size})")
     dp = cfg.data_parallel_size(world_size)
     if tr.global_batch % (tr.micro_batch * dp):
         _fail("train.global_batch", tr.global_batch, f"must be a multiple of micro_batch*data_parallel = {tr.micro_batch}*{dp}")

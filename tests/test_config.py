@@ -53,9 +53,11 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     ("epas.interval=0", "epas.interval", "positive"),
     ("ffn.layers=[9]", "ffn.layers", "[0, 3]"),
     ("train.dtype=fp8", "train.dtype", "auto, fp32, bf16"),
+    ("parallel.pp=2;pipeline.schedule=v-half;pipeline.chunks_per_rank=3", "pipeline.chunks_per_rank",
+     "exactly 2 chunks"),  # the V schedules used to ignore it silently
 ])
 def test_invalid_values_name_field_and_fix(override, field, hint):
-    overrides = [override]
+    overrides = override.split(";")
     if override.startswith("epas.") and override != "epas.enabled=true":
         overrides = ["epas.enabled=true", override]
     if field is None:
@@ -110,6 +112,12 @@ def test_world_size_checks():
     validate(cfg, world_size=2)
     with pytest.raises(ConfigError, match="must divide the number of processes"):
         validate(cfg, world_size=3)
+    # The message names the setting that is more than 1 (it named parallel.tp = 1 for a pp=2 layout).
+    for sets, world, named in ((["parallel.pp=2"], 3, "parallel.pp = 2:"),
+                               (["parallel.tp=2", "parallel.pp=2"], 6, "parallel.tp*parallel.pp = 2*2:")):
+        with pytest.raises(ConfigError) as e:
+            validate(load_config(ROOT / "configs/tiny-cpu.yaml", sets), world_size=world)
+        assert str(e.value).startswith(named), str(e.value)
     cfg = load_config(ROOT / "configs/tiny-cpu.yaml", ["train.global_batch=12", "train.micro_batch=4"])
     with pytest.raises(ConfigError, match="micro_batch\\*data_parallel"):
         validate(cfg, world_size=2)
