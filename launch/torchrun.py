@@ -160,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"--nproc_per_node {args.nproc_per_node}: give a positive number of worker processes per node, or auto, "
              f"cpu, gpu{why}: exit code {USAGE_EXIT_CODE}")
         return USAGE_EXIT_CODE
+    # The worker environment launch/run.sh and the hostfile launcher set (each overridable by the caller's): one
+    # CUDA work queue for megatron's TP/SP overlap (megatron warns on every TP/SP start without it), NVLS off, and
+    # the one OpenMP thread per process torchrun would set with a warning of its own.
+    for name, value in (("CUDA_DEVICE_MAX_CONNECTIONS", "1"), ("NCCL_NVLS_ENABLE", "0"), ("OMP_NUM_THREADS", "1")):
+        os.environ.setdefault(name, value)
     # torchrun installs its own handlers for --signals-to-handle when it starts the workers: keep it off ours.
     ours = {s.name for s in FORWARDED_SIGNALS}
     args.signals_to_handle = ",".join(s for s in args.signals_to_handle.split(",") if s.strip() not in ours)

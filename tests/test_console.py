@@ -29,6 +29,24 @@ def test_tiny_run_stderr_is_effdist_lines_only(tmp_path):
     assert len(lines) <= steps + 8, "\n".join(lines)
 
 
+def test_a_tensor_parallel_run_through_the_launcher_prints_effdist_lines_only(tmp_path):
+    """tp=2 with sequence parallelism under launch/torchrun.py: no megatron CUDA_DEVICE_MAX_CONNECTIONS advice (the
+    launcher sets it, as launch/run.sh does), no torch FutureWarning per rank for the collectives megatron calls by
+    their old names, no torchrun OMP_NUM_THREADS notice."""
+    cmd = [sys.executable, "launch/torchrun.py", "--standalone", "--nproc_per_node", "2", "-m", "effdist.train",
+           "--config", str(TINY), "--run-dir", str(tmp_path / "run"), "--set", "parallel.tp=2",
+           "--set", "parallel.sequence_parallel=true", "--set", "train.steps=2", "--set", "logging.tensorboard=false",
+           "--set", f"data.cache_dir={tmp_path / 'data'}"]
+    env = clean_env()
+    env.pop("PYTHONWARNINGS")
+    for name in ("CUDA_DEVICE_MAX_CONNECTIONS", "OMP_NUM_THREADS"):
+        env.pop(name, None)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    other = [line for line in proc.stderr.splitlines() if not line.startswith(("step ", "[effdist] "))]
+    assert other == [], "\n".join(other)
+
+
 def test_outputs_that_cannot_be_written_are_one_line(tmp_path):
     """Any command: a file it cannot write (a missing or read-only parent, a directory in the way) is one line
     naming it, exit 1, not a traceback."""

@@ -50,6 +50,7 @@ from effdist.pipeline.simulate import Timing
 from effdist.pipeline.timeline import StepRecorder
 from effdist.pipeline.wgrad import SPLIT_LINEARS, WEIGHT_GRAD_STORE
 from effdist.protocols import NO_EXTRAS, BoundaryExtras, ContextExtras, PipelineError, TensorSpec
+from effdist.runtime.distributed import all_gather_single
 
 __all__ = ["Pipeline", "PipelineError", "PipelineCommError", "BoundaryExtras", "ContextExtras", "TensorSpec",
            "build_pipeline"]
@@ -471,7 +472,7 @@ class Pipeline:
         local = torch.tensor([float(probe.peak[LAYERS]), float(probe.peak["total"]), mb0_layers, allocated,
                               -1.0 if b_frees is None else b_frees], dtype=torch.float64, device=self.device)
         gathered = torch.empty(self.pp * local.numel(), dtype=torch.float64, device=self.device)
-        dist.all_gather_into_tensor(gathered, local, group=self.group)
+        all_gather_single(gathered, local, group=self.group)
         rows = gathered.view(self.pp, -1).cpu().tolist()
         unit = sum(r[2] for r in rows) / self.pp
         fractions = [r[4] for r in rows if r[4] >= 0]

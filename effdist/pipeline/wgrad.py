@@ -41,6 +41,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.utils import get_tensor_model_parallel_group_if_none, prepare_input_tensors_for_wgrad_compute
 
 from effdist.model.spec import LinearImpl
+from effdist.runtime.distributed import all_gather_single, reduce_scatter_single
 
 
 class WeightGradError(RuntimeError):
@@ -139,7 +140,7 @@ def _gather_sequence(input_: torch.Tensor, tp_group) -> torch.Tensor:
     size = list(input_.size())
     size[0] *= tp_group.size()
     out = torch.empty(size, dtype=input_.dtype, device=input_.device)
-    dist.all_gather_into_tensor(out, input_.contiguous(), group=tp_group)
+    all_gather_single(out, input_.contiguous(), group=tp_group)
     return out
 
 
@@ -197,7 +198,7 @@ class _LinearWithDeferrableWgrad(torch.autograd.Function):
             handle = dist.all_reduce(grad_input, group=tp_group, async_op=True)
         if ctx.sequence_parallel:
             sub_grad_input = torch.empty(list(input_.size()), dtype=input_.dtype, device=input_.device)
-            handle = dist.reduce_scatter_tensor(sub_grad_input, grad_input, group=tp_group, async_op=True)
+            handle = reduce_scatter_single(sub_grad_input, grad_input, group=tp_group, async_op=True)
 
         grad_weight = None
         if defer:

@@ -43,6 +43,12 @@ class Runtime:
         return self.device.type == "cuda"
 
 
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor (same arguments) and warns on the old names;
+# older torch (the GPU image's 2.11) has only those.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def choose_device(cfg: Config) -> tuple[torch.device, str]:
     """cuda+nccl when a GPU is visible (and not overridden), else cpu+gloo."""
     want = cfg.parallel.device

@@ -43,6 +43,16 @@ DCP_DEPRECATIONS = (
 )
 DCP_DEPRECATION_MODULES = r"(megatron\.core|torch\.distributed)\."
 
+# torch 2.13 renames the tensor collectives (`*_single`); megatron-core 0.16 calls the old names for every
+# sequence-parallel all-gather and reduce-scatter, one warning per rank and start. effdist's own calls use the new
+# names where torch has them (effdist.runtime.distributed.all_gather_single / reduce_scatter_single).
+COLLECTIVE_RENAMES = (
+    "`torch.distributed.reduce_scatter_tensor` is deprecated. Please use `torch.distributed.reduce_scatter_single` "
+    "instead.",
+    "`torch.distributed.all_gather_into_tensor` is deprecated. Please use `torch.distributed.all_gather_single` "
+    "instead.",
+)
+
 
 class _DropExactMessages(logging.Filter):
     def __init__(self, messages: tuple[str, ...]):
@@ -65,7 +75,7 @@ def install() -> None:
     for message in TE_APEX_MISSING:
         warnings.filterwarnings("ignore", message=re.escape(message) + r"\Z", category=UserWarning,
                                 module=r"megatron\.core\.")
-    for message in DCP_DEPRECATIONS:
+    for message in DCP_DEPRECATIONS + COLLECTIVE_RENAMES:
         warnings.filterwarnings("ignore", message=re.escape(message) + r"\Z", category=FutureWarning,
                                 module=DCP_DEPRECATION_MODULES)
     logging.getLogger(UNKNOWN_MLP_LOGGER).addFilter(_DropExactMessages((UNKNOWN_MLP_TYPE,)))
