@@ -287,6 +287,11 @@ def test_simulate_draws_in_seconds_with_a_calibration(tmp_path, capsys):
     assert "time (ms, from the calibration)" in svg and "simulation units" not in svg
     assert f"makespan={data['makespan'] * 1000:.3g} ms" in svg
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert "another shape" not in capsys.readouterr().out
+    # Another model's calibration is used scaled by FLOPs, and said so (effdist plan says it too).
+    assert simulate_cli.main(["--schedule", "1f1b", "--pp", "2", "--microbatches", "4", "--model",
+                              str(CONFIGS / "llama-350m.yaml"), "--calibration", str(cal_path)]) == 0
+    assert "was measured at another shape" in capsys.readouterr().out
     cfg.parallel.pp = 2
     costs = pipeline_costs(Calibration.load(cal_path), cfg, 2, cfg.train.micro_batch, frozenset())
     assert data["costs"]["forward"] == pytest.approx(costs.forward)
