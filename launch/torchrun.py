@@ -46,11 +46,13 @@ def _preempted_exit_code() -> int:
 
 
 class _SaidByUs(logging.Filter):
-    """torchrun's own lines about workers that exited ("failed (exitcode: 75)" on a clean preemption) and the
-    SIGTERMs it sends the others: this launcher's closing line says the same per worker, with what it means."""
+    """torchrun's own lines about workers that exited ("failed (exitcode: 75)" on a clean preemption), the
+    SIGTERMs it sends the others and the signal that stopped it: this launcher's closing line says the same, with
+    what it means."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (isinstance(record.msg, str) and record.msg.startswith(("failed (exitcode", "Sending process")))
+        return not (isinstance(record.msg, str)
+                    and record.msg.startswith(("failed (exitcode", "Sending process", "Received %s death signal")))
 
 
 def _say(msg: str) -> None:
@@ -74,6 +76,11 @@ class Forwarder:
         name = signal.Signals(signum).name
         workers = psutil.Process().children(recursive=False)
         if not workers:
+            if "torch.distributed.elastic.multiprocessing.api" not in sys.modules:
+                # Still importing torch (the first seconds): nothing was started, nothing to stop or save. An
+                # exception raised here would surface inside that import, where library code may swallow it.
+                _say(f"{name} before the workers started: exit code {128 + signum}")
+                os._exit(128 + signum)
             from torch.distributed.elastic.multiprocessing.api import SignalException
 
             raise SignalException(f"{name} before the workers started", sigval=signal.Signals(signum))
@@ -141,14 +148,15 @@ def describe_failures(failures: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    forwarder = Forwarder()
+    forwarder.install()  # first: a signal during the seconds of torch's import ends this process with one line
+    preempted_code = _preempted_exit_code()
     from torch.distributed import run as torch_run
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    preempted_code = _preempted_exit_code()
-    forwarder = Forwarder()
-    forwarder.install()
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_SaidByUs())
+    for logger in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
+        logging.getLogger(logger).addFilter(_SaidByUs())
     args = torch_run.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         nproc = torch_run.determine_local_world_size(args.nproc_per_node)

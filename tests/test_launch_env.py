@@ -332,6 +332,32 @@ def test_torchrun_wrapper_names_a_bad_nproc_per_node_in_one_line(nproc, tmp_path
         proc.stderr[-2000:]
 
 
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler installed for `sig` (the SigCgt mask of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+def test_torchrun_wrapper_stopped_while_importing_torch_says_so_and_exits(tmp_path):
+    """SIGTERM in the launcher's first second, while it still imports torch: one line and exit 143 (it was killed
+    silently, or the exception raised in its handler vanished inside torch's import and the run went on)."""
+    script = tmp_path / "worker.py"
+    script.write_text("open(__file__ + '.ran', 'w').close()\n")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "torchrun.py"), "--standalone",
+                             "--nproc_per_node=1", str(script)], env=_worker_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not _catches(proc.pid, signal.SIGTERM):  # the launcher's handler is in place: torch's import follows
+        assert time.time() < deadline and proc.poll() is None, "the launcher never installed its SIGTERM handler"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert err.strip().splitlines() == ["[launch/torchrun] SIGTERM before the workers started: exit code 143"], err
+    assert not Path(str(script) + ".ran").exists()
+
+
 def test_first_failure_first_within_one_second():
     """torchrun's failure timestamps are whole seconds: a worker it SIGTERMed after another failed is listed
     after that one, even with a lower rank."""
