@@ -341,8 +341,8 @@ def _catches(pid: int, sig: int) -> bool:
 
 
 def test_torchrun_wrapper_stopped_while_importing_torch_says_so_and_exits(tmp_path):
-    """SIGTERM in the launcher's first second, while it still imports torch: one line and exit 143 (it was killed
-    silently, or the exception raised in its handler vanished inside torch's import and the run went on)."""
+    """SIGTERM in the launcher's first second, while it still imports torch: one line and exit 143 (the default
+    action killed it silently; an exception raised from a handler there can vanish inside torch's import)."""
     script = tmp_path / "worker.py"
     script.write_text("open(__file__ + '.ran', 'w').close()\n")
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "torchrun.py"), "--standalone",
