@@ -448,6 +448,7 @@ class EpasController:
             raise EpasError(f"the EPAS state was saved for {state['num_layers']} layers, this model has {self.num_layers}")
         saved = frozenset(state["sharing_layers"])
         step = state["step"]
+        at = "before its first step" if step is None else f"at step {step + 1}"  # steps counted from 1, as on the console
         saved_mode = state.get("schedule", {}).get("mode", "progressive")
         if (saved_mode == "adaptive") != (self._adaptive is not None):
             raise EpasError(f"the checkpoint was trained with epas.mode = {saved_mode}, this config has "
@@ -461,7 +462,7 @@ class EpasController:
                 self._adaptive.check_joins(joins, step)
             except ValueError as e:
                 raise EpasError(f"checkpoint EPAS join steps {joins} (schedule {state.get('schedule')}) do not fit "
-                                f"this config's adaptive schedule {self._schedule_signature()} at step {step}: {e}. Resume "
+                                f"this config's adaptive schedule {self._schedule_signature()} {at}: {e}. Resume "
                                 "with the epas settings the run was trained with, or start a new run from the "
                                 "weights") from None
             expected = frozenset(layer for layer, joined in joins.items() if step is not None and joined <= step)
@@ -471,7 +472,7 @@ class EpasController:
             what = f"this config's schedule {self._schedule_signature()}"
         if saved != expected:
             raise EpasError(
-                f"checkpoint EPAS region at step {step} is {sorted(saved)} (schedule {state.get('schedule')}), but "
+                f"checkpoint EPAS region {at} is {sorted(saved)} (schedule {state.get('schedule')}), but "
                 f"{what} gives {sorted(expected)} at that step. Resume "
                 "with the epas settings the run was trained with, or start a new run from the weights")
         saved_transition = state.get("schedule", {}).get("transition_steps", 0)
