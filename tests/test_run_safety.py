@@ -291,6 +291,51 @@ def test_missing_checkpoints_and_resumes_from_elsewhere_never_restart_silently(t
     assert str(aside / "iter_0000004") in proc.stderr, _error_lines(proc)
 
 
+def test_two_runs_sharing_one_checkpoint_dir_never_take_or_delete_each_others_checkpoints(tmp_path, data_cache):
+    """checkpoint.dir shared by two run directories: the second run neither resumes from the first one's
+    checkpoints nor deletes them through checkpoint.keep_last (one line, exit 2); while one trainer saves there,
+    a second one is refused at once; the owner itself still resumes."""
+    shared = tmp_path / "shared"
+    first, second = tmp_path / "first", tmp_path / "second"
+    proc = _train(first, data_cache, ["train.steps=4", "checkpoint.interval=2", f"checkpoint.dir={shared}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _train(second, data_cache, ["train.steps=6", "checkpoint.interval=2", f"checkpoint.dir={shared}",
+                                       "checkpoint.keep_last=1"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (f"checkpoint.dir = '{shared}' holds the checkpoints of another run (iter_0000004 was saved by the run "
+            f"in {first.resolve()})") in proc.stderr, _error_lines(proc)
+    assert _names(shared) == ["iter_0000002", "iter_0000004"]
+    assert not (second / "metrics.jsonl").exists()
+    proc = _train(second, data_cache, ["train.steps=6", f"checkpoint.dir={shared}"], resume="none", fresh=True)
+    assert proc.returncode == 2 and "holds the checkpoints of another run" in proc.stderr, proc.stderr[-3000:]
+    assert _names(shared) == ["iter_0000002", "iter_0000004"] and not (shared / "previous").exists()
+    proc = _train(first, data_cache, ["train.steps=6", "checkpoint.interval=2", f"checkpoint.dir={shared}"])
+    assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
+    # A run directory moved elsewhere (its old path gone) still continues from its checkpoint.dir.
+    moved = tmp_path / "first-moved"
+    first.rename(moved)
+    proc = _train(moved, data_cache, ["train.steps=8", "checkpoint.interval=2", f"checkpoint.dir={shared}"])
+    assert proc.returncode == 0 and "resumed from" in proc.stderr and "at step 6" in proc.stderr, proc.stderr[-3000:]
+
+    # Two trainers at once on one checkpoint.dir that holds nothing yet: the second is refused, naming the first.
+    empty = tmp_path / "empty-shared"
+    log = tmp_path / "holder.log"
+    with open(log, "w") as out:
+        holder = subprocess.Popen(_cmd(tmp_path / "third", BASE + [f"data.cache_dir={data_cache}", "train.steps=100000",
+                                                                   f"checkpoint.dir={empty}"]),
+                                  env=clean_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        try:
+            _wait_for_step(tmp_path / "third", 1, holder, log)
+            proc = _train(tmp_path / "fourth", data_cache, ["train.steps=2", f"checkpoint.dir={empty}"])
+        finally:
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"checkpoint.dir {empty} is in use by another trainer (host {socket.gethostname()}, pid {holder.pid}" \
+        in proc.stderr, _error_lines(proc)
+
+
 def test_a_damaged_metrics_file_is_named_not_a_traceback(tmp_path, data_cache, four_steps):
     from effdist.train.plot import main as plot_main
 

@@ -46,10 +46,12 @@ class RunDirNotEmpty(RunDirError):
 
 
 class RunDirLock:
-    """An exclusive advisory lock on RUN_DIR/effdist.lock, held until `release` or the process ends."""
+    """An exclusive advisory lock on RUN_DIR/effdist.lock, held until `release` or the process ends.
+    `what` names the directory in the refusal ("checkpoint.dir" for a checkpoint directory elsewhere)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, what: str = "run directory"):
         self.path = Path(run_dir) / LOCK_FILE
+        self.what = what
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -60,8 +62,9 @@ class RunDirLock:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise RunDirLocked(f"run directory {self.path.parent} is in use by another trainer ({holder}); wait "
-                               f"for it to finish or stop it, or use another --run-dir") from None
+            other = "--run-dir" if self.what == "run directory" else self.what
+            raise RunDirLocked(f"{self.what} {self.path.parent} is in use by another trainer ({holder}); wait "
+                               f"for it to finish or stop it, or use another {other}") from None
         except OSError as e:
             os.close(fd)
             raise RunDirError(f"cannot lock {self.path} ({e.strerror}); on a file system without flock support "
@@ -126,6 +129,30 @@ def existing_run(run_dir: Path, ckpt_dir: Path) -> list[str]:
     if metrics.is_file() and metrics.stat().st_size > 0:
         found.append(f"{metrics} ({sum(1 for _ in open(metrics, 'rb'))} records)")
     return found
+
+
+class CheckpointDirOfAnotherRun(RunDirError):
+    """checkpoint.dir holds the checkpoints of another run directory."""
+
+
+def check_checkpoint_owner(run_dir: Path, ckpt_dir: Path) -> None:
+    """checkpoint.dir set to a directory that another run saved into (two runs sharing one checkpoint.dir): resuming
+    from its checkpoints and applying retention there would continue, and delete, the other run's line. Refuse.
+    A checkpoint records the run directory that saved it (effdist.json `run_dir`); one without it is not judged,
+    nor one whose run directory is gone (the run directory was moved: this is it)."""
+    mine = str(Path(run_dir).resolve())
+    for _, path in reversed(checkpoint_entries(ckpt_dir)):
+        try:
+            owner = json.loads((path / "effdist.json").read_text()).get("run_dir")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if owner and owner != mine and Path(owner).is_dir():
+            raise CheckpointDirOfAnotherRun(
+                f"checkpoint.dir = {str(ckpt_dir)!r} holds the checkpoints of another run ({path.name} was saved by "
+                f"the run in {owner}): give this run its own checkpoint.dir (with --set checkpoint.init_from={path} to "
+                f"start from that run's weights), or continue that run with --run-dir {owner}")
+        if owner:
+            return
 
 
 class RunDirMissingCheckpoints(RunDirError):

@@ -10,6 +10,7 @@ a TP=2 or DP=2 run follows a single-process run of the same global batch.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import signal
@@ -82,6 +83,7 @@ class Trainer:
         self.resume = resume
         self.fresh = fresh  # --fresh: with --resume none, move an earlier run aside instead of refusing
         self.lock: run_directory.RunDirLock | None = None
+        self.ckpt_lock: run_directory.RunDirLock | None = None  # checkpoint.dir outside the run directory
         # The newest checkpoint this run can go back to (named when the run stops on non-finite values).
         self.last_good_checkpoint: Path | None = None
         # Set when resuming moved newer checkpoints aside (rollback): recorded in metrics.jsonl as an event.
@@ -253,6 +255,18 @@ class Trainer:
             try:
                 self.lock = run_directory.RunDirLock(self.run_dir)
                 self.lock.acquire()
+                if self.ckpt_dir.resolve() != self.run_dir.resolve() / "checkpoints":
+                    # checkpoint.dir elsewhere: one trainer saves there at a time, and only into its own line.
+                    if self.ckpt_dir.resolve() != self.run_dir.resolve():
+                        self.ckpt_lock = run_directory.RunDirLock(self.ckpt_dir, what="checkpoint.dir")
+                        try:
+                            self.ckpt_lock.acquire()
+                        except OSError as e:  # nobody saves into a read-only one: the first save names it
+                            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                                raise
+                            self.ckpt_lock = None
+                    if self.resume in ("auto", "none", "", None):
+                        run_directory.check_checkpoint_owner(self.run_dir, self.ckpt_dir)
                 if self.resume in ("none", "", None):
                     moved = run_directory.start_over(self.run_dir, self.ckpt_dir, self.fresh)
                     if moved is not None:
@@ -613,7 +627,7 @@ class Trainer:
         self._check_weights_finite()
         self._check_space()
         marker = {"model": self._model_signature(), "lr_schedule": self._lr_signature(), "tp": rt.tp, "pp": rt.pp,
-                  "dp": rt.dp, "config": self.cfg.to_dict()}
+                  "dp": rt.dp, "config": self.cfg.to_dict(), "run_dir": str(self.run_dir.resolve())}
         step = self.step
 
         def retain():
@@ -916,6 +930,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if trainer.lock is not None:
                 trainer.lock.release()
+            if trainer.ckpt_lock is not None:
+                trainer.ckpt_lock.release()
     return code
 
 
