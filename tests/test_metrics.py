@@ -253,6 +253,22 @@ def test_plot_labels_and_errors(tmp_path, capsys):
     assert not (tmp_path / "o.png").exists()
 
 
+def test_plot_replaces_an_earlier_chart_but_no_other_file(tmp_path, capsys):
+    """--out naming a run's own metrics.jsonl (or any file that is not a chart) is refused and left as it was;
+    an earlier PNG is replaced; a directory is named."""
+    run = tmp_path / "r"
+    _write_run(run, [2.0, 1.5])
+    metrics = (run / "metrics.jsonl").read_bytes()
+    assert plot.main([str(run), "--out", str(run / "metrics.jsonl")]) == 2
+    assert "exists and is not a PNG" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_bytes() == metrics
+    assert plot.main([str(run), "--out", str(run)]) == 2
+    assert f"--out {run} is a directory" in capsys.readouterr().err
+    out = tmp_path / "loss.png"
+    assert plot.main([str(run), "--out", str(out)]) == 0
+    assert plot.main([str(run), "--out", str(out), "--key", "grad_norm"]) == 0
+
+
 def test_a_log_file_gets_one_plain_line_per_update_with_mfu_and_memory():
     from effdist.train.metrics import console_line
 

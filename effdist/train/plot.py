@@ -57,6 +57,26 @@ def plot_runs(run_dirs: list[Path], out: Path, key: str = "loss", log_y: bool = 
     return out
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def output_problem(out: Path) -> str | None:
+    """Why the chart cannot be written to `out`, or None. An earlier chart (a PNG) is replaced; any other file
+    (a run's metrics.jsonl or config.yaml given as --out by mistake) never is."""
+    if out.is_dir():
+        return f"--out {out} is a directory: give a PNG file name, e.g. {out / 'loss.png'}"
+    if out.exists():
+        try:
+            with open(out, "rb") as f:
+                head = f.read(len(PNG_SIGNATURE))
+        except OSError:
+            head = b""
+        if head != PNG_SIGNATURE:
+            return (f"--out {out} exists and is not a PNG (only an earlier chart is replaced): give another --out, "
+                    "or move the file away")
+    return None
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="effdist plot", description="Plot a metric of one or more runs into one PNG.")
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help=f"run directories (with {METRICS_FILE})")
@@ -70,6 +90,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
+    problem = output_problem(args.out)
+    if problem:
+        print(f"effdist plot: {problem}", file=sys.stderr)
+        return 2
     problems = []
     for run_dir in args.run_dirs:
         try:
