@@ -269,6 +269,20 @@ def test_plot_replaces_an_earlier_chart_but_no_other_file(tmp_path, capsys):
     assert plot.main([str(run), "--out", str(out), "--key", "grad_norm"]) == 0
 
 
+@pytest.mark.slow
+def test_every_evaluation_is_written_whatever_the_logging_interval(tmp_path):
+    """train.eval_interval=3 with logging.interval=2: the validation loss of step 3 is in metrics.jsonl, not
+    computed and dropped because step 3 is not a logging step."""
+    from tests.launching import losses, run_train
+
+    run_train(tmp_path / "run", ["train.steps=4", "train.global_batch=8", "train.micro_batch=2", "data.seq_length=64",
+                                 "train.eval_interval=3", "train.eval_steps=1", "logging.interval=2",
+                                 "logging.tensorboard=false", "checkpoint.save_at_end=false",
+                                 f"data.cache_dir={tmp_path / 'data'}"])
+    assert sorted(losses(tmp_path / "run", "val_loss")) == [3, 4]
+    assert sorted(losses(tmp_path / "run")) == [2, 3, 4]
+
+
 def test_a_log_file_gets_one_plain_line_per_update_with_mfu_and_memory():
     from effdist.train.metrics import console_line
 

@@ -775,7 +775,8 @@ class Trainer:
             if self.saver is not None:
                 for p in self.saver.poll():
                     self._saved(p)
-            if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
+            # A step that evaluated is always written: its val_loss exists nowhere else.
+            if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps or "val_loss" in record:
                 self.metrics.log(record)
             due = cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0
             if self._preempt_agreed():
