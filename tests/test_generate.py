@@ -248,6 +248,11 @@ def test_bad_checkpoint_paths(tmp_path):
     with pytest.raises(GenerationError, match="holds no complete effdist checkpoint"):
         read_checkpoint_info(tmp_path)
     assert main(["--checkpoint", str(tmp_path), "--prompt-ids", "1,2"]) == 2
+    # A file that is no model (a run's metrics.jsonl): one line naming it, not an unpickling traceback.
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    with pytest.raises(GenerationError, match="metrics.jsonl is not an effdist model file.*torch cannot read it"):
+        read_checkpoint_info(tmp_path / "metrics.jsonl")
+    assert main(["--checkpoint", str(tmp_path / "metrics.jsonl"), "--prompt-ids", "1,2"]) == 2
 
 
 # ---------------------------------------------------------------------------------------- end to end

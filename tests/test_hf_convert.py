@@ -199,6 +199,10 @@ def test_unsupported_checkpoints_are_named(tmp_path):
     with pytest.raises(ConversionError, match=r"model.norm.weight: expected \[64\], the HF checkpoint has \[65\]"):
         hf_to_effdist(wrong, cfg)
     assert main(["hf-to-effdist", "--hf-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.pt")]) == 2
+    # A file that is no effdist model (a run's config.yaml given as --checkpoint): one line, exit 2.
+    (tmp_path / "config.yaml").write_text("model:\n  num_layers: 2\n")
+    assert main(["to-hf", "--checkpoint", str(tmp_path / "config.yaml"), "--out", str(tmp_path / "hf-out")]) == 2
+    assert not (tmp_path / "hf-out").exists()
 
 
 def _altered_hf_dir(tmp_path, name, src, tensors=None, drop=(), **config_changes):

@@ -324,7 +324,15 @@ def save_torch(path: str | Path, sd: dict[str, torch.Tensor], cfg: Config) -> Pa
 
 
 def load_torch(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except OSError:
+        raise  # unreadable (permissions, a directory): the command names the path
+    except Exception as e:  # not a torch file at all (a metrics.jsonl, a config.yaml): pickle/zip errors
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise ConversionError(f"{path} is not an effdist model file (format {TORCH_FORMAT}): torch cannot read it "
+                              f"({reason}); give a run directory, a checkpoint directory, or a file written by "
+                              "`effdist convert hf-to-effdist --format torch`") from None
     if not isinstance(blob, dict) or blob.get("format") != TORCH_FORMAT:
         raise ConversionError(f"{path} is not an effdist model file (format {TORCH_FORMAT})")
     return config_from_dict(blob["config"]), blob["model"]
