@@ -240,6 +240,9 @@ def test_prompt_length_and_token_checks():
         gen.generate(["some text"])
     with pytest.raises(GenerationError, match="top_p = 0"):
         gen.generate(PROMPTS, temperature=1.0, top_p=0)
+    for bad in (float("nan"), float("inf")):  # not a traceback from torch.multinomial
+        with pytest.raises(GenerationError, match=f"temperature = {bad}: must be a finite number >= 0"):
+            gen.generate(PROMPTS, temperature=bad)
 
 
 def test_bad_checkpoint_paths(tmp_path):

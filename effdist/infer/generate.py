@@ -353,8 +353,8 @@ class Generator:
         """
         if max_new_tokens <= 0:
             raise GenerationError(f"max_new_tokens = {max_new_tokens}: must be >= 1")
-        if temperature < 0:
-            raise GenerationError(f"temperature = {temperature}: must be >= 0 (0 = greedy)")
+        if not temperature >= 0 or temperature == float("inf"):  # NaN fails the comparison
+            raise GenerationError(f"temperature = {temperature}: must be a finite number >= 0 (0 = greedy)")
         if top_k is not None and top_k < 0:
             raise GenerationError(f"top_k = {top_k}: must be >= 0 (0 or None = no limit)")
         if top_p is not None and not 0 < top_p <= 1:
