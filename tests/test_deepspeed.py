@@ -112,6 +112,34 @@ def test_config_file_merges_but_may_not_contradict(tmp_path):
             deepspeed_config(_cfg(f"deepspeed.config_file={extra}"), dp=2, dtype=torch.float32, is_cuda=False)
 
 
+def test_config_file_contradictions_are_refused_before_start(tmp_path):
+    """The file is checked with the config, before any process group starts (and by --dry-run): a contradiction is
+    not found only once the trainer has started and written config.yaml and the data into the run directory."""
+    from effdist.train.deepspeed_engine import check_config_file
+
+    extra = tmp_path / "ds.json"
+    cfg = lambda: load_config(TINY, ["train.engine=deepspeed", "train.global_batch=8", "train.micro_batch=2",  # noqa: E731
+                                     f"deepspeed.config_file={extra}"])
+    for body, words in [({"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3, but deepspeed.zero_stage=1"),
+                        ({"optimizer": {"type": "Adam"}}, "optimizer"), ("{oops", "cannot read it as JSON")]:
+        extra.write_text(body if isinstance(body, str) else json.dumps(body))
+        with pytest.raises(ConfigError, match=words):
+            check_config_file(cfg())
+    extra.write_text(json.dumps({"gradient_accumulation_steps": 4}))
+    check_config_file(cfg())  # the accumulation steps need the world size: 8 / (2 x 1) = 4 ...
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=4"):
+        check_config_file(cfg(), world_size=2)  # ... and 8 / (2 x 2) = 2
+    pytest.importorskip("deepspeed")
+    from effdist.train.preflight import validate_run
+    from effdist.train.trainer import main as train_main
+
+    extra.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage"):
+        validate_run(cfg())
+    assert train_main(["--config", str(TINY), "--set", "train.engine=deepspeed", "--set",
+                       f"deepspeed.config_file={extra}", "--dry-run"]) == 2
+
+
 # ---------------------------------------------------------------------- with DeepSpeed, 2 gloo ranks
 
 def test_hostfile_reader_agrees_with_deepspeed():

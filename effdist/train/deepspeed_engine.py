@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -104,6 +105,13 @@ def deepspeed_config(cfg: Config, *, dp: int, dtype: torch.dtype, is_cuda: bool)
         generated["data_types"] = {"grad_accum_dtype": "fp32"}
     if ds.config_file is None:
         return generated
+    return _merge(generated, _user_config(cfg, generated))
+
+
+def _user_config(cfg: Config, generated: dict[str, Any], unknown: tuple[str, ...] = ()) -> dict[str, Any]:
+    """deepspeed.config_file, read and checked against the keys effdist derives (`unknown`: keys whose derived
+    value is not known yet, not compared). Raises ConfigError naming the key."""
+    ds = cfg.deepspeed
     try:
         user = json.loads(Path(ds.config_file).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -111,14 +119,28 @@ def deepspeed_config(cfg: Config, *, dp: int, dtype: torch.dtype, is_cuda: bool)
     if not isinstance(user, dict):
         raise ConfigError(f"deepspeed.config_file = {ds.config_file!r}: expected a JSON object")
     for key, effdist_key in _OWNED_KEYS.items():
+        if key in unknown:
+            continue
         if key in user and user[key] != generated.get(key, object()):
             raise ConfigError(f"deepspeed.config_file sets {key}={user[key]!r}, which effdist derives from "
                               f"{effdist_key} (= {generated.get(key, 'its own settings')!r}); remove it from the file")
-    stage = user.get("zero_optimization", {}).get("stage", ds.zero_stage)
+    zero = user.get("zero_optimization", {})
+    stage = zero.get("stage", ds.zero_stage) if isinstance(zero, dict) else ds.zero_stage
     if stage != ds.zero_stage:
         raise ConfigError(f"deepspeed.config_file sets zero_optimization.stage={stage}, but deepspeed.zero_stage="
                           f"{ds.zero_stage}; set the stage with deepspeed.zero_stage")
-    return _merge(generated, user)
+    return user
+
+
+def check_config_file(cfg: Config, world_size: int | None = None) -> None:
+    """Before any process starts (effdist.train.preflight): deepspeed.config_file is JSON and contradicts none of
+    the keys effdist derives; the accumulation steps are compared once the world size is known."""
+    if cfg.train.engine != "deepspeed" or cfg.deepspeed.config_file is None:
+        return
+    dp = world_size // (cfg.parallel.tp * cfg.parallel.pp) if world_size else 1
+    generated = deepspeed_config(replace(cfg, deepspeed=replace(cfg.deepspeed, config_file=None)), dp=max(dp, 1),
+                                 dtype=torch.float32, is_cuda=False)
+    _user_config(cfg, generated, unknown=() if world_size else ("gradient_accumulation_steps",))
 
 
 class _MegatronGroups:

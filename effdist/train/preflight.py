@@ -22,3 +22,7 @@ def validate_run(cfg: Config, world_size: int | None = None) -> None:
     check_pipeline_config(cfg.model, cfg.parallel, cfg.pipeline)
     if world_size is not None:
         validate_world_size(cfg, world_size)
+    if cfg.train.engine == "deepspeed" and cfg.deepspeed.config_file is not None:
+        from effdist.train.deepspeed_engine import check_config_file
+
+        check_config_file(cfg, world_size)
