@@ -118,3 +118,14 @@ def test_the_script_exits_0_when_current():
     proc = subprocess.run([sys.executable, "tools/render_docs.py", "--check"], cwd=ROOT, env=clean_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_inference_doc_names_every_ffn_kind_generate_loads():
+    """docs/inference.md's list of supported FFNs is the one effdist.infer loads (it once said swiglu and relu2
+    only, and that other kinds were refused, while every kind loads)."""
+    from effdist.infer.model import SUPPORTED_FFN_KINDS
+
+    text = " ".join((ROOT / "docs/inference.md").read_text().split())
+    line = text[text.index("Supported FFNs:"):].split(")")[0]
+    assert all(f"`{kind}`" in line for kind in SUPPORTED_FFN_KINDS), line
+    assert "refused" not in line, line
