@@ -140,6 +140,20 @@ def test_config_file_contradictions_are_refused_before_start(tmp_path):
                        f"deepspeed.config_file={extra}", "--dry-run"]) == 2
 
 
+def test_init_from_a_deepspeed_checkpoint_names_the_engine(tmp_path):
+    """checkpoint.init_from at a DeepSpeed-engine checkpoint: said so, with the way that works (resume it under
+    train.engine=deepspeed), not "convert HF weights with effdist convert"."""
+    from effdist.train import checkpoint as ckpt
+
+    path = tmp_path / "run" / "checkpoints" / "iter_0000003"
+    path.mkdir(parents=True)
+    (path / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (path / ckpt.MARKER).write_text(json.dumps({"engine": "deepspeed", "zero_stage": 1, "step": 3, "files": {}}))
+    with pytest.raises(ckpt.CheckpointError, match="is a checkpoint of the deepspeed engine.*train.engine=deepspeed "
+                                                   "and --resume"):
+        ckpt.load_model_only(tmp_path / "run", [], {})
+
+
 # ---------------------------------------------------------------------- with DeepSpeed, 2 gloo ranks
 
 def test_hostfile_reader_agrees_with_deepspeed():

@@ -424,6 +424,13 @@ def load_model_only(path: Path, model_chunks, config: dict[str, Any] | None = No
     except CheckpointError as e:
         raise CheckpointError(f"checkpoint.init_from = {e}") from None
     if path.is_file() or not dist_checkpointing.check_is_distributed_checkpoint(str(path)):
+        engine = _marker_engine(path)
+        if engine not in (None, "megatron"):
+            raise CheckpointError(
+                f"checkpoint.init_from = {str(path)!r} is a checkpoint of the {engine} engine, whose shards "
+                "checkpoint.init_from cannot read (it takes megatron dist checkpoints: a default-engine run's, or "
+                f"`effdist convert hf-to-effdist --format dist` output); continue that run with train.engine={engine} "
+                "and --resume instead (docs/deepspeed.md, \"Between engines\")")
         raise CheckpointError(f"checkpoint.init_from = {str(path)!r} is not a dist checkpoint directory; convert HF "
                               "weights with `effdist convert hf-to-effdist --format dist`")
     sharded = model_sharded_state_dict(model_chunks)
@@ -445,6 +452,16 @@ def load_model_only(path: Path, model_chunks, config: dict[str, Any] | None = No
         loaded = dist_checkpointing.load({"model": sharded}, str(path))
         _load_chunks(model_chunks, loaded["model"])
     return path
+
+
+def _marker_engine(path: Path) -> str | None:
+    """The engine recorded in the effdist.json of checkpoint directory `path` (None: no readable marker)."""
+    if path.is_file() or not (path / MARKER).is_file():
+        return None
+    try:
+        return read_marker(path).get("engine", "megatron")
+    except CheckpointError:
+        return None
 
 
 def apply_retention(ckpt_dir: Path, keep_last: int, keep_every: int, current_step: int | None = None) -> list[Path]:
