@@ -154,6 +154,28 @@ def test_init_from_a_deepspeed_checkpoint_names_the_engine(tmp_path):
         ckpt.load_model_only(tmp_path / "run", [], {})
 
 
+def test_generate_and_convert_refuse_a_deepspeed_checkpoint_in_one_line(tmp_path, capsys):
+    """DeepSpeed's shards are no megatron dist checkpoint: both commands say which engine wrote it (exit 2)
+    instead of megatron's traceback "is not a distributed checkpoint"."""
+    from effdist.infer.generate import GenerationError, read_checkpoint_info
+    from effdist.infer.generate import main as generate
+    from effdist.train import checkpoint as ckpt
+    from effdist.train.convert import main as convert
+
+    path = tmp_path / "run" / "checkpoints" / "iter_0000003"
+    path.mkdir(parents=True)
+    (path / "mp_rank_00_model_states.pt").write_bytes(b"")
+    config = load_config(TINY, ["train.engine=deepspeed"]).to_dict()
+    (path / ckpt.MARKER).write_text(json.dumps({"engine": "deepspeed", "step": 3, "config": config, "files": {}}))
+    with pytest.raises(GenerationError, match="is a checkpoint of the deepspeed engine"):
+        read_checkpoint_info(tmp_path / "run")
+    assert generate(["--checkpoint", str(tmp_path / "run"), "--prompt-ids", "1,2"]) == 2
+    assert convert(["to-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("is a checkpoint of the deepspeed engine") == 2 and "Traceback" not in err, err
+    assert not (tmp_path / "hf").exists()
+
+
 # ---------------------------------------------------------------------- with DeepSpeed, 2 gloo ranks
 
 def test_hostfile_reader_agrees_with_deepspeed():

@@ -90,6 +90,12 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         return CheckpointInfo(resolved, cfg, "converted-file", run_dir=None,
                               trained_region=_region_from_config(cfg))
     if (resolved / MARKER).is_file():
+        from effdist.model.hf_convert import ConversionError, refuse_other_engines
+
+        try:
+            refuse_other_engines(resolved)
+        except ConversionError as e:
+            raise GenerationError(str(e)) from None
         marker = read_marker(resolved)
         if "config" not in marker:
             raise GenerationError(f"{resolved}/{MARKER} holds no resolved config; it was written by an older effdist")

@@ -409,6 +409,21 @@ def load_dist_checkpoint(path: str | Path, cfg: Config, dtype: torch.dtype = tor
         return {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
 
 
+def refuse_other_engines(path: str | Path) -> None:
+    """A training checkpoint of the DeepSpeed engine holds DeepSpeed's own shards, which neither conversion nor
+    generation reads: ConversionError saying so (instead of megatron's "not a distributed checkpoint")."""
+    marker = Path(path) / TRAINING_MARKER
+    try:
+        engine = json.loads(marker.read_text()).get("engine", "megatron") if marker.is_file() else "megatron"
+    except (OSError, ValueError, AttributeError):
+        return
+    if engine != "megatron":
+        raise ConversionError(
+            f"{path} is a checkpoint of the {engine} engine ({engine}'s own shards); effdist convert and effdist "
+            "generate read the default engine's checkpoints and converted models only, and effdist has no "
+            "converter from DeepSpeed's format yet (docs/deepspeed.md, \"Between engines\")")
+
+
 def load_effdist_model(path: str | Path, cfg: Config | None = None,
                        progress: bool = True) -> tuple[Config, dict[str, torch.Tensor]]:
     """(config, TP=1 state dict) from a torch model file, or a dist checkpoint directory (needs `cfg`
@@ -417,6 +432,7 @@ def load_effdist_model(path: str | Path, cfg: Config | None = None,
     if path.is_file():
         saved_cfg, sd = load_torch(path)
         return cfg or saved_cfg, sd
+    refuse_other_engines(path)
     if cfg is None:
         saved = saved_config(path)
         if saved is None:
