@@ -329,6 +329,23 @@ def test_trained_checkpoint_cached_equals_recomputed(trained_run):
 
 
 @pytest.mark.slow
+def test_a_run_with_its_checkpoints_elsewhere_finds_its_tokenizer(trained_run, tmp_path, capsys):
+    """checkpoint.dir outside the run directory: `--checkpoint RUN_DIR` finds the checkpoint there (config.yaml)
+    and the tokenizer in the run directory it was given, not only beside a checkpoints/ directory."""
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    shutil.move(str(run / "checkpoints"), str(tmp_path / "elsewhere"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["checkpoint"]["dir"] = str(tmp_path / "elsewhere")
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    rc = main(["--checkpoint", str(run), "--prompt", "The cat", "--max-new-tokens", "2"])
+    captured = capsys.readouterr()
+    assert rc == 0 and captured.out.startswith("[0] The cat"), captured.err
+
+
+@pytest.mark.slow
 def test_checkpoint_without_its_tokenizer(trained_run, tmp_path, capsys):
     moved = tmp_path / "iter_0000003"
     shutil.copytree(trained_run / "checkpoints" / "iter_0000003", moved)  # away from the run's data/

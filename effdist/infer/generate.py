@@ -100,12 +100,21 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         if "config" not in marker:
             raise GenerationError(f"{resolved}/{MARKER} holds no resolved config; it was written by an older effdist")
         cfg = config_from_dict(marker["config"])
-        run_dir = resolved.parent.parent if resolved.parent.name == "checkpoints" else None
+        run_dir = _run_dir_of(Path(path), resolved)
         region = _region_from_state(resolved)
         return CheckpointInfo(resolved, cfg, "training", run_dir=run_dir, step=marker.get("step"),
                               trained_region=region if region is not None else _region_from_config(cfg))
     cfg = config_from_dict(json.loads((resolved / "effdist_model.json").read_text())["config"])
     return CheckpointInfo(resolved, cfg, "converted-dist", trained_region=_region_from_config(cfg))
+
+
+def _run_dir_of(given: Path, resolved: Path) -> Optional[Path]:
+    """The run directory of training checkpoint `resolved` (its tokenizer and data live there): the directory
+    given on the command line when it is the run's (the only way to know it with checkpoint.dir elsewhere), else
+    the parent of its checkpoints/ directory."""
+    if given.is_dir() and given != resolved and (given / "config.yaml").is_file():
+        return given
+    return resolved.parent.parent if resolved.parent.name == "checkpoints" else None
 
 
 def _region_from_state(path: Path) -> Optional[int]:
