@@ -258,6 +258,21 @@ def test_bad_checkpoint_paths(tmp_path):
     assert main(["--checkpoint", str(tmp_path / "metrics.jsonl"), "--prompt-ids", "1,2"]) == 2
 
 
+def test_a_relative_checkpoint_dir_is_found_where_the_trainer_put_it(tmp_path, monkeypatch):
+    """checkpoint.dir=ck (relative) saved into WORKDIR/ck, the working directory of `effdist train`: --checkpoint
+    RUN_DIR from there finds it (it looked only under RUN_DIR/ck)."""
+    from pathlib import Path
+
+    from effdist.train.checkpoint import MARKER, resolve
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("checkpoint:\n  dir: ck\n")
+    (tmp_path / "ck" / "iter_0000002").mkdir(parents=True)
+    (tmp_path / "ck" / "iter_0000002" / MARKER).write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert resolve("run") == Path("ck") / "iter_0000002"
+
+
 # ---------------------------------------------------------------------------------------- end to end
 
 # Two training processes: marked slow like the other multi-process tests (~15 s on 2 cores).

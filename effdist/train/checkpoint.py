@@ -96,7 +96,8 @@ def resolve(path: str | os.PathLike) -> Path:
 
 
 def _checkpoint_dirs(p: Path) -> list[Path]:
-    """Directories that may hold iter_NNNNNNN checkpoints: p itself, p/checkpoints, checkpoint.dir of p/config.yaml."""
+    """Directories that may hold iter_NNNNNNN checkpoints: p itself, p/checkpoints, checkpoint.dir of p/config.yaml
+    (a relative one as the trainer read it, from the working directory, then from p)."""
     dirs = [p, p / "checkpoints"]
     config_yaml = p / "config.yaml"
     if config_yaml.is_file():
@@ -107,7 +108,9 @@ def _checkpoint_dirs(p: Path) -> list[Path]:
         except Exception:  # an unreadable config.yaml just means no custom checkpoint dir
             custom = None
         if custom:
-            dirs.append(Path(custom) if Path(custom).is_absolute() else p / custom)
+            # A relative checkpoint.dir is where the trainer saved it: relative to the directory it was started in
+            # (most likely this one), else to the run directory.
+            dirs += [Path(custom)] if Path(custom).is_absolute() else [Path(custom), p / custom]
     return [d for d in dirs if d.is_dir()]
 
 
