@@ -473,6 +473,11 @@ def test_wrong_run_dir_or_resume_is_one_line_and_exit_2(tmp_path, data_cache):
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert f"--resume {unfinished}: not a complete effdist checkpoint directory; it is a save that never finished" \
         in done.stderr, _error_lines(done)
+    # checkpoint.dir naming a file: refused before any step (it used to train every step and then fail to save).
+    done = _train(tmp_path / "run2", data_cache, ["train.steps=1", f"checkpoint.dir={a_file}"])
+    assert done.returncode == 2 and f"checkpoint.dir = '{a_file}' is a file, not a directory" in done.stderr, \
+        done.stderr[-3000:]
+    assert a_file.read_text() == "mine" and not (tmp_path / "run2").exists()
 
 def test_a_launch_whose_processes_cannot_meet_is_one_line_and_exit_2(tmp_path, data_cache):
     """Launcher variables set by hand (a half-copied torchrun line, one rank of two started): the variable to fix

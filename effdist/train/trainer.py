@@ -941,9 +941,13 @@ def _command_line_problem(run_dir: Path, resume: str, cfg: Config) -> str | None
     if run_dir.exists() and not run_dir.is_dir():
         return (f"--run-dir {run_dir} is a file, not a directory: give a directory for the run (created if missing; "
                 "config.yaml, metrics.jsonl and checkpoints/ go there)")
+    ckpt_dir = checkpoint_dir(cfg, run_dir)
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+        what = f"checkpoint.dir = {cfg.checkpoint.dir!r}" if cfg.checkpoint.dir else f"{ckpt_dir}"
+        return (f"{what} is a file, not a directory: give a directory for the checkpoints (created if missing), "
+                "or move the file away")
     if resume in ("auto", "none", "", None) or Path(resume).is_dir():
         return None
-    ckpt_dir = checkpoint_dir(cfg, run_dir)
     complete = ckpt.list_complete(ckpt_dir) if ckpt_dir.is_dir() else []
     example = (f"the newest of this run is {complete[-1][1]}" if complete
                else f"e.g. {ckpt_dir / ckpt.iter_name(1000)}")
