@@ -205,6 +205,20 @@ def test_unsupported_checkpoints_are_named(tmp_path):
     assert not (tmp_path / "hf-out").exists()
 
 
+def test_exporting_a_sparse_ffn_model_gives_a_fix_that_works():
+    """to-hf of a model whose FFN is not SwiGLU: the refusal's advice is one that can work. MoC keeps SwiGLU's
+    weights (export with a swiglu config); ELAS, top-k and ReLU² have other shapes (no HF equivalent), where
+    "convert with a swiglu config" only led to a shape error saying "leave out --config"."""
+    from effdist.config import load_config
+    from tests.launching import TINY
+
+    with pytest.raises(ConversionError, match="weights are SwiGLU's, so --config .* ffn.kind: swiglu exports them"):
+        effdist_to_hf({}, load_config(TINY, ["ffn.kind=moc"]))
+    for kind in ("elas", "topk", "relu2"):
+        with pytest.raises(ConversionError, match="other shapes, so the model has no transformers equivalent"):
+            effdist_to_hf({}, load_config(TINY, [f"ffn.kind={kind}"]))
+
+
 def _altered_hf_dir(tmp_path, name, src, tensors=None, drop=(), **config_changes):
     """A copy of the HF directory `src` with some tensors replaced, added or dropped, or config.json changed."""
     import json

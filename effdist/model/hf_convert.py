@@ -139,10 +139,25 @@ def _dims(cfg: Config) -> tuple[int, int, int, int, int, int, int]:
     return h, nh, ng, h // nh, nh // ng, m.ffn_hidden_size, m.vocab_size
 
 
-def _check_swiglu(cfg: Config, where: str) -> None:
-    if cfg.ffn.kind != "swiglu" and cfg.ffn.layers != []:
+# FFN kinds whose weights are SwiGLU's (gate and up in linear_fc1, the same widths): the same tensors in HF.
+_SWIGLU_WEIGHTS = ("swiglu", "moc")
+
+
+def _check_swiglu(cfg: Config, where: str, exporting: bool = False) -> None:
+    if cfg.ffn.kind == "swiglu" or cfg.ffn.layers == []:
+        return
+    if not exporting:
         raise ConversionError(f"ffn.kind = {cfg.ffn.kind!r} in {where}: HF LLaMA layers are SwiGLU; convert with a "
                               "config whose ffn.kind is 'swiglu'")
+    if cfg.ffn.kind in _SWIGLU_WEIGHTS:
+        raise ConversionError(
+            f"ffn.kind = {cfg.ffn.kind!r} in {where}: HF LLaMA layers are dense SwiGLU. This FFN's weights are "
+            "SwiGLU's, so --config with the checkpoint's config.yaml and ffn.kind: swiglu exports them, and "
+            f"transformers then computes every channel ({cfg.ffn.kind}'s channel selection is not exported)")
+    raise ConversionError(
+        f"ffn.kind = {cfg.ffn.kind!r} in {where}: HF LLaMA layers are SwiGLU, and this FFN's weights have other "
+        "shapes, so the model has no transformers equivalent; generate from it with `effdist generate` "
+        "(docs/inference.md)")
 
 
 def hf_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
@@ -230,7 +245,7 @@ def hf_to_effdist(hf_sd: dict[str, torch.Tensor], cfg: Config, progress: bool = 
 def effdist_to_hf(sd: dict[str, torch.Tensor], cfg: Config, progress: bool = True) -> dict[str, torch.Tensor]:
     """effdist GPTModel state dict (full model, TP=1) -> HF LlamaForCausalLM state dict. Raises
     ConversionError listing every tensor that does not fit `cfg` before converting any."""
-    _check_swiglu(cfg, "the checkpoint's config")
+    _check_swiglu(cfg, "the checkpoint's config", exporting=True)
     h, nh, ng, d, qpg, f, v = _dims(cfg)
     found = {k: tuple(t.shape) for k, t in sd.items() if torch.is_tensor(t) and not k.endswith("._extra_state")}
     # The vocabulary padding depends on the TP size the model was built for (a TP=2 checkpoint loaded at
