@@ -105,7 +105,7 @@ def test_any_vocabulary_padding_converts_back(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["torch", "dist"])
-def test_convert_command_both_ways(tmp_path, fmt):
+def test_convert_command_both_ways(tmp_path, fmt, capsys):
     hf_model, path = make_hf_model(tmp_path)
     out = tmp_path / ("model.pt" if fmt == "torch" else "model_dist")
     assert main(["hf-to-effdist", "--hf-dir", str(path), "--out", str(out), "--format", fmt,
@@ -118,6 +118,11 @@ def test_convert_command_both_ways(tmp_path, fmt):
         saved_cfg, sd = load_torch(out)
         assert saved_cfg.model == cfg.model
         assert torch.equal(sd["decoder.layers.1.mlp.linear_fc2.weight"], hf_model.model.layers[1].mlp.down_proj.weight)
+    from effdist.infer.generate import main as generate
+
+    assert generate(["--checkpoint", str(out), "--prompt-ids", "1,2", "--max-new-tokens", "1", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert f"{out} (converted model), EPAS region 0" in err and "step None" not in err, err
     back_dir = tmp_path / "hf_back"
     assert main(["effdist-to-hf", "--checkpoint", str(out), "--out", str(back_dir)]) == 0
     _, original = load_hf_checkpoint(path)

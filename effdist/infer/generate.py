@@ -626,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"[{i}] {out.prompt_tokens[i]} -> {new}")
     ratio = out.kv_cache_bytes / out.dense_kv_cache_bytes
-    print(f"[effdist] {info.path} (step {info.step}), EPAS region {out.region} of {gen.model.shape.num_layers - 1} "
+    made = f"step {info.step}" if info.step is not None else "converted model"
+    print(f"[effdist] {info.path} ({made}), EPAS region {out.region} of {gen.model.shape.num_layers - 1} "
           f"(trained: {gen.trained_region}), {gen.model.device.type}/{str(gen.model.dtype).replace('torch.', '')}; "
           f"KV cache {out.kv_cache_bytes / 2**20:.3f} MiB = {ratio:.3f} x dense; "
           f"decode {out.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)
