@@ -160,6 +160,14 @@ def test_conversions_replace_nothing_unasked(tmp_path, capsys):
     mine.write_text("mine\n")
     assert main(["from-hf", "--hf-dir", str(path), "--out", str(tmp_path / "new.pt"), "--config-out", str(mine)]) == 2
     assert f"--config-out {mine} exists" in capsys.readouterr().err and mine.read_text() == "mine\n"
+    # --config-out naming --out itself (or a file inside a dist --out): the YAML replaced the converted model, exit 0.
+    same = tmp_path / "same.pt"
+    assert main(["from-hf", "--hf-dir", str(path), "--out", str(same), "--config-out", str(same)]) == 2
+    assert f"--config-out {same} is --out or inside it" in capsys.readouterr().err and not same.exists()
+    inside = tmp_path / "dist-out"
+    assert main(["from-hf", "--hf-dir", str(path), "--out", str(inside), "--format", "dist",
+                 "--config-out", str(inside / "effdist_model.json")]) == 2
+    assert "is --out or inside it" in capsys.readouterr().err and not inside.exists()
 
     hf = tmp_path / "exported"
     assert main(["to-hf", "--checkpoint", str(pt), "--out", str(hf)]) == 0

@@ -93,6 +93,12 @@ def _hf_weights_beside(out: Path) -> list[str]:
 def _check_outputs(args: argparse.Namespace) -> None:
     if args.direction in TO_EFFDIST:
         problem = output_problem(Path(args.out), "file" if args.format == "torch" else "dir", args.overwrite)
+        out, config_out = Path(args.out).resolve(), Path(args.config_out).resolve() if args.config_out else None
+        if problem is None and config_out is not None and (config_out == out or out in config_out.parents):
+            problem = (f"--config-out {args.config_out} is --out or inside it: the config would replace what the "
+                       "conversion writes there; give a file elsewhere"
+                       + (f" (the dist --out holds its config already: {Path(args.out) / 'config.yaml'})"
+                          if args.format == "dist" else ""))
         if problem is None and args.config_out:
             problem = output_problem(Path(args.config_out), "file", args.overwrite)
             problem = problem and problem.replace("--out", "--config-out")
