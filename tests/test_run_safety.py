@@ -336,6 +336,33 @@ def test_two_runs_sharing_one_checkpoint_dir_never_take_or_delete_each_others_ch
         in proc.stderr, _error_lines(proc)
 
 
+def test_a_changed_checkpoint_dir_never_restarts_a_run_that_saved(tmp_path, data_cache, four_steps):
+    """--resume auto with checkpoint.dir set (or unset) after the run saved elsewhere: refused with one line naming
+    where its checkpoints are, instead of "the earlier run, which never saved" and a silent start at step 0;
+    --resume at one of them continues and saves into the new checkpoint.dir."""
+    run = _copy(four_steps, tmp_path / "run")
+    before = (run / "metrics.jsonl").read_text()
+    elsewhere = tmp_path / "elsewhere"
+    proc = _train(run, data_cache, ["train.steps=6", "checkpoint.interval=2", f"checkpoint.dir={elsewhere}"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (f"--resume auto: checkpoint.dir {elsewhere} holds no checkpoint, but this run saved up to iter_0000004 "
+            f"into {run / 'checkpoints'} before checkpoint.dir changed") in proc.stderr, _error_lines(proc)
+    assert (run / "metrics.jsonl").read_text() == before and not (run / "previous").exists()
+    assert _names(run / "checkpoints") == ["iter_0000002", "iter_0000004"]
+    proc = _train(run, data_cache, ["train.steps=6", "checkpoint.interval=2", f"checkpoint.dir={elsewhere}"],
+                  resume=str(run / "checkpoints" / "iter_0000004"))
+    assert proc.returncode == 0 and "at step 4" in proc.stderr, proc.stderr[-3000:]
+    assert _names(elsewhere) == ["iter_0000006"]
+    # ... and back: config.yaml names `elsewhere`, RUN_DIR/checkpoints holds older ones only (resuming from those
+    # would drop the records of steps 5-6): refused too.
+    before = (run / "metrics.jsonl").read_text()
+    proc = _train(run, data_cache, ["train.steps=8", "checkpoint.interval=2"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (f"holds checkpoints up to iter_0000004 only, but this run saved up to iter_0000006 into {elsewhere}"
+            in proc.stderr), _error_lines(proc)
+    assert (run / "metrics.jsonl").read_text() == before
+
+
 def test_a_damaged_metrics_file_is_named_not_a_traceback(tmp_path, data_cache, four_steps):
     from effdist.train.plot import main as plot_main
 

@@ -190,6 +190,41 @@ def continue_without_checkpoint(run_dir: Path, ckpt_dir: Path) -> Path | None:
     return dest
 
 
+def check_checkpoint_dir_unchanged(run_dir: Path, ckpt_dir: Path) -> None:
+    """--resume auto after checkpoint.dir changed (set, unset or moved since the run last saved): where the
+    earlier checkpoint directory holds newer checkpoints than `ckpt_dir`, continuing from `ckpt_dir` would restart
+    the run (no checkpoint there: step 0, its records moved aside as a run that never saved) or roll it back
+    (an older one: the records after it dropped from metrics.jsonl). Refuse, naming where the newer ones are."""
+    current = checkpoint_entries(ckpt_dir)
+    newest = current[-1][0] if current else -1
+    for earlier in _earlier_checkpoint_dirs(run_dir, ckpt_dir):
+        entries = checkpoint_entries(earlier)
+        if entries and entries[-1][0] > newest:
+            here = "holds no checkpoint" if not current else f"holds checkpoints up to {current[-1][1].name} only"
+            raise RunDirMissingCheckpoints(
+                f"--resume auto: checkpoint.dir {ckpt_dir} {here}, but this run saved up to {entries[-1][1].name} "
+                f"into {earlier} before checkpoint.dir changed: set it back (--set checkpoint.dir={earlier}), "
+                f"continue from there with --resume {entries[-1][1]} (later saves go to the new checkpoint.dir), "
+                "or start over with --resume none --fresh")
+
+
+def _earlier_checkpoint_dirs(run_dir: Path, ckpt_dir: Path) -> list[Path]:
+    """Where this run saved before, if not into `ckpt_dir`: RUN_DIR/checkpoints, and the checkpoint.dir of the
+    config.yaml the last training invocation wrote (a relative one as the trainer read it: from the working
+    directory)."""
+    dirs = [run_dir / "checkpoints"]
+    try:
+        import yaml
+
+        custom = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("checkpoint", {}).get("dir")
+    except Exception:  # no config.yaml, or one effdist did not write: nothing more to look at
+        custom = None
+    if custom:
+        dirs.append(Path(custom))
+    here = ckpt_dir.resolve()
+    return [d for d in dirs if d.is_dir() and d.resolve() != here]
+
+
 def start_over(run_dir: Path, ckpt_dir: Path, fresh: bool) -> Path | None:
     """--resume none: refuse if an earlier run is there, unless `fresh`; then move it aside and return
     where it went (None when there was nothing to move)."""

@@ -272,6 +272,7 @@ class Trainer:
                     if moved is not None:
                         log(rt, f"--fresh: moved the earlier run into {moved} (nothing deleted)")
                 elif self.resume == "auto":
+                    run_directory.check_checkpoint_dir_unchanged(self.run_dir, self.ckpt_dir)
                     moved = run_directory.continue_without_checkpoint(self.run_dir, self.ckpt_dir)
                     if moved is not None:
                         log(rt, f"no checkpoint to continue from: the records of the earlier run, which never saved, "
