@@ -448,6 +448,17 @@ def test_nonfinite_and_disk_failures_save_nothing(tmp_path, data_cache, four_ste
         ckpt.verify(run / "checkpoints" / name)
 
 
+def test_the_space_advice_is_one_that_can_be_followed(tmp_path, monkeypatch):
+    """A full disk with checkpoint.keep_last already 1: "lower checkpoint.keep_last" is not offered (it cannot go
+    lower); above 1 it is, with the value now."""
+    from effdist.train import checkpoint as ckpt
+
+    monkeypatch.setenv("EFFDIST_FAULT_FREE_BYTES", "1000")
+    at_one = ckpt.space_problem(tmp_path, 2, 10**6, keep_last=1)
+    assert "not enough space to save iter_0000002" in at_one and "keep_last" not in at_one
+    assert "(or lower checkpoint.keep_last, now 3)" in ckpt.space_problem(tmp_path, 2, 10**6, keep_last=3)
+
+
 def test_ctrl_c_stops_at_once_with_one_line_naming_the_checkpoint(tmp_path, data_cache):
     """SIGINT (Ctrl-C) is not a save signal: the run stops now, says what is lost and where to resume, no
     traceback; the checkpoints it wrote stay and the lock dies with it."""

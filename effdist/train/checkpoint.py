@@ -516,9 +516,10 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def space_problem(ckpt_dir: Path, step: int, needed: int) -> str | None:
+def space_problem(ckpt_dir: Path, step: int, needed: int, keep_last: int | None = None) -> str | None:
     """Why checkpoint `step` cannot be written into `ckpt_dir` now (None: it can). Called before a save, on
-    rank 0; the margin covers the manifest, the marker and file-system overhead."""
+    rank 0; the margin covers the manifest, the marker and file-system overhead. Lowering checkpoint.keep_last
+    is suggested only where it can still be lowered (`keep_last` above 1)."""
     where = ckpt_dir
     while not where.exists() and where != where.parent:
         where = where.parent
@@ -529,8 +530,10 @@ def space_problem(ckpt_dir: Path, step: int, needed: int) -> str | None:
     free = free_bytes(where)
     if free < needed * 1.1:
         return (f"not enough space to save {iter_name(step)} in {ckpt_dir}: about {_fmt_bytes(needed)} needed, "
-                f"{_fmt_bytes(free)} free; the checkpoints already there are intact. Free space (or lower "
-                "checkpoint.keep_last) or set checkpoint.dir, then resume with --resume auto")
+                f"{_fmt_bytes(free)} free; the checkpoints already there are intact. Free space"
+                + ("" if keep_last == 1 else " (or lower checkpoint.keep_last"
+                   + (f", now {keep_last})" if keep_last else ")"))
+                + " or set checkpoint.dir, then resume with --resume auto")
     return None
 
 

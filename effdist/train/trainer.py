@@ -687,7 +687,8 @@ class Trainer:
         problem = None
         if rt.is_logging_rank:
             problem = ckpt.space_problem(self.ckpt_dir, self.step,
-                                         ckpt.estimate_next_bytes(self.ckpt_dir, self._first_checkpoint_bytes()))
+                                         ckpt.estimate_next_bytes(self.ckpt_dir, self._first_checkpoint_bytes()),
+                                         keep_last=self.cfg.checkpoint.keep_last)
         problem = self._from_rank0(problem)
         if problem:
             raise ckpt.CheckpointSpaceError(problem)
