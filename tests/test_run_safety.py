@@ -259,6 +259,12 @@ def test_missing_checkpoints_and_resumes_from_elsewhere_never_restart_silently(t
     now = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "effdist.lock"}
     assert now == kept, sorted(set(now) ^ set(kept)) or [str(k) for k in now if now[k] != kept.get(k)]
 
+    # A run that continues from its own checkpoints no longer needs the checkpoint.init_from it started from.
+    run = _copy(four_steps, tmp_path / "init-from-gone")
+    proc = _train(run, data_cache, ["train.steps=5", "checkpoint.interval=2",
+                                    f"checkpoint.init_from={tmp_path / 'deleted-source'}"])
+    assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
+
     # A changed global batch is said on resume (the data goes on by samples consumed).
     run = _copy(four_steps, tmp_path / "bigger-batch")
     proc = _train(run, data_cache, ["train.steps=5", "checkpoint.interval=2", "train.global_batch=16"])
@@ -516,6 +522,14 @@ def test_wrong_run_dir_or_resume_is_one_line_and_exit_2(tmp_path, data_cache):
     assert done.returncode == 2 and f"checkpoint.dir = '{a_file}' is a file, not a directory" in done.stderr, \
         done.stderr[-3000:]
     assert a_file.read_text() == "mine" and not (tmp_path / "run2").exists()
+    # checkpoint.init_from that does not exist, for a run that starts from it: refused before the process group and
+    # the data (it used to fail after them, leaving config.yaml and data/ in the new run directory).
+    missing = tmp_path / "no-such-model"
+    done = _train(tmp_path / "run3", data_cache, ["train.steps=1", f"checkpoint.init_from={missing}"])
+    assert done.returncode == 2 and f"checkpoint.init_from = '{missing}': no such file or directory" in done.stderr, \
+        done.stderr[-3000:]
+    assert not (tmp_path / "run3").exists()
+
 
 def test_a_launch_whose_processes_cannot_meet_is_one_line_and_exit_2(tmp_path, data_cache):
     """Launcher variables set by hand (a half-copied torchrun line, one rank of two started): the variable to fix

@@ -407,15 +407,15 @@ class DeepSpeedEngine:
         """Load a checkpoint written by `save` into the engine; returns the Trainer's common state."""
         rt = self.runtime
         marker = ckpt.read_marker(path)
-        if marker.get("engine") != "deepspeed":
-            raise ckpt.CheckpointError(
+        if marker.get("engine") != "deepspeed":  # the command's engine, not the checkpoint, is to change: exit 2
+            raise ckpt.IncompatibleCheckpointError(
                 f"checkpoint {path} was written by the megatron engine (megatron dist_checkpointing format); resume "
                 "it with train.engine=megatron, or start a new run directory with checkpoint.init_from="
                 f"{path} to take its weights")
         layout = {"tp": rt.tp, "dp": rt.dp, "zero_stage": self.zero_stage}
         saved = {k: marker.get(k) for k in layout}
         if saved != layout:
-            raise ckpt.CheckpointError(
+            raise ckpt.IncompatibleCheckpointError(
                 f"checkpoint {path} holds DeepSpeed shards for {saved}, this run is {layout}; resume with the same "
                 "parallel.tp, number of processes and deepspeed.zero_stage (DeepSpeed's universal-checkpoint "
                 "conversion, python -m deepspeed.checkpoint.ds_to_universal, is the way to another layout)")

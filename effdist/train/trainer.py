@@ -317,8 +317,8 @@ class Trainer:
         if self.engine is not None:
             common = self.engine.load(path, restore_rng=same_layout)
         elif marker.get("engine", "megatron") != "megatron":
-            raise ckpt.CheckpointError(f"checkpoint {path} was written by the {marker['engine']} engine; resume it "
-                                       f"with train.engine={marker['engine']}")
+            raise ckpt.IncompatibleCheckpointError(f"checkpoint {path} was written by the {marker['engine']} engine; "
+                                                   f"resume it with train.engine={marker['engine']}")
         else:
             common = ckpt.load(path, self.model_chunks, self.optimizer, rt, restore_rng=same_layout)
         self.step = int(common["step"])
@@ -948,9 +948,16 @@ def _command_line_problem(run_dir: Path, resume: str, cfg: Config) -> str | None
         what = f"checkpoint.dir = {cfg.checkpoint.dir!r}" if cfg.checkpoint.dir else f"{ckpt_dir}"
         return (f"{what} is a file, not a directory: give a directory for the checkpoints (created if missing), "
                 "or move the file away")
+    complete = ckpt.list_complete(ckpt_dir) if ckpt_dir.is_dir() else []
+    init_from = cfg.checkpoint.init_from
+    starts_from_init = resume in ("none", "", None) or (resume == "auto" and not complete)
+    if init_from and starts_from_init and not Path(init_from).exists():
+        # Found here, not after the process group, the data preparation and the model are up (and the run
+        # directory has received config.yaml and data/).
+        return (f"checkpoint.init_from = {init_from!r}: no such file or directory; give a checkpoint to start from "
+                "(a run's checkpoints/iter_N, or a model written by effdist convert), or leave it unset")
     if resume in ("auto", "none", "", None) or Path(resume).is_dir():
         return None
-    complete = ckpt.list_complete(ckpt_dir) if ckpt_dir.is_dir() else []
     example = (f"the newest of this run is {complete[-1][1]}" if complete
                else f"e.g. {ckpt_dir / ckpt.iter_name(1000)}")
     return (f"--resume {resume}: no such directory. --resume takes auto (the newest complete checkpoint in the run "
