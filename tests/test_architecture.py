@@ -202,3 +202,18 @@ def test_checker_counts_package_inits_and_same_layer_neighbours(tmp_path):
                                          and p.name != "__init__.py"}))
 def test_every_part_of_effdist_has_a_layer(part):
     assert part in RANK, f"effdist.{part} is missing from LAYERS in tests/test_architecture.py"
+
+
+def test_the_trainer_module_imports_no_megatron():
+    """megatron-core is imported by the trainer's setup, not by `import effdist.train.trainer`: a Ctrl-C or SIGTERM
+    in the seconds of that import is then the trainer's (one line, its teardown), and --dry-run, errors on the
+    command line and `effdist plan` answer without it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, effdist.train.trainer, effdist.train.planner, effdist.train.estimate\n"
+            "assert not [m for m in sys.modules if m.startswith('megatron')], "
+            "sorted(m for m in sys.modules if m.startswith('megatron'))[:5]\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=PACKAGE.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]

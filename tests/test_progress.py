@@ -169,8 +169,8 @@ def test_tokenizer_training_and_preprocessing_in_a_pipe_and_on_a_forced_terminal
         assert "\r" not in proc.stderr and proc.stderr.strip() == "", proc.stderr[-2000:]
         assert proc.stdout.startswith("wrote ") and len(proc.stdout.splitlines()) == 1, proc.stdout
     bars = ""
-    for args in steps:
-        proc = _run(args, EFFDIST_PROGRESS="bar")
+    for args in steps:  # the same outputs again: replacing them needs --overwrite
+        proc = _run(args + ("--overwrite",), EFFDIST_PROGRESS="bar")
         assert proc.returncode == 0, proc.stderr[-2000:]
         bars += proc.stderr
     for bar in ("training tokenizer: [####################] 100% 300/300 docs",

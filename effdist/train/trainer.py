@@ -24,7 +24,6 @@ import torch.distributed as dist
 
 from effdist.config import Config, ConfigError, load_config
 from effdist.model.hf_convert import CONVERTED_MARKER
-from effdist.model.shared_qk import EpasError
 from effdist.protocols import StepHook
 from effdist.runtime import lifecycle
 from effdist.train import checkpoint as ckpt
@@ -334,6 +333,8 @@ class Trainer:
                 "epas.enabled=false would switch them back to their own Q/K, whose weights stopped training at the "
                 "switch: resume with --set epas.enabled=true and the epas settings "
                 "the run was trained with, or start a new run from the weights (--set checkpoint.init_from=...)")
+        from effdist.model.shared_qk import EpasError  # imports megatron: here, not when this module is imported
+
         for hook in self.hooks:
             if hook.name in common:
                 try:
