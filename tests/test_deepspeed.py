@@ -11,6 +11,7 @@ uninterrupted run bit for bit.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 
@@ -305,7 +306,9 @@ def test_zero2_resume_continues_exactly(zero2_run, runs):
 @pytest.mark.slow
 def test_checkpoints_of_the_other_engine_are_refused_clearly(runs):
     _, proc = runs["switched"]
-    # Each worker exits 2, a usage error as for a checkpoint of another model shape (the command is to fix); stock
-    # torchrun, which started them here, exits 1 for any failure and reports the workers' codes.
-    assert proc.returncode == 1 and proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-3000:]
+    # A worker exits 2, a usage error as for a checkpoint of another model shape (the command is to fix); stock
+    # torchrun, which started them here, exits 1 for any failure, reports the workers' codes and SIGTERMs the
+    # ones still running after the first exit: no worker failed otherwise.
+    codes = re.findall(r"exitcode  : (-?\d+)", proc.stderr)
+    assert proc.returncode == 1 and "2" in codes and all(c in ("2", "-15") for c in codes), proc.stderr[-3000:]
     assert "was written by the megatron engine" in proc.stderr and "checkpoint.init_from=" in proc.stderr
