@@ -66,7 +66,6 @@ class ModuleAttribution:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-        self.handles.clear()
 
 
 def _frames_where(frames: list[dict]) -> str:
@@ -135,7 +134,6 @@ def probe_one(model_name: str, overrides: list[str], warmup: int) -> dict:
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 loss_sum, _ = masked_loss_sum(model, microbatch, rt.device)
-            attribution.remove()
             if cuda:
                 torch.cuda.synchronize()
                 allocated = torch.cuda.memory_allocated() - before

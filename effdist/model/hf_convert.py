@@ -424,15 +424,23 @@ def load_dist_checkpoint(path: str | Path, cfg: Config, dtype: torch.dtype = tor
         return {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
 
 
+def checkpoint_engine(path: str | Path) -> str | None:
+    """The engine that wrote training checkpoint directory `path` (its effdist.json; "megatron" when the marker
+    names none), or None where `path` has no readable marker (a file, a converted model, a damaged marker)."""
+    marker = Path(path) / TRAINING_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text()).get("engine", "megatron")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def refuse_other_engines(path: str | Path) -> None:
     """A training checkpoint of the DeepSpeed engine holds DeepSpeed's own shards, which neither conversion nor
     generation reads: ConversionError saying so (instead of megatron's "not a distributed checkpoint")."""
-    marker = Path(path) / TRAINING_MARKER
-    try:
-        engine = json.loads(marker.read_text()).get("engine", "megatron") if marker.is_file() else "megatron"
-    except (OSError, ValueError, AttributeError):
-        return
-    if engine != "megatron":
+    engine = checkpoint_engine(path)
+    if engine not in (None, "megatron"):
         raise ConversionError(
             f"{path} is a checkpoint of the {engine} engine ({engine}'s own shards); effdist convert and effdist "
             "generate read the default engine's checkpoints and converted models only, and effdist has no "

@@ -31,6 +31,7 @@ import torch.distributed as dist
 # Which config keys shape the tensors (shared with `effdist convert`).
 from effdist.model.checkpoint_fit import SHAPE_KEYS, shape_changes  # noqa: F401 (re-exported)
 from effdist.runtime.progress import Progress
+from effdist.train.run_dir import configured_checkpoint_dir
 
 MARKER = "effdist.json"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
@@ -99,18 +100,11 @@ def _checkpoint_dirs(p: Path) -> list[Path]:
     """Directories that may hold iter_NNNNNNN checkpoints: p itself, p/checkpoints, checkpoint.dir of p/config.yaml
     (a relative one as the trainer read it, from the working directory, then from p)."""
     dirs = [p, p / "checkpoints"]
-    config_yaml = p / "config.yaml"
-    if config_yaml.is_file():
-        try:
-            import yaml
-
-            custom = (yaml.safe_load(config_yaml.read_text()) or {}).get("checkpoint", {}).get("dir")
-        except Exception:  # an unreadable config.yaml just means no custom checkpoint dir
-            custom = None
-        if custom:
-            # A relative checkpoint.dir is where the trainer saved it: relative to the directory it was started in
-            # (most likely this one), else to the run directory.
-            dirs += [Path(custom)] if Path(custom).is_absolute() else [Path(custom), p / custom]
+    custom = configured_checkpoint_dir(p)
+    if custom:
+        # A relative checkpoint.dir is where the trainer saved it: relative to the directory it was started in
+        # (most likely this one), else to the run directory.
+        dirs += [Path(custom)] if Path(custom).is_absolute() else [Path(custom), p / custom]
     return [d for d in dirs if d.is_dir()]
 
 
@@ -420,14 +414,14 @@ def load_model_only(path: Path, model_chunks, config: dict[str, Any] | None = No
     from megatron.core import dist_checkpointing, parallel_state
 
     from effdist.model.checkpoint_fit import config_fix, dist_checkpoint_problems, mismatch_message
-    from effdist.model.hf_convert import saved_config
+    from effdist.model.hf_convert import checkpoint_engine, saved_config
 
     try:
         path = resolve(path)
     except CheckpointError as e:
         raise CheckpointError(f"checkpoint.init_from = {e}") from None
     if path.is_file() or not dist_checkpointing.check_is_distributed_checkpoint(str(path)):
-        engine = _marker_engine(path)
+        engine = checkpoint_engine(path)
         if engine not in (None, "megatron"):
             raise CheckpointError(
                 f"checkpoint.init_from = {str(path)!r} is a checkpoint of the {engine} engine, whose shards "
@@ -455,16 +449,6 @@ def load_model_only(path: Path, model_chunks, config: dict[str, Any] | None = No
         loaded = dist_checkpointing.load({"model": sharded}, str(path))
         _load_chunks(model_chunks, loaded["model"])
     return path
-
-
-def _marker_engine(path: Path) -> str | None:
-    """The engine recorded in the effdist.json of checkpoint directory `path` (None: no readable marker)."""
-    if path.is_file() or not (path / MARKER).is_file():
-        return None
-    try:
-        return read_marker(path).get("engine", "megatron")
-    except CheckpointError:
-        return None
 
 
 def apply_retention(ckpt_dir: Path, keep_last: int, keep_every: int, current_step: int | None = None) -> list[Path]:

@@ -230,12 +230,6 @@ def _activation_shape(cfg: Config, on_gpu: bool) -> ActivationShape:
                            bytes_per_element=weight_bytes(cfg, on_gpu))
 
 
-# Measured in training on an H100 (docs/sparse_ffn.md, "Where the memory goes in training"): MoC, top-k and ELAS keep
-# one dense fc2 input per token and layer beyond their saved-tensor accounting, in every run. Counted, so plans that
-# use them are not promised memory they will not get, until its cause is found (tools/probe_activation_memory.py).
-COMPACT_FFN_KEEPS_DENSE_FC2_INPUT_ON_GPU = True
-
-
 def ffn_bytes_per_token_vs_swiglu(cfg: Config, layer: int) -> float:
     """Bytes per token that the FFN of `layer` keeps for backward on a GPU beyond the fused SwiGLU of the model's
     width, which the per-layer formula stands for (negative: less)."""
@@ -247,7 +241,11 @@ def ffn_bytes_per_token_vs_swiglu(cfg: Config, layer: int) -> float:
     swiglu = ffn_saved_bytes_per_token(dataclasses.replace(cfg.ffn, kind="swiglu", layers=None), cfg.model, layer,
                                        **kwargs)
     extra = ffn_saved_bytes_per_token(cfg.ffn, cfg.model, layer, **kwargs) - swiglu
-    if kind in COMPACT_FFN_KINDS and COMPACT_FFN_KEEPS_DENSE_FC2_INPUT_ON_GPU:
+    if kind in COMPACT_FFN_KINDS:
+        # Measured in training on an H100 (docs/sparse_ffn.md, "Where the memory goes in training"): MoC, top-k and
+        # ELAS keep one dense fc2 input per token and layer beyond their saved-tensor accounting, in every run.
+        # Counted, so plans that use them are not promised memory they will not get, until its cause is found and
+        # removed (tools/probe_activation_memory.py); then this term goes.
         extra += dense_fc2_input_bytes(cfg.ffn, cfg.model, layer, element_bytes=e, tp=par.tp)
     return extra
 

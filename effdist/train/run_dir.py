@@ -208,17 +208,22 @@ def check_checkpoint_dir_unchanged(run_dir: Path, ckpt_dir: Path) -> None:
                 "or start over with --resume none --fresh")
 
 
+def configured_checkpoint_dir(run_dir: Path) -> str | None:
+    """checkpoint.dir as the config.yaml in `run_dir` (the last training invocation's) sets it; None when unset."""
+    try:
+        import yaml
+
+        return (yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("checkpoint", {}).get("dir")
+    except Exception:  # no config.yaml, or one effdist did not write: no custom checkpoint directory
+        return None
+
+
 def _earlier_checkpoint_dirs(run_dir: Path, ckpt_dir: Path) -> list[Path]:
     """Where this run saved before, if not into `ckpt_dir`: RUN_DIR/checkpoints, and the checkpoint.dir of the
     config.yaml the last training invocation wrote (a relative one as the trainer read it: from the working
     directory)."""
     dirs = [run_dir / "checkpoints"]
-    try:
-        import yaml
-
-        custom = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("checkpoint", {}).get("dir")
-    except Exception:  # no config.yaml, or one effdist did not write: nothing more to look at
-        custom = None
+    custom = configured_checkpoint_dir(run_dir)
     if custom:
         dirs.append(Path(custom))
     here = ckpt_dir.resolve()
