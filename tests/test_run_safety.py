@@ -53,9 +53,9 @@ def _cmd(run: Path, overrides: list[str], resume: str = "auto", fresh: bool = Fa
 
 
 def _train(run: Path, data_cache: Path, extra: list[str], resume: str = "auto", fresh: bool = False,
-           env: dict[str, str] | None = None, preexec_fn=None) -> subprocess.CompletedProcess:
+           env: dict[str, str] | None = None, preexec_fn=None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     overrides = BASE + [f"data.cache_dir={data_cache}"] + extra
-    return subprocess.run(_cmd(run, overrides, resume, fresh), env=clean_env(**(env or {})), cwd=ROOT,
+    return subprocess.run(_cmd(run, overrides, resume, fresh), env=clean_env(**(env or {})), cwd=cwd,
                           capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn)
 
 
@@ -323,8 +323,10 @@ def test_two_runs_sharing_one_checkpoint_dir_never_take_or_delete_each_others_ch
     proc = _train(moved, data_cache, ["train.steps=8", "checkpoint.interval=2", f"checkpoint.dir={shared}"])
     assert proc.returncode == 0 and "resumed from" in proc.stderr and "at step 6" in proc.stderr, proc.stderr[-3000:]
 
-    # Two trainers at once on one checkpoint.dir that holds nothing yet: the second is refused, naming the first.
-    empty = tmp_path / "empty-shared"
+    # Two trainers at once on one checkpoint.dir that holds nothing yet: the second is refused, naming the first;
+    # so is one whose checkpoint.dir is the holder's checkpoint.dir as a run directory's default (fifth/checkpoints),
+    # and one whose checkpoint.dir is the default one of the holder's run directory (third/checkpoints).
+    empty = tmp_path / "fifth" / "checkpoints"
     log = tmp_path / "holder.log"
     with open(log, "w") as out:
         holder = subprocess.Popen(_cmd(tmp_path / "third", BASE + [f"data.cache_dir={data_cache}", "train.steps=100000",
@@ -333,13 +335,23 @@ def test_two_runs_sharing_one_checkpoint_dir_never_take_or_delete_each_others_ch
                                   start_new_session=True)
         try:
             _wait_for_step(tmp_path / "third", 1, holder, log)
-            proc = _train(tmp_path / "fourth", data_cache, ["train.steps=2", f"checkpoint.dir={empty}"])
+            same = _train(tmp_path / "fourth", data_cache, ["train.steps=2", f"checkpoint.dir={empty}"])
+            default = _train(tmp_path / "fifth", data_cache, ["train.steps=2"])
+            holders = _train(tmp_path / "sixth", data_cache, ["train.steps=2",
+                                                              f"checkpoint.dir={tmp_path / 'third' / 'checkpoints'}"])
         finally:
             os.killpg(holder.pid, signal.SIGKILL)
             holder.wait()
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for proc in (same, default, holders):
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"checkpoint.dir {empty} is in use by another trainer (host {socket.gethostname()}, pid {holder.pid}" \
-        in proc.stderr, _error_lines(proc)
+        in same.stderr, _error_lines(same)
+    assert f"checkpoint.dir {empty} is in use by another trainer (host {socket.gethostname()}, pid {holder.pid}" \
+        in default.stderr, _error_lines(default)
+    assert (f"checkpoint.dir = '{tmp_path / 'third' / 'checkpoints'}' is the checkpoint directory of the run in "
+            f"{(tmp_path / 'third').resolve()}, which is training now (host {socket.gethostname()}, pid {holder.pid}"
+            in holders.stderr), _error_lines(holders)
+    assert not (tmp_path / "fifth" / "metrics.jsonl").exists() and not (tmp_path / "sixth" / "metrics.jsonl").exists()
 
 
 def test_a_changed_checkpoint_dir_never_restarts_a_run_that_saved(tmp_path, data_cache, four_steps):
@@ -367,6 +379,27 @@ def test_a_changed_checkpoint_dir_never_restarts_a_run_that_saved(tmp_path, data
     assert (f"holds checkpoints up to iter_0000004 only, but this run saved up to iter_0000006 into {elsewhere}"
             in proc.stderr), _error_lines(proc)
     assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_a_relative_checkpoint_dir_is_found_from_another_working_directory(tmp_path, data_cache):
+    """checkpoint.dir given relative (to the working directory, as megatron reads it) is recorded absolute in the run's
+    config.yaml: --resume auto started from another directory, where the same relative string names an empty place,
+    is refused naming where the checkpoints are (it used to move the records aside and start at step 0), and
+    continues from the first directory."""
+    first, other = tmp_path / "first-cwd", tmp_path / "other-cwd"
+    first.mkdir(), other.mkdir()
+    run = tmp_path / "run"
+    proc = _train(run, data_cache, ["train.steps=2", "checkpoint.interval=2", "checkpoint.dir=ck"], cwd=first)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert yaml.safe_load((run / "config.yaml").read_text())["checkpoint"]["dir"] == str(first / "ck")
+    before = (run / "metrics.jsonl").read_text()
+    proc = _train(run, data_cache, ["train.steps=4", "checkpoint.interval=2", "checkpoint.dir=ck"], cwd=other)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (f"--resume auto: checkpoint.dir ck holds no checkpoint, but this run saved up to iter_0000002 into "
+            f"{first / 'ck'} before checkpoint.dir changed") in proc.stderr, _error_lines(proc)
+    assert (run / "metrics.jsonl").read_text() == before and not (run / "previous").exists()
+    proc = _train(run, data_cache, ["train.steps=4", "checkpoint.interval=2", "checkpoint.dir=ck"], cwd=first)
+    assert proc.returncode == 0 and "at step 2" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_a_damaged_metrics_file_is_named_not_a_traceback(tmp_path, data_cache, four_steps):

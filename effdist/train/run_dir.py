@@ -155,6 +155,31 @@ def check_checkpoint_owner(run_dir: Path, ckpt_dir: Path) -> None:
             return
 
 
+def check_not_a_running_runs_checkpoints(run_dir: Path, ckpt_dir: Path) -> None:
+    """checkpoint.dir set to RUN/checkpoints of another run directory whose trainer is running now: that trainer
+    saves there without locking it (it holds its run directory's lock), so two trainers would save into one line
+    even before either has a checkpoint there. Refuse, naming it. Only looks: the other run's lock file is not
+    written."""
+    other = Path(ckpt_dir).resolve().parent
+    if Path(ckpt_dir).name != "checkpoints" or other == Path(run_dir).resolve() or not (other / LOCK_FILE).is_file():
+        return
+    try:
+        fd = os.open(other / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise RunDirLocked(
+            f"checkpoint.dir = {str(ckpt_dir)!r} is the checkpoint directory of the run in {other}, which is "
+            f"training now ({holder}): give this run its own checkpoint.dir") from None
+    except OSError:
+        pass
+    os.close(fd)  # closing drops the shared lock taken to look
+
+
 class RunDirMissingCheckpoints(RunDirError):
     """--resume auto found no checkpoint where the directory says this run had some."""
 

@@ -10,6 +10,7 @@ a TP=2 or DP=2 run follows a single-process run of the same global batch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import math
 import os
@@ -135,6 +136,11 @@ class Trainer:
     def _write_config_yaml(self) -> None:
         path = self.run_dir / "config.yaml"
         text = self.cfg.to_yaml()
+        if self.cfg.checkpoint.dir and not os.path.isabs(self.cfg.checkpoint.dir):
+            # A relative checkpoint.dir is read from the working directory; the run's record names where the
+            # checkpoints really went, so --resume auto (or generate) from another directory finds them.
+            text = dataclasses.replace(self.cfg, checkpoint=dataclasses.replace(
+                self.cfg.checkpoint, dir=os.path.abspath(self.cfg.checkpoint.dir))).to_yaml()
         if not path.is_file() or path.read_text() != text:
             tmp = path.with_name(f"config.yaml.tmp{os.getpid()}")
             tmp.write_text(text)
@@ -256,6 +262,7 @@ class Trainer:
                 self.lock.acquire()
                 if self.ckpt_dir.resolve() != self.run_dir.resolve() / "checkpoints":
                     # checkpoint.dir elsewhere: one trainer saves there at a time, and only into its own line.
+                    run_directory.check_not_a_running_runs_checkpoints(self.run_dir, self.ckpt_dir)
                     if self.ckpt_dir.resolve() != self.run_dir.resolve():
                         self.ckpt_lock = run_directory.RunDirLock(self.ckpt_dir, what="checkpoint.dir")
                         try:
@@ -266,6 +273,11 @@ class Trainer:
                             self.ckpt_lock = None
                     if self.resume in ("auto", "none", "", None):
                         run_directory.check_checkpoint_owner(self.run_dir, self.ckpt_dir)
+                elif (self.ckpt_dir / run_directory.LOCK_FILE).is_file():
+                    # Another run's checkpoint.dir may name this run's checkpoints/ (it locked it there): one
+                    # trainer at a time saves into it.
+                    self.ckpt_lock = run_directory.RunDirLock(self.ckpt_dir, what="checkpoint.dir")
+                    self.ckpt_lock.acquire()
                 if self.resume in ("none", "", None):
                     moved = run_directory.start_over(self.run_dir, self.ckpt_dir, self.fresh)
                     if moved is not None:
