@@ -370,6 +370,9 @@ def test_checkpoint_without_its_tokenizer(trained_run, tmp_path, capsys):
     rc = main(["--checkpoint", str(moved), "--prompt-ids", "10,20,30", "--max-new-tokens", "4", "--ignore-eod"])
     captured = capsys.readouterr()
     assert rc == 0 and captured.out.startswith("[0] [10, 20, 30] -> [")
+    # Empty ids: one line saying what to give (an empty --prompt '' starts a new document; ids name no EOD).
+    rc = main(["--checkpoint", str(moved), "--prompt-ids", ""])
+    assert rc == 2 and "prompt 0 has no tokens: give at least one token id" in capsys.readouterr().err
     # A tokenizer of more entries than the model's vocabulary (another run's) is refused, not used.
     from tokenizers import Tokenizer, models
 

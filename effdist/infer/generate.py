@@ -345,7 +345,11 @@ class Generator:
             else:
                 ids = [int(t) for t in (p.tolist() if torch.is_tensor(p) else p)]
                 if not ids:
-                    raise GenerationError(f"prompt {i} has no tokens")
+                    # An empty text prompt starts a new document (the tokenizer's end-of-document id); ids carry
+                    # no tokenizer to say which id that is, so the caller names it.
+                    raise GenerationError(f"prompt {i} has no tokens: give at least one token id (the "
+                                          "end-of-document id starts a new document), or an empty text prompt "
+                                          "(--prompt '') with a tokenizer")
             bad = [t for t in ids if not 0 <= t < self.model.shape.vocab_size]
             if bad:
                 raise GenerationError(f"prompt {i} holds token ids {bad[:5]} outside the vocabulary "
