@@ -485,6 +485,14 @@ def test_nonfinite_and_disk_failures_save_nothing(tmp_path, data_cache, four_ste
     assert _names(run / "checkpoints") == ["iter_0000002", "iter_0000004", "iter_0000006.tmp"]
     for name in ("iter_0000002", "iter_0000004"):
         ckpt.verify(run / "checkpoints" / name)
+    # The same in a background save (checkpoint.async_save): the line names the .tmp directory it failed in.
+    run = _copy(four_steps, tmp_path / "async_write_fails")
+    proc = _train(run, data_cache, ["train.steps=6", "checkpoint.interval=2", "checkpoint.async_save=true"],
+                  preexec_fn=cap_file_size)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"writing checkpoint {run / 'checkpoints' / 'iter_0000006.tmp'} failed: the file write failed" in proc.stderr, \
+        _error_lines(proc)
+    assert _names(run / "checkpoints") == ["iter_0000002", "iter_0000004", "iter_0000006.tmp"]
 
 
 def test_the_space_advice_is_one_that_can_be_followed(tmp_path, monkeypatch):

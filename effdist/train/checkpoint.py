@@ -255,6 +255,7 @@ class AsyncSaver:
         self.queue = AsyncCallsQueue(persistent=False)
         self.staging = HostStaging()
         self.in_flight: Path | None = None
+        self.writing: Path | None = None  # the in-flight save's .tmp directory: what a failed write names
 
     def save(self, ckpt_dir: Path, step: int, model_chunks, optimizer, runtime, common: dict[str, Any],
              marker: dict[str, Any], after_finalize=None) -> Path:
@@ -276,15 +277,15 @@ class AsyncSaver:
 
         request.finalize_fns.append(finalize)
         self.queue.schedule_async_request(request)
-        self.in_flight = final
+        self.in_flight, self.writing = final, tmp
         return final
 
     def poll(self) -> list[Path]:
         """Finalize a finished save, if any (collective: call at the same point on every rank)."""
-        with write_errors_named(self.in_flight or Path(".")):
+        with write_errors_named(self.writing or Path(".")):
             done = self.queue.maybe_finalize_async_calls(blocking=False, no_dist=False)
         if done and self.in_flight is not None:
-            path, self.in_flight = self.in_flight, None
+            path, self.in_flight, self.writing = self.in_flight, None, None
             return [path]
         return []
 
@@ -292,9 +293,9 @@ class AsyncSaver:
         """Block until the save in flight is written and visible."""
         if self.in_flight is None:
             return []
-        with write_errors_named(self.in_flight):
+        with write_errors_named(self.writing or self.in_flight):
             self.queue.maybe_finalize_async_calls(blocking=True, no_dist=False)
-        path, self.in_flight = self.in_flight, None
+        path, self.in_flight, self.writing = self.in_flight, None, None
         return [path]
 
     def close(self) -> None:
@@ -311,7 +312,7 @@ class AsyncSaver:
                 process.kill()
                 process.join(timeout=10)
         self.queue.async_calls.clear()
-        self.in_flight = None
+        self.in_flight = self.writing = None
 
 
 def manifest(path: Path) -> dict[str, list[int]]:
