@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: effdist bench NAME [args...]\n\nbenchmarks: " + (", ".join(names) or f"none found in {TOOLS}"))
         return 0
     name, rest = argv[0], argv[1:]
+    # The script's own name (bench_train, tools/bench_train.py) means the same benchmark as its short name.
+    name = Path(name).name.removesuffix(".py")
+    name = name[len("bench_"):] if name.startswith("bench_") and name[len("bench_"):] in names else name
     script = TOOLS / f"bench_{name}.py"
     if not script.is_file():
         print(f"effdist bench: no benchmark {name!r}; available: {', '.join(names)} (from {TOOLS})", file=sys.stderr)

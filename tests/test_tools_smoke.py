@@ -164,3 +164,16 @@ def test_activation_memory_probe_and_accounting(tmp_path):
             r["activation_bytes_per_token_layer_vs_swiglu"] - r["accounted_bytes_per_token_layer_vs_swiglu"])
         if r["ffn_kind"] == "relu2":
             assert r["accounted_bytes_per_token_layer_vs_swiglu"] == 0
+
+
+def test_effdist_bench_names_a_benchmark_by_short_or_script_name(capsys):
+    """`effdist bench NAME`: the short name, the script's name and its path all run tools/bench_NAME.py; an unknown
+    one is one line listing what exists."""
+    from effdist import bench
+
+    for name in ("ffn", "bench_ffn", "tools/bench_ffn.py"):
+        assert bench.main([name, "--help"]) == 0, name
+        assert "bench_ffn" in capsys.readouterr().out
+    assert bench.main(["bench_nothing"]) == 2
+    err = capsys.readouterr().err
+    assert "no benchmark 'bench_nothing'; available:" in err and "train" in err
