@@ -114,6 +114,25 @@ def test_the_saved_bytes_model_is_what_every_kind_saves():
         assert saved_bytes(_build(cfg), x) == predicted, sets
 
 
+@pytest.mark.parametrize("sets", [["ffn.kind=moc"], ["ffn.kind=moc", "ffn.moc_structured=true"], ["ffn.kind=topk"],
+                                  ["ffn.kind=elas"], ["ffn.kind=elas", "ffn.elas_ste=masked"]])
+def test_the_dense_fc2_input_a_compact_kind_replaces_is_freed_after_forward(sets):
+    """The saved-tensor hooks above see what autograd saves; this holds the memory itself: once the forward has
+    returned, nothing keeps the dense fc2 input alive (it cost one [tokens, f] tensor per layer in GPU training
+    while the hooks of `save_compactly` held it through their closure)."""
+    import gc
+    import weakref
+
+    module = _build(_cfg(*sets))
+    seen = []
+    handle = module.linear_fc2.register_forward_pre_hook(lambda m, args: seen.append(weakref.ref(args[0])))
+    out, _ = module(_input())
+    handle.remove()
+    gc.collect()
+    assert len(seen) == 1 and seen[0]() is None, f"{sets}: the dense fc2 input is still alive after forward"
+    out.sum().backward()  # and backward rebuilds it
+
+
 # ------------------------------------------------------------------------------------ MoC / top-k
 
 def _dense_swiglu_masked(module, x, k=None, structured=False):

@@ -13,11 +13,12 @@
 #   bash tools/gpu_h100_suite.sh h200_cal OUTDIR    # effdist calibrate, llama-1b and llama-7b (the shipped H200 tables)
 #   bash tools/gpu_h100_suite.sh sparse24_table OUTDIR  # ELAS fc2 sparse-vs-dense GEMM table of this card (#23)
 #   bash tools/gpu_h100_suite.sh ffn_memory OUTDIR  # what a training forward keeps alive per FFN kind, and where (#23)
+#   bash tools/gpu_h100_suite.sh ffn_train OUTDIR   # FFN kinds end to end at llama-350m and llama-1b, then the probe (#23)
 #
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|fp8_titan|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|ffn_memory|tests OUTDIR [SEED]}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|fp8_titan|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|ffn_memory|ffn_train|tests OUTDIR [SEED]}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -348,9 +349,20 @@ ffn_memory)
   # kind, llama-350m at micro-batch 8: saved tensors per module against the allocator, and where the rest was allocated.
   run 300 python3 tools/probe_activation_memory.py --model llama-350m --json "$out/probe_activation_memory.json"
   ;;
+ffn_train)
+  # Issue #23 items 1-3 after the fix of the dense fc2 input that every compact kind kept alive (effdist.model.ffn.saved):
+  # llama-350m and llama-1b, one process per variant, ELAS against ReLU^2 of its width, then the probe again.
+  for m in llama-350m llama-1b; do
+    run 260 python3 tools/bench_train.py --isolate --models $m --micro-batch $m=8 --accum 2 --steps 8 --warmup 3 \
+      --set data.kind=mock --set logging.tensorboard=false --json "$out/bench_train_ffn_${m#llama-}_fc2fix.json" \
+      --variant swiglu= --variant moc=ffn.kind=moc --variant topk=ffn.kind=topk --variant relu2=ffn.kind=relu2 \
+      --variant "elas=ffn.kind=elas;ffn.elas_warmup_steps=0"
+  done
+  run 150 python3 tools/probe_activation_memory.py --model llama-350m --json "$out/probe_activation_memory_fc2fix.json"
+  ;;
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, fp8_titan, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, sparse24_table, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, fp8_titan, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, sparse24_table, ffn_memory, ffn_train, tests)"; exit 2 ;;
 esac
 exit 0

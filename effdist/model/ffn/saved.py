@@ -44,9 +44,9 @@ class _Plain:
         self.packed = packed
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
-            and a.data_ptr() == b.data_ptr())
+def _identity(t: torch.Tensor) -> tuple:
+    """What tells a saved tensor is `target` itself (or an identical view of it), without holding it."""
+    return (t.device, t.dtype, tuple(t.shape), t.stride(), t.data_ptr())
 
 
 @contextlib.contextmanager
@@ -56,9 +56,13 @@ def save_compactly(target: torch.Tensor, parts: Sequence[torch.Tensor],
     `rebuild(parts)` back in backward. `rebuild` must return a tensor equal to `target`."""
     outer = _outer_hooks()
     outer_pack, outer_unpack = outer if outer is not None else (None, None)
+    # Every tensor saved in the block keeps a reference to `pack` (autograd stores the hook pair with it) until
+    # backward frees it: `pack` must not hold `target`, or the dense tensor it replaces lives as long as the graph.
+    wanted = _identity(target)
+    del target
 
     def pack(t: torch.Tensor):
-        if _same_tensor(t, target):
+        if _identity(t) == wanted:
             stored = tuple(outer_pack(p) if outer_pack else p for p in parts)
             return _Compact(stored, rebuild)
         if outer_pack:
