@@ -9,8 +9,12 @@ Hosted here, by the batch script on the first node, the store outlives every age
 with ``--rdzv_conf=is_host=0``, so none of them tries to host it), and the batch script stops this
 process by pid once srun has returned.
 
-Prints ``ready`` once it listens; runs until SIGTERM/SIGINT. SIGUSR1 is ignored: it may be sent to every
-process of the batch step, and it means "save and requeue" to the trainers, not "stop" to this store.
+Prints ``ready`` once it listens; runs until SIGHUP/SIGINT (the batch script sends SIGHUP). SIGUSR1 and SIGTERM
+are ignored: Slurm sends them to every process of the job (`scancel` and `scontrol requeue` SIGTERM the batch
+step's processes too, and so does the time limit), and they mean "save" to the trainers, whose agents still need
+the store until their workers have saved and exited; a store that ended on that SIGTERM made every agent die
+with a RendezvousConnectionError traceback and exit 1 while its workers were saving. Slurm's SIGKILL after
+KillWait still ends it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python {sys.argv[0]} PORT (a TCP port, 1..65535); got {' '.join(args)!r}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, lambda *_: sys.exit(0))
     from torch.distributed import TCPStore
 
     try:

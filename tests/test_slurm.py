@@ -97,17 +97,27 @@ if [[ $1 == launch/torchrun.py ]]; then
     spec=${!spec:-0}
     if [[ $spec == gone ]]; then kill -KILL 0; fi
     if [[ $spec != *@* ]]; then exit "$spec"; fi
-    on_signal() { echo "$1" >> "$FAKE_DIR/signals.$node"; sleep "${spec#*@}"; exit "${spec%@*}"; }
+    # On a signal: record it, take DELAY seconds (a save), record whether the rendezvous store still serves (the
+    # agents poll it until their workers exit), exit CODE.
+    on_signal() {
+        echo "$1" >> "$FAKE_DIR/signals.$node"
+        sleep "${spec#*@}"
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then s=up; else s=down; fi
+        echo "$s" >> "$FAKE_DIR/store.after-save.$node"
+        exit "${spec%@*}"
+    }
     trap 'on_signal USR1' USR1
     trap 'on_signal TERM' TERM
     echo $$ > "$FAKE_DIR/launcher.$node.pid"
     for _ in $(seq 600); do sleep 0.05; done
     exit 9
 fi
+if [[ $1 == slurm/rendezvous_store.py ]]; then
+    echo $$ > "$FAKE_DIR/store.pid"   # the real one keeps this pid (exec below)
+fi
 if [[ $1 == slurm/rendezvous_store.py && ${FAKE_STORE:-fake} == fake ]]; then
-    echo $$ > "$FAKE_DIR/store.pid"
-    trap '' USR1
-    trap 'echo stopped > "$FAKE_DIR/store.stopped"; exit 0' TERM
+    trap '' USR1 TERM
+    trap 'echo stopped > "$FAKE_DIR/store.stopped"; exit 0' HUP
     echo ready
     while :; do sleep 0.05; done
 fi
@@ -266,8 +276,9 @@ def test_sbatch_exit_code_and_requeue(fake_slurm, codes, extra, rc, requeued, sa
 
 def _preempt(tmp: Path, env: dict[str, str], target: str, sig: int, **extra: str) -> subprocess.CompletedProcess:
     """Run the script with both launchers waiting for a signal, then send `sig` to the batch script
-    (target "batch": the time-limit warning, `scancel --batch`) or to every launcher ("steps":
-    `scancel --signal=USR1`, `--signal=USR1@N` without B:)."""
+    (target "batch": the time-limit warning, `scancel --batch`), to every launcher ("steps":
+    `scancel --signal=USR1`, `--signal=USR1@N` without B:) or to both and every other process of the batch step,
+    the rendezvous store included ("job": `scancel`, `scontrol requeue`, the time limit)."""
     proc = subprocess.Popen(["bash", str(SBATCH)], env=dict(env, **extra), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -275,9 +286,11 @@ def _preempt(tmp: Path, env: dict[str, str], target: str, sig: int, **extra: str
         deadline = time.time() + 30
         while not all(p.exists() and p.read_text().strip() for p in pids) and time.time() < deadline:
             time.sleep(0.02)
-        if target == "batch":
+        if target in ("batch", "job"):
             proc.send_signal(sig)
-        else:  # Slurm signals every process of the step: the node task's shell too
+        if target == "job":  # scancel, scontrol requeue, the time limit: every process of the batch step too
+            os.kill(int((tmp / "store.pid").read_text()), sig)
+        if target in ("steps", "job"):  # Slurm signals every process of the step: the node task's shell too
             for p in pids:
                 os.killpg(os.getpgid(int(p.read_text())), sig)
         out, err = proc.communicate(timeout=45)
@@ -330,6 +343,24 @@ def test_sbatch_saves_but_does_not_requeue_on_sigterm(fake_slurm):
     assert _requeues(tmp) == [] and "not requeueing" in proc.stderr
 
 
+def test_sbatch_scancel_signals_every_process_and_the_rendezvous_store_outlives_the_save(fake_slurm):
+    # Plain `scancel`, `scontrol requeue` and the time limit SIGTERM every process of the job, the batch step's
+    # rendezvous store too. It ended on that SIGTERM while the workers were still saving: each agent, polling it,
+    # died with a RendezvousConnectionError traceback and exit 1, and the job's exit code said "failed" although a
+    # checkpoint was saved. It ignores SIGTERM now and is stopped (SIGHUP) once the step ended.
+    tmp, env = fake_slurm
+    port = free_port()
+    proc = _preempt(tmp, env, "job", signal.SIGTERM, FAKE_node07="75@1", FAKE_node08="75@1.5", FAKE_STORE="real",
+                    RDZV_PORT=str(port), HEAD_ADDR="127.0.0.1")
+    # From Slurm and again through the batch script and srun: twice.
+    assert {node: set(sigs) for node, sigs in _signals(tmp).items()} == {"node07": {"TERM"}, "node08": {"TERM"}}
+    assert {node: set(_read(tmp / f"store.after-save.{node}").split()) for node in NODES} == \
+        {"node07": {"up"}, "node08": {"up"}}, proc.stderr
+    assert proc.returncode == 75 and "node07=75 node08=75" in proc.stderr, proc.stderr
+    assert _requeues(tmp) == [] and "not requeueing" in proc.stderr
+    assert not _pid_alive(int((tmp / "store.pid").read_text()))  # stopped by the script once the step ended
+
+
 def test_sbatch_refuses_to_run_outside_slurm(fake_slurm):
     tmp, env = fake_slurm
     env = {k: v for k, v in env.items() if k != "SLURM_JOB_ID"}
@@ -378,7 +409,7 @@ def test_rendezvous_store_usage(args):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "PORT" in proc.stderr
 
 
-def test_rendezvous_store_serves_ignores_sigusr1_and_stops_on_sigterm():
+def test_rendezvous_store_serves_ignores_sigusr1_and_sigterm_and_stops_on_sighup():
     from torch.distributed import TCPStore
 
     port = free_port()
@@ -389,10 +420,11 @@ def test_rendezvous_store_serves_ignores_sigusr1_and_stops_on_sigterm():
         client = TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=30))
         client.set("k", "v")
         server.send_signal(signal.SIGUSR1)  # "save and requeue" is for the trainers, not the store
+        server.send_signal(signal.SIGTERM)  # scancel / scontrol requeue: the agents need it until the save is done
         time.sleep(0.3)
         assert server.poll() is None and client.get("k") == b"v"
         del client
-        server.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGHUP)  # what the batch script sends once the step ended
         assert server.wait(timeout=10) == 0
         assert server.stderr.read() == ""
     finally:

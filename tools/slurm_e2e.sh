@@ -12,9 +12,13 @@
 #   steps      `scancel --signal=USR1`: the signal reaches the steps' processes, not the batch script
 #   timelimit  the time-limit warning (`--signal=B:USR1@N`): Slurm signals the batch script itself
 #   maxrequeue the steps path with MAX_REQUEUES=0: saves, is not requeued, ends FAILED with exit code 75
+#   cancel     plain `scancel`: SIGTERM to every process of the job; saves, ends CANCELLED, not requeued
+#   requeue    `scontrol requeue` of the running job: SIGTERM to every process, Slurm requeues it itself
 # and checks that each preempted job was requeued, resumed from the checkpoint it saved, ended COMPLETED
 # with exit code 0, and logged exactly the reference's losses (metrics.jsonl, bit for bit); and that no
-# job printed a Python traceback. One PASS/FAIL line per check; exit 0 only if every check passed.
+# job printed a Python traceback; that the cancelled job's launchers both exited 75 after its save; and that
+# no process of any job (trainer, launcher, rendezvous store) is left once the jobs ended. One PASS/FAIL
+# line per check; exit 0 only if every check passed.
 #
 # Slurm checks time limits every 30 s. To test the warning without a long run, the timelimit job is
 # submitted with a long limit; once it trains, the test shortens the limit so that the warning is due,
@@ -31,8 +35,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 STEPS=${SLURM_E2E_STEPS:-40}
 TIMEOUT=${SLURM_E2E_TIMEOUT:-600}
-NODES=10          # 5 jobs of 2 nodes run at once
-CASES=(reference batch steps timelimit maxrequeue)
+NODES=14          # 7 jobs of 2 nodes run at once
+CASES=(reference batch steps timelimit maxrequeue cancel requeue)
 TAG="effdist-slurm-e2e-$$"   # marks our /etc/hosts line
 
 say() { echo "[slurm_e2e $(date +%H:%M:%S)] $*"; }
@@ -233,6 +237,8 @@ submit batch
 submit steps
 submit timelimit --time=30 --signal=B:USR1@600
 SUBMIT_ENV="MAX_REQUEUES=0" submit maxrequeue
+submit cancel
+submit requeue
 
 declare -A SIGNALLED STOPPED RESTORED
 signal_when_training() {   # the preemption of each case, once it has logged 2 steps in its first start
@@ -243,6 +249,8 @@ signal_when_training() {   # the preemption of each case, once it has logged 2 s
     case $case in
         batch) scancel --batch --signal=USR1 "$jid" ;;
         steps | maxrequeue) scancel --signal=USR1 "$jid" ;;
+        cancel) scancel "$jid" ;;
+        requeue) scontrol requeue "$jid" ;;
         timelimit)
             # Elapsed minutes + 1 as the limit: the warning (600 s before the end) is due now.
             local run_s minutes
@@ -258,7 +266,7 @@ signal_when_training() {   # the preemption of each case, once it has logged 2 s
 }
 
 while ((SECONDS < deadline)); do
-    for case in batch steps timelimit maxrequeue; do signal_when_training "$case"; done
+    for case in batch steps timelimit maxrequeue cancel requeue; do signal_when_training "$case"; done
     # timelimit: release the trainers once the batch script has the warning; restore the long limit
     # once the job is back in the queue, so that the second start is not warned again.
     if [[ -n ${STOPPED[timelimit]:-} ]] && job_log timelimit | grep -q "received SIGUSR1"; then
@@ -280,6 +288,26 @@ while ((SECONDS < deadline)); do
 done
 [[ -n ${STOPPED[timelimit]:-} ]] && kill -CONT ${STOPPED[timelimit]} 2>/dev/null
 say "jobs ended after ${SECONDS}s"
+
+# Every process of a job (trainers, launchers, the rendezvous store; found by the job id in their environment)
+# must be gone once the job ended: give them the 10 s a slurmstepd may take to reap its step.
+job_pids() {
+    "$PYTHON" - "$@" <<'EOF'
+import os, sys
+ids = {f"SLURM_JOB_ID={j}".encode() for j in sys.argv[1:]}
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        env = set(open(f"/proc/{pid}/environ", "rb").read().split(b"\0"))
+        cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        continue
+    if env & ids:
+        print(pid, cmd[:100])
+EOF
+}
+for _ in $(seq 20); do [[ -z $(job_pids "${JOBS[@]}") ]] && break; sleep 0.5; done
+left=$(job_pids "${JOBS[@]}")
+check "no process of any job is left" "$([[ -z $left ]]; echo $?)" "${left:-none}"
 
 # ---------------------------------------------------------------------------------- checks
 for case in "${CASES[@]}"; do
@@ -309,10 +337,18 @@ def line(name, ok, seen):
     print(f"{'PASS' if ok else 'FAIL'} {name}: {seen}")
 
 ref = losses("reference")
-for case in ("reference", "batch", "steps", "timelimit", "maxrequeue"):
+for case in ("reference", "batch", "steps", "timelimit", "maxrequeue", "cancel", "requeue"):
     j, log = job(case), (work / "jobs" / f"{case}.out").read_text(errors="replace") if (work / "jobs" / f"{case}.out").exists() else ""
     state, restarts, code = j.get("JobState"), int(j.get("Restarts", "-1")), j.get("ExitCode")
-    if case == "maxrequeue":
+    if case == "cancel":
+        line(f"{case} ends CANCELLED and is not requeued", state == "CANCELLED" and restarts == 0,
+             f"JobState={state} ExitCode={code} Restarts={restarts}")
+        codes = re.findall(r"launcher exit codes by node: ([^)]*)\)", log)
+        line(f"{case}: both launchers saved and exited 75", bool(codes) and
+             sorted(c.split("=")[-1] for c in codes[-1].split()) == ["75", "75"], f"exit codes by node: {codes}")
+        saved = sorted(p.name for p in (work / "runs" / case / "checkpoints").glob("iter_*"))
+        line(f"{case} saved a checkpoint", bool(saved), f"checkpoints {saved}")
+    elif case == "maxrequeue":
         line(f"{case} ends FAILED with exit code 75 and is not requeued", state == "FAILED" and code == "75:0" and restarts == 0,
              f"JobState={state} ExitCode={code} Restarts={restarts}")
         line(f"{case} says why", "MAX_REQUEUES=0" in log and "not requeueing" in log,
@@ -324,7 +360,7 @@ for case in ("reference", "batch", "steps", "timelimit", "maxrequeue"):
         line(f"{case} ends COMPLETED with exit code 0 (restarts {want_restarts})",
              state == "COMPLETED" and code == "0:0" and (restarts == 0 if case == "reference" else restarts >= 1),
              f"JobState={state} ExitCode={code} Restarts={restarts}")
-    if case in ("batch", "steps", "timelimit"):
+    if case in ("batch", "steps", "timelimit", "requeue"):
         resumed = re.findall(r"resumed from \S*iter_(\d+) at step (\d+)", log)
         line(f"{case} resumed from its checkpoint", bool(resumed) and 0 < int(resumed[0][1]) < steps,
              f"resumed at step {resumed[0][1]}" if resumed else "no 'resumed from' line in the log")
