@@ -541,6 +541,32 @@ def test_ctrl_c_stops_at_once_with_one_line_naming_the_checkpoint(tmp_path, data
 
 
 
+def test_a_run_directory_deleted_while_training_stops_the_run_instead_of_recreating_it(tmp_path, data_cache):
+    """`rm -rf RUN_DIR` (or a cleanup, or a move) while the run trains: it trained on, its records went into the
+    unlinked metrics.jsonl, and each save made a new RUN_DIR/checkpoints without records, config.yaml or lock
+    (a second trainer could then start there). It stops at the next record with one line, exit 1."""
+    run = tmp_path / "run"
+    log = tmp_path / "deleted.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_cmd(run, BASE + [f"data.cache_dir={data_cache}", "train.steps=100000",
+                                                  "checkpoint.interval=4"]),
+                                env=clean_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for_step(run, 2, proc, log)
+            shutil.rmtree(run)
+            rc = proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    text = log.read_text()
+    assert rc == 1, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    errors = [line for line in text.splitlines() if line.startswith("effdist: error")]
+    assert len(errors) == 1 and f"{run / 'metrics.jsonl'} was deleted or replaced while this run trained" in errors[0]
+    assert not (run / "checkpoints").exists(), sorted(p.name for p in run.rglob("*"))
+
+
 def test_wrong_run_dir_or_resume_is_one_line_and_exit_2(tmp_path, data_cache):
     """Found before anything starts where possible; nothing is created or changed."""
     a_file = tmp_path / "notes.txt"

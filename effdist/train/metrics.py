@@ -341,6 +341,7 @@ class MetricsLogger:
         """Append one step's record (must contain 'step'); returns what was written."""
         if not self.enabled or self._file is None:
             return None
+        self._check_still_there(record.get("step"))
         row = format_record(record)
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
@@ -355,6 +356,22 @@ class MetricsLogger:
         if self.progress is not None:
             self.progress.update(row["step"], row)
         return row
+
+    def _check_still_there(self, step: Any) -> None:
+        """The file this logger appends to must still be RUN_DIR/metrics.jsonl. A run directory deleted (or moved,
+        or its metrics.jsonl removed) while the run trains left the records going into a file nobody can open, and
+        the next save made a new directory of checkpoints without them, or the lock, silently: stop instead."""
+        held = os.fstat(self._file.fileno())
+        try:
+            there = os.stat(self.path)
+            same = held.st_nlink > 0 and (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
+        except OSError:
+            same = False
+        if not same:
+            raise MetricsFileError(
+                f"{self.path} was deleted or replaced while this run trained (run directory removed, moved or "
+                f"cleaned?): stopped at step {step} without saving; start again, or restore the directory and "
+                "--resume auto")
 
     def close(self) -> None:
         if self.progress is not None:
