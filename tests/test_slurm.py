@@ -243,6 +243,14 @@ def test_sbatch_cpus_per_task_and_bad_settings(fake_slurm):
     proc = _sbatch(env, CONFIG="configs/nope.yaml")
     assert proc.returncode == 2 and "CONFIG=configs/nope.yaml not found" in proc.stderr
     assert not (tmp / "srun.args").exists()
+    # Submitted from a directory that has a configs/ but is no checkout (EFFDIST_DIR defaults to the submit
+    # directory; sbatch --chdir does not change it): one line, not each node's launcher failing to open its file.
+    elsewhere = tmp / "elsewhere"
+    (elsewhere / "configs").mkdir(parents=True)
+    (elsewhere / "configs" / "tiny-cpu.yaml").write_text((ROOT / "configs" / "tiny-cpu.yaml").read_text())
+    proc = _sbatch(env, EFFDIST_DIR=str(elsewhere))
+    assert proc.returncode == 2 and f"EFFDIST_DIR={elsewhere} is not an effdist checkout" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and not (tmp / "srun.args").exists()
 
 
 @pytest.mark.parametrize("codes, extra, rc, requeued, says", [
