@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -749,3 +750,28 @@ def test_english_corpus_split_by_source_and_manifest(tmp_path):
     assert counts["files_kept"] == 8 * 3 and counts["files_seen"] == 8 * 6
     assert manifest["split_rule"]["by"] == "debian_source_package"
     assert {"min_chars", "min_english_share", "min_letters_share", "dedup"} <= set(manifest["filters"])
+
+
+@pytest.mark.parametrize("err", [28, 30])  # ENOSPC, EROFS
+def test_a_full_or_read_only_datasets_cache_is_named_as_such_not_as_an_unreadable_input(tmp_path, monkeypatch, err):
+    """The sample corpus on a full disk said 'could not read json input(s) [corpus.jsonl]: ... No space left on
+    device': the input was fine, the datasets cache it is parsed into could not be written. Name that, and where."""
+    import datasets
+
+    from effdist.data.sources import load_documents
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "a b c"}\n')
+
+    def full(*args, **kwargs):
+        try:
+            raise OSError(err, os.strerror(err))
+        except OSError as e:
+            raise datasets.exceptions.DatasetGenerationError("An error occurred while generating the dataset") from e
+
+    monkeypatch.setattr(datasets, "load_dataset", full)
+    with pytest.raises(DataError) as info:
+        load_documents([str(corpus)], cache_dir=str(tmp_path / "hf-cache"), progress=False)
+    message = str(info.value)
+    assert f"cannot write the datasets cache in {tmp_path / 'hf-cache'} ({os.strerror(err)})" in message, message
+    assert "data.cache_dir" in message and "could not read" not in message and "\n" not in message

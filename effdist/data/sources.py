@@ -54,6 +54,19 @@ def _why(error: BaseException) -> str:
     return " <- ".join(dict.fromkeys(reasons))
 
 
+def _no_room(error: BaseException) -> OSError | None:
+    """The OSError behind a reader's failure when it is a full, over-quota or read-only file system."""
+    import errno
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def expand_inputs(inputs: list[str]) -> list[tuple[str, list[str]]]:
     """Group inputs into consecutive (format, files) runs, preserving order; hub names become ("hub", [name])."""
     groups: list[tuple[str, list[str]]] = []
@@ -141,6 +154,13 @@ def _load_documents(inputs, text_key, txt_sample_by, hub_split, hub_subset, cach
                 ds = datasets.load_dataset(fmt, data_files=items, split="train", cache_dir=cache_dir, **kwargs)
             except Exception as e:
                 shown = f"{items[:3]}{' ...' if len(items) > 3 else ''}"
+                full = _no_room(e)
+                if full is not None:  # not the input: the cache datasets writes it into
+                    where = cache_dir or "the Hugging Face datasets cache (HF_DATASETS_CACHE, ~/.cache/huggingface)"
+                    raise DataError(f"could not load {fmt} input(s) {shown}: cannot write the datasets cache in "
+                                    f"{where} ({full.strerror}): free space there or put the cache on another file "
+                                    "system (effdist train: data.cache_dir; effdist preprocess/tokenizer: --cache-dir)"
+                                    ) from None
                 raise DataError(f"could not read {fmt} input(s) {shown}: {_why(e)}") from None
             source = items[0] if len(items) == 1 else f"{items[0]} (+{len(items) - 1} more)"
         column = "text" if fmt == "text" else text_key
