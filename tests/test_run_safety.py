@@ -270,6 +270,17 @@ def test_missing_checkpoints_and_resumes_from_elsewhere_never_restart_silently(t
     proc = _train(run, data_cache, ["train.steps=5", "checkpoint.interval=2", "train.global_batch=16"])
     assert proc.returncode == 0 and "train.global_batch changed since iter_0000004: 8 -> 16" in proc.stderr, \
         proc.stderr[-3000:]
+    assert "data order changed" not in proc.stderr
+    # So is a change of what decides the samples (sequence length, seed): it used to pass without a word.
+    run = _copy(four_steps, tmp_path / "other-order")
+    seq = yaml.safe_load((four_steps / "config.yaml").read_text())["data"]["seq_length"]
+    proc = _train(run, data_cache, ["train.steps=5", "checkpoint.interval=2", f"data.seq_length={seq // 2}",
+                                    "train.seed=7"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"WARNING: the data order changed since iter_0000004 (data.seq_length: {seq} -> {seq // 2}; train.seed: "
+            f"{yaml.safe_load((four_steps / 'config.yaml').read_text())['train']['seed']} -> 7): the samples after "
+            f"step 4 are not the ones this run would have seen; --set data.seq_length={seq} --set train.seed=") \
+        in proc.stderr, _error_lines(proc)
 
     # --resume at another run's checkpoint with nothing to train: nothing of this run moves.
     mine = _copy(four_steps, tmp_path / "mine")
