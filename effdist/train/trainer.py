@@ -384,6 +384,13 @@ class Trainer:
                                  "moved_to": str(dest)}
             elif reason == "fallback":  # the newer checkpoint vanished: nothing to move, the event keeps the records
                 self.rollback = {"reason": reason, "to": str(path), "from_step": None, "moved_to": None}
+            if self.rollback is not None and self.step < self.cfg.train.steps:
+                from effdist.train.metrics import append_event
+
+                # At once after the moves, before anything else can fail or be killed: the event is what keeps
+                # the abandoned line's records in metrics.jsonl (the logger keeps every record up to the newest
+                # event) and tells readers (plot) where the current line restarts.
+                append_event(self.run_dir, dict(self.rollback, event="rollback", step=self.step))
             if inside:
                 ckpt.set_latest(self.ckpt_dir, path)
         dist.barrier()
@@ -501,12 +508,6 @@ class Trainer:
         # With nothing to train (fit() says so and returns) this invocation leaves the run's records as they are:
         # opening the logger would drop the records after the loaded step, and tensorboard would start a file.
         records = rt.is_logging_rank and self.step < cfg.train.steps
-        if self.rollback is not None and records:
-            from effdist.train.metrics import append_event
-
-            # Before the logger opens: it keeps every record up to the newest event, so the abandoned
-            # line's records stay in the file, and readers (plot) know where the current line restarts.
-            append_event(self.run_dir, dict(self.rollback, event="rollback", step=self.step))
         self.metrics = MetricsLogger(self.run_dir, enabled=records, tensorboard=cfg.logging.tensorboard,
                                      total_steps=cfg.train.steps, progress_bar=cfg.logging.progress_bar,
                                      resume_step=self.step)
