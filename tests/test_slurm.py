@@ -116,10 +116,20 @@ if [[ $1 == slurm/rendezvous_store.py ]]; then
     echo $$ > "$FAKE_DIR/store.pid"   # the real one keeps this pid (exec below)
 fi
 if [[ $1 == slurm/rendezvous_store.py && ${FAKE_STORE:-fake} == fake ]]; then
-    trap '' USR1 TERM
-    trap 'echo stopped > "$FAKE_DIR/store.stopped"; exit 0' HUP
-    echo ready
-    while :; do sleep 0.05; done
+    # In Python, as the real store: bash cannot trap a SIGHUP that was ignored when it started (a test run under
+    # nohup), Python's signal.signal can.
+    exec "$REAL_PYTHON" -c '
+import os, signal, sys, time
+def stop(*_):
+    open(os.path.join(os.environ["FAKE_DIR"], "store.stopped"), "w").write("stopped\n")
+    sys.exit(0)
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGHUP, stop)
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+'
 fi
 exec "$REAL_PYTHON" "$@"
 """

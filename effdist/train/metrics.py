@@ -341,7 +341,7 @@ class MetricsLogger:
         """Append one step's record (must contain 'step'); returns what was written."""
         if not self.enabled or self._file is None:
             return None
-        self._check_still_there(record.get("step"))
+        self.check_still_there(record.get("step"))
         row = format_record(record)
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
@@ -357,10 +357,12 @@ class MetricsLogger:
             self.progress.update(row["step"], row)
         return row
 
-    def _check_still_there(self, step: Any) -> None:
+    def check_still_there(self, step: Any) -> None:
         """The file this logger appends to must still be RUN_DIR/metrics.jsonl. A run directory deleted (or moved,
         or its metrics.jsonl removed) while the run trains left the records going into a file nobody can open, and
         the next save made a new directory of checkpoints without them, or the lock, silently: stop instead."""
+        if not self.enabled or self._file is None:
+            return
         held = os.fstat(self._file.fileno())
         try:
             there = os.stat(self.path)

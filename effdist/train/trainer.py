@@ -670,6 +670,7 @@ class Trainer:
         rt, cc = self.runtime, self.cfg.checkpoint
         self._finish_saves()
         self._check_weights_finite()
+        self._check_run_dir_still_there()
         self._check_space()
         marker = {"model": self._model_signature(), "lr_schedule": self._lr_signature(), "tp": rt.tp, "pp": rt.pp,
                   "dp": rt.dp, "config": self.cfg.to_dict(), "run_dir": str(self.run_dir.resolve())}
@@ -723,6 +724,19 @@ class Trainer:
                 f"step {self.step}: {int(bad.item())} weight tensor(s) hold NaN or inf (the update overflowed); not "
                 f"saving them. Last good checkpoint: {self._last_good()}. Resume from it (--resume CHECKPOINT_DIR) "
                 f"with a lower optim.lr (now {self.cfg.optim.lr})")
+
+    def _check_run_dir_still_there(self) -> None:
+        """Before each save: a run directory deleted (or moved) since the last record must not be made again by
+        the save, without records, config.yaml or lock. All ranks agree."""
+        problem = None
+        if self.runtime.is_logging_rank and getattr(self, "metrics", None) is not None and self.metrics.enabled:
+            try:
+                self.metrics.check_still_there(self.step)
+            except MetricsFileError as e:
+                problem = str(e)
+        problem = self._from_rank0(problem)
+        if problem:
+            raise MetricsFileError(problem)
 
     def _check_space(self) -> None:
         """Before each save, on rank 0: room for about one more checkpoint of the last one's size (for the
