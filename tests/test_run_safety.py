@@ -18,6 +18,7 @@ process launches per behaviour.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -57,6 +58,22 @@ def _train(run: Path, data_cache: Path, extra: list[str], resume: str = "auto", 
     overrides = BASE + [f"data.cache_dir={data_cache}"] + extra
     return subprocess.run(_cmd(run, overrides, resume, fresh), env=clean_env(**(env or {})), cwd=cwd,
                           capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn)
+
+
+@contextlib.contextmanager
+def _long_run(run: Path, data_cache: Path, extra: list[str], log: Path, **popen):
+    """A trainer of 100000 steps in the background (its own session, output to `log`), killed with its process
+    group on leaving the block if it is still running (as a preemption without warning would)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_cmd(run, BASE + [f"data.cache_dir={data_cache}", "train.steps=100000"] + extra),
+                                env=clean_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                **popen)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _names(ckpt_dir: Path) -> list[str]:
@@ -99,25 +116,19 @@ def test_lock_start_over_rollback_and_fresh(tmp_path, data_cache):
 
     # A long run holds the directory; a second trainer on it exits at once, naming the holder.
     log = tmp_path / "first.log"
-    with open(log, "w") as out:
-        holder = subprocess.Popen(_cmd(run, BASE + [f"data.cache_dir={data_cache}"] + first), env=clean_env(),
-                                  cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            _wait_for_step(run, 1, holder, log)
-            second = _train(run, data_cache, first)
-            assert second.returncode == 2, second.stderr[-3000:]
-            assert (f"is in use by another trainer (host {socket.gethostname()}, pid {holder.pid}, started"
-                    in second.stderr), second.stderr[-3000:]
-            assert "Traceback" not in second.stderr, second.stderr[-3000:]
-            # The first trainer's metrics are whole: the second one touched nothing. Step 13 is logged after the
-            # (synchronous) save at step 12 is visible, so the kill below cannot land inside that save.
-            _wait_for_step(run, 13, holder, log)
-            steps = [r["step"] for r in _records(run)]
-            assert steps == list(range(1, len(steps) + 1)), steps
-        finally:
-            # Killed as a preemption without warning would: the lock must die with it.
-            os.killpg(holder.pid, signal.SIGKILL)
-            holder.wait()
+    # Killed on leaving the block, as a preemption without warning would: the lock must die with it.
+    with _long_run(run, data_cache, first[1:], log) as holder:
+        _wait_for_step(run, 1, holder, log)
+        second = _train(run, data_cache, first)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert (f"is in use by another trainer (host {socket.gethostname()}, pid {holder.pid}, started"
+                in second.stderr), second.stderr[-3000:]
+        assert "Traceback" not in second.stderr, second.stderr[-3000:]
+        # The first trainer's metrics are whole: the second one touched nothing. Step 13 is logged after the
+        # (synchronous) save at step 12 is visible, so the kill below cannot land inside that save.
+        _wait_for_step(run, 13, holder, log)
+        steps = [r["step"] for r in _records(run)]
+        assert steps == list(range(1, len(steps) + 1)), steps
     killed_at = [int(n[len("iter_"):]) for n in _names(ckpts) if not n.endswith(".tmp")]
     assert {4, 8, 12} <= set(killed_at), killed_at
 
@@ -339,20 +350,12 @@ def test_two_runs_sharing_one_checkpoint_dir_never_take_or_delete_each_others_ch
     # and one whose checkpoint.dir is the default one of the holder's run directory (third/checkpoints).
     empty = tmp_path / "fifth" / "checkpoints"
     log = tmp_path / "holder.log"
-    with open(log, "w") as out:
-        holder = subprocess.Popen(_cmd(tmp_path / "third", BASE + [f"data.cache_dir={data_cache}", "train.steps=100000",
-                                                                   f"checkpoint.dir={empty}"]),
-                                  env=clean_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-        try:
-            _wait_for_step(tmp_path / "third", 1, holder, log)
-            same = _train(tmp_path / "fourth", data_cache, ["train.steps=2", f"checkpoint.dir={empty}"])
-            default = _train(tmp_path / "fifth", data_cache, ["train.steps=2"])
-            holders = _train(tmp_path / "sixth", data_cache, ["train.steps=2",
-                                                              f"checkpoint.dir={tmp_path / 'third' / 'checkpoints'}"])
-        finally:
-            os.killpg(holder.pid, signal.SIGKILL)
-            holder.wait()
+    with _long_run(tmp_path / "third", data_cache, [f"checkpoint.dir={empty}"], log) as holder:
+        _wait_for_step(tmp_path / "third", 1, holder, log)
+        same = _train(tmp_path / "fourth", data_cache, ["train.steps=2", f"checkpoint.dir={empty}"])
+        default = _train(tmp_path / "fifth", data_cache, ["train.steps=2"])
+        holders = _train(tmp_path / "sixth", data_cache, ["train.steps=2",
+                                                          f"checkpoint.dir={tmp_path / 'third' / 'checkpoints'}"])
     for proc in (same, default, holders):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"checkpoint.dir {empty} is in use by another trainer (host {socket.gethostname()}, pid {holder.pid}" \
@@ -522,21 +525,13 @@ def test_ctrl_c_stops_at_once_with_one_line_naming_the_checkpoint(tmp_path, data
     traceback; the checkpoints it wrote stay and the lock dies with it."""
     run = tmp_path / "run"
     log = tmp_path / "int.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(_cmd(run, BASE + [f"data.cache_dir={data_cache}", "train.steps=100000",
-                                                  "checkpoint.interval=2"]),
-                                env=clean_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                # As from a terminal: a process that inherits SIGINT ignored (pytest-xdist's workers,
-                                # a shell's background job) keeps ignoring it, as it should.
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        try:
-            _wait_for_step(run, 3, proc, log)  # step 3 is logged after the save at step 2 is visible
-            proc.send_signal(signal.SIGINT)
-            rc = proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    # As from a terminal: a process that inherits SIGINT ignored (pytest-xdist's workers, a shell's background job)
+    # keeps ignoring it, as it should.
+    with _long_run(run, data_cache, ["checkpoint.interval=2"], log,
+                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as proc:
+        _wait_for_step(run, 3, proc, log)  # step 3 is logged after the save at step 2 is visible
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
     text = log.read_text()
     assert rc == 128 + signal.SIGINT, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
@@ -558,18 +553,10 @@ def test_a_run_directory_deleted_while_training_stops_the_run_instead_of_recreat
     (a second trainer could then start there). It stops at the next record with one line, exit 1."""
     run = tmp_path / "run"
     log = tmp_path / "deleted.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(_cmd(run, BASE + [f"data.cache_dir={data_cache}", "train.steps=100000",
-                                                  "checkpoint.interval=4"]),
-                                env=clean_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            _wait_for_step(run, 2, proc, log)
-            shutil.rmtree(run)
-            rc = proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    with _long_run(run, data_cache, ["checkpoint.interval=4"], log) as proc:
+        _wait_for_step(run, 2, proc, log)
+        shutil.rmtree(run)
+        rc = proc.wait(timeout=30)
     text = log.read_text()
     assert rc == 1, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
