@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# Runs measured before the fix of the dense fc2 input that every compact kind kept alive (2026-12-07).
 RUNS = ("bench_train_ffn_350m_h100.json", "bench_train_ffn_350m_select64_h100.json",
         "bench_train_ffn_1b_select64_h100.json", "bench_train_ffn_350m_select64_outlier_h100.json")
 GIB = 2**30
@@ -77,8 +78,19 @@ def account(run_file: Path) -> list[dict]:
     return out
 
 
+def held_before_the_fix_bytes(cfg) -> float:
+    """The dense fc2 inputs of one micro-batch that the compact kinds' layers kept alive in these runs (the hook of
+    effdist.model.ffn.saved held them until backward; fixed 2026-12-07, docs/sparse_ffn.md)."""
+    from effdist.pipeline.memory_model import COMPACT_FFN_KINDS, dense_fc2_input_bytes
+
+    tokens = cfg.train.micro_batch * cfg.data.seq_length
+    return sum(dense_fc2_input_bytes(cfg.ffn, cfg.model, layer) * tokens for layer in range(cfg.model.num_layers)
+               if cfg.ffn.kind_of_layer(layer) in COMPACT_FFN_KINDS)
+
+
 def planner_rows(run_file: Path) -> list[dict]:
-    """Every row of a run against the planner's peak memory for its config (effdist.train.estimate, on a GPU)."""
+    """Every row of a run against the planner's peak memory for its config (effdist.train.estimate, on a GPU); for
+    runs measured before the fix of the held fc2 input, also against the measured peak without it."""
     from effdist.train.estimate import estimate
 
     out = []
@@ -87,9 +99,12 @@ def planner_rows(run_file: Path) -> list[dict]:
             continue
         cfg = _config(row)
         predicted = estimate(cfg, 1, on_gpu=True).peak.total / GIB
+        held = held_before_the_fix_bytes(cfg) / GIB if run_file.name in RUNS else 0.0
         out.append({"run": run_file.name, "model": row["model"], "variant": row["variant"], "ffn_kind": cfg.ffn.kind,
                     "micro_batch": cfg.train.micro_batch, "predicted_peak_gib": predicted,
-                    "measured_peak_gib": row["peak_mem_gib"], "ratio": predicted / row["peak_mem_gib"]})
+                    "measured_peak_gib": row["peak_mem_gib"], "ratio": predicted / row["peak_mem_gib"],
+                    "held_before_fix_gib": held, "measured_without_held_gib": row["peak_mem_gib"] - held,
+                    "ratio_without_held": predicted / (row["peak_mem_gib"] - held)})
     return out
 
 
@@ -108,10 +123,10 @@ def main(argv=None) -> int:
               f"{r['gap_bytes_per_token_layer']:>7,.0f} {r['gap_over_fc2_input']:>10.3f} {r['peak_ratio_without_gap']:>13.3f}")
     planner = [r for f in files for r in planner_rows(f)]
     print(f"\nthe planner's peak (effdist.train.estimate) against the same runs:\n{'run':<50} {'variant':<12} "
-          f"{'predicted':>9} {'measured':>9} {'ratio':>6}")
+          f"{'predicted':>9} {'measured':>9} {'ratio':>6} {'held':>6} {'ratio w/o held':>14}")
     for r in planner:
         print(f"{r['run']:<50} {r['variant']:<12} {r['predicted_peak_gib']:>9.2f} {r['measured_peak_gib']:>9.2f} "
-              f"{r['ratio']:>6.3f}")
+              f"{r['ratio']:>6.3f} {r['held_before_fix_gib']:>6.2f} {r['ratio_without_held']:>14.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "command": "python tools/ffn_memory_accounting.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -42,9 +42,8 @@ from typing import Iterable
 
 from effdist.config import (INT64_MAX, Config, ConfigError, ffn_kind_of_layer, ffn_width_of_layer,
                             padded_vocab_size)
-from effdist.pipeline.memory_model import (COMPACT_FFN_KINDS, ActivationShape, chunk_activation_bytes,
-                                           dense_fc2_input_bytes, ffn_saved_bytes_per_token, layer_partition,
-                                           megatron_layer_bytes)
+from effdist.pipeline.memory_model import (ActivationShape, chunk_activation_bytes, ffn_saved_bytes_per_token,
+                                           layer_partition, megatron_layer_bytes)
 
 GIB = 2**30
 # Microbatches the dry run simulates at most: every schedule reaches its peak activation within its warm-up
@@ -240,14 +239,7 @@ def ffn_bytes_per_token_vs_swiglu(cfg: Config, layer: int) -> float:
     kwargs = dict(element_bytes=e, tp=par.tp, sequence_parallel=par.sequence_parallel)
     swiglu = ffn_saved_bytes_per_token(dataclasses.replace(cfg.ffn, kind="swiglu", layers=None), cfg.model, layer,
                                        **kwargs)
-    extra = ffn_saved_bytes_per_token(cfg.ffn, cfg.model, layer, **kwargs) - swiglu
-    if kind in COMPACT_FFN_KINDS:
-        # Measured in training on an H100 (docs/sparse_ffn.md, "Where the memory goes in training"): MoC, top-k and
-        # ELAS keep one dense fc2 input per token and layer beyond their saved-tensor accounting, in every run.
-        # Counted, so plans that use them are not promised memory they will not get, until its cause is found and
-        # removed (tools/probe_activation_memory.py); then this term goes.
-        extra += dense_fc2_input_bytes(cfg.ffn, cfg.model, layer, element_bytes=e, tp=par.tp)
-    return extra
+    return ffn_saved_bytes_per_token(cfg.ffn, cfg.model, layer, **kwargs) - swiglu
 
 
 def layer_activation_bytes(cfg: Config, on_gpu: bool, layer: int = 0) -> float:
