@@ -28,18 +28,25 @@ MAX_LISTED = 12
 _MISSING = object()
 
 
-def shape_changes(saved_config: Mapping[str, Any], config: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, checkpoint's value, configured value) for every SHAPE_KEYS entry that differs."""
+def config_changes(saved_config: Mapping[str, Any], config: Mapping[str, Any],
+                   keys: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, configured value) for every "section.name" of `keys` that differs; a key the
+    checkpoint's config lacks (written before the key existed) says nothing and is skipped."""
     def get(d: Mapping[str, Any], key: str) -> Any:
         section, name = key.split(".")
         return d.get(section, {}).get(name, _MISSING)
 
     out = []
-    for key in SHAPE_KEYS:
+    for key in keys:
         saved, now = get(saved_config, key), get(config, key)
         if saved is not _MISSING and saved != now:
             out.append((key, saved, now))
     return out
+
+
+def shape_changes(saved_config: Mapping[str, Any], config: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, configured value) for every SHAPE_KEYS entry that differs."""
+    return config_changes(saved_config, config, SHAPE_KEYS)
 
 
 def _fmt(shape: Shape) -> str:
@@ -86,7 +93,7 @@ def mismatch_message(header: str, problems: list[str], fix: str) -> str:
 
 
 def config_fix(changes: list[tuple[str, Any, Any]]) -> str:
-    """`--set key=value` for every shape key the checkpoint has another value of."""
+    """`--set key=value` for every key the checkpoint has another value of (the changes `config_changes` lists)."""
     return " ".join(f"--set {key}={_yaml_value(saved)}" for key, saved, _ in changes)
 
 

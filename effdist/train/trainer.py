@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from effdist.config import Config, ConfigError, load_config
+from effdist.model.checkpoint_fit import config_changes, config_fix
 from effdist.model.hf_convert import CONVERTED_MARKER
 from effdist.protocols import StepHook
 from effdist.runtime import lifecycle
@@ -43,11 +44,9 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / cfg.name
 
 
-def _as_set_value(value: Any) -> str:
-    """A config value as `--set KEY=VALUE` takes it back (lists as [a,b])."""
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(str(v) for v in value) + "]"
-    return str(value)
+# What decides which samples a step reads (megatron's dataset index is built from these): a change on resume is
+# legitimate (a new data mix) but must not pass unseen.
+DATA_ORDER_KEYS = ("data.kind", "data.paths", "data.weights", "data.seq_length", "data.split", "train.seed")
 
 
 def checkpoint_dir(cfg: Config, run_dir: Path) -> Path:
@@ -471,29 +470,12 @@ class Trainer:
         if before is not None and before != now:
             log(self.runtime, f"train.global_batch changed since {path.name}: {before} -> {now} sequences per step; "
                               "the data continues after the samples already consumed")
-        order = self._data_order_changes(marker.get("config", {}))
+        order = config_changes(marker.get("config", {}), self.cfg.to_dict(), DATA_ORDER_KEYS)
         if order:
             log(self.runtime, f"WARNING: the data order changed since {path.name} ("
                               + "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in order)
                               + f"): the samples after step {marker.get('step', path.name)} are not the ones this "
-                              "run would have seen; " + " ".join(f"--set {k}={_as_set_value(a)}" for k, a, _ in order)
-                              + " continues exactly")
-
-    # What decides which samples a step reads (megatron's dataset index is built from these): a change on resume is
-    # legitimate (a new data mix) but must not pass unseen.
-    DATA_ORDER_KEYS = ("data.kind", "data.paths", "data.weights", "data.seq_length", "data.split", "train.seed")
-
-    def _data_order_changes(self, saved: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-        now = self.cfg.to_dict()
-        changes = []
-        for key in self.DATA_ORDER_KEYS:
-            section, name = key.split(".")
-            if name not in saved.get(section, {}):
-                continue  # a checkpoint written before the key existed says nothing about it
-            before, after = saved[section][name], now[section][name]
-            if before != after:
-                changes.append((key, before, after))
-        return changes
+                              f"run would have seen; {config_fix(order)} continues exactly")
 
     def _lr_signature(self) -> dict[str, Any]:
         o = self.cfg.optim
