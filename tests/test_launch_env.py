@@ -345,8 +345,22 @@ def test_torchrun_wrapper_stopped_while_importing_torch_says_so_and_exits(tmp_pa
     action killed it silently; an exception raised from a handler there can vanish inside torch's import)."""
     script = tmp_path / "worker.py"
     script.write_text("open(__file__ + '.ran', 'w').close()\n")
+    # The launcher imports torch in a second or two; on a loaded machine the signal could come after that and the
+    # test would check another path. An import hook holds the launcher inside torch's imports (at
+    # torch.distributed.run, whose import follows torch's) until the signal ends it, whatever the load.
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "sitecustomize.py").write_text(
+        "import sys, time\n"
+        "class Hold:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch.distributed.run':\n"
+        "            time.sleep(120)\n"
+        "sys.meta_path.insert(0, Hold())\n")
+    env = _worker_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hold), env.get("PYTHONPATH")]))
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "torchrun.py"), "--standalone",
-                             "--nproc_per_node=1", str(script)], env=_worker_env(), stderr=subprocess.PIPE, text=True)
+                             "--nproc_per_node=1", str(script)], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 30
     while not _catches(proc.pid, signal.SIGTERM):  # the launcher's handler is in place: torch's import follows
         assert time.time() < deadline and proc.poll() is None, "the launcher never installed its SIGTERM handler"

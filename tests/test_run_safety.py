@@ -444,6 +444,21 @@ def test_shape_keys_cover_ffn_and_vocab_but_not_the_layout():
     assert shape_changes(saved, now) == []
 
 
+def test_a_save_into_a_deleted_run_directory_makes_nothing_and_names_the_directory(tmp_path):
+    """The run directory deleted after the check before a save and before its write: the save fails (and the
+    trainer then says the directory went) instead of making RUN_DIR/checkpoints again without its records."""
+    from types import SimpleNamespace
+
+    from effdist.train import checkpoint as ckpt
+
+    gone = tmp_path / "run"
+    rank0 = SimpleNamespace(is_logging_rank=True)
+    with pytest.raises(ckpt.CheckpointSpaceError, match="its directory is gone"):
+        with ckpt.write_errors_named(gone / "checkpoints" / "iter_0000004.tmp"):
+            ckpt._start_save(gone / "checkpoints", 4, rank0)
+    assert not gone.exists()
+
+
 def test_nonfinite_and_disk_failures_save_nothing(tmp_path, data_cache, four_steps):
     from effdist.train import checkpoint as ckpt
 
@@ -551,7 +566,13 @@ def test_a_run_directory_deleted_while_training_stops_the_run_instead_of_recreat
     log = tmp_path / "deleted.log"
     with _long_run(run, data_cache, ["checkpoint.interval=4"], log) as proc:
         _wait_for_step(run, 2, proc, log)
-        shutil.rmtree(run)
+        deadline = time.time() + 30
+        while True:  # again while it fails, as a user would repeat `rm -rf`: a save may be writing into it
+            try:
+                shutil.rmtree(run)
+                break
+            except OSError:
+                assert time.time() < deadline, sorted(p.name for p in run.rglob("*"))
         rc = proc.wait(timeout=30)
     text = log.read_text()
     assert rc == 1, text[-3000:]

@@ -188,7 +188,9 @@ def _start_save(ckpt_dir: Path, step: int, runtime) -> tuple[Path, Path]:
     final = ckpt_dir / iter_name(step)
     tmp = ckpt_dir / (iter_name(step) + ".tmp")
     if runtime.is_logging_rank:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        # Never its parents: the run directory (or checkpoint.dir, made when the run claimed it) exists unless
+        # somebody deleted it while the run trained, and a save must not make it again without its records.
+        ckpt_dir.mkdir(exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
@@ -535,7 +537,8 @@ def _fmt_bytes(n: int) -> str:
 
 
 _WRITE_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
-                 errno.EACCES: "permission denied", errno.EPERM: "not permitted", errno.EFBIG: "file too large"}
+                 errno.EACCES: "permission denied", errno.EPERM: "not permitted", errno.EFBIG: "file too large",
+                 errno.ENOENT: "its directory is gone (deleted while the run trained?)"}
 
 
 # How the writers report a failed write when the errno does not survive (torch's zip writer, the

@@ -391,7 +391,7 @@ class DeepSpeedEngine:
         final = ckpt_dir / ckpt.iter_name(step)
         tmp = ckpt_dir / (ckpt.iter_name(step) + ".tmp")
         if rt.is_logging_rank:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            ckpt_dir.mkdir(exist_ok=True)  # not its parents: see checkpoint._start_save
             if tmp.exists():
                 shutil.rmtree(tmp)
         dist.barrier()

@@ -666,11 +666,17 @@ class Trainer:
                                    after_finalize=retain)
             log(rt, f"saving checkpoint {path.name} in the background")
             return path
-        with ckpt.write_errors_named(self.ckpt_dir / (ckpt.iter_name(self.step) + ".tmp")):
-            if self.engine is not None:
-                path = self.engine.save(self.ckpt_dir, self.step, common, marker)
-            else:
-                path = ckpt.save(self.ckpt_dir, self.step, self.model_chunks, self.optimizer, rt, common, marker)
+        try:
+            with ckpt.write_errors_named(self.ckpt_dir / (ckpt.iter_name(self.step) + ".tmp")):
+                if self.engine is not None:
+                    path = self.engine.save(self.ckpt_dir, self.step, common, marker)
+                else:
+                    path = ckpt.save(self.ckpt_dir, self.step, self.model_chunks, self.optimizer, rt, common, marker)
+        except BaseException:
+            # The run directory deleted between the check above and the write: say that, not the write's error.
+            if rt.is_logging_rank and getattr(self, "metrics", None) is not None and self.metrics.enabled:
+                self.metrics.check_still_there(self.step)
+            raise
         if rt.is_logging_rank:
             retain()
         self._saved(path)
