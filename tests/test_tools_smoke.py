@@ -50,6 +50,25 @@ def test_bench_train_reports_datasheet_mfu_beside_the_measured_ceiling():
     assert hardware_fractions(run, {"device": "cpu"}, fp8=False) == {}
 
 
+def test_bench_train_rounds_pair_each_variant_with_its_rounds_baseline():
+    """--rounds: each round's ratio is against that round's first variant, the summary takes the medians, so a slow
+    spell in one round moves no variant's median; without --isolate it is refused with one line."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_train import main, round_summary
+
+    runs = [{"model": "m", "variant": v, "round": k, "tokens_per_s": t, "peak_mem_gib": p,
+             **({"speedup_vs_first_variant": t / base} if v != "a" else {})}
+            for k, (base, b) in enumerate([(100.0, 90.0), (50.0, 46.0), (100.0, 92.0)])
+            for v, t, p in (("a", base, 2.0), ("b", b, 1.0 + k))]
+    a, b = round_summary(runs)
+    assert (a["variant"], a["ratio_median"], a["tokens_per_s_median"], a["rounds"]) == ("a", 1.0, 100.0, 3)
+    assert b["ratio_median"] == pytest.approx(0.92) and b["ratio_range"] == pytest.approx([0.9, 0.92])
+    assert b["tokens_per_s_median"] == 90.0 and b["peak_mem_gib"] == 3.0
+    with pytest.raises(SystemExit) as exc:
+        main(["--tiny", "--rounds", "2"])
+    assert exc.value.code == 2
+
+
 def test_kernel_categories():
     sys.path.insert(0, str(ROOT / "tools"))
     from bench_train import categorise

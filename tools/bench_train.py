@@ -11,6 +11,10 @@ train.precision=fp8 variant it also measures the e4m3 matmul ceiling (fraction_o
 
     python tools/bench_train.py --models llama-1b --micro-batch llama-1b=8 --accum 2 \
         --variant bf16= --variant fp8=train.precision=fp8 --variant fp8_rowwise="train.precision=fp8;train.fp8_recipe=rowwise"
+On a noisy machine, pair every variant with a baseline of the same round (one fresh process per run):
+
+    python tools/bench_train.py --isolate --rounds 3 --models llama-350m --micro-batch llama-350m=8 \
+        --variant swiglu= --variant moc=ffn.kind=moc      # `summary`: median tokens/s and median per-round ratio
 Model FLOPs per token = 6 x non-embedding matmul parameters + 6 x L x h x S (causal attention
 counted once) + the LM head, as in effdist.train.metrics.model_flops_per_token: ``tflops`` counts the dense
 model, ``tflops_executed`` what the matmuls execute (EPAS sharing layers skip Q/K, low-rank FFNs multiply
@@ -242,6 +246,10 @@ def main(argv=None) -> int:
     p.add_argument("--isolate", action="store_true",
                    help="run each model/variant in a fresh process (peak memory then cannot include what an earlier "
                         "variant left allocated, e.g. DeepSpeed engines that outlive their run)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --isolate: run every variant this many times, round by round (ABC ABC ...); each round's "
+                        "ratios are against that round's first variant, and `summary` holds each variant's median "
+                        "tokens/s and median ratio, so a slow spell of the machine lands on every variant alike")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="after timing, profile STEPS more steps (torch.profiler): GPU kernel ms per step by kernel "
                         "(top 40) and by category (GEMM, FP8 GEMM, attention, compiled, optimizer, ...) in the JSON")
@@ -255,6 +263,9 @@ def main(argv=None) -> int:
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1 and args.isolate:
         p.error("--isolate starts one process per variant itself; run it without torchrun")
+    if args.rounds < 1 or (args.rounds > 1 and not args.isolate):
+        p.error(f"--rounds {args.rounds}: give a positive number of rounds, and more than 1 only with --isolate "
+                "(each run in a fresh process)")
     if world > 1 and torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -276,7 +287,7 @@ def main(argv=None) -> int:
         except (RuntimeError, TypeError) as e:  # no FP8 on this GPU: the variants will say so themselves
             results["fp8_matmul_ceiling_error"] = f"{type(e).__name__}: {e}"
     every = set(args.variant_models.split(",")) if args.variant_models else set(models)
-    for name in models:
+    for name, round_ in ((name, k) for name in models for k in range(args.rounds)):
         mb = int(mbs.get(name, 4))
         for vi, (vname, vover) in enumerate(variants):
             if vi > 0 and name not in every:
@@ -296,8 +307,11 @@ def main(argv=None) -> int:
                     raise  # a rank that went on alone would wait forever in the next variant's collectives
                 r = {"model": name, "overrides": overrides, "error": f"{type(e).__name__}: {e}"}
             r["variant"] = vname
+            if args.rounds > 1:
+                r["round"] = round_
             r.update(hardware_fractions(r, results, fp8="train.precision=fp8" in overrides))
-            first = next((x for x in results["runs"] if x["model"] == name and x["variant"] == variants[0][0]), None)
+            first = next((x for x in results["runs"] if x["model"] == name and x["variant"] == variants[0][0]
+                          and x.get("round") == r.get("round")), None)
             if first and "tokens_per_s" in first and "tokens_per_s" in r:
                 r["speedup_vs_first_variant"] = r["tokens_per_s"] / first["tokens_per_s"]
             results["runs"].append(r)
@@ -332,9 +346,34 @@ def main(argv=None) -> int:
               f"{r['tokens_per_s_dense_equiv']:>10.0f} {r['tflops_executed']:>8.1f} "
               f"{percent(r.get('fraction_of_ceiling')):>8} {percent(r.get('mfu_datasheet')):>7} "
               f"{r.get('speedup_vs_first_variant', float('nan')):>8.3f} {r['peak_mem_gib'] or float('nan'):>9.1f}")
+    if args.rounds > 1:
+        results["summary"] = round_summary(results["runs"])
+        print(f"\nmedian of {args.rounds} rounds (ratio: the median of each round's ratio to its first variant)")
+        print(f"{'model':<12} {'variant':<12} {'tok/s':>10} {'vs first':>8} {'range vs first':>16} {'peak GiB':>9}")
+        for s in results["summary"]:
+            lo, hi = s["ratio_range"]
+            print(f"{s['model']:<12} {s['variant']:<12} {s['tokens_per_s_median']:>10.0f} {s['ratio_median']:>8.3f} "
+                  f"{lo:>7.3f} - {hi:<6.3f} {s['peak_mem_gib'] or float('nan'):>9.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0 if all("error" not in r for r in results["runs"]) else 1
+
+
+def round_summary(runs: list[dict]) -> list[dict]:
+    """Per model and variant over the rounds: median tokens/s, the median and range of the within-round ratio
+    to the round's first variant (1.0 for that variant itself), and the largest peak memory."""
+    out = []
+    for key in dict.fromkeys((r["model"], r["variant"]) for r in runs):
+        mine = [r for r in runs if (r["model"], r["variant"]) == key and "tokens_per_s" in r]
+        if not mine:
+            continue
+        ratios = [r.get("speedup_vs_first_variant", 1.0) for r in mine]
+        peaks = [r["peak_mem_gib"] for r in mine if r.get("peak_mem_gib") is not None]
+        out.append({"model": key[0], "variant": key[1], "rounds": len(mine),
+                    "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in mine),
+                    "ratio_median": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
+                    "peak_mem_gib": max(peaks) if peaks else None})
+    return out
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ sys.path.insert(0, str(ROOT))
 # Runs measured before the fix of the dense fc2 input that every compact kind kept alive (2026-12-07).
 RUNS = ("bench_train_ffn_350m_h100.json", "bench_train_ffn_350m_select64_h100.json",
         "bench_train_ffn_1b_select64_h100.json", "bench_train_ffn_350m_select64_outlier_h100.json")
+# The same kinds measured after the fix (1x H100, 2026-12-07): the gap should be gone.
+RUNS_AFTER_FIX = ("bench_train_ffn_350m_fc2fix_h100.json", "bench_train_ffn_1b_fc2fix_h100.json")
 GIB = 2**30
 
 
@@ -110,10 +112,11 @@ def planner_rows(run_file: Path) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="*", help=f"bench_train JSONs (default: {', '.join(RUNS)} in docs/results)")
+    p.add_argument("runs", nargs="*",
+                   help=f"bench_train JSONs (default: {', '.join(RUNS + RUNS_AFTER_FIX)} in docs/results)")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
-    files = [Path(r) for r in args.runs] or [ROOT / "docs" / "results" / r for r in RUNS]
+    files = [Path(r) for r in args.runs] or [ROOT / "docs" / "results" / r for r in RUNS + RUNS_AFTER_FIX]
     rows = [r for f in files for r in account(f)]
     print(f"{'run':<42} {'variant':<8} {'peak':>6} {'vs SwiGLU':>9} {'act. B/tok/layer':>17} {'accounted':>10} "
           f"{'gap':>7} {'gap/fc2 in':>10} {'ratio w/o gap':>13}")
