@@ -444,6 +444,27 @@ def test_shape_keys_cover_ffn_and_vocab_but_not_the_layout():
     assert shape_changes(saved, now) == []
 
 
+def test_the_data_order_check_compares_the_files_data_paths_name(tmp_path, monkeypatch):
+    """data.paths on resume: the same files under another spelling (relative from the run's directory, absolute) are
+    no change; the same relative spelling from another directory is, and is said with the files it names."""
+    from effdist.config import load_config
+    from effdist.train.trainer import data_order_changes, resolved_data_paths
+
+    (tmp_path / "a" / "data").mkdir(parents=True)
+    (tmp_path / "b" / "data").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a")
+    saved_cfg = load_config(TINY, ["data.kind=indexed", "data.paths=[data/web]"])
+    marker = {"config": saved_cfg.to_dict(), "data_paths": resolved_data_paths(saved_cfg)}
+    assert marker["data_paths"] == [str(tmp_path / "a" / "data" / "web")]
+    absolute = load_config(TINY, ["data.kind=indexed", f"data.paths=[{tmp_path / 'a' / 'data' / 'web'}]"])
+    assert data_order_changes(marker, absolute) == []
+    monkeypatch.chdir(tmp_path / "b")
+    assert data_order_changes(marker, saved_cfg) == [
+        ("data.paths", [str(tmp_path / "a" / "data" / "web")], [str(tmp_path / "b" / "data" / "web")])]
+    # A checkpoint saved before the marker named the files: its config's spelling, as before.
+    assert data_order_changes({"config": saved_cfg.to_dict()}, saved_cfg) == []
+
+
 def test_a_save_into_a_deleted_run_directory_makes_nothing_and_names_the_directory(tmp_path):
     """The run directory deleted after the check before a save and before its write: the save fails (and the
     trainer then says the directory went) instead of making RUN_DIR/checkpoints again without its records."""

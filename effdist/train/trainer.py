@@ -49,6 +49,22 @@ def default_run_dir(cfg: Config) -> Path:
 DATA_ORDER_KEYS = ("data.kind", "data.paths", "data.weights", "data.seq_length", "data.split", "train.seed")
 
 
+def resolved_data_paths(cfg: Config) -> list[str]:
+    """data.paths as the files they name: a relative prefix is read from the working directory."""
+    return [os.path.realpath(p) for p in cfg.data.paths]
+
+
+def data_order_changes(marker: dict[str, Any], cfg: Config) -> list[tuple[str, Any, Any]]:
+    """DATA_ORDER_KEYS that differ between a checkpoint's marker and `cfg`. data.paths compares the files named
+    (the marker's `data_paths`, resolved when it was saved): `data/x` from the run's directory and its absolute
+    path are the same data, and the same relative `data/x` from another directory is not."""
+    saved, now = marker.get("config", {}), cfg.to_dict()
+    if "data_paths" in marker:
+        saved = {**saved, "data": {**saved.get("data", {}), "paths": marker["data_paths"]}}
+        now = {**now, "data": {**now["data"], "paths": resolved_data_paths(cfg)}}
+    return config_changes(saved, now, DATA_ORDER_KEYS)
+
+
 def checkpoint_dir(cfg: Config, run_dir: Path) -> Path:
     """Where the run's checkpoints go: checkpoint.dir, else RUN_DIR/checkpoints."""
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
@@ -270,20 +286,13 @@ class Trainer:
                     # checkpoint.dir elsewhere: one trainer saves there at a time, and only into its own line.
                     run_directory.check_not_a_running_runs_checkpoints(self.run_dir, self.ckpt_dir)
                     if self.ckpt_dir.resolve() != self.run_dir.resolve():
-                        self.ckpt_lock = run_directory.RunDirLock(self.ckpt_dir, what="checkpoint.dir")
-                        try:
-                            self.ckpt_lock.acquire()
-                        except OSError as e:  # nobody saves into a read-only one: the first save names it
-                            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-                                raise
-                            self.ckpt_lock = None
+                        self._lock_checkpoint_dir()
                     if self.resume in ("auto", "none", "", None):
                         run_directory.check_checkpoint_owner(self.run_dir, self.ckpt_dir)
                 elif (self.ckpt_dir / run_directory.LOCK_FILE).is_file():
                     # Another run's checkpoint.dir may name this run's checkpoints/ (it locked it there): one
                     # trainer at a time saves into it.
-                    self.ckpt_lock = run_directory.RunDirLock(self.ckpt_dir, what="checkpoint.dir")
-                    self.ckpt_lock.acquire()
+                    self._lock_checkpoint_dir()
                 if self.resume in ("none", "", None):
                     moved = run_directory.start_over(self.run_dir, self.ckpt_dir, self.fresh)
                     if moved is not None:
@@ -299,6 +308,16 @@ class Trainer:
         error = self._from_rank0(error)
         if error:
             raise run_directory.RunDirError(error)
+
+    def _lock_checkpoint_dir(self) -> None:
+        """One trainer at a time saves into a checkpoint directory outside its run directory: a lock there too."""
+        self.ckpt_lock = run_directory.RunDirLock(self.ckpt_dir, what="checkpoint.dir")
+        try:
+            self.ckpt_lock.acquire()
+        except OSError as e:  # nobody saves into a read-only one: the first save names it
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            self.ckpt_lock = None
 
     # ------------------------------------------------------------------ resume
     def _maybe_resume(self) -> None:
@@ -470,7 +489,7 @@ class Trainer:
         if before is not None and before != now:
             log(self.runtime, f"train.global_batch changed since {path.name}: {before} -> {now} sequences per step; "
                               "the data continues after the samples already consumed")
-        order = config_changes(marker.get("config", {}), self.cfg.to_dict(), DATA_ORDER_KEYS)
+        order = data_order_changes(marker, self.cfg)
         if order:
             log(self.runtime, f"WARNING: the data order changed since {path.name} ("
                               + "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in order)
@@ -655,7 +674,8 @@ class Trainer:
         self._check_run_dir_still_there()
         self._check_space()
         marker = {"model": self._model_signature(), "lr_schedule": self._lr_signature(), "tp": rt.tp, "pp": rt.pp,
-                  "dp": rt.dp, "config": self.cfg.to_dict(), "run_dir": str(self.run_dir.resolve())}
+                  "dp": rt.dp, "config": self.cfg.to_dict(), "run_dir": str(self.run_dir.resolve()),
+                  "data_paths": resolved_data_paths(self.cfg)}
         step = self.step
 
         def retain():
