@@ -58,7 +58,7 @@ def test_sparse_ffn_measurements_are_generated_from_json(render_docs):
     text = (ROOT / "docs/sparse_ffn.md").read_text()
     names = set(re.findall(r"<!-- generated:([\w-]+) -->", text))
     assert names == {"sparse-ffn-block", "sparse-ffn-train", "sparse-ffn-train-select", "sparse-ffn-train-after-fix",
-                     "sparse-ffn-decode", "sparse-ffn-memory-accounting"}
+                     "sparse-ffn-moc-profile", "sparse-ffn-decode", "sparse-ffn-memory-accounting"}
     assert names == {g.name for g in render_docs.REGISTRY if g.doc == "docs/sparse_ffn.md"}
 
 

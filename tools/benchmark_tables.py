@@ -729,6 +729,24 @@ def ffn_train_after_fix() -> str:
                   "peak GiB", "baseline peak GiB", "vs baseline", "goal"], rows)
 
 
+MOC_KERNELS = ("_topk_select_activate_kernel", "_select_activate_backward_kernel", "_scatter_activated_kernel")
+
+
+def moc_profile() -> str:
+    """Where MoC's llama-1b step goes against SwiGLU's (one profiled step each, after the fc2 fix): GPU ms per step by
+    kernel category, then MoC's own kernels."""
+    runs = {r["variant"]: r["profile"] for r in load("bench_train_ffn_1b_profile_fc2fix_h100.json")["runs"]}
+    swiglu, moc = runs["swiglu"], runs["moc"]
+    cats = list(dict.fromkeys([*swiglu["categories_ms"], *moc["categories_ms"]]))
+    rows = [(c, f1(swiglu["categories_ms"].get(c, 0.0)), f1(moc["categories_ms"].get(c, 0.0)),
+             f"{moc['categories_ms'].get(c, 0.0) - swiglu['categories_ms'].get(c, 0.0):+.1f}") for c in cats]
+    rows.append(("all GPU kernels", f1(swiglu["kernel_ms_per_step"]), f1(moc["kernel_ms_per_step"]),
+                 f"{moc['kernel_ms_per_step'] - swiglu['kernel_ms_per_step']:+.1f}"))
+    rows += [(f"of which `{k}` ({moc['kernels'][k]['calls']} calls, {f2(moc['kernels'][k]['ms'] / moc['kernels'][k]['calls'])} "
+              "ms each)", "–", f1(moc["kernels"][k]["ms"]), "") for k in MOC_KERNELS]
+    return table(["GPU ms per step (llama-1b, mbs 8, 2 micro-batches)", "SwiGLU", "MoC", "MoC - SwiGLU"], rows)
+
+
 DECODE_KINDS = (("moc", "MoC (SwiGLU)"), ("topk", "top-k ReLU (ReLU)"), ("elas", "ELAS (ReLU² at 1.5 f)"))
 
 
@@ -876,7 +894,7 @@ def ffn_memory_accounting() -> str:
 SPARSE_FFN_TABLES: dict[str, Callable[[], str]] = {
     "sparse-ffn-block": ffn_block_all_shapes, "sparse-ffn-train": ffn_train_fused_select,
     "sparse-ffn-train-select": ffn_train_select, "sparse-ffn-train-after-fix": ffn_train_after_fix,
-    "sparse-ffn-decode": decode_ffn,
+    "sparse-ffn-moc-profile": moc_profile, "sparse-ffn-decode": decode_ffn,
     "sparse-ffn-memory-accounting": ffn_memory_accounting,
 }
 
