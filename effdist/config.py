@@ -210,6 +210,10 @@ class FFNConfig:
     # Mixture-of-Channels: top-K gate channels per token, count or fraction.
     moc_k: float = 0.1875
     moc_structured: bool = False  # "2:8": top-2 of every 8 channels
+    # How the fused GPU kernel finds MoC's / top-k's K largest channels per token: "bisect" (16 rounds of a count
+    # for bf16) or "radix" (two 8-bit histograms, one row per program; bf16 only, bisection for other dtypes).
+    # Same channels either way; a speed choice (effdist.kernels.topk_select), not yet timed on a GPU.
+    select_method: str = "bisect"
     # Non-gated FFNs (elas, and relu2 as ELAS's dense reference) are elas_expand x ffn_hidden_size wide:
     # 1.5 keeps the SwiGLU parameter count (2 matrices of 1.5x instead of 3).
     elas_expand: float = 1.5
@@ -924,6 +928,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             _fail("ffn.topk_k", f.topk_k, f"must be a count in [1, {width}] or a fraction in (0, 1)")
         if f.topk_activation not in ("relu", "relu2"):
             _fail("ffn.topk_activation", f.topk_activation, "valid: relu, relu2")
+    if f.select_method not in ("bisect", "radix"):
+        _fail("ffn.select_method", f.select_method, "valid: bisect, radix")
     if f.kind == "moc":
         if resolve_count(f.moc_k, width) > width:
             _fail("ffn.moc_k", f.moc_k, f"must be a count in [1, ffn width {width}] or a fraction in (0, 1)")

@@ -418,3 +418,15 @@ def test_sparse_ffns_defer_weight_gradients_with_split_linears(sets):
     assert torch.equal(out_split, out)
     for (name, p), q in zip(plain.named_parameters(), split.parameters()):
         assert torch.allclose(q.grad, p.grad, rtol=1e-12, atol=1e-15), name
+
+
+def test_select_method_reaches_the_module_and_a_wrong_one_is_named():
+    """ffn.select_method (the fused top-K kernel's threshold search on GPU) is each MoC / top-k module's; a value
+    outside bisect/radix is one line naming the key."""
+    from effdist.config import ConfigError
+
+    for kind in ("moc", "topk"):
+        assert _build(_cfg(f"ffn.kind={kind}", "ffn.select_method=radix")).select_method == "radix"
+        assert _build(_cfg(f"ffn.kind={kind}")).select_method == "bisect"
+    with pytest.raises(ConfigError, match="ffn.select_method.*heap.*valid: bisect, radix"):
+        _cfg("ffn.kind=moc", "ffn.select_method=heap")

@@ -67,6 +67,44 @@ def test_triton_several_rows_per_program_and_negative_rows(monkeypatch):
     assert idx[7].tolist() == list(range(10))
 
 
+@needs_interpreter
+@pytest.mark.parametrize("width,k", [(40, 7), (33, 33), (20, 1), (96, 50)])
+def test_radix_threshold_equals_the_reference(width, k):
+    """method="radix" (two 8-bit histograms, bf16, one row per program): the same channels and values as the
+    reference, with ties (bf16 makes many), -0.0 beside +0.0, -inf, constant and all-negative rows."""
+    g = torch.Generator().manual_seed(width + k)
+    scores = torch.randn(6, width, generator=g).to(torch.bfloat16)
+    scores[0, :5] = scores[0, 5]
+    scores[1, -3:] = -0.0
+    scores[1, :3] = 0.0
+    scores[2, :2] = float("-inf")
+    scores[3] = 2.5
+    scores[4] = scores[4].abs().neg() - 5
+    scores[5] = torch.randint(-3, 3, (width,), generator=g).to(torch.bfloat16)  # few distinct values: many ties
+    config = (1, 1 << (width - 1).bit_length(), 1)
+    idx, values = topk_select_triton(scores, k, config, method="radix")
+    want_idx, want_values = topk_select_reference(scores, k)
+    assert torch.equal(idx, want_idx) and torch.equal(values, want_values)
+    for act, src_width in (("swiglu", 2 * width), ("relu", width)):
+        src = torch.randn(6, src_width, generator=g).to(torch.bfloat16)
+        src[:, :width] = scores
+        got = topk_module.topk_select_activate_triton(src, k, width, act, torch.int32, config, method="radix")
+        want = topk_module.topk_select_activate_triton(src, k, width, act, torch.int32, config, method="bisect")
+        assert torch.equal(got[3], topk_module.topk_select_activate_reference(src, k, width, act)[3])
+        for a, b in zip(got, want):  # silu(-inf) is NaN in both
+            assert (a is None and b is None) or torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True) is None
+
+
+def test_radix_is_refused_where_it_does_not_apply():
+    with pytest.raises(ValueError, match="method = 'radix' takes bf16 rows one per program, not torch.float32"):
+        topk_module._use_radix("radix", torch.float32, 1)
+    with pytest.raises(ValueError, match="with 2 rows per program"):
+        topk_module._use_radix("radix", torch.bfloat16, 2)
+    with pytest.raises(ValueError, match="method = 'heap': choose one of bisect, radix"):
+        topk_module._use_radix("heap", torch.bfloat16, 1)
+    assert not topk_module._use_radix(None, torch.float32, 2)
+
+
 def test_bad_k_names_it():
     with pytest.raises(ValueError, match="k = 0"):
         topk_select(torch.zeros(2, 4), 0)
@@ -127,13 +165,35 @@ def test_fused_rejects_a_width_that_does_not_fit():
         topk_select_activate_triton(torch.zeros(2, 10), 2, 4, "swiglu")
 
 
+@needs_interpreter
+def test_the_dispatcher_takes_radix_for_bf16_only(monkeypatch):
+    """ffn.select_method=radix reaches the kernel for bf16 (one row per program) and falls back to bisection for
+    other dtypes: the same channels as the reference either way."""
+    calls = []
+    real = topk_module.topk_select_activate_triton
+
+    def spy(*args):
+        calls.append((args[-2], args[-1]))
+        return real(*args)
+
+    monkeypatch.setattr(topk_module, "use_triton", lambda t: True)
+    monkeypatch.setattr(topk_module, "topk_select_activate_triton", spy)
+    for dtype in (torch.bfloat16, torch.float32):
+        src = torch.randn(3, 2 * 40, generator=torch.Generator().manual_seed(5)).to(dtype)
+        got = topk_select_activate(src, 7, 40, "swiglu", torch.int16, method="radix")
+        assert torch.equal(got[3], topk_select_activate_reference(src, 7, 40, "swiglu", torch.int16)[3])
+    assert calls == [((1, 64, 4), "radix"), ((1, 64, 4), "bisect")]
+    assert topk_module.topk_select_config(16384, 5632, "radix") == (1, 8192, 4)
+
+
 @requires_gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("method", ["bisect", "radix"])
 @pytest.mark.parametrize("act", ["swiglu", "relu"])
-def test_gpu_fused_equals_reference(act):
+def test_gpu_fused_equals_reference(act, method):
     width = 2816
     src = torch.randn(4096, 2 * width if act == "swiglu" else width, device="cuda", dtype=torch.bfloat16)
-    z, a, b, idx = topk_select_activate(src, 528, width, act, torch.int16)
+    z, a, b, idx = topk_select_activate(src, 528, width, act, torch.int16, method)
     wz, wa, wb, widx = topk_select_activate_reference(src, 528, width, act, torch.int16)
     assert torch.equal(idx, widx) and torch.equal(a, wa)
     torch.testing.assert_close(z, wz, rtol=1e-2, atol=1e-6)

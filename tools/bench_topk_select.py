@@ -4,7 +4,8 @@
 * selection alone: topk_select vs torch.topk(sorted=False), at the decode shapes (1 and 32 rows of the
   llama-1b FFN width) and the training shapes (16k rows of llama-350m's and llama-1b's);
 * training forward of MoC / top-k: the fused top-k + SiLU(g)·u (or relu) kernel vs torch.topk followed by
-  effdist.kernels.channel_select.select_activate, with a sweep of (rows per program, warps).
+  effdist.kernels.channel_select.select_activate, with a sweep of (rows per program, warps) and, for one
+  row per program, both threshold searches (bisection, and the radix histograms as "radix/(1, W, warps)").
 
 Each time is GPU time: 20 calls captured in one CUDA graph, replayed, median of 20 replays / 20
 (Python launch overhead, tens of microseconds per Triton launch, would otherwise dominate at decode sizes).
@@ -81,18 +82,19 @@ def main() -> int:
                "default_config": list(topk_select_config(n, w)), "fused_ms": {}}
         expected = topk_select_activate_triton(src, k, w, act, torch.int16)
         row["same_output_as_default"] = {}
-        for rows_per, warps in CONFIGS:
+        for (rows_per, warps), method in [(c, m) for c in CONFIGS for m in ("bisect", "radix")]:
             cfg = (rows_per, 1 << (w - 1).bit_length(), warps)
-            if rows_per * cfg[1] > MAX_PER_THREAD * 32 * warps:
+            if rows_per * cfg[1] > MAX_PER_THREAD * 32 * warps or (method == "radix" and rows_per != 1):
                 continue
+            name = str(cfg) if method == "bisect" else f"radix/{cfg}"
             try:
-                got = topk_select_activate_triton(src, k, w, act, torch.int16, cfg)
-                ms = gpu_ms(lambda: topk_select_activate_triton(src, k, w, act, torch.int16, cfg))
+                got = topk_select_activate_triton(src, k, w, act, torch.int16, cfg, method)
+                ms = gpu_ms(lambda: topk_select_activate_triton(src, k, w, act, torch.int16, cfg, method))
             except Exception as e:  # noqa: BLE001  (a config out of registers must not end the sweep)
-                print(f"  config {cfg}: {type(e).__name__}", flush=True)
+                print(f"  config {name}: {type(e).__name__}", flush=True)
                 continue
-            row["fused_ms"][str(cfg)] = ms
-            row["same_output_as_default"][str(cfg)] = all(
+            row["fused_ms"][name] = ms
+            row["same_output_as_default"][name] = all(
                 torch.equal(a, b) for a, b in zip(got, expected) if a is not None)
         best = min(row["fused_ms"].values())
         row["best_fused_ms"] = best

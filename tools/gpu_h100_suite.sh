@@ -18,7 +18,7 @@
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|fp8_titan|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|ffn_memory|ffn_train|tests OUTDIR [SEED]}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|fp8_titan|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|ffn_memory|ffn_train|topk_radix|tests OUTDIR [SEED]}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -349,6 +349,20 @@ ffn_memory)
   # kind, llama-350m at micro-batch 8: saved tensors per module against the allocator, and where the rest was allocated.
   run 300 python3 tools/probe_activation_memory.py --model llama-350m --json "$out/probe_activation_memory.json"
   ;;
+topk_radix)
+  # Issue #23 items 1-2: the radix threshold search of the fused top-K kernel (ffn.select_method=radix) against the
+  # bisection: the kernel sweep (both searches, outputs compared), then llama-1b end to end and llama-350m in rounds.
+  run 150 python3 tools/bench_topk_select.py --json "$out/bench_topk_select_radix.json"
+  run 200 python3 tools/bench_train.py --isolate --models llama-1b --micro-batch llama-1b=8 --accum 2 --steps 8 \
+    --warmup 3 --set data.kind=mock --set logging.tensorboard=false --json "$out/bench_train_ffn_1b_radix.json" \
+    --variant swiglu= --variant moc=ffn.kind=moc --variant "moc_radix=ffn.kind=moc;ffn.select_method=radix" \
+    --variant topk=ffn.kind=topk --variant "topk_radix=ffn.kind=topk;ffn.select_method=radix"
+  run 240 python3 tools/bench_train.py --isolate --rounds 2 --models llama-350m --micro-batch llama-350m=8 --accum 2 \
+    --steps 20 --warmup 4 --set data.kind=mock --set logging.tensorboard=false \
+    --json "$out/bench_train_ffn_350m_radix_rounds.json" --variant swiglu= --variant moc=ffn.kind=moc \
+    --variant "moc_radix=ffn.kind=moc;ffn.select_method=radix" --variant topk=ffn.kind=topk \
+    --variant "topk_radix=ffn.kind=topk;ffn.select_method=radix"
+  ;;
 ffn_train)
   # Issue #23 items 1-3 after the fix of the dense fc2 input that every compact kind kept alive (effdist.model.ffn.saved):
   # llama-350m and llama-1b, one process per variant, ELAS against ReLU^2 of its width, then the probe again.
@@ -363,6 +377,6 @@ ffn_train)
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, fp8_titan, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, sparse24_table, ffn_memory, ffn_train, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, fp8_titan, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, sparse24_table, ffn_memory, ffn_train, topk_radix, tests)"; exit 2 ;;
 esac
 exit 0

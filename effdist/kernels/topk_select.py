@@ -7,7 +7,8 @@ to the lower channel), values the scores there. torch.topk over a whole row sort
 answer (a radix select with several kernel launches, 24 us for one 5632-wide row on an H200, most of
 a sparse FFN's decode time); this kernel keeps whole rows in registers and finds the k-th largest
 value by bisection over the value's bits (ordered as integers: 16 rounds for bf16, 19 for fp16, 32 for
-fp32), each round a count per row. The kept channels are then those above the threshold plus the first
+fp32), each round a count per row; or, for bf16 rows one per program, by two 8-bit radix histograms (the
+k-th largest key's high byte, then its low byte: `method="radix"`, not yet timed on a GPU). The kept channels are then those above the threshold plus the first
 ties, compacted to slots with a prefix sum. One program handles ROWS rows at once, so that the
 bisection's reductions of several rows overlap.
 
@@ -65,6 +66,11 @@ if HAVE_TRITON:
             take = count >= k
             lo = tl.where(take, mid, lo)
             hi = tl.where(take, hi, mid - 1)
+        return _keep_from_threshold(key, valid, lo, k)
+
+    @triton.jit
+    def _keep_from_threshold(key, valid, lo, k):
+        """The entries above the row's threshold `lo` plus the first ties, and their slots."""
         greater = valid & (key > lo[:, None])
         need = k - tl.sum(greater.to(tl.int32), axis=1)
         tie = valid & (key == lo[:, None])
@@ -73,14 +79,43 @@ if HAVE_TRITON:
         return keep, slot
 
     @triton.jit
+    def _digit_threshold(digit, member, need):
+        """Over the entries of one row that are `member`s, the largest 8-bit digit d with count(digit >= d) >=
+        need, and the count of members whose digit is above it. One histogram instead of 8 bisection rounds."""
+        bins = tl.arange(0, 256)
+        # Entries that are not members count in bin 0 and are taken off again (no histogram mask needed).
+        hist = tl.histogram(tl.where(member, digit, 0), 256)
+        hist = hist - tl.where(bins == 0, tl.sum((~member).to(tl.int32)), 0)
+        at_or_above = tl.sum(hist) - tl.cumsum(hist) + hist  # count(digit >= b) for every bin b
+        d = tl.sum((at_or_above >= need).to(tl.int32)) - 1
+        above = tl.sum(tl.where(bins > d, hist, 0))
+        return d, above
+
+    @triton.jit
+    def _topk_keep_radix(raw, valid, k, BLOCK_W: tl.constexpr):
+        """_topk_keep for one bf16 row ([1, BLOCK_W]) by two 8-bit radix histograms: the k-th largest key's high
+        byte, then its low byte among the keys with that high byte."""
+        bits = raw.to(tl.float32).to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) >> 16
+        u = tl.reshape(key + 32768, (BLOCK_W,))  # 0 .. 65535, in the same order
+        ok = tl.reshape(valid, (BLOCK_W,))
+        high, above = _digit_threshold(u >> 8, ok, k)
+        low, _ = _digit_threshold(u & 255, ok & ((u >> 8) == high), k - above)
+        lo = tl.full((1,), high * 256 + low - 32768, tl.int32)
+        return _keep_from_threshold(key, valid, lo, k)
+
+    @triton.jit
     def _topk_select_kernel(s_ptr, idx_ptr, val_ptr, n_rows, width, k, stride_s, stride_idx, stride_val,
-                            KEY_BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+                            KEY_BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr, RADIX: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_W)
         valid = (rows < n_rows)[:, None] & (cols < width)[None, :]
         r64 = rows.to(tl.int64)[:, None]
         raw = tl.load(s_ptr + r64 * stride_s + cols[None, :], mask=valid, other=0.0)
-        keep, slot = _topk_keep(raw, valid, k, KEY_BITS, ROWS)
+        if RADIX:
+            keep, slot = _topk_keep_radix(raw, valid, k, BLOCK_W)
+        else:
+            keep, slot = _topk_keep(raw, valid, k, KEY_BITS, ROWS)
         tl.store(idx_ptr + r64 * stride_idx + slot, (cols[None, :] + tl.zeros_like(slot)).to(idx_ptr.dtype.element_ty),
                  mask=keep)
         tl.store(val_ptr + r64 * stride_val + slot, raw, mask=keep)
@@ -89,13 +124,16 @@ if HAVE_TRITON:
     def _topk_select_activate_kernel(src_ptr, z_ptr, a_ptr, b_ptr, idx_ptr, n_rows, width, k,
                                      stride_src, stride_z, stride_sel, stride_idx,
                                      ACT: tl.constexpr, KEY_BITS: tl.constexpr, ROWS: tl.constexpr,
-                                     BLOCK_W: tl.constexpr):
+                                     BLOCK_W: tl.constexpr, RADIX: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_W)
         valid = (rows < n_rows)[:, None] & (cols < width)[None, :]
         r64 = rows.to(tl.int64)[:, None]
         a = tl.load(src_ptr + r64 * stride_src + cols[None, :], mask=valid, other=0.0)
-        keep, slot = _topk_keep(a, valid, k, KEY_BITS, ROWS)
+        if RADIX:
+            keep, slot = _topk_keep_radix(a, valid, k, BLOCK_W)
+        else:
+            keep, slot = _topk_keep(a, valid, k, KEY_BITS, ROWS)
         b = a
         if ACT == 0:  # swiglu: the up half of the row, read whole (it is contiguous; the gathers were not)
             b = tl.load(src_ptr + r64 * stride_src + width + cols[None, :], mask=valid, other=0.0)
@@ -110,13 +148,33 @@ if HAVE_TRITON:
 
 _KEY_BITS = {torch.bfloat16: 16, torch.float16: 19, torch.float32: 32}
 
+# How the threshold is found: "bisect" (KEY_BITS rounds of a count per row) or "radix" (two 8-bit histograms;
+# bf16 rows, one row per program). Bisection stays the default until the radix kernel is timed on a GPU
+# (tools/bench_topk_select.py sweeps both).
+SELECT_METHODS = ("bisect", "radix")
+DEFAULT_SELECT_METHOD = "bisect"
 
-def topk_select_config(rows: int, width: int) -> tuple[int, int, int]:
+
+def _use_radix(method: str | None, dtype: torch.dtype, rows_per_program: int) -> bool:
+    method = method or DEFAULT_SELECT_METHOD
+    if method not in SELECT_METHODS:
+        raise ValueError(f"method = {method!r}: choose one of {', '.join(SELECT_METHODS)}")
+    if method == "radix" and (dtype != torch.bfloat16 or rows_per_program != 1):
+        raise ValueError(f"method = 'radix' takes bf16 rows one per program, not {dtype} with {rows_per_program} "
+                         "rows per program; use method='bisect'")
+    return method == "radix"
+
+
+def topk_select_config(rows: int, width: int, method: str = "bisect") -> tuple[int, int, int]:
     """(ROWS, BLOCK_W, num_warps): one row per program with many warps when there are few rows
-    (decode), several rows per program otherwise (training), about 32 row elements per thread."""
+    (decode), several rows per program otherwise (training), about 32 row elements per thread. The radix
+    search takes one row per program (its histograms are a row's): in training about 64 row elements per
+    thread, as the bisection's best, until tools/bench_topk_select.py has swept it on a GPU."""
     block_w = triton.next_power_of_2(width)
     if rows <= 256:
         return 1, block_w, max(4, min(16, block_w // 512))
+    if method == "radix":
+        return 1, block_w, max(1, min(16, block_w // 2048))
     # Training: about 64 row elements per thread, two rows per program up to 4096 wide. On an H100
     # (tools/bench_topk_select.py, 16k rows) this took MoC's 350m select+activate from 0.88 to 0.64 ms, top-k's
     # from 0.82 to 0.55 ms and MoC's 1b from 1.62 to 1.28 ms against the earlier 32 per thread.
@@ -124,7 +182,8 @@ def topk_select_config(rows: int, width: int) -> tuple[int, int, int]:
     return per_program, block_w, max(1, min(16, per_program * block_w // 2048))
 
 
-def topk_select_triton(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_select_triton(scores: torch.Tensor, k: int, config: tuple[int, int, int] | None = None,
+                       method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if not HAVE_TRITON:
         raise RuntimeError("triton is not installed; use topk_select_reference")
     _check(scores, k)
@@ -135,10 +194,11 @@ def topk_select_triton(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     idx = torch.empty(rows, k, dtype=torch.int32, device=scores.device)
     values = torch.empty(rows, k, dtype=scores.dtype, device=scores.device)
     if rows:
-        per_program, block_w, warps = topk_select_config(rows, width)
+        per_program, block_w, warps = config or topk_select_config(rows, width)
+        radix = _use_radix(method, scores.dtype, per_program)
         _topk_select_kernel[(triton.cdiv(rows, per_program),)](
             scores, idx, values, rows, width, k, scores.stride(0), idx.stride(0), values.stride(0),
-            KEY_BITS=_KEY_BITS[scores.dtype], ROWS=per_program, BLOCK_W=block_w, num_warps=warps)
+            KEY_BITS=_KEY_BITS[scores.dtype], ROWS=per_program, BLOCK_W=block_w, RADIX=radix, num_warps=warps)
     return idx, values
 
 
@@ -163,7 +223,8 @@ def topk_select_activate_reference(src: torch.Tensor, k: int, width: int, act: s
 
 
 def topk_select_activate_triton(src: torch.Tensor, k: int, width: int, act: str,
-                                idx_dtype: torch.dtype = torch.int32, config: tuple[int, int, int] | None = None):
+                                idx_dtype: torch.dtype = torch.int32, config: tuple[int, int, int] | None = None,
+                                method: str | None = None):
     from effdist.kernels.channel_select import _act_code, _src_width
 
     code = _act_code(act)
@@ -178,15 +239,20 @@ def topk_select_activate_triton(src: torch.Tensor, k: int, width: int, act: str,
     idx = torch.empty(n, k, dtype=idx_dtype, device=src.device)
     if n:
         per_program, block_w, warps = config or topk_select_config(n, width)
+        radix = _use_radix(method, src.dtype, per_program)
         _topk_select_activate_kernel[(triton.cdiv(n, per_program),)](
             src, z, a, b if b is not None else a, idx, n, width, k, src.stride(0), z.stride(0), a.stride(0),
             idx.stride(0), ACT=code, KEY_BITS=_KEY_BITS[src.dtype], ROWS=per_program, BLOCK_W=block_w,
-            num_warps=warps)
+            RADIX=radix, num_warps=warps)
     return z, a, b, idx
 
 
-def topk_select_activate(src: torch.Tensor, k: int, width: int, act: str, idx_dtype: torch.dtype = torch.int32):
-    """Top-k selection and select_activate in one kernel on CUDA (bf16/fp16/fp32); the references elsewhere."""
+def topk_select_activate(src: torch.Tensor, k: int, width: int, act: str, idx_dtype: torch.dtype = torch.int32,
+                         method: str = "bisect"):
+    """Top-k selection and select_activate in one kernel on CUDA (bf16/fp16/fp32); the references elsewhere.
+    `method` "radix" for bf16 (with its own launch configuration), bisection otherwise: the same channels."""
     if use_triton(src) and src.dtype in _KEY_BITS:
-        return topk_select_activate_triton(src, k, width, act, idx_dtype)
+        method = "radix" if method == "radix" and src.dtype == torch.bfloat16 else "bisect"
+        config = topk_select_config(src.shape[0], width, method)
+        return topk_select_activate_triton(src, k, width, act, idx_dtype, config, method)
     return topk_select_activate_reference(src, k, width, act, idx_dtype)

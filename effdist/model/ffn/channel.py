@@ -36,9 +36,9 @@ class _SelectActivate(torch.autograd.Function):
     (effdist.kernels.topk_select.topk_select_activate: no sort, no separate gather pass)."""
 
     @staticmethod
-    def forward(ctx, src, idx, width, act, sink, k=None):
+    def forward(ctx, src, idx, width, act, sink, k=None, method="bisect"):
         if idx is None:
-            z, sel_a, sel_b, idx = topk_select_activate(src, k, width, act, index_dtype(width))
+            z, sel_a, sel_b, idx = topk_select_activate(src, k, width, act, index_dtype(width), method)
         else:
             z, sel_a, sel_b = select_activate(src, idx, width, act)
         ctx.width, ctx.act = width, act
@@ -50,7 +50,7 @@ class _SelectActivate(torch.autograd.Function):
     def backward(ctx, dz):
         sel_a, sel_b, idx = ctx.saved_tensors
         dsrc = select_activate_backward(dz.contiguous(), sel_a, sel_b, idx, ctx.width, ctx.act)
-        return dsrc, None, None, None, None, None
+        return dsrc, None, None, None, None, None, None
 
 
 class ChannelSelectMLP(MLP):
@@ -59,10 +59,11 @@ class ChannelSelectMLP(MLP):
     act: str = "swiglu"
 
     def __init__(self, config, submodules: MLPSubmodules, *, width: int, gated: bool, activation=None,
-                 tp_group=None, **kwargs):
+                 tp_group=None, select_method: str = "bisect", **kwargs):
         super().__init__(mlp_config(config, width=width, gated=gated, activation=activation), submodules,
                          ffn_hidden_size=width, tp_group=tp_group, **kwargs)
         tp = self.tp_group.size() if self.tp_group is not None else 1
+        self.select_method = select_method  # of the fused top-K kernel: ffn.select_method
         self.width = width
         self.local_width = width // tp
 
@@ -87,7 +88,7 @@ class ChannelSelectMLP(MLP):
         fused_k = self.fused_topk()
         idx = None if fused_k and use_triton(src) else self.select(src[:, :w].detach())
         sink: list = []
-        z = _SelectActivate.apply(src, idx, w, self.act, sink, fused_k).view(*lead, w)
+        z = _SelectActivate.apply(src, idx, w, self.act, sink, fused_k, self.select_method).view(*lead, w)
         sel_a, sel_b, idx = sink
         parts = (sel_a, sel_b, idx) if sel_b is not None else (sel_a, idx)
         with save_compactly(z, parts, self._rebuild(lead)):
