@@ -15,7 +15,13 @@ signals and the exit code:
    torchrun killed after the first exit, negative codes, are ignored: see all_preempted); 0 when all
    finished; 128+signal when a signal stopped workers that had nothing to save; 2 when the workers refused
    to start (a usage or config error, each says why, the same code `effdist train` gives); 1 for any other
-   failure, after one line per failed worker (stock torchrun exits 1 for all of these).
+   failure, after one line per failed worker (stock torchrun exits 1 for all of these). 1 as well, after one
+   line naming the address, when this launcher lost the c10d rendezvous (`--rdzv-backend c10d`): the process
+   hosting its store (the first node's launcher, or slurm/rendezvous_store.py) is gone or cannot be reached.
+   torchrun has then stopped this node's workers (SIGTERM, SIGKILL after TORCH_ELASTIC_SHUTDOWN_TIMEOUT);
+   stock torchrun prints torch's traceback and C++ log lines with stack frames. This launcher's own C++ log
+   lines are off for that reason (TORCH_CPP_LOG_LEVEL=FATAL unless set; the workers keep the caller's setting).
+   A store never reached (`--rdzv-conf read_timeout`, default 60 s) is one line and 1 too.
 3. SIGINT, SIGHUP, SIGQUIT stay with torchrun (it forwards them, waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT
    seconds, default 30, then SIGKILLs); this process then exits with 128+signal and one line.
 
@@ -30,6 +36,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -53,6 +60,29 @@ class _SaidByUs(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not (isinstance(record.msg, str)
                     and record.msg.startswith(("failed (exitcode", "Sending process", "Received %s death signal")))
+
+
+class _HeldBack(logging.Filter):
+    """torchrun's warnings that a keep-alive heartbeat or the closing of the rendezvous failed because its store
+    is gone (RendezvousConnectionError): held until torchrun returns, then dropped when this launcher's closing
+    line is the lost rendezvous (it says the same), else emitted before that line."""
+
+    def __init__(self):
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+        self.passing = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.passing or "due to an error of type RendezvousConnectionError" not in record.getMessage():
+            return True
+        self.held.append(record)
+        return False
+
+    def release(self, logger: logging.Logger) -> None:
+        self.passing = True
+        for record in self.held:
+            logger.handle(record)
+        self.held.clear()
 
 
 def _say(msg: str) -> None:
@@ -147,16 +177,48 @@ def describe_failures(failures: dict) -> list[str]:
     return lines
 
 
+def rendezvous_lost(e: BaseException, endpoint: str) -> str:
+    """The closing line for a RendezvousConnectionError: the c10d store at `endpoint` was never reached, or was lost.
+
+    Lost: the agent polls the store every --monitor-interval while its workers run (and while it joins), and the
+    first failed call raises; torchrun's shutdown has stopped this node's workers by then (SIGTERM, SIGKILL after
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT). Nothing here knows whether they saved: a restart resumes from the newest
+    complete checkpoint. Never reached: the error comes from creating the store client (torch's
+    _create_tcp_store; were it renamed, such a failure would read as lost, still exit 1).
+    """
+    host = "the process hosting its store (the first node's launcher, or slurm/rendezvous_store.py)"
+    if any(frame.f_code.co_name == "_create_tcp_store" for frame, _ in traceback.walk_tb(e.__traceback__)):
+        cause = str(e.__cause__ or e).strip().splitlines()
+        why = f" ({cause[0].rstrip('.')})" if cause else ""
+        return (f"could not reach the rendezvous at {endpoint}{why}: check that {host} runs and that the address "
+                "is right and reachable from this node: exit code 1")
+    return (f"lost the rendezvous at {endpoint}: {host} is gone or unreachable; no worker of this node is left "
+            "running; start the job again, it resumes from the newest checkpoint (--resume auto): exit code 1")
+
+
 def main(argv: list[str] | None = None) -> int:
     forwarder = Forwarder()
     forwarder.install()  # first: a signal during the seconds of torch's import ends this process with one line
-    preempted_code = _preempted_exit_code()
-    from torch.distributed import run as torch_run
+    # The C++ store client logs each failed call with a stack trace once the rendezvous store is gone or out of
+    # reach, and repeats it at every later call (the closing line below says it once); torch reads the level
+    # once, while it loads. Only for this process: the workers get the caller's environment back.
+    cpp_log_level = os.environ.get("TORCH_CPP_LOG_LEVEL")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+    try:
+        preempted_code = _preempted_exit_code()
+        from torch.distributed import run as torch_run
+    finally:
+        if cpp_log_level is None:
+            os.environ.pop("TORCH_CPP_LOG_LEVEL", None)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 
     for logger in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
         logging.getLogger(logger).addFilter(_SaidByUs())
+    rendezvous_logger = logging.getLogger("torch.distributed.elastic.rendezvous.dynamic_rendezvous")
+    held_back = _HeldBack()
+    rendezvous_logger.addFilter(held_back)
     args = torch_run.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         nproc = torch_run.determine_local_world_size(args.nproc_per_node)
@@ -177,7 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     ours = {s.name for s in FORWARDED_SIGNALS}
     args.signals_to_handle = ",".join(s for s in args.signals_to_handle.split(",") if s.strip() not in ours)
     try:
-        torch_run.run(args)
+        try:
+            torch_run.run(args)
+        except RendezvousConnectionError:
+            held_back.held.clear()  # the closing line below says the same
+            raise
+        finally:
+            held_back.release(rendezvous_logger)  # before any closing line
     except ChildFailedError as e:
         codes = [failure.exitcode for failure in e.failures.values()]
         if all_preempted(codes, preempted_code):
@@ -199,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         code = 128 + int(e.sigval)
         _say(f"stopped by {e.sigval.name}: exit code {code}")
         return code
+    except RendezvousConnectionError as e:
+        _say(rendezvous_lost(e, torch_run.get_rdzv_endpoint(args)))
+        return 1
     finally:
         forwarder.cancel()
     return 0

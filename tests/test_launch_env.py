@@ -409,3 +409,58 @@ def test_torchrun_wrapper_forwards_sigusr1_to_workers(tmp_path):
             proc.kill()
     assert proc.returncode == PREEMPTED_EXIT_CODE, err[-2000:]
     assert "forwarding to 2 worker(s)" in err
+
+
+def test_torchrun_wrapper_that_loses_the_rendezvous_says_so_in_one_line(tmp_path):
+    """Two nodes' launchers (agents) on this machine with a c10d rendezvous whose store the first one hosts. That
+    one SIGKILLed while the workers run: the other launcher's next poll of the store fails; it stops its worker
+    and exits 1 with one line (stock torchrun: a RendezvousConnectionError traceback and C++ stack dumps)."""
+    import psutil
+
+    worker = tmp_path / "worker.py"
+    worker.write_text("import os, time\n"
+                      f"open(r'{tmp_path}/ready' + os.environ['RANK'], 'w').close()\n"
+                      "time.sleep(120)\n")  # bounded: a worker this test failed to stop ends by itself
+    port = free_port()
+    env = _worker_env()
+    env.pop("TORCH_CPP_LOG_LEVEL", None)  # the launcher's own default is under test
+
+    def agent(is_host: bool, out) -> subprocess.Popen:
+        # is_host explicit: both agents run on the endpoint's host, and either could otherwise host the store.
+        return subprocess.Popen([sys.executable, str(ROOT / "launch" / "torchrun.py"), "--nnodes=2",
+                                 "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                                 "--rdzv-id=lost", f"--rdzv-conf=is_host={int(is_host)}", "--monitor-interval=0.1",
+                                 str(worker)], env=env, cwd=ROOT, stdout=out, stderr=out, text=True)
+
+    # The head's output goes nowhere: its worker, orphaned by the SIGKILL, would hold a pipe open.
+    head = agent(True, subprocess.DEVNULL)
+    other = agent(False, subprocess.PIPE)
+    started = [head, other]
+    try:
+        deadline = time.time() + 90
+        while not all((tmp_path / f"ready{r}").exists() for r in (0, 1)):
+            assert time.time() < deadline and head.poll() is None and other.poll() is None, \
+                "the two workers never both started"
+            time.sleep(0.05)
+        head_workers = psutil.Process(head.pid).children(recursive=True)
+        other_workers = psutil.Process(other.pid).children(recursive=True)
+        started += head_workers + other_workers
+        assert len(head_workers) == 1 and len(other_workers) == 1, (head_workers, other_workers)
+        head.kill()
+        head.wait(timeout=30)
+        head_workers[0].kill()  # orphaned: it would sleep on
+        out, err = other.communicate(timeout=90)
+        # torchrun stopped the surviving launcher's worker before it exited (is_running rules out a reused pid).
+        left = [p for p in other_workers if p.is_running()]
+    finally:
+        for proc in started:  # only what this test started, by pid
+            try:
+                proc.kill()
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                pass
+    assert other.returncode == 1, err[-3000:]
+    assert "Traceback" not in out + err and not out.strip(), (out + err)[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"[launch/torchrun] lost the rendezvous at 127.0.0.1:{port}: ") \
+        and lines[0].endswith("(--resume auto): exit code 1"), err[-3000:]
+    assert not left, left
