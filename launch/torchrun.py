@@ -21,7 +21,8 @@ signals and the exit code:
    torchrun has then stopped this node's workers (SIGTERM, SIGKILL after TORCH_ELASTIC_SHUTDOWN_TIMEOUT);
    stock torchrun prints torch's traceback and C++ log lines with stack frames. This launcher's own C++ log
    lines are off for that reason (TORCH_CPP_LOG_LEVEL=FATAL unless set; the workers keep the caller's setting).
-   A store never reached (`--rdzv-conf read_timeout`, default 60 s) is one line and 1 too.
+   A store never reached (`--rdzv-conf read_timeout`, default 60 s) is one line and 1 too. Lost after this
+   node's workers finished (torchrun waiting for the other nodes' launchers): the workers' code and one line.
 3. SIGINT, SIGHUP, SIGQUIT stay with torchrun (it forwards them, waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT
    seconds, default 30, then SIGKILLs); this process then exits with 128+signal and one line.
 
@@ -60,6 +61,25 @@ class _SaidByUs(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not (isinstance(record.msg, str)
                     and record.msg.startswith(("failed (exitcode", "Sending process", "Received %s death signal")))
+
+
+class _ExitBarrierLost(logging.Filter):
+    """torchrun's traceback when, this node's workers done, the agent could not wait for the other nodes' at the
+    end because the rendezvous store went away (its host, the first node's launcher, exited or died first): one
+    line instead. torchrun carries on and exits as its workers did."""
+
+    def __init__(self, endpoint: str):
+        super().__init__()
+        self.endpoint = endpoint
+        self.said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (isinstance(record.msg, str) and record.msg.startswith("Error waiting on exit barrier")):
+            return True
+        self.said = True
+        _say(f"this node's workers finished; the launchers of the other nodes could not be awaited: the rendezvous "
+             f"store at {self.endpoint} is gone (the first node's launcher exited or died first)")
+        return False
 
 
 class _HeldBack(logging.Filter):
@@ -220,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     held_back = _HeldBack()
     rendezvous_logger.addFilter(held_back)
     args = torch_run.parse_args(sys.argv[1:] if argv is None else argv)
+    barrier_lost = _ExitBarrierLost(torch_run.get_rdzv_endpoint(args))
+    logging.getLogger("torch.distributed.elastic.agent.server.api").addFilter(barrier_lost)
     try:
         nproc = torch_run.determine_local_world_size(args.nproc_per_node)
     except ValueError as e:  # torchrun raises it from deep inside, as a traceback
@@ -245,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             held_back.held.clear()  # the closing line below says the same
             raise
         finally:
+            if barrier_lost.said:  # its line says the same
+                held_back.held.clear()
             held_back.release(rendezvous_logger)  # before any closing line
     except ChildFailedError as e:
         codes = [failure.exitcode for failure in e.failures.values()]

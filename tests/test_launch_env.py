@@ -411,15 +411,22 @@ def test_torchrun_wrapper_forwards_sigusr1_to_workers(tmp_path):
     assert "forwarding to 2 worker(s)" in err
 
 
-def test_torchrun_wrapper_that_loses_the_rendezvous_says_so_in_one_line(tmp_path):
+@pytest.mark.parametrize("when", ["while the workers run", "in the exit barrier"])
+def test_torchrun_wrapper_that_loses_the_rendezvous_says_so_in_one_line(tmp_path, when):
     """Two nodes' launchers (agents) on this machine with a c10d rendezvous whose store the first one hosts. That
     one SIGKILLed while the workers run: the other launcher's next poll of the store fails; it stops its worker
-    and exits 1 with one line (stock torchrun: a RendezvousConnectionError traceback and C++ stack dumps)."""
+    and exits 1 with one line (stock torchrun: a RendezvousConnectionError traceback and C++ stack dumps).
+    SIGKILLed once the other node's worker has finished, while that launcher waits for the others at the end:
+    exit 0 as its worker, and one line for torch's logged traceback."""
     import psutil
 
+    barrier = when == "in the exit barrier"
     worker = tmp_path / "worker.py"
-    worker.write_text("import os, time\n"
+    worker.write_text("import os, sys, time\n"
                       f"open(r'{tmp_path}/ready' + os.environ['RANK'], 'w').close()\n"
+                      f"if os.environ['NODE_ROLE'] == 'other' and {barrier}:\n"
+                      "    time.sleep(0.5)\n"
+                      "    sys.exit(0)\n"
                       "time.sleep(120)\n")  # bounded: a worker this test failed to stop ends by itself
     port = free_port()
     env = _worker_env()
@@ -430,7 +437,8 @@ def test_torchrun_wrapper_that_loses_the_rendezvous_says_so_in_one_line(tmp_path
         return subprocess.Popen([sys.executable, str(ROOT / "launch" / "torchrun.py"), "--nnodes=2",
                                  "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                                  "--rdzv-id=lost", f"--rdzv-conf=is_host={int(is_host)}", "--monitor-interval=0.1",
-                                 str(worker)], env=env, cwd=ROOT, stdout=out, stderr=out, text=True)
+                                 str(worker)], env={**env, "NODE_ROLE": "head" if is_host else "other"}, cwd=ROOT,
+                                stdout=out, stderr=out, text=True)
 
     # The head's output goes nowhere: its worker, orphaned by the SIGKILL, would hold a pipe open.
     head = agent(True, subprocess.DEVNULL)
@@ -446,6 +454,9 @@ def test_torchrun_wrapper_that_loses_the_rendezvous_says_so_in_one_line(tmp_path
         other_workers = psutil.Process(other.pid).children(recursive=True)
         started += head_workers + other_workers
         assert len(head_workers) == 1 and len(other_workers) == 1, (head_workers, other_workers)
+        if barrier:  # the other node's worker has finished: its launcher waits for the head's at the end
+            other_workers[0].wait(timeout=60)
+            time.sleep(1)
         head.kill()
         head.wait(timeout=30)
         head_workers[0].kill()  # orphaned: it would sleep on
@@ -458,9 +469,15 @@ def test_torchrun_wrapper_that_loses_the_rendezvous_says_so_in_one_line(tmp_path
                 proc.kill()
             except (ProcessLookupError, psutil.NoSuchProcess):
                 pass
-    assert other.returncode == 1, err[-3000:]
     assert "Traceback" not in out + err and not out.strip(), (out + err)[-3000:]
     lines = err.strip().splitlines()
+    if barrier:
+        assert other.returncode == 0, err[-3000:]
+        assert lines == ["[launch/torchrun] this node's workers finished; the launchers of the other nodes could not "
+                         f"be awaited: the rendezvous store at 127.0.0.1:{port} is gone (the first node's launcher "
+                         "exited or died first)"], err[-3000:]
+        return
+    assert other.returncode == 1, err[-3000:]
     assert len(lines) == 1 and lines[0].startswith(f"[launch/torchrun] lost the rendezvous at 127.0.0.1:{port}: ") \
         and lines[0].endswith("(--resume auto): exit code 1"), err[-3000:]
     assert not left, left
