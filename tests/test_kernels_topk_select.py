@@ -184,6 +184,16 @@ def test_the_dispatcher_takes_radix_for_bf16_only(monkeypatch):
         assert torch.equal(got[3], topk_select_activate_reference(src, 7, 40, "swiglu", torch.int16)[3])
     assert calls == [((1, 64, 4), "radix"), ((1, 64, 4), "bisect")]
     assert topk_module.topk_select_config(16384, 5632, "radix") == (1, 8192, 4)
+    # The selection alone (the decode step's): radix for bf16 too, the reference's channels.
+    scores = torch.randn(2, 40, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+
+    def select_spy(scores, k, config, method):
+        calls.append((config, method))
+        return topk_select_triton(scores, k, config, method)  # this file's import: the module's own function
+
+    monkeypatch.setattr(topk_module, "topk_select_triton", select_spy)
+    assert torch.equal(topk_module.topk_select(scores, 7, "radix")[0], topk_select_reference(scores, 7)[0])
+    assert calls[-1] == ((1, 64, 4), "radix")
 
 
 @requires_gpu

@@ -250,8 +250,8 @@ def test_sparse_decode_step_logits_equal_dense_math():
 @pytest.mark.slow
 def test_generate_cli_on_a_trained_moc_checkpoint(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    run_train(run_dir, ["train.steps=2", "ffn.kind=moc", "epas.enabled=true", "epas.interval=1",
-                        "epas.final_region=2", "data.sample_documents=200", "data.seq_length=64",
+    run_train(run_dir, ["train.steps=2", "ffn.kind=moc", "ffn.select_method=radix", "epas.enabled=true",
+                        "epas.interval=1", "epas.final_region=2", "data.sample_documents=200", "data.seq_length=64",
                         "train.global_batch=4", "logging.tensorboard=false", "logging.progress_bar=false"],
               resume="none")
     outs = {}
@@ -264,7 +264,7 @@ def test_generate_cli_on_a_trained_moc_checkpoint(tmp_path, capsys):
     assert outs[False]["region"] == 2 and [len(t) for t in outs[False]["tokens"]] == [8, 8]
     assert outs[False]["tokens"] == outs[True]["tokens"]
     gen = Generator.from_checkpoint(run_dir, device="cpu")
-    assert {layer.ffn.kind for layer in gen.model.layers} == {"moc"}
+    assert {(layer.ffn.kind, layer.ffn.select_method) for layer in gen.model.layers} == {("moc", "radix")}
     recomputed = gen.generate(["The cat", "A"], max_new_tokens=8, stop_at_eod=False, use_cache=False)
     assert recomputed.tokens == outs[False]["tokens"]
 
@@ -290,7 +290,7 @@ def test_bench_decode_ffn_kinds_tiny(tmp_path, monkeypatch, capsys):
         assert r["decode_eager_vs_dense"] == pytest.approx(
             r["decode_eager_tokens_per_s"] / r["dense_decode_eager_tokens_per_s"])
         assert r["sparse_decode"] == (r["ffn_kind"] != "swiglu")
-        assert r["kernel"] == "torch-reference"  # on CPU; "triton" on a GPU
+        assert r["kernel"] == "torch-reference" and r["select_method"] == "bisect"  # on CPU; "triton" on a GPU
     moc = next(r for r in rows if r["ffn_kind"] == "moc")
     assert moc["dense_kind"] == "swiglu" and moc["active_channels"] == moc["k"] < moc["ffn_width"]
 

@@ -369,6 +369,8 @@ def run_ffn_kinds(args, kinds: list[str], shape: ModelShape, ffn: int, device, d
         options = ffn_options(kind, width, args)
         sparse = InferenceModel.random(shape, width, seed=0, device=device, dtype=dtype, ffn_kind=kind,
                                        ffn_options=options).eval()
+        for layer in sparse.layers:
+            layer.ffn.select_method = args.select_method
         dense = with_dense_ffns(sparse)
         ffn0 = sparse.layers[0].ffn
         for batch in batches:
@@ -377,6 +379,7 @@ def run_ffn_kinds(args, kinds: list[str], shape: ModelShape, ffn: int, device, d
                     row = {"ffn_kind": kind, "dense_kind": dense.layers[0].ffn.kind, "batch": batch,
                            "context": context, "region": region, "new_tokens": new_tokens, "ffn_width": width,
                            "k": getattr(ffn0, "k", None), "sparse_decode": bool(ffn0.sparse), "kernel": kernel,
+                           "select_method": args.select_method,
                            **{key: value for key, value in options.items() if key != "k"}}
                     # Channels a token keeps at most (top-k: k; MoC: K; ELAS: half; relu2: data-dependent).
                     row["active_channels"] = {"topk": row["k"], "moc": row["k"], "elas": width // 2}.get(kind)
@@ -466,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topk-activation", choices=("relu", "relu2"), default="relu")
     p.add_argument("--moc-k", type=float, default=0.1875, help="MoC's K: a count or a fraction of the width")
     p.add_argument("--moc-structured", action="store_true", help="MoC 2:8 (top 2 of every 8 channels)")
+    p.add_argument("--select-method", choices=("bisect", "radix"), default="bisect",
+                   help="top-K search of MoC / top-k decode steps (ffn.select_method)")
     p.add_argument("--elas-rank", type=int, default=None, help="low-rank ELAS fc1/fc2 of this rank")
     p.add_argument("--check-greedy", type=int, default=0, metavar="STEPS",
                    help="--ffn-kinds: also decode STEPS greedy tokens with the sparse FFN path and with its "

@@ -18,7 +18,7 @@
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|fp8_titan|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|ffn_memory|ffn_train|topk_radix|tests OUTDIR [SEED]}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|fp8_titan|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|ffn_memory|ffn_train|topk_radix|ffn_parity|tests OUTDIR [SEED]}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -349,6 +349,12 @@ ffn_memory)
   # kind, llama-350m at micro-batch 8: saved tensors per module against the allocator, and where the rest was allocated.
   run 300 python3 tools/probe_activation_memory.py --model llama-350m --json "$out/probe_activation_memory.json"
   ;;
+ffn_parity)
+  # Issue #23 item 5: the 125M loss ratios of the sparse FFNs again after the kernel changes (fused selection, the
+  # fc2-input fix): the `parity` part's command and data without EPAS (English corpus under data/english).
+  parity_125m 500 250 20 ffn --variant dense= --variant "moc=ffn.kind=moc" --variant "topk=ffn.kind=topk" \
+    --variant "relu2=ffn.kind=relu2" --variant "elas=ffn.kind=elas,ffn.elas_warmup_steps=50" --baseline elas=relu2
+  ;;
 topk_radix)
   # Issue #23 items 1-2: the radix threshold search of the fused top-K kernel (ffn.select_method=radix) against the
   # bisection: the kernel sweep (both searches, outputs compared), then llama-1b end to end and llama-350m in rounds.
@@ -362,6 +368,10 @@ topk_radix)
     --json "$out/bench_train_ffn_350m_radix_rounds.json" --variant swiglu= --variant moc=ffn.kind=moc \
     --variant "moc_radix=ffn.kind=moc;ffn.select_method=radix" --variant topk=ffn.kind=topk \
     --variant "topk_radix=ffn.kind=topk;ffn.select_method=radix"
+  for m in bisect radix; do  # sparse decode at batch 1 and 8 with each search (llama-1b shape, CUDA graphs)
+    run 150 python3 tools/bench_decode.py --ffn-kinds moc,topk --batches 1,8 --contexts 512 --regions 0 \
+      --new-tokens 64 --rounds 3 --no-eager --select-method $m --json "$out/bench_decode_ffn_$m.json"
+  done
   ;;
 ffn_train)
   # Issue #23 items 1-3 after the fix of the dense fc2 input that every compact kind kept alive (effdist.model.ffn.saved):
@@ -377,6 +387,6 @@ ffn_train)
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, fp8_titan, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, sparse24_table, ffn_memory, ffn_train, topk_radix, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, fp8_titan, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, sparse24_table, ffn_memory, ffn_train, topk_radix, ffn_parity, tests)"; exit 2 ;;
 esac
 exit 0

@@ -74,6 +74,8 @@ class InferenceFFN(nn.Module):
     # Larger decode batches run the dense math (same function, fewer bytes read); None: the kind's
     # byte rule (`sparse_batch_limit`).
     sparse_max_batch: Optional[int] = None
+    # The top-K search of MoC's / top-k's decode step (ffn.select_method): "bisect" or "radix" (bf16).
+    select_method: str = "bisect"
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -142,7 +144,7 @@ class GatedFFN(InferenceFFN):
             idx = self._select(gate)
             gate_at = gate.gather(1, idx.long())
         else:
-            idx, gate_at = topk_select(gate, self.k)
+            idx, gate_at = topk_select(gate, self.k, self.select_method)
         coef = gather_rows_matvec(x, idx, self.fc1[w:], gate=gate_at)
         return gather_rows_combine(coef, idx, self.fc2)
 
@@ -238,7 +240,7 @@ class PlainFFN(InferenceFFN):
             return self.dense(x)
         h = self._up(x)
         if self.kind == "topk":
-            idx, h_at = topk_select(h, self.k)
+            idx, h_at = topk_select(h, self.k, self.select_method)
             coef = _activate(h_at, self.act)
             y = gather_rows_combine(coef, idx, self.fc2_in)
         else:
@@ -252,9 +254,20 @@ class PlainFFN(InferenceFFN):
 
 def ffn_from_weights(kind: str, take: Callable[[str], torch.Tensor], *,
                      topk_k: Optional[int] = None, topk_activation: str = "relu", moc_k: Optional[int] = None,
-                     moc_structured: bool = False, elas_sparse: bool = True) -> InferenceFFN:
+                     moc_structured: bool = False, elas_sparse: bool = True,
+                     select_method: str = "bisect") -> InferenceFFN:
     """A layer's FFN from a TP=1 megatron state dict: `take(name)` returns the layer's tensor
-    ``mlp.<name>`` and raises ValueError when there is none."""
+    ``mlp.<name>`` and raises ValueError when there is none. `select_method`: ffn.select_method, the top-K
+    search of the decode step."""
+    ffn = _ffn_from_weights(kind, take, topk_k=topk_k, topk_activation=topk_activation, moc_k=moc_k,
+                            moc_structured=moc_structured, elas_sparse=elas_sparse)
+    ffn.select_method = select_method
+    return ffn
+
+
+def _ffn_from_weights(kind: str, take: Callable[[str], torch.Tensor], *,
+                      topk_k: Optional[int] = None, topk_activation: str = "relu", moc_k: Optional[int] = None,
+                      moc_structured: bool = False, elas_sparse: bool = True) -> InferenceFFN:
     if kind in ("swiglu", "moc"):
         return GatedFFN(take("linear_fc1.weight").clone(), take("linear_fc2.weight"),
                         moc_k=moc_k if kind == "moc" else None, moc_structured=kind == "moc" and moc_structured)

@@ -8,8 +8,8 @@ answer (a radix select with several kernel launches, 24 us for one 5632-wide row
 a sparse FFN's decode time); this kernel keeps whole rows in registers and finds the k-th largest
 value by bisection over the value's bits (ordered as integers: 16 rounds for bf16, 19 for fp16, 32 for
 fp32), each round a count per row; or, for bf16 rows one per program, by two 8-bit radix histograms (the
-k-th largest key's high byte, then its low byte: `method="radix"`, not yet timed on a GPU). The kept channels are then those above the threshold plus the first
-ties, compacted to slots with a prefix sum. One program handles ROWS rows at once, so that the
+k-th largest key's high byte, then its low byte: `method="radix"`, not yet timed on a GPU). The kept
+channels are then those above the threshold plus the first ties, compacted to slots with a prefix sum. One program handles ROWS rows at once, so that the
 bisection's reductions of several rows overlap.
 
 Beside the Triton kernel: a torch reference (stable sort), the definition the kernel is tested against.
@@ -101,7 +101,7 @@ if HAVE_TRITON:
         ok = tl.reshape(valid, (BLOCK_W,))
         high, above = _digit_threshold(u >> 8, ok, k)
         low, _ = _digit_threshold(u & 255, ok & ((u >> 8) == high), k - above)
-        lo = tl.full((1,), high * 256 + low - 32768, tl.int32)
+        lo = tl.zeros((1,), tl.int32) + (high * 256 + low - 32768)  # the row's threshold key, as a [ROWS] vector
         return _keep_from_threshold(key, valid, lo, k)
 
     @triton.jit
@@ -202,10 +202,12 @@ def topk_select_triton(scores: torch.Tensor, k: int, config: tuple[int, int, int
     return idx, values
 
 
-def topk_select(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton on CUDA tensors (bf16/fp16/fp32), the torch reference elsewhere (see the module doc)."""
+def topk_select(scores: torch.Tensor, k: int, method: str = "bisect") -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton on CUDA tensors (bf16/fp16/fp32), the torch reference elsewhere (see the module doc); `method`
+    "radix" for bf16 (with its own launch configuration), bisection otherwise: the same channels."""
     if use_triton(scores) and scores.dtype in _KEY_BITS:
-        return topk_select_triton(scores, k)
+        method = "radix" if method == "radix" and scores.dtype == torch.bfloat16 else "bisect"
+        return topk_select_triton(scores, k, topk_select_config(scores.shape[0], scores.shape[1], method), method)
     return topk_select_reference(scores, k)
 
 
