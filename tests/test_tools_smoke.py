@@ -69,6 +69,17 @@ def test_bench_train_rounds_pair_each_variant_with_its_rounds_baseline():
     assert exc.value.code == 2
 
 
+def test_plot_ffn_tradeoff_draws_the_after_fix_table(tmp_path):
+    """The picture in docs/sparse_ffn.md is drawn from the same points as the generated table."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import plot_ffn_tradeoff
+
+    pts = plot_ffn_tradeoff.points()
+    moc350 = next(p for p in pts if (p["model"], p["kind"]) == ("llama-350m", "moc"))
+    assert (round(moc350["speed"], 3), round(moc350["memory"], 3)) == (0.857, 0.763)
+    assert plot_ffn_tradeoff.plot(tmp_path / "f.png").stat().st_size > 10_000
+
+
 def test_kernel_categories():
     sys.path.insert(0, str(ROOT / "tools"))
     from bench_train import categorise
