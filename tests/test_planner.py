@@ -321,6 +321,26 @@ def test_calibrate_measures_a_tiny_model_on_cpu(tmp_path, capsys):
     assert calibrate.main(["--config", str(CONFIGS / "tiny-cpu.yaml"), "--variants", "sparse", "--out", str(out)]) == 2
 
 
+def test_every_ffn_kind_is_a_calibration_variant_by_its_config_name(tmp_path):
+    """A layer of each ffn.kind is timed from the calibration variant of that name (`effdist calibrate --variants
+    topk` measures top-k layers; the variant was once `topk_relu`, which no config could build and the planner
+    never asked for), and calibrate measures each on the CPU."""
+    from effdist.config import FFN_KINDS
+    from effdist.pipeline.calibration import VARIANTS, layer_cost
+    from effdist.train import calibrate
+
+    assert set(FFN_KINDS) <= set(VARIANTS)
+    cal = synthetic(load_config(CONFIGS / "llama-350m.yaml", []), variants=("dense", "epas", *FFN_KINDS))
+    for kind in FFN_KINDS:
+        cfg = load_config(CONFIGS / "llama-350m.yaml", [f"ffn.kind={kind}"])
+        forward, backward, _ = layer_cost(cal, cfg, kind, False, 2)
+        assert forward > 0 and backward > 0, kind
+    out = tmp_path / "cal.json"
+    assert calibrate.main(["--config", str(CONFIGS / "tiny-cpu.yaml"), "--micro-batches", "1", "--variants",
+                           "topk,moc", "--reps", "1", "--out", str(out)]) == 0
+    assert Calibration.load(out).variants() == {"topk", "moc"}
+
+
 def test_shipped_calibrations_load_and_plan_uses_them_by_default(capsys):
     from effdist.pipeline.calibration import shipped_names
 

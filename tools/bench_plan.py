@@ -37,6 +37,8 @@ CHOICES = [
     ("mb8 recompute", ["train.micro_batch=8", "train.recompute=true"]),
     ("mb4 epas 0.5", ["train.micro_batch=4", "epas.enabled=true", "epas.mode=fixed", "epas.final_region=0.5"]),
     ("mb4 relu2", ["train.micro_batch=4", "ffn.kind=relu2"]),
+    ("mb8 moc", ["train.micro_batch=8", "ffn.kind=moc"]),
+    ("mb8 topk", ["train.micro_batch=8", "ffn.kind=topk"]),
 ]
 
 
@@ -264,7 +266,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--calibration-out", default=None, help="where the calibration is written (default: next to --json)")
     p.add_argument("--micro-batches", default="1,2,4,8")
-    p.add_argument("--variants", default="dense,epas,relu2")
+    p.add_argument("--variants", default="dense,epas,relu2,moc,topk")
     p.add_argument("--only", default=None, help="comma-separated choice labels to run")
     p.add_argument("--json", default=None)
     p.add_argument("--repredict", default=None, metavar="JSON",

@@ -18,7 +18,7 @@
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|fp8_titan|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|ffn_memory|ffn_train|topk_radix|ffn_parity|tests OUTDIR [SEED]}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|fp8_titan|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|ffn_memory|ffn_train|topk_radix|ffn_parity|plan_ffn|tests OUTDIR [SEED]}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -349,6 +349,13 @@ ffn_memory)
   # kind, llama-350m at micro-batch 8: saved tensors per module against the allocator, and where the rest was allocated.
   run 300 python3 tools/probe_activation_memory.py --model llama-350m --json "$out/probe_activation_memory.json"
   ;;
+plan_ffn)
+  # Issue #26 item 4 with every FFN kind: the llama-1b calibration again with MoC and top-k layers, then the pp=1
+  # choices predicted and measured (tools/bench_plan.py; the new choices "mb8 moc" and "mb8 topk"). The calibration
+  # goes to configs/calibrations/h100-llama-1b.json, the JSON to docs/results/plan_validation_h100.json.
+  run 560 python3 tools/bench_plan.py --model llama-1b --global-batch 16 --json "$out/plan_validation_h100.json" \
+    --calibration-out "$out/h100-llama-1b.json"
+  ;;
 ffn_parity)
   # Issue #23 item 5: the 125M loss ratios of the sparse FFNs again after the kernel changes (fused selection, the
   # fc2-input fix): the `parity` part's command and data without EPAS (English corpus under data/english).
@@ -387,6 +394,6 @@ ffn_train)
 tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, fp8_titan, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, sparse24_table, ffn_memory, ffn_train, topk_radix, ffn_parity, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, fp8_titan, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, sparse24_table, ffn_memory, ffn_train, topk_radix, ffn_parity, plan_ffn, tests)"; exit 2 ;;
 esac
 exit 0

@@ -36,7 +36,7 @@ from typing import Any
 
 FORMAT = "effdist-calibration/1"
 CALIBRATION_DIR = Path(__file__).resolve().parents[2] / "configs" / "calibrations"  # shipped tables
-VARIANTS = ("dense", "epas", "swiglu", "relu2", "topk_relu", "moc", "elas")
+VARIANTS = ("dense", "epas", "swiglu", "relu2", "topk", "moc", "elas")  # FFN kinds by their ffn.kind name
 # Link speeds used when a calibration has no multi-GPU measurement: NVLink 4 (H100/H200 SXM) bus bandwidth
 # as nccl-tests reach it within one node, and 400 Gb/s InfiniBand per GPU across nodes (effective ~45 GB/s).
 DEFAULT_LINKS = {"p2p_gbps": 150.0, "tp_gbps": 360.0, "dp_gbps": 360.0, "inter_node_gbps": 45.0,
