@@ -364,7 +364,9 @@ ffn_parity)
   ;;
 topk_radix)
   # Issue #23 items 1-2: the radix threshold search of the fused top-K kernel (ffn.select_method=radix) against the
-  # bisection: the kernel sweep (both searches, outputs compared), then llama-1b end to end and llama-350m in rounds.
+  # bisection: the GPU tests of both searches first (bit-exact against the reference), the kernel sweep (outputs
+  # compared), then llama-1b end to end and llama-350m in rounds.
+  run 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_topk_select.py
   run 150 python3 tools/bench_topk_select.py --json "$out/bench_topk_select_radix.json"
   run 200 python3 tools/bench_train.py --isolate --models llama-1b --micro-batch llama-1b=8 --accum 2 --steps 8 \
     --warmup 3 --set data.kind=mock --set logging.tensorboard=false --json "$out/bench_train_ffn_1b_radix.json" \
@@ -392,7 +394,8 @@ ffn_train)
   run 150 python3 tools/probe_activation_memory.py --model llama-350m --json "$out/probe_activation_memory_fc2fix.json"
   ;;
 tests)
-  run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py
+  run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py \
+    tests/test_kernels_topk_select.py tests/test_kernels_channel_select.py
   ;;
 *) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, fp8_titan, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, sparse24_table, ffn_memory, ffn_train, topk_radix, ffn_parity, plan_ffn, tests)"; exit 2 ;;
 esac
