@@ -742,8 +742,10 @@ def moc_profile() -> str:
              f"{moc['categories_ms'].get(c, 0.0) - swiglu['categories_ms'].get(c, 0.0):+.1f}") for c in cats]
     rows.append(("all GPU kernels", f1(swiglu["kernel_ms_per_step"]), f1(moc["kernel_ms_per_step"]),
                  f"{moc['kernel_ms_per_step'] - swiglu['kernel_ms_per_step']:+.1f}"))
-    rows += [(f"of which `{k}` ({moc['kernels'][k]['calls']} calls, {f2(moc['kernels'][k]['ms'] / moc['kernels'][k]['calls'])} "
-              "ms each)", "–", f1(moc["kernels"][k]["ms"]), "") for k in MOC_KERNELS]
+    for name in MOC_KERNELS:
+        kernel = moc["kernels"][name]
+        rows.append((f"of which `{name}` ({kernel['calls']} calls, {f2(kernel['ms'] / kernel['calls'])} ms each)", "–",
+                     f1(kernel["ms"]), ""))
     return table(["GPU ms per step (llama-1b, mbs 8, 2 micro-batches)", "SwiGLU", "MoC", "MoC - SwiGLU"], rows)
 
 

@@ -79,8 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "docs" / "img" / "ffn_speed_memory_h100.png"))
     args = p.parse_args(argv)
     for pt in points():
-        print(f"{pt['model']:<11} {pt['kind']:<5} speed {pt['speed']:.3f} ({pt['speed_min']:.3f}-{pt['speed_max']:.3f}) "
-              f"peak {pt['memory']:.3f}  {pt['run']}")
+        print(f"{pt['model']:<11} {pt['kind']:<5} speed {pt['speed']:.3f} ({pt['speed_min']:.3f}-"
+              f"{pt['speed_max']:.3f}) peak {pt['memory']:.3f}  {pt['run']}")
     print(f"wrote {plot(Path(args.out))}")
     return 0
 
