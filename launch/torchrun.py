@@ -197,7 +197,7 @@ def describe_failures(failures: dict) -> list[str]:
     return lines
 
 
-def rendezvous_lost(e: BaseException, endpoint: str) -> str:
+def rendezvous_lost(e: BaseException, endpoint: str, signalled: str | None = None) -> str:
     """The closing line for a RendezvousConnectionError: the c10d store at `endpoint` was never reached, or was lost.
 
     Lost: the agent polls the store every --monitor-interval while its workers run (and while it joins), and the
@@ -212,6 +212,10 @@ def rendezvous_lost(e: BaseException, endpoint: str) -> str:
         why = f" ({cause[0].rstrip('.')})" if cause else ""
         return (f"could not reach the rendezvous at {endpoint}{why}: check that {host} runs and that the address "
                 "is right and reachable from this node: exit code 1")
+    if signalled:  # a preemption: the first node's launcher may have exited once its own workers had saved
+        return (f"lost the rendezvous at {endpoint} after {signalled} had reached this node ({host} exited or is "
+                "gone); this node's workers were saving and are stopped now: start the job again, it resumes from "
+                "the newest complete checkpoint (--resume auto): exit code 1")
     return (f"lost the rendezvous at {endpoint}: {host} is gone or unreachable; no worker of this node is left "
             "running; start the job again, it resumes from the newest checkpoint (--resume auto): exit code 1")
 
@@ -292,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"stopped by {e.sigval.name}: exit code {code}")
         return code
     except RendezvousConnectionError as e:
-        _say(rendezvous_lost(e, torch_run.get_rdzv_endpoint(args)))
+        signalled = signal.Signals(forwarder.signum).name if forwarder.signum is not None else None
+        _say(rendezvous_lost(e, torch_run.get_rdzv_endpoint(args), signalled))
         return 1
     finally:
         forwarder.cancel()

@@ -372,6 +372,17 @@ def test_torchrun_wrapper_stopped_while_importing_torch_says_so_and_exits(tmp_pa
     assert not Path(str(script) + ".ran").exists()
 
 
+def test_a_rendezvous_lost_during_a_preemption_says_the_workers_were_saving():
+    """Slurm signals every node; the first node's launcher exits once its own workers saved, and the others lose
+    the rendezvous while theirs still save: the line says a signal came first, not just that the store is gone."""
+    lost = RuntimeError("store gone")
+    plain = torchrun_wrapper.rendezvous_lost(lost, "n1:29500")
+    assert plain.startswith("lost the rendezvous at n1:29500: the process hosting its store") and "SIGTERM" not in plain
+    during = torchrun_wrapper.rendezvous_lost(lost, "n1:29500", "SIGTERM")
+    assert during.startswith("lost the rendezvous at n1:29500 after SIGTERM had reached this node (")
+    assert "this node's workers were saving and are stopped now" in during and during.endswith("exit code 1")
+
+
 def test_first_failure_first_within_one_second():
     """torchrun's failure timestamps are whole seconds: a worker it SIGTERMed after another failed is listed
     after that one, even with a lower rank."""
