@@ -11,33 +11,21 @@ median of the rounds with its range as an error bar, at llama-1b each run.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from benchmark_tables import FFN_AFTER_FIX_KINDS, FFN_AFTER_FIX_RUNS, ffn_after_fix_ratios  # noqa: E402
+from benchmark_tables import ffn_after_fix_points  # noqa: E402
 
 COLOURS = {"moc": "tab:blue", "topk": "tab:green", "elas": "tab:orange"}
 MARKERS = {"llama-350m": "o", "llama-1b": "s"}
 
 
 def points() -> list[dict]:
-    """One point per model, run and kind: speed ratio (median, min, max over rounds) and peak ratio."""
-    out = []
-    for model, name in FFN_AFTER_FIX_RUNS:
-        for variant, label, baselines, base_label, goal in FFN_AFTER_FIX_KINDS:
-            per_round = ffn_after_fix_ratios(name, variant, baselines)
-            if not per_round:
-                continue
-            speeds = [t / b for t, b, _, _ in per_round]
-            out.append({"model": model, "run": name, "kind": variant, "label": label, "baseline": base_label,
-                        "goal": goal, "speed": statistics.median(speeds), "speed_min": min(speeds),
-                        "speed_max": max(speeds),
-                        "memory": max(p for _, _, p, _ in per_round) / max(bp for _, _, _, bp in per_round)})
-    return out
+    """One point per model, run and kind: the generated table's (benchmark_tables.ffn_after_fix_points)."""
+    return ffn_after_fix_points()
 
 
 def plot(out: Path) -> Path:
