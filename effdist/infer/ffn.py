@@ -254,20 +254,9 @@ class PlainFFN(InferenceFFN):
 
 def ffn_from_weights(kind: str, take: Callable[[str], torch.Tensor], *,
                      topk_k: Optional[int] = None, topk_activation: str = "relu", moc_k: Optional[int] = None,
-                     moc_structured: bool = False, elas_sparse: bool = True,
-                     select_method: str = "bisect") -> InferenceFFN:
+                     moc_structured: bool = False, elas_sparse: bool = True) -> InferenceFFN:
     """A layer's FFN from a TP=1 megatron state dict: `take(name)` returns the layer's tensor
-    ``mlp.<name>`` and raises ValueError when there is none. `select_method`: ffn.select_method, the top-K
-    search of the decode step."""
-    ffn = _ffn_from_weights(kind, take, topk_k=topk_k, topk_activation=topk_activation, moc_k=moc_k,
-                            moc_structured=moc_structured, elas_sparse=elas_sparse)
-    ffn.select_method = select_method
-    return ffn
-
-
-def _ffn_from_weights(kind: str, take: Callable[[str], torch.Tensor], *,
-                      topk_k: Optional[int] = None, topk_activation: str = "relu", moc_k: Optional[int] = None,
-                      moc_structured: bool = False, elas_sparse: bool = True) -> InferenceFFN:
+    ``mlp.<name>`` and raises ValueError when there is none."""
     if kind in ("swiglu", "moc"):
         return GatedFFN(take("linear_fc1.weight").clone(), take("linear_fc2.weight"),
                         moc_k=moc_k if kind == "moc" else None, moc_structured=kind == "moc" and moc_structured)

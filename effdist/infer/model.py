@@ -190,7 +190,8 @@ class InferenceModel(nn.Module):
             ffn = ffn_from_weights(kind, lambda name, p=p: take(p + "mlp." + name),
                                    topk_k=resolve_count(f.topk_k, width), topk_activation=f.topk_activation,
                                    moc_k=resolve_count(f.moc_k, width), moc_structured=f.moc_structured,
-                                   elas_sparse=elas_sparse, select_method=f.select_method)
+                                   elas_sparse=elas_sparse)
+            ffn.select_method = f.select_method  # the top-K search of its decode step
             qkv = take(p + "self_attention.linear_qkv.weight")
             if qkv.shape != ((nh + 2 * ng) * d, shape.hidden_size):
                 raise UnsupportedModelError(f"{p}self_attention.linear_qkv.weight has shape {tuple(qkv.shape)}, "

@@ -182,6 +182,13 @@ def topk_select_config(rows: int, width: int, method: str = "bisect") -> tuple[i
     return per_program, block_w, max(1, min(16, per_program * block_w // 2048))
 
 
+def _launch(rows: int, width: int, dtype: torch.dtype, method: str) -> tuple[tuple[int, int, int], str]:
+    """(launch configuration, method) of a dispatched call: radix where asked for and the rows are bf16, else
+    bisection."""
+    method = "radix" if method == "radix" and dtype == torch.bfloat16 else "bisect"
+    return topk_select_config(rows, width, method), method
+
+
 def topk_select_triton(scores: torch.Tensor, k: int, config: tuple[int, int, int] | None = None,
                        method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if not HAVE_TRITON:
@@ -206,8 +213,7 @@ def topk_select(scores: torch.Tensor, k: int, method: str = "bisect") -> tuple[t
     """Triton on CUDA tensors (bf16/fp16/fp32), the torch reference elsewhere (see the module doc); `method`
     "radix" for bf16 (with its own launch configuration), bisection otherwise: the same channels."""
     if use_triton(scores) and scores.dtype in _KEY_BITS:
-        method = "radix" if method == "radix" and scores.dtype == torch.bfloat16 else "bisect"
-        return topk_select_triton(scores, k, topk_select_config(scores.shape[0], scores.shape[1], method), method)
+        return topk_select_triton(scores, k, *_launch(scores.shape[0], scores.shape[1], scores.dtype, method))
     return topk_select_reference(scores, k)
 
 
@@ -254,7 +260,6 @@ def topk_select_activate(src: torch.Tensor, k: int, width: int, act: str, idx_dt
     """Top-k selection and select_activate in one kernel on CUDA (bf16/fp16/fp32); the references elsewhere.
     `method` "radix" for bf16 (with its own launch configuration), bisection otherwise: the same channels."""
     if use_triton(src) and src.dtype in _KEY_BITS:
-        method = "radix" if method == "radix" and src.dtype == torch.bfloat16 else "bisect"
-        config = topk_select_config(src.shape[0], width, method)
-        return topk_select_activate_triton(src, k, width, act, idx_dtype, config, method)
+        return topk_select_activate_triton(src, k, width, act, idx_dtype, *_launch(src.shape[0], width, src.dtype,
+                                                                                    method))
     return topk_select_activate_reference(src, k, width, act, idx_dtype)

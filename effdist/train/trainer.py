@@ -694,8 +694,8 @@ class Trainer:
                     path = ckpt.save(self.ckpt_dir, self.step, self.model_chunks, self.optimizer, rt, common, marker)
         except BaseException:
             # The run directory deleted between the check above and the write: say that, not the write's error.
-            if rt.is_logging_rank and getattr(self, "metrics", None) is not None and self.metrics.enabled:
-                self.metrics.check_still_there(self.step)
+            if problem := self._run_dir_problem():
+                raise MetricsFileError(problem)
             raise
         if rt.is_logging_rank:
             retain()
@@ -736,15 +736,19 @@ class Trainer:
     def _check_run_dir_still_there(self) -> None:
         """Before each save: a run directory deleted (or moved) since the last record must not be made again by
         the save, without records, config.yaml or lock. All ranks agree."""
-        problem = None
-        if self.runtime.is_logging_rank and getattr(self, "metrics", None) is not None and self.metrics.enabled:
+        problem = self._from_rank0(self._run_dir_problem())
+        if problem:
+            raise MetricsFileError(problem)
+
+    def _run_dir_problem(self) -> str | None:
+        """On rank 0, why this run's records can no longer go where they went (run directory deleted or moved);
+        None on other ranks and while all is well."""
+        if self.runtime.is_logging_rank and getattr(self, "metrics", None) is not None:
             try:
                 self.metrics.check_still_there(self.step)
             except MetricsFileError as e:
-                problem = str(e)
-        problem = self._from_rank0(problem)
-        if problem:
-            raise MetricsFileError(problem)
+                return str(e)
+        return None
 
     def _check_space(self) -> None:
         """Before each save, on rank 0: room for about one more checkpoint of the last one's size (for the
