@@ -69,10 +69,10 @@ def test_moc_saved_activations_fall_by_the_predicted_ratio():
     moc = saved_bytes(_build(_cfg("ffn.kind=moc")), x)
     structured = saved_bytes(_build(_cfg("ffn.kind=moc", "ffn.moc_structured=true")), x)
     # megatron 0.16.1's SwiGLU keeps x, the fused [G | U] fc1 output, SiLU(G), U + glu_linear_offset (a
-    # copy) and Z: h + 5·d_ffn values per token. MoC keeps x, G and U at the K selected channels and
-    # their int16 indices.
+    # copy) and Z: h + 5·d_ffn values per token. MoC keeps x, G and U at the K selected channels and which
+    # channels: a bit mask of the row for its plain top-K (int32 words), int16 indices for 2:8.
     predicted_dense = N * (H + 5 * FFN) * 4
-    predicted_moc = N * (H + 2 * k) * 4 + N * k * 2
+    predicted_moc = N * (H + 2 * k) * 4 + N * math.ceil(FFN / 32) * 4
     predicted_structured = N * (H + 2 * (FFN // 4)) * 4 + N * (FFN // 4) * 2
     assert dense == predicted_dense
     assert moc == predicted_moc
@@ -87,7 +87,7 @@ def test_topk_and_elas_saved_activations_match_predictions():
 
     x = _input()
     k = resolve_count(0.1, FFN)
-    assert saved_bytes(_build(_cfg("ffn.kind=topk")), x) == N * (H + k) * 4 + N * k * 2
+    assert saved_bytes(_build(_cfg("ffn.kind=topk")), x) == N * (H + k) * 4 + N * math.ceil(FFN / 32) * 4
     width = round(1.5 * FFN)
     relu2 = saved_bytes(_build(_cfg("ffn.kind=relu2")), x)  # ELAS's dense reference: the same 1.5x width
     assert relu2 == N * (H + 2 * width) * 4  # megatron keeps relu(h) and relu(h)²
@@ -195,21 +195,20 @@ def test_topk_matches_dense_masked_reference(activation):
 
 @pytest.mark.parametrize("kind", ["moc", "topk"])
 def test_fused_topk_select_activate_path_matches_the_masked_reference(kind, monkeypatch):
-    """The GPU path (selection inside the select + activate kernel, idx coming out of the autograd
-    function) run on CPU through the kernels' references: same output and gradients as the masked
-    dense FFN, and the saved tensors still rebuild fc2's input."""
+    """The plain top-K path (selection inside the select + activate kernel, the selection saved as a bit mask;
+    on CPU through the kernels' references): same output and gradients as the masked dense FFN, and the saved
+    tensors still rebuild fc2's input."""
     from effdist.config import resolve_count
     from effdist.model.ffn import channel
 
     calls = []
     real = channel.topk_select_activate
-    monkeypatch.setattr(channel, "use_triton", lambda t: True)
-    monkeypatch.setattr(channel, "topk_select_activate", lambda *a: calls.append(a[1]) or real(*a))
+    monkeypatch.setattr(channel, "topk_select_activate", lambda *a, **kw: calls.append((a[1], kw)) or real(*a, **kw))
     module = _build(_cfg(f"ffn.kind={kind}")).double()
     x = _input(seed=5, dtype=torch.float64)
     out, _ = module(x)
     k = resolve_count(0.1875 if kind == "moc" else 0.1, FFN)
-    assert calls == [k]
+    assert calls == [(k, {"method": "bisect", "as_mask": True})]
     if kind == "moc":
         ref = _dense_swiglu_masked(module, x, k)
     else:

@@ -11,12 +11,21 @@ import torch.nn.functional as F
 from tests.kernel_testing import needs_interpreter, requires_gpu  # isort: skip
 
 from effdist.kernels.channel_select import (
+    mask_to_index,
+    mask_words,
+    pack_mask_reference,
+    row_tile_config,
+    scatter_activated_masked_reference,
+    scatter_activated_masked_triton,
     scatter_activated_reference,
     scatter_activated_triton,
+    select_activate_backward_masked_reference,
+    select_activate_backward_masked_triton,
     select_activate_backward_reference,
     select_activate_backward_triton,
     select_activate_reference,
     select_activate_triton,
+    unpack_mask_reference,
 )
 
 ACTS = ["swiglu", "relu", "relu2"]
@@ -128,3 +137,71 @@ def test_cuda_kernels_match_reference(act, dtype):
         dz = torch.randn(n, width, dtype=dtype, device="cuda")
         assert torch.allclose(select_activate_backward_triton(dz, a_r, b_r, idx, width, act).float(),
                               select_activate_backward_reference(dz, a_r, b_r, idx, width, act).float(), **tol)
+
+
+# ------------------------------------------------------------------------ the selection as a bit mask
+
+def _masked_case(act: str, n: int, width: int, k: int, dtype: torch.dtype, seed: int = 0):
+    """A plain top-k selection (k per row, as the fused kernel makes it) as a mask, the selected values in column
+    order, and the same selection as indices."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randn(n, 2 * width if act == "swiglu" else width, generator=g, dtype=torch.float64).to(dtype)
+    idx = torch.stack([torch.randperm(width, generator=g)[:k].sort().values for _ in range(n)])
+    keep = torch.zeros(n, width, dtype=torch.bool).scatter_(1, idx, True)
+    _, a, b = select_activate_reference(src, idx, width, act)
+    return pack_mask_reference(keep), a, b, idx
+
+
+def test_mask_words_hold_one_bit_per_channel_and_round_trip():
+    keep = torch.zeros(2, 70, dtype=torch.bool)
+    keep[0, [0, 31, 32, 69]] = True
+    keep[1, 31] = True
+    mask = pack_mask_reference(keep)
+    assert mask.dtype == torch.int32 and mask.shape == (2, mask_words(70)) == (2, 3)
+    assert mask[0].tolist() == [1 - 2 ** 31, 1, 1 << 5]  # bit 31 is the sign bit of word 0
+    assert mask[1].tolist() == [-2 ** 31, 0, 0]
+    assert torch.equal(unpack_mask_reference(mask, 70), keep)
+    assert mask_to_index(mask, 70, 5).tolist() == [[0, 31, 32, 69, -1], [31, -1, -1, -1, -1]]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", [(13, 37, 9), (3, 8, 8), (5, 100, 1)])
+@pytest.mark.parametrize("act", ACTS)
+def test_masked_kernels_match_reference(act, size, dtype):
+    """The dense-row kernels (every element written, no memset) against the masked references, which are the
+    index references at the same selection. Widths below and off the 32-bit word, a full and a single slot."""
+    n, width, k = size
+    mask, a, b, idx = _masked_case(act, n, width, k, dtype, seed=4)
+    assert row_tile_config(n, width)[0] == 2  # two rows per program: rows 12 (13 rows) and 4 are a partial pair
+    z = scatter_activated_reference(a, b, idx, width, act)
+    assert torch.equal(scatter_activated_masked_reference(a, b, mask, width, act), z)
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-30)
+    torch.testing.assert_close(scatter_activated_masked_triton(a, b, mask, width, act).float(), z.float(), **tol)
+    dz = torch.randn(n, width, dtype=torch.float64).to(dtype)
+    want = select_activate_backward_reference(dz, a, b, idx, width, act)
+    assert torch.equal(select_activate_backward_masked_reference(dz, a, b, mask, width, act), want)
+    torch.testing.assert_close(select_activate_backward_masked_triton(dz, a, b, mask, width, act).float(),
+                               want.float(), **tol)
+
+
+def test_masked_kernels_refuse_a_mask_of_another_width():
+    mask, a, b, _ = _masked_case("relu", 2, 40, 3, torch.float32)
+    with pytest.raises(ValueError, match=r"expected int32 \[2, 1\] for width 20"):
+        scatter_activated_masked_triton(a, b, mask, 20, "relu")
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("act", ACTS)
+def test_cuda_masked_kernels_match_reference(act, dtype):
+    for n, width, k in [(13, 37, 9), (4099, 5632, 1056), (1001, 2816, 282)]:
+        mask, a, b, idx = _masked_case(act, n, width, k, dtype, seed=5)
+        mask, a, b, idx = mask.cuda(), a.cuda(), b.cuda() if b is not None else None, idx.cuda()
+        tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+        z = scatter_activated_reference(a, b, idx, width, act)
+        torch.testing.assert_close(scatter_activated_masked_triton(a, b, mask, width, act).float(), z.float(), **tol)
+        dz = torch.randn(n, width, dtype=dtype, device="cuda")
+        torch.testing.assert_close(select_activate_backward_masked_triton(dz, a, b, mask, width, act).float(),
+                                   select_activate_backward_reference(dz, a, b, idx, width, act).float(), **tol)

@@ -160,6 +160,28 @@ def test_fused_triton_equals_reference(act, dtype, rows, width, k):
     assert torch.equal(z == 0, want[0] == 0)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("method", ["bisect", "radix"])
+@pytest.mark.parametrize("rows,width,k", [(3, 40, 7), (MANY_ROWS, 24, 5), (2, 70, 64)])
+def test_fused_mask_is_the_references_selection(method, rows, width, k):
+    """as_mask=True (the training path): the selection comes back as bit-mask words, the other outputs as with
+    indices. Widths off the 32-bit word, below one word, and the multi-row layout."""
+    from effdist.kernels.channel_select import mask_words, pack_mask_reference
+
+    config = _multi_row_config(width) if rows == MANY_ROWS else None
+    if method == "radix":
+        config = (1, 1 << (width - 1).bit_length(), 1)
+    n = FEW_ROWS if rows == MANY_ROWS else rows
+    src = torch.randn(n, 2 * width, generator=torch.Generator().manual_seed(width)).to(torch.bfloat16)
+    z, a, b, mask = topk_select_activate_triton(src, k, width, "swiglu", config=config, method=method, as_mask=True)
+    wz, wa, wb, widx = topk_select_activate_reference(src, k, width, "swiglu")
+    keep = torch.zeros(n, width, dtype=torch.bool).scatter_(1, widx.long(), True)
+    assert mask.dtype == torch.int32 and mask.shape == (n, mask_words(width))
+    assert torch.equal(mask, pack_mask_reference(keep))
+    assert torch.equal(mask, topk_select_activate_reference(src, k, width, "swiglu", as_mask=True)[3])
+    assert torch.equal(a, wa) and torch.equal(b, wb) and torch.equal(z == 0, wz == 0)
+
+
 def test_fused_rejects_a_width_that_does_not_fit():
     with pytest.raises(ValueError, match="expected"):
         topk_select_activate_triton(torch.zeros(2, 10), 2, 4, "swiglu")
@@ -172,9 +194,9 @@ def test_the_dispatcher_takes_radix_for_bf16_only(monkeypatch):
     calls = []
     real = topk_module.topk_select_activate_triton
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         calls.append((args[-2], args[-1]))
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(topk_module, "use_triton", lambda t: True)
     monkeypatch.setattr(topk_module, "topk_select_activate_triton", spy)
@@ -198,12 +220,13 @@ def test_the_dispatcher_takes_radix_for_bf16_only(monkeypatch):
 
 @requires_gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("as_mask", [False, True])
 @pytest.mark.parametrize("method", ["bisect", "radix"])
 @pytest.mark.parametrize("act", ["swiglu", "relu"])
-def test_gpu_fused_equals_reference(act, method):
+def test_gpu_fused_equals_reference(act, method, as_mask):
     width = 2816
     src = torch.randn(4096, 2 * width if act == "swiglu" else width, device="cuda", dtype=torch.bfloat16)
-    z, a, b, idx = topk_select_activate(src, 528, width, act, torch.int16, method)
-    wz, wa, wb, widx = topk_select_activate_reference(src, 528, width, act, torch.int16)
+    z, a, b, idx = topk_select_activate(src, 528, width, act, torch.int16, method, as_mask=as_mask)
+    wz, wa, wb, widx = topk_select_activate_reference(src, 528, width, act, torch.int16, as_mask=as_mask)
     assert torch.equal(idx, widx) and torch.equal(a, wa)
     torch.testing.assert_close(z, wz, rtol=1e-2, atol=1e-6)

@@ -388,12 +388,14 @@ def test_memory_counts_each_layers_ffn_kind_and_lands_on_the_measured_training_p
     predicted within 3%, where counting every layer as SwiGLU missed MoC and top-k by 10-22%. The runs of
     TRAINING_PEAKS were made before the fix of 2026-12-07: MoC, top-k and ELAS layers then also kept their dense fc2
     input alive (docs/sparse_ffn.md), which is taken off their measured peak here; the runs made after it are
-    compared as measured. A kind on some layers only saves on those layers only."""
+    compared as measured. All of them saved a plain top-K's selection (MoC, top-k) as K int16 indices, which takes
+    more than the bit mask saved since (also 2026-12-07): the difference is taken off too. A kind on some layers
+    only saves on those layers only."""
     from effdist.pipeline.memory_model import COMPACT_FFN_KINDS
 
     sys.path.insert(0, str(ROOT / "tools"))
     try:
-        from ffn_memory_accounting import held_before_the_fix_bytes
+        from ffn_memory_accounting import held_as_indices_bytes, held_before_the_fix_bytes
     finally:
         sys.path.remove(str(ROOT / "tools"))
 
@@ -409,6 +411,9 @@ def test_memory_counts_each_layers_ffn_kind_and_lands_on_the_measured_training_p
         predicted = estimate(cfg, 1, on_gpu=True).peak.total / GIB
         held = 0.0 if fixed else held_before_the_fix_bytes(cfg) / GIB
         assert fixed or (held > 0) == (cfg.ffn.kind in COMPACT_FFN_KINDS)
+        indices = held_as_indices_bytes(cfg) / GIB  # these runs saved a plain top-K's selection as indices
+        assert (indices > 0) == (cfg.ffn.kind in ("moc", "topk") and not cfg.ffn.moc_structured)
+        held += indices
         assert predicted == pytest.approx(r["peak_mem_gib"] - held, rel=0.03), (r["model"], r["variant"], fixed)
 
     base = ["train.micro_batch=8", "train.global_batch=16", "data.kind=mock"]

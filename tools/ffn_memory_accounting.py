@@ -28,6 +28,9 @@ RUNS = ("bench_train_ffn_350m_h100.json", "bench_train_ffn_350m_select64_h100.js
         "bench_train_ffn_1b_select64_h100.json", "bench_train_ffn_350m_select64_outlier_h100.json")
 # The same kinds measured after the fix (1x H100, 2026-12-07): the gap should be gone.
 RUNS_AFTER_FIX = ("bench_train_ffn_350m_fc2fix_h100.json", "bench_train_ffn_1b_fc2fix_h100.json")
+# Every run above was measured while a plain top-K (MoC, top-k at TP = 1) saved its selection as K int16 indices;
+# since 2026-12-07 it saves a bit mask of the row (effdist.model.ffn.channel), which these runs are accounted with.
+INDEX_RUNS = RUNS + RUNS_AFTER_FIX
 GIB = 2**30
 
 
@@ -64,7 +67,8 @@ def account(run_file: Path) -> list[dict]:
             static = _static_bytes(cfg) - _static_bytes(base_cfg)
             measured = (row["peak_mem_gib"] - base["peak_mem_gib"]) * GIB
             per_token_layer = (measured - static) / (tokens * layers)  # activation change, bytes per token and layer
-            predicted = ffn_saved_bytes_per_token(cfg.ffn, cfg.model) - base_saved
+            as_mask = run_file.name not in INDEX_RUNS
+            predicted = ffn_saved_bytes_per_token(cfg.ffn, cfg.model, selection_as_mask=as_mask) - base_saved
             fc2_input = dense_fc2_input_bytes(cfg.ffn, cfg.model)
             gap = per_token_layer - predicted
             out.append({
@@ -90,9 +94,21 @@ def held_before_the_fix_bytes(cfg) -> float:
                if cfg.ffn.kind_of_layer(layer) in COMPACT_FFN_KINDS)
 
 
+def held_as_indices_bytes(cfg) -> float:
+    """What the plain top-K layers (MoC, top-k; TP = 1) of one micro-batch saved more in runs measured before their
+    selection was kept as a bit mask (2026-12-07): K int16 indices per token instead of ⌈f/32⌉ int32 words."""
+    from effdist.pipeline.memory_model import ffn_saved_bytes_per_token
+
+    tokens = cfg.train.micro_batch * cfg.data.seq_length
+    return tokens * sum(ffn_saved_bytes_per_token(cfg.ffn, cfg.model, layer, selection_as_mask=False)
+                        - ffn_saved_bytes_per_token(cfg.ffn, cfg.model, layer)
+                        for layer in range(cfg.model.num_layers))
+
+
 def planner_rows(run_file: Path) -> list[dict]:
     """Every row of a run against the planner's peak memory for its config (effdist.train.estimate, on a GPU); for
-    runs measured before the fix of the held fc2 input, also against the measured peak without it."""
+    runs measured before the fix of the held fc2 input, also against the measured peak without it; for runs measured
+    with the selection saved as indices, without what the indices took beyond the bit mask."""
     from effdist.train.estimate import estimate
 
     out = []
@@ -102,6 +118,7 @@ def planner_rows(run_file: Path) -> list[dict]:
         cfg = _config(row)
         predicted = estimate(cfg, 1, on_gpu=True).peak.total / GIB
         held = held_before_the_fix_bytes(cfg) / GIB if run_file.name in RUNS else 0.0
+        held += held_as_indices_bytes(cfg) / GIB if run_file.name in INDEX_RUNS else 0.0
         out.append({"run": run_file.name, "model": row["model"], "variant": row["variant"], "ffn_kind": cfg.ffn.kind,
                     "micro_batch": cfg.train.micro_batch, "predicted_peak_gib": predicted,
                     "measured_peak_gib": row["peak_mem_gib"], "ratio": predicted / row["peak_mem_gib"],

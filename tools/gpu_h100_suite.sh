@@ -18,7 +18,7 @@
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|fp8_titan|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|ffn_memory|ffn_train|topk_radix|ffn_parity|plan_ffn|tests OUTDIR [SEED]}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|fp8_titan|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|ffn_memory|ffn_train|topk_radix|topk_radix2|ffn_parity|plan_ffn|tests OUTDIR [SEED]}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -364,10 +364,10 @@ ffn_parity)
   ;;
 topk_radix)
   # Issue #23 items 1-2: the radix threshold search of the fused top-K kernel (ffn.select_method=radix) against the
-  # bisection: the GPU tests of both searches first (bit-exact against the reference), the kernel sweep (outputs
-  # compared), then llama-1b end to end and llama-350m in rounds.
-  run 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_topk_select.py
-  run 150 python3 tools/bench_topk_select.py --json "$out/bench_topk_select_radix.json"
+  # bisection, both with the selection saved as a bit mask and the dense-row backward kernels
+  # (effdist.kernels.channel_select): the GPU tests of both first (bit-exact against the references), then llama-1b
+  # end to end and llama-350m in rounds.
+  run 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_topk_select.py tests/test_kernels_channel_select.py
   run 200 python3 tools/bench_train.py --isolate --models llama-1b --micro-batch llama-1b=8 --accum 2 --steps 8 \
     --warmup 3 --set data.kind=mock --set logging.tensorboard=false --json "$out/bench_train_ffn_1b_radix.json" \
     --variant swiglu= --variant moc=ffn.kind=moc --variant "moc_radix=ffn.kind=moc;ffn.select_method=radix" \
@@ -377,6 +377,11 @@ topk_radix)
     --json "$out/bench_train_ffn_350m_radix_rounds.json" --variant swiglu= --variant moc=ffn.kind=moc \
     --variant "moc_radix=ffn.kind=moc;ffn.select_method=radix" --variant topk=ffn.kind=topk \
     --variant "topk_radix=ffn.kind=topk;ffn.select_method=radix"
+  ;;
+topk_radix2)
+  # The rest of topk_radix, split off to fit one device call: the kernel sweep (outputs compared), then sparse decode
+  # with each search.
+  run 150 python3 tools/bench_topk_select.py --json "$out/bench_topk_select_radix.json"
   for m in bisect radix; do  # sparse decode at batch 1 and 8 with each search (llama-1b shape, CUDA graphs)
     run 150 python3 tools/bench_decode.py --ffn-kinds moc,topk --batches 1,8 --contexts 512 --regions 0 \
       --new-tokens 64 --rounds 3 --no-eager --select-method $m --json "$out/bench_decode_ffn_$m.json"
@@ -397,6 +402,6 @@ tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py \
     tests/test_kernels_topk_select.py tests/test_kernels_channel_select.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, fp8_titan, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, sparse24_table, ffn_memory, ffn_train, topk_radix, ffn_parity, plan_ffn, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, fp8_titan, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, sparse24_table, ffn_memory, ffn_train, topk_radix, topk_radix2, ffn_parity, plan_ffn, tests)"; exit 2 ;;
 esac
 exit 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from effdist.kernels._common import HAVE_TRITON, rowmajor, use_triton
+from effdist.kernels.channel_select import row_tile_config
 
 if HAVE_TRITON:
     import triton
@@ -42,7 +43,7 @@ def topk_select_reference(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, t
 
 
 if HAVE_TRITON:
-    from effdist.kernels.channel_select import _activate
+    from effdist.kernels.channel_select import _activate, pack_keep
 
     @triton.jit
     def _topk_keep(raw, valid, k, KEY_BITS: tl.constexpr, ROWS: tl.constexpr):
@@ -124,7 +125,9 @@ if HAVE_TRITON:
     def _topk_select_activate_kernel(src_ptr, z_ptr, a_ptr, b_ptr, idx_ptr, n_rows, width, k,
                                      stride_src, stride_z, stride_sel, stride_idx,
                                      ACT: tl.constexpr, KEY_BITS: tl.constexpr, ROWS: tl.constexpr,
-                                     BLOCK_W: tl.constexpr, RADIX: tl.constexpr):
+                                     BLOCK_W: tl.constexpr, RADIX: tl.constexpr, MASK: tl.constexpr):
+        """MASK: idx_ptr receives the selection as bit-mask words (effdist.kernels.channel_select) instead of
+        channel indices."""
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_W)
         valid = (rows < n_rows)[:, None] & (cols < width)[None, :]
@@ -139,8 +142,13 @@ if HAVE_TRITON:
             b = tl.load(src_ptr + r64 * stride_src + width + cols[None, :], mask=valid, other=0.0)
             tl.store(b_ptr + r64 * stride_sel + slot, b, mask=keep)
         tl.store(a_ptr + r64 * stride_sel + slot, a, mask=keep)
-        tl.store(idx_ptr + r64 * stride_idx + slot, (cols[None, :] + tl.zeros_like(slot)).to(idx_ptr.dtype.element_ty),
-                 mask=keep)
+        if MASK:
+            words_at = tl.arange(0, BLOCK_W // 32)
+            tl.store(idx_ptr + r64 * stride_idx + words_at[None, :], pack_keep(keep, ROWS, BLOCK_W),
+                     mask=(rows < n_rows)[:, None] & (words_at * 32 < width)[None, :])
+        else:
+            tl.store(idx_ptr + r64 * stride_idx + slot,
+                     (cols[None, :] + tl.zeros_like(slot)).to(idx_ptr.dtype.element_ty), mask=keep)
         # The dense activation in one pass: zeros off the kept channels (no separate memset).
         z = tl.where(keep, _activate(a.to(tl.float32), b.to(tl.float32), ACT), 0.0)
         tl.store(z_ptr + r64 * stride_z + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=valid)
@@ -175,11 +183,11 @@ def topk_select_config(rows: int, width: int, method: str = "bisect") -> tuple[i
         return 1, block_w, max(4, min(16, block_w // 512))
     if method == "radix":
         return 1, block_w, max(1, min(16, block_w // 2048))
-    # Training: about 64 row elements per thread, two rows per program up to 4096 wide. On an H100
-    # (tools/bench_topk_select.py, 16k rows) this took MoC's 350m select+activate from 0.88 to 0.64 ms, top-k's
-    # from 0.82 to 0.55 ms and MoC's 1b from 1.62 to 1.28 ms against the earlier 32 per thread.
-    per_program = 2 if block_w <= 4096 else 1
-    return per_program, block_w, max(1, min(16, per_program * block_w // 2048))
+    # Training: about 64 row elements per thread, two rows per program up to 4096 wide (the layout of the masked
+    # kernels of channel_select too). On an H100 (tools/bench_topk_select.py, 16k rows) this took MoC's 350m
+    # select+activate from 0.88 to 0.64 ms, top-k's from 0.82 to 0.55 ms and MoC's 1b from 1.62 to 1.28 ms against
+    # the earlier 32 per thread.
+    return row_tile_config(rows, width)
 
 
 def _launch(rows: int, width: int, dtype: torch.dtype, method: str) -> tuple[tuple[int, int, int], str]:
@@ -220,20 +228,24 @@ def topk_select(scores: torch.Tensor, k: int, method: str = "bisect") -> tuple[t
 # ---------------------------------------------------------------------------------------- fused with the activation
 
 def topk_select_activate_reference(src: torch.Tensor, k: int, width: int, act: str,
-                                   idx_dtype: torch.dtype = torch.int32):
+                                   idx_dtype: torch.dtype = torch.int32, as_mask: bool = False):
     """effdist.kernels.channel_select.select_activate at the top-k channels of src's first `width`
-    columns (the gate for "swiglu", the pre-activation otherwise): (z [N, W], sel_a, sel_b | None, idx)."""
-    from effdist.kernels.channel_select import select_activate_reference
+    columns (the gate for "swiglu", the pre-activation otherwise): (z [N, W], sel_a, sel_b | None, idx).
+    With `as_mask` the last is the selection as bit-mask words (channel_select.pack_mask_reference)."""
+    from effdist.kernels.channel_select import pack_mask_reference, select_activate_reference
 
     idx, _ = topk_select_reference(src[:, :width], k)
     z, a, b = select_activate_reference(src, idx, width, act)
+    if as_mask:
+        keep = torch.zeros(src.shape[0], width, dtype=torch.bool, device=src.device).scatter_(1, idx.long(), True)
+        return z, a, b, pack_mask_reference(keep)
     return z, a, b, idx.to(idx_dtype)
 
 
 def topk_select_activate_triton(src: torch.Tensor, k: int, width: int, act: str,
                                 idx_dtype: torch.dtype = torch.int32, config: tuple[int, int, int] | None = None,
-                                method: str | None = None):
-    from effdist.kernels.channel_select import _act_code, _src_width
+                                method: str | None = None, as_mask: bool = False):
+    from effdist.kernels.channel_select import _act_code, _src_width, mask_words
 
     code = _act_code(act)
     if src.dim() != 2 or src.shape[1] != _src_width(act, width):
@@ -244,22 +256,26 @@ def topk_select_activate_triton(src: torch.Tensor, k: int, width: int, act: str,
     z = torch.empty(n, width, dtype=src.dtype, device=src.device)
     a = torch.empty(n, k, dtype=src.dtype, device=src.device)
     b = torch.empty(n, k, dtype=src.dtype, device=src.device) if act == "swiglu" else None
-    idx = torch.empty(n, k, dtype=idx_dtype, device=src.device)
+    if as_mask:
+        idx = torch.empty(n, mask_words(width), dtype=torch.int32, device=src.device)
+    else:
+        idx = torch.empty(n, k, dtype=idx_dtype, device=src.device)
     if n:
         per_program, block_w, warps = config or topk_select_config(n, width)
         radix = _use_radix(method, src.dtype, per_program)
         _topk_select_activate_kernel[(triton.cdiv(n, per_program),)](
             src, z, a, b if b is not None else a, idx, n, width, k, src.stride(0), z.stride(0), a.stride(0),
-            idx.stride(0), ACT=code, KEY_BITS=_KEY_BITS[src.dtype], ROWS=per_program, BLOCK_W=block_w,
-            RADIX=radix, num_warps=warps)
+            idx.stride(0), ACT=code, KEY_BITS=_KEY_BITS[src.dtype], ROWS=per_program,
+            BLOCK_W=max(block_w, 32) if as_mask else block_w, RADIX=radix, MASK=as_mask, num_warps=warps)
     return z, a, b, idx
 
 
 def topk_select_activate(src: torch.Tensor, k: int, width: int, act: str, idx_dtype: torch.dtype = torch.int32,
-                         method: str = "bisect"):
+                         method: str = "bisect", as_mask: bool = False):
     """Top-k selection and select_activate in one kernel on CUDA (bf16/fp16/fp32); the references elsewhere.
-    `method` "radix" for bf16 (with its own launch configuration), bisection otherwise: the same channels."""
+    `method` "radix" for bf16 (with its own launch configuration), bisection otherwise: the same channels.
+    `as_mask`: the selection comes back as bit-mask words (effdist.kernels.channel_select) instead of indices."""
     if use_triton(src) and src.dtype in _KEY_BITS:
-        return topk_select_activate_triton(src, k, width, act, idx_dtype, *_launch(src.shape[0], width, src.dtype,
-                                                                                    method))
-    return topk_select_activate_reference(src, k, width, act, idx_dtype)
+        return topk_select_activate_triton(src, k, width, act, idx_dtype,
+                                           *_launch(src.shape[0], width, src.dtype, method), as_mask=as_mask)
+    return topk_select_activate_reference(src, k, width, act, idx_dtype, as_mask)

@@ -110,19 +110,24 @@ def shape_from_config(cfg: Any, flash_attention: bool = True) -> ActivationShape
 #     swiglu  x, [G | U], Z                        e·(h + 3w)    effdist's fused SwiGLU (train.fused_kernels)
 #             x, [G | U], SiLU(G), U (a copy), Z   e·(h + 5w)    megatron's own MLP
 #     relu2   x, H, relu(H)²                       e·(h + 2w)
-#     moc     x, G and U at K channels, indices    e·(h + 2K) + i·K
-#     topk    x, H at k channels, indices          e·(h + k) + i·k
+#     moc     x, G and U at K channels, selection  e·(h + 2K) + sel
+#     topk    x, H at k channels, selection        e·(h + k) + sel
 #     elas    x, H (identity straight-through)     e·(h + w)
 #             x, the 2:4-compressed activation     e·(h + w/2) + ⌈w/8⌉ (ste = masked)
 #
-# i is the index width (2 bytes while w < 32768). MoC, top-k and ELAS hand fc2 a recipe instead of its dense input
-# Z (effdist.model.ffn.saved); `dense_fc2_input_bytes` is what that input would cost, e·w.
+# sel is which channels: a bit mask of the row, 4·⌈w/32⌉ bytes, where the selection is a plain top-K on one rank
+# (tp = 1, not MoC's 2:8); else K indices of i bytes (2 while w < 32768). MoC, top-k and ELAS hand fc2 a recipe
+# instead of its dense input Z (effdist.model.ffn.saved); `dense_fc2_input_bytes` is what that input would cost, e·w.
 
 COMPACT_FFN_KINDS = ("moc", "topk", "elas")  # the kinds whose fc2 input is a recipe, not a saved tensor
 
 
-def _index_bytes(width: int) -> int:
-    return 2 if width <= 32767 else 4  # effdist.model.ffn.selection.index_dtype
+def _selection_bytes(width: int, k: int, plain_topk: bool) -> int:
+    """Bytes a token's selection of k of `width` channels takes (effdist.model.ffn.channel): a bit mask for a plain
+    top-K on one rank (ChannelSelectMLP.fused_topk), else the indices (effdist.model.ffn.selection.index_dtype)."""
+    if plain_topk:
+        return 4 * math.ceil(width / 32)
+    return (2 if width <= 32767 else 4) * k
 
 
 def ffn_width_on_rank(ffn: FFNConfig, model: ModelConfig, layer: int, tp: int = 1) -> int:
@@ -130,11 +135,13 @@ def ffn_width_on_rank(ffn: FFNConfig, model: ModelConfig, layer: int, tp: int = 
 
 
 def ffn_saved_bytes_per_token(ffn: FFNConfig, model: ModelConfig, layer: int = 0, *, element_bytes: int = 2,
-                          fused_swiglu: bool = True, tp: int = 1, sequence_parallel: bool = False) -> float:
+                              fused_swiglu: bool = True, tp: int = 1, sequence_parallel: bool = False,
+                              selection_as_mask: bool = True) -> float:
     """Bytes the FFN of global layer `layer` saves for backward per token on one tensor-parallel rank.
 
     The fc1 input x is the full hidden vector on every rank, or 1/tp of it under sequence parallelism (megatron
-    saves the shard and gathers it again in backward)."""
+    saves the shard and gathers it again in backward). `selection_as_mask=False`: a plain top-K's selection as
+    the indices it was saved as before 2026-12-07 (for runs measured then)."""
     kind = ffn.kind_of_layer(layer)
     e, h = element_bytes, model.hidden_size / (tp if sequence_parallel else 1)
     w = ffn_width_on_rank(ffn, model, layer, tp)
@@ -146,10 +153,10 @@ def ffn_saved_bytes_per_token(ffn: FFNConfig, model: ModelConfig, layer: int = 0
         full = ffn.width_of_layer(model, layer)
         k = full // 4 if ffn.moc_structured else resolve_count(ffn.moc_k, full)
         k = min(k, w)  # a rank keeps at most its own channels (tensor parallelism)
-        return e * (h + 2 * k) + _index_bytes(w) * k
+        return e * (h + 2 * k) + _selection_bytes(w, k, selection_as_mask and tp == 1 and not ffn.moc_structured)
     if kind == "topk":
         k = min(resolve_count(ffn.topk_k, ffn.width_of_layer(model, layer)), w)
-        return e * (h + k) + _index_bytes(w) * k
+        return e * (h + k) + _selection_bytes(w, k, selection_as_mask and tp == 1)
     if kind == "elas":
         if ffn.elas_rank is not None:
             raise NotImplementedError("the saved bytes of low-rank ELAS (ffn.elas_rank) are not modelled")

@@ -7,10 +7,12 @@ top-k transformer): non-gated, act(H) = relu(H) or relu(H)² kept on the k large
 
 Both are one autograd function between megatron's fc1 and fc2 (see `_SelectActivate`): forward
 gathers the selected pre-activations, applies the activation there and scatters it into a dense Z
-for fc2; it saves only the K selected pre-activations (G and U for MoC, H for top-k) and their
-int16 channel indices. fc2's own saved copy of Z is replaced by a recipe that rebuilds it from the
-same tensors (effdist.model.ffn.saved), so an FFN layer keeps, per token, the fc1 input plus
-2K (MoC) or K (top-k) values and K indices, instead of SwiGLU's G, U, SiLU(G), Z (4·d_ffn values).
+for fc2; it saves only the K selected pre-activations (G and U for MoC, H for top-k) and which
+channels they are: a bit mask of the row (W/8 bytes) where the selection is a plain top-K on one
+rank, else int16 channel indices (2K bytes; 2:8 and tensor parallelism). fc2's own saved copy of Z
+is replaced by a recipe that rebuilds it from the same tensors (effdist.model.ffn.saved), so an FFN
+layer keeps, per token, the fc1 input plus 2K (MoC) or K (top-k) values and the selection, instead
+of SwiGLU's G, U, SiLU(G), Z (4·d_ffn values).
 Gradients reach only the selected channels: the selection is a constant of the step.
 """
 
@@ -22,23 +24,30 @@ import torch
 from megatron.core.activations import squared_relu
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 
-from effdist.kernels._common import use_triton
-from effdist.kernels.channel_select import scatter_activated, select_activate, select_activate_backward
+from effdist.kernels.channel_select import (
+    scatter_activated,
+    scatter_activated_masked,
+    select_activate,
+    select_activate_backward,
+    select_activate_backward_masked,
+)
 from effdist.kernels.topk_select import topk_select_activate
 from effdist.model.ffn.dense import mlp_config
 from effdist.model.ffn.saved import save_compactly
-from effdist.model.ffn.selection import index_dtype, n_of_m_channels, topk_channels
+from effdist.model.ffn.selection import n_of_m_channels, topk_channels
 
 
 class _SelectActivate(torch.autograd.Function):
     """src [N, W or 2W], idx [N, K] -> dense activation [N, W]; the selected inputs and idx go to `sink`.
     With idx None the K largest of src's first W columns are selected in the same kernel
-    (effdist.kernels.topk_select.topk_select_activate: no sort, no separate gather pass)."""
+    (effdist.kernels.topk_select.topk_select_activate: no sort, no separate gather pass), and the selection
+    goes to `sink` as a bit mask (effdist.kernels.channel_select) instead of indices."""
 
     @staticmethod
     def forward(ctx, src, idx, width, act, sink, k=None, method="bisect"):
-        if idx is None:
-            z, sel_a, sel_b, idx = topk_select_activate(src, k, width, act, index_dtype(width), method)
+        ctx.masked = idx is None
+        if ctx.masked:
+            z, sel_a, sel_b, idx = topk_select_activate(src, k, width, act, method=method, as_mask=True)
         else:
             z, sel_a, sel_b = select_activate(src, idx, width, act)
         ctx.width, ctx.act = width, act
@@ -48,9 +57,9 @@ class _SelectActivate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dz):
-        sel_a, sel_b, idx = ctx.saved_tensors
-        dsrc = select_activate_backward(dz.contiguous(), sel_a, sel_b, idx, ctx.width, ctx.act)
-        return dsrc, None, None, None, None, None, None
+        sel_a, sel_b, sel = ctx.saved_tensors
+        fn = select_activate_backward_masked if ctx.masked else select_activate_backward
+        return fn(dz.contiguous(), sel_a, sel_b, sel, ctx.width, ctx.act), None, None, None, None, None, None
 
 
 class ChannelSelectMLP(MLP):
@@ -86,20 +95,21 @@ class ChannelSelectMLP(MLP):
         src = fc1_out.reshape(-1, fc1_out.shape[-1])
         w = self.local_width
         fused_k = self.fused_topk()
-        idx = None if fused_k and use_triton(src) else self.select(src[:, :w].detach())
+        idx = None if fused_k else self.select(src[:, :w].detach())
         sink: list = []
         z = _SelectActivate.apply(src, idx, w, self.act, sink, fused_k, self.select_method).view(*lead, w)
-        sel_a, sel_b, idx = sink
-        parts = (sel_a, sel_b, idx) if sel_b is not None else (sel_a, idx)
-        with save_compactly(z, parts, self._rebuild(lead)):
+        sel_a, sel_b, sel = sink
+        parts = (sel_a, sel_b, sel) if sel_b is not None else (sel_a, sel)
+        with save_compactly(z, parts, self._rebuild(lead, masked=idx is None)):
             return self.linear_fc2(z)
 
-    def _rebuild(self, lead):
+    def _rebuild(self, lead, masked: bool):
         width, act = self.local_width, self.act
+        scatter = scatter_activated_masked if masked else scatter_activated
 
         def rebuild(parts):
-            sel_a, sel_b, idx = parts if len(parts) == 3 else (parts[0], None, parts[1])
-            return scatter_activated(sel_a, sel_b, idx, width, act).view(*lead, width)
+            sel_a, sel_b, sel = parts if len(parts) == 3 else (parts[0], None, parts[1])
+            return scatter(sel_a, sel_b, sel, width, act).view(*lead, width)
 
         return rebuild
 
