@@ -180,6 +180,21 @@ if HAVE_TRITON:
         return z
 
     @triton.jit
+    def _activation_grads(g, a, b, ACT: tl.constexpr):
+        """The gradients at a and b (b: swiglu's up value; unused otherwise) of _activate, given g at z."""
+        if ACT == 0:
+            s = tl.sigmoid(a)
+            da = g * b * s * (1.0 + a * (1.0 - s))
+            db = g * a * s
+        elif ACT == 1:
+            da = tl.where(a > 0.0, g, 0.0)
+            db = da
+        else:
+            da = 2.0 * g * tl.maximum(a, 0.0)
+            db = da
+        return da, db
+
+    @triton.jit
     def _slot_tile(idx_ptr, n_rows, n_slots, stride_idx, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
         """This program's [BLOCK_R, BLOCK_K] tile of slots, as every kernel here walks it: row offsets
         (int64, [R, 1]), slot offsets ([1, K]), which slots lie inside idx, each slot's channel (int64,
@@ -224,17 +239,15 @@ if HAVE_TRITON:
         rows, slots, in_range, ch, valid = _slot_tile(idx_ptr, n_rows, n_slots, stride_idx, BLOCK_R, BLOCK_K)
         g = upcast(tl.load(dz_ptr + rows * stride_dz + ch, mask=valid, other=0.0))
         a = upcast(tl.load(a_ptr + rows * stride_sel + slots, mask=valid, other=0.0))
-        ty = dsrc_ptr.dtype.element_ty
-        dst = dsrc_ptr + rows * stride_dsrc + ch
+        b = a
         if ACT == 0:
             b = upcast(tl.load(b_ptr + rows * stride_sel + slots, mask=valid, other=0.0))
-            s = tl.sigmoid(a)
-            tl.store(dst, (g * b * s * (1.0 + a * (1.0 - s))).to(ty), mask=valid)
-            tl.store(dst + width, (g * a * s).to(ty), mask=valid)
-        elif ACT == 1:
-            tl.store(dst, tl.where(a > 0.0, g, 0.0).to(ty), mask=valid)
-        else:
-            tl.store(dst, (2.0 * g * tl.maximum(a, 0.0)).to(ty), mask=valid)
+        da, db = _activation_grads(g, a, b, ACT)
+        ty = dsrc_ptr.dtype.element_ty
+        dst = dsrc_ptr + rows * stride_dsrc + ch
+        tl.store(dst, da.to(ty), mask=valid)
+        if ACT == 0:
+            tl.store(dst + width, db.to(ty), mask=valid)
 
 
     @triton.jit
@@ -286,17 +299,15 @@ if HAVE_TRITON:
         keep = keep & valid
         g = upcast(tl.load(dz_ptr + r64 * stride_dz + cols, mask=valid, other=0.0))
         a = upcast(tl.load(a_ptr + r64 * stride_sel + slot, mask=keep, other=0.0))
-        ty = dsrc_ptr.dtype.element_ty
-        dst = dsrc_ptr + r64 * stride_dsrc + cols
+        b = a
         if ACT == 0:
             b = upcast(tl.load(b_ptr + r64 * stride_sel + slot, mask=keep, other=0.0))
-            s = tl.sigmoid(a)
-            tl.store(dst, tl.where(keep, g * b * s * (1.0 + a * (1.0 - s)), 0.0).to(ty), mask=valid)
-            tl.store(dst + width, tl.where(keep, g * a * s, 0.0).to(ty), mask=valid)
-        elif ACT == 1:
-            tl.store(dst, tl.where(keep & (a > 0.0), g, 0.0).to(ty), mask=valid)
-        else:
-            tl.store(dst, tl.where(keep, 2.0 * g * tl.maximum(a, 0.0), 0.0).to(ty), mask=valid)
+        da, db = _activation_grads(g, a, b, ACT)
+        ty = dsrc_ptr.dtype.element_ty
+        dst = dsrc_ptr + r64 * stride_dsrc + cols
+        tl.store(dst, tl.where(keep, da, 0.0).to(ty), mask=valid)
+        if ACT == 0:
+            tl.store(dst + width, tl.where(keep, db, 0.0).to(ty), mask=valid)
 
 
 _BLOCK_R = 8
