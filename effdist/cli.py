@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("effdist.data.preprocess", "tokenize text into megatron .bin/.idx datasets"),
     "tokenizer": ("effdist.data.tokenizer", "train a byte-level BPE tokenizer on local text"),
     "generate": ("effdist.infer.generate", "generate text from a checkpoint (KV cache, EPAS region)"),
+    "eval": ("effdist.infer.evaluate", "held-out loss of a checkpoint at each EPAS inference region"),
     "convert": ("effdist.train.convert", "convert between HF LLaMA checkpoints and effdist (both ways)"),
     "plot": ("effdist.train.plot", "plot loss curves of one or more run directories"),
     "bench": ("effdist.bench", "run a benchmark from tools/"),

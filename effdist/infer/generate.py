@@ -34,6 +34,7 @@ import torch
 from effdist.infer.cache import KVCache, SharingPlan, kv_cache_bytes
 from effdist.infer.graphs import DecodeRunner
 from effdist.infer.model import SUPPORTED_FFN_KINDS, InferenceModel, UnsupportedModelError
+from effdist.infer.region_quality import RegionQuality, read_region_quality
 
 Prompt = Union[str, Sequence[int], torch.Tensor]
 
@@ -273,6 +274,8 @@ class Generator:
         self.tokenizer_search = tokenizer_search
         self._runner: Optional[DecodeRunner] = None
         self.checkpoint: Optional[CheckpointInfo] = None  # set by from_checkpoint
+        # What `effdist eval` measured for this checkpoint (RUN_DIR/region_quality.json), set by from_checkpoint.
+        self.region_quality: Optional[RegionQuality] = None
         self.plan_for(self.default_region, warn=False)  # check it now, warn when it is used
 
     @classmethod
@@ -301,6 +304,7 @@ class Generator:
         gen = cls(model, tokenizer=tok, trained_region=info.trained_region, direction=cfg.epas.direction,
                   default_region=default, cuda_graphs=cuda_graphs, tokenizer_search=searched)
         gen.checkpoint = info
+        gen.region_quality = read_region_quality(info.run_dir, info.step)
         return gen
 
     # ------------------------------------------------------------------ regions
@@ -322,6 +326,12 @@ class Generator:
             warnings.warn(f"epas region = {region} is longer than the {trained} sharing layers this checkpoint was "
                           f"trained with: {which} never learned to reuse Q/K, expect worse text",
                           RegionWarning, stacklevel=3)  # the caller of generate
+        quality = self.region_quality
+        if warn and quality is not None and region in quality.losses and region not in quality.usable:
+            warnings.warn(f"epas region = {region}: its held-out loss is {quality.excess(region):+.2%} against the "
+                          f"trained region's ({quality.trained_region}) in {quality.path} (`effdist eval`); regions "
+                          f"within {quality.tolerance:.1%}: {', '.join(map(str, quality.usable))}",
+                          RegionWarning, stacklevel=3)
         return plan
 
     # ------------------------------------------------------------------ prompts
