@@ -75,6 +75,7 @@ def test_eval_scores_every_region_and_generate_warns_outside_the_usable_ones(epa
     (["--data", "nowhere/x"], "--data nowhere/x: no nowhere/x.bin/.idx here"),
     (["--tolerance", "5"], "--tolerance 5.0: a fraction in [0, 1), e.g. 0.005 for 0.5%"),
     (["--windows", "0"], "--windows 0: must be at least 1"),
+    (["--seq-length", "4000"], "--seq-length 4000: this model takes at most 256 positions"),
 ])
 def test_bad_input_is_one_line_and_exit_2(epas_run, capsys, args, line):
     assert main(["--checkpoint", str(epas_run), *args]) == 2

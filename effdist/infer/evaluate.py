@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             gen.plan_for(region, warn=False)  # a region the model cannot run is a usage error, before any work
         data = args.data or _default_data(gen)
         seq_length = args.seq_length or info.config.data.seq_length
+        if seq_length > gen.model.shape.max_positions:
+            raise GenerationError(f"--seq-length {seq_length}: this model takes at most {gen.model.shape.max_positions} "
+                                  "positions (model.max_position_embeddings)")
         tokens = read_windows(data, seq_length, args.windows)
         if int(tokens.max()) >= gen.model.shape.vocab_size:
             raise GenerationError(f"--data {data} holds token id {int(tokens.max())}, past this model's vocabulary "
