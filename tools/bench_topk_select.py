@@ -5,7 +5,10 @@
   llama-1b FFN width) and the training shapes (16k rows of llama-350m's and llama-1b's);
 * training forward of MoC / top-k: the fused top-k + SiLU(g)·u (or relu) kernel vs torch.topk followed by
   effdist.kernels.channel_select.select_activate, with a sweep of (rows per program, warps) and, for one
-  row per program, both threshold searches (bisection, and the radix histograms as "radix/(1, W, warps)").
+  row per program, both threshold searches (bisection, and the radix histograms as "radix/(1, W, warps)");
+* training backward of the same: the fc1-output gradient and the rebuild of fc2's input from the selection kept
+  as indices (scatter into a zeroed tensor) vs kept as a bit mask (dense-row kernels), with a sweep of the masked
+  kernels' (rows per program, warps); outputs compared with the index path's.
 
 Each time is GPU time: 20 calls captured in one CUDA graph, replayed, median of 20 replays / 20
 (Python launch overhead, tens of microseconds per Triton launch, would otherwise dominate at decode sizes).
@@ -24,7 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from effdist.kernels.channel_select import select_activate  # noqa: E402
+from effdist.kernels.channel_select import (  # noqa: E402
+    row_tile_config,
+    scatter_activated_masked_triton,
+    scatter_activated_triton,
+    select_activate,
+    select_activate_backward_masked_triton,
+    select_activate_backward_triton,
+)
 from effdist.kernels.topk_select import topk_select_activate_triton, topk_select_config, topk_select_triton  # noqa: E402
 from tools.gpu_result import write_gpu_json  # noqa: E402
 
@@ -55,6 +65,41 @@ def gpu_ms(fn, calls: int = 20, reps: int = 20) -> float:
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b) / calls)
     return statistics.median(times)
+
+
+def backward_row(n: int, w: int, k: int, act: str) -> dict:
+    """Backward of one FFN layer's selection: index path vs mask path (each: the fc1-output gradient, then fc2's
+    input rebuilt), the mask path at each launch configuration."""
+    src = torch.randn(n, 2 * w if act == "swiglu" else w, device="cuda", dtype=torch.bfloat16)
+    _, a, b, idx = topk_select_activate_triton(src, k, w, act, torch.int16)
+    _, _, _, mask = topk_select_activate_triton(src, k, w, act, as_mask=True)
+    dz = torch.randn(n, w, device="cuda", dtype=torch.bfloat16)
+    want = (select_activate_backward_triton(dz, a, b, idx, w, act), scatter_activated_triton(a, b, idx, w, act))
+    row = {"rows": n, "width": w, "k": k, "act": act, "default_config": list(row_tile_config(n, w, 16)),
+           "index_ms": gpu_ms(lambda: (select_activate_backward_triton(dz, a, b, idx, w, act),
+                                       scatter_activated_triton(a, b, idx, w, act))),
+           "mask_ms": {}, "same_output_as_index": {}}
+    for rows_per, warps in [(r, wp) for r in (1, 2) for wp in (2, 4, 8, 16)]:
+        cfg = (rows_per, 1 << (w - 1).bit_length(), warps)
+        if rows_per * cfg[1] > MAX_PER_THREAD * 32 * warps:
+            continue
+
+        def masked():
+            return (select_activate_backward_masked_triton(dz, a, b, mask, w, act, cfg),
+                    scatter_activated_masked_triton(a, b, mask, w, act, cfg))
+
+        try:
+            got = masked()
+            row["mask_ms"][str(cfg)] = gpu_ms(masked)
+        except Exception as e:  # noqa: BLE001  (a config out of registers must not end the sweep)
+            print(f"  masked config {cfg}: {type(e).__name__}", flush=True)
+            continue
+        row["same_output_as_index"][str(cfg)] = all(torch.equal(x, y) for x, y in zip(got, want))
+    row["best_mask_config"] = min(row["mask_ms"], key=row["mask_ms"].get)
+    row["speedup_best"] = row["index_ms"] / row["mask_ms"][row["best_mask_config"]]
+    print(f"backward {act} {n} x {w} k {k}: indices {row['index_ms']:.3f} ms; mask "
+          + ", ".join(f"{c} {m:.3f}" for c, m in row["mask_ms"].items()), flush=True)
+    return row
 
 
 def main() -> int:
@@ -104,8 +149,9 @@ def main() -> int:
         fused.append(row)
         print(f"fused {act} {n} x {w} k {k}: topk+select_activate {sep:.3f} ms; fused "
               + ", ".join(f"{c} {m:.3f}" for c, m in row["fused_ms"].items()), flush=True)
+    backward = [backward_row(*case) for case in FUSED_CASES]
     if args.json:
-        write_gpu_json(args.json, "bench_topk_select.py", select=select, fused=fused)
+        write_gpu_json(args.json, "bench_topk_select.py", select=select, fused=fused, backward=backward)
     return 0
 
 

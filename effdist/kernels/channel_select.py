@@ -155,13 +155,19 @@ def select_activate_backward_masked_reference(dz, sel_a, sel_b, mask, width: int
     return select_activate_backward_reference(dz, sel_a, sel_b, idx, width, act)
 
 
-def row_tile_config(rows: int, width: int) -> tuple[int, int, int]:
-    """(rows per program, BLOCK_W, num_warps) of the kernels that hold whole rows in registers (the masked ones
-    here, the top-K selection in training): about 64 row elements per thread, two rows per program up to 4096
-    wide. BLOCK_W is at least one mask word."""
+# Row elements per thread of the masked kernels: each element holds about seven fp32 values (dZ, a, b, the slot,
+# both gradients), four times what the top-K selection holds per element, so a quarter of its 64 (a choice, not yet
+# swept on a GPU: tools/bench_topk_select.py times the alternatives).
+MASKED_PER_THREAD = 16
+
+
+def row_tile_config(rows: int, width: int, per_thread: int = 64) -> tuple[int, int, int]:
+    """(rows per program, BLOCK_W, num_warps) of the kernels that hold whole rows in registers (the top-K selection
+    in training, the masked kernels here): about `per_thread` row elements per thread, two rows per program up to
+    4096 wide. BLOCK_W is at least one mask word."""
     block_w = max(MASK_WORD_BITS, 1 << max(0, width - 1).bit_length())
     per_program = 2 if block_w <= 4096 else 1
-    return per_program, block_w, max(1, min(16, per_program * block_w // 2048))
+    return per_program, block_w, max(1, min(16, per_program * block_w // (32 * per_thread)))
 
 
 # ---------------------------------------------------------------------------------------- triton
@@ -365,7 +371,8 @@ def _check_mask(mask: torch.Tensor, sel_a: torch.Tensor, width: int) -> None:
                          f"{mask_words(width)}] for width {width}")
 
 
-def scatter_activated_masked_triton(sel_a, sel_b, mask, width: int, act: str) -> torch.Tensor:
+def scatter_activated_masked_triton(sel_a, sel_b, mask, width: int, act: str,
+                                    config: tuple[int, int, int] | None = None) -> torch.Tensor:
     code = _act_code(act)
     _check_mask(mask, sel_a, width)
     sel_a, mask = rowmajor(sel_a), rowmajor(mask)
@@ -373,14 +380,15 @@ def scatter_activated_masked_triton(sel_a, sel_b, mask, width: int, act: str) ->
     n = sel_a.shape[0]
     z = torch.empty(n, width, dtype=sel_a.dtype, device=sel_a.device)
     if n:
-        rows, block_w, warps = row_tile_config(n, width)
+        rows, block_w, warps = config or row_tile_config(n, width, MASKED_PER_THREAD)
         _scatter_activated_masked_kernel[(triton.cdiv(n, rows),)](
             sel_a, sel_b, mask, z, n, width, mask_words(width), sel_a.stride(0), mask.stride(0), z.stride(0),
             ACT=code, ROWS=rows, BLOCK_W=block_w, num_warps=warps)
     return z
 
 
-def select_activate_backward_masked_triton(dz, sel_a, sel_b, mask, width: int, act: str) -> torch.Tensor:
+def select_activate_backward_masked_triton(dz, sel_a, sel_b, mask, width: int, act: str,
+                                           config: tuple[int, int, int] | None = None) -> torch.Tensor:
     code = _act_code(act)
     _check_mask(mask, sel_a, width)
     dz, sel_a, mask = rowmajor(dz), rowmajor(sel_a), rowmajor(mask)
@@ -388,7 +396,7 @@ def select_activate_backward_masked_triton(dz, sel_a, sel_b, mask, width: int, a
     n = dz.shape[0]
     dsrc = torch.empty(n, _src_width(act, width), dtype=dz.dtype, device=dz.device)
     if n:
-        rows, block_w, warps = row_tile_config(n, width)
+        rows, block_w, warps = config or row_tile_config(n, width, MASKED_PER_THREAD)
         _select_activate_backward_masked_kernel[(triton.cdiv(n, rows),)](
             dz, sel_a, sel_b, mask, dsrc, n, width, mask_words(width), dz.stride(0), sel_a.stride(0),
             mask.stride(0), dsrc.stride(0), ACT=code, ROWS=rows, BLOCK_W=block_w, num_warps=warps)
