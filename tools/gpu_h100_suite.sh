@@ -23,6 +23,11 @@ out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
 run() { local cap=$1; shift; echo "=== $* (cap ${cap}s)" | tee -a "$log"; timeout "$cap" "$@" 2>&1 | grep -v -i warn | tee -a "$log" | tail -14; }
+# Token files too large to carry raw travel xz-compressed (docs/data.md, "Carrying a corpus to a GPU machine"):
+# unpack each data/*/*.bin.xz that has no .bin beside it, keeping the .xz.
+for packed in data/*/*.bin.xz; do
+  [ -e "$packed" ] && [ ! -e "${packed%.xz}" ] && { echo "unpacking $packed"; xz -d -k -T0 "$packed"; }
+done
 # llama-125m loss parity on the English corpus: same data order, seed, batch (16 x 2048), LR and logging for
 # every run. Usage: parity_125m CAP STEPS WINDOW NAME --variant ... [--baseline ...]
 parity_125m() {
