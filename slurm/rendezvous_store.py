@@ -9,7 +9,8 @@ Hosted here, by the batch script on the first node, the store outlives every age
 with ``--rdzv_conf=is_host=0``, so none of them tries to host it), and the batch script stops this
 process by pid once srun has returned.
 
-Prints ``ready`` once it listens; runs until SIGHUP/SIGINT (the batch script sends SIGHUP). SIGUSR1 and SIGTERM
+Prints ``ready`` once it listens (``ready PORT`` with ``--search N``: then, if PORT is taken, it listens on the
+first free port of PORT+1..PORT+N and says which); runs until SIGHUP/SIGINT (the batch script sends SIGHUP). SIGUSR1 and SIGTERM
 are ignored: Slurm sends them to every process of the job (`scancel` and `scontrol requeue` SIGTERM the batch
 step's processes too, and so does the time limit), and they mean "save" to the trainers, whose agents still need
 the store until their workers have saved and exited; a store that ended on that SIGTERM made every agent die
@@ -24,24 +25,46 @@ import sys
 from datetime import timedelta
 
 
+def _parse(args: list[str]) -> tuple[int, int | None] | None:
+    """(port, ports to search beyond it or None) from `PORT [--search N]`, or None when malformed."""
+    if len(args) not in (1, 3) or not args[0].isdigit() or not 1 <= int(args[0]) <= 65535:
+        return None
+    if len(args) == 3:
+        if args[1] != "--search" or not args[2].isdigit():
+            return None
+        return int(args[0]), int(args[2])
+    return int(args[0]), None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or not args[0].isdigit() or not 1 <= int(args[0]) <= 65535:
-        print(f"usage: python {sys.argv[0]} PORT (a TCP port, 1..65535); got {' '.join(args)!r}", file=sys.stderr)
+    parsed = _parse(args)
+    if parsed is None:
+        print(f"usage: python {sys.argv[0]} PORT [--search N] (PORT a TCP port, 1..65535); got {' '.join(args)!r}",
+              file=sys.stderr)
         return 2
+    port, search = parsed
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, lambda *_: sys.exit(0))
     from torch.distributed import TCPStore
 
-    try:
-        # The server listens on every interface; "localhost" is only this process's own client.
-        store = TCPStore("localhost", int(args[0]), is_master=True, wait_for_workers=False,
-                         timeout=timedelta(seconds=60))
-    except (RuntimeError, ValueError) as e:
-        print(f"cannot host the rendezvous store on port {args[0]}: {e}".splitlines()[0], file=sys.stderr)
+    # With --search, a taken port is no reason to fail the job: the derived default (29500 + job id % 10000) can
+    # land on a port another job or an outgoing connection (Linux's ephemeral range starts at 32768) holds.
+    candidates = range(port, min(port + (search or 0), 65535) + 1)
+    for candidate in candidates:
+        try:
+            # The server listens on every interface; "localhost" is only this process's own client.
+            store = TCPStore("localhost", candidate, is_master=True, wait_for_workers=False,
+                             timeout=timedelta(seconds=60))
+            break
+        except (RuntimeError, ValueError) as e:
+            error = e
+    else:
+        tried = f"ports {port}-{candidates[-1]}" if len(candidates) > 1 else f"port {port}"
+        print(f"cannot host the rendezvous store on {tried}: {error}".splitlines()[0], file=sys.stderr)
         return 1
-    print("ready", flush=True)
+    print("ready" if search is None else f"ready {candidate}", flush=True)
     try:
         while True:
             signal.pause()

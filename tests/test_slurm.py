@@ -420,8 +420,58 @@ def test_sbatch_hosts_the_real_rendezvous_store_and_falls_back_when_the_port_is_
     assert "Traceback" not in proc.stderr
 
 
+def _taken_port_in_default_range() -> socket.socket:
+    """A listening socket on a port of train.sbatch's default range (29500 + job id % 10000)."""
+    import random
+
+    for _ in range(200):
+        s = socket.socket()
+        try:
+            s.bind(("0.0.0.0", random.randrange(29500, 39300)))
+        except OSError:
+            s.close()
+            continue
+        s.listen()
+        return s
+    raise RuntimeError("no free port in 29500-39300")
+
+
+def test_sbatch_moves_the_default_rendezvous_port_on_when_it_is_taken(fake_slurm):
+    """The default port (29500 + job id % 10000) can be held by another job or an outgoing connection (the CI's
+    local Slurm hit it): the store listens on the next free port and every node's torchrun is given that one."""
+    tmp, env = fake_slurm
+    env = {k: v for k, v in env.items() if k != "RDZV_PORT"}
+    with _taken_port_in_default_range() as taken:
+        port = taken.getsockname()[1]
+        proc = _sbatch(env, FAKE_STORE="real", HEAD_ADDR="127.0.0.1", SLURM_JOB_ID=str(port - 29500))
+    assert proc.returncode == 0, proc.stderr
+    line = [x for x in proc.stderr.splitlines() if f"rendezvous port {port} is in use on this node" in x]
+    assert len(line) == 1, proc.stderr
+    moved = int(line[0].rsplit("listens on ", 1)[1].split()[0])
+    assert port < moved <= port + 200
+    args = (tmp / "launcher.node07.args").read_text().splitlines()
+    assert f"--rdzv_endpoint=127.0.0.1:{moved}" in args and "--rdzv_conf=is_host=0" in args
+    assert [_read(tmp / f"store.seen.{node}").strip() for node in NODES] == ["up", "up"]
+
+
 # ------------------------------------------------------------------------------------------ rendezvous_store.py
-@pytest.mark.parametrize("args", [[], ["0"], ["70000"], ["http"], ["1", "2"]])
+def test_rendezvous_store_searches_past_a_taken_port_only_when_asked():
+    with _taken_port_in_default_range() as taken:
+        port = taken.getsockname()[1]
+        plain = subprocess.run([sys.executable, str(STORE), str(port)], capture_output=True, text=True, timeout=60)
+        assert plain.returncode == 1 and f"cannot host the rendezvous store on port {port}: " in plain.stderr
+        server = subprocess.Popen([sys.executable, str(STORE), str(port), "--search", "50"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            ready = server.stdout.readline().split()
+            assert ready[0] == "ready" and port < int(ready[1]) <= port + 50, ready
+        finally:
+            server.send_signal(signal.SIGHUP)
+            server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("args", [[], ["0"], ["70000"], ["http"], ["1", "2"], ["1", "--search"],
+                                  ["1", "--search", "x"], ["1", "--seek", "3"]])
 def test_rendezvous_store_usage(args):
     proc = subprocess.run([sys.executable, str(STORE), *args], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "PORT" in proc.stderr
