@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from effdist.kernels.channel_select import (  # noqa: E402
+    MASKED_PER_THREAD,
     row_tile_config,
     scatter_activated_masked_triton,
     scatter_activated_triton,
@@ -75,7 +76,7 @@ def backward_row(n: int, w: int, k: int, act: str) -> dict:
     _, _, _, mask = topk_select_activate_triton(src, k, w, act, as_mask=True)
     dz = torch.randn(n, w, device="cuda", dtype=torch.bfloat16)
     want = (select_activate_backward_triton(dz, a, b, idx, w, act), scatter_activated_triton(a, b, idx, w, act))
-    row = {"rows": n, "width": w, "k": k, "act": act, "default_config": list(row_tile_config(n, w, 16)),
+    row = {"rows": n, "width": w, "k": k, "act": act, "default_config": list(row_tile_config(n, w, MASKED_PER_THREAD)),
            "index_ms": gpu_ms(lambda: (select_activate_backward_triton(dz, a, b, idx, w, act),
                                        scatter_activated_triton(a, b, idx, w, act))),
            "mask_ms": {}, "same_output_as_index": {}}

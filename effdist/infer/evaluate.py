@@ -25,7 +25,13 @@ from typing import Optional
 import torch
 
 from effdist.infer.generate import GenerationError, Generator, UnsupportedModelError, _quiet_megatron
-from effdist.infer.region_quality import DEFAULT_TOLERANCE, RegionQuality, quality_path, write_region_quality
+from effdist.infer.region_quality import (
+    DEFAULT_TOLERANCE,
+    QUALITY_FILE,
+    RegionQuality,
+    quality_path,
+    write_region_quality,
+)
 
 
 def default_regions(num_layers: int, trained: int) -> list[int]:
@@ -119,7 +125,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16")
     p.add_argument("--json", default=None, help="also write the result to this file")
     p.add_argument("--no-save", action="store_true",
-                   help=f"do not write RUN_DIR/{quality_path(Path('.')).name} (read by `effdist generate`)")
+                   help=f"do not write RUN_DIR/{QUALITY_FILE} (read by `effdist generate`)")
     return p
 
 
