@@ -186,6 +186,15 @@ if HAVE_TRITON:
         return z
 
     @triton.jit
+    def _load_selected(a_ptr, b_ptr, offsets, mask, ACT: tl.constexpr):
+        """The saved selected values at `offsets` in the compute dtype: a, and b for swiglu (a again otherwise)."""
+        a = upcast(tl.load(a_ptr + offsets, mask=mask, other=0.0))
+        b = a
+        if ACT == 0:
+            b = upcast(tl.load(b_ptr + offsets, mask=mask, other=0.0))
+        return a, b
+
+    @triton.jit
     def _activation_grads(g, a, b, ACT: tl.constexpr):
         """The gradients at a and b (b: swiglu's up value; unused otherwise) of _activate, given g at z."""
         if ACT == 0:
@@ -231,10 +240,7 @@ if HAVE_TRITON:
                                   stride_sel, stride_idx, stride_z,
                                   ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
         rows, slots, in_range, ch, valid = _slot_tile(idx_ptr, n_rows, n_slots, stride_idx, BLOCK_R, BLOCK_K)
-        a = upcast(tl.load(a_ptr + rows * stride_sel + slots, mask=valid, other=0.0))
-        b = a
-        if ACT == 0:
-            b = upcast(tl.load(b_ptr + rows * stride_sel + slots, mask=valid, other=0.0))
+        a, b = _load_selected(a_ptr, b_ptr, rows * stride_sel + slots, valid, ACT)
         z = _activate(a, b, ACT)
         tl.store(z_ptr + rows * stride_z + ch, z.to(z_ptr.dtype.element_ty), mask=valid)
 
@@ -244,10 +250,7 @@ if HAVE_TRITON:
                                          ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
         rows, slots, in_range, ch, valid = _slot_tile(idx_ptr, n_rows, n_slots, stride_idx, BLOCK_R, BLOCK_K)
         g = upcast(tl.load(dz_ptr + rows * stride_dz + ch, mask=valid, other=0.0))
-        a = upcast(tl.load(a_ptr + rows * stride_sel + slots, mask=valid, other=0.0))
-        b = a
-        if ACT == 0:
-            b = upcast(tl.load(b_ptr + rows * stride_sel + slots, mask=valid, other=0.0))
+        a, b = _load_selected(a_ptr, b_ptr, rows * stride_sel + slots, valid, ACT)
         da, db = _activation_grads(g, a, b, ACT)
         ty = dsrc_ptr.dtype.element_ty
         dst = dsrc_ptr + rows * stride_dsrc + ch
@@ -289,10 +292,7 @@ if HAVE_TRITON:
         r64, cols, row_ok, valid = _masked_rows(n_rows, width, ROWS, BLOCK_W)
         keep, slot = _load_keep(mask_ptr, r64, row_ok, n_words, stride_mask, ROWS, BLOCK_W)
         keep = keep & valid
-        a = upcast(tl.load(a_ptr + r64 * stride_sel + slot, mask=keep, other=0.0))
-        b = a
-        if ACT == 0:
-            b = upcast(tl.load(b_ptr + r64 * stride_sel + slot, mask=keep, other=0.0))
+        a, b = _load_selected(a_ptr, b_ptr, r64 * stride_sel + slot, keep, ACT)
         z = tl.where(keep, _activate(a, b, ACT), 0.0)
         tl.store(z_ptr + r64 * stride_z + cols, z.to(z_ptr.dtype.element_ty), mask=valid)
 
@@ -304,10 +304,7 @@ if HAVE_TRITON:
         keep, slot = _load_keep(mask_ptr, r64, row_ok, n_words, stride_mask, ROWS, BLOCK_W)
         keep = keep & valid
         g = upcast(tl.load(dz_ptr + r64 * stride_dz + cols, mask=valid, other=0.0))
-        a = upcast(tl.load(a_ptr + r64 * stride_sel + slot, mask=keep, other=0.0))
-        b = a
-        if ACT == 0:
-            b = upcast(tl.load(b_ptr + r64 * stride_sel + slot, mask=keep, other=0.0))
+        a, b = _load_selected(a_ptr, b_ptr, r64 * stride_sel + slot, keep, ACT)
         da, db = _activation_grads(g, a, b, ACT)
         ty = dsrc_ptr.dtype.element_ty
         dst = dsrc_ptr + r64 * stride_dsrc + cols
