@@ -214,6 +214,11 @@ class FFNConfig:
     # for bf16) or "radix" (two 8-bit histograms, one row per program; bf16 only, bisection for other dtypes).
     # Same channels either way; a speed choice (effdist.kernels.topk_select), not yet timed on a GPU.
     select_method: str = "bisect"
+    # How a plain top-K selection (MoC and top-k on one tensor-parallel rank) is kept for backward: "mask", a bit
+    # mask of the row (W/8 bytes a token), or "indices", int16 channel indices (2K bytes: 704 B against 2,112 B for
+    # MoC at llama-1b). Same gradients either way; the mask saves memory, each has its own backward kernels
+    # (effdist.kernels.channel_select). 2:8 and tensor parallelism always keep indices.
+    save_selection: str = "mask"
     # Non-gated FFNs (elas, and relu2 as ELAS's dense reference) are elas_expand x ffn_hidden_size wide:
     # 1.5 keeps the SwiGLU parameter count (2 matrices of 1.5x instead of 3).
     elas_expand: float = 1.5
@@ -930,6 +935,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             _fail("ffn.topk_activation", f.topk_activation, "valid: relu, relu2")
     if f.select_method not in ("bisect", "radix"):
         _fail("ffn.select_method", f.select_method, "valid: bisect, radix")
+    if f.save_selection not in ("mask", "indices"):
+        _fail("ffn.save_selection", f.save_selection, "valid: mask, indices")
     if f.kind == "moc":
         if resolve_count(f.moc_k, width) > width:
             _fail("ffn.moc_k", f.moc_k, f"must be a count in [1, ffn width {width}] or a fraction in (0, 1)")

@@ -108,6 +108,7 @@ def test_the_saved_bytes_model_is_what_every_kind_saves():
     x = _input()
     for sets in (["ffn.kind=swiglu"], ["ffn.kind=relu2"], ["ffn.kind=moc"], ["ffn.kind=moc", "ffn.moc_structured=true"],
                  ["ffn.kind=topk"], ["ffn.kind=topk", "ffn.topk_k=7"], ["ffn.kind=elas"],
+                 ["ffn.kind=moc", "ffn.save_selection=indices"], ["ffn.kind=topk", "ffn.save_selection=indices"],
                  ["ffn.kind=elas", "ffn.elas_ste=masked"]):
         cfg = _cfg(*sets)
         predicted = N * ffn_saved_bytes_per_token(cfg.ffn, cfg.model, element_bytes=4, fused_swiglu=False)
@@ -193,22 +194,23 @@ def test_topk_matches_dense_masked_reference(activation):
         assert torch.allclose(g, r, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("save_selection", ["mask", "indices"])
 @pytest.mark.parametrize("kind", ["moc", "topk"])
-def test_fused_topk_select_activate_path_matches_the_masked_reference(kind, monkeypatch):
-    """The plain top-K path (selection inside the select + activate kernel, the selection saved as a bit mask;
-    on CPU through the kernels' references): same output and gradients as the masked dense FFN, and the saved
-    tensors still rebuild fc2's input."""
+def test_fused_topk_select_activate_path_matches_the_masked_reference(kind, save_selection, monkeypatch):
+    """The plain top-K path (selection inside the select + activate kernel, the selection saved as a bit mask or
+    as int16 indices, ffn.save_selection; on CPU through the kernels' references): same output and gradients as
+    the masked dense FFN, and the saved tensors still rebuild fc2's input."""
     from effdist.config import resolve_count
     from effdist.model.ffn import channel
 
     calls = []
     real = channel.topk_select_activate
-    monkeypatch.setattr(channel, "topk_select_activate", lambda *a, **kw: calls.append((a[1], kw)) or real(*a, **kw))
-    module = _build(_cfg(f"ffn.kind={kind}")).double()
+    monkeypatch.setattr(channel, "topk_select_activate", lambda *a: calls.append((a[1], a)) or real(*a))
+    module = _build(_cfg(f"ffn.kind={kind}", f"ffn.save_selection={save_selection}")).double()
     x = _input(seed=5, dtype=torch.float64)
     out, _ = module(x)
     k = resolve_count(0.1875 if kind == "moc" else 0.1, FFN)
-    assert calls == [(k, {"method": "bisect", "as_mask": True})]
+    assert [(c[0], c[1][4:]) for c in calls] == [(k, (torch.int16, "bisect", save_selection == "mask"))]
     if kind == "moc":
         ref = _dense_swiglu_masked(module, x, k)
     else:
@@ -429,3 +431,6 @@ def test_select_method_reaches_the_module_and_a_wrong_one_is_named():
         assert _build(_cfg(f"ffn.kind={kind}")).select_method == "bisect"
     with pytest.raises(ConfigError, match="ffn.select_method.*heap.*valid: bisect, radix"):
         _cfg("ffn.kind=moc", "ffn.select_method=heap")
+    assert _build(_cfg("ffn.kind=moc", "ffn.save_selection=indices")).save_selection == "indices"
+    with pytest.raises(ConfigError, match="ffn.save_selection.*bits.*valid: mask, indices"):
+        _cfg("ffn.kind=topk", "ffn.save_selection=bits")

@@ -14,7 +14,7 @@ from effdist.kernels.channel_select import (
     mask_to_index,
     mask_words,
     pack_mask_reference,
-    row_tile_config,
+    masked_tile_config,
     scatter_activated_masked_reference,
     scatter_activated_masked_triton,
     scatter_activated_reference,
@@ -170,19 +170,30 @@ def test_mask_words_hold_one_bit_per_channel_and_round_trip():
 @pytest.mark.parametrize("act", ACTS)
 def test_masked_kernels_match_reference(act, size, dtype):
     """The dense-row kernels (every element written, no memset) against the masked references, which are the
-    index references at the same selection. Widths below and off the 32-bit word, a full and a single slot."""
+    index references at the same selection. Widths below and off the 32-bit word, a full and a single slot; each
+    row in one chunk (the default here), in several 32-column chunks (the count of kept channels carried from
+    chunk to chunk), and two rows per program (rows 12 of 13 and 4 of 5 are a partial pair)."""
     n, width, k = size
     mask, a, b, idx = _masked_case(act, n, width, k, dtype, seed=4)
-    assert row_tile_config(n, width)[0] == 2  # two rows per program: rows 12 (13 rows) and 4 are a partial pair
+    assert masked_tile_config(width, act)[1] >= width  # the default: one chunk at these widths
     z = scatter_activated_reference(a, b, idx, width, act)
     assert torch.equal(scatter_activated_masked_reference(a, b, mask, width, act), z)
     tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-30)
-    torch.testing.assert_close(scatter_activated_masked_triton(a, b, mask, width, act).float(), z.float(), **tol)
     dz = torch.randn(n, width, dtype=torch.float64).to(dtype)
     want = select_activate_backward_reference(dz, a, b, idx, width, act)
     assert torch.equal(select_activate_backward_masked_reference(dz, a, b, mask, width, act), want)
-    torch.testing.assert_close(select_activate_backward_masked_triton(dz, a, b, mask, width, act).float(),
-                               want.float(), **tol)
+    for config in (None, (1, 32, 1), (2, 64, 2)):
+        torch.testing.assert_close(scatter_activated_masked_triton(a, b, mask, width, act, config).float(),
+                                   z.float(), **tol)
+        torch.testing.assert_close(select_activate_backward_masked_triton(dz, a, b, mask, width, act, config).float(),
+                                   want.float(), **tol)
+
+
+def test_masked_tile_config_walks_wide_rows_in_chunks():
+    assert masked_tile_config(5632, "swiglu") == (1, 512, 2)  # llama-1b: eleven chunks, 8 columns a thread
+    assert masked_tile_config(5632, "relu") == (1, 256, 1)
+    assert masked_tile_config(20, "swiglu") == (1, 32, 1)  # at least one mask word, fewer warps on a narrow row
+    assert masked_tile_config(300, "swiglu") == (1, 512, 2)
 
 
 def test_masked_kernels_refuse_a_mask_of_another_width():

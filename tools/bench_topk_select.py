@@ -8,12 +8,13 @@
   row per program, both threshold searches (bisection, and the radix histograms as "radix/(1, W, warps)");
 * training backward of the same: the fc1-output gradient and the rebuild of fc2's input from the selection kept
   as indices (scatter into a zeroed tensor) vs kept as a bit mask (dense-row kernels), with a sweep of the masked
-  kernels' (rows per program, warps); outputs compared with the index path's.
+  kernels' (rows per program, columns per chunk, warps); outputs compared with the index path's.
 
 Each time is GPU time: 20 calls captured in one CUDA graph, replayed, median of 20 replays / 20
 (Python launch overhead, tens of microseconds per Triton launch, would otherwise dominate at decode sizes).
 
     python tools/bench_topk_select.py --json topk_select.json
+    python tools/bench_topk_select.py --parts backward --json topk_select_backward.json
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from effdist.kernels.channel_select import (  # noqa: E402
-    MASKED_PER_THREAD,
-    row_tile_config,
+    masked_tile_config,
     scatter_activated_masked_triton,
     scatter_activated_triton,
     select_activate,
@@ -47,6 +47,10 @@ FUSED_CASES = [(16384, 2816, 528, "swiglu"), (16384, 5632, 1056, "swiglu"), (163
 # more than MAX_PER_THREAD row elements per thread are skipped (they spill registers).
 CONFIGS = [(rows, warps) for rows in (1, 2, 4, 8) for warps in (1, 2, 4, 8, 16)]
 MAX_PER_THREAD = 128
+# The masked kernels' (rows per program, columns per chunk, warps); a chunk as wide as the row (rounded up to a power
+# of two) is the first version's whole-row walk, kept in the sweep as the comparison.
+MASKED_CONFIGS = [(1, 256, 1), (1, 256, 2), (1, 512, 2), (1, 512, 4), (1, 1024, 4), (1, 1024, 8), (1, 2048, 8),
+                  (2, 512, 4), (2, 1024, 8), (4, 256, 4)]
 
 
 def gpu_ms(fn, calls: int = 20, reps: int = 20) -> float:
@@ -76,15 +80,12 @@ def backward_row(n: int, w: int, k: int, act: str) -> dict:
     _, _, _, mask = topk_select_activate_triton(src, k, w, act, as_mask=True)
     dz = torch.randn(n, w, device="cuda", dtype=torch.bfloat16)
     want = (select_activate_backward_triton(dz, a, b, idx, w, act), scatter_activated_triton(a, b, idx, w, act))
-    row = {"rows": n, "width": w, "k": k, "act": act, "default_config": list(row_tile_config(n, w, MASKED_PER_THREAD)),
+    row = {"rows": n, "width": w, "k": k, "act": act, "default_config": list(masked_tile_config(w, act)),
            "index_ms": gpu_ms(lambda: (select_activate_backward_triton(dz, a, b, idx, w, act),
                                        scatter_activated_triton(a, b, idx, w, act))),
            "mask_ms": {}, "same_output_as_index": {}}
-    for rows_per, warps in [(r, wp) for r in (1, 2) for wp in (2, 4, 8, 16)]:
-        cfg = (rows_per, 1 << (w - 1).bit_length(), warps)
-        if rows_per * cfg[1] > MAX_PER_THREAD * 32 * warps:
-            continue
-
+    whole_row = (1, 1 << (w - 1).bit_length(), 16)
+    for cfg in sorted(set(MASKED_CONFIGS + [tuple(row["default_config"]), whole_row])):
         def masked():
             return (select_activate_backward_masked_triton(dz, a, b, mask, w, act, cfg),
                     scatter_activated_masked_triton(a, b, mask, w, act, cfg))
@@ -98,6 +99,7 @@ def backward_row(n: int, w: int, k: int, act: str) -> dict:
         row["same_output_as_index"][str(cfg)] = all(torch.equal(x, y) for x, y in zip(got, want))
     row["best_mask_config"] = min(row["mask_ms"], key=row["mask_ms"].get)
     row["speedup_best"] = row["index_ms"] / row["mask_ms"][row["best_mask_config"]]
+    row["speedup_default"] = row["index_ms"] / row["mask_ms"][str(tuple(row["default_config"]))]
     print(f"backward {act} {n} x {w} k {k}: indices {row['index_ms']:.3f} ms; mask "
           + ", ".join(f"{c} {m:.3f}" for c, m in row["mask_ms"].items()), flush=True)
     return row
@@ -106,9 +108,14 @@ def backward_row(n: int, w: int, k: int, act: str) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default=None)
+    p.add_argument("--parts", default="select,fused,backward",
+                   help="comma-separated: select, fused, backward (default: all three)")
     args = p.parse_args()
-    select, fused = [], []
-    for n, w, k in SELECT_CASES:
+    parts = set(args.parts.split(","))
+    if parts - {"select", "fused", "backward"}:
+        p.error(f"--parts {args.parts}: valid parts are select, fused, backward")
+    select, fused, backward = [], [], []
+    for n, w, k in SELECT_CASES if "select" in parts else []:
         x = torch.randn(n, w, device="cuda", dtype=torch.bfloat16)
         ours = gpu_ms(lambda: topk_select_triton(x, k))
         ref = gpu_ms(lambda: torch.topk(x, k, dim=1, sorted=False))
@@ -116,7 +123,7 @@ def main() -> int:
                        "topk_select_ms": ours, "torch_topk_ms": ref, "speedup": ref / ours})
         print(f"select {n:>6} x {w} k {k:>5}: topk_select {ours * 1e3:8.1f} us, torch.topk {ref * 1e3:8.1f} us "
               f"({ref / ours:.2f}x)", flush=True)
-    for n, w, k, act in FUSED_CASES:
+    for n, w, k, act in FUSED_CASES if "fused" in parts else []:
         src = torch.randn(n, 2 * w if act == "swiglu" else w, device="cuda", dtype=torch.bfloat16)
 
         def separate():
@@ -150,7 +157,8 @@ def main() -> int:
         fused.append(row)
         print(f"fused {act} {n} x {w} k {k}: topk+select_activate {sep:.3f} ms; fused "
               + ", ".join(f"{c} {m:.3f}" for c, m in row["fused_ms"].items()), flush=True)
-    backward = [backward_row(*case) for case in FUSED_CASES]
+    if "backward" in parts:
+        backward = [backward_row(*case) for case in FUSED_CASES]
     if args.json:
         write_gpu_json(args.json, "bench_topk_select.py", select=select, fused=fused, backward=backward)
     return 0

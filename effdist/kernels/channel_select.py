@@ -21,7 +21,7 @@ A selection that is a plain top-K of one row (MoC and top-k on one tensor-parall
 kernel of effdist.kernels.topk_select) can be kept as a bit mask instead of indices: ``mask[n]`` holds
 ⌈W/32⌉ int32 words, bit c % 32 of word c // 32 set where channel c is kept, and the selected values sit
 in column order (slot j of a row is its j-th kept channel). That is 4·⌈W/32⌉ bytes a row instead of
-2K (W/8 against 2 · 0.1875 W for MoC), and its two backward-side kernels walk whole rows densely:
+2K (W/8 against 2 · 0.1875 W for MoC), and its two backward-side kernels walk each row densely, in chunks:
   scatter_activated_masked        sel_a, sel_b, mask -> dense z (every element written: no memset)
   select_activate_backward_masked dz, sel_a, sel_b, mask -> dsrc (read and written densely, no memset)
 instead of scattering K slots into a zeroed tensor (gathers of dz and scattered stores, at a fifth of
@@ -155,15 +155,24 @@ def select_activate_backward_masked_reference(dz, sel_a, sel_b, mask, width: int
     return select_activate_backward_reference(dz, sel_a, sel_b, idx, width, act)
 
 
-# Row elements per thread of the masked kernels: each element holds about seven fp32 values (dZ, a, b, the slot,
-# both gradients), four times what the top-K selection holds per element, so a quarter of its 64 (a choice, not yet
-# swept on a GPU: tools/bench_topk_select.py times the alternatives).
-MASKED_PER_THREAD = 16
+# (columns per chunk, num_warps) of the masked kernels, one row per program: the fastest of the sweep on an H100
+# (tools/bench_topk_select.py --parts backward, docs/results/bench_topk_select_mask_chunks_h100.json: backward +
+# rebuild at 16k rows of llama-350m's and llama-1b's widths). Eight row elements a thread; SwiGLU, which loads
+# twice the selected values, gains from two warps sharing a wider chunk, ReLU from one warp on a narrower one.
+MASKED_CHUNKS = {"swiglu": (512, 2), "relu": (256, 1), "relu2": (256, 1)}
+
+
+def masked_tile_config(width: int, act: str = "swiglu") -> tuple[int, int, int]:
+    """(rows per program, columns per chunk, num_warps) of the masked kernels: one row per program, walked in
+    chunks (never wider than the row rounded up to a power of two, nor narrower than one mask word)."""
+    block_w, warps = MASKED_CHUNKS[act]
+    row = max(MASK_WORD_BITS, 1 << max(0, width - 1).bit_length())
+    return 1, min(block_w, row), max(1, warps * min(block_w, row) // block_w)
 
 
 def row_tile_config(rows: int, width: int, per_thread: int = 64) -> tuple[int, int, int]:
     """(rows per program, BLOCK_W, num_warps) of the kernels that hold whole rows in registers (the top-K selection
-    in training, the masked kernels here): about `per_thread` row elements per thread, two rows per program up to
+    in training): about `per_thread` row elements per thread, two rows per program up to
     4096 wide. BLOCK_W is at least one mask word."""
     block_w = max(MASK_WORD_BITS, 1 << max(0, width - 1).bit_length())
     per_program = 2 if block_w <= 4096 else 1
@@ -266,51 +275,60 @@ if HAVE_TRITON:
         return tl.sum(bits, axis=2)  # distinct bits: the sum is their OR (bit 31 wraps to the sign, as intended)
 
     @triton.jit
-    def _load_keep(mask_ptr, r64, row_ok, n_words, stride_mask, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
-        """The kept channels of ROWS rows as a [ROWS, BLOCK_W] bool tile, and each one's slot (its rank among the
-        row's kept channels in column order)."""
-        words_at = tl.arange(0, BLOCK_W // 32)
+    def _masked_chunk(mask_ptr, r64, row_ok, start, base, width, n_words, stride_mask,
+                      ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+        """Columns [start, start + BLOCK_W) of ROWS rows of a masked selection: the column offsets ([1, BLOCK_W]),
+        which lie inside the rows, which are kept, each kept channel's slot (`base`, the row's kept channels left
+        of `start`, plus its rank in the chunk), and `base` for the next chunk."""
+        cols = start + tl.arange(0, BLOCK_W)
+        valid = row_ok[:, None] & (cols < width)[None, :]
+        words_at = start // 32 + tl.arange(0, BLOCK_W // 32)
         words = tl.load(mask_ptr + r64 * stride_mask + words_at[None, :],
                         mask=row_ok[:, None] & (words_at < n_words)[None, :], other=0)
         bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
-        keep = tl.reshape(bits, (ROWS, BLOCK_W)) != 0
-        slot = tl.cumsum(keep.to(tl.int32), axis=1) - 1
-        return keep, slot
+        kept = tl.reshape(bits, (ROWS, BLOCK_W))
+        keep = (kept != 0) & valid
+        slot = base[:, None] + tl.cumsum(kept, axis=1) - 1
+        return cols[None, :], valid, keep, slot, base + tl.sum(kept, axis=1)
 
     @triton.jit
-    def _masked_rows(n_rows, width, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+    def _masked_rows(n_rows, ROWS: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_W)
         row_ok = rows < n_rows
-        valid = row_ok[:, None] & (cols < width)[None, :]
-        return rows.to(tl.int64)[:, None], cols[None, :], row_ok, valid
+        return rows.to(tl.int64)[:, None], row_ok, tl.zeros((ROWS,), dtype=tl.int32)
 
+    # The two masked kernels walk each row in chunks of BLOCK_W columns, carrying the count of kept channels so
+    # far: a chunk's registers stay small (a whole 5632-wide row per program, the first version, spilled: backward +
+    # rebuild 2.15 ms against the index kernels' 1.15 ms for MoC at llama-1b on an H100; in 512-column chunks
+    # 0.67 ms), and every load and store of dZ, dsrc and z is a contiguous row segment.
     @triton.jit
     def _scatter_activated_masked_kernel(a_ptr, b_ptr, mask_ptr, z_ptr, n_rows, width, n_words,
                                          stride_sel, stride_mask, stride_z,
                                          ACT: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
-        r64, cols, row_ok, valid = _masked_rows(n_rows, width, ROWS, BLOCK_W)
-        keep, slot = _load_keep(mask_ptr, r64, row_ok, n_words, stride_mask, ROWS, BLOCK_W)
-        keep = keep & valid
-        a, b = _load_selected(a_ptr, b_ptr, r64 * stride_sel + slot, keep, ACT)
-        z = tl.where(keep, _activate(a, b, ACT), 0.0)
-        tl.store(z_ptr + r64 * stride_z + cols, z.to(z_ptr.dtype.element_ty), mask=valid)
+        r64, row_ok, base = _masked_rows(n_rows, ROWS)
+        for start in range(0, width, BLOCK_W):
+            cols, valid, keep, slot, base = _masked_chunk(mask_ptr, r64, row_ok, start, base, width, n_words,
+                                                          stride_mask, ROWS, BLOCK_W)
+            a, b = _load_selected(a_ptr, b_ptr, r64 * stride_sel + slot, keep, ACT)
+            z = tl.where(keep, _activate(a, b, ACT), 0.0)
+            tl.store(z_ptr + r64 * stride_z + cols, z.to(z_ptr.dtype.element_ty), mask=valid)
 
     @triton.jit
     def _select_activate_backward_masked_kernel(dz_ptr, a_ptr, b_ptr, mask_ptr, dsrc_ptr, n_rows, width, n_words,
                                                 stride_dz, stride_sel, stride_mask, stride_dsrc,
                                                 ACT: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
-        r64, cols, row_ok, valid = _masked_rows(n_rows, width, ROWS, BLOCK_W)
-        keep, slot = _load_keep(mask_ptr, r64, row_ok, n_words, stride_mask, ROWS, BLOCK_W)
-        keep = keep & valid
-        g = upcast(tl.load(dz_ptr + r64 * stride_dz + cols, mask=valid, other=0.0))
-        a, b = _load_selected(a_ptr, b_ptr, r64 * stride_sel + slot, keep, ACT)
-        da, db = _activation_grads(g, a, b, ACT)
+        r64, row_ok, base = _masked_rows(n_rows, ROWS)
         ty = dsrc_ptr.dtype.element_ty
-        dst = dsrc_ptr + r64 * stride_dsrc + cols
-        tl.store(dst, tl.where(keep, da, 0.0).to(ty), mask=valid)
-        if ACT == 0:
-            tl.store(dst + width, tl.where(keep, db, 0.0).to(ty), mask=valid)
+        for start in range(0, width, BLOCK_W):
+            cols, valid, keep, slot, base = _masked_chunk(mask_ptr, r64, row_ok, start, base, width, n_words,
+                                                          stride_mask, ROWS, BLOCK_W)
+            g = upcast(tl.load(dz_ptr + r64 * stride_dz + cols, mask=valid, other=0.0))
+            a, b = _load_selected(a_ptr, b_ptr, r64 * stride_sel + slot, keep, ACT)
+            da, db = _activation_grads(g, a, b, ACT)
+            dst = dsrc_ptr + r64 * stride_dsrc + cols
+            tl.store(dst, tl.where(keep, da, 0.0).to(ty), mask=valid)
+            if ACT == 0:
+                tl.store(dst + width, tl.where(keep, db, 0.0).to(ty), mask=valid)
 
 
 _BLOCK_R = 8
@@ -377,7 +395,7 @@ def scatter_activated_masked_triton(sel_a, sel_b, mask, width: int, act: str,
     n = sel_a.shape[0]
     z = torch.empty(n, width, dtype=sel_a.dtype, device=sel_a.device)
     if n:
-        rows, block_w, warps = config or row_tile_config(n, width, MASKED_PER_THREAD)
+        rows, block_w, warps = config or masked_tile_config(width, act)
         _scatter_activated_masked_kernel[(triton.cdiv(n, rows),)](
             sel_a, sel_b, mask, z, n, width, mask_words(width), sel_a.stride(0), mask.stride(0), z.stride(0),
             ACT=code, ROWS=rows, BLOCK_W=block_w, num_warps=warps)
@@ -393,7 +411,7 @@ def select_activate_backward_masked_triton(dz, sel_a, sel_b, mask, width: int, a
     n = dz.shape[0]
     dsrc = torch.empty(n, _src_width(act, width), dtype=dz.dtype, device=dz.device)
     if n:
-        rows, block_w, warps = config or row_tile_config(n, width, MASKED_PER_THREAD)
+        rows, block_w, warps = config or masked_tile_config(width, act)
         _select_activate_backward_masked_kernel[(triton.cdiv(n, rows),)](
             dz, sel_a, sel_b, mask, dsrc, n, width, mask_words(width), dz.stride(0), sel_a.stride(0),
             mask.stride(0), dsrc.stride(0), ACT=code, ROWS=rows, BLOCK_W=block_w, num_warps=warps)

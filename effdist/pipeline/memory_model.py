@@ -136,12 +136,15 @@ def ffn_width_on_rank(ffn: FFNConfig, model: ModelConfig, layer: int, tp: int = 
 
 def ffn_saved_bytes_per_token(ffn: FFNConfig, model: ModelConfig, layer: int = 0, *, element_bytes: int = 2,
                               fused_swiglu: bool = True, tp: int = 1, sequence_parallel: bool = False,
-                              selection_as_mask: bool = True) -> float:
+                              selection_as_mask: bool | None = None) -> float:
     """Bytes the FFN of global layer `layer` saves for backward per token on one tensor-parallel rank.
 
     The fc1 input x is the full hidden vector on every rank, or 1/tp of it under sequence parallelism (megatron
-    saves the shard and gathers it again in backward). `selection_as_mask=False`: a plain top-K's selection as
-    the indices it was saved as before 2026-12-07 (for runs measured then)."""
+    saves the shard and gathers it again in backward). A plain top-K's selection is a bit mask or indices as
+    `ffn.save_selection` says; `selection_as_mask=False` counts indices whatever it says (for runs measured
+    before 2026-12-07, when indices were all there was)."""
+    if selection_as_mask is None:
+        selection_as_mask = ffn.save_selection == "mask"
     kind = ffn.kind_of_layer(layer)
     e, h = element_bytes, model.hidden_size / (tp if sequence_parallel else 1)
     w = ffn_width_on_rank(ffn, model, layer, tp)

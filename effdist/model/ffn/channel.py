@@ -9,7 +9,7 @@ Both are one autograd function between megatron's fc1 and fc2 (see `_SelectActiv
 gathers the selected pre-activations, applies the activation there and scatters it into a dense Z
 for fc2; it saves only the K selected pre-activations (G and U for MoC, H for top-k) and which
 channels they are: a bit mask of the row (W/8 bytes) where the selection is a plain top-K on one
-rank, else int16 channel indices (2K bytes; 2:8 and tensor parallelism). fc2's own saved copy of Z
+rank (unless ffn.save_selection = indices), else int16 channel indices (2K bytes; 2:8 and tensor parallelism). fc2's own saved copy of Z
 is replaced by a recipe that rebuilds it from the same tensors (effdist.model.ffn.saved), so an FFN
 layer keeps, per token, the fc1 input plus 2K (MoC) or K (top-k) values and the selection, instead
 of SwiGLU's G, U, SiLU(G), Z (4·d_ffn values).
@@ -34,20 +34,20 @@ from effdist.kernels.channel_select import (
 from effdist.kernels.topk_select import topk_select_activate
 from effdist.model.ffn.dense import mlp_config
 from effdist.model.ffn.saved import save_compactly
-from effdist.model.ffn.selection import n_of_m_channels, topk_channels
+from effdist.model.ffn.selection import index_dtype, n_of_m_channels, topk_channels
 
 
 class _SelectActivate(torch.autograd.Function):
     """src [N, W or 2W], idx [N, K] -> dense activation [N, W]; the selected inputs and idx go to `sink`.
     With idx None the K largest of src's first W columns are selected in the same kernel
     (effdist.kernels.topk_select.topk_select_activate: no sort, no separate gather pass), and the selection
-    goes to `sink` as a bit mask (effdist.kernels.channel_select) instead of indices."""
+    goes to `sink` as a bit mask (effdist.kernels.channel_select) with `as_mask`, else as int16 indices."""
 
     @staticmethod
-    def forward(ctx, src, idx, width, act, sink, k=None, method="bisect"):
-        ctx.masked = idx is None
-        if ctx.masked:
-            z, sel_a, sel_b, idx = topk_select_activate(src, k, width, act, method=method, as_mask=True)
+    def forward(ctx, src, idx, width, act, sink, k=None, method="bisect", as_mask=True):
+        ctx.masked = idx is None and as_mask
+        if idx is None:
+            z, sel_a, sel_b, idx = topk_select_activate(src, k, width, act, index_dtype(width), method, as_mask)
         else:
             z, sel_a, sel_b = select_activate(src, idx, width, act)
         ctx.width, ctx.act = width, act
@@ -59,7 +59,7 @@ class _SelectActivate(torch.autograd.Function):
     def backward(ctx, dz):
         sel_a, sel_b, sel = ctx.saved_tensors
         fn = select_activate_backward_masked if ctx.masked else select_activate_backward
-        return fn(dz.contiguous(), sel_a, sel_b, sel, ctx.width, ctx.act), None, None, None, None, None, None
+        return fn(dz.contiguous(), sel_a, sel_b, sel, ctx.width, ctx.act), None, None, None, None, None, None, None
 
 
 class ChannelSelectMLP(MLP):
@@ -68,11 +68,12 @@ class ChannelSelectMLP(MLP):
     act: str = "swiglu"
 
     def __init__(self, config, submodules: MLPSubmodules, *, width: int, gated: bool, activation=None,
-                 tp_group=None, select_method: str = "bisect", **kwargs):
+                 tp_group=None, select_method: str = "bisect", save_selection: str = "mask", **kwargs):
         super().__init__(mlp_config(config, width=width, gated=gated, activation=activation), submodules,
                          ffn_hidden_size=width, tp_group=tp_group, **kwargs)
         tp = self.tp_group.size() if self.tp_group is not None else 1
         self.select_method = select_method  # of the fused top-K kernel: ffn.select_method
+        self.save_selection = save_selection  # a fused top-K's selection as a bit mask or indices: ffn.save_selection
         self.width = width
         self.local_width = width // tp
 
@@ -97,10 +98,11 @@ class ChannelSelectMLP(MLP):
         fused_k = self.fused_topk()
         idx = None if fused_k else self.select(src[:, :w].detach())
         sink: list = []
-        z = _SelectActivate.apply(src, idx, w, self.act, sink, fused_k, self.select_method).view(*lead, w)
+        masked = idx is None and self.save_selection == "mask"
+        z = _SelectActivate.apply(src, idx, w, self.act, sink, fused_k, self.select_method, masked).view(*lead, w)
         sel_a, sel_b, sel = sink
         parts = (sel_a, sel_b, sel) if sel_b is not None else (sel_a, sel)
-        with save_compactly(z, parts, self._rebuild(lead, masked=idx is None)):
+        with save_compactly(z, parts, self._rebuild(lead, masked=masked)):
             return self.linear_fc2(z)
 
     def _rebuild(self, lead, masked: bool):

@@ -56,11 +56,11 @@ def build_mlp_spec(ffn: FFNConfig, model: ModelConfig, layer_idx: int, linear_fc
     if kind == "topk":
         return ModuleSpec(module=TopKMLP, submodules=plain, params={
             "ffn_hidden_size": width, "k": resolve_count(f.topk_k, width), "activation": f.topk_activation,
-            "select_method": f.select_method})
+            "select_method": f.select_method, "save_selection": f.save_selection})
     if kind == "moc":
         return ModuleSpec(module=MixtureOfChannelsMLP, submodules=plain, params={
             "ffn_hidden_size": width, "k": resolve_count(f.moc_k, width), "structured": f.moc_structured,
-            "select_method": f.select_method})
+            "select_method": f.select_method, "save_selection": f.save_selection})
     if kind == "elas":
         return ModuleSpec(module=ElasMLP, submodules=elas_linears(f.elas_rank, linear_fc1, linear_fc2), params={
             "ffn_hidden_size": width, "warmup_steps": f.elas_warmup_steps,
