@@ -428,3 +428,68 @@ def test_memory_counts_each_layers_ffn_kind_and_lands_on_the_measured_training_p
     cpu = load_config(CONFIGS / "llama-350m.yaml", base + ["ffn.kind=moc"])
     assert layer_activation_bytes(cpu, False, 0) == layer_activation_bytes(
         load_config(CONFIGS / "llama-350m.yaml", base), False, 0)
+
+
+def test_calibrate_pairs_the_shallow_and_deep_model_so_a_drift_cancels(monkeypatch):
+    """Layer costs come from back-to-back timings of a shallow and a deep model, so a device that runs slower for a
+    while (clocks ramping up at the first measurement, another process) moves both sides of a difference alike. A
+    fake clock: a model call costs head + layers x layer time, twice that for the first 10 calls."""
+    import statistics
+
+    import torch
+
+    from effdist.train import calibrate
+
+    layer_f, layer_b, head_f, head_b = 1.0, 2.0, 0.5, 1.0
+    clock = {"now": 0.0, "calls": 0}
+
+    def steps(cfg, variant, num_layers, micro_batch, device, dtype):
+        def run(cost):
+            clock["calls"] += 1
+            clock["now"] += cost * (2 if clock["calls"] <= 10 else 1)
+
+        return (lambda: run(head_f + num_layers * layer_f),
+                lambda: run(head_f + head_b + num_layers * (layer_f + layer_b)))
+
+    monkeypatch.setattr(calibrate, "_model_steps", steps)
+    monkeypatch.setattr(calibrate.time, "perf_counter", lambda: clock["now"])
+    costs = calibrate.measure_layer_pair(None, "dense", (2, 6), 1, 5, torch.device("cpu"), None)
+    assert costs == pytest.approx((layer_f, layer_b, head_f, head_b))
+    # The first method, medians of each model's own timings taken one model after the other, on the same clock:
+    # the shallow model's forward falls in the slow start, the deep model's not, and the layer forward comes out
+    # at 0.375 of its cost.
+    clock.update(now=0.0, calls=0)
+    shallow, deep = steps(None, "dense", 2, 1, None, None), steps(None, "dense", 6, 1, None, None)
+    f1, _ = (statistics.median(calibrate._times(fn, 5, False)) for fn in shallow)
+    f2, _ = (statistics.median(calibrate._times(fn, 5, False)) for fn in deep)
+    assert (f2 - f1) / 4 == pytest.approx(0.375 * layer_f)
+
+
+def test_calibrate_measures_again_then_refuses_a_table_with_a_time_at_or_below_zero(tmp_path, monkeypatch, capsys):
+    """Timing noise larger than the deep model's extra layers gives a layer time at or below zero (0.0 ms for
+    llama-1b micro-batch 1 on an H100 once). calibrate measures again with twice the repetitions, and after
+    MEASURE_TRIES tries exits 1 naming the measurement and the fix, writing nothing."""
+    from effdist.train import calibrate
+
+    seen = []
+
+    def flaky(cfg, variant, layers, micro_batch, reps, device, dtype):
+        seen.append(reps)
+        return (1e-3 if len(seen) > 1 else -1e-4, 2e-3, 1e-3, -1e-3)  # a head below zero is the fit's: kept at 1 ns
+
+    monkeypatch.setattr(calibrate, "measure_layer_pair", flaky)
+    out = tmp_path / "cal.json"
+    args = ["--config", str(CONFIGS / "tiny-cpu.yaml"), "--micro-batches", "1", "--variants", "dense", "--reps", "3",
+            "--out", str(out)]
+    assert calibrate.main(args) == 0 and seen == [3, 6] and Calibration.load(out).layer("dense", 1).forward_s == 1e-3
+    assert Calibration.load(out).head[0].backward_s == 1e-9
+    out.unlink()
+    seen.clear()
+    monkeypatch.setattr(calibrate, "measure_layer_pair",
+                        lambda *a: seen.append(a[4]) or (-2e-4, 0.0, 1e-3, 1e-3))
+    capsys.readouterr()
+    assert calibrate.main(args) == 1 and seen == [3, 6, 12] and not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("effdist calibrate: dense micro-batch 1: layer forward -0.200 ms, layer backward 0.000 ms "
+                          "after 3 tries of up to 12 repetitions")
+    assert "rerun with a larger --reps, or leave micro-batch 1 out of --micro-batches; nothing written" in err

@@ -6,8 +6,10 @@ calibration, `effdist plan` and `effdist simulate --calibration` turn it into se
 What is measured (one GPU, one process, the model's real layers built by effdist.model.gpt.build_gpt):
   per decoder layer, per micro-batch size and per variant (dense, EPAS sharing layer, each FFN kind):
   the forward time and the backward time of one microbatch. A model of L1 and of L2 layers is timed
-  (forward; forward + backward) and the difference divided by L2 - L1 is one layer; what is left of the
-  L1 model is the embedding, final norm, LM head and loss ("head").
+  (forward; forward + backward), the two back to back in each repetition, and the median of the paired
+  differences divided by L2 - L1 is one layer; what is left of the L1 model is the embedding, final norm, LM
+  head and loss ("head"). A layer time at or below zero (noise larger than L2 - L1 layers' work) is measured
+  again with more repetitions, then refused (effdist.train.calibrate).
   The backward is split into input-gradient (B) and weight-gradient (W) parts by FLOPs: W is the weight GEMMs
   of the linear layers, B their input GEMMs plus the attention backward (`weight_grad_fraction`). The
   pipeline executor's deferred W runs exactly those GEMMs, so the split is the GEMM share, not a guess.

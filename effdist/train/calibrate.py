@@ -17,8 +17,8 @@ import statistics
 import sys
 import time
 
-from effdist.pipeline.calibration import (VARIANTS, Calibration, HeadCost, LayerCost, model_shape,
-                                          weight_grad_fraction)
+from effdist.pipeline.calibration import (VARIANTS, Calibration, CalibrationError, HeadCost, LayerCost,
+                                          model_shape, weight_grad_fraction)
 
 
 
@@ -34,23 +34,28 @@ def _variant_config(cfg, variant: str):
 
 
 def _time(fn, reps: int, cuda: bool) -> float:
+    return statistics.median(_times(fn, reps, cuda))
+
+
+def _times(fn, reps: int, cuda: bool, warmup: int = 2) -> list[float]:
+    """Wall seconds of `reps` calls of fn, after `warmup` untimed ones (allocator, autotuning, lazy init)."""
     import torch
 
     times = []
-    for i in range(reps + 2):
+    for i in range(reps + warmup):
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
         if cuda:
             torch.cuda.synchronize()
-        if i >= 2:  # two warm-up runs: allocator, autotuning, lazy init
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
-def measure_model(cfg, variant: str, num_layers: int, micro_batch: int, reps: int, device, dtype) -> tuple[float, float]:
-    """(forward, forward + backward) seconds of one microbatch through a `num_layers` model."""
+def _model_steps(cfg, variant: str, num_layers: int, micro_batch: int, device, dtype):
+    """(forward, forward + backward) callables of one microbatch through a `num_layers` model of `variant`."""
     import torch
 
     from effdist.model.gpt import build_gpt
@@ -73,10 +78,30 @@ def measure_model(cfg, variant: str, num_layers: int, micro_batch: int, reps: in
     def forward_backward():
         model(tokens, position_ids, None, labels=tokens).float().mean().backward()
 
-    f = _time(forward, reps, device.type == "cuda")
-    fb = _time(forward_backward, reps, device.type == "cuda")
-    del model
-    return f, fb
+    return forward, forward_backward
+
+
+def measure_layer_pair(cfg, variant: str, layers: tuple[int, int], micro_batch: int, reps: int, device,
+                       dtype) -> tuple[float, float, float, float]:
+    """(layer forward, layer backward, head forward, head backward) seconds from a shallow and a deep model of
+    `variant`, timed in alternation: each repetition times the shallow and the deep model back to back and the
+    layer costs are the median of those paired differences, so a drift in between (GPU clocks ramping up at the
+    first measurement, another process) cancels instead of landing in one model's time. Unpaired medians, the
+    first method, gave a llama-1b micro-batch 1 layer forward of 0.0 ms on an H100 (docs/benchmarks.md)."""
+    l1, l2 = layers
+    cuda = device.type == "cuda"
+    shallow = _model_steps(cfg, variant, l1, micro_batch, device, dtype)
+    deep = _model_steps(cfg, variant, l2, micro_batch, device, dtype)
+    for steps in (shallow, deep):  # untimed warm-ups of all four
+        for fn in steps:
+            _times(fn, 0, cuda)
+    rows = []
+    for _ in range(reps):
+        f1, f2 = _times(shallow[0], 1, cuda, 0)[0], _times(deep[0], 1, cuda, 0)[0]
+        fb1, fb2 = _times(shallow[1], 1, cuda, 0)[0], _times(deep[1], 1, cuda, 0)[0]
+        rows.append((f1, fb1, (f2 - f1) / (l2 - l1), ((fb2 - f2) - (fb1 - f1)) / (l2 - l1)))
+    f1, fb1, fwd, bwd = (statistics.median(r[i] for r in rows) for i in range(4))
+    return fwd, bwd, f1 - l1 * fwd, (fb1 - f1) - l1 * bwd
 
 
 def measure_optimizer(device, params: int = 64 * 2**20, reps: int = 5) -> float:
@@ -90,6 +115,30 @@ def measure_optimizer(device, params: int = 64 * 2**20, reps: int = 5) -> float:
     opt = torch.optim.AdamW(weights, lr=1e-4, fused=device.type == "cuda")
     t = _time(opt.step, reps, device.type == "cuda")
     return t / (chunk * len(weights))
+
+
+# Tries of one (variant, micro-batch) measurement, each with twice the repetitions of the one before, until every
+# derived time is positive.
+MEASURE_TRIES = 3
+
+
+def _physical_layer_costs(cfg, variant: str, layers: tuple[int, int], micro_batch: int, reps: int, device,
+                          dtype) -> tuple[float, float, float, float]:
+    """measure_layer_pair until the layer's forward and backward come out positive: timing noise larger than the
+    deep model's extra layers gives a difference at or below zero, which no layer costs. Still so after
+    MEASURE_TRIES tries: CalibrationError, naming the measurement and what to change, rather than a table the
+    planner would trust. The head's times are the intercept of the same fit (the shallow model less its layers),
+    which the fit's own error can put below zero on a tiny model: those are kept at 1 ns, as before."""
+    for attempt in range(MEASURE_TRIES):
+        fwd, bwd, head_f, head_b = measure_layer_pair(cfg, variant, layers, micro_batch, reps << attempt, device,
+                                                      dtype)
+        if min(fwd, bwd) > 0:
+            return fwd, bwd, max(head_f, 1e-9), max(head_b, 1e-9)
+    bad = ", ".join(f"{n} {t * 1e3:.3f} ms" for n, t in (("layer forward", fwd), ("layer backward", bwd)) if t <= 0)
+    raise CalibrationError(f"{variant} micro-batch {micro_batch}: {bad} after {MEASURE_TRIES} tries of up to "
+                           f"{reps << (MEASURE_TRIES - 1)} repetitions: the timing noise on this device is larger than "
+                           f"{layers[1] - layers[0]} layers' work; rerun with a larger --reps, or leave micro-batch "
+                           f"{micro_batch} out of --micro-batches")
 
 
 def calibrate(cfg, micro_batches: list[int], variants: list[str], reps: int = 5, layers: tuple[int, int] = (2, 6),
@@ -109,13 +158,10 @@ def calibrate(cfg, micro_batches: list[int], variants: list[str], reps: int = 5,
     with one_process_megatron(cuda=cuda, seed=cfg.train.seed):
         for variant in variants:
             for mb in micro_batches:
-                f1, fb1 = measure_model(cfg, variant, l1, mb, reps, device, dtype)
-                f2, fb2 = measure_model(cfg, variant, l2, mb, reps, device, dtype)
-                fwd = max((f2 - f1) / (l2 - l1), 1e-9)
-                bwd = max(((fb2 - f2) - (fb1 - f1)) / (l2 - l1), 1e-9)
+                fwd, bwd, head_f, head_b = _physical_layer_costs(cfg, variant, (l1, l2), mb, reps, device, dtype)
                 rows.append(LayerCost(variant, mb, fwd, bwd, weight_grad_fraction(_variant_config(cfg, variant), variant)))
                 if variant == variants[0]:
-                    heads.append(HeadCost(mb, max(f1 - l1 * fwd, 1e-9), max((fb1 - f1) - l1 * bwd, 1e-9)))
+                    heads.append(HeadCost(mb, head_f, head_b))
                 done += 1
                 if progress is not None:
                     progress(done, total, f"{variant} micro-batch {mb}: layer forward {fwd * 1e3:.2f} ms, "
@@ -248,8 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     links = measure_links()
     if links is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return 0  # ranks other than 0 only take part in the link measurement
-    cal = calibrate(cfg, mbs, variants, reps=args.reps, progress=progress,
-                    command="effdist calibrate " + " ".join(argv))
+    try:
+        cal = calibrate(cfg, mbs, variants, reps=args.reps, progress=progress,
+                        command="effdist calibrate " + " ".join(argv))
+    except CalibrationError as e:
+        print(f"effdist calibrate: {e}; nothing written", file=sys.stderr)
+        return 1
     if links is not None:
         cal.links = {**cal.links, **links}
     path = cal.save(args.out)
