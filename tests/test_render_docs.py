@@ -58,7 +58,9 @@ def test_sparse_ffn_measurements_are_generated_from_json(render_docs):
     text = (ROOT / "docs/sparse_ffn.md").read_text()
     names = set(re.findall(r"<!-- generated:([\w-]+) -->", text))
     assert names == {"sparse-ffn-block", "sparse-ffn-train", "sparse-ffn-train-select", "sparse-ffn-train-after-fix",
-                     "sparse-ffn-moc-profile", "sparse-ffn-decode", "sparse-ffn-memory-accounting"}
+                     "sparse-ffn-moc-profile", "sparse-ffn-decode", "sparse-ffn-memory-accounting",
+                     "sparse-ffn-train-mask", "sparse-ffn-masked-backward", "sparse-ffn-radix",
+                     "sparse-ffn-moc-profile-mask", "sparse-ffn-parity-after"}
     assert names == {g.name for g in render_docs.REGISTRY if g.doc == "docs/sparse_ffn.md"}
 
 
@@ -77,6 +79,13 @@ def test_benchmark_tables_follow_their_json(render_docs, monkeypatch):
             in after)
     assert "| 24.82 | 35.61 | 0.70 | ≥ 0.97 at ≤ 0.80: met |" in after
     assert "0.81 | ≥ 0.95 at ≤ 0.80: not met (speed, memory)" in after
+    # The bit mask against indices in one run (chunked kernels), and the whole-row kernels' run with each search.
+    mask = benchmark_tables.ffn_train_mask()
+    assert ("| llama-1b | `bench_train_ffn_1b_mask_chunks_h100.json` | MoC (K = 0.1875 f) | mask | bisect | chunks | "
+            "80,550 | 88,116 | **0.914** | 28.57 | 35.61 | 0.802 | ≥ 0.95 at ≤ 0.80: not met (speed, memory) |") in mask
+    assert "| top-k ReLU (10%) | mask | radix | whole rows | 129,026 | 160,523 | **0.806** (0.759-0.854, 2 rounds) |" in mask
+    assert "| 1.153 | 2.148 | (1, 1024, 4) 0.800 | (1, 512, 2) 0.670 | **1.44** | yes |" in benchmark_tables.masked_backward_sweep()
+    assert "| MoC (K = 0.1875·f) | dense | 5.201 | **0.9888** | 0.9913 |" in benchmark_tables.ffn_parity_after()
     mb1 = benchmark_tables.TABLES["bench-pipeline-p4-1b-mb1"]()
     assert "| V-ZB | 118,131 | 0.83 |" in mb1
     data = json.loads(json.dumps(benchmark_tables.load("bench_checkpoint_1b_h100.json")))

@@ -742,23 +742,115 @@ def ffn_train_after_fix() -> str:
 
 
 MOC_KERNELS = ("_topk_select_activate_kernel", "_select_activate_backward_kernel", "_scatter_activated_kernel")
+MOC_MASK_KERNELS = ("_topk_select_activate_kernel", "_select_activate_backward_masked_kernel",
+                    "_scatter_activated_masked_kernel")
 
 
-def moc_profile() -> str:
-    """Where MoC's llama-1b step goes against SwiGLU's (one profiled step each, after the fc2 fix): GPU ms per step by
-    kernel category, then MoC's own kernels."""
-    runs = {r["variant"]: r["profile"] for r in load("bench_train_ffn_1b_profile_fc2fix_h100.json")["runs"]}
+def moc_profile(name: str = "bench_train_ffn_1b_profile_fc2fix_h100.json", kernels: Sequence[str] = MOC_KERNELS) -> str:
+    """Where MoC's llama-1b step goes against SwiGLU's (one profiled step each): GPU ms per step by kernel category,
+    then MoC's own kernels."""
+    runs = {r["variant"]: r["profile"] for r in load(name)["runs"]}
     swiglu, moc = runs["swiglu"], runs["moc"]
     cats = list(dict.fromkeys([*swiglu["categories_ms"], *moc["categories_ms"]]))
     rows = [(c, f1(swiglu["categories_ms"].get(c, 0.0)), f1(moc["categories_ms"].get(c, 0.0)),
              f"{moc['categories_ms'].get(c, 0.0) - swiglu['categories_ms'].get(c, 0.0):+.1f}") for c in cats]
     rows.append(("all GPU kernels", f1(swiglu["kernel_ms_per_step"]), f1(moc["kernel_ms_per_step"]),
                  f"{moc['kernel_ms_per_step'] - swiglu['kernel_ms_per_step']:+.1f}"))
-    for name in MOC_KERNELS:
-        kernel = moc["kernels"][name]
-        rows.append((f"of which `{name}` ({kernel['calls']} calls, {f2(kernel['ms'] / kernel['calls'])} ms each)", "–",
-                     f1(kernel["ms"]), ""))
+    for kernel_name in kernels:
+        kernel = moc["kernels"][kernel_name]
+        rows.append((f"of which `{kernel_name}` ({kernel['calls']} calls, {f2(kernel['ms'] / kernel['calls'])} ms each)",
+                     "–", f1(kernel["ms"]), ""))
     return table(["GPU ms per step (llama-1b, mbs 8, 2 micro-batches)", "SwiGLU", "MoC", "MoC - SwiGLU"], rows)
+
+
+# The runs after the selection was kept as a bit mask (2026-12-07, evening): (model, run, variant, kept as, search,
+# masked kernels). "whole rows": the first masked kernels; "chunks": the row walked in chunks (the current ones).
+FFN_MASK_ROWS = (
+    *(("llama-1b", "bench_train_ffn_1b_mask_chunks_h100.json", kind + suffix, kept, "bisect", kernels)
+      for kind in ("moc", "topk") for suffix, kept, kernels in (("", "mask", "chunks"), ("_indices", "indices", "–"))),
+    *((model, run, kind + suffix, "mask", search, "whole rows")
+      for model, run in (("llama-1b", "bench_train_ffn_1b_radix_h100.json"),
+                         ("llama-350m", "bench_train_ffn_350m_radix_rounds_h100.json"))
+      for kind in ("moc", "topk") for suffix, search in (("", "bisect"), ("_radix", "radix"))),
+)
+
+
+def ffn_train_mask() -> str:
+    """MoC and top-k against SwiGLU with the selection kept as a bit mask or as indices, and with each threshold
+    search (one process per variant; a run with rounds: the median of the rounds' ratios and their range)."""
+    import statistics
+
+    rows = []
+    for model, name, variant, kept, search, kernels in FFN_MASK_ROWS:
+        per_round = ffn_after_fix_ratios(name, variant, ("swiglu",))
+        speeds = [t / b for t, b, _, _ in per_round]
+        speed = statistics.median(speeds)
+        peak, base_peak = max(p for _, _, p, _ in per_round), max(bp for _, _, _, bp in per_round)
+        goal = 0.95 if variant.startswith("moc") else 0.97
+        short = [what for what, ok in (("speed", speed >= goal), ("memory", peak / base_peak <= 0.80)) if not ok]
+        shown = bold(f3(speed)) + (f" ({f3(min(speeds))}-{f3(max(speeds))}, {len(speeds)} rounds)"
+                                   if len(speeds) > 1 else "")
+        rows.append((model, f"`{name}`", "MoC (K = 0.1875 f)" if variant.startswith("moc") else "top-k ReLU (10%)",
+                     kept, search, kernels, n0(statistics.median(t for t, _, _, _ in per_round)),
+                     n0(statistics.median(b for _, b, _, _ in per_round)), shown, f2(peak), f2(base_peak),
+                     f3(peak / base_peak),
+                     f"≥ {goal:.2f} at ≤ 0.80: {'not met (' + ', '.join(short) + ')' if short else 'met'}"))
+    return table(["model", "run (docs/results)", "FFN", "selection kept as", "search", "masked kernels", "tokens/s",
+                  "SwiGLU tokens/s", "vs SwiGLU", "peak GiB", "SwiGLU peak GiB", "vs SwiGLU", "goal"], rows)
+
+
+def masked_backward_sweep() -> str:
+    """The backward side of one MoC / top-k layer (fc1-output gradient + fc2 input rebuilt), indices against the
+    bit mask walked as whole rows (the first kernels) and in chunks (now), 16k rows."""
+    rows = []
+    for r in load("bench_topk_select_mask_chunks_h100.json")["backward"]:
+        whole = f"(1, {1 << (r['width'] - 1).bit_length()}, 16)"
+        default = str(tuple(r["default_config"]))
+        same = all(r["same_output_as_index"].values())
+        rows.append(("MoC (SwiGLU)" if r["act"] == "swiglu" else "top-k (ReLU)", f"{r['rows']:,} x {r['width']:,}",
+                     f"{r['k']:,}", f3(r["index_ms"]), f3(r["mask_ms"][whole]),
+                     f"{default} {f3(r['mask_ms'][default])}",
+                     f"{r['best_mask_config']} {f3(r['mask_ms'][r['best_mask_config']])}",
+                     bold(f2(r["index_ms"] / r["mask_ms"][default])), "yes" if same else bold("no")))
+    return table(["layer", "rows x width", "K", "indices ms", "mask, whole rows ms", "mask, chunks (run's default) ms",
+                  "mask, fastest chunks ms", "indices / run's default", "outputs equal to indices"], rows)
+
+
+def radix_sweep() -> str:
+    """The fused top-K select + activate kernel with each threshold search: the default configuration and the
+    fastest of each search over the sweep's launch configurations (16k rows)."""
+    rows = []
+    for r in load("bench_topk_select_mask_h100.json")["fused"]:
+        ms = r["fused_ms"]
+        bisect = {c: t for c, t in ms.items() if not c.startswith("radix/")}
+        radix = {c: t for c, t in ms.items() if c.startswith("radix/")}
+        best_b, best_r = min(bisect, key=bisect.get), min(radix, key=radix.get)
+        default = str(tuple(r["default_config"]))
+        rows.append(("MoC (SwiGLU)" if r["act"] == "swiglu" else "top-k (ReLU)", f"{r['rows']:,} x {r['width']:,}",
+                     f"{r['k']:,}", f3(r["torch_topk_plus_select_activate_ms"]),
+                     f"{default} {f3(ms[default])}" if default in ms else "–", f"{best_b} {f3(bisect[best_b])}",
+                     f"{best_r[len('radix/'):]} {f3(radix[best_r])}", bold(f2(radix[best_r] / bisect[best_b])),
+                     "yes" if all(r["same_output_as_default"].values()) else bold("no")))
+    return table(["layer", "rows x width", "K", "torch.topk + select_activate ms", "bisection, default ms",
+                  "bisection, fastest ms", "radix, fastest ms", "radix / bisection (fastest)",
+                  "outputs equal to the default"], rows)
+
+
+def ffn_parity_after() -> str:
+    """The 125M loss ratios of the sparse FFNs after the kernel changes (issue 23 item 5)."""
+    before = load("loss_parity_125m_h100.json")
+    rows = []
+    for key, label, _ in PARITY_125M:
+        if key == "epas":
+            continue
+        r = _parity("loss_parity_125m_ffn_h100.json", key)
+        ratio = r["ratio_vs_baseline"]
+        base = {"dense": "dense", "relu2": "ReLU²"}[r["baseline"]] if key != "dense" else "—"
+        verdict = "" if key in ("dense", "relu2") else "≤ 1.01: " + ("met" if ratio <= 1.01 else bold("not met"))
+        rows.append((label, base, f3(r["final_loss"]), bold(f4(ratio)) if key != "dense" else f4(ratio),
+                     f4(before[key]["ratio_vs_baseline"]), n0(r["median_tokens_per_s"]), verdict))
+    return table(["variant", "baseline", "final loss", "vs baseline", "vs baseline, 2026-11-22", "tokens/s (median)",
+                  "goal"], rows)
 
 
 DECODE_KINDS = (("moc", "MoC (SwiGLU)"), ("topk", "top-k ReLU (ReLU)"), ("elas", "ELAS (ReLU² at 1.5 f)"))
@@ -776,10 +868,10 @@ def decode_ffn() -> str:
     return table(header, [(label,) + tuple(ratio(kind, b, g) for b, g in points) for kind, label in DECODE_KINDS])
 
 
-def plan_validation() -> str:
+def plan_validation(name: str = "plan_validation_h100.json") -> str:
     rows = [(r["choice"], n0(r["predicted_tokens_per_s"]), n0(r["measured_tokens_per_s"]), f3(r["tokens_per_s_ratio"]),
              f2(r["predicted_peak_mem_gib"]), f2(r["measured_peak_mem_gib"]), f3(r["peak_mem_ratio"]))
-            for r in load("plan_validation_h100.json")["rows"]]
+            for r in load(name)["rows"]]
     return table(["choice", "predicted tokens/s", "measured tokens/s", "ratio", "predicted peak GiB",
                   "measured peak GiB", "ratio"], rows)
 
@@ -848,6 +940,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "bench-pipeline-p4-1b-mb1": pipeline_p4("pipeline_p4_1b_mb1_h200x4.json"), "bench-checkpoint": checkpoint,
     "bench-decode": decode, "bench-deepspeed-1gpu": deepspeed_1gpu, "bench-deepspeed-2gpu": deepspeed_2gpu,
     "bench-fp8": fp8, "bench-plan-validation": plan_validation, "bench-plan-ffn-memory": plan_ffn_memory,
+    "bench-plan-validation-first": lambda: plan_validation("plan_validation_h100_2026-12-05.json"),
     "bench-ffn-train-fused-select": ffn_train_fused_select, "bench-ffn-train-select": ffn_train_select,
     "bench-ffn-train-after-fix": ffn_train_after_fix, "bench-decode-ffn": decode_ffn,
 }
@@ -909,7 +1002,10 @@ SPARSE_FFN_TABLES: dict[str, Callable[[], str]] = {
     "sparse-ffn-block": ffn_block_all_shapes, "sparse-ffn-train": ffn_train_fused_select,
     "sparse-ffn-train-select": ffn_train_select, "sparse-ffn-train-after-fix": ffn_train_after_fix,
     "sparse-ffn-moc-profile": moc_profile, "sparse-ffn-decode": decode_ffn,
-    "sparse-ffn-memory-accounting": ffn_memory_accounting,
+    "sparse-ffn-memory-accounting": ffn_memory_accounting, "sparse-ffn-train-mask": ffn_train_mask,
+    "sparse-ffn-masked-backward": masked_backward_sweep, "sparse-ffn-radix": radix_sweep,
+    "sparse-ffn-moc-profile-mask": lambda: moc_profile("bench_train_ffn_1b_profile_mask_h100.json", MOC_MASK_KERNELS),
+    "sparse-ffn-parity-after": ffn_parity_after,
 }
 
 
