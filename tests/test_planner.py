@@ -380,6 +380,9 @@ TRAINING_PEAKS = ("bench_train_ffn_350m_h100.json", "bench_train_ffn_1b_select64
                   "bench_train_ffn_350m_select64_outlier_h100.json")
 # Measured after the fix (2026-12-07, 1x H100): nothing held, the estimate is held to the peak as measured.
 TRAINING_PEAKS_AFTER_FIX = ("bench_train_ffn_350m_fc2fix_h100.json", "bench_train_ffn_1b_fc2fix_h100.json")
+# Measured after the bit mask (2026-12-07 evening, 1x H100): the selection kept as each run's ffn.save_selection says.
+TRAINING_PEAKS_MASK = ("bench_train_ffn_1b_mask_chunks_h100.json", "bench_train_ffn_1b_radix_h100.json",
+                       "bench_train_ffn_350m_radix_rounds_h100.json")
 
 
 def test_memory_counts_each_layers_ffn_kind_and_lands_on_the_measured_training_peaks():
@@ -415,6 +418,20 @@ def test_memory_counts_each_layers_ffn_kind_and_lands_on_the_measured_training_p
         assert (indices > 0) == (cfg.ffn.kind in ("moc", "topk") and not cfg.ffn.moc_structured)
         held += indices
         assert predicted == pytest.approx(r["peak_mem_gib"] - held, rel=0.03), (r["model"], r["variant"], fixed)
+    masked = runs(TRAINING_PEAKS_MASK)
+    assert {r["variant"] for r in masked} >= {"moc", "moc_indices", "topk", "topk_indices", "moc_radix"}
+    for r in masked:  # compared as measured: the estimate counts the mask or the indices as the run's config says
+        cfg = load_config(CONFIGS / f"{r['model']}.yaml", r["overrides"])
+        predicted = estimate(cfg, 1, on_gpu=True).peak.total / GIB
+        assert predicted == pytest.approx(r["peak_mem_gib"], rel=0.03), (r["model"], r["variant"])
+    # The mask's saving itself, mask against indices in the same run: 16 layers x 16,384 tokens x (2,112 - 704) B
+    # for MoC at llama-1b, measured to the byte.
+    chunks = {r["variant"]: r for r in runs(TRAINING_PEAKS_MASK[:1])}
+    for kind in ("moc", "topk"):
+        peaks = [estimate(load_config(CONFIGS / "llama-1b.yaml", chunks[v]["overrides"]), 1, on_gpu=True).peak.total
+                 for v in (kind + "_indices", kind)]
+        measured = (chunks[kind + "_indices"]["peak_mem_gib"] - chunks[kind]["peak_mem_gib"]) * GIB
+        assert peaks[0] - peaks[1] == pytest.approx(measured, rel=0.01), kind
 
     base = ["train.micro_batch=8", "train.global_batch=16", "data.kind=mock"]
 
