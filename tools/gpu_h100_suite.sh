@@ -18,7 +18,7 @@
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|fp8_titan|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|ffn_memory|ffn_train|topk_radix|topk_radix2|mask_chunks|ffn_parity|plan_ffn|tests OUTDIR [SEED]}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|fp8_titan|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|ffn_memory|ffn_train|topk_radix|topk_radix2|mask_chunks|ffn_parity|plan_ffn|quality1b|quality125m|continual1b|tests OUTDIR [ARGS]}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -42,6 +42,19 @@ parity_model() {
     --set logging.interval=1 --set logging.tensorboard=false --set checkpoint.interval=0 \
     --set data.cache_dir=/tmp/effdist-data "$@" --out-dir "/tmp/effdist-parity-$size-$name" \
     --png "$out/loss_parity_${size}_$name.png" --json "$out/loss_parity_${size}_$name.json"
+}
+
+# One run of issue #25 on the large corpus's subset, scored held out. Usage: quality_run SIZE MICRO_BATCH STEPS
+# dense|epas SEED ",extra,overrides" [NAME_PREFIX] -> $out/quality_SIZE_[PREFIX_]VARIANT_sSEED.json (+ .png)
+quality_run() {
+  local size=$1 micro=$2 steps=$3 variant=$4 seed=$5 extra=$6 prefix=${7:+$7_}
+  local name="${prefix}${variant}_s$seed" large=data/english-large
+  run 590 python3 tools/loss_parity.py --config "configs/llama-$size.yaml" --steps "$steps" --window 20 \
+    --timeout 560 --set train.global_batch=16 --set "train.micro_batch=$micro" --set optim.warmup_steps=50 \
+    --set logging.interval=1 --set logging.tensorboard=false --set checkpoint.interval=0 \
+    --set data.cache_dir=/tmp/effdist-data --set "data.paths=[$large/train36]" --set "data.tokenizer=$large/tokenizer.json" \
+    --eval-data "$large/heldout" --eval-windows 64 --out-dir /tmp/effdist-quality \
+    --variant "$name=train.seed=$seed$extra" --json "$out/quality_${size}_$name.json"
 }
 
 # The early EPAS schedule of the third to fifth sessions (one layer per 5 steps from step 25, transitions of 5
@@ -275,6 +288,37 @@ parity125m_long)
   parity_125m 300 500 20 long --timeout 140 --variant "dense=train.seed=1" \
     --variant "r9=train.seed=1,epas.final_region=9,$early"
   ;;
+quality1b)
+  # Issue #25 item 2, one run per device call: llama-1b for 1008 steps x 16 x 2048 = 33.0M tokens of the large
+  # corpus's 36M-token training subset (docs/data.md, "A subset for one device call"), dense or EPAS growing to 12 =
+  # 3L/4 of 16 layers on the early schedule, model seed $4 (the same data order for both variants of a seed); then
+  # its held-out loss at every region (effdist eval, 64 windows of data/english-large/heldout). Arguments: dense|epas
+  # SEED. The JSON is what tools/epas_quality.py pairs: quality_1b_dense_s1.json=quality_1b_epas_s1.json.
+  variant="${3:?quality1b needs dense or epas}"; seed="${4:-1}"
+  case "$variant" in dense) extra="" ;; epas) extra=",epas.final_region=12,$early" ;; *) echo "dense or epas"; exit 2 ;; esac
+  quality_run 1b 8 1008 "$variant" "$seed" "$extra"
+  ;;
+quality125m)
+  # Issue #25 item 3: llama-125m dense vs EPAS at L/2 = 6 of 12 layers (early schedule), the token budget of
+  # quality1b (1008 steps x 16 x 2048), model seeds 1 and 2 (about 90 s a run), each run's held-out loss as above.
+  for seed in 1 2; do
+    quality_run 125m 16 1008 dense "$seed" ""
+    quality_run 125m 16 1008 epas "$seed" ",epas.final_region=6,$early"
+  done
+  ;;
+continual1b)
+  # Issue #25 item 5, one call: a dense llama-1b pretrained for 300 steps (9.8M tokens; a 1b checkpoint cannot travel
+  # between device calls, so not item 2's), exported to Hugging Face format and converted back (the path a user's
+  # TinyLlama takes), then continued for 120 steps (3.9M tokens) dense and with EPAS growing to 12 = 3L/4 (one layer
+  # per 5 steps from step 10), same seed and data; held-out loss of all three.
+  quality_run 1b 8 300 dense 1 "" pretrain
+  run 60 python3 -m effdist.cli convert effdist-to-hf --checkpoint /tmp/effdist-quality/pretrain_dense_s1 \
+    --out /tmp/effdist-quality/hf --overwrite
+  run 60 python3 -m effdist.cli convert hf-to-effdist --hf-dir /tmp/effdist-quality/hf --format dist \
+    --config configs/llama-1b.yaml --out /tmp/effdist-quality/init --overwrite
+  quality_run 1b 8 120 dense 1 ",checkpoint.init_from=/tmp/effdist-quality/init" continued
+  quality_run 1b 8 120 epas 1 ",checkpoint.init_from=/tmp/effdist-quality/init,epas.final_region=12,epas.enabled=true,epas.group_size=1,epas.start_step=10,epas.interval=5,epas.transition_steps=5" continued
+  ;;
 fp8)
   # Issue #27: FP8 linears (torchao float8): the GPU numerics tests, then llama-1b bf16 vs FP8 in one call, each
   # variant in its own process (peak memory), micro-batch 8, global batch 16 (the issue's shape).
@@ -418,6 +462,6 @@ tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py \
     tests/test_kernels_topk_select.py tests/test_kernels_channel_select.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, fp8_titan, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, sparse24_table, ffn_memory, ffn_train, topk_radix, topk_radix2, mask_chunks, ffn_parity, plan_ffn, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, fp8_titan, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, sparse24_table, ffn_memory, ffn_train, topk_radix, topk_radix2, mask_chunks, ffn_parity, plan_ffn, quality1b, quality125m, continual1b, tests)"; exit 2 ;;
 esac
 exit 0

@@ -8,7 +8,10 @@ another in this process's machine, and compare their final losses with their den
 
 Each variant is `name=key=value,key=value` (config overrides on top of --set). Every run uses the same
 seed and data order, so the curves differ only by the method. The final loss of a run is the mean over
-its last --window logged steps; the ratio is variant / baseline.
+its last --window logged steps; the ratio is variant / baseline. With --eval-data, each run's final
+checkpoint is also scored on held-out data by `effdist eval` at the region it was trained with
+(`heldout_loss`, and `heldout_ratio_vs_baseline`); tools/epas_quality.py gathers such runs, made in
+separate calls, into docs/results/epas_quality.json.
 """
 
 from __future__ import annotations
@@ -83,6 +86,20 @@ def replot(json_path: str, png: str, window: int, title: str) -> int:
     return 0
 
 
+def evaluate_held_out(run_dir: Path, data: str, windows: int, timeout: int) -> dict:
+    """`effdist eval` of a run's final checkpoint: {"heldout": what it measured (regions, losses, data, windows),
+    "heldout_loss": the loss at the region the run was trained with}, or {"heldout_error": ...}."""
+    out = run_dir / "heldout.json"
+    cmd = [sys.executable, "-m", "effdist.cli", "eval", "--checkpoint", str(run_dir), "--windows", str(windows),
+           "--json", str(out)] + ([] if data == "train" else ["--data", data])
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        return {"heldout_error": proc.stderr[-2000:]}
+    result = json.loads(out.read_text())
+    kept = {k: result[k] for k in ("data", "windows", "seq_length", "step", "trained_region", "losses")}
+    return {"heldout": kept, "heldout_loss": result["losses"][str(result["trained_region"])]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--replot", metavar="JSON", default=None,
@@ -98,6 +115,11 @@ def main(argv=None) -> int:
     p.add_argument("--png", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    p.add_argument("--eval-data", default=None, metavar="PREFIX",
+                   help="after each run, its held-out loss at its trained EPAS region with `effdist eval` on this "
+                        "dataset prefix (e.g. data/english-large/heldout; 'train': the run's own training data), "
+                        "recorded as `heldout` / `heldout_loss` (the run's final checkpoint is kept for it)")
+    p.add_argument("--eval-windows", type=int, default=32, help="with --eval-data: windows of data.seq_length tokens")
     args = p.parse_args(argv)
     if args.replot:
         if not args.png:
@@ -105,6 +127,8 @@ def main(argv=None) -> int:
         return replot(args.replot, args.png, args.window, args.title or Path(args.replot).stem)
     if not args.config or args.steps is None or not args.variant:
         p.error("--config, --steps and --variant are required (unless --replot)")
+    if args.eval_windows < 1:
+        p.error(f"--eval-windows {args.eval_windows}: must be at least 1")
 
     from effdist.train.metrics import read_metrics
 
@@ -118,8 +142,9 @@ def main(argv=None) -> int:
     results = {}
     for name, extra in variants:
         run_dir = out / name
+        keep = "true" if args.eval_data else "false"
         cmd = [sys.executable, "-m", "effdist.train", "--config", args.config, "--run-dir", str(run_dir),
-               "--resume", "none", "--set", f"train.steps={args.steps}", "--set", "checkpoint.save_at_end=false"]
+               "--resume", "none", "--set", f"train.steps={args.steps}", "--set", f"checkpoint.save_at_end={keep}"]
         for o in args.overrides + extra:
             cmd += ["--set", o]
         t0 = time.time()
@@ -132,10 +157,18 @@ def main(argv=None) -> int:
         recs = read_metrics(run_dir)
         tail = [r["loss"] for r in recs[-args.window:] if r.get("loss") is not None]
         tps = [r["tokens_per_s"] for r in recs[len(recs) // 4:] if r.get("tokens_per_s")]
+        cfg = load_config(args.config, args.overrides + extra)
         results[name] = {"overrides": extra, "final_loss": sum(tail) / len(tail), "wall_s": wall,
                          "median_tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None,
-                         "curve": [(r["step"], r["loss"]) for r in recs], "tokens": args.steps * tokens_per_step}
-        print(f"{name}: final loss {results[name]['final_loss']:.4f} in {wall:.0f}s", flush=True)
+                         "curve": [(r["step"], r["loss"]) for r in recs], "tokens": args.steps * tokens_per_step,
+                         "model": cfg.model.name, "seed": cfg.train.seed}
+        if args.eval_data:
+            held_out = evaluate_held_out(run_dir, args.eval_data, args.eval_windows, args.timeout)
+            results[name].update(held_out)
+            if "heldout_error" in held_out:
+                print(f"{name}: held-out evaluation FAILED\n{held_out['heldout_error']}", flush=True)
+        shown = f", held-out {results[name]['heldout_loss']:.4f}" if "heldout_loss" in results[name] else ""
+        print(f"{name}: final loss {results[name]['final_loss']:.4f}{shown} in {wall:.0f}s", flush=True)
 
     first = variants[0][0]
     print(f"\n{'variant':<10} {'baseline':<10} {'final loss':>10} {'vs base':>8} {'tok/s':>10}")
@@ -149,13 +182,15 @@ def main(argv=None) -> int:
         if "final_loss" in b:
             r["baseline"] = base
             r["ratio_vs_baseline"] = r["final_loss"] / b["final_loss"]
+            if "heldout_loss" in r and "heldout_loss" in b:
+                r["heldout_ratio_vs_baseline"] = r["heldout_loss"] / b["heldout_loss"]
         print(f"{name:<10} {base:<10} {r['final_loss']:>10.4f} {r.get('ratio_vs_baseline', float('nan')):>8.4f} "
               f"{r['median_tokens_per_s'] or 0:>10.0f}")
     if args.png:
         plot(results, args.window, f"{Path(args.config).stem}: {args.steps} steps, same data and seed", args.png)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
-    return 0 if all("error" not in r for r in results.values()) else 1
+    return 0 if all("error" not in r and "heldout_error" not in r for r in results.values()) else 1
 
 
 if __name__ == "__main__":

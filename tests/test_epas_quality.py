@@ -1,0 +1,106 @@
+"""tools/epas_quality.py gathers held-out EPAS-vs-dense runs (tools/loss_parity.py --eval-data), made in separate
+device calls, into docs/results/epas_quality.json (issue 25 item 6); and loss_parity scores each run held out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.launching import ROOT, clean_env
+
+sys.path.insert(0, str(ROOT / "tools"))
+import epas_quality  # noqa: E402
+
+
+def _run_file(tmp_path, name: str, *, seed: int, region: int, heldout: float, model: str = "llama-1b",
+              tokens: int = 33_030_144, data: str = "data/english-large/heldout") -> str:
+    curve = [[s, 6.0 - s / 100 + region / 1000] for s in range(1, 101)]
+    record = {"overrides": [], "final_loss": curve[-1][1], "curve": curve, "tokens": tokens, "model": model,
+              "seed": seed, "heldout_loss": heldout,
+              "heldout": {"data": data, "windows": 32, "seq_length": 2048, "step": 1008, "trained_region": region,
+                          "losses": {str(region): heldout}}}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({name: record}))
+    return str(path)
+
+
+def test_a_comparison_holds_the_issues_fields_and_replaces_its_own_entry(tmp_path, capsys):
+    d1 = _run_file(tmp_path, "dense_s1", seed=1, region=0, heldout=3.00)
+    e1 = _run_file(tmp_path, "epas_s1", seed=1, region=12, heldout=3.03)
+    d2 = _run_file(tmp_path, "dense_s2", seed=2, region=0, heldout=3.10)
+    e2 = _run_file(tmp_path, "epas_s2", seed=2, region=12, heldout=3.10)
+    out = tmp_path / "epas_quality.json"
+    out.write_text(json.dumps({"schema": epas_quality.SCHEMA, "comparisons": [
+        {"name": "llama-125m L/2", "model": "llama-125m"}, {"name": "llama-1b 3L/4", "model": "stale"}]}))
+    png = tmp_path / "curves.png"
+    assert epas_quality.main(["--name", "llama-1b 3L/4", "--pair", f"{d1}={e1}", "--pair", f"{d2}:dense_s2={e2}",
+                              "--json", str(out), "--png", str(png)]) == 0
+    data = json.loads(out.read_text())
+    assert [c["name"] for c in data["comparisons"]] == ["llama-125m L/2", "llama-1b 3L/4"]  # replaced, others kept
+    entry = data["comparisons"][1]
+    assert (entry["model"], entry["final_region"], entry["tokens"], entry["seeds"]) == ("llama-1b", 12, 33_030_144,
+                                                                                     [1, 2])
+    assert entry["dense_loss"] == [3.00, 3.10] and entry["epas_loss"] == [3.03, 3.10]
+    assert entry["ratio_per_seed"] == pytest.approx([1.01, 1.0])
+    assert entry["ratio_mean"] == pytest.approx(1.005) and entry["met"] is True and entry["goal"] == 1.01
+    assert "held-out EPAS / dense 1.0050 (mean; seed 1: 1.0100, seed 2: 1.0000); goal <= 1.01: met" in \
+        capsys.readouterr().out
+    assert png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("change, line", [
+    (dict(seed=2), "seed differs (1 against 2)"),
+    (dict(tokens=1000), "tokens differs (33030144 against 1000)"),
+    (dict(region=0), "the EPAS side shares no layer (trained region 0)"),
+    (dict(data="data/english/english"), "held-out data differs"),
+])
+def test_a_pair_that_is_not_like_for_like_is_one_line(tmp_path, capsys, change, line):
+    dense = _run_file(tmp_path, "dense", seed=1, region=0, heldout=3.0)
+    epas = _run_file(tmp_path, "epas", **{**dict(seed=1, region=12, heldout=3.0), **change})
+    assert epas_quality.main(["--name", "x", "--pair", f"{dense}={epas}", "--json", str(tmp_path / "q.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("epas_quality: --pair dense:dense=epas:epas: ") and line in err and "\n" not in err
+    assert not (tmp_path / "q.json").exists()
+
+
+def test_missing_held_out_loss_and_bad_pairs_are_named(tmp_path, capsys):
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"dense": {"final_loss": 3.0}, "epas": {"final_loss": 3.1}}))
+    for pair, line in [(f"{plain}", "expected DENSE_FILE[:VARIANT]=EPAS_FILE[:VARIANT]"),
+                       (f"{plain}={plain}", "holds 2 runs (dense, epas); name one as"),
+                       (f"{plain}:dense={plain}:nope", "has no held-out loss; make it with tools/loss_parity.py"),
+                       (f"{plain}:epas={plain}:nope", "has no held-out loss")]:
+        assert epas_quality.main(["--name", "x", "--pair", pair, "--json", str(tmp_path / "q.json")]) == 2
+        assert line in capsys.readouterr().err
+    assert epas_quality.main(["--name", "x", "--json", str(tmp_path / "q.json")]) == 2
+    assert "give at least one --pair DENSE=EPAS" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_loss_parity_scores_each_run_held_out_at_its_trained_region(tmp_path):
+    """--eval-data: each run's final checkpoint goes through `effdist eval`; the EPAS run's held-out loss is the one
+    at the region it was trained with, and the ratio against its baseline is recorded (tiny model, CPU, the runs'
+    own training data standing in for held-out)."""
+    out = tmp_path / "parity.json"
+    sets = ["train.global_batch=4", "data.sample_documents=200", "data.seq_length=64", "logging.tensorboard=false",
+            "logging.progress_bar=false"]
+    cmd = [sys.executable, "tools/loss_parity.py", "--config", "configs/tiny-cpu.yaml", "--steps", "4", "--window",
+           "2", "--eval-data", "train", "--eval-windows", "2", "--out-dir", str(tmp_path / "runs"), "--json", str(out),
+           "--variant", "dense=", "--variant", "epas=epas.enabled=true,epas.interval=1,epas.final_region=2",
+           "--baseline", "epas=dense"]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    runs = json.loads(out.read_text())
+    assert runs["dense"]["heldout"]["trained_region"] == 0 and runs["epas"]["heldout"]["trained_region"] == 2
+    for name in ("dense", "epas"):
+        r = runs[name]
+        assert r["heldout_loss"] == r["heldout"]["losses"][str(r["heldout"]["trained_region"])] > 0
+        assert (r["model"], r["seed"], r["heldout"]["windows"]) == ("tiny", 1234, 2)
+    assert runs["epas"]["heldout_ratio_vs_baseline"] == pytest.approx(runs["epas"]["heldout_loss"]
+                                                                      / runs["dense"]["heldout_loss"])
+    assert "held-out" in proc.stdout
