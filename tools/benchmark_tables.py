@@ -758,8 +758,8 @@ def moc_profile(name: str = "bench_train_ffn_1b_profile_fc2fix_h100.json", kerne
                  f"{moc['kernel_ms_per_step'] - swiglu['kernel_ms_per_step']:+.1f}"))
     for kernel_name in kernels:
         kernel = moc["kernels"][kernel_name]
-        rows.append((f"of which `{kernel_name}` ({kernel['calls']} calls, {f2(kernel['ms'] / kernel['calls'])} ms each)",
-                     "–", f1(kernel["ms"]), ""))
+        each = f2(kernel["ms"] / kernel["calls"])
+        rows.append((f"of which `{kernel_name}` ({kernel['calls']} calls, {each} ms each)", "–", f1(kernel["ms"]), ""))
     return table(["GPU ms per step (llama-1b, mbs 8, 2 micro-batches)", "SwiGLU", "MoC", "MoC - SwiGLU"], rows)
 
 
@@ -767,7 +767,8 @@ def moc_profile(name: str = "bench_train_ffn_1b_profile_fc2fix_h100.json", kerne
 # masked kernels). "whole rows": the first masked kernels; "chunks": the row walked in chunks (the current ones).
 FFN_MASK_ROWS = (
     *(("llama-1b", "bench_train_ffn_1b_mask_chunks_h100.json", kind + suffix, kept, "bisect", kernels)
-      for kind in ("moc", "topk") for suffix, kept, kernels in (("", "mask", "chunks"), ("_indices", "indices", "–"))),
+      for kind in ("moc", "topk")
+      for suffix, kept, kernels in (("", "mask", "chunks"), ("_indices", "indices", "–"))),
     *((model, run, kind + suffix, "mask", search, "whole rows")
       for model, run in (("llama-1b", "bench_train_ffn_1b_radix_h100.json"),
                          ("llama-350m", "bench_train_ffn_350m_radix_rounds_h100.json"))

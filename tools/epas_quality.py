@@ -103,7 +103,8 @@ def merge(path: Path, entry: dict) -> dict:
     """The file's comparisons with `entry` in place of one of the same name (appended otherwise)."""
     data = json.loads(path.read_text()) if path.exists() else {"schema": SCHEMA, "comparisons": []}
     if data.get("schema") != SCHEMA:
-        raise QualityError(f"--json {path}: not an epas_quality file (schema {data.get('schema')!r}); give another path")
+        raise QualityError(f"--json {path}: not an epas_quality file (schema {data.get('schema')!r}); "
+                           "give another path")
     kept = [c for c in data["comparisons"] if c["name"] != entry["name"]]
     return {"schema": SCHEMA, "comparisons": kept + [entry]}
 

@@ -8,8 +8,9 @@ answer (a radix select with several kernel launches, 24 us for one 5632-wide row
 a sparse FFN's decode time); this kernel keeps whole rows in registers and finds the k-th largest
 value by bisection over the value's bits (ordered as integers: 16 rounds for bf16, 19 for fp16, 32 for
 fp32), each round a count per row; or, for bf16 rows one per program, by two 8-bit radix histograms (the
-k-th largest key's high byte, then its low byte: `method="radix"`, 1.4-1.8x slower than the bisection on an H100). The kept
-channels are then those above the threshold plus the first ties, compacted to slots with a prefix sum.
+k-th largest key's high byte, then its low byte: `method="radix"`, 1.4-1.8x slower than the bisection on
+an H100). The kept channels are then those above the threshold plus the first ties, compacted to slots
+with a prefix sum.
 One program handles ROWS rows at once, so that the bisection's reductions of several rows overlap.
 
 Beside the Triton kernel: a torch reference (stable sort), the definition the kernel is tested against.

@@ -9,10 +9,10 @@ Both are one autograd function between megatron's fc1 and fc2 (see `_SelectActiv
 gathers the selected pre-activations, applies the activation there and scatters it into a dense Z
 for fc2; it saves only the K selected pre-activations (G and U for MoC, H for top-k) and which
 channels they are: a bit mask of the row (W/8 bytes) where the selection is a plain top-K on one
-rank (unless ffn.save_selection = indices), else int16 channel indices (2K bytes; 2:8 and tensor parallelism). fc2's own saved copy of Z
-is replaced by a recipe that rebuilds it from the same tensors (effdist.model.ffn.saved), so an FFN
-layer keeps, per token, the fc1 input plus 2K (MoC) or K (top-k) values and the selection, instead
-of SwiGLU's G, U, SiLU(G), Z (4·d_ffn values).
+rank (unless ffn.save_selection = indices), else int16 channel indices (2K bytes; 2:8 and tensor
+parallelism). fc2's own saved copy of Z is replaced by a recipe that rebuilds it from the same
+tensors (effdist.model.ffn.saved), so an FFN layer keeps, per token, the fc1 input plus 2K (MoC) or
+K (top-k) values and the selection, instead of SwiGLU's G, U, SiLU(G), Z (4·d_ffn values).
 Gradients reach only the selected channels: the selection is a constant of the step.
 """
 
