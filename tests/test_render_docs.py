@@ -83,7 +83,8 @@ def test_benchmark_tables_follow_their_json(render_docs, monkeypatch):
     mask = benchmark_tables.ffn_train_mask()
     assert ("| llama-1b | `bench_train_ffn_1b_mask_chunks_h100.json` | MoC (K = 0.1875 f) | mask | bisect | chunks | "
             "80,550 | 88,116 | **0.914** | 28.57 | 35.61 | 0.802 | ≥ 0.95 at ≤ 0.80: not met (speed, memory) |") in mask
-    assert "| top-k ReLU (10%) | mask | radix | whole rows | 129,026 | 160,523 | **0.806** (0.759-0.854, 2 rounds) |" in mask
+    assert ("| top-k ReLU (10%) | mask | radix | whole rows | 129,026 | 160,523 | **0.806** (0.759-0.854, 2 rounds) |"
+            in mask)
     backward = benchmark_tables.masked_backward_sweep()
     assert "| 1.153 | 2.148 | (1, 1024, 4) 0.800 | (1, 512, 2) 0.670 | **1.44** | yes |" in backward
     assert "| MoC (K = 0.1875·f) | dense | 5.201 | **0.9888** | 0.9913 |" in benchmark_tables.ffn_parity_after()
