@@ -1,0 +1,58 @@
+"""tools/subset_dataset.py: the first whole documents of a tokenized dataset up to a token count, as its own dataset
+(a corpus small enough for one device call, docs/data.md)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+from tests.launching import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+import subset_dataset  # noqa: E402
+
+
+def _dataset(prefix: str, lengths: list[int]) -> list[np.ndarray]:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    docs = [np.arange(n, dtype=np.uint16) + 7 * i for i, n in enumerate(lengths)]
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for d in docs:
+        builder.add_document(d, [len(d)])
+    builder.finalize(prefix + ".idx")
+    meta = {"format": "effdist-indexed-v1", "vocab_size": 32000, "documents": len(docs), "tokens": sum(lengths)}
+    with open(prefix + ".meta.json", "w") as f:
+        f.write(json.dumps(meta))
+    return docs
+
+
+def test_the_first_whole_documents_up_to_the_token_count(tmp_path, capsys):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    src, out = str(tmp_path / "train"), str(tmp_path / "train36")
+    docs = _dataset(src, [5, 9, 4, 12, 3])
+    assert subset_dataset.main(["--input", src, "--tokens", "15", "--output", out]) == 0
+    got = IndexedDataset(out)
+    assert len(got) == 3 and all(np.array_equal(got[i], docs[i]) for i in range(3))  # 5 + 9 < 15 <= 5 + 9 + 4
+    meta = json.loads(open(out + ".meta.json").read())
+    assert (meta["documents"], meta["tokens"], meta["subset_of"], meta["vocab_size"]) == (3, 18, src, 32000)
+    assert "3 documents, 18 tokens (the first of" in capsys.readouterr().out
+    # More tokens than the dataset holds: all of it. An existing output is refused unless --overwrite.
+    assert subset_dataset.main(["--input", src, "--tokens", "1000", "--output", out]) == 2
+    assert "--output" in capsys.readouterr().err and len(IndexedDataset(out)) == 3
+    assert subset_dataset.main(["--input", src, "--tokens", "1000", "--output", out, "--overwrite"]) == 0
+    assert len(IndexedDataset(out)) == 5
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    src = str(tmp_path / "train")
+    _dataset(src, [4, 4])
+    for args, line in [(["--input", str(tmp_path / "none"), "--tokens", "5", "--output", str(tmp_path / "o")],
+                        "no " + str(tmp_path / "none") + ".bin/.idx here"),
+                       (["--input", src, "--tokens", "0", "--output", str(tmp_path / "o")], "--tokens 0: must be"),
+                       (["--input", src, "--tokens", "5", "--output", src], "is --input; give another prefix")]:
+        assert subset_dataset.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert line in err and "\n" not in err

@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""The first documents of a tokenized dataset, as a dataset of its own: a corpus small enough to carry to a GPU
+machine in one device call (docs/data.md, "A subset for one device call").
+
+    python tools/subset_dataset.py --input data/english-large/train --tokens 36000000 \\
+        --output data/english-large/train36
+
+Whole documents from the start of --input until --tokens are reached (the large preset's documents come in a
+hashed package order, so the start is a fair sample of the packages); the .meta.json of --input is kept, with
+this subset's documents and tokens and `subset_of`. No tokenizing: the ids are copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def subset(prefix: str, tokens: int, output: str) -> dict:
+    """Write `output`.bin/.idx/.meta.json from the first documents of `prefix` holding >= `tokens` tokens (all of
+    them if it holds fewer); return the new metadata."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    from effdist.data.preprocess import meta_path, read_meta
+
+    source = IndexedDataset(prefix)
+    lengths = np.asarray(source.sequence_lengths, dtype=np.int64)
+    count = int(np.searchsorted(np.cumsum(lengths), tokens) + 1) if lengths.sum() > tokens else len(lengths)
+    builder = IndexedDatasetBuilder(output + ".bin", dtype=source.index.dtype)
+    for i in range(count):
+        builder.add_document(source[i], [int(lengths[i])])
+    builder.finalize(output + ".idx")
+    meta = dict(read_meta(prefix) or {})
+    meta.update(documents=count, tokens=int(lengths[:count].sum()), subset_of=str(prefix))
+    meta_path(output).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", required=True, help="prefix of a tokenized dataset (PREFIX.bin/.idx)")
+    p.add_argument("--tokens", type=int, required=True, help="take whole documents until this many tokens")
+    p.add_argument("--output", required=True, help="prefix to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output")
+    args = p.parse_args(argv)
+    if args.tokens < 1:
+        print(f"subset_dataset: --tokens {args.tokens}: must be at least 1", file=sys.stderr)
+        return 2
+    if not (Path(args.input + ".bin").exists() and Path(args.input + ".idx").exists()):
+        print(f"subset_dataset: --input {args.input}: no {args.input}.bin/.idx here; give a dataset prefix "
+              "(effdist preprocess --output-prefix)", file=sys.stderr)
+        return 2
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        print(f"subset_dataset: --output {args.output} is --input; give another prefix", file=sys.stderr)
+        return 2
+    if not args.overwrite and any(Path(args.output + ext).exists() for ext in (".bin", ".idx", ".meta.json")):
+        print(f"subset_dataset: --output {args.output} exists: give a new prefix, or --overwrite to replace it",
+              file=sys.stderr)
+        return 2
+    meta = subset(args.input, args.tokens, args.output)
+    print(f"{args.output}: {meta['documents']:,} documents, {meta['tokens']:,} tokens (the first of {args.input})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
