@@ -301,7 +301,7 @@ quality1b)
 quality125m)
   # Issue #25 item 3: llama-125m dense vs EPAS at L/2 = 6 of 12 layers (early schedule), the token budget of
   # quality1b (1008 steps x 16 x 2048), model seeds 1 and 2 (about 90 s a run), each run's held-out loss as above.
-  for seed in 1 2; do
+  for seed in ${3:-1 2}; do  # third argument: the seeds (default "1 2"; each run's JSON is written as it ends)
     quality_run 125m 16 1008 dense "$seed" ""
     quality_run 125m 16 1008 epas "$seed" ",epas.final_region=6,$early"
   done
