@@ -2,7 +2,8 @@
 """GPU: the threshold-search top-k kernels (effdist.kernels.topk_select) against torch.topk, bf16.
 
 * selection alone: topk_select vs torch.topk(sorted=False), at the decode shapes (1 and 32 rows of the
-  llama-1b FFN width) and the training shapes (16k rows of llama-350m's and llama-1b's);
+  llama-1b FFN width, with a sweep of the warps of the one program a row) and the training shapes (16k rows
+  of llama-350m's and llama-1b's);
 * training forward of MoC / top-k: the fused top-k + SiLU(g)·u (or relu) kernel vs torch.topk followed by
   effdist.kernels.channel_select.select_activate, with a sweep of (rows per program, warps) and, for one
   row per program, both threshold searches (bisection, and the radix histograms as "radix/(1, W, warps)");
@@ -47,6 +48,9 @@ FUSED_CASES = [(16384, 2816, 528, "swiglu"), (16384, 5632, 1056, "swiglu"), (163
 # more than MAX_PER_THREAD row elements per thread are skipped (they spill registers).
 CONFIGS = [(rows, warps) for rows in (1, 2, 4, 8) for warps in (1, 2, 4, 8, 16)]
 MAX_PER_THREAD = 128
+# The decode-sized selections (at most this many rows) are also timed at each of these warp counts.
+DECODE_MAX_ROWS = 32
+DECODE_WARPS = (2, 4, 8, 16, 32)
 # The masked kernels' (rows per program, columns per chunk, warps); a chunk as wide as the row (rounded up to a power
 # of two) is the first version's whole-row walk, kept in the sweep as the comparison.
 MASKED_CONFIGS = [(1, 256, 1), (1, 256, 2), (1, 512, 2), (1, 512, 4), (1, 1024, 4), (1, 1024, 8), (1, 2048, 8),
@@ -119,10 +123,24 @@ def main() -> int:
         x = torch.randn(n, w, device="cuda", dtype=torch.bfloat16)
         ours = gpu_ms(lambda: topk_select_triton(x, k))
         ref = gpu_ms(lambda: torch.topk(x, k, dim=1, sorted=False))
-        select.append({"rows": n, "width": w, "k": k, "config": list(topk_select_config(n, w)),
-                       "topk_select_ms": ours, "torch_topk_ms": ref, "speedup": ref / ours})
+        row = {"rows": n, "width": w, "k": k, "config": list(topk_select_config(n, w)),
+               "topk_select_ms": ours, "torch_topk_ms": ref, "speedup": ref / ours}
+        if n <= DECODE_MAX_ROWS:  # decode shapes: one row per program, latency-bound; which warp count is fastest
+            want = topk_select_triton(x, k)
+            row["warps_ms"], row["same_output_as_default"] = {}, {}
+            for warps in DECODE_WARPS:
+                cfg = (1, 1 << (w - 1).bit_length(), warps)
+                try:
+                    got = topk_select_triton(x, k, cfg)
+                    row["warps_ms"][str(warps)] = gpu_ms(lambda: topk_select_triton(x, k, cfg))
+                except Exception as e:  # noqa: BLE001  (a configuration the GPU refuses must not end the sweep)
+                    print(f"  select config {cfg}: {type(e).__name__}", flush=True)
+                    continue
+                row["same_output_as_default"][str(warps)] = all(torch.equal(a, b) for a, b in zip(got, want))
+        select.append(row)
+        swept = "".join(f", {wp} warps {t * 1e3:.1f} us" for wp, t in row.get("warps_ms", {}).items())
         print(f"select {n:>6} x {w} k {k:>5}: topk_select {ours * 1e3:8.1f} us, torch.topk {ref * 1e3:8.1f} us "
-              f"({ref / ours:.2f}x)", flush=True)
+              f"({ref / ours:.2f}x){swept}", flush=True)
     for n, w, k, act in FUSED_CASES if "fused" in parts else []:
         src = torch.randn(n, 2 * w if act == "swiglu" else w, device="cuda", dtype=torch.bfloat16)
 

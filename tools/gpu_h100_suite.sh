@@ -463,6 +463,8 @@ decode_greedy)
   # reference, 32 greedy tokens, in fp32 (in bf16 the random-weight benchmark's logits tie within rounding).
   run 300 python3 tools/bench_decode.py --ffn-kinds moc,topk,elas --batches 1,8 --contexts 512 --regions 0,8 \
     --new-tokens 32 --rounds 1 --no-eager --dtype fp32 --check-greedy 32 --json "$out/bench_decode_ffn_greedy_fp32.json"
+  # The decode-sized selection at each warp count (13 us a layer at batch 1, the largest item of MoC's decode FFN).
+  run 90 python3 tools/bench_topk_select.py --parts select --json "$out/bench_topk_select_decode_warps.json"
   ;;
 ffn_train)
   # Issue #23 items 1-3 after the fix of the dense fc2 input that every compact kind kept alive (effdist.model.ffn.saved):
