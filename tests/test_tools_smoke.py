@@ -162,14 +162,16 @@ def test_bench_checkpoint_tiny(tmp_path):
 
 
 def test_gpu_kernel_benchmarks_say_they_need_a_gpu():
-    """tools/bench_sparse24_tile.py times GPU kernels only: on a machine without one it says so in one line."""
+    """tools/bench_sparse24_tile.py and tools/bench_topk_select.py time GPU kernels only: on a machine without one
+    they say so in one line."""
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: the tool runs for real (suite part sparse24_table)")
-    proc = subprocess.run([sys.executable, "tools/bench_sparse24_tile.py"], cwd=ROOT, env=clean_env(),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "it needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+        pytest.skip("this machine has a GPU: the tools run for real (suite parts sparse24_table, mask_chunks)")
+    for tool in ("tools/bench_sparse24_tile.py", "tools/bench_topk_select.py"):
+        proc = subprocess.run([sys.executable, tool], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2 and "it needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr, tool
 
 
 def test_activation_memory_probe_and_accounting(tmp_path):

@@ -118,6 +118,8 @@ def main() -> int:
     parts = set(args.parts.split(","))
     if parts - {"select", "fused", "backward"}:
         p.error(f"--parts {args.parts}: valid parts are select, fused, backward")
+    if not torch.cuda.is_available():
+        p.error("this benchmark times GPU kernels: it needs a CUDA GPU")
     select, fused, backward = [], [], []
     for n, w, k in SELECT_CASES if "select" in parts else []:
         x = torch.randn(n, w, device="cuda", dtype=torch.bfloat16)
