@@ -67,20 +67,27 @@ def test_triton_several_rows_per_program_and_negative_rows(monkeypatch):
     assert idx[7].tolist() == list(range(10))
 
 
-@needs_interpreter
-@pytest.mark.parametrize("width,k", [(40, 7), (33, 33), (20, 1), (96, 50)])
-def test_radix_threshold_equals_the_reference(width, k):
-    """method="radix" (two 8-bit histograms, bf16, one row per program): the same channels and values as the
-    reference, with ties (bf16 makes many), -0.0 beside +0.0, -inf, constant and all-negative rows."""
-    g = torch.Generator().manual_seed(width + k)
-    scores = torch.randn(6, width, generator=g).to(torch.bfloat16)
+def _hard_rows(width: int, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    """Six rows that trip threshold searches: a run of ties, -0.0 beside +0.0, -inf, a constant row, an
+    all-negative row and few distinct values (many ties)."""
+    scores = torch.randn(6, width, generator=g).to(dtype)
     scores[0, :5] = scores[0, 5]
     scores[1, -3:] = -0.0
     scores[1, :3] = 0.0
     scores[2, :2] = float("-inf")
     scores[3] = 2.5
     scores[4] = scores[4].abs().neg() - 5
-    scores[5] = torch.randint(-3, 3, (width,), generator=g).to(torch.bfloat16)  # few distinct values: many ties
+    scores[5] = torch.randint(-3, 3, (width,), generator=g).to(dtype)
+    return scores
+
+
+@needs_interpreter
+@pytest.mark.parametrize("width,k", [(40, 7), (33, 33), (20, 1), (96, 50)])
+def test_radix_threshold_equals_the_reference(width, k):
+    """method="radix" (two 8-bit histograms, bf16, one row per program): the same channels and values as the
+    reference, with ties (bf16 makes many), -0.0 beside +0.0, -inf, constant and all-negative rows."""
+    g = torch.Generator().manual_seed(width + k)
+    scores = _hard_rows(width, torch.bfloat16, g)
     config = (1, 1 << (width - 1).bit_length(), 1)
     idx, values = topk_select_triton(scores, k, config, method="radix")
     want_idx, want_values = topk_select_reference(scores, k)
@@ -95,12 +102,33 @@ def test_radix_threshold_equals_the_reference(width, k):
             assert (a is None and b is None) or torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True) is None
 
 
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("width,k", [(40, 7), (33, 33), (20, 1), (96, 50)])
+def test_four_way_threshold_equals_the_reference(dtype, width, k):
+    """method="bisect4" (three counts a round in one packed reduction, KEY_BITS / 2 rounds): the reference's
+    channels and values for 16-, 19- and 32-bit keys (int32 and int64 ranges), with ties, signed zeros, -inf,
+    constant and all-negative rows, one and several rows per program; the fused kernel's too."""
+    g = torch.Generator().manual_seed(3 * width + k)
+    scores = _hard_rows(width, dtype, g)
+    want_idx, want_values = topk_select_reference(scores, k)
+    block = 1 << (width - 1).bit_length()
+    for config in ((1, block, 1), (4, block, 2)):
+        idx, values = topk_select_triton(scores, k, config, method="bisect4")
+        assert torch.equal(idx, want_idx) and torch.equal(values, want_values), config
+    src = torch.randn(6, 2 * width, generator=g).to(dtype)
+    src[:, :width] = scores
+    got = topk_module.topk_select_activate_triton(src, k, width, "swiglu", torch.int32, (2, block, 2),
+                                                  method="bisect4", as_mask=True)
+    assert torch.equal(got[3], topk_module.topk_select_activate_reference(src, k, width, "swiglu", as_mask=True)[3])
+
+
 def test_radix_is_refused_where_it_does_not_apply():
     with pytest.raises(ValueError, match="method = 'radix' takes bf16 rows one per program, not torch.float32"):
         topk_module._use_radix("radix", torch.float32, 1)
     with pytest.raises(ValueError, match="with 2 rows per program"):
         topk_module._use_radix("radix", torch.bfloat16, 2)
-    with pytest.raises(ValueError, match="method = 'heap': choose one of bisect, radix"):
+    with pytest.raises(ValueError, match="method = 'heap': choose one of bisect, radix, bisect4"):
         topk_module._use_radix("heap", torch.bfloat16, 1)
     assert not topk_module._use_radix(None, torch.float32, 2)
 
@@ -161,7 +189,7 @@ def test_fused_triton_equals_reference(act, dtype, rows, width, k):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("method", ["bisect", "radix"])
+@pytest.mark.parametrize("method", ["bisect", "radix", "bisect4"])
 @pytest.mark.parametrize("rows,width,k", [(3, 40, 7), (MANY_ROWS, 24, 5), (2, 70, 64)])
 def test_fused_mask_is_the_references_selection(method, rows, width, k):
     """as_mask=True (the training path): the selection comes back as bit-mask words, the other outputs as with
@@ -221,7 +249,7 @@ def test_the_dispatcher_takes_radix_for_bf16_only(monkeypatch):
 @requires_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("as_mask", [False, True])
-@pytest.mark.parametrize("method", ["bisect", "radix"])
+@pytest.mark.parametrize("method", ["bisect", "radix", "bisect4"])
 @pytest.mark.parametrize("act", ["swiglu", "relu"])
 def test_gpu_fused_equals_reference(act, method, as_mask):
     width = 2816

@@ -5,8 +5,9 @@
   llama-1b FFN width, with a sweep of the warps of the one program a row) and the training shapes (16k rows
   of llama-350m's and llama-1b's);
 * training forward of MoC / top-k: the fused top-k + SiLU(g)·u (or relu) kernel vs torch.topk followed by
-  effdist.kernels.channel_select.select_activate, with a sweep of (rows per program, warps) and, for one
-  row per program, both threshold searches (bisection, and the radix histograms as "radix/(1, W, warps)");
+  effdist.kernels.channel_select.select_activate, with a sweep of (rows per program, warps) and each threshold
+  search (bisection; the four-way bisection as "bisect4/(rows, W, warps)"; for one row per program the radix
+  histograms as "radix/(1, W, warps)");
 * training backward of the same: the fc1-output gradient and the rebuild of fc2's input from the selection kept
   as indices (scatter into a zeroed tensor) vs kept as a bit mask (dense-row kernels), with a sweep of the masked
   kernels' (rows per program, columns per chunk, warps); outputs compared with the index path's.
@@ -37,7 +38,12 @@ from effdist.kernels.channel_select import (  # noqa: E402
     select_activate_backward_masked_triton,
     select_activate_backward_triton,
 )
-from effdist.kernels.topk_select import topk_select_activate_triton, topk_select_config, topk_select_triton  # noqa: E402
+from effdist.kernels.topk_select import (  # noqa: E402
+    SELECT_METHODS,
+    topk_select_activate_triton,
+    topk_select_config,
+    topk_select_triton,
+)
 from tools.gpu_result import write_gpu_json  # noqa: E402
 
 SELECT_CASES = [(1, 5632, 1056), (1, 5632, 563), (32, 5632, 1056), (16384, 2816, 528), (16384, 5632, 1056)]
@@ -155,11 +161,11 @@ def main() -> int:
                "default_config": list(topk_select_config(n, w)), "fused_ms": {}}
         expected = topk_select_activate_triton(src, k, w, act, torch.int16)
         row["same_output_as_default"] = {}
-        for (rows_per, warps), method in [(c, m) for c in CONFIGS for m in ("bisect", "radix")]:
+        for (rows_per, warps), method in [(c, m) for c in CONFIGS for m in SELECT_METHODS]:
             cfg = (rows_per, 1 << (w - 1).bit_length(), warps)
             if rows_per * cfg[1] > MAX_PER_THREAD * 32 * warps or (method == "radix" and rows_per != 1):
                 continue
-            name = str(cfg) if method == "bisect" else f"radix/{cfg}"
+            name = str(cfg) if method == "bisect" else f"{method}/{cfg}"
             try:
                 got = topk_select_activate_triton(src, k, w, act, torch.int16, cfg, method)
                 ms = gpu_ms(lambda: topk_select_activate_triton(src, k, w, act, torch.int16, cfg, method))

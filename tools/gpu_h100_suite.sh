@@ -18,7 +18,7 @@
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|fp8_titan|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|ffn_memory|ffn_train|topk_radix|topk_radix2|mask_chunks|mask_chunks2|decode_greedy|ffn_parity|plan_ffn|quality1b|quality125m|continual1b|tests OUTDIR [ARGS]}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|fp8_titan|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|ffn_memory|ffn_train|topk_radix|topk_radix2|mask_chunks|mask_chunks2|select4|decode_greedy|ffn_parity|plan_ffn|quality1b|quality125m|continual1b|tests OUTDIR [ARGS]}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
@@ -458,6 +458,12 @@ mask_chunks2)
     --json "$out/bench_train_ffn_350m_mask_rounds.json" --variant swiglu= --variant moc=ffn.kind=moc \
     --variant topk=ffn.kind=topk
   ;;
+select4)
+  # The four-way bisection of the top-K kernels (three counts a round in one reduction, half the rounds): GPU tests,
+  # then the fused select + activate sweep with all three searches at the training shapes (outputs compared).
+  run 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_topk_select.py
+  run 420 python3 tools/bench_topk_select.py --parts fused --json "$out/bench_topk_select_bisect4.json"
+  ;;
 decode_greedy)
   # Issue #23 item 4's equality check on a GPU: sparse decode of MoC, top-k and ELAS against its dense-math
   # reference, 32 greedy tokens, in fp32 (in bf16 the random-weight benchmark's logits tie within rounding).
@@ -481,6 +487,6 @@ tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py \
     tests/test_kernels_topk_select.py tests/test_kernels_channel_select.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, fp8_titan, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, sparse24_table, ffn_memory, ffn_train, topk_radix, topk_radix2, mask_chunks, mask_chunks2, decode_greedy, ffn_parity, plan_ffn, quality1b, quality125m, continual1b, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, fp8_titan, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, sparse24_table, ffn_memory, ffn_train, topk_radix, topk_radix2, mask_chunks, mask_chunks2, select4, decode_greedy, ffn_parity, plan_ffn, quality1b, quality125m, continual1b, tests)"; exit 2 ;;
 esac
 exit 0

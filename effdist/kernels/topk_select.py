@@ -47,9 +47,10 @@ if HAVE_TRITON:
     from effdist.kernels.channel_select import _activate, pack_keep
 
     @triton.jit
-    def _topk_keep(raw, valid, k, KEY_BITS: tl.constexpr, ROWS: tl.constexpr):
+    def _topk_keep(raw, valid, k, KEY_BITS: tl.constexpr, ROWS: tl.constexpr, WAYS: tl.constexpr):
         """Which entries of a [ROWS, BLOCK_W] tile are among their row's k largest (ties to the lower
-        column) and each kept entry's slot (its rank in column order among the kept)."""
+        column) and each kept entry's slot (its rank in column order among the kept). WAYS 4: the
+        threshold search splits its range in four a round (see _four_way_round)."""
         # Order-preserving integer keys: fp32 bits, negatives flipped; the top KEY_BITS bits hold all of a
         # bf16 (16) / fp16 (19) value.
         bits = raw.to(tl.float32).to(tl.int32, bitcast=True)
@@ -62,13 +63,39 @@ if HAVE_TRITON:
         else:
             lo = tl.full((ROWS,), -(1 << (KEY_BITS - 1)), tl.int32)
             hi = tl.full((ROWS,), (1 << (KEY_BITS - 1)) - 1, tl.int32)
-        for _ in range(KEY_BITS):
-            mid = lo + (hi - lo + 1) // 2
-            count = tl.sum((valid & (key >= mid[:, None])).to(tl.int32), axis=1)
-            take = count >= k
-            lo = tl.where(take, mid, lo)
-            hi = tl.where(take, hi, mid - 1)
+        if WAYS == 4:
+            for _ in range((KEY_BITS + 1) // 2):
+                lo, hi = _four_way_round(key, valid, k, lo, hi)
+        else:
+            for _ in range(KEY_BITS):
+                mid = lo + (hi - lo + 1) // 2
+                count = tl.sum((valid & (key >= mid[:, None])).to(tl.int32), axis=1)
+                take = count >= k
+                lo = tl.where(take, mid, lo)
+                hi = tl.where(take, hi, mid - 1)
         return _keep_from_threshold(key, valid, lo, k)
+
+    @triton.jit
+    def _four_way_round(key, valid, k, lo, hi):
+        """One round of a four-way search for the largest t in [lo, hi] with count(key >= t) >= k: three
+        thresholds split the range into quarters (each at most ceil(span / 4) keys, so KEY_BITS / 2 rounds end
+        it), and their three counts go through ONE row reduction, packed 21 bits apart in an int64 (a row holds
+        fewer than 2^21 entries). The bisection's cost is its KEY_BITS reductions across the program's warps,
+        not its compares: this halves them for three times the compares."""
+        span = hi - lo + 1
+        t1 = lo + (span + 3) // 4
+        t2 = lo + (2 * span + 3) // 4
+        t3 = lo + (3 * span + 3) // 4
+        packed = ((valid & (key >= t1[:, None])).to(tl.int64)
+                  + ((valid & (key >= t2[:, None])).to(tl.int64) << 21)
+                  + ((valid & (key >= t3[:, None])).to(tl.int64) << 42))
+        total = tl.sum(packed, axis=1)
+        c1 = total & 0x1FFFFF
+        c2 = (total >> 21) & 0x1FFFFF
+        c3 = total >> 42
+        new_lo = tl.where(c3 >= k, t3, tl.where(c2 >= k, t2, tl.where(c1 >= k, t1, lo)))
+        new_hi = tl.where(c3 >= k, hi, tl.where(c2 >= k, t3 - 1, tl.where(c1 >= k, t2 - 1, t1 - 1)))
+        return new_lo.to(lo.dtype), new_hi.to(hi.dtype)
 
     @triton.jit
     def _keep_from_threshold(key, valid, lo, k):
@@ -108,7 +135,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _topk_select_kernel(s_ptr, idx_ptr, val_ptr, n_rows, width, k, stride_s, stride_idx, stride_val,
-                            KEY_BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr, RADIX: tl.constexpr):
+                            KEY_BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr, RADIX: tl.constexpr,
+                            WAYS: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_W)
         valid = (rows < n_rows)[:, None] & (cols < width)[None, :]
@@ -117,7 +145,7 @@ if HAVE_TRITON:
         if RADIX:
             keep, slot = _topk_keep_radix(raw, valid, k, BLOCK_W)
         else:
-            keep, slot = _topk_keep(raw, valid, k, KEY_BITS, ROWS)
+            keep, slot = _topk_keep(raw, valid, k, KEY_BITS, ROWS, WAYS)
         tl.store(idx_ptr + r64 * stride_idx + slot, (cols[None, :] + tl.zeros_like(slot)).to(idx_ptr.dtype.element_ty),
                  mask=keep)
         tl.store(val_ptr + r64 * stride_val + slot, raw, mask=keep)
@@ -126,7 +154,8 @@ if HAVE_TRITON:
     def _topk_select_activate_kernel(src_ptr, z_ptr, a_ptr, b_ptr, idx_ptr, n_rows, width, k,
                                      stride_src, stride_z, stride_sel, stride_idx,
                                      ACT: tl.constexpr, KEY_BITS: tl.constexpr, ROWS: tl.constexpr,
-                                     BLOCK_W: tl.constexpr, RADIX: tl.constexpr, MASK: tl.constexpr):
+                                     BLOCK_W: tl.constexpr, RADIX: tl.constexpr, MASK: tl.constexpr,
+                                     WAYS: tl.constexpr):
         """MASK: idx_ptr receives the selection as bit-mask words (effdist.kernels.channel_select) instead of
         channel indices."""
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -137,7 +166,7 @@ if HAVE_TRITON:
         if RADIX:
             keep, slot = _topk_keep_radix(a, valid, k, BLOCK_W)
         else:
-            keep, slot = _topk_keep(a, valid, k, KEY_BITS, ROWS)
+            keep, slot = _topk_keep(a, valid, k, KEY_BITS, ROWS, WAYS)
         b = a
         if ACT == 0:  # swiglu: the up half of the row, read whole (it is contiguous; the gathers were not)
             b = tl.load(src_ptr + r64 * stride_src + width + cols[None, :], mask=valid, other=0.0)
@@ -157,11 +186,17 @@ if HAVE_TRITON:
 
 _KEY_BITS = {torch.bfloat16: 16, torch.float16: 19, torch.float32: 32}
 
-# How the threshold is found: "bisect" (KEY_BITS rounds of a count per row) or "radix" (two 8-bit histograms;
-# bf16 rows, one row per program). Bisection stays the default until the radix kernel is timed on a GPU
-# (tools/bench_topk_select.py sweeps both).
-SELECT_METHODS = ("bisect", "radix")
+# How the threshold is found: "bisect" (KEY_BITS rounds of a count per row), "radix" (two 8-bit histograms;
+# bf16 rows, one row per program: 1.4-1.8x slower than bisection on an H100) or "bisect4" (KEY_BITS / 2 rounds of
+# three counts in one reduction; the kernels take it, ffn.select_method not yet: untimed until
+# tools/bench_topk_select.py sweeps it on a GPU). All three select the same channels.
+SELECT_METHODS = ("bisect", "radix", "bisect4")
 DEFAULT_SELECT_METHOD = "bisect"
+
+
+def _ways(method: str | None) -> int:
+    """Ranges per round of the threshold search: 4 for "bisect4", else 2 (unused by radix)."""
+    return 4 if method == "bisect4" else 2
 
 
 def _use_radix(method: str | None, dtype: torch.dtype, rows_per_program: int) -> bool:
@@ -193,8 +228,9 @@ def topk_select_config(rows: int, width: int, method: str = "bisect") -> tuple[i
 
 def _launch(rows: int, width: int, dtype: torch.dtype, method: str) -> tuple[tuple[int, int, int], str]:
     """(launch configuration, method) of a dispatched call: radix where asked for and the rows are bf16, else
-    bisection."""
-    method = "radix" if method == "radix" and dtype == torch.bfloat16 else "bisect"
+    bisection (four-way where asked for)."""
+    method = "radix" if method == "radix" and dtype == torch.bfloat16 else ("bisect4" if method == "bisect4" else
+                                                                             "bisect")
     return topk_select_config(rows, width, method), method
 
 
@@ -214,7 +250,8 @@ def topk_select_triton(scores: torch.Tensor, k: int, config: tuple[int, int, int
         radix = _use_radix(method, scores.dtype, per_program)
         _topk_select_kernel[(triton.cdiv(rows, per_program),)](
             scores, idx, values, rows, width, k, scores.stride(0), idx.stride(0), values.stride(0),
-            KEY_BITS=_KEY_BITS[scores.dtype], ROWS=per_program, BLOCK_W=block_w, RADIX=radix, num_warps=warps)
+            KEY_BITS=_KEY_BITS[scores.dtype], ROWS=per_program, BLOCK_W=block_w, RADIX=radix, WAYS=_ways(method),
+            num_warps=warps)
     return idx, values
 
 
@@ -267,7 +304,8 @@ def topk_select_activate_triton(src: torch.Tensor, k: int, width: int, act: str,
         _topk_select_activate_kernel[(triton.cdiv(n, per_program),)](
             src, z, a, b if b is not None else a, idx, n, width, k, src.stride(0), z.stride(0), a.stride(0),
             idx.stride(0), ACT=code, KEY_BITS=_KEY_BITS[src.dtype], ROWS=per_program,
-            BLOCK_W=max(block_w, 32) if as_mask else block_w, RADIX=radix, MASK=as_mask, num_warps=warps)
+            BLOCK_W=max(block_w, 32) if as_mask else block_w, RADIX=radix, MASK=as_mask, WAYS=_ways(method),
+            num_warps=warps)
     return z, a, b, idx
 
 
