@@ -86,6 +86,27 @@ def replot(json_path: str, png: str, window: int, title: str) -> int:
     return 0
 
 
+def compare(results: dict, variants: list, baselines: dict) -> None:
+    """Each run's ratio to its baseline (the first variant unless --baseline says otherwise), of the final training
+    loss and, where both were scored held out, of the held-out loss; printed as a table."""
+    first = variants[0][0]
+    print(f"\n{'variant':<10} {'baseline':<10} {'final loss':>10} {'vs base':>8} {'tok/s':>10}")
+    for name, _ in variants:
+        r = results[name]
+        if "error" in r:
+            print(f"{name:<10} FAILED")
+            continue
+        base = baselines.get(name, first)
+        b = results.get(base, {})
+        if "final_loss" in b:
+            r["baseline"] = base
+            r["ratio_vs_baseline"] = r["final_loss"] / b["final_loss"]
+            if "heldout_loss" in r and "heldout_loss" in b:
+                r["heldout_ratio_vs_baseline"] = r["heldout_loss"] / b["heldout_loss"]
+        print(f"{name:<10} {base:<10} {r['final_loss']:>10.4f} {r.get('ratio_vs_baseline', float('nan')):>8.4f} "
+              f"{r['median_tokens_per_s'] or 0:>10.0f}")
+
+
 def evaluate_held_out(run_dir: Path, data: str, windows: int, timeout: int) -> dict:
     """`effdist eval` of a run's final checkpoint: {"heldout": what it measured (regions, losses, data, windows),
     "heldout_loss": the loss at the region the run was trained with}, or {"heldout_error": ...}."""
@@ -170,22 +191,7 @@ def main(argv=None) -> int:
         shown = f", held-out {results[name]['heldout_loss']:.4f}" if "heldout_loss" in results[name] else ""
         print(f"{name}: final loss {results[name]['final_loss']:.4f}{shown} in {wall:.0f}s", flush=True)
 
-    first = variants[0][0]
-    print(f"\n{'variant':<10} {'baseline':<10} {'final loss':>10} {'vs base':>8} {'tok/s':>10}")
-    for name, _ in variants:
-        r = results[name]
-        if "error" in r:
-            print(f"{name:<10} FAILED")
-            continue
-        base = baselines.get(name, first)
-        b = results.get(base, {})
-        if "final_loss" in b:
-            r["baseline"] = base
-            r["ratio_vs_baseline"] = r["final_loss"] / b["final_loss"]
-            if "heldout_loss" in r and "heldout_loss" in b:
-                r["heldout_ratio_vs_baseline"] = r["heldout_loss"] / b["heldout_loss"]
-        print(f"{name:<10} {base:<10} {r['final_loss']:>10.4f} {r.get('ratio_vs_baseline', float('nan')):>8.4f} "
-              f"{r['median_tokens_per_s'] or 0:>10.0f}")
+    compare(results, variants, baselines)
     if args.png:
         plot(results, args.window, f"{Path(args.config).stem}: {args.steps} steps, same data and seed", args.png)
     if args.json:
