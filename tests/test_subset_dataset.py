@@ -33,26 +33,26 @@ def test_the_first_whole_documents_up_to_the_token_count(tmp_path, capsys):
 
     src, out = str(tmp_path / "train"), str(tmp_path / "train36")
     docs = _dataset(src, [5, 9, 4, 12, 3])
-    assert subset_dataset.main(["--input", src, "--tokens", "15", "--output", out]) == 0
+    assert subset_dataset.main(["--input", src, "--tokens", "15", "--output-prefix", out]) == 0
     got = IndexedDataset(out)
     assert len(got) == 3 and all(np.array_equal(got[i], docs[i]) for i in range(3))  # 5 + 9 < 15 <= 5 + 9 + 4
     meta = json.loads(open(out + ".meta.json").read())
     assert (meta["documents"], meta["tokens"], meta["subset_of"], meta["vocab_size"]) == (3, 18, src, 32000)
     assert "3 documents, 18 tokens (the first of" in capsys.readouterr().out
     # More tokens than the dataset holds: all of it. An existing output is refused unless --overwrite.
-    assert subset_dataset.main(["--input", src, "--tokens", "1000", "--output", out]) == 2
+    assert subset_dataset.main(["--input", src, "--tokens", "1000", "--output-prefix", out]) == 2
     assert "--output" in capsys.readouterr().err and len(IndexedDataset(out)) == 3
-    assert subset_dataset.main(["--input", src, "--tokens", "1000", "--output", out, "--overwrite"]) == 0
+    assert subset_dataset.main(["--input", src, "--tokens", "1000", "--output-prefix", out, "--overwrite"]) == 0
     assert len(IndexedDataset(out)) == 5
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
     src = str(tmp_path / "train")
     _dataset(src, [4, 4])
-    for args, line in [(["--input", str(tmp_path / "none"), "--tokens", "5", "--output", str(tmp_path / "o")],
+    for args, line in [(["--input", str(tmp_path / "none"), "--tokens", "5", "--output-prefix", str(tmp_path / "o")],
                         "no " + str(tmp_path / "none") + ".bin/.idx here"),
-                       (["--input", src, "--tokens", "0", "--output", str(tmp_path / "o")], "--tokens 0: must be"),
-                       (["--input", src, "--tokens", "5", "--output", src], "is --input; give another prefix")]:
+                       (["--input", src, "--tokens", "0", "--output-prefix", str(tmp_path / "o")], "--tokens 0: must be"),
+                       (["--input", src, "--tokens", "5", "--output-prefix", src], "is --input; give another prefix")]:
         assert subset_dataset.main(args) == 2
         err = capsys.readouterr().err.strip()
         assert line in err and "\n" not in err

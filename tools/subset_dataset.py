@@ -3,7 +3,7 @@
 machine in one device call (docs/data.md, "A subset for one device call").
 
     python tools/subset_dataset.py --input data/english-large/train --tokens 36000000 \\
-        --output data/english-large/train36
+        --output-prefix data/english-large/train36
 
 Whole documents from the start of --input until --tokens are reached (the large preset's documents come in a
 hashed package order, so the start is a fair sample of the packages); the .meta.json of --input is kept, with
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, help="prefix of a tokenized dataset (PREFIX.bin/.idx)")
     p.add_argument("--tokens", type=int, required=True, help="take whole documents until this many tokens")
-    p.add_argument("--output", required=True, help="prefix to write")
+    p.add_argument("--output-prefix", dest="output", required=True, help="prefix to write (as effdist preprocess's)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output")
     args = p.parse_args(argv)
     if args.tokens < 1:
@@ -58,12 +58,17 @@ def main(argv: list[str] | None = None) -> int:
               "(effdist preprocess --output-prefix)", file=sys.stderr)
         return 2
     if Path(args.output).resolve() == Path(args.input).resolve():
-        print(f"subset_dataset: --output {args.output} is --input; give another prefix", file=sys.stderr)
+        print(f"subset_dataset: --output-prefix {args.output} is --input; give another prefix", file=sys.stderr)
         return 2
-    if not args.overwrite and any(Path(args.output + ext).exists() for ext in (".bin", ".idx", ".meta.json")):
-        print(f"subset_dataset: --output {args.output} exists: give a new prefix, or --overwrite to replace it",
-              file=sys.stderr)
-        return 2
+    if not args.overwrite:
+        from effdist.data.preprocess import refuse_existing_dataset
+        from effdist.data.verify import OutputExists
+
+        try:
+            refuse_existing_dataset(args.output)
+        except OutputExists as e:
+            print(f"subset_dataset: {e}", file=sys.stderr)
+            return 2
     meta = subset(args.input, args.tokens, args.output)
     print(f"{args.output}: {meta['documents']:,} documents, {meta['tokens']:,} tokens (the first of {args.input})")
     return 0

@@ -229,8 +229,8 @@ def topk_select_config(rows: int, width: int, method: str = "bisect") -> tuple[i
 def _launch(rows: int, width: int, dtype: torch.dtype, method: str) -> tuple[tuple[int, int, int], str]:
     """(launch configuration, method) of a dispatched call: radix where asked for and the rows are bf16, else
     bisection (four-way where asked for)."""
-    method = "radix" if method == "radix" and dtype == torch.bfloat16 else ("bisect4" if method == "bisect4" else
-                                                                             "bisect")
+    if method not in ("radix", "bisect4") or (method == "radix" and dtype != torch.bfloat16):
+        method = "bisect"
     return topk_select_config(rows, width, method), method
 
 

@@ -95,10 +95,13 @@ def measure_layer_pair(cfg, variant: str, layers: tuple[int, int], micro_batch: 
     for steps in (shallow, deep):  # untimed warm-ups of all four
         for fn in steps:
             _times(fn, 0, cuda)
+    def once(fn) -> float:
+        return _times(fn, 1, cuda, warmup=0)[0]
+
     rows = []
     for _ in range(reps):
-        f1, f2 = _times(shallow[0], 1, cuda, 0)[0], _times(deep[0], 1, cuda, 0)[0]
-        fb1, fb2 = _times(shallow[1], 1, cuda, 0)[0], _times(deep[1], 1, cuda, 0)[0]
+        f1, f2 = once(shallow[0]), once(deep[0])
+        fb1, fb2 = once(shallow[1]), once(deep[1])
         rows.append((f1, fb1, (f2 - f1) / (l2 - l1), ((fb2 - f2) - (fb1 - f1)) / (l2 - l1)))
     f1, fb1, fwd, bwd = (statistics.median(r[i] for r in rows) for i in range(4))
     return fwd, bwd, f1 - l1 * fwd, (fb1 - f1) - l1 * bwd
