@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.launching import ROOT, TINY, clean_env, free_port
+from tests.launching import ROOT, TINY, clean_env, free_port, in_parallel
 
 pytestmark = pytest.mark.slow
 
@@ -227,62 +227,111 @@ def test_no_loadable_checkpoint_and_shape_change_are_named(tmp_path, data_cache,
 def test_missing_checkpoints_and_resumes_from_elsewhere_never_restart_silently(tmp_path, data_cache, four_steps):
     """--resume auto must not start at step 0 over a run whose checkpoints went missing, nor replace the records
     of a run that never saved; a resume from another run's checkpoint moves this run's line aside only when it
-    trains, and the line it left is named afterwards."""
+    trains, and the line it left is named afterwards.
+
+    Each scenario trains its own copy of the 4-step run: the copies are prepared first, their trainers run two at
+    a time (the three launches on one copy, "mine", in a row), and the checks follow in the same order."""
     from effdist.train.metrics import read_metrics
 
+    before = (four_steps / "metrics.jsonl").read_text()
+    launches = {}
+
     # Every checkpoint gone, `latest` still naming one (a moved or unmounted checkpoint directory): refused.
-    run = _copy(four_steps, tmp_path / "vanished")
-    for name in _names(run / "checkpoints"):
-        shutil.rmtree(run / "checkpoints" / name)
-    before = (run / "metrics.jsonl").read_text()
-    proc = _train(run, data_cache, ["train.steps=6", "checkpoint.interval=2"])
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert f"--resume auto: {run / 'checkpoints' / 'latest'} names iter_0000004, which does not exist" in proc.stderr, \
-        _error_lines(proc)
-    assert (run / "metrics.jsonl").read_text() == before
+    vanished = _copy(four_steps, tmp_path / "vanished")
+    for name in _names(vanished / "checkpoints"):
+        shutil.rmtree(vanished / "checkpoints" / name)
+    launches["vanished"] = lambda: _train(vanished, data_cache, ["train.steps=6", "checkpoint.interval=2"])
 
     # Only the newest gone: continue from the one before, say so, keep the records of the steps redone.
-    run = _copy(four_steps, tmp_path / "newest-gone")
-    shutil.rmtree(run / "checkpoints" / "iter_0000004")
-    proc = _train(run, data_cache, ["train.steps=6", "checkpoint.interval=2"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "latest names iter_0000004, which does not exist; continuing from iter_0000002" in proc.stderr
-    records = read_metrics(run)
-    steps = [r.get("step") if "event" not in r else "event" for r in records]
-    assert steps == [1, 2, 3, 4, "event", 3, 4, 5, 6], steps
+    newest_gone = _copy(four_steps, tmp_path / "newest-gone")
+    shutil.rmtree(newest_gone / "checkpoints" / "iter_0000004")
+    launches["newest-gone"] = lambda: _train(newest_gone, data_cache, ["train.steps=6", "checkpoint.interval=2"])
 
     # A run that never saved: its records move into previous/<time>/, the new run starts at 0 beside them.
-    run = _copy(four_steps, tmp_path / "never-saved")
-    shutil.rmtree(run / "checkpoints")
-    proc = _train(run, data_cache, ["train.steps=2", "checkpoint.interval=2"])
-    assert proc.returncode == 0 and "which never saved, moved into" in proc.stderr, proc.stderr[-3000:]
-    (previous,) = (run / "previous").iterdir()
-    assert (previous / "metrics.jsonl").read_text() == before
-    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+    never_saved = _copy(four_steps, tmp_path / "never-saved")
+    shutil.rmtree(never_saved / "checkpoints")
+    launches["never-saved"] = lambda: _train(never_saved, data_cache, ["train.steps=2", "checkpoint.interval=2"])
 
     # Loading an older checkpoint of this run with nothing to train changes nothing: its newer checkpoints, the
     # records of the steps after it (tensorboard's too) and config.yaml stay as they were.
-    run = _copy(four_steps, tmp_path / "nothing-to-do")
-    kept = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "effdist.lock"}
-    proc = _train(run, data_cache, ["train.steps=2", "checkpoint.interval=2", "logging.tensorboard=true"],
-                  resume=str(run / "checkpoints" / "iter_0000002"))
-    assert proc.returncode == 0 and "nothing to do" in proc.stderr, proc.stderr[-3000:]
-    now = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "effdist.lock"}
-    assert now == kept, sorted(set(now) ^ set(kept)) or [str(k) for k in now if now[k] != kept.get(k)]
+    nothing = _copy(four_steps, tmp_path / "nothing-to-do")
+    kept = {p.relative_to(nothing): p.read_bytes() for p in nothing.rglob("*")
+            if p.is_file() and p.name != "effdist.lock"}
+    launches["nothing-to-do"] = lambda: _train(
+        nothing, data_cache, ["train.steps=2", "checkpoint.interval=2", "logging.tensorboard=true"],
+        resume=str(nothing / "checkpoints" / "iter_0000002"))
 
     # A run that continues from its own checkpoints no longer needs the checkpoint.init_from it started from.
-    run = _copy(four_steps, tmp_path / "init-from-gone")
-    proc = _train(run, data_cache, ["train.steps=5", "checkpoint.interval=2",
-                                    f"checkpoint.init_from={tmp_path / 'deleted-source'}"])
-    assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
+    init_from_gone = _copy(four_steps, tmp_path / "init-from-gone")
+    launches["init-from-gone"] = lambda: _train(init_from_gone, data_cache, [
+        "train.steps=5", "checkpoint.interval=2", f"checkpoint.init_from={tmp_path / 'deleted-source'}"])
 
     # A changed global batch is said on resume (the data goes on by samples consumed); so is a change of what decides
     # the samples (sequence length, seed), which used to pass without a word.
-    run = _copy(four_steps, tmp_path / "bigger-batch")
+    bigger = _copy(four_steps, tmp_path / "bigger-batch")
     saved = yaml.safe_load((four_steps / "config.yaml").read_text())
     seq, seed = saved["data"]["seq_length"], saved["train"]["seed"]
-    proc = _train(run, data_cache, ["train.steps=5", "checkpoint.interval=2", "train.global_batch=16",
-                                    f"data.seq_length={seq // 2}", "train.seed=7"])
+    launches["bigger-batch"] = lambda: _train(bigger, data_cache, [
+        "train.steps=5", "checkpoint.interval=2", "train.global_batch=16", f"data.seq_length={seq // 2}",
+        "train.seed=7"])
+
+    # --resume at another run's checkpoint, first with nothing to train, then with steps to train; then --resume
+    # auto once the new line's save is lost too. One after the other on one copy, checked below.
+    mine = _copy(four_steps, tmp_path / "mine")
+    other = four_steps / "checkpoints" / "iter_0000004"
+    config_yaml = (mine / "config.yaml").read_text()
+    mine_states = {}
+
+    def mine_in_a_row():
+        nothing_to_train = _train(mine, data_cache, ["train.steps=4", "checkpoint.interval=2", "logging.interval=7"],
+                                  resume=str(other))
+        mine_states["after nothing to train"] = (_names(mine / "checkpoints"), (mine / "config.yaml").read_text(),
+                                                 (mine / "checkpoints" / "latest").read_text().strip())
+        if nothing_to_train.returncode != 0:
+            return nothing_to_train, None, None
+        trained = _train(mine, data_cache, ["train.steps=6", "checkpoint.interval=2"], resume=str(other))
+        if trained.returncode != 0:
+            return nothing_to_train, trained, None
+        mine_states["after training"] = (_names(mine / "checkpoints"),
+                                         yaml.safe_load((mine / "config.yaml").read_text())["train"]["steps"],
+                                         sorted(p.name for p in (mine / "checkpoints" / "rolled-back").iterdir()))
+        aside = next((mine / "checkpoints" / "rolled-back").iterdir())
+        mine_states["aside"] = (aside, sorted(p.name for p in aside.iterdir()))
+        shutil.rmtree(mine / "checkpoints" / "iter_0000006")
+        (mine / "checkpoints" / "latest").unlink()
+        return nothing_to_train, trained, _train(mine, data_cache, ["train.steps=8", "checkpoint.interval=2"])
+
+    done = in_parallel({"mine": mine_in_a_row, **launches})
+
+    proc = done["vanished"]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (f"--resume auto: {vanished / 'checkpoints' / 'latest'} names iter_0000004, which does not exist"
+            in proc.stderr), _error_lines(proc)
+    assert (vanished / "metrics.jsonl").read_text() == before
+
+    proc = done["newest-gone"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "latest names iter_0000004, which does not exist; continuing from iter_0000002" in proc.stderr
+    records = read_metrics(newest_gone)
+    steps = [r.get("step") if "event" not in r else "event" for r in records]
+    assert steps == [1, 2, 3, 4, "event", 3, 4, 5, 6], steps
+
+    proc = done["never-saved"]
+    assert proc.returncode == 0 and "which never saved, moved into" in proc.stderr, proc.stderr[-3000:]
+    (previous,) = (never_saved / "previous").iterdir()
+    assert (previous / "metrics.jsonl").read_text() == before
+    assert [r["step"] for r in read_metrics(never_saved)] == [1, 2]
+
+    proc = done["nothing-to-do"]
+    assert proc.returncode == 0 and "nothing to do" in proc.stderr, proc.stderr[-3000:]
+    now = {p.relative_to(nothing): p.read_bytes() for p in nothing.rglob("*")
+           if p.is_file() and p.name != "effdist.lock"}
+    assert now == kept, sorted(set(now) ^ set(kept)) or [str(k) for k in now if now[k] != kept.get(k)]
+
+    proc = done["init-from-gone"]
+    assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
+
+    proc = done["bigger-batch"]
     assert proc.returncode == 0 and "train.global_batch changed since iter_0000004: 8 -> 16" in proc.stderr, \
         proc.stderr[-3000:]
     assert (f"WARNING: the data order changed since iter_0000004 (data.seq_length: {seq} -> {seq // 2}; train.seed: "
@@ -290,27 +339,24 @@ def test_missing_checkpoints_and_resumes_from_elsewhere_never_restart_silently(t
             f"data.seq_length={seq} --set train.seed={seed} continues exactly") in proc.stderr, _error_lines(proc)
 
     # --resume at another run's checkpoint with nothing to train: nothing of this run moves.
-    mine = _copy(four_steps, tmp_path / "mine")
-    other = four_steps / "checkpoints" / "iter_0000004"
-    config_yaml = (mine / "config.yaml").read_text()
-    proc = _train(mine, data_cache, ["train.steps=4", "checkpoint.interval=2", "logging.interval=7"],
-                  resume=str(other))
+    proc, trained, lost = done["mine"]
     assert proc.returncode == 0 and "nothing to do" in proc.stderr, proc.stderr[-3000:]
-    assert _names(mine / "checkpoints") == ["iter_0000002", "iter_0000004"]
+    names, config_now, latest = mine_states["after nothing to train"]
+    assert names == ["iter_0000002", "iter_0000004"]
     # config.yaml still describes the invocation that trained here, not the one that found nothing to do.
-    assert (mine / "config.yaml").read_text() == config_yaml
-    assert (mine / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
+    assert config_now == config_yaml
+    assert latest == "iter_0000004"
     # ... with steps to train: this run's checkpoints and `latest` move aside together, the new line saves here.
-    proc = _train(mine, data_cache, ["train.steps=6", "checkpoint.interval=2"], resume=str(other))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _names(mine / "checkpoints") == ["iter_0000006"]
-    assert yaml.safe_load((mine / "config.yaml").read_text())["train"]["steps"] == 6
-    (aside,) = (mine / "checkpoints" / "rolled-back").iterdir()
-    assert sorted(p.name for p in aside.iterdir()) == ["README", "iter_0000002", "iter_0000004", "latest"]
+    assert trained is not None and trained.returncode == 0, trained and trained.stderr[-3000:]
+    names, steps_in_config, rolled_back = mine_states["after training"]
+    assert names == ["iter_0000006"]
+    assert steps_in_config == 6
+    assert len(rolled_back) == 1, rolled_back
+    aside, aside_names = mine_states["aside"]
+    assert aside_names == ["README", "iter_0000002", "iter_0000004", "latest"]
     # ... and when the new line's save is lost too, --resume auto names where this run's own checkpoints went.
-    shutil.rmtree(mine / "checkpoints" / "iter_0000006")
-    (mine / "checkpoints" / "latest").unlink()
-    proc = _train(mine, data_cache, ["train.steps=8", "checkpoint.interval=2"])
+    assert lost is not None
+    proc = lost
     assert proc.returncode == 2 and "were moved aside into" in proc.stderr, proc.stderr[-3000:]
     assert str(aside / "iter_0000004") in proc.stderr, _error_lines(proc)
 
@@ -348,10 +394,15 @@ def test_two_runs_sharing_one_checkpoint_dir_never_take_or_delete_each_others_ch
     log = tmp_path / "holder.log"
     with _long_run(tmp_path / "third", data_cache, [f"checkpoint.dir={empty}"], log) as holder:
         _wait_for_step(tmp_path / "third", 1, holder, log)
-        same = _train(tmp_path / "fourth", data_cache, ["train.steps=2", f"checkpoint.dir={empty}"])
-        default = _train(tmp_path / "fifth", data_cache, ["train.steps=2"])
-        holders = _train(tmp_path / "sixth", data_cache, ["train.steps=2",
-                                                          f"checkpoint.dir={tmp_path / 'third' / 'checkpoints'}"])
+        # The three refused trainers side by side: the holder trains (a core) only until the last one exits.
+        refused = in_parallel({
+            "same": lambda: _train(tmp_path / "fourth", data_cache, ["train.steps=2", f"checkpoint.dir={empty}"]),
+            "default": lambda: _train(tmp_path / "fifth", data_cache, ["train.steps=2"]),
+            "holders": lambda: _train(tmp_path / "sixth", data_cache,
+                                      ["train.steps=2", f"checkpoint.dir={tmp_path / 'third' / 'checkpoints'}"]),
+        }, workers=3)
+        assert holder.poll() is None, f"the holder ended while the others were refused:\n{log.read_text()[-3000:]}"
+    same, default, holders = refused["same"], refused["default"], refused["holders"]
     for proc in (same, default, holders):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"checkpoint.dir {empty} is in use by another trainer (host {socket.gethostname()}, pid {holder.pid}" \
