@@ -26,17 +26,31 @@ def _common(data_cache):
     return COMMON + [f"data.cache_dir={data_cache}"]
 
 
-@pytest.fixture(scope="module")
-def single_run(tmp_path_factory, data_cache):
-    run = tmp_path_factory.mktemp("single")
-    run_train(run, _common(data_cache))
-    return run
+# The vocabulary-padding test's runs: 520 tokens (their own data), 2 steps at tp=1, then step 3 at tp=2.
+def _vocab_common(vocab_data):
+    return COMMON + [f"data.cache_dir={vocab_data}", "model.vocab_size=520", "train.steps=2", "train.eval_interval=0",
+                     "checkpoint.interval=0"]
 
 
 @pytest.fixture(scope="module")
-def runs(single_run, tmp_path_factory, data_cache):
-    """Every run the tests below compare with `single_run`, two at a time: {name: (run dir, process)}.
-    Runs whose checkpoints nothing reads skip saving (NO_CHECKPOINTS)."""
+def first_runs(tmp_path_factory, data_cache):
+    """The one-process runs that others start from, side by side: the single-process run every layout is compared
+    with, and the vocabulary-padding test's tp=1 run. Returns their root directory."""
+    root = tmp_path_factory.mktemp("first")
+    in_parallel({"single": lambda: run_train(root / "single", _common(data_cache)),
+                 "vocab_tp1": lambda: run_train(root / "vocab_tp1", _vocab_common(root / "vocab_data"))})
+    return root
+
+
+@pytest.fixture(scope="module")
+def single_run(first_runs):
+    return first_runs / "single"
+
+
+@pytest.fixture(scope="module")
+def runs(first_runs, single_run, tmp_path_factory, data_cache):
+    """Every run the tests below compare with `single_run` (and the vocabulary-padding test's tp=2 run), two at
+    a time: {name: (run dir, process)}. Runs whose checkpoints nothing reads skip saving (NO_CHECKPOINTS)."""
     root = tmp_path_factory.mktemp("runs")
     common = _common(data_cache)
     # The run as it was after step 3 (its metrics and its step-3 checkpoint), to resume.
@@ -52,6 +66,9 @@ def runs(single_run, tmp_path_factory, data_cache):
         "dp2": (common + NO_CHECKPOINTS, 2, "auto"),
         "resharded": (common + ["parallel.tp=2", *NO_CHECKPOINTS], 2, step3),
     }
+    layouts["vocab_tp2"] = (_vocab_common(first_runs / "vocab_data") + ["parallel.tp=2", "train.steps=3",
+                                                                         *NO_CHECKPOINTS],
+                            2, str(first_runs / "vocab_tp1" / "checkpoints" / "iter_0000002"))
     jobs = {name: (lambda name=name, o=o, n=n, r=r: run_train(root / name, o, nproc=n, resume=r))
             for name, (o, n, r) in layouts.items()}
 
@@ -115,15 +132,11 @@ def test_distributed_optimizer_dp2_matches_and_reshards_to_dp1(single_run, runs)
     _assert_same(losses(back), losses(single_run), range(4, STEPS + 1))
 
 
-def test_resharding_that_changes_the_vocabulary_padding_says_the_loss_moves(tmp_path):
+def test_resharding_that_changes_the_vocabulary_padding_says_the_loss_moves(runs):
     """520 tokens pad to 576 rows at tp=1 and to 640 at tp=2: megatron's padded logits are not masked, so the loss
     of the resharded run jumps (by about ln(584/520) here). It used to do so without a word."""
-    common = COMMON + [f"data.cache_dir={tmp_path / 'data'}", "model.vocab_size=520", "train.steps=2",
-                       "train.eval_interval=0", "checkpoint.interval=0"]
-    run_train(tmp_path / "tp1", common)
-    proc = run_train(tmp_path / "tp2", common + ["parallel.tp=2", "train.steps=3", *NO_CHECKPOINTS], nproc=2,
-                     resume=str(tmp_path / "tp1" / "checkpoints" / "iter_0000002"))
+    run, proc = runs["vocab_tp2"]
     warned = [line for line in proc.stderr.splitlines() if "was trained with parallel.tp=1, which pads" in line]
     assert len(warned) == 1, proc.stderr[-3000:]
     assert "model.vocab_size=520 to 576 output rows; parallel.tp=2 pads it to 640" in warned[0], warned
-    assert sorted(losses(tmp_path / "tp2")) == [3], proc.stderr[-3000:]
+    assert sorted(losses(run)) == [3], proc.stderr[-3000:]
