@@ -79,6 +79,57 @@ def test_missing_held_out_loss_and_bad_pairs_are_named(tmp_path, capsys):
     assert "give at least one --pair DENSE=EPAS" in capsys.readouterr().err
 
 
+def _regions_file(tmp_path, name: str, seed: int, losses: dict, trained: int = 12, tokens: int = 33_030_144) -> str:
+    path = _run_file(tmp_path, name, seed=seed, region=trained, heldout=losses[trained], tokens=tokens)
+    runs = json.loads(open(path).read())
+    runs[name]["heldout"]["losses"] = {str(r): v for r, v in losses.items()}
+    open(path, "w").write(json.dumps(runs))
+    return path
+
+
+def test_regions_of_tabulates_the_held_out_loss_at_every_region_and_the_usable_ones(tmp_path, capsys):
+    """Item 4: the mean over the seeds at each region measured in every run, its excess over the trained region's,
+    and the regions within the tolerance; beside the comparisons of the same file, which are kept."""
+    s1 = _regions_file(tmp_path, "epas_s1", 1, {0: 3.00, 4: 3.01, 8: 3.02, 12: 3.00, 13: 3.10})
+    s2 = _regions_file(tmp_path, "epas_s2", 2, {0: 3.02, 4: 3.01, 8: 3.04, 12: 3.02, 13: 3.12, 16: 3.5})
+    out = tmp_path / "q.json"
+    out.write_text(json.dumps({"schema": epas_quality.SCHEMA, "comparisons": [{"name": "kept"}]}))
+    png = tmp_path / "regions.png"
+    assert epas_quality.main(["--name", "1b regions", "--regions-of", s1, "--regions-of", s2, "--json", str(out),
+                              "--png", str(png)]) == 0
+    data = json.loads(out.read_text())
+    assert data["comparisons"] == [{"name": "kept"}]
+    (entry,) = data["regions"]
+    assert entry["regions"] == [0, 4, 8, 12, 13] and entry["seeds"] == [1, 2] and entry["trained_region"] == 12
+    assert entry["mean_loss"]["8"] == pytest.approx(3.03)
+    assert entry["excess"]["8"] == pytest.approx(3.03 / 3.01 - 1) and entry["excess"]["12"] == 0
+    assert entry["usable"] == [0, 4, 12]  # 8 is +0.66%, 13 +3.3%
+    text = capsys.readouterr().out
+    assert "usable within 0.5%: 0, 4, 12" in text and "+0.66%" in text and "(trained)" in text
+    assert png.stat().st_size > 10_000
+    # The same name again replaces its entry; a looser tolerance takes region 8 in.
+    assert epas_quality.main(["--name", "1b regions", "--regions-of", s1, "--regions-of", s2, "--tolerance", "0.01",
+                              "--json", str(out)]) == 0
+    assert [e["usable"] for e in json.loads(out.read_text())["regions"]] == [[0, 4, 8, 12]]
+
+
+def test_regions_of_refuses_runs_that_are_not_one_model_and_region(tmp_path, capsys):
+    s1 = _regions_file(tmp_path, "a", 1, {0: 3.0, 12: 3.0})
+    for other, line in [(_regions_file(tmp_path, "b", 2, {0: 3.0, 8: 3.0}, trained=8), "trained region 8 where"),
+                        (_regions_file(tmp_path, "c", 2, {0: 3.0, 12: 3.0}, tokens=5), "tokens 5 where"),
+                        (_regions_file(tmp_path, "d", 1, {0: 3.0, 12: 3.0}), "seed 1 is already given")]:
+        assert epas_quality.main(["--name", "x", "--regions-of", s1, "--regions-of", other, "--json",
+                                  str(tmp_path / "q.json")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert line in err and "\n" not in err
+    dense = _regions_file(tmp_path, "dense", 1, {0: 3.0}, trained=0)
+    assert epas_quality.main(["--name", "x", "--regions-of", dense, "--json", str(tmp_path / "q.json")]) == 2
+    assert "shares no layer" in capsys.readouterr().err
+    assert epas_quality.main(["--name", "x", "--regions-of", s1, "--pair", f"{s1}={s1}", "--json",
+                              str(tmp_path / "q.json")]) == 2
+    assert "not both" in capsys.readouterr().err and not (tmp_path / "q.json").exists()
+
+
 @pytest.mark.slow
 def test_loss_parity_scores_each_run_held_out_at_its_trained_region(tmp_path):
     """--eval-data: the run's final checkpoint goes through `effdist eval`, and its held-out loss is the one at the

@@ -15,6 +15,14 @@ A side is `FILE` (its only run) or `FILE:VARIANT` (one run of a file with severa
 --pair), `ratio_per_seed`, `ratio_mean` (the mean of the per-seed ratios) and whether it is within --goal
 (1.01: within 1.0% of dense); an entry of the same --name is replaced, the others kept. --png draws every
 run's training curve in one picture, each EPAS run against its dense run below.
+
+Quality at every inference region (item 4): `--regions-of FILE[:VARIANT]` (one per seed) reads the held-out loss that
+`effdist eval` measured at each region of an EPAS run's final checkpoint, and writes an entry to the file's `regions`
+list: `model`, `trained_region`, `tokens`, `seeds`, `regions`, `losses` (one {region: loss} per seed), `mean_loss`,
+`excess` (mean loss over the trained region's, 0.004 = +0.4%), `tolerance` and `usable` (the regions within it):
+
+    python tools/epas_quality.py --name "llama-1b 3L/4 regions" --regions-of quality_1b_epas_s1.json \
+        --json docs/results/epas_quality.json --png docs/img/epas_regions_1b.png
 """
 
 from __future__ import annotations
@@ -99,14 +107,95 @@ def comparison(name: str, pairs: list[tuple[tuple[str, dict], tuple[str, dict]]]
             "date": dt.date.today().isoformat()}
 
 
-def merge(path: Path, entry: dict) -> dict:
-    """The file's comparisons with `entry` in place of one of the same name (appended otherwise)."""
+def region_entry(name: str, runs: list[tuple[str, dict]], tolerance: float) -> dict:
+    """One `regions` entry from EPAS runs of one model and trained region, one per seed: the held-out loss at each
+    region measured in all of them, its mean over the seeds, and the regions within `tolerance` of the trained one."""
+    if not runs:
+        raise QualityError("give at least one --regions-of FILE[:VARIANT]")
+    first_label, first = runs[0]
+    trained = first["heldout"]["trained_region"]
+    if trained == 0:
+        raise QualityError(f"--regions-of {first_label}: the run shares no layer (trained region 0)")
+    seeds, losses, sources = [], [], []
+    for label, run in runs:
+        for key, have, want in (("model", run["model"], first["model"]), ("tokens", run["tokens"], first["tokens"]),
+                                ("trained region", run["heldout"]["trained_region"], trained),
+                                ("held-out data", run["heldout"]["data"], first["heldout"]["data"])):
+            if have != want:
+                raise QualityError(f"--regions-of {label}: {key} {have} where {first_label} has {want}")
+        if run["seed"] in seeds:
+            raise QualityError(f"--regions-of {label}: seed {run['seed']} is already given")
+        seeds.append(run["seed"])
+        losses.append({int(r): float(v) for r, v in run["heldout"]["losses"].items()})
+        sources.append(label)
+    regions = sorted(set.intersection(*(set(one) for one in losses)))
+    mean = {r: statistics.fmean(one[r] for one in losses) for r in regions}
+    excess = {r: mean[r] / mean[trained] - 1 for r in regions}
+    return {"name": name, "model": first["model"], "trained_region": trained, "tokens": first["tokens"],
+            "seeds": seeds, "regions": regions, "losses": [{str(r): one[r] for r in regions} for one in losses],
+            "mean_loss": {str(r): mean[r] for r in regions}, "excess": {str(r): excess[r] for r in regions},
+            "tolerance": tolerance, "usable": [r for r in regions if excess[r] <= tolerance],
+            "heldout_data": first["heldout"]["data"], "windows": first["heldout"]["windows"], "sources": sources,
+            "date": dt.date.today().isoformat()}
+
+
+def merge(path: Path, entry: dict, key: str = "comparisons") -> dict:
+    """The file's entries with `entry` in place of the one of the same name in its `key` list (appended otherwise)."""
     data = json.loads(path.read_text()) if path.exists() else {"schema": SCHEMA, "comparisons": []}
     if data.get("schema") != SCHEMA:
         raise QualityError(f"--json {path}: not an epas_quality file (schema {data.get('schema')!r}); "
                            "give another path")
-    kept = [c for c in data["comparisons"] if c["name"] != entry["name"]]
-    return {"schema": SCHEMA, "comparisons": kept + [entry]}
+    kept = [c for c in data.get(key, []) if c["name"] != entry["name"]]
+    return {**data, key: kept + [entry]}
+
+
+def draw_regions(entry: dict, png: str) -> None:
+    """Held-out loss against the inference region: one line per seed, the mean, the trained region and the band
+    within the tolerance of it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regions, trained = entry["regions"], entry["trained_region"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for seed, losses in zip(entry["seeds"], entry["losses"]):
+        ax.plot(regions, [losses[str(r)] for r in regions], "o-", alpha=0.5, label=f"seed {seed}")
+    mean = [entry["mean_loss"][str(r)] for r in regions]
+    ax.plot(regions, mean, "ks-", lw=2, label="mean")
+    base = entry["mean_loss"][str(trained)]
+    ax.axhspan(base, base * (1 + entry["tolerance"]), color="tab:green", alpha=0.15,
+               label=f"within {entry['tolerance']:.1%} of the trained region")
+    ax.axvline(trained, color="tab:green", ls="--", lw=1)
+    ax.set_xticks(regions)
+    ax.set_xlabel("EPAS inference region (sharing layers)")
+    ax.set_ylabel("held-out loss")
+    ax.set_title(f"{entry['name']}: trained at region {trained}; usable: {', '.join(map(str, entry['usable']))}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def regions_main(args) -> int:
+    try:
+        entry = region_entry(args.name, [load_run(side) for side in args.regions_of], args.tolerance)
+        data = merge(Path(args.json), entry, "regions")
+    except QualityError as e:
+        print(f"epas_quality: {e}", file=sys.stderr)
+        return 2
+    Path(args.json).write_text(json.dumps(data, indent=1) + "\n")
+    print(f"{entry['name']}: {entry['model']} trained at region {entry['trained_region']}, {entry['tokens']:,} "
+          f"tokens, seeds {', '.join(map(str, entry['seeds']))}")
+    print(f"{'region':>7} {'held-out loss':>14} {'vs trained':>11}")
+    for r in entry["regions"]:
+        mark = " (trained)" if r == entry["trained_region"] else ""
+        print(f"{r:>7} {entry['mean_loss'][str(r)]:>14.4f} {entry['excess'][str(r)]:>+11.2%}{mark}")
+    print(f"usable within {entry['tolerance']:.1%}: {', '.join(map(str, entry['usable']))} -> {args.json}")
+    if args.png:
+        draw_regions(entry, args.png)
+    return 0
 
 
 def draw(pairs, png: str, title: str, window: int) -> None:
@@ -130,7 +219,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", required=True, help="the epas_quality.json to update")
     p.add_argument("--png", default=None, help="also draw the runs' training curves in one picture")
     p.add_argument("--window", type=int, default=20, help="moving average of the curves in --png")
+    p.add_argument("--regions-of", action="append", default=[], metavar="FILE[:VARIANT]",
+                   help="instead of --pair: an EPAS run's held-out loss at every region it was evaluated at, one per "
+                        "seed (written to the file's `regions` list; --png draws loss against region)")
+    p.add_argument("--tolerance", type=float, default=0.005,
+                   help="with --regions-of: the loss over the trained region's that a usable region may cost "
+                        "(default 0.005 = 0.5%%)")
     args = p.parse_args(argv)
+    if args.regions_of and args.pair:
+        print("epas_quality: give --pair (a comparison) or --regions-of (one model's regions), not both",
+              file=sys.stderr)
+        return 2
+    if args.regions_of:
+        return regions_main(args)
     try:
         pairs = []
         for text in args.pair:
