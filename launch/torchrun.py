@@ -40,6 +40,11 @@ import threading
 import traceback
 from pathlib import Path
 
+# Imported here, not in the signal handler: a handler that imports while the main thread is inside torch's imports
+# can meet a partially initialised module (ImportError), and torch's optional imports swallow that, losing the
+# signal (seen once under load: a SIGTERM during the launcher's first seconds left it running).
+import psutil
+
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 PREFIX = "[launch/torchrun]"
 
@@ -121,8 +126,6 @@ class Forwarder:
             signal.signal(sig, self.handle)
 
     def handle(self, signum: int, _frame) -> None:
-        import psutil
-
         name = signal.Signals(signum).name
         workers = psutil.Process().children(recursive=False)
         if not workers:
@@ -150,8 +153,6 @@ class Forwarder:
             self._kill_timer.start()
 
     def _kill(self, timeout: float) -> None:
-        import psutil
-
         workers = psutil.Process().children(recursive=False)
         if workers:
             _say(f"{len(workers)} worker(s) still running {timeout:g} s after the signal "

@@ -372,6 +372,27 @@ def test_torchrun_wrapper_stopped_while_importing_torch_says_so_and_exits(tmp_pa
     assert not Path(str(script) + ".ran").exists()
 
 
+def test_the_launchers_early_signal_handler_imports_nothing(tmp_path):
+    """The handler runs inside whatever the main thread is importing; an import of its own can then meet a
+    partially initialised module, and torch's optional imports swallow the ImportError with the signal in it (a
+    SIGTERM lost once under load). Here every import fails while the signal is handled: still one line, 143."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'launch')!r})\n"
+        "import torchrun\n"
+        "torchrun.Forwarder().install()\n"
+        "class NoImports:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        raise ImportError(f'{name} is partially initialised (simulated)')\n"
+        "sys.meta_path.insert(0, NoImports())\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "print('signal lost', flush=True)\n")
+    proc = subprocess.run([sys.executable, str(probe)], env=_worker_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:] + proc.stdout
+    assert proc.stderr.strip() == "[launch/torchrun] SIGTERM before the workers started: exit code 143"
+
+
 def test_a_rendezvous_lost_during_a_preemption_says_the_workers_were_saving():
     """Slurm signals every node; the first node's launcher exits once its own workers saved, and the others lose
     the rendezvous while theirs still save: the line says a signal came first, not just that the store is gone."""
