@@ -62,11 +62,22 @@ def test_eval_scores_every_region_and_generate_warns_outside_the_usable_ones(epa
     assert generate_main(["--checkpoint", str(epas_run), "--prompt-ids", "5", "--max-new-tokens", "1",
                           "--epas-region", "2"]) == 0
     assert "held-out loss" not in capsys.readouterr().err
-    # A record of another checkpoint (step) says nothing about this one.
+    assert "is shorter than" not in err  # measured: the record's line, not the expectation
+    # A record of another checkpoint (step) says nothing about this one: a region shorter than the trained one
+    # turns back on Q/K projections that stopped training when their layers began to share (layer 3 at step 0,
+    # layer 2 at step 1 of this run; llama-1b measured +18% at every shorter region).
     (epas_run / QUALITY_FILE).write_text(json.dumps({**saved, "step": 3}))
     assert generate_main(["--checkpoint", str(epas_run), "--prompt-ids", "5", "--max-new-tokens", "1",
                           "--epas-region", "0"]) == 0
-    assert "held-out loss" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "held-out loss" not in err
+    assert ("warning: epas region = 0 is shorter than the 2 sharing layers this checkpoint was trained with: layers "
+            "2, 3 compute their own Q/K again, whose projections have not trained since steps 0-1 of 4; expect worse "
+            "text unless `effdist eval --checkpoint ...` measures region 0 within 0.5%") in err, err
+    assert generate_main(["--checkpoint", str(epas_run), "--prompt-ids", "5", "--max-new-tokens", "1",
+                          "--epas-region", "1"]) == 0
+    assert "region = 1 is shorter than the 2 sharing layers this checkpoint was trained with: layer 2 computes its own" \
+        in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, line", [

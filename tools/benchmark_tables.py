@@ -354,6 +354,33 @@ def regions() -> str:
     return table(["final region (of 12 layers)", "seed 1", "seed 2", "mean"], rows)
 
 
+def epas_quality() -> str:
+    """Issue 25: every comparison of docs/results/epas_quality.json (held-out loss, EPAS against dense)."""
+    rows = []
+    for c in load("epas_quality.json")["comparisons"]:
+        rows.append((c["name"], c["model"], str(c["final_region"]), f"{c['tokens'] / 1e6:.1f}M",
+                     ", ".join(map(str, c["seeds"])), ", ".join(f4(x) for x in c["dense_loss"]),
+                     ", ".join(f4(x) for x in c["epas_loss"]), ", ".join(f4(x) for x in c["ratio_per_seed"]),
+                     bold(f4(c["ratio_mean"])),
+                     f"<= {c['goal']}, mean of 2 seeds: " + ("met" if c["met"] and len(c["seeds"]) >= 2 else
+                                                             "not met" if len(c["seeds"]) >= 2 else
+                                                             f"{len(c['seeds'])} seed so far")))
+    return table(["comparison", "model", "final region", "tokens", "seeds", "dense held-out loss",
+                  "EPAS held-out loss", "EPAS / dense per seed", "mean", "goal"], rows)
+
+
+def epas_quality_regions() -> str:
+    """Issue 25 item 4: held-out loss at every inference region of the EPAS models in epas_quality.json."""
+    rows = []
+    for e in load("epas_quality.json").get("regions", []):
+        for r in e["regions"]:
+            mark = " (trained)" if r == e["trained_region"] else ""
+            rows.append((e["name"], f"{r}{mark}", f4(e["mean_loss"][str(r)]), f"{e['excess'][str(r)]:+.2%}",
+                         "yes" if r in e["usable"] else "no"))
+    return table(["model", "inference region", "held-out loss (mean of seeds)", "vs trained region",
+                  "within 0.5%"], rows)
+
+
 def _window_ratio(run: dict, base: dict, step: int, window: int = 20) -> float:
     def mean(curve):
         return statistics.mean(v for s, v in curve if step - window < s <= step)
@@ -935,7 +962,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "bench-kernels": kernels, "bench-rope-ab": rope_ab, "bench-epas-h100": epas_h100, "bench-epas-history": epas_history,
     "bench-epas-mbs4": epas_mbs4, "bench-epas-h200": epas_h200, "bench-parity-125m": parity_125m,
     "bench-parity-transitions": transitions, "bench-parity-clipping": clipping, "bench-parity-350m": parity_350m,
-    "bench-parity-regions": regions, "bench-parity-long": long_runs, "bench-ffn-block": ffn_block,
+    "bench-parity-regions": regions, "bench-parity-long": long_runs, "bench-epas-quality": epas_quality,
+    "bench-epas-quality-regions": epas_quality_regions, "bench-ffn-block": ffn_block,
     "bench-ffn-train": ffn_train, "bench-pipeline-p4-7b": pipeline_p4("pipeline_p4_7b_mb1_h200x4.json"),
     "bench-pipeline-p4-1b-mb4": pipeline_p4("pipeline_p4_1b_mb4_h200x4.json"),
     "bench-pipeline-p4-1b-mb1": pipeline_p4("pipeline_p4_1b_mb1_h200x4.json"), "bench-checkpoint": checkpoint,

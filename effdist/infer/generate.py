@@ -327,12 +327,40 @@ class Generator:
                           f"trained with: {which} never learned to reuse Q/K, expect worse text",
                           RegionWarning, stacklevel=3)  # the caller of generate
         quality = self.region_quality
-        if warn and quality is not None and region in quality.losses and region not in quality.usable:
+        measured = quality is not None and region in quality.losses
+        if warn and trained is not None and region < trained and not measured:
+            warnings.warn(self._shorter_region_warning(region, trained), RegionWarning,
+                          stacklevel=3)  # the caller of generate
+        if warn and measured and region not in quality.usable:
             warnings.warn(f"epas region = {region}: its held-out loss is {quality.excess(region):+.2%} against the "
                           f"trained region's ({quality.trained_region}) in {quality.path} (`effdist eval`); regions "
                           f"within {quality.tolerance:.1%}: {', '.join(map(str, quality.usable))}",
                           RegionWarning, stacklevel=3)
         return plan
+
+    def _shorter_region_warning(self, region: int, trained: int) -> str:
+        """Why a region shorter than the trained one costs quality: its layers that no longer share compute their
+        own Q/K again, with projections that stopped training when the layer began to share (llama-1b trained to
+        region 12 from scratch: +18% held-out loss at regions 0, 4 and 8; docs/epas.md, "Choosing a region")."""
+        num_layers = self.model.shape.num_layers
+        own = sorted(SharingPlan.for_region(num_layers, trained, self.direction).sharing
+                     - SharingPlan.for_region(num_layers, region, self.direction).sharing)
+        which = f"layer {own[0]}" if len(own) == 1 else f"layers {', '.join(map(str, own))}"
+        since = ""
+        info = self.checkpoint
+        if info is not None and info.config.epas.enabled and info.config.epas.mode != "adaptive":
+            from effdist.epas.schedule import join_step
+
+            steps = sorted({join_step(info.config.epas, num_layers, layer) for layer in own} - {None})
+            if steps:
+                span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
+                since = f" since {span} of {info.step}" if info.step is not None else f" since {span}"
+        before = (" (they trained before, in checkpoint.init_from's run, which may keep the cost small)"
+                  if info is not None and info.config.checkpoint.init_from else "")
+        return (f"epas region = {region} is shorter than the {trained} sharing layers this checkpoint was trained "
+                f"with: {which} {'computes its' if len(own) == 1 else 'compute their'} own Q/K again, whose "
+                f"projections have not trained{since}{before}; "
+                f"expect worse text unless `effdist eval --checkpoint ...` measures region {region} within 0.5%")
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompts: Union[Prompt, Sequence[Prompt]]) -> list[list[int]]:
