@@ -259,6 +259,11 @@ class Generation:
         return batch * self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
 
 
+def _layer_names(layers: Sequence[int]) -> str:
+    """The layers as a warning names them: `layer 3`, or `layers 2, 3`."""
+    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
+
+
 class Generator:
     """Batched generation from an `InferenceModel` with a KV cache and a per-call EPAS region."""
 
@@ -309,7 +314,8 @@ class Generator:
 
     # ------------------------------------------------------------------ regions
     def plan_for(self, region: Optional[int], warn: bool = True) -> SharingPlan:
-        """The sharing layers of `region` (None: the default); warns beyond the trained region."""
+        """The sharing layers of `region` (None: the default); warns at a region other than the trained one, and
+        at a region `effdist eval` measured outside the usable ones."""
         num_layers = self.model.shape.num_layers
         region = self.default_region if region is None else region
         if isinstance(region, bool) or not isinstance(region, int) or region < 0:
@@ -320,9 +326,7 @@ class Generator:
         plan = SharingPlan.for_region(num_layers, region, self.direction)
         trained = self.trained_region
         if warn and trained is not None and region > trained:
-            untrained = sorted(plan.sharing - SharingPlan.for_region(num_layers, trained, self.direction).sharing)
-            which = (f"layer {untrained[0]}" if len(untrained) == 1 else
-                     f"layers {', '.join(str(i) for i in untrained)}")
+            which = _layer_names(self._sharing_in_first_only(region, trained))
             warnings.warn(f"epas region = {region} is longer than the {trained} sharing layers this checkpoint was "
                           f"trained with: {which} never learned to reuse Q/K, expect worse text",
                           RegionWarning, stacklevel=3)  # the caller of generate
@@ -338,14 +342,20 @@ class Generator:
                           RegionWarning, stacklevel=3)
         return plan
 
+    def _sharing_in_first_only(self, region: int, other: int) -> list[int]:
+        """The layers that share Q/K at `region` and not at `other`, in order."""
+        num_layers = self.model.shape.num_layers
+        return sorted(SharingPlan.for_region(num_layers, region, self.direction).sharing
+                      - SharingPlan.for_region(num_layers, other, self.direction).sharing)
+
     def _shorter_region_warning(self, region: int, trained: int) -> str:
         """Why a region shorter than the trained one costs quality: its layers that no longer share compute their
         own Q/K again, with projections that stopped training when the layer began to share (llama-1b trained to
-        region 12 from scratch: +18% held-out loss at regions 0, 4 and 8; docs/epas.md, "Choosing a region")."""
+        region 12 from scratch: +18% held-out loss at regions 0, 4 and 8; docs/epas.md, "Choosing an inference
+        region")."""
         num_layers = self.model.shape.num_layers
-        own = sorted(SharingPlan.for_region(num_layers, trained, self.direction).sharing
-                     - SharingPlan.for_region(num_layers, region, self.direction).sharing)
-        which = f"layer {own[0]}" if len(own) == 1 else f"layers {', '.join(map(str, own))}"
+        own = self._sharing_in_first_only(trained, region)
+        which = _layer_names(own)
         since = ""
         info = self.checkpoint
         if info is not None and info.config.epas.enabled and info.config.epas.mode != "adaptive":
