@@ -128,13 +128,16 @@ def region_entry(name: str, runs: list[tuple[str, dict]], tolerance: float) -> d
         seeds.append(run["seed"])
         losses.append({int(r): float(v) for r, v in run["heldout"]["losses"].items()})
         sources.append(label)
+    from effdist.infer.region_quality import RegionQuality
+
     regions = sorted(set.intersection(*(set(one) for one in losses)))
     mean = {r: statistics.fmean(one[r] for one in losses) for r in regions}
-    excess = {r: mean[r] / mean[trained] - 1 for r in regions}
+    # What `effdist eval` records for one checkpoint, here of the mean over the seeds: the same usable regions.
+    quality = RegionQuality(Path(), None, trained, mean, tolerance)
     return {"name": name, "model": first["model"], "trained_region": trained, "tokens": first["tokens"],
             "seeds": seeds, "regions": regions, "losses": [{str(r): one[r] for r in regions} for one in losses],
-            "mean_loss": {str(r): mean[r] for r in regions}, "excess": {str(r): excess[r] for r in regions},
-            "tolerance": tolerance, "usable": [r for r in regions if excess[r] <= tolerance],
+            "mean_loss": {str(r): mean[r] for r in regions}, "excess": {str(r): quality.excess(r) for r in regions},
+            "tolerance": tolerance, "usable": quality.usable,
             "heldout_data": first["heldout"]["data"], "windows": first["heldout"]["windows"], "sources": sources,
             "date": dt.date.today().isoformat()}
 
