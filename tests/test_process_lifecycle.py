@@ -278,6 +278,29 @@ print("done", flush=True)
     assert done.returncode == 0 and done.stdout.splitlines() == ["done"], (done.stdout, done.stderr)
 
 
+def test_the_lines_of_ranks_writing_at_once_are_never_glued_together():
+    """Each rank says its stop in one line through print_to_console; under `python -u` (torchrun's workers) print
+    wrote the text and its newline in two writes, so two ranks stopping together left
+    `...--resume auto)effdist: error (rank 1): ...` and an empty line in the launcher's log."""
+    script = """
+import sys
+from effdist.runtime import lifecycle
+for i in range(2000):
+    lifecycle.print_to_console(f"effdist: error (rank {sys.argv[1]}): line {i} of a stop")
+"""
+    r, w = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-u", "-c", script, str(rank)], env=clean_env(), cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=w) for rank in (0, 1)]
+    os.close(w)
+    with os.fdopen(r) as pipe:
+        lines = pipe.read().split("\n")
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    assert lines.pop() == ""  # after the last newline
+    bad = [line for line in lines if not re.fullmatch(r"effdist: error \(rank [01]\): line \d+ of a stop", line)]
+    assert not bad and len(lines) == 4000, bad[:3]
+
+
 def _running(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

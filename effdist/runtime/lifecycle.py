@@ -113,7 +113,10 @@ def print_to_console(line: str) -> None:
     """Write to stderr; where nobody reads it any more (a launcher or a `| tee` that died), silence the console
     instead of failing: a stop must not end in a BrokenPipeError before its save."""
     try:
-        print(line, file=sys.stderr, flush=True)
+        # One write, line and newline together: unbuffered (`python -u`, torchrun's workers) print() writes them
+        # in two, and ranks stopping at once glued their lines into one.
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
     except (OSError, ValueError):  # broken pipe, closed stream
         silence_broken_console()
 
