@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -55,9 +56,25 @@ def main(argv: list[str] | None = None) -> int:
         rc = module.main(rest)
     except KeyboardInterrupt:  # where the command does not handle it itself (the trainer does once started)
         return report_interrupt(name, while_starting=name == "train")
+    except BrokenPipeError as e:
+        if _stdout_reader_gone():  # `effdist presets | head -1`: head has what it wanted; nothing failed
+            return 128 + signal.SIGPIPE
+        return report_os_error(name, e)
     except OSError as e:  # an output that cannot be written, an input that cannot be read: name it, no traceback
         return report_os_error(name, e)
     return int(rc or 0)
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader closed it; then it points at /dev/null, so that the interpreter's
+    final flush does not print a second BrokenPipeError."""
+    from effdist.runtime.lifecycle import silence_broken_console
+
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    return 1 in silence_broken_console()
 
 
 if __name__ == "__main__":

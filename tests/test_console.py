@@ -3,6 +3,7 @@ EPAS plan and region changes, and no third-party warnings (Python's default warn
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -63,3 +64,16 @@ def test_outputs_that_cannot_be_written_are_one_line(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1] == (f"effdist simulate: a file is in the way of a directory to create: "
                                                     f"{tmp_path / 'plans'} (EFFDIST_TRACEBACK=1 shows where)")
+
+
+def test_a_listing_piped_into_head_ends_quietly():
+    """`effdist presets | head -1`: once the reader of stdout is gone, the command stops without a line of its own
+    (it said `effdist presets: Broken pipe (EFFDIST_TRACEBACK=1 shows where)` and exit 1, as if something failed),
+    with 141, the code of a tool that SIGPIPE ended; a real write error is still named (test above)."""
+    for args in (["presets"], ["simulate", "--compare", "1f1b,v-half", "--pp", "2", "--microbatches", "4"]):
+        r, w = os.pipe()
+        os.close(r)  # the reader (head) is gone before the first line
+        done = subprocess.run([sys.executable, "-m", "effdist.cli", *args], env=clean_env(), cwd=ROOT, stdout=w,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+        os.close(w)
+        assert done.stderr == "" and done.returncode == 141, (args, done.returncode, done.stderr)
