@@ -535,3 +535,16 @@ def test_calibrate_on_a_cpu_keeps_a_time_below_zero_at_1_ns_with_one_warning(tmp
                         "layers' work (a CPU table is for trying the planner, not for planning)" for mb in (1, 2)]
     layer = Calibration.load(out).layer("dense", 2)
     assert layer.forward_s == 2e-4 and layer.backward_s == 1e-9
+
+
+def test_why_the_best_wins_names_no_other_layout_where_only_one_fits():
+    """7 GPUs (prime) leave one layout, tp1 pp7: the line said `... beats the best 1x7 (tp x pp) layout, tp1 pp7 ...`,
+    as if another layout had been weighed; it compares with the runner-up of the same layout instead."""
+    def plan(mb: int, tokens_per_s: float, bubble_s: float) -> planner.Plan:
+        c = planner.Choice(tp=1, pp=7, dp=1, schedule="zb-h1", micro_batch=mb, recompute=False, zero1=False,
+                           epas_region=0.0, ffn_kind="swiglu")
+        return planner.Plan(c, 10.0, tokens_per_s, 1.0, 0.1, {"compute": 1.0, "bubble_and_p2p": bubble_s})
+
+    line = planner.why_first_wins([plan(4, 481.0, 0.030), plan(8, 475.0, 0.062)])
+    assert line == ("tp1 pp7 dp1 zb-h1 mb4 beats the runner-up, tp1 pp7 dp1 zb-h1 mb8, by 1.3% (1x7 is the only "
+                    "tp x pp layout that fits): 32.0 ms less pipeline bubble per step (30.0 vs 62.0 ms)."), line

@@ -273,14 +273,20 @@ def why_first_wins(plans: list[Plan]) -> str:
     """One sentence: the best plan against the best plan of another layout (tp, pp) and what makes the difference."""
     best = plans[0]
     other = next((p for p in plans[1:] if (p.choice.tp, p.choice.pp) != (best.choice.tp, best.choice.pp)), None)
+    one_layout = other is None
     if other is None:
         other = plans[1] if len(plans) > 1 else None
     if other is None:
         return f"{_label(best.choice)} is the only plan that fits."
     diffs = {k: other.parts_s[k] - best.parts_s[k] for k in best.parts_s}
     key = max(diffs, key=diffs.get)
-    return (f"{_label(best.choice)} beats the best {other.choice.tp}x{other.choice.pp} (tp x pp) layout, "
-            f"{_label(other.choice)}, by {100 * (best.tokens_per_s / other.tokens_per_s - 1):.1f}%: "
+    by = f"by {100 * (best.tokens_per_s / other.tokens_per_s - 1):.1f}%"
+    if one_layout:  # no other layout fits: the runner-up differs in schedule, micro-batch, recompute or ZeRO-1
+        versus = (f"the runner-up, {_label(other.choice)}, {by} ({best.choice.tp}x{best.choice.pp} is the only "
+                  f"tp x pp layout that fits)")
+    else:
+        versus = f"the best {other.choice.tp}x{other.choice.pp} (tp x pp) layout, {_label(other.choice)}, {by}"
+    return (f"{_label(best.choice)} beats {versus}: "
             f"{1e3 * diffs[key]:.1f} ms less {PART_NAMES[key]} per step "
             f"({1e3 * best.parts_s[key]:.1f} vs {1e3 * other.parts_s[key]:.1f} ms).")
 
