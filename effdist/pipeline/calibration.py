@@ -157,6 +157,11 @@ class Calibration:
         return [k for k in ("hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                             "vocab_size", "seq_length") if self.model.get(k) != want[k]]
 
+    def shape_difference(self, cfg) -> str:
+        """The fields of `check_shape`, readable: `hidden_size 2048 measured, 4096 here; ...`."""
+        want = model_shape(cfg)
+        return "; ".join(f"{k} {self.model.get(k)} measured, {want[k]} here" for k in self.check_shape(cfg))
+
 
 def _interpolate(points: list[tuple[int, tuple[float, float]]], x: int) -> tuple[float, float]:
     xs = [p[0] for p in points]

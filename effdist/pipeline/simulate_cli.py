@@ -109,8 +109,8 @@ def _calibrated_costs(args: argparse.Namespace, names: list[str]) -> tuple[Costs
     except (ConfigError, CalibrationError) as e:
         raise _UsageError(str(e)) from None
     if cal.check_shape(cfg):  # as effdist plan says: the times are another model's, scaled by FLOPs
-        print(f"note: the calibration {cal.path} was measured at another shape ({cal.model}); layer times are scaled "
-              f"by FLOPs to {args.model}")
+        print(f"note: the calibration {cal.path} was measured at another shape ({cal.shape_difference(cfg)}); layer "
+              f"times are scaled by FLOPs to {args.model}")
     cfg.parallel.pp = args.pp
     chunks = args.chunks_per_rank or 2 if names[0] == "interleaved" or names[0].startswith("v-") else 1
     sharing = final_region_layers(cfg)

@@ -422,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     shaped = copy.deepcopy(cfg)
     shaped.data.seq_length = seq
     if cal.check_shape(shaped):
-        print(f"  note: the calibration was measured at another shape ({cal.model}); layer times are scaled by FLOPs")
+        print(f"  note: the calibration was measured at another shape ({cal.shape_difference(shaped)}); layer times "
+              "are scaled by FLOPs")
     if not fitting:
         if not over:
             print("no valid layout: no tp x pp x dp with these micro-batches divides the global batch and the model "
