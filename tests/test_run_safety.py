@@ -224,6 +224,21 @@ def test_no_loadable_checkpoint_and_shape_change_are_named(tmp_path, data_cache,
         ckpt.verify(four_steps / "checkpoints" / name)
 
 
+def test_a_float32_checkpoint_resumed_in_half_precision_is_refused_in_one_line(tmp_path, data_cache, four_steps):
+    """A float32 run (train.dtype auto on a CPU) resumed with train.dtype=bf16 or fp16 (or auto on a GPU): megatron's
+    mixed-precision optimizer loads fp32 master weights the checkpoint does not hold, and the load ended in a
+    KeyError traceback (`optimizer.state.master... not in state dict`), exit 1. Refused before loading, exit 2."""
+    run = _copy(four_steps, tmp_path / "half")
+    before = (run / "metrics.jsonl").read_text()
+    proc = _train(run, data_cache, ["train.steps=6", "train.dtype=bf16"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert ("iter_0000004 was trained in float32 and this run would train in bfloat16 (train.dtype=bf16)"
+            in proc.stderr), _error_lines(proc)
+    assert "--set train.dtype=fp32" in proc.stderr and "checkpoint.init_from=" in proc.stderr, _error_lines(proc)
+    assert (run / "metrics.jsonl").read_text() == before and _names(run / "checkpoints") == ["iter_0000002",
+                                                                                             "iter_0000004"]
+
+
 def test_missing_checkpoints_and_resumes_from_elsewhere_never_restart_silently(tmp_path, data_cache, four_steps):
     """--resume auto must not start at step 0 over a run whose checkpoints went missing, nor replace the records
     of a run that never saved; a resume from another run's checkpoint moves this run's line aside only when it

@@ -466,6 +466,7 @@ class Trainer:
                 f"checkpoint {path} holds tensors of another shape ({what}); resume with its values"
                 + (f" ({fix})" if fix else "") + ", or start a new run in another --run-dir (checkpoint.init_from "
                 "needs the same shapes too)")
+        self._check_dtype(marker, path)
         saved_tp, tp = marker.get("tp"), self.runtime.tp
         if isinstance(saved_tp, int) and saved_tp != tp:
             # Same vocabulary and divisor (checked above), another tp: megatron pads the output layer to another row
@@ -495,6 +496,28 @@ class Trainer:
                               + "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in order)
                               + f"): the samples after step {marker.get('step', path.name)} are not the ones this "
                               f"run would have seen; {config_fix(order)} continues exactly")
+
+    def _check_dtype(self, marker: dict[str, Any], path: Path) -> None:
+        """A float32 checkpoint resumed in bf16/fp16: megatron's mixed-precision optimizer loads fp32 master weights
+        that a float32 run never saved (a KeyError deep in the load). The other way round loads."""
+        if self.engine is not None or marker.get("engine", "megatron") != "megatron":
+            return
+        saved = marker.get("dtype")  # recorded since; before, an explicit train.dtype or the optimizer's keys tell
+        if saved is None:
+            saved = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(
+                marker.get("config", {}).get("train", {}).get("dtype"))
+        if saved is None and _adam_state_without_master_weights(path):
+            saved = "float32"
+        now = str(self.runtime.dtype).replace("torch.", "")
+        if saved == "float32" and now != "float32":
+            how = f"train.dtype={self.cfg.train.dtype}"
+            if self.cfg.train.dtype == "auto":
+                how += f" on {self.runtime.device.type}"
+            raise ckpt.IncompatibleCheckpointError(
+                f"checkpoint {path} was trained in float32 and this run would train in {now} ({how}), "
+                "whose optimizer resumes from fp32 master weights the checkpoint does not hold: resume with --set "
+                f"train.dtype=fp32, or start a new run from its weights (--set checkpoint.init_from={path} in another "
+                "--run-dir)")
 
     def _lr_signature(self) -> dict[str, Any]:
         o = self.cfg.optim
@@ -675,7 +698,7 @@ class Trainer:
         self._check_space()
         marker = {"model": self._model_signature(), "lr_schedule": self._lr_signature(), "tp": rt.tp, "pp": rt.pp,
                   "dp": rt.dp, "config": self.cfg.to_dict(), "run_dir": str(self.run_dir.resolve()),
-                  "data_paths": resolved_data_paths(self.cfg)}
+                  "data_paths": resolved_data_paths(self.cfg), "dtype": str(rt.dtype).replace("torch.", "")}
         step = self.step
 
         def retain():
@@ -1049,6 +1072,18 @@ def _refusal(line: str) -> None:
     once per node (local rank 0), not once per process."""
     if (os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or "0") == "0":
         lifecycle.print_to_console(line)
+
+
+def _adam_state_without_master_weights(path: Path) -> bool:
+    """Whether a megatron checkpoint holds Adam moments but no fp32 master weights: one a float32 run saved."""
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
+    except Exception:  # unreadable here: the load itself names the problem
+        return False
+    return (any(k.startswith("optimizer.state.exp_avg") for k in keys)
+            and not any(k.startswith("optimizer.state.master") for k in keys))
 
 
 def _error_line(error) -> None:
