@@ -361,6 +361,44 @@ def test_a_run_with_its_checkpoints_elsewhere_finds_its_tokenizer(trained_run, t
 
 
 @pytest.mark.slow
+def test_a_checkpoint_deleted_by_a_training_run_while_read_is_not_a_traceback(trained_run, tmp_path, monkeypatch,
+                                                                               capsys):
+    """`effdist generate --checkpoint RUN_DIR` beside the run training there: the trainer saved a newer checkpoint
+    and its checkpoint.keep_last removed the one being read, and megatron's load ended in a traceback
+    (`CheckpointingException: Checkpoint directory ... does not exist`). The run's newest is read instead; a
+    checkpoint named by its own path is one line."""
+    from effdist.infer import generate as gen_module
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    ckpts = run / "checkpoints"
+    original = gen_module.load_weights
+    calls = []
+
+    def retention_strikes(info):  # the first read loses its checkpoint to the next save's retention
+        calls.append(info.path.name)
+        if len(calls) == 1:
+            if info.path.name == "iter_0000003":
+                shutil.copytree(info.path, ckpts / "iter_0000004")
+                (ckpts / "latest").write_text("iter_0000004\n")
+            shutil.rmtree(info.path)
+        return original(info)
+
+    monkeypatch.setattr(gen_module, "load_weights", retention_strikes)
+    rc = main(["--checkpoint", str(run), "--prompt", "The cat", "--max-new-tokens", "2"])
+    captured = capsys.readouterr()
+    assert rc == 0 and captured.out.startswith("[0] The cat"), captured.err
+    assert calls == ["iter_0000003", "iter_0000004"] and "iter_0000004" in captured.err
+
+    calls.clear()
+    named = ckpts / "iter_0000004"
+    rc = main(["--checkpoint", str(named), "--prompt", "The cat", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"checkpoint {named} was deleted while it was read" in err, err
+
+
+@pytest.mark.slow
 def test_checkpoint_without_its_tokenizer(trained_run, tmp_path, capsys):
     moved = tmp_path / "iter_0000003"
     shutil.copytree(trained_run / "checkpoints" / "iter_0000003", moved)  # away from the run's data/

@@ -294,16 +294,30 @@ class Generator:
         ``sparse_decode=False`` decodes sparse FFNs (MoC, top-k, ELAS, ReLU²) with their dense math."""
         device = _parse_device(device)
         dtype = _parse_dtype(dtype, device)
-        info = read_checkpoint_info(path)
-        cfg = info.config
-        check_supported(cfg)
-        tok, searched = find_tokenizer(info, tokenizer)
-        if tok is not None and tok.vocab_size > cfg.model.vocab_size:
-            where = f"--tokenizer {tokenizer}" if tokenizer is not None else f"the tokenizer {tok.path}"
-            raise GenerationError(f"{where} has {tok.vocab_size} entries but the model was trained with "
-                                  f"model.vocab_size {cfg.model.vocab_size}: its ids would index past the embedding; "
-                                  "give the tokenizer the run trained with")
-        model = InferenceModel.from_state_dict(load_weights(info), cfg, step=info.step,
+        for attempt in range(3):
+            info = read_checkpoint_info(path)
+            cfg = info.config
+            check_supported(cfg)
+            tok, searched = find_tokenizer(info, tokenizer)
+            if tok is not None and tok.vocab_size > cfg.model.vocab_size:
+                where = f"--tokenizer {tokenizer}" if tokenizer is not None else f"the tokenizer {tok.path}"
+                raise GenerationError(f"{where} has {tok.vocab_size} entries but the model was trained with "
+                                      f"model.vocab_size {cfg.model.vocab_size}: its ids would index past the "
+                                      "embedding; give the tokenizer the run trained with")
+            try:
+                weights = load_weights(info)
+                break
+            except Exception:
+                if info.path.exists():
+                    raise
+                # A run training there saved a newer checkpoint and its checkpoint.keep_last / keep_every removed
+                # this one while it was read: a run directory's newest is read again; a named checkpoint is gone.
+                if attempt == 2 or Path(path).resolve() == info.path.resolve():
+                    raise GenerationError(
+                        f"checkpoint {info.path} was deleted while it was read (a run training there removes older "
+                        "checkpoints: checkpoint.keep_last, keep_every); give its run directory to read the newest "
+                        "one, or a checkpoint the run keeps") from None
+        model = InferenceModel.from_state_dict(weights, cfg, step=info.step,
                                                sparse_decode=sparse_decode).to(device=device, dtype=dtype)
         default = epas_region if epas_region is not None else cfg.epas.inference_region
         gen = cls(model, tokenizer=tok, trained_region=info.trained_region, direction=cfg.epas.direction,
