@@ -429,6 +429,21 @@ def preset_or_path(name_or_path: str | os.PathLike) -> Path:
     return p
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: `line L, column C: problem (while context at line L, column C)`."""
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+    if not problem:
+        return " ".join(str(error).split())
+    text = f"{at(mark)}: {problem}" if mark is not None else problem
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context:
+        text += f" ({context}" + (f" at {at(context_mark)})" if context_mark is not None else ")")
+    return text
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 check: bool = True) -> Config:
     """Load a YAML config (or the defaults), apply --set overrides, and validate the result (unless not `check`)."""
@@ -445,7 +460,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             try:
                 data = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
-                raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+                raise ConfigError(f"config file '{p}' is not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{p}' must hold a mapping of sections (model:, train:, ...)")
         data = dict(data)

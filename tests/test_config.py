@@ -269,3 +269,17 @@ def test_issue_21_examples_give_one_named_line(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(ROOT / "configs/tiny-cpu.yaml", [override])
     assert str(e.value).startswith(message), str(e.value)
+
+
+def test_a_config_file_that_is_not_valid_yaml_is_one_line(tmp_path):
+    """PyYAML's message spans four lines (the context, the problem, each with its `in "file", line L, column C`);
+    the error is one line naming the file, where, and what."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  num_layers: [1, 2\ntrain:\n  steps: 5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    message = str(e.value)
+    assert "\n" not in message, message
+    assert message.startswith(f"config file '{bad}' is not valid YAML: line 3, column 6: expected ',' or ']', "
+                              "but got ':'"), message
+    assert "(while parsing a flow sequence at line 2, column 15)" in message, message
