@@ -46,6 +46,8 @@ parity_model() {
 
 # One run of issue #25 on the large corpus's subset, scored held out. Usage: quality_run SIZE MICRO_BATCH STEPS
 # dense|epas SEED ",extra,overrides" [NAME_PREFIX] -> $out/quality_SIZE_[PREFIX_]VARIANT_sSEED.json (+ .png)
+# Run directories are per size: a 125m run after a 1b run of the same name and seed on a warm machine would meet
+# the 1b run directory, and effdist refuses to start over a run it was not told to resume or move aside.
 quality_run() {
   local size=$1 micro=$2 steps=$3 variant=$4 seed=$5 extra=$6 prefix=${7:+$7_}
   local name="${prefix}${variant}_s$seed" large=data/english-large
@@ -53,7 +55,7 @@ quality_run() {
     --timeout 560 --set train.global_batch=16 --set "train.micro_batch=$micro" --set optim.warmup_steps=50 \
     --set logging.interval=1 --set logging.tensorboard=false --set checkpoint.interval=0 \
     --set data.cache_dir=/tmp/effdist-data --set "data.paths=[$large/train36]" --set "data.tokenizer=$large/tokenizer.json" \
-    --eval-data "$large/heldout" --eval-windows 64 --out-dir /tmp/effdist-quality \
+    --eval-data "$large/heldout" --eval-windows 64 --out-dir "/tmp/effdist-quality/$size" \
     --variant "$name=train.seed=$seed$extra" --json "$out/quality_${size}_$name.json"
 }
 
@@ -312,7 +314,7 @@ continual1b)
   # TinyLlama takes), then continued for 120 steps (3.9M tokens) dense and with EPAS growing to 12 = 3L/4 (one layer
   # per 5 steps from step 10), same seed and data; held-out loss of all three.
   quality_run 1b 8 300 dense 1 "" pretrain
-  run 60 python3 -m effdist.cli convert effdist-to-hf --checkpoint /tmp/effdist-quality/pretrain_dense_s1 \
+  run 60 python3 -m effdist.cli convert effdist-to-hf --checkpoint /tmp/effdist-quality/1b/pretrain_dense_s1 \
     --out /tmp/effdist-quality/hf --overwrite
   run 60 python3 -m effdist.cli convert hf-to-effdist --hf-dir /tmp/effdist-quality/hf --format dist \
     --config configs/llama-1b.yaml --out /tmp/effdist-quality/init --overwrite
