@@ -150,6 +150,11 @@ def test_loss_parity_scores_each_run_held_out_at_its_trained_region(tmp_path):
     assert r["heldout_loss"] == r["heldout"]["losses"]["2"] > 0
     assert (r["model"], r["seed"], r["heldout"]["windows"], r["heldout"]["step"]) == ("tiny", 1234, 2, 4)
     assert "held-out" in proc.stdout and (tmp_path / "runs" / "epas" / "heldout.json").exists()
+    # Each step's gradient norm, and the share of steps clipping scaled, from the run's own metrics.jsonl.
+    logged = [json.loads(line) for line in (tmp_path / "runs" / "epas" / "metrics.jsonl").read_text().splitlines()]
+    norms = [[m["step"], m["grad_norm"]] for m in logged if "grad_norm" in m]
+    assert r["grad_norm_curve"] == norms and len(norms) == 4 and r["clip_grad"] == 1.0
+    assert r["clipped_fraction"] == sum(g > 1.0 for _, g in norms) / 4
 
 
 def test_loss_parity_records_the_held_out_ratio_against_the_baseline():

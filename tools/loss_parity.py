@@ -42,6 +42,16 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
+def clipping(recs: list[dict], clip: float) -> dict:
+    """The gradient norm of every step and the share of steps whose update clipping scaled down: two runs of one
+    recipe can differ in loss through clipping alone (a variant whose gradients are smaller, e.g. EPAS with its
+    frozen Wq/Wk rows, is scaled less at the same clip), so a comparison keeps what it needs to tell."""
+    norms = [(r["step"], r["grad_norm"]) for r in recs if r.get("grad_norm") is not None]
+    clipped = sum(1 for _, g in norms if clip > 0 and g > clip)
+    return {"grad_norm_curve": norms, "clip_grad": clip,
+            "clipped_fraction": clipped / len(norms) if norms else None}
+
+
 def plot(results: dict, window: int, title: str, png: str) -> None:
     """Loss curves, and below them each variant's loss over its baseline's (``results[name]["baseline"]``,
     moving average over `window` steps): a gap of 1% is invisible on the loss axis but not on the ratio axis."""
@@ -182,7 +192,8 @@ def main(argv=None) -> int:
         results[name] = {"overrides": extra, "final_loss": sum(tail) / len(tail), "wall_s": wall,
                          "median_tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None,
                          "curve": [(r["step"], r["loss"]) for r in recs], "tokens": args.steps * tokens_per_step,
-                         "model": cfg.model.name, "seed": cfg.train.seed}
+                         "model": cfg.model.name, "seed": cfg.train.seed,
+                         **clipping(recs, cfg.optim.clip_grad)}
         if args.eval_data:
             held_out = evaluate_held_out(run_dir, args.eval_data, args.eval_windows, args.timeout)
             results[name].update(held_out)
