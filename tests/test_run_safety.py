@@ -239,6 +239,26 @@ def test_a_float32_checkpoint_resumed_in_half_precision_is_refused_in_one_line(t
                                                                                              "iter_0000004"]
 
 
+def test_a_config_yaml_of_the_users_in_the_run_directory_is_moved_aside_not_overwritten(tmp_path, data_cache):
+    """--run-dir a directory holding the user's own config.yaml (a hand-written config kept with the experiment): the
+    run's record of its resolved config replaced it without a word. It is moved into previous/<time>/, said in one
+    line; a trainer's own record (a run that never logged a step) is still replaced in place."""
+    run = tmp_path / "mine"
+    run.mkdir()
+    (run / "config.yaml").write_text("# my notes\nmodel: {num_layers: 4}\n")
+    (run / "README").write_text("mine\n")
+    proc = _train(run, data_cache, ["train.steps=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kept = list((run / "previous").glob("*/config.yaml"))
+    assert [p.read_text() for p in kept] == ["# my notes\nmodel: {num_layers: 4}\n"], kept
+    assert f"moved it to {kept[0]}" in proc.stderr, _error_lines(proc)
+    assert (run / "README").read_text() == "mine\n" and "steps: 2" in (run / "config.yaml").read_text()
+    # The run's own record is not foreign: training on replaces it in place, nothing more is moved.
+    proc = _train(run, data_cache, ["train.steps=3"])
+    assert proc.returncode == 0 and "moved it to" not in proc.stderr, proc.stderr[-3000:]
+    assert list((run / "previous").glob("*/config.yaml")) == kept and "steps: 3" in (run / "config.yaml").read_text()
+
+
 def test_missing_checkpoints_and_resumes_from_elsewhere_never_restart_silently(tmp_path, data_cache, four_steps):
     """--resume auto must not start at step 0 over a run whose checkpoints went missing, nor replace the records
     of a run that never saved; a resume from another run's checkpoint moves this run's line aside only when it

@@ -184,6 +184,29 @@ class RunDirMissingCheckpoints(RunDirError):
     """--resume auto found no checkpoint where the directory says this run had some."""
 
 
+_RUN_RECORD_SECTIONS = {"model", "parallel", "data", "train", "optim", "checkpoint", "logging"}
+
+
+def set_aside_foreign_config(run_dir: Path) -> Path | None:
+    """A config.yaml in `run_dir` that no trainer wrote (one of the user's, e.g. a hand-written config kept in the
+    directory given as --run-dir): move it into previous/<time>/ before the run's record replaces it, and return
+    where it went. A trainer's record holds every section of the resolved config; it is replaced as before."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        data = None
+    if isinstance(data, dict) and _RUN_RECORD_SECTIONS <= set(data):
+        return None
+    dest = _new_dir(run_dir / PREVIOUS_DIR)
+    os.replace(path, dest / "config.yaml")
+    return dest / "config.yaml"
+
+
 def continue_without_checkpoint(run_dir: Path, ckpt_dir: Path) -> Path | None:
     """--resume auto with no checkpoint entry in `ckpt_dir`. Where the directory says this run had checkpoints
     (a `latest` naming one, or this run's checkpoints moved aside into rolled-back/), starting at step 0 would

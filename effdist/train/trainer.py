@@ -157,6 +157,10 @@ class Trainer:
 
     def _write_config_yaml(self) -> None:
         path = self.run_dir / "config.yaml"
+        moved = run_directory.set_aside_foreign_config(self.run_dir)
+        if moved is not None:
+            log(self.runtime, f"{path} was not written by effdist train (not a resolved config): moved it to {moved} "
+                              "before writing this run's")
         text = self.cfg.to_yaml()
         if self.cfg.checkpoint.dir and not os.path.isabs(self.cfg.checkpoint.dir):
             # A relative checkpoint.dir is read from the working directory; the run's record names where the
