@@ -211,8 +211,9 @@ class FFNConfig:
     moc_k: float = 0.1875
     moc_structured: bool = False  # "2:8": top-2 of every 8 channels
     # How the fused GPU kernel finds MoC's / top-k's K largest channels per token: "bisect" (16 rounds of a count
-    # for bf16) or "radix" (two 8-bit histograms, one row per program; bf16 only, bisection for other dtypes).
-    # Same channels either way; a speed choice (effdist.kernels.topk_select): on an H100 radix ran 1.4-1.8x slower.
+    # for bf16), "bisect4" (8 rounds of three counts summed in one reduction) or "radix" (two 8-bit histograms,
+    # one row per program; bf16 only, bisection for other dtypes). Same channels whichever; a speed choice
+    # (effdist.kernels.topk_select): on an H100 radix ran 1.4-1.8x slower; bisect4 is not yet timed.
     select_method: str = "bisect"
     # How a plain top-K selection (MoC and top-k on one tensor-parallel rank) is kept for backward: "mask", a bit
     # mask of the row (W/8 bytes a token), or "indices", int16 channel indices (2K bytes: 704 B against 2,112 B for
@@ -948,8 +949,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             _fail("ffn.topk_k", f.topk_k, f"must be a count in [1, {width}] or a fraction in (0, 1)")
         if f.topk_activation not in ("relu", "relu2"):
             _fail("ffn.topk_activation", f.topk_activation, "valid: relu, relu2")
-    if f.select_method not in ("bisect", "radix"):
-        _fail("ffn.select_method", f.select_method, "valid: bisect, radix")
+    if f.select_method not in ("bisect", "bisect4", "radix"):
+        _fail("ffn.select_method", f.select_method, "valid: bisect, bisect4, radix")
     if f.save_selection not in ("mask", "indices"):
         _fail("ffn.save_selection", f.save_selection, "valid: mask, indices")
     if f.kind == "moc":

@@ -423,13 +423,14 @@ def test_sparse_ffns_defer_weight_gradients_with_split_linears(sets):
 
 def test_select_method_reaches_the_module_and_a_wrong_one_is_named():
     """ffn.select_method (the fused top-K kernel's threshold search on GPU) is each MoC / top-k module's; a value
-    outside bisect/radix is one line naming the key."""
+    outside bisect/bisect4/radix is one line naming the key."""
     from effdist.config import ConfigError
 
     for kind in ("moc", "topk"):
         assert _build(_cfg(f"ffn.kind={kind}", "ffn.select_method=radix")).select_method == "radix"
+        assert _build(_cfg(f"ffn.kind={kind}", "ffn.select_method=bisect4")).select_method == "bisect4"
         assert _build(_cfg(f"ffn.kind={kind}")).select_method == "bisect"
-    with pytest.raises(ConfigError, match="ffn.select_method.*heap.*valid: bisect, radix"):
+    with pytest.raises(ConfigError, match="ffn.select_method.*heap.*valid: bisect, bisect4, radix"):
         _cfg("ffn.kind=moc", "ffn.select_method=heap")
     assert _build(_cfg("ffn.kind=moc", "ffn.save_selection=indices")).save_selection == "indices"
     with pytest.raises(ConfigError, match="ffn.save_selection.*bits.*valid: mask, indices"):

@@ -462,9 +462,15 @@ mask_chunks2)
   ;;
 select4)
   # The four-way bisection of the top-K kernels (three counts a round in one reduction, half the rounds): GPU tests,
-  # then the fused select + activate sweep with all three searches at the training shapes (outputs compared).
+  # llama-1b end to end with it against the default bisection, then the fused select + activate sweep with all three
+  # searches at the training shapes (outputs compared).
   run 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_topk_select.py
-  run 420 python3 tools/bench_topk_select.py --parts fused --json "$out/bench_topk_select_bisect4.json"
+  # End to end at llama-1b (issue #23 items 1-2), one process per variant, each search against the default.
+  run 200 python3 tools/bench_train.py --isolate --models llama-1b --micro-batch llama-1b=8 --accum 2 --steps 8 \
+    --warmup 3 --set data.kind=mock --set logging.tensorboard=false --json "$out/bench_train_ffn_1b_bisect4.json" \
+    --variant swiglu= --variant moc=ffn.kind=moc --variant "moc_bisect4=ffn.kind=moc;ffn.select_method=bisect4" \
+    --variant topk=ffn.kind=topk --variant "topk_bisect4=ffn.kind=topk;ffn.select_method=bisect4"
+  run 260 python3 tools/bench_topk_select.py --parts fused --json "$out/bench_topk_select_bisect4.json"
   ;;
 decode_greedy)
   # Issue #23 item 4's equality check on a GPU: sparse decode of MoC, top-k and ELAS against its dense-math

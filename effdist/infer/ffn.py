@@ -74,7 +74,7 @@ class InferenceFFN(nn.Module):
     # Larger decode batches run the dense math (same function, fewer bytes read); None: the kind's
     # byte rule (`sparse_batch_limit`).
     sparse_max_batch: Optional[int] = None
-    # The top-K search of MoC's / top-k's decode step (ffn.select_method): "bisect" or "radix" (bf16).
+    # The top-K search of MoC's / top-k's decode step (ffn.select_method): "bisect", "bisect4" or "radix" (bf16).
     select_method: str = "bisect"
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:

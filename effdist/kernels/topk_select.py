@@ -188,8 +188,8 @@ _KEY_BITS = {torch.bfloat16: 16, torch.float16: 19, torch.float32: 32}
 
 # How the threshold is found: "bisect" (KEY_BITS rounds of a count per row), "radix" (two 8-bit histograms;
 # bf16 rows, one row per program: 1.4-1.8x slower than bisection on an H100) or "bisect4" (KEY_BITS / 2 rounds of
-# three counts in one reduction; the kernels take it, ffn.select_method not yet: untimed until
-# tools/bench_topk_select.py sweeps it on a GPU). All three select the same channels.
+# three counts in one reduction; `ffn.select_method: bisect4`, not yet timed: tools/gpu_h100_suite.sh select4).
+# All three select the same channels.
 SELECT_METHODS = ("bisect", "radix", "bisect4")
 DEFAULT_SELECT_METHOD = "bisect"
 
