@@ -219,6 +219,7 @@ def test_launcher_signals_save_and_resume_and_launcher_sigkill_stops_workers(tmp
     assert codes == [PREEMPTED], text[-4000:]
     newest = run_dir / "checkpoints" / f"iter_{second[-1]:07d}"
     assert f"stopped by SIGUSR1 during model construction; nothing new to save: {newest} stays" in text, text[-4000:]
+    assert "effdist (rank 0): stopped by SIGUSR1" in text and "error" not in text, text[-4000:]  # a stop, no error
     assert text.count(f"index cache {cache} is incomplete") == 1, text[-4000:]
     assert cache.stat().st_size == size
     assert _saved(run_dir) == second

@@ -993,7 +993,7 @@ def main(argv: list[str] | None = None) -> int:
                                ckpt.NotACheckpointError, RendezvousError))
         code = 2 if usage else 1
     except lifecycle.Stopped as e:
-        _error_line(e)
+        _error_line(e, label=None)
         code = e.exit_code
     except KeyboardInterrupt:
         code = _interrupted(trainer)
@@ -1009,7 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
             code = lifecycle.PEER_LOST_EXIT_CODE
         elif guard.signum is not None:
             stopped = guard.stopped()
-            _error_line(stopped)
+            _error_line(stopped, label=None)
             code = stopped.exit_code
         else:
             raise
@@ -1090,13 +1090,16 @@ def _adam_state_without_master_weights(path: Path) -> bool:
             and not any(k.startswith("optimizer.state.master") for k in keys))
 
 
-def _error_line(error) -> None:
+def _error_line(error, label: str | None = "error") -> None:
+    """One line per rank: `effdist: error (rank N): ...`, or without a label, `effdist (rank N): stopped by SIGTERM
+    ...` for a stop signal obeyed (a preemption is not an error: a log scanned for "error" should not show one)."""
     from effdist.runtime.progress import end_bar
 
     end_bar()  # on a terminal the step bar is still on the line: the error goes on a line of its own
     # Through the guard's writer: with nobody reading stderr any more (a `| tee` that died) the line must not
     # raise BrokenPipeError over the exit code and the cleanup that follow it.
-    lifecycle.print_to_console(f"effdist: error (rank {lifecycle.global_rank()}): {error}")
+    prefix = f"effdist: {label}" if label else "effdist"
+    lifecycle.print_to_console(f"{prefix} (rank {lifecycle.global_rank()}): {error}")
 
 
 def _precision_note(cfg: Config) -> str:
