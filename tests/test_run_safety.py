@@ -448,6 +448,8 @@ def test_two_runs_sharing_one_checkpoint_dir_never_take_or_delete_each_others_ch
             f"{(tmp_path / 'third').resolve()}, which is training now (host {socket.gethostname()}, pid {holder.pid}"
             in holders.stderr), _error_lines(holders)
     assert not (tmp_path / "fifth" / "metrics.jsonl").exists() and not (tmp_path / "sixth" / "metrics.jsonl").exists()
+    # A refused trainer leaves no empty run directory behind where it created one.
+    assert not (tmp_path / "fourth").exists() and not (tmp_path / "sixth").exists()
 
 
 def test_a_changed_checkpoint_dir_never_restarts_a_run_that_saved(tmp_path, data_cache, four_steps):

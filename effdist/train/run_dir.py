@@ -82,6 +82,22 @@ class RunDirLock:
             self._fd = None
 
 
+def remove_refused_run_dir(lock: RunDirLock) -> None:
+    """A run refused before it began leaves no trace in a run directory that it created: its lock file is unlinked
+    while still held (a trainer starting at the same moment is then refused by the lock, or makes a new file that
+    keeps the directory), and the directory is removed only if that left it empty."""
+    if lock._fd is None:
+        return
+    try:
+        lock.path.unlink(missing_ok=True)
+    finally:
+        lock.release()
+    try:
+        lock.path.parent.rmdir()
+    except OSError:  # not empty: something else is in it now, and it stays
+        pass
+
+
 def _read_holder(fd: int) -> str:
     try:
         info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")

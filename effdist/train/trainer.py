@@ -283,6 +283,7 @@ class Trainer:
         rt = self.runtime
         error = None
         if rt.is_logging_rank:
+            created = not self.run_dir.exists()
             try:
                 self.lock = run_directory.RunDirLock(self.run_dir)
                 self.lock.acquire()
@@ -309,6 +310,8 @@ class Trainer:
                                 f"moved into {moved} (nothing deleted); starting at step 0")
             except run_directory.RunDirError as e:
                 error = str(e)
+                if created and self.lock is not None:  # refused before it began: no empty directory left behind
+                    run_directory.remove_refused_run_dir(self.lock)
         error = self._from_rank0(error)
         if error:
             raise run_directory.RunDirError(error)
