@@ -522,3 +522,26 @@ def test_index_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert "500 of 8128 bytes" in index_cache.torn_reason(target)
     assert index_cache.remove_torn_caches(tmp_path) == [target]
     assert not target.exists()
+
+
+def test_a_launcher_death_stops_with_one_notice_not_a_second_about_a_sigterm(capsys, monkeypatch):
+    """The watchdog stops a worker whose launcher died by sending itself SIGTERM, after saying why. The handler
+    used to add "received SIGTERM: will save a checkpoint after this step and exit", a signal no one sent."""
+    from effdist.runtime import lifecycle
+
+    monkeypatch.setenv("RANK", "0")
+    guard = lifecycle.ProcessGuard()
+    guard.unsaved = True  # a step finished since the last save: the stop saves first
+    guard._parent = os.getppid() + 1_000_000
+    monkeypatch.setattr(lifecycle.os, "kill", lambda pid, signum: guard._on_signal(signum, None))
+    guard._stop_if_launcher_gone()
+    err = capsys.readouterr().err
+    assert guard.requested and guard.signum == signal.SIGTERM
+    assert err.count("is gone: stopping (saving first if a step finished)") == 1 and "received" not in err, err
+    guard._on_signal(signal.SIGTERM, None)  # a second stop signal changes nothing and says nothing
+    assert capsys.readouterr().err == ""
+    # A SIGTERM someone did send is still announced.
+    sent = lifecycle.ProcessGuard()
+    sent.unsaved = True
+    sent._on_signal(signal.SIGTERM, None)
+    assert "received SIGTERM: will save a checkpoint after this step and exit" in capsys.readouterr().err

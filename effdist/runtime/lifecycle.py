@@ -322,6 +322,9 @@ class ProcessGuard:
         self.timeout_s = 600.0
         self.unsaved = False  # set by the trainer: state exists that a save would keep
         self.requested = False  # a stop was requested while there was state to save
+        # The watchdog stops this process with its own SIGTERM when the launcher is gone, after saying so: the
+        # handler then does not announce a SIGTERM that no one sent.
+        self._self_stopped = False
         self.signum: int | None = None
         self.leaving = False  # the main thread is on its way out: later signals change nothing
         self.interrupted = False  # a SIGINT arrived (its KeyboardInterrupt may have been swallowed)
@@ -404,7 +407,7 @@ class ProcessGuard:
         first = self.signum is None
         self.signum = self.signum or signum
         if self.unsaved:
-            if first:
+            if first and not self._self_stopped:
                 say(f"received {signal.Signals(signum).name}: will save a checkpoint after this step and exit")
             self.requested = True
             return
@@ -480,6 +483,13 @@ class ProcessGuard:
             except Exception:  # noqa: BLE001 - the watchdog bounds every stop: no single failure may end it
                 time.sleep(WATCH_INTERVAL_S)
 
+    def _stop_if_launcher_gone(self) -> None:
+        """The launcher is gone: stop as its SIGTERM would have (save first if a step finished), by sending that
+        signal to this process; the notice `_launcher_gone` prints says why, so the handler does not announce it."""
+        if self._launcher_gone():
+            self._self_stopped = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
     def _watch_once(self, gone_since: dict[int, float]) -> None:
         import select
 
@@ -496,8 +506,7 @@ class ProcessGuard:
             due, code, why = self._deadline, self._deadline_code, self._deadline_why
         if due is not None and now > due:
             self._exit(code, why() if callable(why) else why)
-        if self._launcher_gone():
-            os.kill(os.getpid(), signal.SIGTERM)
+        self._stop_if_launcher_gone()
         for peer in [] if self.leaving else self._dead_local_peers():
             since = gone_since.setdefault(peer.rank, now)
             if now - since > PEER_GRACE_S and not self.leaving and not self._said_goodbye(peer.rank):
