@@ -88,6 +88,11 @@ class CommPlan:
 
     @classmethod
     def build(cls, schedule: Schedule, rank: int) -> "CommPlan":
+        return cls.build_all(schedule)[rank]
+
+    @classmethod
+    def build_all(cls, schedule: Schedule) -> list["CommPlan"]:
+        """Every rank's plan from one simulation (the planner's time model needs all of them at once)."""
         timings = simulate(schedule).timings
         where: dict[Action, tuple[float, int, int]] = {}
         for r, row in enumerate(timings):
@@ -107,15 +112,14 @@ class CommPlan:
                 consumer = Action(kinds[(c, m)], c, m)
                 keyed.append((where[producer] + (1,), Message(GRADIENT, c, m, dst, src), producer, consumer))
         keyed.sort(key=lambda k: k[0])
-        plan = cls(rank, [])
+        plans = [cls(rank, []) for rank in range(schedule.pp)]
         for _, msg, producer, consumer in keyed:
-            if msg.src == rank:
-                plan.posts.append(("send", msg))
-                plan.sends_of.setdefault(producer, []).append(msg)
-            elif msg.dst == rank:
-                plan.posts.append(("recv", msg))
-                plan.recv_for[consumer] = msg
-        return plan
+            sender, receiver = plans[msg.src], plans[msg.dst]
+            sender.posts.append(("send", msg))
+            sender.sends_of.setdefault(producer, []).append(msg)
+            receiver.posts.append(("recv", msg))
+            receiver.recv_for[consumer] = msg
+        return plans
 
 
 class StepTransfers:

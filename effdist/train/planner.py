@@ -9,8 +9,9 @@ For every candidate the planner predicts
       the largest rank must fit the budget less `--reserve` (CUDA context, allocator slack, NCCL buffers).
   step time: per-layer forward / backward-input / backward-weight seconds from a calibration
       (`effdist calibrate`; effdist.pipeline.calibration), divided over tp, plus tensor-parallel collectives;
-      with pp > 1 the schedule simulator runs the step on those costs, each chunk with its own layers (the LM head
-      and loss only on the last chunk), and gives the makespan (bubbles, B/W split, p2p sends); then the
+      with pp > 1 the schedule runs on those costs, each chunk with its own layers (the LM head and loss only on
+      the last chunk), as the executor runs it (effdist.pipeline.executor_time: bubbles, B/W split, p2p sends and
+      the waits for whole P2P batches), and gives the makespan; then the
       data-parallel gradient reduction (not overlapped: effdist reduces after the last backward) and the
       optimizer step (calibrated seconds per parameter).
 What is not modelled is said in docs/plan.md (e.g. tp > 1 GEMM efficiency loss unless calibrated on several GPUs).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import sys
@@ -38,11 +40,20 @@ from effdist.train.preflight import validate_run
 # cool-down). Beyond, the step is simulated once more at twice as many, and every further microbatch adds the
 # time per microbatch between the two: all six schedules are periodic between warm-up and cool-down, but the
 # period is not always the slowest rank's F + B + W (summed over its chunks): V-Min idles in its steady state
-# when F, B and W differ, and 1F1B waits for the p2p sends; the measured difference holds both.
+# when F, B and W differ, and every schedule waits for the executor's P2P batches; the measured difference holds
+# both.
 TIMED_MICROBATCHES_PER_STAGE = 4
 MIN_TIMED_MICROBATCHES = 16
 DEFAULT_MICRO_BATCHES = (1, 2, 4, 8, 16)
 DEFAULT_RESERVE_GIB = 2.0
+
+
+@functools.lru_cache(maxsize=256)
+def executor_model(name: str, pp: int, microbatches: int, chunks_per_rank: int):
+    """The executor's timing structure of one schedule; the planner times it under many candidates' costs."""
+    from effdist.pipeline.executor_time import ExecutorModel
+
+    return ExecutorModel(validated_schedule(name, pp, microbatches, chunks_per_rank))
 
 
 @dataclass(frozen=True)
@@ -167,7 +178,7 @@ def choices(base: Config, space: Space, global_batch: int) -> Iterable[Choice]:
 
 def predict_step(cfg: Config, cal: Calibration, space: Space, dp: int) -> tuple[float, float, dict[str, float]]:
     """(step seconds, bubble fraction, parts) of one optimizer step for a valid candidate config."""
-    from effdist.pipeline.simulate import Costs, rank_seconds, simulate
+    from effdist.pipeline.simulate import Costs, rank_seconds
 
     m = cfg.microbatches_per_step(dp * cfg.parallel.tp * cfg.parallel.pp)
     sharing = final_region_layers(cfg)
@@ -189,9 +200,10 @@ def predict_step(cfg: Config, cal: Calibration, space: Space, dp: int) -> tuple[
         link = Costs(comm=chunk_costs[0].comm)
 
         def simulated(microbatches: int) -> float:
-            # The executor runs the schedule generated with equal costs (effdist.train.estimate builds the same one).
-            return simulate(validated_schedule(name, pp, microbatches, cpr), link, check=False,
-                            chunk_costs=chunk_costs).makespan
+            # The executor runs the schedule generated with equal costs (effdist.train.estimate builds the same one),
+            # and waits as its NCCL transfers make it wait (executor_time.py: an action waits for every message of
+            # the batch its input came in); `simulate` alone left 10-50% of the measured p=4 steps out.
+            return executor_model(name, pp, microbatches, cpr).run(chunk_costs, link.comm).makespan
 
         schedule = validated_schedule(name, pp, timed, cpr)
         per_mb = max(rank_seconds(schedule, chunk_costs))  # the slowest rank's F + B + W over its chunks
