@@ -28,8 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from effdist.pipeline.ir import Action, Schedule
-from effdist.pipeline.p2p import CommPlan, Message
+from effdist.pipeline.ir import BW, B, F, W, Action, Schedule
+from effdist.pipeline.comm_plan import CommPlan, Message
 from effdist.pipeline.simulate import Costs
 
 __all__ = ["Batch", "ExecutorModel", "ExecutorTiming", "posted_batches"]
@@ -77,11 +77,17 @@ class ExecutorTiming:
     makespan: float
     busy: list[float]          # per rank, the sum of its actions
     bubble_rates: list[float]  # per rank, (makespan - busy) / makespan, as simulate.py defines it
-    ends: dict[Action, float]  # when each action ends
+    _times: list[float]
+    _node_of: dict[Action, int]
 
     @property
     def bubble_rate(self) -> float:
         return 1.0 - sum(self.busy) / (len(self.busy) * self.makespan) if self.makespan else 0.0
+
+    @property
+    def ends(self) -> dict[Action, float]:
+        """When each action ends (built on demand: the planner reads only the makespan)."""
+        return {a: self._times[n] for a, n in self._node_of.items()}
 
 
 class ExecutorModel:
@@ -137,7 +143,17 @@ class ExecutorModel:
                 if msg is not None:  # the whole batch the message came in, not just the message
                     self._preds[a].append(dones[r][batch_of[(r, "recv", msg)]])
         self._order = self._topological()
-        self._acts = acts
+        self._preds_t = [tuple(p) for p in self._preds]
+        slot = {F: 0, B: 1, W: 2, BW: 3}  # index into run()'s per-chunk (F, B, W, B + W)
+        self._action_slots = [(n, a.chunk, slot[a.kind]) for n, a in enumerate(self._action) if a is not None]
+        self._transfers = [n for n, kind in enumerate(self._kind) if kind == "X"]
+        self._node_of = {self._action[n]: n for row in acts for n in row}
+        self._counts: list[dict[tuple[int, int], int]] = []  # per rank, how often each (chunk, slot) runs
+        for row in schedule.actions:
+            counts: dict[tuple[int, int], int] = {}
+            for a in row:
+                counts[(a.chunk, slot[a.kind])] = counts.get((a.chunk, slot[a.kind]), 0) + 1
+            self._counts.append(counts)
 
     def _topological(self) -> list[int]:
         succ: list[list[int]] = [[] for _ in self._preds]
@@ -164,17 +180,19 @@ class ExecutorModel:
         if len(chunk_costs) != self.schedule.num_chunks:
             raise ValueError(f"chunk_costs has {len(chunk_costs)} entries; the schedule has "
                              f"{self.schedule.num_chunks} chunks")
+        per_chunk = [(c.forward, c.backward_input, c.backward_weight, c.backward_input + c.backward_weight)
+                     for c in chunk_costs]
+        duration = [0.0] * len(self._preds)
+        for n, chunk, k in self._action_slots:
+            duration[n] = per_chunk[chunk][k]
+        for n in self._transfers:
+            duration[n] = transfer_s
         t = [0.0] * len(self._preds)
-        for n in self._order:
-            ready = max((t[p] for p in self._preds[n]), default=0.0)
-            kind = self._kind[n]
-            if kind == "A":
-                action = self._action[n]
-                ready += chunk_costs[action.chunk].of(action.kind)
-            elif kind == "X":
-                ready += transfer_s
-            t[n] = ready
+        preds = self._preds_t
+        for n in self._order:  # the planner calls this for every candidate: kept to one pass of plain lists
+            ready = max([t[p] for p in preds[n]]) if preds[n] else 0.0
+            t[n] = ready + duration[n]
         makespan = max(t) if t else 0.0
-        busy = [sum(chunk_costs[a.chunk].of(a.kind) for a in row) for row in self.schedule.actions]
-        ends = {self._action[n]: t[n] for row in self._acts for n in row}
-        return ExecutorTiming(makespan, busy, [(makespan - b) / makespan if makespan else 0.0 for b in busy], ends)
+        busy = [sum(count * per_chunk[chunk][k] for (chunk, k), count in row.items()) for row in self._counts]
+        return ExecutorTiming(makespan, busy, [(makespan - b) / makespan if makespan else 0.0 for b in busy], t,
+                              self._node_of)
