@@ -71,6 +71,10 @@ def runs(first_runs, single_run, tmp_path_factory, data_cache):
                             2, str(first_runs / "vocab_tp1" / "checkpoints" / "iter_0000002"))
     jobs = {name: (lambda name=name, o=o, n=n, r=r: run_train(root / name, o, nproc=n, resume=r))
             for name, (o, n, r) in layouts.items()}
+    # Two processes refused by the run directory (it holds a run; --resume none without --fresh): ends at the claim.
+    refused = root / "refused"
+    shutil.copytree(single_run, refused)
+    jobs["refused"] = lambda: run_train(refused, common, nproc=2, resume="none", check=False)
 
     def zero1_then_back_to_one_process():
         zero1 = run_train(root / "zero1", common + ["optim.distributed_optimizer=true"], nproc=2)
@@ -82,6 +86,16 @@ def runs(first_runs, single_run, tmp_path_factory, data_cache):
     zero1, back = out["zero1"][1]
     out["zero1"], out["zero1_to_single"] = (root / "zero1", zero1), (root / "zero1_to_single", back)
     return out
+
+
+def test_a_refusal_every_rank_shares_is_said_once(runs):
+    """Rank 0 finds the run directory holds a run and every rank stops on it with exit 2: one line, not one per
+    rank (the launch's two processes are one node)."""
+    _, proc = runs["refused"]
+    # Plain torchrun ends with its own ChildFailedError traceback for a worker's exit 2; none comes from effdist.
+    assert proc.returncode != 0 and 'effdist/train' not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("already holds a run") == 1, proc.stderr[-3000:]
+    assert "effdist: error (rank 0): --resume none: run directory" in proc.stderr, proc.stderr[-3000:]
 
 
 def _assert_same(a: dict[int, float], b: dict[int, float], steps, rel=2e-5):

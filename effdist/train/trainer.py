@@ -314,7 +314,7 @@ class Trainer:
                     run_directory.remove_refused_run_dir(self.lock)
         error = self._from_rank0(error)
         if error:
-            raise run_directory.RunDirError(error)
+            raise _agreed(run_directory.RunDirError(error))
 
     def _lock_checkpoint_dir(self) -> None:
         """One trainer at a time saves into a checkpoint directory outside its run directory: a lock there too."""
@@ -991,7 +991,10 @@ def main(argv: list[str] | None = None) -> int:
             MetricsFileError, _data_error()) as e:
         # Errors the user can act on: one clear line per rank instead of a traceback. A command that does
         # not fit the run directory or its checkpoints is a usage error (2); the rest are failures (1).
-        _error_line(e)
+        if getattr(e, "agreed", False):  # rank 0's finding, which every rank raised: said once per node
+            _refusal(f"effdist: error (rank {lifecycle.global_rank()}): {e}")
+        else:
+            _error_line(e)
         usage = isinstance(e, (ConfigError, run_directory.RunDirError, ckpt.IncompatibleCheckpointError,
                                ckpt.NotACheckpointError, RendezvousError))
         code = 2 if usage else 1
@@ -1072,6 +1075,13 @@ def _interrupted(trainer: Trainer) -> int:
                 f"{lifecycle.resume_hint(trainer.last_good_checkpoint)}. To stop with a save, send SIGTERM or SIGUSR1 "
                 "instead")
     return 128 + signal.SIGINT
+
+
+def _agreed(error: Exception) -> Exception:
+    """Mark an error that rank 0 found and every rank raises with the same text (a refused run directory): each
+    node says it once, not once per process."""
+    error.agreed = True
+    return error
 
 
 def _refusal(line: str) -> None:
