@@ -81,21 +81,20 @@ class RunDirLock:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
-
-def remove_refused_run_dir(lock: RunDirLock) -> None:
-    """A run refused before it began leaves no trace in a run directory that it created: its lock file is unlinked
-    while still held (a trainer starting at the same moment is then refused by the lock, or makes a new file that
-    keeps the directory), and the directory is removed only if that left it empty."""
-    if lock._fd is None:
-        return
-    try:
-        lock.path.unlink(missing_ok=True)
-    finally:
-        lock.release()
-    try:
-        lock.path.parent.rmdir()
-    except OSError:  # not empty: something else is in it now, and it stays
-        pass
+    def release_and_remove_dir(self) -> None:
+        """For a run refused before it began, in a directory that it created: leave no trace. The lock file is
+        unlinked while still held (a trainer starting at the same moment is then refused by the lock, or makes a
+        new file that keeps the directory), and the directory is removed only if that left it empty."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            self.release()
+        try:
+            self.path.parent.rmdir()
+        except OSError:  # not empty: something else is in it now, and it stays
+            pass
 
 
 def _read_holder(fd: int) -> str:

@@ -311,7 +311,7 @@ class Trainer:
             except run_directory.RunDirError as e:
                 error = str(e)
                 if created and self.lock is not None:  # refused before it began: no empty directory left behind
-                    run_directory.remove_refused_run_dir(self.lock)
+                    self.lock.release_and_remove_dir()
         error = self._from_rank0(error)
         if error:
             raise _agreed(run_directory.RunDirError(error))
