@@ -62,11 +62,15 @@ def choose_device(cfg: Config) -> tuple[torch.device, str]:
     return torch.device(want), backend
 
 
+# train.dtype's names (besides "auto").
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def choose_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     name = cfg.train.dtype
     if name == "auto":
         name = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return DTYPES[name]
 
 
 class RendezvousError(RuntimeError):

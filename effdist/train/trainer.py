@@ -509,13 +509,15 @@ class Trainer:
         that a float32 run never saved (a KeyError deep in the load). The other way round loads."""
         if self.engine is not None or marker.get("engine", "megatron") != "megatron":
             return
+        from effdist.runtime.distributed import DTYPES
+
         saved = marker.get("dtype")  # recorded since; before, an explicit train.dtype or the optimizer's keys tell
         if saved is None:
-            saved = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(
-                marker.get("config", {}).get("train", {}).get("dtype"))
+            named = DTYPES.get(marker.get("config", {}).get("train", {}).get("dtype"))
+            saved = _dtype_name(named) if named is not None else None
         if saved is None and _adam_state_without_master_weights(path):
             saved = "float32"
-        now = str(self.runtime.dtype).replace("torch.", "")
+        now = _dtype_name(self.runtime.dtype)
         if saved == "float32" and now != "float32":
             how = f"train.dtype={self.cfg.train.dtype}"
             if self.cfg.train.dtype == "auto":
@@ -705,7 +707,7 @@ class Trainer:
         self._check_space()
         marker = {"model": self._model_signature(), "lr_schedule": self._lr_signature(), "tp": rt.tp, "pp": rt.pp,
                   "dp": rt.dp, "config": self.cfg.to_dict(), "run_dir": str(self.run_dir.resolve()),
-                  "data_paths": resolved_data_paths(self.cfg), "dtype": str(rt.dtype).replace("torch.", "")}
+                  "data_paths": resolved_data_paths(self.cfg), "dtype": _dtype_name(rt.dtype)}
         step = self.step
 
         def retain():
@@ -1089,6 +1091,11 @@ def _refusal(line: str) -> None:
     once per node (local rank 0), not once per process."""
     if (os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or "0") == "0":
         lifecycle.print_to_console(line)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """"float32", "bfloat16", "float16": how effdist.json records a checkpoint's dtype."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _adam_state_without_master_weights(path: Path) -> bool:
