@@ -75,6 +75,12 @@ def runs(first_runs, single_run, tmp_path_factory, data_cache):
     refused = root / "refused"
     shutil.copytree(single_run, refused)
     jobs["refused"] = lambda: run_train(refused, common, nproc=2, resume="none", check=False)
+    # Two processes that find no loadable checkpoint (rank 0 decides, every rank raises): both lost effdist.json.
+    unloadable = root / "unloadable"
+    shutil.copytree(single_run, unloadable)
+    for name in ("iter_0000003", "iter_0000006"):
+        (unloadable / "checkpoints" / name / "effdist.json").unlink()
+    jobs["unloadable"] = lambda: run_train(unloadable, common, nproc=2, check=False)
 
     def zero1_then_back_to_one_process():
         zero1 = run_train(root / "zero1", common + ["optim.distributed_optimizer=true"], nproc=2)
@@ -89,13 +95,17 @@ def runs(first_runs, single_run, tmp_path_factory, data_cache):
 
 
 def test_a_refusal_every_rank_shares_is_said_once(runs):
-    """Rank 0 finds the run directory holds a run and every rank stops on it with exit 2: one line, not one per
-    rank (the launch's two processes are one node)."""
+    """Rank 0 finds the run directory holds a run, or no loadable checkpoint, and every rank stops on it: one line,
+    not one per rank (the launch's two processes are one node)."""
     _, proc = runs["refused"]
     # Plain torchrun ends with its own ChildFailedError traceback for a worker's exit 2; none comes from effdist.
     assert proc.returncode != 0 and 'effdist/train' not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.count("already holds a run") == 1, proc.stderr[-3000:]
     assert "effdist: error (rank 0): --resume none: run directory" in proc.stderr, proc.stderr[-3000:]
+    _, proc = runs["unloadable"]
+    assert proc.returncode != 0 and 'effdist/train' not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("none loadable") == 1, proc.stderr[-3000:]
+    assert "effdist: error (rank 0): --resume auto: 2 checkpoint(s)" in proc.stderr, proc.stderr[-3000:]
 
 
 def _assert_same(a: dict[int, float], b: dict[int, float], steps, rel=2e-5):

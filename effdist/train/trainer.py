@@ -445,10 +445,10 @@ class Trainer:
                 log(rt, f"WARNING: {problems[-1]}; continuing from {Path(choice).name}, the newest complete checkpoint")
         choice, problems = self._from_rank0((choice, problems))
         if choice is None and problems:
-            raise ckpt.CheckpointError(
+            raise _agreed(ckpt.CheckpointError(
                 f"--resume auto: {len(problems)} checkpoint(s) in {self.ckpt_dir}, none loadable:\n  "
                 + "\n  ".join(problems) + "\nrestore one, resume an older copy with --resume CHECKPOINT_DIR, or start "
-                "over with --resume none --fresh")
+                "over with --resume none --fresh"))
         self._skipped_damaged = bool(problems)
         return Path(choice) if choice else None
 
@@ -770,7 +770,7 @@ class Trainer:
         the save, without records, config.yaml or lock. All ranks agree."""
         problem = self._from_rank0(self._run_dir_problem())
         if problem:
-            raise MetricsFileError(problem)
+            raise _agreed(MetricsFileError(problem))
 
     def _run_dir_problem(self) -> str | None:
         """On rank 0, why this run's records can no longer go where they went (run directory deleted or moved);
@@ -793,7 +793,7 @@ class Trainer:
                                          keep_last=self.cfg.checkpoint.keep_last)
         problem = self._from_rank0(problem)
         if problem:
-            raise ckpt.CheckpointSpaceError(problem)
+            raise _agreed(ckpt.CheckpointSpaceError(problem))
 
     def _first_checkpoint_bytes(self) -> int:
         """Model weights in their dtype plus fp32 master weights and two Adam moments, over all ranks."""
@@ -1080,7 +1080,8 @@ def _interrupted(trainer: Trainer) -> int:
 
 
 def _agreed(error: Exception) -> Exception:
-    """Mark an error that rank 0 found and every rank raises with the same text (a refused run directory): each
+    """Mark an error that rank 0 found and every rank raises with the same text (a decision taken through
+    `Trainer._from_rank0`: a refused run directory, no loadable checkpoint, no room to save, records gone): each
     node says it once, not once per process."""
     error.agreed = True
     return error
