@@ -365,8 +365,8 @@ class Generator:
     def _shorter_region_warning(self, region: int, trained: int) -> str:
         """Why a region shorter than the trained one costs quality: its layers that no longer share compute their
         own Q/K again, with projections that stopped training when the layer began to share (llama-1b trained to
-        region 12 from scratch: +18% held-out loss at regions 0, 4 and 8; docs/epas.md, "Choosing an inference
-        region")."""
+        region 12 from scratch: +16.9% held-out loss at regions 0, 4 and 8, two seeds; docs/epas.md, "Choosing an
+        inference region")."""
         num_layers = self.model.shape.num_layers
         own = self._sharing_in_first_only(trained, region)
         which = _layer_names(own)

@@ -178,7 +178,7 @@ def choices(base: Config, space: Space, global_batch: int) -> Iterable[Choice]:
 
 def predict_step(cfg: Config, cal: Calibration, space: Space, dp: int) -> tuple[float, float, dict[str, float]]:
     """(step seconds, bubble fraction, parts) of one optimizer step for a valid candidate config."""
-    from effdist.pipeline.simulate import Costs, rank_seconds
+    from effdist.pipeline.simulate import rank_seconds
 
     m = cfg.microbatches_per_step(dp * cfg.parallel.tp * cfg.parallel.pp)
     sharing = final_region_layers(cfg)
@@ -197,21 +197,21 @@ def predict_step(cfg: Config, cal: Calibration, space: Space, dp: int) -> tuple[
     else:
         timed = min(m, max(MIN_TIMED_MICROBATCHES, TIMED_MICROBATCHES_PER_STAGE * pp))
         cpr = chunks if name == "interleaved" else 2
-        link = Costs(comm=chunk_costs[0].comm)
+        comm = chunk_costs[0].comm  # seconds per P2P message
 
-        def simulated(microbatches: int) -> float:
+        def makespan_at(microbatches: int) -> float:
             # The executor runs the schedule generated with equal costs (effdist.train.estimate builds the same one),
             # and waits as its NCCL transfers make it wait (executor_time.py: an action waits for every message of
             # the batch its input came in); `simulate` alone left 10-50% of the measured p=4 steps out.
-            return executor_model(name, pp, microbatches, cpr).run(chunk_costs, link.comm).makespan
+            return executor_model(name, pp, microbatches, cpr).run(chunk_costs, comm).makespan
 
         schedule = validated_schedule(name, pp, timed, cpr)
         per_mb = max(rank_seconds(schedule, chunk_costs))  # the slowest rank's F + B + W over its chunks
         compute = m * per_mb
-        makespan = simulated(timed)
+        makespan = makespan_at(timed)
         if m > timed:  # the steady state's time per microbatch, measured: see TIMED_MICROBATCHES_PER_STAGE
             longer = min(m, 2 * timed)
-            makespan, before = simulated(longer), makespan
+            makespan, before = makespan_at(longer), makespan
             makespan += (m - longer) * (makespan - before) / (longer - timed)
     bubble = max(0.0, 1.0 - compute / makespan) if makespan else 0.0
     tp_comm = m * 2 * tp_comm_seconds(cfg, cal, cfg.train.micro_batch) * cfg.model.num_layers / pp
