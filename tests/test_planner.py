@@ -114,6 +114,19 @@ def test_calibration_file_round_trip_and_errors(tmp_path):
         Calibration.load(tmp_path / "old.json")
     with pytest.raises(CalibrationError, match="no such file"):
         Calibration.load(tmp_path / "missing.json")
+    # How the calls were timed travels with the file; a file from before "timing" existed was timed as wall clock.
+    assert again.timing == "wall"
+    for timing in ("gpu", "wall"):
+        cal.timing = timing
+        assert Calibration.load(cal.save(tmp_path / f"{timing}.json")).timing == timing
+    old = json.loads(path.read_text())
+    del old["timing"]
+    (tmp_path / "before.json").write_text(json.dumps(old))
+    assert Calibration.load(tmp_path / "before.json").timing == "wall"
+    old["timing"] = "events"
+    (tmp_path / "unknown.json").write_text(json.dumps(old))
+    with pytest.raises(CalibrationError, match="timing = 'events'; valid: gpu, wall"):
+        Calibration.load(tmp_path / "unknown.json")
 
 
 def _plans(config: str, gpus: int, memory_gib: float, **space):
@@ -329,7 +342,39 @@ def test_calibrate_measures_a_tiny_model_on_cpu(tmp_path, capsys):
     assert first.startswith("effdist calibrate: tiny, micro-batches 1, variants dense,epas, on the CPU: no CUDA GPU")
     cal = Calibration.load(out)
     assert cal.device == "cpu" and cal.variants() == {"dense", "epas"} and cal.optimizer_s_per_param > 0
+    assert cal.timing == "wall"  # the CPU has no CUDA events
     assert calibrate.main(["--config", str(CONFIGS / "tiny-cpu.yaml"), "--variants", "sparse", "--out", str(out)]) == 2
+    capsys.readouterr()
+    out.unlink()
+    assert calibrate.main(["--config", str(CONFIGS / "tiny-cpu.yaml"), "--micro-batches", "1", "--timing", "gpu",
+                           "--out", str(out)]) == 1
+    assert "--timing gpu needs a CUDA GPU" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_timing_leaves_out_the_host_time_wall_timing_counts():
+    """A call whose host work (a 20 ms sleep before its one small kernel) far exceeds its GPU work: "gpu" timing
+    gives the kernel's time with the host ahead, "wall" the host's 20 ms; and a call that synchronizes inside is
+    said to have kept the host behind."""
+    import time
+
+    import torch
+
+    from effdist.train.calibrate import _gpu_time, _times
+
+    x = torch.randn(256, 256, device="cuda")
+
+    def host_heavy():
+        time.sleep(0.02)
+        x.mul_(1.0)
+
+    lead = [1e-3]
+    span, ahead = _gpu_time(host_heavy, lead)
+    assert ahead and span < 0.005 and lead[0] >= 0.02
+    assert _times(host_heavy, 3, cuda=True)[0] >= 0.02
+    span, ahead = _gpu_time(lambda: x.sum().item(), [1e-3])
+    assert not ahead
 
 
 def test_every_ffn_kind_is_a_calibration_variant_by_its_config_name(tmp_path):

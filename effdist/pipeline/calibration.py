@@ -10,6 +10,12 @@ What is measured (one GPU, one process, the model's real layers built by effdist
   differences divided by L2 - L1 is one layer; what is left of the L1 model is the embedding, final norm, LM
   head and loss ("head"). A layer time at or below zero (noise larger than L2 - L1 layers' work) is measured
   again with more repetitions, then refused (effdist.train.calibrate).
+  How a call is timed ("timing"): "gpu" (the default on a GPU) is the span between CUDA events around the call
+  while the GPU is held busy until the host has queued all of its kernels: the GPU's work with the host ahead,
+  as a pipeline rank runs a layer once it has waited on a receive. "wall" (the CPU's, and every table before
+  "timing" existed) is wall clock around a call synchronized on both sides, which also counts the host's launch
+  time where that exceeds the GPU's work: at micro-batch 1 of llama-1b the H100 wall table's layer is 1.65x
+  what the 4x H200 pipeline ranks recorded (docs/benchmarks.md).
   The backward is split into input-gradient (B) and weight-gradient (W) parts by FLOPs: W is the weight GEMMs
   of the linear layers, B their input GEMMs plus the attention backward (`weight_grad_fraction`). The
   pipeline executor's deferred W runs exactly those GEMMs, so the split is the GEMM share, not a guess.
@@ -18,7 +24,7 @@ Links (p2p, tensor-parallel and data-parallel collectives) can only be measured 
 the file keeps `links` from the defaults below and says so in `links.source`.
 
 The file (JSON, "format": "effdist-calibration/1"):
-  {"format", "device", "date", "command",
+  {"format", "device", "date", "command", "timing" ("gpu" or "wall"; absent in files before it: "wall"),
    "model": {"hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size",
              "seq_length", "dtype"},
    "layers": [{"variant", "micro_batch", "forward_s", "backward_s", "weight_grad_fraction"}, ...],
@@ -38,6 +44,7 @@ from typing import Any
 
 FORMAT = "effdist-calibration/1"
 CALIBRATION_DIR = Path(__file__).resolve().parents[2] / "configs" / "calibrations"  # shipped tables
+TIMINGS = ("gpu", "wall")  # how a measured call is timed (module docstring)
 VARIANTS = ("dense", "epas", "swiglu", "relu2", "topk", "moc", "elas")  # FFN kinds by their ffn.kind name
 # Link speeds used when a calibration has no multi-GPU measurement: NVLink 4 (H100/H200 SXM) bus bandwidth
 # as nccl-tests reach it within one node, and 400 Gb/s InfiniBand per GPU across nodes (effective ~45 GB/s).
@@ -77,12 +84,13 @@ class Calibration:
     date: str = ""
     command: str = ""
     path: str = ""
+    timing: str = "wall"  # see the module docstring; TIMINGS
 
     # ---------------------------------------------------------------- file
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "device": self.device, "date": self.date, "command": self.command,
-                "model": self.model,
+                "timing": self.timing, "model": self.model,
                 "layers": [vars(c) for c in self.layers], "head": [vars(c) for c in self.head],
                 "optimizer_s_per_param": self.optimizer_s_per_param, "links": self.links}
 
@@ -103,7 +111,8 @@ class Calibration:
             links = {**DEFAULT_LINKS, **data.get("links", {})}
             cal = cls(device=data["device"], model=data["model"], layers=layers, head=head,
                       optimizer_s_per_param=float(data["optimizer_s_per_param"]), links=links,
-                      date=data.get("date", ""), command=data.get("command", ""), path=where)
+                      date=data.get("date", ""), command=data.get("command", ""), path=where,
+                      timing=data.get("timing", "wall"))
         except (KeyError, TypeError) as e:
             raise CalibrationError(f"{where}: not a calibration file ({e}); write one with `effdist calibrate`") from None
         for c in cal.layers:
@@ -113,6 +122,8 @@ class Calibration:
                 v = getattr(c, name)
                 if not (math.isfinite(v) and v > 0):
                     raise CalibrationError(f"{where}: {c.variant} micro-batch {c.micro_batch}: {name} = {v}; must be > 0")
+        if cal.timing not in TIMINGS:
+            raise CalibrationError(f"{where}: timing = {cal.timing!r}; valid: {', '.join(TIMINGS)}")
         if not cal.layers or not cal.head:
             raise CalibrationError(f"{where}: no layer or head measurements")
         return cal

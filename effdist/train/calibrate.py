@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import os
 import statistics
 import sys
 import time
 
-from effdist.pipeline.calibration import (VARIANTS, Calibration, CalibrationError, HeadCost, LayerCost,
+from effdist.pipeline.calibration import (TIMINGS, VARIANTS, Calibration, CalibrationError, HeadCost, LayerCost,
                                           model_shape, weight_grad_fraction)
-
 
 
 def _variant_config(cfg, variant: str):
@@ -54,6 +54,53 @@ def _times(fn, reps: int, cuda: bool, warmup: int = 2) -> list[float]:
     return times
 
 
+@functools.cache
+def _sleep_cycles_per_second() -> float:
+    """The rate of torch.cuda._sleep on this GPU (its argument is clock cycles), timed with CUDA events."""
+    import torch
+
+    cycles = 1 << 24
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(cycles)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / (start.elapsed_time(end) / 1e3)
+
+
+# Tries of one call with the host ahead (the GPU's lead doubled after each try it proved too short for).
+HOST_AHEAD_TRIES = 6
+
+
+def _gpu_time(fn, lead: list[float]) -> tuple[float, bool]:
+    """(GPU seconds of one call of fn with the host ahead, whether the host stayed ahead). The GPU sleeps for
+    lead[0] seconds (torch.cuda._sleep) while the host queues fn's kernels, CUDA events bracket them, and the
+    start event not yet passed when fn returns shows that the GPU never waited for the host inside the span.
+    Where it had passed, the lead (a one-element list the caller keeps between calls) is doubled, or set from
+    the host's queueing time, and the call timed again; after HOST_AHEAD_TRIES the last span is kept (then it
+    also counts host gaps, as wall timing does: a call that synchronizes inside cannot be timed otherwise)."""
+    import torch
+
+    rate = _sleep_cycles_per_second()
+    for _ in range(HOST_AHEAD_TRIES):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(max(1, int(lead[0] * rate)))
+        start.record()
+        t0 = time.perf_counter()
+        fn()
+        host_s = time.perf_counter() - t0
+        ahead = not start.query()
+        end.record()
+        end.synchronize()
+        span = start.elapsed_time(end) / 1e3
+        if ahead:
+            return span, True
+        lead[0] = max(2 * lead[0], 1.5 * host_s)
+    return span, False
+
+
 def _model_steps(cfg, variant: str, num_layers: int, micro_batch: int, device, dtype):
     """(forward, forward + backward) callables of one microbatch through a `num_layers` model of `variant`."""
     import torch
@@ -82,12 +129,14 @@ def _model_steps(cfg, variant: str, num_layers: int, micro_batch: int, device, d
 
 
 def measure_layer_pair(cfg, variant: str, layers: tuple[int, int], micro_batch: int, reps: int, device,
-                       dtype) -> tuple[float, float, float, float]:
+                       dtype, timing: str = "wall", host_behind=None) -> tuple[float, float, float, float]:
     """(layer forward, layer backward, head forward, head backward) seconds from a shallow and a deep model of
     `variant`, timed in alternation: each repetition times the shallow and the deep model back to back and the
     layer costs are the median of those paired differences, so a drift in between (GPU clocks ramping up at the
     first measurement, another process) cancels instead of landing in one model's time. Unpaired medians, the
-    first method, gave a llama-1b micro-batch 1 layer forward of 0.0 ms on an H100 (docs/benchmarks.md)."""
+    first method, gave a llama-1b micro-batch 1 layer forward of 0.0 ms on an H100 (docs/benchmarks.md).
+    `timing` is "wall" or "gpu" (effdist.pipeline.calibration's docstring); with "gpu", `host_behind` (a list)
+    gets one entry per call the host could not stay ahead of."""
     l1, l2 = layers
     cuda = device.type == "cuda"
     shallow = _model_steps(cfg, variant, l1, micro_batch, device, dtype)
@@ -95,7 +144,14 @@ def measure_layer_pair(cfg, variant: str, layers: tuple[int, int], micro_batch: 
     for steps in (shallow, deep):  # untimed warm-ups of all four
         for fn in steps:
             _times(fn, 0, cuda)
+    lead = [1e-3]  # seconds the GPU sleeps ahead of a call timed with "gpu" (grown by _gpu_time)
+
     def once(fn) -> float:
+        if timing == "gpu":
+            span, ahead = _gpu_time(fn, lead)
+            if not ahead and host_behind is not None:
+                host_behind.append(span)
+            return span
         return _times(fn, 1, cuda, warmup=0)[0]
 
     rows = []
@@ -134,7 +190,7 @@ def refuses_nonphysical_times(device) -> bool:
 
 
 def _physical_layer_costs(cfg, variant: str, layers: tuple[int, int], micro_batch: int, reps: int, device,
-                          dtype, warn=None) -> tuple[float, float, float, float]:
+                          dtype, warn=None, timing: str = "wall") -> tuple[float, float, float, float]:
     """measure_layer_pair until the layer's forward and backward come out positive: timing noise larger than the
     deep model's extra layers gives a difference at or below zero, which no layer costs. Still so after
     MEASURE_TRIES tries: CalibrationError on a GPU, naming the measurement and what to change, rather than a table
@@ -142,8 +198,12 @@ def _physical_layer_costs(cfg, variant: str, layers: tuple[int, int], micro_batc
     at 1 ns). The head's times are the intercept of the same fit (the shallow model less its layers), which the
     fit's own error can put below zero on a tiny model: those are kept at 1 ns, as before."""
     for attempt in range(MEASURE_TRIES):
+        behind: list[float] = []
         fwd, bwd, head_f, head_b = measure_layer_pair(cfg, variant, layers, micro_batch, reps << attempt, device,
-                                                      dtype)
+                                                      dtype, timing, behind)
+        if behind and warn is not None:
+            warn(f"{variant} micro-batch {micro_batch}: the host fell behind the GPU in {len(behind)} timed calls "
+                 f"even after {HOST_AHEAD_TRIES} tries of a longer lead; those count host gaps, as --timing wall does")
         if min(fwd, bwd) > 0:
             return fwd, bwd, max(head_f, 1e-9), max(head_b, 1e-9)
     bad = ", ".join(f"{n} {t * 1e3:.3f} ms" for n, t in (("layer forward", fwd), ("layer backward", bwd)) if t <= 0)
@@ -160,8 +220,9 @@ def _physical_layer_costs(cfg, variant: str, layers: tuple[int, int], micro_batc
 
 
 def calibrate(cfg, micro_batches: list[int], variants: list[str], reps: int = 5, layers: tuple[int, int] = (2, 6),
-              progress=None, command: str = "", warn=None) -> Calibration:
-    """Measure every (variant, micro-batch) on this process's device; see the module docstring."""
+              progress=None, command: str = "", warn=None, timing: str | None = None) -> Calibration:
+    """Measure every (variant, micro-batch) on this process's device; see the module docstring. `timing`: "gpu"
+    or "wall" (None: "gpu" on a GPU, "wall" on the CPU, which has no CUDA events)."""
     import torch
 
     from effdist.runtime.distributed import choose_device, choose_dtype, one_process_megatron
@@ -169,6 +230,9 @@ def calibrate(cfg, micro_batches: list[int], variants: list[str], reps: int = 5,
     device, _ = choose_device(cfg)
     dtype = choose_dtype(cfg, device)
     cuda = device.type == "cuda"
+    timing = timing or ("gpu" if cuda else "wall")
+    if timing == "gpu" and not cuda:
+        raise CalibrationError("--timing gpu needs a CUDA GPU (it times CUDA events); on the CPU use --timing wall")
     l1, l2 = layers
     rows, heads = [], []
     total = len(variants) * len(micro_batches)
@@ -177,7 +241,7 @@ def calibrate(cfg, micro_batches: list[int], variants: list[str], reps: int = 5,
         for variant in variants:
             for mb in micro_batches:
                 fwd, bwd, head_f, head_b = _physical_layer_costs(cfg, variant, (l1, l2), mb, reps, device, dtype,
-                                                                 warn)
+                                                                 warn, timing)
                 rows.append(LayerCost(variant, mb, fwd, bwd, weight_grad_fraction(_variant_config(cfg, variant), variant)))
                 if variant == variants[0]:
                     heads.append(HeadCost(mb, head_f, head_b))
@@ -190,7 +254,7 @@ def calibrate(cfg, micro_batches: list[int], variants: list[str], reps: int = 5,
     shape = model_shape(cfg)
     shape["dtype"] = str(dtype).replace("torch.", "")
     return Calibration(device=name, model=shape, layers=rows, head=heads, optimizer_s_per_param=opt,
-                       date=_dt.date.today().isoformat(), command=command)
+                       date=_dt.date.today().isoformat(), command=command, timing=timing)
 
 
 def measure_links(nbytes: int = 256 * 2**20, reps: int = 5) -> dict | None:
@@ -268,6 +332,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default="dense,epas",
                    help=f"layer variants to measure, from: {', '.join(VARIANTS)} (dense = the config's FFN kind)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median)")
+    p.add_argument("--timing", choices=TIMINGS, default=None,
+                   help="gpu: CUDA events with the host ahead, the GPU's work as a pipeline rank runs it (the "
+                        "default on a GPU); wall: wall clock around synchronized calls, host launch time included "
+                        "(the default on the CPU)")
     p.add_argument("--out", required=True, help="where to write the calibration JSON")
     return p
 
@@ -314,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     if links is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return 0  # ranks other than 0 only take part in the link measurement
     try:
-        cal = calibrate(cfg, mbs, variants, reps=args.reps, progress=progress,
+        cal = calibrate(cfg, mbs, variants, reps=args.reps, progress=progress, timing=args.timing,
                         command="effdist calibrate " + " ".join(argv),
                         warn=lambda line: print(f"effdist calibrate: warning: {line}", file=sys.stderr, flush=True))
     except CalibrationError as e:
