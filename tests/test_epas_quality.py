@@ -49,6 +49,15 @@ def test_a_comparison_holds_the_issues_fields_and_replaces_its_own_entry(tmp_pat
     assert "held-out EPAS / dense 1.0050 (mean; seed 1: 1.0100, seed 2: 1.0000); goal <= 1.01: met" in \
         capsys.readouterr().out
     assert png.stat().st_size > 10_000
+    # A comparison the issue asks to report without a threshold (continual pretraining): goal and met are null.
+    assert epas_quality.main(["--name", "continual", "--goal", "none", "--pair", f"{d1}={e1}", "--json",
+                              str(out)]) == 0
+    entry = json.loads(out.read_text())["comparisons"][2]
+    assert entry["goal"] is None and entry["met"] is None and entry["ratio_mean"] == pytest.approx(1.01)
+    assert "1.0100 (mean; seed 1: 1.0100); no goal (reported)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        epas_quality.main(["--name", "x", "--goal", "soon", "--pair", f"{d1}={e1}", "--json", str(out)])
+    assert "--goal: 'soon': give a ratio such as 1.01, or none" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("change, line", [

@@ -56,3 +56,32 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         assert subset_dataset.main(args) == 2
         err = capsys.readouterr().err.strip()
         assert line in err and "\n" not in err
+
+
+def test_after_takes_the_documents_no_run_on_the_earlier_subset_has_seen(tmp_path, capsys):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    src, first, cont = str(tmp_path / "train"), str(tmp_path / "train36"), str(tmp_path / "cont")
+    docs = _dataset(src, [5, 9, 4, 12, 3, 6])
+    assert subset_dataset.main(["--input", src, "--tokens", "10", "--output-prefix", first]) == 0  # docs 0, 1
+    assert subset_dataset.main(["--input", src, "--after", first, "--tokens", "14", "--output-prefix", cont]) == 0
+    got = IndexedDataset(cont)
+    assert len(got) == 2 and all(np.array_equal(got[i], docs[2 + i]) for i in range(2))  # 4 < 14 <= 4 + 12
+    meta = json.loads(open(cont + ".meta.json").read())
+    assert (meta["first_document"], meta["documents"], meta["tokens"], meta["subset_of"]) == (2, 2, 16, src)
+    assert "2 documents, 16 tokens (from document 2 of" in capsys.readouterr().out
+    # After a subset made with --after: on from where that one ended. Nothing left, or a subset of another
+    # dataset: one line, nothing written.
+    later = str(tmp_path / "later")
+    assert subset_dataset.main(["--input", src, "--after", cont, "--tokens", "100", "--output-prefix", later]) == 0
+    assert [len(d) for d in IndexedDataset(later)] == [3, 6]
+    capsys.readouterr()
+    other = str(tmp_path / "other")
+    _dataset(other, [4])
+    for after, line in [(later, "has no documents after its first 6"), (other, "not a subset (its .meta.json has no `subset_of`)"),
+                        (str(tmp_path / "none"), "no " + str(tmp_path / "none") + ".meta.json with `documents`")]:
+        out = str(tmp_path / "o")
+        assert subset_dataset.main(["--input", src, "--after", after, "--tokens", "5", "--output-prefix", out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert line in err and "\n" not in err, err
+        assert not (tmp_path / "o.bin").exists()

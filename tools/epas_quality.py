@@ -66,8 +66,9 @@ def load_run(side: str) -> tuple[str, dict]:
     return f"{Path(path).stem}:{variant}", run
 
 
-def comparison(name: str, pairs: list[tuple[tuple[str, dict], tuple[str, dict]]], goal: float) -> dict:
-    """One epas_quality.json entry from (dense, epas) runs, one pair per seed."""
+def comparison(name: str, pairs: list[tuple[tuple[str, dict], tuple[str, dict]]], goal: float | None) -> dict:
+    """One epas_quality.json entry from (dense, epas) runs, one pair per seed. `goal` None: a comparison the issue
+    asks to report without a threshold (item 5, continual pretraining); its `goal` and `met` are null."""
     if not pairs:
         raise QualityError("give at least one --pair DENSE=EPAS")
     seeds, dense_loss, epas_loss, sources = [], [], [], []
@@ -102,7 +103,8 @@ def comparison(name: str, pairs: list[tuple[tuple[str, dict], tuple[str, dict]]]
     ratio_mean = statistics.fmean(ratios)
     return {"name": name, "model": first["model"], "final_region": first["heldout"]["trained_region"],
             "tokens": first["tokens"], "seeds": seeds, "dense_loss": dense_loss, "epas_loss": epas_loss,
-            "ratio_per_seed": ratios, "ratio_mean": ratio_mean, "goal": goal, "met": ratio_mean <= goal,
+            "ratio_per_seed": ratios, "ratio_mean": ratio_mean, "goal": goal,
+            "met": None if goal is None else ratio_mean <= goal,
             "heldout_data": first["heldout"]["data"], "windows": first["heldout"]["windows"], "sources": sources,
             "date": dt.date.today().isoformat()}
 
@@ -212,13 +214,23 @@ def draw(pairs, png: str, title: str, window: int) -> None:
     plot(results, window, title, png)
 
 
+def _goal(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a ratio such as 1.01, or none") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="FILE: a tools/loss_parity.py --json made with --eval-data")
     p.add_argument("--name", required=True, help="the comparison's name (an entry of this name is replaced)")
     p.add_argument("--pair", action="append", default=[], metavar="DENSE=EPAS",
                    help="FILE[:VARIANT]=FILE[:VARIANT], one per model seed")
-    p.add_argument("--goal", type=float, default=1.01, help="EPAS / dense held-out loss to meet (default 1.01)")
+    p.add_argument("--goal", type=_goal, default=1.01,
+                   help="EPAS / dense held-out loss to meet (default 1.01), or none: a comparison reported without one")
     p.add_argument("--json", required=True, help="the epas_quality.json to update")
     p.add_argument("--png", default=None, help="also draw the runs' training curves in one picture")
     p.add_argument("--window", type=int, default=20, help="moving average of the curves in --png")
@@ -250,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.json).write_text(json.dumps(data, indent=1) + "\n")
     per_seed = ", ".join(f"seed {s}: {r:.4f}" for s, r in zip(entry["seeds"], entry["ratio_per_seed"]))
     print(f"{entry['name']}: {entry['model']} at region {entry['final_region']} after {entry['tokens']:,} tokens, "
-          f"held-out EPAS / dense {entry['ratio_mean']:.4f} (mean; {per_seed}); goal <= {entry['goal']}: "
-          f"{'met' if entry['met'] else 'not met'}; -> {args.json}")
+          f"held-out EPAS / dense {entry['ratio_mean']:.4f} (mean; {per_seed}); "
+          + ("no goal (reported)" if entry["goal"] is None else
+             f"goal <= {entry['goal']}: {'met' if entry['met'] else 'not met'}") + f"; -> {args.json}")
     if args.png:
         draw(pairs, args.png, f"{entry['name']}: {entry['tokens']:,} tokens per run, held-out ratio "
                               f"{entry['ratio_mean']:.4f}", args.window)

@@ -18,13 +18,17 @@
 # Needs megatron-core (and, for the DeepSpeed rows, deepspeed + hjson + pydantic) importable, and the English
 # corpus (docs/data.md) under data/english for the parity part.
 set -u
-part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|fp8_titan|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|ffn_memory|ffn_train|topk_radix|topk_radix2|mask_chunks|mask_chunks2|select4|decode_greedy|ffn_parity|plan_ffn|quality1b|quality125m|continual1b|tests OUTDIR [ARGS]}"
+part="${1:?usage: gpu_h100_suite.sh train|parity|rest|followup|decode32|epas3|isolated|final|transition|transition2|epas_mbs8|qk_grad_sum|frozen_rows|seeds|deepspeed2|wgrad|grad_sum|parity350|clip|clip2|region_scale|parity1b_long|parity125m_long|fp8|fp8_parity|fp8_profile|fp8_titan|h200_7b_cal|fp8_7b|h200_cal|fp8_quality125|fp8_quality1b|sparse24_table|ffn_memory|ffn_train|topk_radix|topk_radix2|mask_chunks|mask_chunks2|select4|decode_greedy|ffn_parity|plan_ffn|quality1b|quality125m|continual1b|continual1b_item2|tests OUTDIR [ARGS]}"
 out="${2:-/tmp/effdist-gpu}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 log="$out/suite-$part.log"
 run() { local cap=$1; shift; echo "=== $* (cap ${cap}s)" | tee -a "$log"; timeout "$cap" "$@" 2>&1 | grep -v -i warn | tee -a "$log" | tail -14; }
-# Token files too large to carry raw travel xz-compressed (docs/data.md, "Carrying a corpus to a GPU machine"):
-# unpack each data/*/*.bin.xz that has no .bin beside it, keeping the .xz.
+# Token files too large to carry raw travel xz-compressed (docs/data.md, "Carrying a corpus to a GPU machine"),
+# several of them in one data/*/carry.tar where a call would need more than its 8 carried paths: unpack each
+# carry.tar into its directory (files already there kept), then each data/*/*.bin.xz that has no .bin beside it.
+for bundle in data/*/carry.tar; do
+  [ -e "$bundle" ] && { echo "unpacking $bundle"; tar -xf "$bundle" -C "$(dirname "$bundle")" --skip-old-files; }
+done
 for packed in data/*/*.bin.xz; do
   [ -e "$packed" ] && [ ! -e "${packed%.xz}" ] && { echo "unpacking $packed"; xz -d -k -T0 "$packed"; }
 done
@@ -45,16 +49,17 @@ parity_model() {
 }
 
 # One run of issue #25 on the large corpus's subset, scored held out. Usage: quality_run SIZE MICRO_BATCH STEPS
-# dense|epas SEED ",extra,overrides" [NAME_PREFIX] -> $out/quality_SIZE_[PREFIX_]VARIANT_sSEED.json (+ .png)
+# dense|epas SEED ",extra,overrides" [NAME_PREFIX [TRAIN_SUBSET]] -> $out/quality_SIZE_[PREFIX_]VARIANT_sSEED.json
+# (TRAIN_SUBSET: a dataset prefix under data/english-large, train36 unless given)
 # Run directories are per size: a 125m run after a 1b run of the same name and seed on a warm machine would meet
 # the 1b run directory, and effdist refuses to start over a run it was not told to resume or move aside.
 quality_run() {
-  local size=$1 micro=$2 steps=$3 variant=$4 seed=$5 extra=$6 prefix=${7:+$7_}
+  local size=$1 micro=$2 steps=$3 variant=$4 seed=$5 extra=$6 prefix=${7:+$7_} train=${8:-train36}
   local name="${prefix}${variant}_s$seed" large=data/english-large
   run 590 python3 tools/loss_parity.py --config "configs/llama-$size.yaml" --steps "$steps" --window 20 \
     --timeout 560 --set train.global_batch=16 --set "train.micro_batch=$micro" --set optim.warmup_steps=50 \
     --set logging.interval=1 --set logging.tensorboard=false --set checkpoint.interval=0 \
-    --set data.cache_dir=/tmp/effdist-data --set "data.paths=[$large/train36]" --set "data.tokenizer=$large/tokenizer.json" \
+    --set data.cache_dir=/tmp/effdist-data --set "data.paths=[$large/$train]" --set "data.tokenizer=$large/tokenizer.json" \
     --eval-data "$large/heldout" --eval-windows 64 --out-dir "/tmp/effdist-quality/$size" \
     --variant "$name=train.seed=$seed$extra" --json "$out/quality_${size}_$name.json"
 }
@@ -321,6 +326,21 @@ continual1b)
   quality_run 1b 8 120 dense 1 ",checkpoint.init_from=/tmp/effdist-quality/init" continued
   quality_run 1b 8 120 epas 1 ",checkpoint.init_from=/tmp/effdist-quality/init,epas.final_region=12,epas.enabled=true,epas.group_size=1,epas.start_step=10,epas.interval=5,epas.transition_steps=5" continued
   ;;
+continual1b_item2)
+  # Issue #25 item 5 as the issue words it, on the warm machine that has just run `quality1b OUT dense 1` (item 2's
+  # dense llama-1b of seed 1, 33.0M tokens, kept in /tmp/effdist-quality/1b/dense_s1): that model exported to
+  # Hugging Face format and converted back, then continued for 300 steps (9.8M tokens) dense and with EPAS growing
+  # to 12 = 3L/4 (one layer per 5 steps from step 10) on data/english-large/cont10, the 10.5M tokens after train36
+  # (text the model has not seen; carried in data/english-large/carry.tar); held-out loss of both.
+  src=/tmp/effdist-quality/1b/dense_s1
+  [ -d "$src/checkpoints" ] || { echo "no $src/checkpoints: run quality1b OUT dense 1 on this machine first"; exit 2; }
+  [ -e data/english-large/cont10.idx ] || { echo "no data/english-large/cont10: carry data/english-large/carry.tar"; exit 2; }
+  run 60 python3 -m effdist.cli convert effdist-to-hf --checkpoint "$src" --out /tmp/effdist-quality/hf2 --overwrite
+  run 60 python3 -m effdist.cli convert hf-to-effdist --hf-dir /tmp/effdist-quality/hf2 --format dist \
+    --config configs/llama-1b.yaml --out /tmp/effdist-quality/init2 --overwrite
+  quality_run 1b 8 300 dense 1 ",checkpoint.init_from=/tmp/effdist-quality/init2" item2cont cont10
+  quality_run 1b 8 300 epas 1 ",checkpoint.init_from=/tmp/effdist-quality/init2,epas.final_region=12,epas.enabled=true,epas.group_size=1,epas.start_step=10,epas.interval=5,epas.transition_steps=5" item2cont cont10
+  ;;
 fp8)
   # Issue #27: FP8 linears (torchao float8): the GPU numerics tests, then llama-1b bf16 vs FP8 in one call, each
   # variant in its own process (peak memory), micro-batch 8, global batch 16 (the issue's shape).
@@ -499,6 +519,6 @@ tests)
   run 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_dense.py tests/test_ffn_gpu.py tests/test_generate.py \
     tests/test_kernels_topk_select.py tests/test_kernels_channel_select.py
   ;;
-*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, fp8_titan, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, sparse24_table, ffn_memory, ffn_train, topk_radix, topk_radix2, mask_chunks, mask_chunks2, select4, decode_greedy, ffn_parity, plan_ffn, quality1b, quality125m, continual1b, tests)"; exit 2 ;;
+*) echo "unknown part $part (train, parity, rest, followup, decode32, epas3, isolated, final, transition, transition2, epas_mbs8, qk_grad_sum, frozen_rows, seeds, deepspeed2, wgrad, grad_sum, parity350, clip, clip2, region_scale, parity1b_long, parity125m_long, fp8, fp8_parity, fp8_profile, fp8_titan, h200_7b_cal, fp8_7b, h200_cal, fp8_quality125, fp8_quality1b, sparse24_table, ffn_memory, ffn_train, topk_radix, topk_radix2, mask_chunks, mask_chunks2, select4, decode_greedy, ffn_parity, plan_ffn, quality1b, quality125m, continual1b, continual1b_item2, tests)"; exit 2 ;;
 esac
 exit 0
