@@ -629,6 +629,33 @@ def test_nonfinite_and_disk_failures_save_nothing(tmp_path, data_cache, four_ste
     assert _names(run / "checkpoints") == ["iter_0000002", "iter_0000004", "iter_0000006.tmp"]
 
 
+def test_a_file_where_a_checkpoint_directory_belongs_is_named_on_every_rank(tmp_path, data_cache, four_steps):
+    """A file in the way of a save (where `iter_N.tmp` or `iter_N` must be made): every rank of a 2-process run
+    stops with the same named line (which path, that a file is in the way, what to do), exit 1, no traceback and
+    no "lost the connection" from the other rank; the checkpoints already there are intact."""
+    from effdist.train import checkpoint as ckpt
+
+    for blocked in ("iter_0000006.tmp", "iter_0000006"):
+        run = _copy(four_steps, tmp_path / blocked)
+        (run / "checkpoints" / blocked).write_text("not a checkpoint\n")
+        overrides = BASE + [f"data.cache_dir={data_cache}", "train.steps=6", "checkpoint.interval=2"]
+        cmd = [sys.executable, str(ROOT / "launch" / "torchrun.py"), "--standalone", "--nproc_per_node=2",
+               *_cmd(run, overrides)[1:]]
+        proc = subprocess.run(cmd, env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        err = proc.stderr
+        path = run / "checkpoints" / blocked
+        assert f"saving checkpoint iter_0000006 failed: {path} is a file where a directory belongs" in err, \
+            _error_lines(proc)
+        assert "move or delete it" in err and "intact" in err, _error_lines(proc)
+        assert "Traceback" not in err and "lost the connection" not in err and "Not a directory" not in err, \
+            err[-3000:]
+        assert (path).is_file()
+        for name in ("iter_0000002", "iter_0000004"):
+            ckpt.verify(run / "checkpoints" / name)
+        assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
+
+
 def test_the_space_advice_is_one_that_can_be_followed(tmp_path, monkeypatch):
     """A full disk with checkpoint.keep_last already 1: "lower checkpoint.keep_last" is not offered (it cannot go
     lower); above 1 it is, with the value now."""

@@ -187,15 +187,38 @@ def _start_save(ckpt_dir: Path, step: int, runtime) -> tuple[Path, Path]:
     """An empty ``iter_N.tmp`` to write into (rank 0 makes it, everyone waits); returns (tmp, final)."""
     final = ckpt_dir / iter_name(step)
     tmp = ckpt_dir / (iter_name(step) + ".tmp")
-    if runtime.is_logging_rank:
+    def start():
         # Never its parents: the run directory (or checkpoint.dir, made when the run claimed it) exists unless
         # somebody deleted it while the run trained, and a save must not make it again without its records.
         ckpt_dir.mkdir(exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-    _barrier()
+
+    _on_rank0_agreed(runtime, step, tmp, start)
     return tmp, final
+
+
+def _on_rank0_agreed(runtime, step: int, tmp: Path, action) -> None:
+    """Run `action` (a file-system change of a save) on rank 0 while the other ranks wait; a write that fails
+    there (a file in the way, no space, read-only) becomes the same named CheckpointSpaceError on every rank,
+    instead of rank 0's bare OSError and a "lost the connection" from each rank waiting for it. Collective."""
+    problem = None
+    if runtime.is_logging_rank:
+        try:
+            action()
+        except Exception as e:
+            problem = _named_write_problem(e, step, tmp)
+            if problem is None:
+                raise
+    if dist.is_initialized():
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        error = CheckpointSpaceError(problem)
+        error.agreed = True  # rank 0's finding, raised by every rank: said once per node (trainer._agreed)
+        raise error
 
 
 def save(ckpt_dir: Path, step: int, model_chunks, optimizer, runtime, common: dict[str, Any],
@@ -211,9 +234,7 @@ def save(ckpt_dir: Path, step: int, model_chunks, optimizer, runtime, common: di
     with write_results_in_process():
         dist_checkpointing.save(sd, str(tmp))
     _barrier()
-    if runtime.is_logging_rank:
-        make_visible(ckpt_dir, tmp, final, step, marker)
-    _barrier()
+    _on_rank0_agreed(runtime, step, tmp, lambda: make_visible(ckpt_dir, tmp, final, step, marker))
     return final
 
 
@@ -271,10 +292,9 @@ class AsyncSaver:
         request = dist_checkpointing.save(sd, str(tmp), async_sharded_save=True)
 
         def finalize():
-            if runtime.is_logging_rank:
-                make_visible(ckpt_dir, tmp, final, step, marker)
-                if after_finalize is not None:
-                    after_finalize()
+            _on_rank0_agreed(runtime, step, tmp, lambda: make_visible(ckpt_dir, tmp, final, step, marker))
+            if runtime.is_logging_rank and after_finalize is not None:
+                after_finalize()
             _barrier()
 
         request.finalize_fns.append(finalize)
@@ -554,13 +574,38 @@ def write_errors_named(tmp: Path):
     try:
         yield
     except BaseException as e:  # torch's CheckpointException derives from BaseException
-        reason = _write_failure(e)
-        if reason is None:
+        problem = _named_write_problem(e, None, tmp)
+        if problem is None:
             raise
-        free = free_bytes(tmp.parent) if tmp.parent.exists() else 0
-        raise CheckpointSpaceError(
-            f"writing checkpoint {tmp} failed: {reason}; {_fmt_bytes(free)} free there; the complete checkpoints "
-            "beside it are intact. Free space or set checkpoint.dir, then resume with --resume auto") from None
+        raise CheckpointSpaceError(problem) from None
+
+
+def _named_write_problem(e: BaseException, step: int | None, tmp: Path) -> str | None:
+    """The line for a checkpoint write that failed with `e` (None: `e` is no failed write). A file where the save
+    needs a directory (``iter_N.tmp``, ``iter_N`` or the checkpoint directory itself) is named as such: freeing
+    space would not help."""
+    blocker = _file_in_the_way(e)
+    if blocker is not None:
+        what = f"saving checkpoint {iter_name(step)}" if step is not None else f"writing checkpoint {tmp}"
+        return (f"{what} failed: {blocker} is a file where a directory belongs; move or delete it (or set "
+                "checkpoint.dir), then resume with --resume auto; the complete checkpoints beside it are intact")
+    reason = _write_failure(e)
+    if reason is None:
+        return None
+    free = free_bytes(tmp.parent) if tmp.parent.exists() else 0
+    return (f"writing checkpoint {tmp} failed: {reason}; {_fmt_bytes(free)} free there; the complete checkpoints "
+            "beside it are intact. Free space or set checkpoint.dir, then resume with --resume auto")
+
+
+def _file_in_the_way(e: BaseException) -> Path | None:
+    """The file (not a directory) that made `e` fail, when `e` is "not a directory" or "exists" for a directory the
+    save makes: the path the error names or its nearest parent that is a file."""
+    if not isinstance(e, OSError) or e.errno not in (errno.ENOTDIR, errno.EEXIST) or not e.filename:
+        return None
+    for path in (Path(os.fsdecode(e.filename)), *Path(os.fsdecode(e.filename)).parents):
+        if path.exists() or path.is_symlink():
+            return path if not path.is_dir() else None
+    return None
 
 
 def _write_failure(e: BaseException) -> str | None:
