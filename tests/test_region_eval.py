@@ -4,6 +4,9 @@ record it leaves in the run directory, and `effdist generate`'s warning outside 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,16 +15,19 @@ from effdist.infer.evaluate import default_regions, main, read_windows
 from effdist.infer.generate import Generator
 from effdist.infer.generate import main as generate_main
 from effdist.infer.region_quality import QUALITY_FILE
-from tests.launching import run_train
+from tests.launching import ROOT, TINY, clean_env, run_train
+
+
+EPAS_RUN = ["train.steps=4", "epas.enabled=true", "epas.interval=1", "epas.final_region=2",
+            "data.sample_documents=200", "data.seq_length=64", "train.global_batch=4", "logging.tensorboard=false",
+            "logging.progress_bar=false"]
 
 
 @pytest.fixture(scope="module")
 def epas_run(tmp_path_factory):
     """A tiny model trained on one process until 2 of its 4 layers share Q/K."""
     run_dir = tmp_path_factory.mktemp("eval") / "run"
-    run_train(run_dir, ["train.steps=4", "epas.enabled=true", "epas.interval=1", "epas.final_region=2",
-                        "data.sample_documents=200", "data.seq_length=64", "train.global_batch=4",
-                        "logging.tensorboard=false", "logging.progress_bar=false"], resume="none")
+    run_train(run_dir, EPAS_RUN, resume="none")
     return run_dir
 
 
@@ -78,6 +84,30 @@ def test_eval_scores_every_region_and_generate_warns_outside_the_usable_ones(epa
                           "--epas-region", "1"]) == 0
     assert "region = 1 is shorter than the 2 sharing layers this checkpoint was trained with: layer 2 computes its own" \
         in capsys.readouterr().err
+
+
+def test_a_record_of_a_run_started_over_or_rolled_back_says_nothing_about_the_new_checkpoint(epas_run, tmp_path,
+                                                                                              capsys):
+    """region_quality.json describes the checkpoint `effdist eval` measured, not any checkpoint of that step: after
+    `--resume none --fresh` (or a rollback) the run saves another checkpoint at the same step, and `effdist
+    generate` must not warn (or stay silent) from the old model's losses."""
+    run = tmp_path / "run"
+    shutil.copytree(epas_run, run)
+    assert main(["--checkpoint", str(run), "--windows", "2", "--seq-length", "16", "--batch", "2"]) == 0
+    saved = json.loads((run / QUALITY_FILE).read_text())
+    saved.update(losses={"0": 3.3, "2": 3.0, "3": 3.01}, usable_regions=[2, 3])
+    (run / QUALITY_FILE).write_text(json.dumps(saved))
+    args = ["--checkpoint", str(run), "--prompt-ids", "5", "--max-new-tokens", "1", "--epas-region", "0"]
+    capsys.readouterr()
+    assert generate_main(args) == 0
+    assert "its held-out loss is +10.00%" in capsys.readouterr().err
+    cmd = [sys.executable, "-m", "effdist.train", "--config", str(TINY), "--run-dir", str(run), "--resume", "none",
+           "--fresh"] + [a for o in EPAS_RUN + ["train.seed=7"] for a in ("--set", o)]
+    proc = subprocess.run(cmd, env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert generate_main(args) == 0
+    err = capsys.readouterr().err
+    assert "held-out loss" not in err and "is shorter than the 2 sharing layers" in err, err
 
 
 @pytest.mark.parametrize("args, line", [

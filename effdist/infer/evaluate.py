@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"effdist eval: error: {e}", file=sys.stderr)
         return 2
     record = RegionQuality(quality_path(info.run_dir) if info.run_dir else Path(), info.step, trained, losses,
-                           args.tolerance)
+                           args.tolerance, saved_at=info.saved_at)
     held_out = "" if args.data else " (the run's training data, not held out)"
     print(f"{info.path} (step {info.step}), trained region {trained} of {num_layers - 1}; {args.windows} windows x "
           f"{seq_length} tokens of {data}{held_out}")

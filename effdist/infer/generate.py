@@ -64,6 +64,8 @@ class CheckpointInfo:
     step: Optional[int] = None
     # Sharing layers the model was trained with (its EPAS state), None when the checkpoint has no state.
     trained_region: Optional[int] = None
+    # When the training checkpoint was saved (its effdist.json): tells two checkpoints of one step apart.
+    saved_at: Optional[float] = None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -104,7 +106,8 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         run_dir = _run_dir_of(Path(path), resolved)
         region = _region_from_state(resolved)
         return CheckpointInfo(resolved, cfg, "training", run_dir=run_dir, step=marker.get("step"),
-                              trained_region=region if region is not None else _region_from_config(cfg))
+                              trained_region=region if region is not None else _region_from_config(cfg),
+                              saved_at=marker.get("saved_at"))
     cfg = config_from_dict(json.loads((resolved / "effdist_model.json").read_text())["config"])
     return CheckpointInfo(resolved, cfg, "converted-dist", trained_region=_region_from_config(cfg))
 
@@ -323,7 +326,7 @@ class Generator:
         gen = cls(model, tokenizer=tok, trained_region=info.trained_region, direction=cfg.epas.direction,
                   default_region=default, cuda_graphs=cuda_graphs, tokenizer_search=searched)
         gen.checkpoint = info
-        gen.region_quality = read_region_quality(info.run_dir, info.step)
+        gen.region_quality = read_region_quality(info.run_dir, info.step, info.saved_at)
         return gen
 
     # ------------------------------------------------------------------ regions

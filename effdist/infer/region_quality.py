@@ -25,6 +25,9 @@ class RegionQuality:
     trained_region: int
     losses: dict[int, float]
     tolerance: float
+    # The measured checkpoint's `saved_at` (its effdist.json): a run started over (--fresh) or rolled back saves
+    # another checkpoint of the same step, which this record says nothing about. None: not known.
+    saved_at: Optional[float] = None
 
     @property
     def usable(self) -> list[int]:
@@ -37,18 +40,23 @@ class RegionQuality:
         return self.losses[region] / self.losses[self.trained_region] - 1
 
     def to_json(self) -> dict:
-        return {"schema": SCHEMA, "step": self.step, "trained_region": self.trained_region,
-                "tolerance": self.tolerance, "losses": {str(r): v for r, v in sorted(self.losses.items())},
-                "usable_regions": self.usable}
+        out = {"schema": SCHEMA, "step": self.step, "trained_region": self.trained_region,
+               "tolerance": self.tolerance, "losses": {str(r): v for r, v in sorted(self.losses.items())},
+               "usable_regions": self.usable}
+        if self.saved_at is not None:
+            out["saved_at"] = self.saved_at
+        return out
 
 
 def quality_path(run_dir: Path) -> Path:
     return Path(run_dir) / QUALITY_FILE
 
 
-def read_region_quality(run_dir: Optional[Path], step: Optional[int]) -> Optional[RegionQuality]:
-    """The record of the checkpoint at `step` of `run_dir`, or None when there is none for that step (another
-    checkpoint was measured, or none) or it cannot be read."""
+def read_region_quality(run_dir: Optional[Path], step: Optional[int],
+                        saved_at: Optional[float] = None) -> Optional[RegionQuality]:
+    """The record of the checkpoint at `step` of `run_dir` saved at `saved_at`, or None when there is none for that
+    checkpoint (another step, or another checkpoint of that step: a run started over or rolled back since; or none)
+    or it cannot be read. A record without `saved_at` (older effdist) is matched by its step."""
     if run_dir is None:
         return None
     path = quality_path(run_dir)
@@ -56,8 +64,12 @@ def read_region_quality(run_dir: Optional[Path], step: Optional[int]) -> Optiona
         data = json.loads(path.read_text())
         if data.get("schema") != SCHEMA or data.get("step") != step:
             return None
+        measured = data.get("saved_at")
+        if measured is not None and saved_at is not None and float(measured) != float(saved_at):
+            return None
         losses = {int(r): float(v) for r, v in data["losses"].items()}
-        record = RegionQuality(path, step, int(data["trained_region"]), losses, float(data["tolerance"]))
+        record = RegionQuality(path, step, int(data["trained_region"]), losses, float(data["tolerance"]),
+                               saved_at=None if measured is None else float(measured))
         record.excess(record.trained_region)  # the trained region must be among the measured ones
         return record
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
