@@ -241,6 +241,38 @@ def test_sbatch_launches_torchrun_per_node(fake_slurm):
     assert _requeues(tmp) == []
 
 
+def test_sbatch_a_rollback_or_start_over_in_train_args_is_done_once_not_at_every_requeue(fake_slurm):
+    """TRAIN_ARGS="--resume RUN/checkpoints/iter_N" (a rollback) or "--resume none --fresh" is for the job's first
+    start. A requeued start (after a preemption save) must continue from that save: with the flag again it rolled
+    back (or started over) at every requeue, moving the saves aside and training the same steps again."""
+    tmp, env = fake_slurm
+    run = tmp / "run"
+    for flags in (["--resume", str(run / "checkpoints/iter_0000005")], ["--resume", "none", "--fresh"]):
+        args = " ".join(["--set", "train.steps=7", *flags])
+        # The first start: the flags go to the trainer, which saves for a requeue (75) after it trained.
+        first = _sbatch(env, TRAIN_ARGS=args, FAKE_node07="75", FAKE_node08="75")
+        assert first.returncode == 0 and len(_requeues(tmp)) >= 1, first.stderr
+        launcher = (tmp / "launcher.node07.args").read_text().splitlines()
+        assert launcher[launcher.index("auto") + 1:] == args.split()
+        run.mkdir(exist_ok=True)
+        (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')  # it trained
+        # The requeued start continues from the newest checkpoint.
+        again = _sbatch(env, TRAIN_ARGS=args, SLURM_RESTART_COUNT="1")
+        assert again.returncode == 0, again.stderr
+        launcher = (tmp / "launcher.node07.args").read_text().splitlines()
+        assert launcher[launcher.index("-m"):] == ["-m", "effdist.train", "--config", "configs/tiny-cpu.yaml",
+                                                   "--run-dir", str(run), "--resume", "auto",
+                                                   "--set", "train.steps=7"], launcher
+        assert "took effect at the job's first start: this restart continues" in again.stderr, again.stderr
+        assert not list(run.glob(".slurm-*"))  # finished: the job's record of its first start is gone
+    # A first start that ended before it trained (stopped while loading): the restart still carries the flags.
+    _sbatch(env, TRAIN_ARGS="--resume none --fresh", FAKE_node07="75", FAKE_node08="75")
+    os.utime(run / "metrics.jsonl", (1, 1))
+    _sbatch(env, TRAIN_ARGS="--resume none --fresh", SLURM_RESTART_COUNT="1")
+    launcher = (tmp / "launcher.node07.args").read_text().splitlines()
+    assert launcher[-4:] == ["auto", "--resume", "none", "--fresh"], launcher
+
+
 def test_sbatch_cpus_per_task_and_bad_settings(fake_slurm):
     tmp, env = fake_slurm
     assert _sbatch(env, SLURM_JOB_CPUS_PER_NODE="8,4(x1)").returncode == 0
