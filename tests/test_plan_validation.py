@@ -214,3 +214,30 @@ def test_the_block_is_registered_only_once_the_doc_holds_its_marker(tmp_path, mo
     assert "bench-plan-validation-p4" not in registered(doc)
     marked = doc + "\n<!-- generated:bench-plan-validation-p4 -->\n<!-- end generated:bench-plan-validation-p4 -->\n"
     assert "bench-plan-validation-p4" in registered(marked)
+
+
+def test_compare_timings_predicts_every_measured_row_with_each_table(tmp_path, capsys):
+    """--compare-timings: the pp=1 validation's rows and a pipeline run's rows, each predicted with every named
+    table; a table with the layers twice as slow predicts every row at about half the tokens/s, and a table that
+    lacks a row's FFN kind leaves that ratio empty instead of failing."""
+    slow = json.loads(H100_1B.read_text())
+    for layer in slow["layers"]:
+        layer["forward_s"] *= 2
+        layer["backward_s"] *= 2
+    (tmp_path / "slow.json").write_text(json.dumps(slow))
+    mb4 = ROOT / "docs" / "results" / "pipeline_p4_1b_mb4_h200x4.json"
+    pp1 = ROOT / "docs" / "results" / "plan_validation_h100.json"
+    out = tmp_path / "timings.json"
+    assert bench_plan.main(["--compare-timings", f"shipped={H100_1B}", f"slow={tmp_path / 'slow.json'}",
+                            "--against", str(pp1), str(mb4), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["calibrations"]) == {"shipped", "slow"} and data["calibrations"]["slow"]["timing"] == "wall"
+    measured_pp1 = json.loads(pp1.read_text())["rows"]
+    assert len(data["rows"]) == len(measured_pp1) + len(json.loads(mb4.read_text())["results"])
+    both = [r for r in data["rows"] if r["ratios"]["shipped"] is not None]
+    assert len(both) >= 10 and all(0.45 < r["ratios"]["slow"] / r["ratios"]["shipped"] < 0.75 for r in both)
+    kinds = {r["choice"] for r in data["rows"] if r["ratios"]["shipped"] is None}
+    assert {"mb8 moc", "mb8 topk"} <= kinds  # no MoC / top-k layers in the shipped table
+    assert "mb8 moc" in capsys.readouterr().out
+    assert bench_plan.main(["--compare-timings", f"x={H100_1B}"]) == 2
+    assert bench_plan.main(["--compare-timings", "nothing", "--against", str(mb4)]) == 2

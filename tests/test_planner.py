@@ -342,7 +342,7 @@ def test_calibrate_measures_a_tiny_model_on_cpu(tmp_path, capsys):
     assert first.startswith("effdist calibrate: tiny, micro-batches 1, variants dense,epas, on the CPU: no CUDA GPU")
     cal = Calibration.load(out)
     assert cal.device == "cpu" and cal.variants() == {"dense", "epas"} and cal.optimizer_s_per_param > 0
-    assert cal.timing == "wall"  # the CPU has no CUDA events
+    assert cal.timing == "wall"  # the default (and the CPU has no CUDA events)
     assert calibrate.main(["--config", str(CONFIGS / "tiny-cpu.yaml"), "--variants", "sparse", "--out", str(out)]) == 2
     capsys.readouterr()
     out.unlink()
@@ -546,7 +546,7 @@ def test_calibrate_measures_again_then_refuses_a_table_with_a_time_at_or_below_z
 
     seen = []
 
-    def flaky(cfg, variant, layers, micro_batch, reps, device, dtype):
+    def flaky(cfg, variant, layers, micro_batch, reps, device, dtype, timing="wall", host_behind=None):
         seen.append(reps)
         return (1e-3 if len(seen) > 1 else -1e-4, 2e-3, 1e-3, -1e-3)  # a head below zero is the fit's: kept at 1 ns
 

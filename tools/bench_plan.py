@@ -14,6 +14,14 @@ No GPU: `--predict-pipeline` predicts the multi-GPU pipeline runs already measur
 
     python tools/bench_plan.py --predict-pipeline docs/results/pipeline_p4_*.json \
         --calibration-dir configs/calibrations [--device-prefix h200] --json docs/results/plan_validation_p4_h200.json
+
+Which way of timing the layers (`effdist calibrate --timing gpu|wall`) the measured steps follow: every measured
+row predicted with each of several tables of one model:
+
+    python tools/bench_plan.py --compare-timings gpu=docs/results/calibration_h100_llama-1b_gpu.json \
+        wall=docs/results/calibration_h100_llama-1b_wall.json --against docs/results/plan_validation_h100.json \
+        docs/results/pipeline_p4_1b_mb1_h200x4.json docs/results/pipeline_p4_1b_mb4_h200x4.json \
+        --json docs/results/plan_timing_h100.json
 """
 
 from __future__ import annotations
@@ -258,6 +266,72 @@ def print_pipeline_table(rows: list[dict]) -> None:
               f"not predicted: {len(rows) - len(done)}")
 
 
+# ------------------------------------------------------------------------ one run's choices under several tables
+
+def compare_timings(named: list[str], against: list[str], out: str | None, argv: list[str]) -> int:
+    """--compare-timings: the measured rows of pp=1 validations (plan_validation_*.json) and of multi-GPU pipeline
+    runs (pipeline_p4_*.json) predicted with each of several calibrations of one model, e.g. the same layers timed
+    with `effdist calibrate --timing gpu` and `--timing wall`: which timing the planner's step follows."""
+    import subprocess as sp
+
+    from effdist.pipeline.calibration import Calibration, CalibrationError
+
+    cals = {}
+    for text in named:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            print(f"bench_plan: --compare-timings {text!r}: give NAME=CALIBRATION.json", file=sys.stderr)
+            return 2
+        try:
+            cals[name] = Calibration.load(path)
+        except CalibrationError as e:
+            print(f"bench_plan: {e}", file=sys.stderr)
+            return 2
+    rows = []
+    for given in against:
+        data = json.loads(Path(given).read_text())
+        shown = _shown(Path(given))
+        if "results" in data:  # tools/bench_pipeline.py
+            for record in data["results"]:
+                row = {"file": shown, "run": f"{data['model']} mb{data['micro_batch']} p{data['pp']}",
+                       "choice": record["schedule"] + ("" if record.get("engine", "effdist") == "effdist"
+                                                       else f" ({record['engine']})"),
+                       "measured_device": data.get("device"), "measured_tokens_per_s": record["tokens_per_s"],
+                       "ratios": {}}
+                for name, cal in cals.items():
+                    info = {"path": cal.path, "device": cal.device}
+                    predicted = predict_pipeline_row(data, record, cal, info)
+                    row["ratios"][name] = predicted.get("tokens_per_s_ratio")
+                rows.append(row)
+        else:  # this tool's pp=1 validation
+            for record in data["rows"]:
+                row = {"file": shown, "run": f"{data['model']} pp1", "choice": record["choice"],
+                       "measured_device": data.get("device"), "measured_tokens_per_s": record["measured_tokens_per_s"],
+                       "ratios": {}}
+                for name, cal in cals.items():
+                    try:
+                        tps, _, _ = predict(data["model"], record["overrides"], cal)
+                        row["ratios"][name] = tps / record["measured_tokens_per_s"]
+                    except CalibrationError:
+                        row["ratios"][name] = None  # that table has no layers of this kind
+                rows.append(row)
+    print(f"{'run':<18} {'choice':<22} {'measured':>9}  " + "  ".join(f"{n:>10}" for n in cals))
+    for r in rows:
+        shown = "  ".join("         –" if v is None else f"{v:>10.3f}" for v in r["ratios"].values())
+        print(f"{r['run']:<18} {r['choice']:<22} {r['measured_tokens_per_s']:>9,.0f}  {shown}")
+    commit = sp.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    result = {"date": dt.date.today().isoformat(), "commit": commit,
+              "command": "python tools/bench_plan.py " + " ".join(argv),
+              "ratio": "predicted / measured tokens/s (pipeline runs: forward + backward of the step, no optimizer)",
+              "calibrations": {n: {"path": c.path, "device": c.device, "date": c.date, "timing": c.timing,
+                                   "command": c.command} for n, c in cals.items()},
+              "rows": rows}
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama-1b")
@@ -280,7 +354,19 @@ def main(argv=None) -> int:
     p.add_argument("--device-prefix", default=None,
                    help="with --predict-pipeline: the calibrations' card (e.g. h200; default: the card each run "
                         "names in its JSON)")
+    p.add_argument("--compare-timings", nargs="+", default=None, metavar="NAME=CALIBRATION",
+                   help="no GPU: predict the rows of the JSONs given with --against with each calibration (e.g. one "
+                        "table per `effdist calibrate --timing`) and print the predicted / measured ratios; "
+                        "writes --json")
+    p.add_argument("--against", nargs="+", default=[], metavar="JSON",
+                   help="with --compare-timings: plan_validation_*.json (pp=1) and pipeline_p4_*.json runs")
     args = p.parse_args(argv)
+    if args.compare_timings:
+        if not args.against:
+            print("bench_plan: --compare-timings needs --against JSON ... (measured runs to predict)", file=sys.stderr)
+            return 2
+        return compare_timings(args.compare_timings, args.against, args.json,
+                               sys.argv[1:] if argv is None else list(argv))
     if args.repredict:
         return repredict(Path(args.repredict))
     if args.predict_pipeline:

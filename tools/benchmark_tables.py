@@ -960,7 +960,19 @@ def plan_validation_p4(path: Path | None = None) -> str:
     return text + "\n\n" + "\n".join(notes)
 
 
+def plan_timings() -> str:
+    """Every measured pp=1 and p=4 row predicted with calibrations timed differently (`tools/bench_plan.py
+    --compare-timings`): predicted / measured tokens/s per table."""
+    data = load("plan_timing_h100.json")
+    names = list(data["calibrations"])
+    rows = [(r["run"], SCHEDULE_NAMES.get(r["choice"], r["choice"]), n0(r["measured_tokens_per_s"]),
+             *("–" if r["ratios"][n] is None else f3(r["ratios"][n]) for n in names)) for r in data["rows"]]
+    heads = [f"{n} ({data['calibrations'][n]['timing']} timing, {data['calibrations'][n]['date']})" for n in names]
+    return table(["run", "choice / schedule", "measured tokens/s", *heads], rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "bench-plan-timings": plan_timings,
     "bench-dense-baseline": dense_baseline, "bench-dense-levers": dense_levers, "bench-dense-presets": dense_presets,
     "bench-kernels": kernels, "bench-rope-ab": rope_ab, "bench-epas-h100": epas_h100, "bench-epas-history": epas_history,
     "bench-epas-mbs4": epas_mbs4, "bench-epas-h200": epas_h200, "bench-parity-125m": parity_125m,

@@ -392,14 +392,14 @@ fp8_7b)
   ;;
 h200_cal)
   # Issue #26: the shipped H200 calibration tables (the micro-batches of the 4x H200 p=4 runs in docs/results), timed
-  # with CUDA events and the host ahead (calibrate's default on a GPU), then llama-1b's dense layers again timed as
-  # wall clock around synchronized calls (--timing wall, how the tables before 2026-12-08 were timed) to compare.
+  # as wall clock around synchronized calls (calibrate's default), then llama-1b's dense layers again as the GPU's
+  # work alone (--timing gpu) to compare (tools/bench_plan.py --compare-timings).
   run 150 python3 -m effdist.cli calibrate --config llama-1b --micro-batches 1,2,4,8 --variants dense,epas,relu2 \
     --out "$out/h200-llama-1b.json"
   run 110 python3 -m effdist.cli calibrate --config llama-7b --micro-batches 1,2 --variants dense,epas \
     --out "$out/h200-llama-7b.json"
-  run 80 python3 -m effdist.cli calibrate --config llama-1b --micro-batches 1,2,4,8 --variants dense --timing wall \
-    --out "$out/h200-llama-1b-wall.json"
+  run 80 python3 -m effdist.cli calibrate --config llama-1b --micro-batches 1,2,4,8 --variants dense --timing gpu \
+    --out "$out/h200-llama-1b-gpu.json"
   ;;
 fp8_quality125)
   # Issue #27 item 3: llama-125m loss after the same tokens, bf16 vs FP8 (tensorwise), 500 steps, English corpus.

@@ -221,8 +221,8 @@ def _physical_layer_costs(cfg, variant: str, layers: tuple[int, int], micro_batc
 
 def calibrate(cfg, micro_batches: list[int], variants: list[str], reps: int = 5, layers: tuple[int, int] = (2, 6),
               progress=None, command: str = "", warn=None, timing: str | None = None) -> Calibration:
-    """Measure every (variant, micro-batch) on this process's device; see the module docstring. `timing`: "gpu"
-    or "wall" (None: "gpu" on a GPU, "wall" on the CPU, which has no CUDA events)."""
+    """Measure every (variant, micro-batch) on this process's device; see the module docstring. `timing`: "wall"
+    (the default) or "gpu" (effdist.pipeline.calibration's docstring says which the planner follows)."""
     import torch
 
     from effdist.runtime.distributed import choose_device, choose_dtype, one_process_megatron
@@ -230,7 +230,7 @@ def calibrate(cfg, micro_batches: list[int], variants: list[str], reps: int = 5,
     device, _ = choose_device(cfg)
     dtype = choose_dtype(cfg, device)
     cuda = device.type == "cuda"
-    timing = timing or ("gpu" if cuda else "wall")
+    timing = timing or "wall"
     if timing == "gpu" and not cuda:
         raise CalibrationError("--timing gpu needs a CUDA GPU (it times CUDA events); on the CPU use --timing wall")
     l1, l2 = layers
@@ -332,10 +332,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default="dense,epas",
                    help=f"layer variants to measure, from: {', '.join(VARIANTS)} (dense = the config's FFN kind)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median)")
-    p.add_argument("--timing", choices=TIMINGS, default=None,
-                   help="gpu: CUDA events with the host ahead, the GPU's work as a pipeline rank runs it (the "
-                        "default on a GPU); wall: wall clock around synchronized calls, host launch time included "
-                        "(the default on the CPU)")
+    p.add_argument("--timing", choices=TIMINGS, default="wall",
+                   help="wall (default): wall clock around synchronized calls, host launch time included, what "
+                        "the planner's pp=1 steps follow; gpu: CUDA events with the host ahead, the GPU's work "
+                        "alone (a GPU only; docs/benchmarks.md, \"Timing the layers\", compares the two)")
     p.add_argument("--out", required=True, help="where to write the calibration JSON")
     return p
 
