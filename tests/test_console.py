@@ -77,3 +77,29 @@ def test_a_listing_piped_into_head_ends_quietly():
                               stderr=subprocess.PIPE, text=True, timeout=120)
         os.close(w)
         assert done.stderr == "" and done.returncode == 141, (args, done.returncode, done.stderr)
+
+
+def test_an_output_file_given_as_a_directory_is_one_line_before_the_work(tmp_path):
+    """`--json DIR` / `--svg DIR` failed only after the work, with `effdist simulate: Is a directory: DIR
+    (EFFDIST_TRACEBACK=1 shows where)` and exit 1; now the flag and the value are named before anything runs, with
+    the fix (a file path), exit 2, and nothing is written into the directory."""
+    out = tmp_path / "out"
+    out.mkdir()
+    simulate = ["simulate", "--schedule", "v-half", "--pp", "4", "--microbatches", "16"]
+    cases = [
+        (simulate + ["--svg", str(out)], "effdist simulate: error: --svg", "timeline.svg"),
+        (simulate + ["--json", str(out)], "effdist simulate: error: --json", "simulate.json"),
+        (["plan", "--config", "llama-1b", "--gpus", "8", "--gpu-memory", "80", "--json", str(out)],
+         "effdist plan: error: --json", "plans.json"),
+        # no checkpoint there: the output is checked before the model loads (minutes for a large one)
+        (["eval", "--checkpoint", str(tmp_path / "no-run"), "--windows", "2", "--json", str(out)],
+         "effdist eval: error: --json", "eval.json"),
+    ]
+    for args, start, example in cases:
+        done = subprocess.run([sys.executable, "-m", "effdist.cli", *args], env=clean_env(), cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, (args, done.returncode, done.stderr)
+        assert lines[0] == f"{start} {out} is a directory: give a file path, e.g. {out / example}", lines
+        assert done.stdout == "", (args, done.stdout)
+        assert list(out.iterdir()) == []

@@ -32,6 +32,7 @@ from effdist.infer.region_quality import (
     quality_path,
     write_region_quality,
 )
+from effdist.runtime.lifecycle import output_file_problem
 
 
 def default_regions(num_layers: int, trained: int) -> list[int]:
@@ -137,6 +138,9 @@ def _check_args(args) -> None:
         raise GenerationError(f"--seq-length {args.seq_length}: must be at least 1")
     if not 0 <= args.tolerance < 1 or math.isnan(args.tolerance):
         raise GenerationError(f"--tolerance {args.tolerance}: a fraction in [0, 1), e.g. 0.005 for 0.5%")
+    problem = output_file_problem("--json", args.json, "eval.json")  # before the model loads and runs, not after
+    if problem:
+        raise GenerationError(problem)
 
 
 def main(argv: list[str] | None = None) -> int:

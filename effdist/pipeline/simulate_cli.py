@@ -18,6 +18,7 @@ from typing import Callable
 from effdist.pipeline.ir import ScheduleError
 from effdist.pipeline.schedules import SCHEDULE_NAMES, build_schedule
 from effdist.pipeline.simulate import Costs, SimulationResult, simulate
+from effdist.runtime.lifecycle import output_file_problem
 
 GIB = 1024 ** 3
 # pp x microbatches x chunks per rank above which one simulation takes minutes and gigabytes (1f1b at pp=8 with
@@ -155,6 +156,11 @@ def _run(args: argparse.Namespace) -> list[SimulationResult]:
                           f"microbatches: use e.g. --microbatches {fits}")
     if not 0.0 <= args.b_frees <= 1.0:
         raise _UsageError(f"--b-frees {args.b_frees}: a fraction in [0, 1]")
+    for flag, value, example in (("--json", args.json, "simulate.json"), ("--svg", args.svg, "timeline.svg"),
+                                 ("--png", args.png, "timeline.png")):
+        problem = output_file_problem(flag, value, example)  # before the simulation, not after it
+        if problem:
+            raise _UsageError(problem)
     per_chunk: Callable[[int], list[Costs]] | None = None
     try:
         if args.calibration:

@@ -171,6 +171,16 @@ def report_os_error(command: str, error: OSError) -> int:
     return 1
 
 
+def output_file_problem(flag: str, value: str | os.PathLike | None, example: str) -> str | None:
+    """Why `value`, given with `flag` as a file for a command to write (--json, --svg, ...), cannot be that file,
+    or None: a directory there is said before the command does its work (minutes, for some), not as
+    report_os_error's line after it. `example` is a file name to suggest inside that directory. Other problems (a
+    read-only or missing parent) still surface when the file is written."""
+    if value is None or value in ("", "-") or not os.path.isdir(value):
+        return None
+    return f"{flag} {value} is a directory: give a file path, e.g. {os.path.join(value, example)}"
+
+
 # The launcher this process was started by, noted by `note_launcher` as early as the entry point runs: a launcher
 # that dies while torch and megatron are still being imported (seconds) must still be noticed.
 _LAUNCHER_PID: int | None = None

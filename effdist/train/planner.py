@@ -32,6 +32,7 @@ from typing import Any, Iterable
 from effdist.config import FFN_KINDS, SCHEDULES, Config, ConfigError, load_config
 from effdist.pipeline.calibration import (Calibration, CalibrationError, final_region_layers, pipeline_chunk_costs,
                                           resolve, ring_seconds, tp_comm_seconds)
+from effdist.runtime.lifecycle import output_file_problem
 from effdist.train.estimate import (GIB, build_plan_schedule, estimate, parameters_per_stage, stage_chunks,
                                     total_parameters, validated_schedule)
 from effdist.train.preflight import validate_run
@@ -379,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--gpu-memory {args.gpu_memory}: must exceed --reserve {args.reserve} GiB")
     if args.top < 1:
         return _fail(f"--top {args.top}: plans to print, >= 1")
+    problem = output_file_problem("--json", args.json, "plans.json")  # before the search, not after it
+    if problem:
+        return _fail(problem)
     if args.max_tp is not None and args.max_tp < 1:
         return _fail(f"--max-tp {args.max_tp}: must be >= 1")
     for flag, value in (("--global-batch", args.global_batch), ("--seq", args.seq)):
