@@ -396,6 +396,26 @@ def test_missing_checkpoints_and_resumes_from_elsewhere_never_restart_silently(t
     assert str(aside / "iter_0000004") in proc.stderr, _error_lines(proc)
 
 
+
+def test_a_rollback_with_nothing_to_train_says_the_run_stays_where_it_is(tmp_path, data_cache, four_steps):
+    """--resume at an older checkpoint of the run whose step is train.steps: it said "nothing to do: the run in R is
+    already at step 2 of 2" although the run is at step 4 and nothing rolled back. Now the one line says the
+    checkpoint asked for is at train.steps, the run stays at step 4 with nothing moved, and how to train on."""
+    run = _copy(four_steps, tmp_path / "run")
+    ckpts = run / "checkpoints"
+    kept = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "effdist.lock"}
+    back = ckpts / "iter_0000002"
+    proc = _train(run, data_cache, ["train.steps=2", "checkpoint.interval=2"], resume=str(back))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "nothing to do" in line]
+    assert lines == [f"[effdist] nothing to do: the checkpoint to roll back to, --resume {back}, is at step 2 = "
+                     f"train.steps, so there is nothing to train after it; the run in {run} stays at step 4 "
+                     "(iter_0000004), nothing moved. To train on from step 2, raise train.steps (e.g. --set "
+                     "train.steps=4) with the same --resume"], _error_lines(proc)
+    now = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "effdist.lock"}
+    assert now == kept, sorted(set(now) ^ set(kept)) or [str(k) for k in now if now[k] != kept.get(k)]
+    assert (ckpts / "latest").read_text() == "iter_0000004"
+
 def test_two_runs_sharing_one_checkpoint_dir_never_take_or_delete_each_others_checkpoints(tmp_path, data_cache):
     """checkpoint.dir shared by two run directories: the second run neither resumes from the first one's
     checkpoints nor deletes them through checkpoint.keep_last (one line, exit 2); while one trainer saves there,

@@ -392,6 +392,35 @@ class Trainer:
         if self.resume != "auto" and self.step < self.cfg.train.steps:  # with nothing to train, nothing moves
             self._make_current_line(path, "rollback")
 
+    def _nothing_to_do_line(self) -> str:
+        """What a start with no step to train says. Where --resume named a checkpoint other than the one the run
+        is at (a rollback to one at or past train.steps), the run did not move to it: that is said, with the step
+        the run stays at and the train.steps that does the rollback."""
+        steps = self.cfg.train.steps
+        line = (f"nothing to do: the run in {self.run_dir} is already at step {self.step} of {steps} (raise "
+                "train.steps, or start over with --resume none --fresh or another --run-dir)")
+        if self.resume in ("auto", "none", "", None):
+            return line
+        current = self._current_checkpoint()
+        if current is None or current[1].resolve() == Path(self.resume).resolve():
+            return line
+        at, where = current
+        path = Path(self.resume)
+        rollback = path.resolve().parent == self.ckpt_dir.resolve() and self.step < at
+        past = "= train.steps" if self.step == steps else f"past train.steps = {steps}"
+        return (f"nothing to do: the checkpoint to {'roll back to' if rollback else 'resume from'}, --resume {path}, "
+                f"is at step {self.step} {past}, so there is nothing to train after it; the run in {self.run_dir} "
+                f"stays at step {at} ({where.name}), nothing moved. To train on from step {self.step}, raise "
+                f"train.steps (e.g. --set train.steps={at if at > self.step else self.step + 1}) with the same "
+                "--resume")
+
+    def _current_checkpoint(self) -> tuple[int, Path] | None:
+        """The checkpoint this run directory is at: the one `latest` names when complete, else the newest complete."""
+        latest = self.ckpt_dir / "latest"
+        named = self.ckpt_dir / latest.read_text().strip() if latest.is_file() else None
+        complete = ckpt.list_complete(self.ckpt_dir)
+        return next((c for c in complete if c[1] == named), complete[-1] if complete else None)
+
     def _make_current_line(self, path: Path, reason: str) -> None:
         """After loading `path`: move the checkpoints of this directory that are not on its line of
         history (newer ones; all of them when `path` lies elsewhere) aside, so `--resume auto` and
@@ -840,8 +869,7 @@ class Trainer:
         cfg, rt = self.cfg, self.runtime
         self.saver = ckpt.AsyncSaver() if cfg.checkpoint.async_save else None
         if self.step >= cfg.train.steps:
-            log(rt, f"nothing to do: the run in {self.run_dir} is already at step {self.step} of {cfg.train.steps} "
-                    "(raise train.steps, or start over with --resume none --fresh or another --run-dir)")
+            log(rt, self._nothing_to_do_line())
             return 0
         if rt.is_logging_rank:
             self._write_config_yaml()
