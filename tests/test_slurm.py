@@ -390,7 +390,16 @@ def test_sbatch_saves_but_does_not_requeue_on_sigterm(fake_slurm):
     proc = _preempt(tmp, env, "batch", signal.SIGTERM, FAKE_node07="75@0", FAKE_node08="75@0")
     assert _signals(tmp) == {"node07": ["TERM"], "node08": ["TERM"]}
     assert proc.returncode == 75, proc.stderr
-    assert _requeues(tmp) == [] and "not requeueing" in proc.stderr
+    assert _requeues(tmp) == [] and _sigterm_line(tmp, 75) in proc.stderr, proc.stderr
+
+
+def _sigterm_line(tmp: Path, rc: int) -> str:
+    """What the script says after SIGTERM. It said "step exited with 75 after SIGTERM (...): not requeueing", and
+    after `scontrol requeue` (a SIGTERM too) Slurm then requeued and resumed the job anyway."""
+    return (f"job stopped by SIGTERM (scancel, the time limit, `scontrol requeue` or a preemption by Slurm); the step "
+            f"exited with {rc}. This script does not requeue it: Slurm requeues it itself if it was `scontrol "
+            "requeue` (or a preemption with PreemptMode=REQUEUE), and that start resumes from "
+            f"{tmp / 'run'}/checkpoints; otherwise sbatch again to continue\n")
 
 
 def test_sbatch_scancel_signals_every_process_and_the_rendezvous_store_outlives_the_save(fake_slurm):
@@ -407,7 +416,9 @@ def test_sbatch_scancel_signals_every_process_and_the_rendezvous_store_outlives_
     assert {node: set(_read(tmp / f"store.after-save.{node}").split()) for node in NODES} == \
         {"node07": {"up"}, "node08": {"up"}}, proc.stderr
     assert proc.returncode == 75 and "node07=75 node08=75" in proc.stderr, proc.stderr
-    assert _requeues(tmp) == [] and "not requeueing" in proc.stderr
+    # `scontrol requeue` is this path too: the line must not say the job will not be requeued.
+    assert _requeues(tmp) == [] and _sigterm_line(tmp, 75) in proc.stderr, proc.stderr
+    assert "not requeueing" not in proc.stderr
     assert not _pid_alive(int((tmp / "store.pid").read_text()))  # stopped by the script once the step ended
 
 
