@@ -145,6 +145,18 @@ def fake_slurm(tmp_path):
 echo "$*" >> {tmp_path}/scontrol.calls
 case "$1" in requeue) exit "${{FAKE_REQUEUE_RC:-0}}" ;; esac
 """)
+    # squeue -h -j JOB -o %l: the job's time limit; the lines of time_limits one per call (the last one stays),
+    # else a day.
+    _executable(bin_dir / "squeue", f"""
+echo "$*" >> {tmp_path}/squeue.calls
+limits={tmp_path}/time_limits
+if [[ -s $limits ]]; then
+    head -n1 "$limits"
+    (($(wc -l < "$limits") > 1)) && sed -i 1d "$limits"
+else
+    echo 1-00:00:00
+fi
+""")
     python = _executable(tmp_path / "python", FAKE_PYTHON)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "FAKE_"))}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_DIR=str(tmp_path), REAL_PYTHON=sys.executable,
@@ -400,6 +412,42 @@ def _sigterm_line(tmp: Path, rc: int) -> str:
             f"exited with {rc}. This script does not requeue it: Slurm requeues it itself if it was `scontrol "
             "requeue` (or a preemption with PreemptMode=REQUEUE), and that start resumes from "
             f"{tmp / 'run'}/checkpoints; otherwise sbatch again to continue\n")
+
+
+def test_sbatch_a_time_limit_within_the_warning_lead_is_said_and_not_requeued_again_and_again(fake_slurm):
+    """A time limit at or below the time-limit warning's lead (--signal=B:USR1@120): the warning comes as the job
+    starts, and each start was stopped and requeued before it could train, up to MAX_REQUEUES times. Now the start
+    says so with the fix (a longer --time), and that stop is not requeued (75: saved, sbatch again)."""
+    tmp, env = fake_slurm
+    (tmp / "time_limits").write_text("2:00\n")  # squeue's M:SS: 120 s
+    proc = _preempt(tmp, env, "batch", signal.SIGUSR1, FAKE_node07="75@0", FAKE_node08="75@0")
+    assert _signals(tmp) == {"node07": ["USR1"], "node08": ["USR1"]}
+    assert proc.returncode == 75 and _requeues(tmp) == [], proc.stderr
+    assert ("the job's time limit, 120 s, is not comfortably above the time-limit warning, which comes 120 s before "
+            "the end (--signal=B:USR1@120): this start may be told to save and stop before it trains, and such a stop "
+            "is not requeued. Submit with a longer --time (more than 240 s, e.g. --time=1:00:00)\n") in proc.stderr
+    assert ("not requeueing: the job's time limit, 120 s, is not above twice the time-limit warning lead "
+            "(WARNING_LEAD=120 s): a requeued start would be stopped again before it trains; exit 75. sbatch again "
+            f"with a longer --time (e.g. --time=1:00:00) to continue from {tmp / 'run'}/checkpoints\n") in proc.stderr
+    assert (tmp / "squeue.calls").read_text().splitlines()[0] == "-h -j 4242 -o %l"
+    # The same without the warning: a save for a preemption is not requeued either (a requeue would be warned at once).
+    proc = _sbatch(env, FAKE_node07="75", FAKE_node08="75", SLURM_RESTART_COUNT="1")
+    assert proc.returncode == 75 and _requeues(tmp) == [] and "not requeueing: the job's time limit" in proc.stderr
+    # A limit raised while the job ran (scontrol update ... TimeLimit=) requeues; a finished run never warns.
+    (tmp / "time_limits").write_text("4:00\n1:00:00\n")
+    proc = _sbatch(env, FAKE_node07="75", FAKE_node08="75")
+    assert "is not comfortably above" in proc.stderr and "not requeueing" not in proc.stderr
+    assert proc.returncode == 0 and _requeues(tmp) == ["requeue 4242"], proc.stderr
+    for limit in ("4:01", "1-00:00:00", "UNLIMITED", ""):
+        (tmp / "time_limits").write_text(f"{limit}\n")
+        proc = _sbatch(env)
+        assert proc.returncode == 0 and "time limit" not in proc.stderr, (limit, proc.stderr)
+    # MAX_REQUEUES still comes first.
+    (tmp / "time_limits").write_text("0:30\n")
+    proc = _sbatch(env, FAKE_node07="75", FAKE_node08="75", SLURM_RESTART_COUNT="3", MAX_REQUEUES="3")
+    assert proc.returncode == 75 and "(MAX_REQUEUES=3)" in proc.stderr, proc.stderr
+    proc = _sbatch(env, WARNING_LEAD="2m")
+    assert proc.returncode == 2 and "WARNING_LEAD=2m is not a number of seconds" in proc.stderr, proc.stderr
 
 
 def test_sbatch_scancel_signals_every_process_and_the_rendezvous_store_outlives_the_save(fake_slurm):
