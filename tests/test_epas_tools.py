@@ -54,6 +54,31 @@ def test_layer_redundancy_smoke(tmp_path, megatron_one_process):
     assert 0 <= result["suggested_final_region"] <= n - 1
 
 
+def test_layer_redundancy_reads_a_run_directory_and_names_a_wrong_one(tmp_path, monkeypatch, capsys):
+    """--checkpoint RUN_DIR (as `effdist generate`/`convert` take it) reads its newest complete checkpoint; a path that
+    holds none is one line, exit 2 (both were a ConversionError traceback)."""
+    import effdist.model.hf_convert as hf_convert
+
+    tool = _tool("layer_redundancy")
+    assert tool.main(["--checkpoint", str(tmp_path / "nope"), "--seq", "8", "--batches", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nope" in err and "does not exist" in err, err
+    run = tmp_path / "run"
+    (run / "checkpoints" / "iter_0000003").mkdir(parents=True)
+    (run / "checkpoints" / "iter_0000003" / "effdist.json").write_text("{}")
+    (run / "checkpoints" / "latest").write_text("iter_0000003")
+    seen = []
+
+    def fake_load(path, cfg=None, progress=True):
+        seen.append(Path(path))
+        raise hf_convert.ConversionError(f"{path}: stop here")
+
+    monkeypatch.setattr(hf_convert, "load_effdist_model", fake_load)
+    assert tool.main(["--checkpoint", str(run), "--seq", "8", "--batches", "1"]) == 2
+    assert seen == [run / "checkpoints" / "iter_0000003"]
+    assert capsys.readouterr().err.strip() == f"layer_redundancy: {seen[0]}: stop here"
+
+
 @pytest.fixture()
 def megatron_one_process():
     from effdist.model.hf_convert import one_process_megatron

@@ -168,7 +168,9 @@ def load_model(args, device: torch.device, dtype: torch.dtype):
         cfg = config_from_hf(hf_config, base)
         sd = hf_to_effdist(hf_sd, cfg)
     elif args.checkpoint:
-        cfg, sd = load_effdist_model(args.checkpoint, base)
+        from effdist.train.checkpoint import resolve
+
+        cfg, sd = load_effdist_model(resolve(args.checkpoint), base)
     else:
         cfg, sd = base or load_config(None), None
     cfg = config_from_dict(cfg.to_dict())
@@ -202,7 +204,8 @@ def token_batches(args, cfg, device: torch.device) -> list[torch.Tensor]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="effdist model: torch file from convert_hf, or a dist checkpoint directory")
+    src.add_argument("--checkpoint", help="effdist model: a run directory (its newest complete checkpoint), its "
+                     "checkpoints/ directory, one iter_NNNNNNN checkpoint, or what `effdist convert` wrote")
     src.add_argument("--hf-dir", help="Hugging Face LLaMA directory")
     src.add_argument("--random-init", action="store_true", help="a freshly initialised model (smoke test)")
     p.add_argument("--config", help="effdist YAML (the model for --random-init; needed by some checkpoints)")
@@ -232,8 +235,16 @@ def main(argv: list[str] | None = None) -> int:
         context = torch.no_grad()
     else:
         context = one_process_megatron()
+    from effdist.config import ConfigError
+    from effdist.model.hf_convert import ConversionError
+    from effdist.train.checkpoint import CheckpointError
+
     with context:
-        cfg, model = load_model(args, device, dtype)
+        try:
+            cfg, model = load_model(args, device, dtype)
+        except (CheckpointError, ConversionError, ConfigError) as e:  # a wrong --checkpoint/--config: one line
+            print(f"layer_redundancy: {e}", file=sys.stderr)
+            return 2
         result = measure(model, token_batches(args, cfg, device))
     suggestion = suggest_region(result, args.threshold)
 
