@@ -22,6 +22,7 @@ import numpy as np
 
 from effdist.data.tokenizer import load_tokenizer
 from effdist.data.verify import DataError, OutputExists
+from effdist.runtime.cli_parser import ArgumentParser
 from effdist.runtime.progress import Progress, is_terminal
 
 META_FORMAT = "effdist-indexed-v1"
@@ -165,9 +166,9 @@ def refuse_existing_dataset(prefix: str) -> None:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="effdist preprocess",
-                                description="Tokenize text into megatron .bin/.idx datasets (one EOD token after "
-                                            "each document).")
+    p = ArgumentParser(prog="effdist preprocess",
+                       description="Tokenize text into megatron .bin/.idx datasets (one EOD token after "
+                                   "each document).")
     p.add_argument("--input", nargs="+", required=True, metavar="INPUT",
                    help="json/jsonl/parquet/txt files, directories, glob patterns, or a hub dataset name")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json (e.g. from `effdist tokenizer train`)")

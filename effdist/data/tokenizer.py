@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from effdist.data.verify import DataError, OutputExists
+from effdist.runtime.cli_parser import ArgumentParser
 from effdist.runtime.progress import Progress, is_terminal
 
 EOD_TOKEN = "<|endoftext|>"
@@ -163,8 +164,8 @@ def train_tokenizer(files: list[str], vocab_size: int, output_path: str | os.Pat
 # ---------------------------------------------------------------------------------------------- CLI
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="effdist tokenizer", description="Train or inspect a byte-level BPE tokenizer "
-                                "(HF tokenizers, local files only).")
+    p = ArgumentParser(prog="effdist tokenizer", description="Train or inspect a byte-level BPE tokenizer "
+                       "(HF tokenizers, local files only).")
     sub = p.add_subparsers(dest="action", required=True)
     t = sub.add_parser("train", help="train a byte-level BPE on local text and write tokenizer.json")
     t.add_argument("--input", nargs="+", required=True, metavar="FILE",

@@ -13,7 +13,6 @@ The .idx layout (megatron.core.datasets.indexed_dataset, version 1), little endi
 
 from __future__ import annotations
 
-import argparse
 import os
 import struct
 import sys
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from effdist.runtime.cli_parser import ArgumentParser
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_HEADER_BYTES = 9 + 8 + 1 + 8 + 8
@@ -186,8 +187,8 @@ def _scan_token_ids(prefix: str, dtype: type[np.number], num_tokens: int, length
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m effdist.data.verify",
-                                description="Check megatron .bin/.idx datasets for corruption and out-of-range ids.")
+    p = ArgumentParser(prog="python -m effdist.data.verify",
+                       description="Check megatron .bin/.idx datasets for corruption and out-of-range ids.")
     p.add_argument("prefixes", nargs="+", help="dataset prefixes (paths without .bin/.idx)")
     p.add_argument("--vocab-size", type=int, default=None, help="token ids must be below this (model.vocab_size)")
     args = p.parse_args(argv)

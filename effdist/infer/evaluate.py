@@ -32,6 +32,7 @@ from effdist.infer.region_quality import (
     quality_path,
     write_region_quality,
 )
+from effdist.runtime.cli_parser import ArgumentParser
 from effdist.runtime.lifecycle import output_file_problem
 
 
@@ -109,8 +110,8 @@ def _default_data(gen: Generator) -> str:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="effdist eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="effdist eval", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="RUN_DIR, RUN_DIR/checkpoints/iter_NNNNNNN, or a converted model")
     p.add_argument("--data", default=None,
                    help="dataset prefix (PREFIX.bin/.idx), e.g. data/english-large/heldout; default: the run's own "

@@ -35,6 +35,7 @@ from effdist.infer.cache import KVCache, SharingPlan, kv_cache_bytes
 from effdist.infer.graphs import DecodeRunner
 from effdist.infer.model import SUPPORTED_FFN_KINDS, InferenceModel, UnsupportedModelError
 from effdist.infer.region_quality import RegionQuality, read_region_quality
+from effdist.runtime.cli_parser import ArgumentParser
 
 Prompt = Union[str, Sequence[int], torch.Tensor]
 
@@ -602,8 +603,8 @@ def _parse_dtype(dtype, device: torch.device) -> torch.dtype:
 # ---------------------------------------------------------------------------------------- CLI
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="effdist generate", description="Generate text from an effdist checkpoint "
-                                "with a KV cache and a chosen EPAS sharing region.")
+    p = ArgumentParser(prog="effdist generate", description="Generate text from an effdist checkpoint "
+                       "with a KV cache and a chosen EPAS sharing region.")
     p.add_argument("--checkpoint", required=True,
                    help="RUN_DIR, RUN_DIR/checkpoints, RUN_DIR/checkpoints/iter_NNNNNNN, or an `effdist convert` "
                         "output")

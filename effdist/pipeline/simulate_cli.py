@@ -18,6 +18,7 @@ from typing import Callable
 from effdist.pipeline.ir import ScheduleError
 from effdist.pipeline.schedules import SCHEDULE_NAMES, build_schedule
 from effdist.pipeline.simulate import Costs, SimulationResult, simulate
+from effdist.runtime.cli_parser import ArgumentParser
 from effdist.runtime.lifecycle import output_file_problem
 
 GIB = 1024 ** 3
@@ -28,7 +29,7 @@ MAX_CHUNK_PASSES = 1_000_000
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="effdist simulate",
         description="Simulate pipeline schedules: peak activation memory per rank (units of one microbatch on one "
                     "1F1B stage, and bytes with --model), bubble rate and makespan.")

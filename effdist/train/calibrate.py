@@ -20,6 +20,7 @@ import time
 
 from effdist.pipeline.calibration import (TIMINGS, VARIANTS, Calibration, CalibrationError, HeadCost, LayerCost,
                                           model_shape, weight_grad_fraction)
+from effdist.runtime.cli_parser import ArgumentParser
 
 
 def _variant_config(cfg, variant: str):
@@ -323,9 +324,9 @@ def measure_links(nbytes: int = 256 * 2**20, reps: int = 5) -> dict | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="effdist calibrate",
-                                description="Measure per-layer forward/backward times, the head and the optimizer "
-                                            "step on this GPU for `effdist plan` and `effdist simulate --calibration`.")
+    p = ArgumentParser(prog="effdist calibrate",
+                       description="Measure per-layer forward/backward times, the head and the optimizer "
+                                   "step on this GPU for `effdist plan` and `effdist simulate --calibration`.")
     p.add_argument("--config", required=True, help="model config (YAML or a preset name such as llama-1b)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="override a config value (repeatable)")
     p.add_argument("--micro-batches", default="1,2,4,8", help="micro-batch sizes to measure (comma-separated)")

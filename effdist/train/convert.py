@@ -20,6 +20,7 @@ from effdist.config import Config, ConfigError, load_config
 from effdist.model import hf_convert
 from effdist.model.checkpoint_fit import SHAPE_KEYS
 from effdist.model.hf_convert import ConversionError
+from effdist.runtime.cli_parser import ArgumentParser
 from effdist.train import checkpoint as ckpt
 
 TO_EFFDIST = ("hf-to-effdist", "from-hf")
@@ -27,8 +28,8 @@ TO_HF = ("effdist-to-hf", "to-hf")
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="effdist convert",
-                                description="Convert between Hugging Face LLaMA checkpoints and effdist models.")
+    p = ArgumentParser(prog="effdist convert",
+                       description="Convert between Hugging Face LLaMA checkpoints and effdist models.")
     sub = p.add_subparsers(dest="direction", required=True)
     to = sub.add_parser(TO_EFFDIST[0], aliases=list(TO_EFFDIST[1:]), help="HF LLaMA directory -> effdist model")
     to.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")

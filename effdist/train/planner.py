@@ -32,6 +32,7 @@ from typing import Any, Iterable
 from effdist.config import FFN_KINDS, SCHEDULES, Config, ConfigError, load_config
 from effdist.pipeline.calibration import (Calibration, CalibrationError, final_region_layers, pipeline_chunk_costs,
                                           resolve, ring_seconds, tp_comm_seconds)
+from effdist.runtime.cli_parser import ArgumentParser
 from effdist.runtime.lifecycle import output_file_problem
 from effdist.train.estimate import (GIB, build_plan_schedule, estimate, parameters_per_stage, stage_chunks,
                                     total_parameters, validated_schedule)
@@ -320,8 +321,8 @@ def format_table(plans: list[Plan], limit: int = 10) -> str:
 # ---------------------------------------------------------------------------- command line
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="effdist plan", description="Choose the parallel layout and pipeline schedule "
-                                "for a model under a memory budget, by predicted tokens/s (docs/plan.md).")
+    p = ArgumentParser(prog="effdist plan", description="Choose the parallel layout and pipeline schedule "
+                       "for a model under a memory budget, by predicted tokens/s (docs/plan.md).")
     p.add_argument("--config", required=True, help="model config: a YAML path or a preset name (effdist presets)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="override a config value (repeatable)")
     p.add_argument("--gpus", type=int, required=True, help="GPUs in total")

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from effdist.runtime.cli_parser import ArgumentParser
 from effdist.train.metrics import METRICS_FILE, MetricsFileError, current_line, read_metrics
 
 
@@ -78,7 +79,7 @@ def output_problem(out: Path) -> str | None:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="effdist plot", description="Plot a metric of one or more runs into one PNG.")
+    p = ArgumentParser(prog="effdist plot", description="Plot a metric of one or more runs into one PNG.")
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help=f"run directories (with {METRICS_FILE})")
     p.add_argument("--out", type=Path, default=Path("loss.png"), help="PNG file to write (default: loss.png)")
     p.add_argument("--key", default="loss", help="metrics.jsonl field to plot (default: loss), e.g. grad_norm, "

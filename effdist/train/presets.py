@@ -9,7 +9,6 @@ count comes from the same formula the dry run uses (effdist.train.estimate.total
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from effdist.config import PRESET_DIR, ConfigError, load_config
+from effdist.runtime.cli_parser import ArgumentParser
 from effdist.train.estimate import total_parameters
 
 
@@ -67,8 +67,8 @@ def markdown_table(presets: list[Preset], root: Path | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="effdist presets", description="List the shipped configs with their "
-                                     "parameter counts and purpose.")
+    parser = ArgumentParser(prog="effdist presets", description="List the shipped configs with their "
+                            "parameter counts and purpose.")
     parser.add_argument("--dir", type=Path, default=PRESET_DIR, help=f"directory of configs (default {PRESET_DIR})")
     args = parser.parse_args(argv)
     if not args.dir.is_dir():

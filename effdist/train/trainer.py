@@ -28,6 +28,7 @@ from effdist.model.checkpoint_fit import config_changes, config_fix
 from effdist.model.hf_convert import CONVERTED_MARKER
 from effdist.protocols import StepHook
 from effdist.runtime import lifecycle
+from effdist.runtime.cli_parser import ArgumentParser
 from effdist.train import checkpoint as ckpt
 from effdist.train import run_dir as run_directory
 from effdist.train.loss import masked_loss_sum
@@ -953,7 +954,7 @@ from effdist.runtime.launch_env import PREEMPTED_EXIT_CODE  # noqa: E402
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="effdist train", description="Pretrain a LLaMA-style model with effdist.")
+    p = ArgumentParser(prog="effdist train", description="Pretrain a LLaMA-style model with effdist.")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny-cpu.yaml")
     p.add_argument("--run-dir", default=None, help="where config.yaml, metrics.jsonl, tb/ and checkpoints/ go "
                                                    "(default: runs/<config name>)")
