@@ -908,7 +908,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
     o = cfg.optim
     if o.min_lr > o.lr:
-        _fail("optim.min_lr", o.min_lr, f"must lie in [0, optim.lr={o.lr}]")
+        _fail("optim.min_lr", o.min_lr, f"must lie in [0, optim.lr={o.lr}]; e.g. --set optim.min_lr={o.lr / 10:g} "
+              "(a tenth of optim.lr, as in the presets)")
     if o.decay not in ("cosine", "linear", "constant"):
         _fail("optim.decay", o.decay, "valid: cosine, linear, constant")
 

@@ -41,6 +41,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     ("train.global_batch=10", "train.global_batch", "multiple of train.micro_batch"),
     ("train.steps=0", "train.steps", "positive"),
     ("optim.min_lr=1.0", "optim.min_lr", "[0, optim.lr"),
+    # a lower optim.lr alone (continual pretraining) left the preset's min_lr above it: the fix is named
+    ("optim.lr=1e-4", "optim.min_lr", "--set optim.min_lr=1e-05"),
     ("optim.decay=exp", "optim.decay", "cosine, linear, constant"),
     ("pipeline.schedule=gpipe", "pipeline.schedule", "1f1b"),
     ("parallel.device=tpu", "parallel.device", "auto, cuda, cpu"),
