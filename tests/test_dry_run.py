@@ -140,6 +140,24 @@ def test_presets_lists_every_config_with_its_size_and_purpose(capsys):
     assert tiny.split()[1] == f"{total_parameters(load_config(TINY)) / 1e3:.0f}K" == "250K"
 
 
+def test_presets_from_another_directory_name_where_they_are_and_how_to_use_them(capsys, tmp_path, monkeypatch):
+    """Run outside the checkout, the closing line said '5 presets in ../../work/x/configs; ... --config
+    ../../work/x/configs/NAME.yaml'; it names the directory absolute, and a shipped preset by its name."""
+    from effdist.train.presets import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.endswith(f"presets in {(ROOT / 'configs').resolve()}; see one's plan with `effdist train --config NAME "
+                         "--dry-run`"), last
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "a.yaml").write_text((ROOT / "configs" / "tiny-cpu.yaml").read_text())
+    assert main(["--dir", str(own)]) == 0
+    assert capsys.readouterr().out.strip().endswith("1 presets in mine; see one's plan with `effdist train --config "
+                                                     "mine/NAME.yaml --dry-run`")
+
+
 @pytest.mark.parametrize("overrides", [
     [],
     ["ffn.kind=elas", "ffn.elas_rank=16"],

@@ -85,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{p.name:<{width}}  {format_count(p.parameters):>7}  {f'{p.layers} x {p.hidden}':>15}  "
               f"{p.seq_length:>5}  {p.purpose}")
     where = os.path.relpath(args.dir)
-    print(f"\n{len(presets)} presets in {where}; see one's plan with `effdist train --config {where}/NAME.yaml "
-          "--dry-run`")
+    if where.startswith(".."):  # outside the working directory: '../../x/configs' is no help there
+        where = str(args.dir.resolve())
+    # a shipped preset loads by its name from any directory
+    name = "NAME" if args.dir.resolve() == Path(PRESET_DIR).resolve() else f"{where}/NAME.yaml"
+    print(f"\n{len(presets)} presets in {where}; see one's plan with `effdist train --config {name} --dry-run`")
     return 0
 
 
