@@ -173,6 +173,23 @@ def test_lock_start_over_rollback_and_fresh(tmp_path, data_cache):
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
 
 
+def test_nothing_to_do_past_train_steps_says_past_not_step_8_of_3():
+    """A run at step 8 started again with --set train.steps=3 said 'already at step 8 of 3'; it says the run is past
+    train.steps and how far to raise it. At train.steps the line is as docs/launch.md quotes it."""
+    from types import SimpleNamespace
+
+    from effdist.train.trainer import Trainer
+
+    def line(step: int, steps: int) -> str:
+        cfg = SimpleNamespace(train=SimpleNamespace(steps=steps))
+        return Trainer._nothing_to_do_line(SimpleNamespace(cfg=cfg, step=step, run_dir="runs/r", resume="auto"))
+
+    assert line(8, 3) == ("nothing to do: the run in runs/r is already at step 8, past train.steps = 3 (raise "
+                          "train.steps above 8, or start over with --resume none --fresh or another --run-dir)")
+    assert line(3, 3) == ("nothing to do: the run in runs/r is already at step 3 of 3 (raise train.steps, or start "
+                          "over with --resume none --fresh or another --run-dir)")
+
+
 def test_fresh_needs_resume_none(tmp_path):
     proc = subprocess.run(_cmd(tmp_path / "run", BASE, resume="auto", fresh=True), env=clean_env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=120)

@@ -398,8 +398,10 @@ class Trainer:
         is at (a rollback to one at or past train.steps), the run did not move to it: that is said, with the step
         the run stays at and the train.steps that does the rollback."""
         steps = self.cfg.train.steps
-        line = (f"nothing to do: the run in {self.run_dir} is already at step {self.step} of {steps} (raise "
-                "train.steps, or start over with --resume none --fresh or another --run-dir)")
+        at = f"{self.step} of {steps}" if self.step == steps else f"{self.step}, past train.steps = {steps}"
+        line = (f"nothing to do: the run in {self.run_dir} is already at step {at} (raise train.steps"
+                f"{'' if self.step == steps else f' above {self.step}'}, or start over with --resume none --fresh or "
+                "another --run-dir)")
         if self.resume in ("auto", "none", "", None):
             return line
         current = self._current_checkpoint()
