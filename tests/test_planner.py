@@ -415,7 +415,7 @@ def test_calibrate_under_torchrun_measures_the_links(calibration_under_torchrun)
     proc = future.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     cal = Calibration.load(out)
-    assert cal.links["source"].startswith("measured: all-reduce") and "gloo" in cal.links["source"]
+    assert cal.links["source"].startswith("measured: all-reduce of 256 MiB") and "gloo" in cal.links["source"]
     assert cal.links["p2p_gbps"] > 0 and cal.links["tp_gbps"] > 0 and cal.links["latency_s"] > 0
 
 

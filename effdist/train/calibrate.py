@@ -277,7 +277,8 @@ def measure_links(nbytes: int = 256 * 2**20, reps: int = 5) -> dict | None:
     rank = dist.get_rank()
     device = torch.device("cuda") if cuda else torch.device("cpu")
     try:
-        big = torch.ones(nbytes // 2, dtype=torch.bfloat16 if cuda else torch.float32, device=device)
+        dtype = torch.bfloat16 if cuda else torch.float32  # gloo has no bf16 all-reduce
+        big = torch.ones(nbytes // dtype.itemsize, dtype=dtype, device=device)  # nbytes on either
         tiny = torch.ones(1, device=device)
         nbytes_big = big.numel() * big.element_size()
 
