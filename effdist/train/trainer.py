@@ -522,7 +522,10 @@ class Trainer:
                     f"(e.g. parallel.tp={saved_tp}) to continue exactly")
         saved_optim = marker.get("lr_schedule", {})
         now_optim = self._lr_signature()
-        if saved_optim and saved_optim != now_optim:
+        # Not where nothing is left to train (the checkpoint at or past train.steps): then a lower train.steps
+        # changes the schedule's signature, and the warning would only precede "nothing to do".
+        left_to_train = marker.get("step", 0) < self.cfg.train.steps
+        if saved_optim and saved_optim != now_optim and left_to_train:
             log(self.runtime, f"WARNING: the LR schedule changed since {path.name}: {saved_optim} -> {now_optim}")
         saved_train = marker.get("config", {}).get("train", {})
         before, now = saved_train.get("global_batch"), self.cfg.train.global_batch
