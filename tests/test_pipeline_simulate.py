@@ -237,7 +237,8 @@ def test_cli_compare_with_model_writes_schedules_list_and_pictures(tmp_path, cap
     rc = main(["--compare", "1f1b,v-half,v-min", "--pp", "2", "--microbatches", "4", "--cost-comm", "0.1",
                "--model", str(cfg), "--json", str(out), "--svg", str(svg), "--png", str(png)])
     assert rc == 0
-    assert "peak GiB" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "peak GiB" in printed and printed.splitlines()[-1] == f"wrote {out}, {svg}, {png}"  # where to look
     data = json.loads(out.read_text())
     assert [s["schedule"] for s in data["schedules"]] == ["1f1b", "v-half", "v-min"]
     stage_bytes = 4 * 32 * 2 * 64 * 34  # 8 layers over 2 stages, flash attention, bf16

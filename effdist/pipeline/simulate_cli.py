@@ -236,12 +236,17 @@ def main(argv: list[str] | None = None) -> int:
             payload = results[0].to_dict()
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    written = [args.json] if args.json else []
     if args.svg:
         from effdist.pipeline.render import write_svg
         write_svg(results, args.svg, seconds=bool(args.calibration))
+        written.append(args.svg)
     if args.png:
         from effdist.pipeline.render import write_png
         write_png(results, args.png, seconds=bool(args.calibration))
+        written.append(args.png)
+    if written:  # where to look, after the table
+        print(f"wrote {', '.join(map(str, written))}")
     return 0
 
 
