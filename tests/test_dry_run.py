@@ -154,7 +154,7 @@ def test_presets_from_another_directory_name_where_they_are_and_how_to_use_them(
     own.mkdir()
     (own / "a.yaml").write_text((ROOT / "configs" / "tiny-cpu.yaml").read_text())
     assert main(["--dir", str(own)]) == 0
-    assert capsys.readouterr().out.strip().endswith("1 presets in mine; see one's plan with `effdist train --config "
+    assert capsys.readouterr().out.strip().endswith("1 preset in mine; see one's plan with `effdist train --config "
                                                      "mine/NAME.yaml --dry-run`")
 
 

@@ -330,10 +330,11 @@ def _parser() -> argparse.ArgumentParser:
                                    "step on this GPU for `effdist plan` and `effdist simulate --calibration`.")
     p.add_argument("--config", required=True, help="model config (YAML or a preset name such as llama-1b)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="override a config value (repeatable)")
-    p.add_argument("--micro-batches", default="1,2,4,8", help="micro-batch sizes to measure (comma-separated)")
+    p.add_argument("--micro-batches", default="1,2,4,8", help="micro-batch sizes to measure, comma-separated (default: 1,2,4,8)")
     p.add_argument("--variants", default="dense,epas",
-                   help=f"layer variants to measure, from: {', '.join(VARIANTS)} (dense = the config's FFN kind)")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median)")
+                   help=f"layer variants to measure, from: {', '.join(VARIANTS)} (dense = the config's FFN kind; "
+                        "default: dense,epas)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement, their median kept (default: 5)")
     p.add_argument("--timing", choices=TIMINGS, default="wall",
                    help="wall (default): wall clock around synchronized calls, host launch time included, what "
                         "the planner's pp=1 steps follow; gpu: CUDA events with the host ahead, the GPU's work "

@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         where = str(args.dir.resolve())
     # a shipped preset loads by its name from any directory
     name = "NAME" if args.dir.resolve() == Path(PRESET_DIR).resolve() else f"{where}/NAME.yaml"
-    print(f"\n{len(presets)} presets in {where}; see one's plan with `effdist train --config {name} --dry-run`")
+    counted = f"{len(presets)} preset{'s' if len(presets) != 1 else ''}"
+    print(f"\n{counted} in {where}; see one's plan with `effdist train --config {name} --dry-run`")
     return 0
 
 
