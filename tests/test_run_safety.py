@@ -468,13 +468,15 @@ def test_two_runs_sharing_one_checkpoint_dir_never_take_or_delete_each_others_ch
     log = tmp_path / "holder.log"
     with _long_run(tmp_path / "third", data_cache, [f"checkpoint.dir={empty}"], log) as holder:
         _wait_for_step(tmp_path / "third", 1, holder, log)
-        # The three refused trainers side by side: the holder trains (a core) only until the last one exits.
+        # Two refused trainers side by side (the holder trains, a core, only until the last one exits), then the
+        # third: "same" and "default" both want fifth/checkpoints, and while "default" briefly holds its run
+        # directory fifth on its way to being refused, "same" may be refused for that run instead of the holder.
         refused = in_parallel({
             "same": lambda: _train(tmp_path / "fourth", data_cache, ["train.steps=2", f"checkpoint.dir={empty}"]),
-            "default": lambda: _train(tmp_path / "fifth", data_cache, ["train.steps=2"]),
             "holders": lambda: _train(tmp_path / "sixth", data_cache,
                                       ["train.steps=2", f"checkpoint.dir={tmp_path / 'third' / 'checkpoints'}"]),
-        }, workers=3)
+        }, workers=2)
+        refused["default"] = _train(tmp_path / "fifth", data_cache, ["train.steps=2"])
         assert holder.poll() is None, f"the holder ended while the others were refused:\n{log.read_text()[-3000:]}"
     same, default, holders = refused["same"], refused["default"], refused["holders"]
     for proc in (same, default, holders):
