@@ -42,10 +42,22 @@ def test_a_wrong_value_and_a_wrong_sub_command_are_one_line(capsys):
 
 
 def test_under_a_launcher_only_local_rank_0_says_it(capsys, monkeypatch):
+    """The other local ranks say nothing and wait before they exit: a launcher stops every worker once one exits
+    with an error, and a silent rank leaving first got local rank 0 killed before its line (lifecycle)."""
+    from effdist.runtime import lifecycle
+
+    waits = []
+    monkeypatch.setattr(lifecycle.time, "sleep", waits.append)
+    monkeypatch.setattr(lifecycle.signal, "signal", lambda *args: None)  # pytest's own SIGTERM handling stays
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(SystemExit) as e:
         planner.main(["--config", "llama-1b", "--gpus", "8", "--gpu-memory", "80", "--top-k", "3"])
-    assert e.value.code == 2 and capsys.readouterr() == ("", "")
+    assert e.value.code == 2 and capsys.readouterr() == ("", "") and waits == [lifecycle.QUIET_RANK_EXIT_DELAY_S]
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit):
+        planner.main(["--config", "llama-1b", "--gpus", "8", "--gpu-memory", "80", "--top-k", "3"])
+    assert capsys.readouterr().err.startswith("effdist plan: error: unrecognized arguments: --top-k")
+    assert waits == [lifecycle.QUIET_RANK_EXIT_DELAY_S]  # local rank 0 leaves at once
 
 
 def test_help_is_still_the_full_usage(capsys):

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import os
 import sys
 from typing import NoReturn
+
+from effdist.runtime.lifecycle import say_once_per_node
 
 # How argparse's own messages start (Python 3.11-3.13), the ones that get "; see PROG --help"
 _ARGPARSE_OWN = ("unrecognized arguments: ", "the following arguments are required", "argument ",
@@ -61,5 +62,5 @@ class ArgumentParser(argparse.ArgumentParser):
         if message.startswith(_ARGPARSE_OWN):  # a command's own p.error(...) line already says the fix
             message += f"; see {self.prog} --help"
         # every process of a launch (torchrun, srun) gets the same arguments: said once per node, not once per process
-        local_rank = os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or "0"
-        self.exit(2, f"{self.prog}: error: {message}\n" if local_rank == "0" else None)
+        say_once_per_node(f"{self.prog}: error: {message}")
+        self.exit(2)

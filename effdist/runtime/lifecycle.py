@@ -121,6 +121,34 @@ def print_to_console(line: str) -> None:
         silence_broken_console()
 
 
+# Seconds a process other than its node's local rank 0 waits before leaving after a usage error every process
+# finds (see say_once_per_node).
+QUIET_RANK_EXIT_DELAY_S = 5.0
+
+
+def is_local_rank_zero() -> bool:
+    """Whether this process is the first of its node under a launcher (torchrun's LOCAL_RANK, srun's SLURM_LOCALID),
+    or runs alone."""
+    return (os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or "0") == "0"
+
+
+def say_once_per_node(line: str) -> None:
+    """A usage error every process of a launch finds the same (a bad flag, a config error), found before any
+    process group: local rank 0 says it; the others say nothing and wait QUIET_RANK_EXIT_DELAY_S before the caller
+    exits. The wait is why the line is not lost: a launcher (torchrun's agent, srun --kill-on-bad-exit) stops every
+    worker as soon as one exits with an error, and a silent rank that left first got local rank 0 killed before it
+    printed (seen on a loaded 2-core CI machine: a launch with a bad config key said nothing). Local rank 0 exits
+    at once, and the launcher then stops the waiting ones."""
+    if is_local_rank_zero():
+        print_to_console(line)
+        return
+    try:  # the launcher's SIGTERM during the wait ends this process quietly: it has nothing to save or say
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:  # not the main thread: keep the handler
+        pass
+    time.sleep(QUIET_RANK_EXIT_DELAY_S)
+
+
 def silence_broken_console() -> list[int]:
     """Point stdout/stderr at /dev/null where they are pipes whose reader is gone (every later write would raise
     BrokenPipeError in whatever thread logs next). Returns the file descriptors silenced."""

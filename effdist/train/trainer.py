@@ -1123,9 +1123,8 @@ def _agreed(error: Exception) -> Exception:
 
 def _refusal(line: str) -> None:
     """A usage error found before any process group: every process of a launch finds the same one, so it is said
-    once per node (local rank 0), not once per process."""
-    if (os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or "0") == "0":
-        lifecycle.print_to_console(line)
+    once per node (local rank 0), not once per process (lifecycle.say_once_per_node)."""
+    lifecycle.say_once_per_node(line)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
