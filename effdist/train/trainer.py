@@ -418,11 +418,13 @@ class Trainer:
                 "--resume")
 
     def _current_checkpoint(self) -> tuple[int, Path] | None:
-        """The checkpoint this run directory is at: the one `latest` names when complete, else the newest complete."""
-        latest = self.ckpt_dir / "latest"
-        named = self.ckpt_dir / latest.read_text().strip() if latest.is_file() else None
-        complete = ckpt.list_complete(self.ckpt_dir)
-        return next((c for c in complete if c[1] == named), complete[-1] if complete else None)
+        """(step, path) of the checkpoint this run directory is at (ckpt.resolve: the one `latest` names when
+        complete, else the newest complete), or None."""
+        try:
+            path = ckpt.resolve(self.ckpt_dir)
+        except ckpt.CheckpointError:
+            return None
+        return next((c for c in ckpt.list_complete(self.ckpt_dir) if c[1] == path), None)
 
     def _make_current_line(self, path: Path, reason: str) -> None:
         """After loading `path`: move the checkpoints of this directory that are not on its line of
@@ -1007,15 +1009,15 @@ def main(argv: list[str] | None = None) -> int:
         # Absurd sizes (batch, sequence, width, steps) stop here with a named line, not an OOM minutes later.
         check_fits(cfg, world_size_from_env())
     except ConfigError as e:
-        _refusal(f"effdist: config error: {e}")
+        lifecycle.say_once_per_node(f"effdist: config error: {e}")
         return 2
     except LaunchEnvError as e:
-        _refusal(f"effdist: launch error: {e}")
+        lifecycle.say_once_per_node(f"effdist: launch error: {e}")
         return 2
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     problem = _command_line_problem(run_dir, args.resume, cfg)
     if problem:
-        _refusal(f"effdist: error: {problem}")
+        lifecycle.say_once_per_node(f"effdist: error: {problem}")
         return 2
     trainer = Trainer(cfg, run_dir, resume=args.resume, fresh=args.fresh)
     guard = trainer.guard
@@ -1028,7 +1030,7 @@ def main(argv: list[str] | None = None) -> int:
         # Errors the user can act on: one clear line per rank instead of a traceback. A command that does
         # not fit the run directory or its checkpoints is a usage error (2); the rest are failures (1).
         if getattr(e, "agreed", False):  # rank 0's finding, which every rank raised: said once per node
-            _refusal(f"effdist: error (rank {lifecycle.global_rank()}): {e}")
+            lifecycle.say_once_per_node(f"effdist: error (rank {lifecycle.global_rank()}): {e}")
         else:
             _error_line(e)
         usage = isinstance(e, (ConfigError, run_directory.RunDirError, ckpt.IncompatibleCheckpointError,
@@ -1119,12 +1121,6 @@ def _agreed(error: Exception) -> Exception:
     node says it once, not once per process."""
     error.agreed = True
     return error
-
-
-def _refusal(line: str) -> None:
-    """A usage error found before any process group: every process of a launch finds the same one, so it is said
-    once per node (local rank 0), not once per process (lifecycle.say_once_per_node)."""
-    lifecycle.say_once_per_node(line)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
