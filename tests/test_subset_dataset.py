@@ -78,7 +78,8 @@ def test_after_takes_the_documents_no_run_on_the_earlier_subset_has_seen(tmp_pat
     capsys.readouterr()
     other = str(tmp_path / "other")
     _dataset(other, [4])
-    for after, line in [(later, "has no documents after its first 6"), (other, "not a subset (its .meta.json has no `subset_of`)"),
+    for after, line in [(later, "has no documents after its first 6"),
+                        (other, "not a subset (its .meta.json has no `subset_of`)"),
                         (str(tmp_path / "none"), "no " + str(tmp_path / "none") + ".meta.json with `documents`")]:
         out = str(tmp_path / "o")
         assert subset_dataset.main(["--input", src, "--after", after, "--tokens", "5", "--output-prefix", out]) == 2

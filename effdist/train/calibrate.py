@@ -221,7 +221,7 @@ def _physical_layer_costs(cfg, variant: str, layers: tuple[int, int], micro_batc
 
 
 def calibrate(cfg, micro_batches: list[int], variants: list[str], reps: int = 5, layers: tuple[int, int] = (2, 6),
-              progress=None, command: str = "", warn=None, timing: str | None = None) -> Calibration:
+              progress=None, command: str = "", warn=None, timing: str = "wall") -> Calibration:
     """Measure every (variant, micro-batch) on this process's device; see the module docstring. `timing`: "wall"
     (the default) or "gpu" (effdist.pipeline.calibration's docstring says which the planner follows)."""
     import torch
@@ -231,7 +231,6 @@ def calibrate(cfg, micro_batches: list[int], variants: list[str], reps: int = 5,
     device, _ = choose_device(cfg)
     dtype = choose_dtype(cfg, device)
     cuda = device.type == "cuda"
-    timing = timing or "wall"
     if timing == "gpu" and not cuda:
         raise CalibrationError("--timing gpu needs a CUDA GPU (it times CUDA events); on the CPU use --timing wall")
     l1, l2 = layers
@@ -330,11 +329,13 @@ def _parser() -> argparse.ArgumentParser:
                                    "step on this GPU for `effdist plan` and `effdist simulate --calibration`.")
     p.add_argument("--config", required=True, help="model config (YAML or a preset name such as llama-1b)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="override a config value (repeatable)")
-    p.add_argument("--micro-batches", default="1,2,4,8", help="micro-batch sizes to measure, comma-separated (default: 1,2,4,8)")
+    p.add_argument("--micro-batches", default="1,2,4,8",
+                   help="micro-batch sizes to measure, comma-separated (default: 1,2,4,8)")
     p.add_argument("--variants", default="dense,epas",
                    help=f"layer variants to measure, from: {', '.join(VARIANTS)} (dense = the config's FFN kind; "
                         "default: dense,epas)")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement, their median kept (default: 5)")
+    p.add_argument("--reps", type=int, default=5,
+                   help="timed repetitions per measurement, their median kept (default: 5)")
     p.add_argument("--timing", choices=TIMINGS, default="wall",
                    help="wall (default): wall clock around synchronized calls, host launch time included, what "
                         "the planner's pp=1 steps follow; gpu: CUDA events with the host ahead, the GPU's work "
