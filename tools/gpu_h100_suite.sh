@@ -64,6 +64,21 @@ quality_run() {
     --variant "$name=train.seed=$seed$extra" --json "$out/quality_${size}_$name.json"
 }
 
+# Issue #25 item 5: a dense llama-1b run directory exported to Hugging Face format and converted back (the path a
+# user's TinyLlama takes), then continued STEPS steps dense and with EPAS growing to 12 = 3L/4 (one layer per 5
+# steps from step 10), seed 1, each scored held out. Usage: continue_dense_1b RUN_DIR TAG STEPS NAME_PREFIX
+# [TRAIN_SUBSET] (the HF copy and the converted model go to /tmp/effdist-quality/hfTAG and initTAG).
+continue_dense_1b() {
+  local src=$1 tag=$2 steps=$3 prefix=$4 train=${5:-train36}
+  local hf=/tmp/effdist-quality/hf$tag init=/tmp/effdist-quality/init$tag
+  run 60 python3 -m effdist.cli convert effdist-to-hf --checkpoint "$src" --out "$hf" --overwrite
+  run 60 python3 -m effdist.cli convert hf-to-effdist --hf-dir "$hf" --format dist --config configs/llama-1b.yaml \
+    --out "$init" --overwrite
+  quality_run 1b 8 "$steps" dense 1 ",checkpoint.init_from=$init" "$prefix" "$train"
+  quality_run 1b 8 "$steps" epas 1 ",checkpoint.init_from=$init,epas.final_region=12,epas.enabled=true,\
+epas.group_size=1,epas.start_step=10,epas.interval=5,epas.transition_steps=5" "$prefix" "$train"
+}
+
 # The early EPAS schedule of the third to fifth sessions (one layer per 5 steps from step 25, transitions of 5
 # steps); a part adds its epas.final_region.
 early="epas.enabled=true,epas.group_size=1,epas.start_step=25,epas.interval=5,epas.transition_steps=5"
@@ -319,12 +334,7 @@ continual1b)
   # TinyLlama takes), then continued for 120 steps (3.9M tokens) dense and with EPAS growing to 12 = 3L/4 (one layer
   # per 5 steps from step 10), same seed and data; held-out loss of all three.
   quality_run 1b 8 300 dense 1 "" pretrain
-  run 60 python3 -m effdist.cli convert effdist-to-hf --checkpoint /tmp/effdist-quality/1b/pretrain_dense_s1 \
-    --out /tmp/effdist-quality/hf --overwrite
-  run 60 python3 -m effdist.cli convert hf-to-effdist --hf-dir /tmp/effdist-quality/hf --format dist \
-    --config configs/llama-1b.yaml --out /tmp/effdist-quality/init --overwrite
-  quality_run 1b 8 120 dense 1 ",checkpoint.init_from=/tmp/effdist-quality/init" continued
-  quality_run 1b 8 120 epas 1 ",checkpoint.init_from=/tmp/effdist-quality/init,epas.final_region=12,epas.enabled=true,epas.group_size=1,epas.start_step=10,epas.interval=5,epas.transition_steps=5" continued
+  continue_dense_1b /tmp/effdist-quality/1b/pretrain_dense_s1 "" 120 continued
   ;;
 continual1b_item2)
   # Issue #25 item 5 as the issue words it, on the warm machine that has just run `quality1b OUT dense 1` (item 2's
@@ -334,12 +344,9 @@ continual1b_item2)
   # (text the model has not seen; carried in data/english-large/carry.tar); held-out loss of both.
   src=/tmp/effdist-quality/1b/dense_s1
   [ -d "$src/checkpoints" ] || { echo "no $src/checkpoints: run quality1b OUT dense 1 on this machine first"; exit 2; }
-  [ -e data/english-large/cont10.idx ] || { echo "no data/english-large/cont10: carry data/english-large/carry.tar"; exit 2; }
-  run 60 python3 -m effdist.cli convert effdist-to-hf --checkpoint "$src" --out /tmp/effdist-quality/hf2 --overwrite
-  run 60 python3 -m effdist.cli convert hf-to-effdist --hf-dir /tmp/effdist-quality/hf2 --format dist \
-    --config configs/llama-1b.yaml --out /tmp/effdist-quality/init2 --overwrite
-  quality_run 1b 8 300 dense 1 ",checkpoint.init_from=/tmp/effdist-quality/init2" item2cont cont10
-  quality_run 1b 8 300 epas 1 ",checkpoint.init_from=/tmp/effdist-quality/init2,epas.final_region=12,epas.enabled=true,epas.group_size=1,epas.start_step=10,epas.interval=5,epas.transition_steps=5" item2cont cont10
+  [ -e data/english-large/cont10.idx ] ||
+    { echo "no data/english-large/cont10: carry data/english-large/carry.tar"; exit 2; }
+  continue_dense_1b "$src" 2 300 item2cont cont10
   ;;
 fp8)
   # Issue #27: FP8 linears (torchao float8): the GPU numerics tests, then llama-1b bf16 vs FP8 in one call, each
